@@ -1,0 +1,37 @@
+"""The host's error vocabulary. Each error says who is to blame."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DeviceError",
+    "DeviceHostError",
+    "LifecycleError",
+    "PluginError",
+    "SavedStateError",
+]
+
+
+class DeviceHostError(Exception):
+    """Base class of every error the host raises on purpose."""
+
+
+class PluginError(DeviceHostError):
+    """Raised when a plugin cannot be used: it failed to import, its hooks do not match the
+    specs, it needs another host API, its constructor raised, or two plugins claim one name."""
+
+
+class ConfigError(DeviceHostError):
+    """Raised when a config file is invalid; the message names the file, the device and the key."""
+
+
+class SavedStateError(DeviceHostError):
+    """Raised when a saved-state file or value cannot be decoded: it is hostile until proven not."""
+
+
+class LifecycleError(DeviceHostError):
+    """Raised when a lifecycle operation is not valid in the device's current state."""
+
+
+class DeviceError(DeviceHostError):
+    """Raised when a device's own hook failed; the device is marked failed, nothing else is."""
