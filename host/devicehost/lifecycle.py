@@ -109,6 +109,10 @@ class Device:
     def __repr__(self) -> str:
         return f"<Device {self.name!r} ({self.ctx.plugin}) {self.state.value}>"
 
+    def _state_now(self) -> DeviceState:
+        # The run task changes the state while stop() waits; read it afresh (and un-narrowed).
+        return self.state
+
     # -- hook calls ------------------------------------------------------------------------------
 
     def _fail(self, hook: str, exc: BaseException) -> DeviceError:
@@ -229,7 +233,7 @@ class Device:
         with anyio.CancelScope(shield=True):
             await self._finished.wait()
         self._scope = self._finished = None
-        return self.state is DeviceState.OPEN
+        return self._state_now() is DeviceState.OPEN
 
     async def close(self) -> None:
         """Stop, call ``close`` and drop the runner. A failure in ``close`` is logged only."""

@@ -12,6 +12,7 @@ Pages are 4096 bytes; a page number (PFN) is ``gpa // 4096``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 from collections.abc import Iterable
@@ -93,11 +94,9 @@ class MemoryRegion:
 
     def close(self) -> None:
         self.view.release()
-        try:
+        # If a view of this region is still exported, the mapping goes when that view does.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            # A view of this region is still exported; the mapping goes when that view does.
-            pass
         if self._owns_fd and self.fd is not None:
             os.close(self.fd)
             self.fd = None
