@@ -260,6 +260,17 @@ class Device:
             return None
         return await self._call("save_open", runner=self.runner)
 
+    def forget_runner(self) -> None:
+        """Drop the stopped runner without calling ``close``, as a process restart would.
+
+        This is what happens to a device's runner across a save/restore cycle: the saved state
+        and the guest's memory survive, the runner does not; ``restore`` builds a new one.
+        """
+        if self.state is DeviceState.RUNNING:
+            raise LifecycleError(f"device {self.name!r} must be stopped first")
+        self.runner = None
+        self.state = DeviceState.OFFERED
+
     async def revoke(self) -> None:
         """Stop and close the device, then forget its offer."""
         await self.close()

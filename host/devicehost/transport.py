@@ -42,6 +42,9 @@ class Transport(Protocol):
     async def aclose(self) -> None:
         """Release the transport's resources; every device has been removed."""
 
+    # Optional: ``resources_for_restore(device) -> Any`` gives the resources of the device's
+    # still-open channel for ``restore_open`` (used by the test kit's save/restore check).
+
 
 class LocalTransport:
     """Serves devices without a bus: each is opened (with its offer) and started at once."""
@@ -54,6 +57,10 @@ class LocalTransport:
 
     async def remove(self, device: Device) -> None:
         await device.revoke()
+
+    def resources_for_restore(self, device: Device) -> Any:
+        """The resources ``restore_open`` gets: a local device's offer."""
+        return device.offer_value
 
     async def aclose(self) -> None:
         return None
