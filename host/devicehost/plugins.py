@@ -1,0 +1,429 @@
+"""Plugin discovery: entry points of group ``devicehost``, selection, isolation and validation.
+
+A plugin is an entry point of group ``devicehost``. The object it names decides its kind:
+
+- a **class** is a device type (built once per configured device, ``DeviceClass(config)``);
+- any other object (a module, an instance) that holds hook implementations is a
+  **cross-cutting** plugin, registered beside every device (tracing, metrics, fault injection).
+
+Every plugin declares the host API it was written against with a second entry point, of group
+``devicehost.api`` and the same name, whose value names the constant
+(``vmbfs = "devicehost:HOST_API_V1"``). The declaration is parsed from the metadata string and never
+imported, so a plugin written for another host API is refused before any of its code runs.
+
+Two operations, with different costs:
+
+- :func:`list_plugins` reads metadata only. It imports no plugin code at all, which keeps
+  ``devicehost list`` fast. Its verdict is what metadata can prove: a plugin is ``blocked`` (not
+  selected), ``error`` (no or another host API, two distributions claiming its name) or ``loaded``,
+  which *there* means "selected, and its metadata is sound"; whether its code imports and its hooks
+  match the specs is only known after :func:`load_plugins` (``devicehost doctor``,
+  ``devicehost list --load``).
+- :func:`load_plugins` imports each selected plugin on its own. An import error, hook
+  implementations that do not match the specs, or a host-API mismatch is recorded against that
+  plugin (:class:`PluginInfo` with status ``error``), and every other plugin keeps working. With
+  ``strict=True`` any plugin error raises :class:`~devicehost.errors.PluginError` instead, after
+  all plugins were examined, naming all of them.
+
+Selection (decided before import, names match the entry-point name or the distribution name;
+distribution names compare normalised, ``devicehost_foo`` == ``DeviceHost-Foo``):
+
+1. ``-p no:NAME`` blocks NAME. It wins over everything else.
+2. ``-p NAME`` selects NAME even when autoload is off or an allow-list is set.
+3. ``DEVICEHOST_LOAD_PLUGINS=a,b``, when set, is an allow-list: only the named plugins load.
+   Set but empty means no plugin loads (as ``LLM_LOAD_PLUGINS`` does).
+4. ``DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD=1`` (any value but empty, ``0``, ``false``, ``no``,
+   ``off``), as in pytest: no plugin is loaded unless it is named by ``-p NAME`` or by the
+   allow-list.
+5. Otherwise every installed plugin is selected.
+
+A name requested by ``-p NAME`` or the allow-list that no installed plugin has is reported in
+:attr:`Registry.missing` (``devicehost doctor`` fails on it, strict mode raises).
+
+Two distributions that declare the same device (entry-point) name: both get status ``error``
+naming both distributions, and neither is loaded; blocking one of them by distribution name
+(``-p no:DIST``) resolves the conflict.
+
+This module is imported by ``devicehost list``; keep its imports tiny (no anyio, no attrs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from devicehost import HOST_API_VERSION, __version__
+from devicehost.errors import PluginError
+
+if TYPE_CHECKING:
+    from importlib_metadata import EntryPoint
+
+__all__ = [
+    "API_GROUP",
+    "GROUP",
+    "PluginInfo",
+    "PluginStatus",
+    "Registry",
+    "Selection",
+    "list_plugins",
+    "load_plugins",
+]
+
+log = logging.getLogger("devicehost.plugins")
+
+#: Entry-point group naming plugin objects.
+GROUP: Final = "devicehost"
+#: Entry-point group declaring, under the same name, the host API a plugin was written against.
+API_GROUP: Final = "devicehost.api"
+
+#: The host API versions this host can serve.
+SUPPORTED_API_VERSIONS: Final = frozenset({HOST_API_VERSION})
+
+_API_VALUE: Final = re.compile(r"\s*devicehost\s*:\s*HOST_API_V(\d+)\s*")
+_FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})
+
+PluginStatus = Literal["loaded", "blocked", "error"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """What the host knows about one installed plugin.
+
+    ``name`` is the entry-point name (the device name for a device type); ``distribution`` and
+    ``version`` come from the installed distribution's metadata. ``error`` says why the plugin is
+    not loaded: the failure for status ``error``, the reason for status ``blocked``; it is ``None``
+    for a loaded plugin. ``kind`` is ``"device"`` or ``"cross-cutting"`` once the plugin was
+    imported, else ``None``. ``value`` is the entry point's ``module:attr``.
+    """
+
+    name: str
+    distribution: str
+    version: str
+    status: PluginStatus
+    error: str | None = None
+    kind: str | None = None
+    value: str = ""
+
+    def to_json(self) -> dict[str, str | None]:
+        """The JSON object ``devicehost list --json`` prints for this plugin."""
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+def _normalise_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Selection:
+    """Which plugins to load, from ``-p`` arguments and the environment."""
+
+    blocked: frozenset[str] = frozenset()
+    requested: frozenset[str] = frozenset()
+    allow: frozenset[str] | None = None
+    autoload: bool = True
+
+    @classmethod
+    def from_args(
+        cls, plugin_args: Sequence[str] = (), environ: Mapping[str, str] | None = None
+    ) -> Selection:
+        """Build a selection from ``-p`` values (``NAME`` or ``no:NAME``) and the environment."""
+        env = os.environ if environ is None else environ
+        blocked: set[str] = set()
+        requested: set[str] = set()
+        for arg in plugin_args:
+            arg = arg.strip()
+            if arg.startswith("no:"):
+                blocked.add(arg[3:].strip())
+            elif arg:
+                requested.add(arg)
+        allow: frozenset[str] | None = None
+        allow_text = env.get("DEVICEHOST_LOAD_PLUGINS")
+        if allow_text is not None:
+            allow = frozenset(n.strip() for n in allow_text.split(",") if n.strip())
+        autoload_off = env.get("DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower()
+        return cls(
+            blocked=frozenset(blocked),
+            requested=frozenset(requested),
+            allow=allow,
+            autoload=autoload_off in _FALSE_WORDS,
+        )
+
+    @staticmethod
+    def _matches(names: frozenset[str], ep_name: str, dist: str) -> bool:
+        norm = _normalise_dist(dist)
+        return any(n == ep_name or _normalise_dist(n) == norm for n in names)
+
+    def blocked_reason(self, ep_name: str, dist: str) -> str | None:
+        """``None`` if the plugin is selected, else why it is not."""
+        if self._matches(self.blocked, ep_name, dist):
+            return "blocked by -p no:NAME"
+        if self._matches(self.requested, ep_name, dist):
+            return None
+        if self.allow is not None:
+            if self._matches(self.allow, ep_name, dist):
+                return None
+            return "not in DEVICEHOST_LOAD_PLUGINS"
+        if not self.autoload:
+            return (
+                "autoload disabled by DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD"
+                " (select it with -p NAME or DEVICEHOST_LOAD_PLUGINS)"
+            )
+        return None
+
+    def missing(self, infos: Iterable[PluginInfo]) -> list[str]:
+        """Requested or allow-listed names that no installed plugin has."""
+        wanted = set(self.requested) | set(self.allow or ())
+        infos = list(infos)
+        return sorted(
+            n for n in wanted
+            if not any(self._matches(frozenset({n}), i.name, i.distribution) for i in infos)
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class _Candidate:
+    ep: EntryPoint
+    info: PluginInfo
+
+
+def _read_metadata() -> tuple[list[EntryPoint], dict[tuple[str, str], str]]:
+    """Plugin entry points, and the host-API declarations keyed by (distribution, name)."""
+    import importlib_metadata
+
+    everything = importlib_metadata.entry_points()
+    plugins = list(everything.select(group=GROUP))
+    declarations: dict[tuple[str, str], str] = {}
+    for ep in everything.select(group=API_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ""
+        declarations[(_normalise_dist(dist), ep.name)] = ep.value
+    return plugins, declarations
+
+
+def _api_error(name: str, declaration: str | None) -> str | None:
+    hint = f"add an entry point of group {API_GROUP!r}: {name} = \"devicehost:HOST_API_V1\""
+    if declaration is None:
+        return f"declares no host API ({hint})"
+    match = _API_VALUE.fullmatch(declaration)
+    if match is None:
+        return f"declares host API {declaration!r}, which is not a host API constant ({hint})"
+    version = int(match.group(1))
+    if version not in SUPPORTED_API_VERSIONS:
+        return (
+            f"needs host API {version}, but devicehost {__version__} provides host API"
+            f" {', '.join(str(v) for v in sorted(SUPPORTED_API_VERSIONS))}"
+        )
+    return None
+
+
+def _examine(selection: Selection) -> tuple[list[_Candidate], list[str]]:
+    """Metadata-only verdicts for every installed plugin, in a stable order."""
+    plugins, declarations = _read_metadata()
+    candidates: list[_Candidate] = []
+    for ep in plugins:
+        dist = ep.dist.name if ep.dist is not None else "<unknown>"
+        version = ep.dist.version if ep.dist is not None else "<unknown>"
+        reason = selection.blocked_reason(ep.name, dist)
+        status: PluginStatus = "loaded" if reason is None else "blocked"
+        info = PluginInfo(ep.name, dist, version, status, reason, value=ep.value)
+        candidates.append(_Candidate(ep, info))
+    candidates.sort(key=lambda c: (c.info.name, _normalise_dist(c.info.distribution)))
+
+    claims: dict[str, list[_Candidate]] = {}
+    for cand in candidates:
+        if cand.info.status == "loaded":
+            claims.setdefault(cand.info.name, []).append(cand)
+    for name, claimants in claims.items():
+        if len(claimants) > 1:
+            dists = " and ".join(
+                f"{c.info.distribution!r} ({c.info.version})" for c in claimants
+            )
+            message = (
+                f"device name {name!r} is claimed by distributions {dists}; uninstall one,"
+                " or block one with -p no:DISTRIBUTION"
+            )
+            for cand in claimants:
+                cand.info = dataclasses.replace(cand.info, status="error", error=message)
+
+    for cand in candidates:
+        if cand.info.status != "loaded":
+            continue
+        key = (_normalise_dist(cand.info.distribution), cand.info.name)
+        problem = _api_error(cand.info.name, declarations.get(key))
+        if problem is not None:
+            cand.info = dataclasses.replace(cand.info, status="error", error=problem)
+    return candidates, selection.missing(c.info for c in candidates)
+
+
+def list_plugins(
+    plugin_args: Sequence[str] = (), environ: Mapping[str, str] | None = None
+) -> list[PluginInfo]:
+    """Every installed plugin with its metadata-only verdict; imports no plugin code."""
+    candidates, _ = _examine(Selection.from_args(plugin_args, environ))
+    return [c.info for c in candidates]
+
+
+class Registry:
+    """The loaded plugins: device types by name, cross-cutting plugins, and every verdict."""
+
+    def __init__(
+        self,
+        device_classes: dict[str, type],
+        cross_cutting: list[object],
+        infos: list[PluginInfo],
+        missing: list[str] | None = None,
+    ) -> None:
+        self.device_classes = device_classes
+        self.cross_cutting = cross_cutting
+        self.infos = infos
+        self.missing = list(missing or [])
+
+    def __repr__(self) -> str:
+        return (
+            f"<Registry devices={sorted(self.device_classes)} cross_cutting="
+            f"{len(self.cross_cutting)} errors={[i.name for i in self.errors]}>"
+        )
+
+    @property
+    def errors(self) -> list[PluginInfo]:
+        """The plugins whose status is ``error``."""
+        return [i for i in self.infos if i.status == "error"]
+
+    def info(self, name: str) -> PluginInfo | None:
+        """The verdict of the plugin with this entry-point name (the first, if two claim it)."""
+        return next((i for i in self.infos if i.name == name), None)
+
+    def problems(self) -> list[str]:
+        """One line per broken plugin and per requested plugin that is not installed."""
+        lines = [f"{i.name} ({i.distribution} {i.version}): {i.error}" for i in self.errors]
+        lines += [f"{n}: requested, but no installed plugin has this name" for n in self.missing]
+        return lines
+
+    def _record(self, name: str, error: str) -> None:
+        self.infos = [
+            dataclasses.replace(i, status="error", error=error) if i.name == name else i
+            for i in self.infos
+        ]
+
+    def create_device(self, plugin_name: str, config: Any) -> object:
+        """Construct one device of a loaded device plugin: ``DeviceClass(config)``.
+
+        A constructor exception is recorded against the plugin (status ``error``) and raised as
+        :class:`PluginError`. The class stays registered: another config may construct fine.
+        """
+        cls = self.device_classes.get(plugin_name)
+        if cls is None:
+            info = self.info(plugin_name)
+            why = f" ({info.status}: {info.error})" if info is not None and info.error else ""
+            raise PluginError(f"device plugin {plugin_name!r} is not loaded{why}")
+        try:
+            return cls(config)
+        except Exception as exc:
+            error = f"constructor raised {type(exc).__name__}: {exc}"
+            log.error("plugin %r: %s", plugin_name, error, exc_info=exc)
+            self._record(plugin_name, error)
+            raise PluginError(f"plugin {plugin_name!r}: {error}") from exc
+
+
+def _validate(obj: object) -> str:
+    """Check ``obj``'s hook implementations against the specs; return its kind.
+
+    A class is registered as such in a scratch plugin manager (pluggy strips ``self``); pluggy
+    then rejects unknown hooks, arguments the spec lacks and misused options.
+    """
+    import inspect
+
+    import pluggy
+
+    from devicehost import hookspecs
+
+    pm = pluggy.PluginManager("devicehost")
+    pm.add_hookspecs(hookspecs)
+    pm.register(obj, name="candidate")
+    pm.check_pending()
+    callers = {c.name for c in pm.get_hookcallers(obj) or []}
+    if inspect.isclass(obj):
+        if "offer" not in callers:
+            raise PluginError(f"device class {obj.__qualname__} implements no 'offer' hook")
+        _validate_config_class(obj)
+        return "device"
+    if not callers:
+        raise PluginError(
+            f"{obj!r} is neither a device class nor an object with hook implementations"
+        )
+    return "cross-cutting"
+
+
+def _validate_config_class(cls: type) -> None:
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        return
+    import attrs
+
+    if not (isinstance(config_class, type) and attrs.has(config_class)):
+        raise PluginError(f"{cls.__qualname__}.config_class is not an attrs class")
+    for field in attrs.fields(config_class):
+        if field.default is attrs.NOTHING:
+            raise PluginError(
+                f"{cls.__qualname__}.config_class field {field.name!r} has no default"
+            )
+
+
+def _load(cand: _Candidate) -> tuple[object | None, PluginInfo]:
+    import pluggy
+
+    try:
+        obj = cand.ep.load()
+    except (Exception, SystemExit) as exc:
+        log.debug("plugin %r failed to import", cand.info.name, exc_info=exc)
+        return None, dataclasses.replace(
+            cand.info, status="error", error=f"import failed: {type(exc).__name__}: {exc}"
+        )
+    try:
+        kind = _validate(obj)
+    except pluggy.PluginValidationError as exc:
+        error = f"hook implementations do not match the specs: {exc}"
+    except PluginError as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = f"validation failed: {type(exc).__name__}: {exc}"
+    else:
+        return obj, dataclasses.replace(cand.info, kind=kind)
+    return None, dataclasses.replace(cand.info, status="error", error=" ".join(error.split()))
+
+
+def load_plugins(
+    plugin_args: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    *,
+    strict: bool = False,
+) -> Registry:
+    """Import and validate each selected plugin in isolation; see the module docstring."""
+    candidates, missing = _examine(Selection.from_args(plugin_args, environ))
+    device_classes: dict[str, type] = {}
+    cross_cutting: list[object] = []
+    infos: list[PluginInfo] = []
+    for cand in candidates:
+        info = cand.info
+        if info.status == "loaded":
+            obj, info = _load(cand)
+            if isinstance(obj, type):
+                device_classes[info.name] = obj
+            elif obj is not None:
+                cross_cutting.append(obj)
+        if info.status == "error":
+            log.warning("plugin %r (%s) is broken: %s", info.name, info.distribution, info.error)
+        infos.append(info)
+    registry = Registry(device_classes, cross_cutting, infos, missing)
+    if strict and (registry.errors or registry.missing):
+        raise PluginError("plugin errors (strict mode):\n  " + "\n  ".join(registry.problems()))
+    return registry
