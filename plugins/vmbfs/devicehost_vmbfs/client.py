@@ -1,0 +1,144 @@
+"""A vmbfs client: what a guest (or the intercept plugin's client device) runs against the device.
+
+Pure parts (:func:`check_version_reply`, :func:`file_info_from_reply`, :func:`data_from_reply`)
+check a reply's bytes; :class:`VmbfsClient` is the small async shell that sends one request and
+waits for its reply over a message pipe, one request at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from devicehost_vmbfs.backing import FileInfo
+from devicehost_vmbfs.protocol import (
+    MAX_MESSAGE_SIZE,
+    MAX_READ_SIZE,
+    VERSION_WIN10,
+    FileInfoFlags,
+    GetFileInfoResponse,
+    ProtocolError,
+    ReadFileResponse,
+    Response,
+    Status,
+    VersionResponse,
+    VersionStatus,
+    decode_response_untrusted,
+    encode_get_file_info_request,
+    encode_read_file_request,
+    encode_version_request,
+)
+
+__all__ = [
+    "MessagePipeLike",
+    "VmbfsClient",
+    "VmbfsClientError",
+    "check_version_reply",
+    "data_from_reply",
+    "file_info_from_reply",
+]
+
+
+class VmbfsClientError(Exception):
+    """Raised when the device refused a request (``status`` is its wire status) or sent a reply
+    that is not one (``status`` is None): the device, or the path asked for, is to blame."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class MessagePipeLike(Protocol):
+    """The part of :class:`devicehost.vmbus.MessagePipe` the client uses."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self, max_len: int) -> bytes: ...
+
+
+def _decode(reply: bytes | bytearray | memoryview, expected: type[Response]) -> Response:
+    try:
+        response = decode_response_untrusted(reply)
+    except ProtocolError as exc:
+        raise VmbfsClientError(f"device sent a malformed reply: {exc}") from None
+    if not isinstance(response, expected):
+        raise VmbfsClientError(
+            f"device answered {type(response).__name__}, expected {expected.__name__}"
+        )
+    return response
+
+
+def _status_name(status: int) -> str:
+    try:
+        return Status(status).name
+    except ValueError:
+        return f"status {status}"
+
+
+def check_version_reply(reply: bytes | bytearray | memoryview) -> None:
+    """Accept a VERSION_RESPONSE(SUPPORTED); raise :class:`VmbfsClientError` otherwise."""
+    response = _decode(reply, VersionResponse)
+    assert isinstance(response, VersionResponse)
+    if response.status != VersionStatus.SUPPORTED:
+        raise VmbfsClientError("device does not support the requested version", response.status)
+
+
+def file_info_from_reply(reply: bytes | bytearray | memoryview, path: str) -> FileInfo:
+    """The FileInfo of a successful GET_FILE_INFO_RESPONSE; raise :class:`VmbfsClientError`."""
+    response = _decode(reply, GetFileInfoResponse)
+    assert isinstance(response, GetFileInfoResponse)
+    if response.status != Status.SUCCESS:
+        raise VmbfsClientError(f"{path!r}: {_status_name(response.status)}", response.status)
+    return FileInfo(
+        directory=bool(response.flags & FileInfoFlags.DIRECTORY), file_size=response.file_size
+    )
+
+
+def data_from_reply(reply: bytes | bytearray | memoryview, path: str, count: int) -> bytes:
+    """The data of a successful READ_FILE_RESPONSE, which must be exactly ``count`` bytes."""
+    response = _decode(reply, ReadFileResponse)
+    assert isinstance(response, ReadFileResponse)
+    if response.status != Status.SUCCESS:
+        raise VmbfsClientError(f"{path!r}: {_status_name(response.status)}", response.status)
+    if len(response.data) != count:
+        raise VmbfsClientError(
+            f"{path!r}: device returned {len(response.data)} bytes for a read of {count}"
+        )
+    return response.data
+
+
+class VmbfsClient:
+    """Talks vmbfs over ``pipe``; not safe for concurrent requests (the protocol has no ids)."""
+
+    def __init__(self, pipe: MessagePipeLike) -> None:
+        self.pipe = pipe
+
+    async def _request(self, message: bytes) -> bytes:
+        await self.pipe.send(message)
+        return await self.pipe.recv(MAX_MESSAGE_SIZE)
+
+    async def negotiate(self, version: int = VERSION_WIN10) -> None:
+        """Ask for ``version``; raise :class:`VmbfsClientError` if the device refuses it."""
+        check_version_reply(await self._request(encode_version_request(version)))
+
+    async def file_info(self, path: str) -> FileInfo:
+        return file_info_from_reply(await self._request(encode_get_file_info_request(path)), path)
+
+    async def read(self, path: str, offset: int, count: int) -> bytes:
+        """Read exactly ``count`` (at most MAX_READ_SIZE) bytes of ``path`` at ``offset``."""
+        if not 0 <= count <= MAX_READ_SIZE:
+            raise ValueError(f"a vmbfs read is 0..{MAX_READ_SIZE} bytes, not {count}")
+        reply = await self._request(encode_read_file_request(count, offset, path))
+        return data_from_reply(reply, path, count)
+
+    async def read_file(self, path: str) -> bytes:
+        """Read all of ``path`` in MAX_READ_SIZE chunks (the size GET_FILE_INFO reports)."""
+        info = await self.file_info(path)
+        if info.directory:
+            raise VmbfsClientError(f"{path!r} is a directory")
+        out = bytearray(info.file_size)
+        offset = 0
+        while offset < info.file_size:
+            count = min(MAX_READ_SIZE, info.file_size - offset)
+            out[offset : offset + count] = await self.read(path, offset, count)
+            offset += count
+        return bytes(out)

@@ -1,0 +1,159 @@
+"""The vmbfs protocol state machine of one open channel (facts §8.6), without any I/O.
+
+Feed each received message to :meth:`VmbfsCore.handle`; it returns the reply to send, or raises
+:class:`FatalError` when the guest broke the protocol. A fatal error means: no reply, no close,
+and no further processing on this channel until it is closed and reopened; the core remembers
+it and raises it again for anything fed afterwards.
+
+Rules (rows of the §8.6 table):
+
+======================  ==============================  ============================  ===========
+state                   message                         reply                         next
+======================  ==============================  ============================  ===========
+VERSION_REQUEST         VERSION_REQUEST(WIN10)          VERSION_RESPONSE(SUPPORTED)   READY
+VERSION_REQUEST         VERSION_REQUEST(other)          VERSION_RESPONSE(UNSUPPORTED) unchanged
+VERSION_REQUEST         GET_FILE_INFO / READ_FILE       fatal UNEXPECTED_MESSAGE
+READY                   GET_FILE_INFO(path)             GET_FILE_INFO_RESPONSE        READY
+READY                   READ_FILE(count <= 12276)       READ_FILE_RESPONSE            READY
+READY                   READ_FILE(count > 12276)        fatal READ_TOO_LARGE
+READY                   VERSION_REQUEST                 fatal UNEXPECTED_MESSAGE
+any                     type not in {1, 3, 5}           fatal INVALID_MESSAGE_TYPE
+any                     short message / fixed part      fatal TOO_SHORT
+any                     bad path (§8.5)                 fatal UNALIGNED / NULL_... / INVALID_UTF16
+======================  ==============================  ============================  ===========
+
+The message is parsed before the state is looked at, so a malformed request is reported by its
+parse error whatever the state. Pipe and ring failures are the I/O loop's (kind PIPE).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+from devicehost_vmbfs.backing import Backing, FileError, status_for_error
+from devicehost_vmbfs.protocol import (
+    MAX_READ_SIZE,
+    VERSION_WIN10,
+    FileInfoFlags,
+    GetFileInfoRequest,
+    MessageType,
+    ProtocolError,
+    ReadFileRequest,
+    Status,
+    VersionRequest,
+    VersionStatus,
+    decode_request_untrusted,
+    encode_get_file_info_response,
+    encode_read_file_response,
+    encode_version_response,
+)
+
+__all__ = ["FatalError", "FatalErrorKind", "ProtocolState", "VmbfsCore"]
+
+
+class ProtocolState(enum.Enum):
+    """Where the channel is in the protocol; the only thing vmbfs saves."""
+
+    VERSION_REQUEST = "version_request"
+    READY = "ready"
+
+
+class FatalErrorKind(enum.Enum):
+    TOO_SHORT = "TooShort"
+    INVALID_MESSAGE_TYPE = "InvalidMessageType"
+    UNALIGNED = "Unaligned"
+    NULL_TERMINATOR_IN_PATH = "NullTerminatorInPath"
+    INVALID_UTF16_PATH = "InvalidUtf16Path"
+    UNEXPECTED_MESSAGE = "UnexpectedMessage"
+    READ_TOO_LARGE = "ReadTooLarge"
+    PIPE = "Pipe"
+
+
+class FatalError(Exception):
+    """Raised when the guest broke the protocol (or its pipe failed); the channel stops here.
+
+    The guest is to blame; the host and other channels are unaffected.
+    """
+
+    def __init__(self, kind: FatalErrorKind, message: str) -> None:
+        super().__init__(f"{kind.value}: {message}")
+        self.kind = kind
+
+
+_FROM_PROTOCOL = {kind.value: kind for kind in FatalErrorKind}
+
+# READ_FILE_RESPONSE: type u32 @0, reserved u32 @4, status u32 @8, data @12.
+_READ_REPLY_HEADER: Final = struct.Struct("<III")
+_READ_REPLY_PREFIX: Final = _READ_REPLY_HEADER.size
+
+
+class VmbfsCore:
+    """One channel's protocol state over a backing."""
+
+    def __init__(
+        self, backing: Backing, state: ProtocolState = ProtocolState.VERSION_REQUEST
+    ) -> None:
+        self.backing = backing
+        self.state = state
+        #: The fatal error that stopped the channel, or None while it is processing.
+        self.fatal: FatalError | None = None
+        self.messages = 0
+
+    def handle(self, message: bytes | bytearray | memoryview) -> bytes:
+        """Process one received message and return the reply; raise :class:`FatalError`."""
+        if self.fatal is not None:
+            raise self.fatal
+        try:
+            return self._handle(message)
+        except FatalError as exc:
+            self.fatal = exc
+            raise
+
+    def _handle(self, message: bytes | bytearray | memoryview) -> bytes:
+        try:
+            request = decode_request_untrusted(message)
+        except ProtocolError as exc:
+            raise FatalError(_FROM_PROTOCOL[exc.kind.value], str(exc)) from None
+        self.messages += 1
+        if isinstance(request, VersionRequest):
+            if self.state is not ProtocolState.VERSION_REQUEST:
+                raise FatalError(FatalErrorKind.UNEXPECTED_MESSAGE, "VERSION_REQUEST when ready")
+            if request.requested_version == VERSION_WIN10:
+                self.state = ProtocolState.READY
+                return encode_version_response(VersionStatus.SUPPORTED)
+            return encode_version_response(VersionStatus.UNSUPPORTED)
+        if self.state is not ProtocolState.READY:
+            raise FatalError(
+                FatalErrorKind.UNEXPECTED_MESSAGE, f"{type(request).__name__} before the version"
+            )
+        if isinstance(request, GetFileInfoRequest):
+            return self._file_info(request)
+        return self._read_file(request)
+
+    def _file_info(self, request: GetFileInfoRequest) -> bytes:
+        try:
+            info = self.backing.file_info(request.path)
+        except FileError as exc:
+            return encode_get_file_info_response(status_for_error(exc))
+        flags = FileInfoFlags.DIRECTORY if info.directory else FileInfoFlags(0)
+        return encode_get_file_info_response(Status.SUCCESS, flags, info.file_size)
+
+    def _read_file(self, request: ReadFileRequest) -> bytes:
+        count = request.byte_count
+        if count > MAX_READ_SIZE:
+            raise FatalError(
+                FatalErrorKind.READ_TOO_LARGE, f"read of {count} bytes > {MAX_READ_SIZE}"
+            )
+        # Build the reply in place: header, status 0 (SUCCESS), then the data read into it.
+        reply = bytearray(_READ_REPLY_PREFIX + count)
+        _READ_REPLY_HEADER.pack_into(reply, 0, MessageType.READ_FILE_RESPONSE, 0, Status.SUCCESS)
+        try:
+            self.backing.read_file(
+                request.path, request.offset, memoryview(reply)[_READ_REPLY_PREFIX:]
+            )
+        except FileError as exc:
+            # No data at all with a failure status, not even what was read before it failed.
+            return encode_read_file_response(status_for_error(exc))
+        return bytes(reply)

@@ -1,0 +1,354 @@
+"""The vmbfs wire format (facts §8.1-§8.5): constants, message values and their codecs.
+
+Wire only, no behaviour. Every vmbfs message is one VMBus pipe message (message mode) made of an
+8-byte header and a type-specific body; all integers are little-endian. Functions that read
+bytes from the peer end in ``_untrusted`` and raise only :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+import attrs
+
+from devicehost.vmbus.guid import Guid
+
+__all__ = [
+    "BOOT_INSTANCE_ID",
+    "HEADER_SIZE",
+    "IMC_INSTANCE_ID",
+    "INTERFACE_ID",
+    "INTERFACE_NAME",
+    "MAX_MESSAGE_SIZE",
+    "MAX_READ_SIZE",
+    "VERSION_WIN10",
+    "FileInfoFlags",
+    "GetFileInfoRequest",
+    "GetFileInfoResponse",
+    "MessageType",
+    "ProtocolError",
+    "ProtocolErrorKind",
+    "ReadFileRdmaRequest",
+    "ReadFileRdmaResponse",
+    "ReadFileRequest",
+    "ReadFileResponse",
+    "Request",
+    "Response",
+    "Status",
+    "VersionRequest",
+    "VersionResponse",
+    "VersionStatus",
+    "decode_path_untrusted",
+    "decode_request_untrusted",
+    "decode_response_untrusted",
+    "encode_get_file_info_request",
+    "encode_get_file_info_response",
+    "encode_message",
+    "encode_path",
+    "encode_read_file_rdma_request",
+    "encode_read_file_rdma_response",
+    "encode_read_file_request",
+    "encode_read_file_response",
+    "encode_version_request",
+    "encode_version_response",
+]
+
+INTERFACE_NAME: Final = "vmbfs"
+INTERFACE_ID: Final = Guid.parse("c376c1c3-d276-48d2-90a9-c04748072c60")
+#: The instance the device offers: the initial machine configuration (IMC) hive.
+IMC_INSTANCE_ID: Final = Guid.parse("c4e5e7d1-d748-4afc-979d-683167910a55")
+#: Defined upstream for a boot-files instance; never offered.
+BOOT_INSTANCE_ID: Final = Guid.parse("c63c9bdf-5fa5-4208-b03f-6b458b365592")
+
+#: The largest message either side sends; the device's receive buffer size.
+MAX_MESSAGE_SIZE: Final = 12288
+#: The largest READ_FILE byte count: MAX_MESSAGE_SIZE - header (8) - ReadFileResponse status (4).
+MAX_READ_SIZE: Final = MAX_MESSAGE_SIZE - 8 - 4
+#: The only protocol version (major 1, minor 0).
+VERSION_WIN10: Final = 0x00010000
+
+
+class MessageType(enum.IntEnum):
+    INVALID = 0
+    VERSION_REQUEST = 1
+    VERSION_RESPONSE = 2
+    GET_FILE_INFO_REQUEST = 3
+    GET_FILE_INFO_RESPONSE = 4
+    READ_FILE_REQUEST = 5
+    READ_FILE_RESPONSE = 6
+    READ_FILE_RDMA_REQUEST = 7
+    READ_FILE_RDMA_RESPONSE = 8
+
+
+class Status(enum.IntEnum):
+    SUCCESS = 0
+    NOT_FOUND = 1
+    END_OF_FILE = 2
+    ERROR = 3
+
+
+class VersionStatus(enum.IntEnum):
+    SUPPORTED = 0
+    UNSUPPORTED = 1
+
+
+class FileInfoFlags(enum.IntFlag):
+    """GET_FILE_INFO_RESPONSE flags; bits 2-31 are reserved. The device never sets RDMA_CAPABLE."""
+
+    DIRECTORY = 1 << 0
+    RDMA_CAPABLE = 1 << 1
+
+
+# Byte layouts (little-endian; offsets from the start of the message).
+#   header                      0 message_type u32 | 4 reserved u32 (sent 0, ignored)
+#   VERSION_REQUEST body        8 requested_version u32
+#   VERSION_RESPONSE body       8 status u32                                      (12 bytes total)
+#   GET_FILE_INFO_REQUEST body  8 path: UTF-16LE to the end of the message
+#   GET_FILE_INFO_RESPONSE body 8 status u32 | 12 flags u32 | 16 file_size u64    (24 bytes total)
+#   READ_FILE_REQUEST body      8 byte_count u32 | 12 offset u64 (packed, unaligned) | 20 path
+#   READ_FILE_RESPONSE body     8 status u32 | 12 data (only on SUCCESS)
+#   READ_FILE_RDMA_REQUEST body 8 handle u32 | 12 byte_count u32 | 16 file_offset u64
+#                               | 24 token_offset u64 | 32 path
+#   READ_FILE_RDMA_RESPONSE     8 status u32 | 12 byte_count u32
+_HEADER: Final = struct.Struct("<II")
+_U32: Final = struct.Struct("<I")
+_FILE_INFO_RESPONSE: Final = struct.Struct("<IIQ")
+_READ_FILE_FIXED: Final = struct.Struct("<IQ")  # 12 bytes: the packed fixed part
+_RDMA_REQUEST_FIXED: Final = struct.Struct("<IIQQ")
+_RDMA_RESPONSE: Final = struct.Struct("<II")
+
+HEADER_SIZE: Final = _HEADER.size
+
+
+class ProtocolErrorKind(enum.Enum):
+    """Why a vmbfs message was rejected (the upstream error names)."""
+
+    TOO_SHORT = "TooShort"  # shorter than the header or than its body's fixed part
+    INVALID_MESSAGE_TYPE = "InvalidMessageType"  # not a type this side accepts
+    UNALIGNED = "Unaligned"  # path of an odd number of bytes
+    NULL_TERMINATOR_IN_PATH = "NullTerminatorInPath"  # a 0x0000 unit in the path
+    INVALID_UTF16_PATH = "InvalidUtf16Path"  # unpaired surrogate in the path
+    DATA_WITHOUT_SUCCESS = "DataWithoutSuccess"  # (client side) read data after a failure status
+
+
+class ProtocolError(Exception):
+    """Raised when bytes from the peer are not a valid vmbfs message; the peer is to blame."""
+
+    def __init__(self, kind: ProtocolErrorKind, message: str) -> None:
+        super().__init__(f"{kind.value}: {message}")
+        self.kind = kind
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class VersionRequest:
+    requested_version: int
+
+
+@attrs.frozen
+class VersionResponse:
+    status: int  # a VersionStatus, kept as received
+
+
+@attrs.frozen
+class GetFileInfoRequest:
+    path: str  # decoded per §8.5: backslashes already turned into slashes
+
+
+@attrs.frozen
+class GetFileInfoResponse:
+    status: int
+    flags: int
+    file_size: int
+
+
+@attrs.frozen
+class ReadFileRequest:
+    byte_count: int
+    offset: int
+    path: str
+
+
+@attrs.frozen
+class ReadFileResponse:
+    status: int
+    data: bytes = b""
+
+
+@attrs.frozen
+class ReadFileRdmaRequest:
+    """Defined by the protocol; the device does not handle it (InvalidMessageType)."""
+
+    handle: int
+    byte_count: int
+    file_offset: int
+    token_offset: int
+    path: str
+
+
+@attrs.frozen
+class ReadFileRdmaResponse:
+    """Defined by the protocol; never sent by the device."""
+
+    status: int
+    byte_count: int
+
+
+Request = VersionRequest | GetFileInfoRequest | ReadFileRequest
+Response = VersionResponse | GetFileInfoResponse | ReadFileResponse
+
+
+# -- paths ----------------------------------------------------------------------------------------
+
+
+def decode_path_untrusted(data: bytes | memoryview) -> str:
+    """Decode a wire path (§8.5): UTF-16LE units, no NUL anywhere, valid UTF-16, ``\\`` -> ``/``.
+
+    The checks run in this order: odd length (UNALIGNED), any 0x0000 unit, even a trailing
+    terminator (NULL_TERMINATOR_IN_PATH), unpaired surrogates (INVALID_UTF16_PATH). The empty path
+    is valid and decodes to ``""``.
+    """
+    raw = bytes(data)
+    if len(raw) % 2:
+        raise ProtocolError(ProtocolErrorKind.UNALIGNED, f"path of odd length {len(raw)}")
+    # Native-order units: a zero unit is zero in either byte order.
+    if 0 in memoryview(raw).cast("H"):
+        raise ProtocolError(ProtocolErrorKind.NULL_TERMINATOR_IN_PATH, "NUL unit in path")
+    try:
+        text = raw.decode("utf-16-le")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(ProtocolErrorKind.INVALID_UTF16_PATH, str(exc)) from None
+    return text.replace("\\", "/")
+
+
+def encode_path(path: str) -> bytes:
+    """The wire form of ``path`` (UTF-16LE, no terminator). Raises ValueError for NUL or lone
+    surrogates: the device would reject such a path as fatal."""
+    if "\0" in path:
+        raise ValueError("a vmbfs path cannot contain NUL")
+    try:
+        return path.encode("utf-16-le")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"path is not valid Unicode: {exc}") from None
+
+
+# -- encoders -------------------------------------------------------------------------------------
+
+
+def encode_message(message_type: int, body: bytes = b"") -> bytes:
+    """Header (reserved sent as 0) + body."""
+    return _HEADER.pack(message_type, 0) + body
+
+
+def encode_version_request(version: int = VERSION_WIN10) -> bytes:
+    return encode_message(MessageType.VERSION_REQUEST, _U32.pack(version))
+
+
+def encode_version_response(status: int) -> bytes:
+    return encode_message(MessageType.VERSION_RESPONSE, _U32.pack(status))
+
+
+def encode_get_file_info_request(path: str) -> bytes:
+    return encode_message(MessageType.GET_FILE_INFO_REQUEST, encode_path(path))
+
+
+def encode_get_file_info_response(status: int, flags: int = 0, file_size: int = 0) -> bytes:
+    return encode_message(
+        MessageType.GET_FILE_INFO_RESPONSE, _FILE_INFO_RESPONSE.pack(status, flags, file_size)
+    )
+
+
+def encode_read_file_request(byte_count: int, offset: int, path: str) -> bytes:
+    return encode_message(
+        MessageType.READ_FILE_REQUEST, _READ_FILE_FIXED.pack(byte_count, offset) + encode_path(path)
+    )
+
+
+def encode_read_file_response(status: int, data: bytes | bytearray | memoryview = b"") -> bytes:
+    return encode_message(MessageType.READ_FILE_RESPONSE, _U32.pack(status) + bytes(data))
+
+
+def encode_read_file_rdma_request(
+    handle: int, byte_count: int, file_offset: int, token_offset: int, path: str
+) -> bytes:
+    fixed = _RDMA_REQUEST_FIXED.pack(handle, byte_count, file_offset, token_offset)
+    return encode_message(MessageType.READ_FILE_RDMA_REQUEST, fixed + encode_path(path))
+
+
+def encode_read_file_rdma_response(status: int, byte_count: int) -> bytes:
+    return encode_message(
+        MessageType.READ_FILE_RDMA_RESPONSE, _RDMA_RESPONSE.pack(status, byte_count)
+    )
+
+
+# -- decoders -------------------------------------------------------------------------------------
+
+
+def _split_untrusted(data: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    view = memoryview(data)
+    if len(view) < HEADER_SIZE:
+        raise ProtocolError(
+            ProtocolErrorKind.TOO_SHORT, f"message of {len(view)} bytes has no 8-byte header"
+        )
+    message_type, _reserved = _HEADER.unpack_from(view)
+    return message_type, view[HEADER_SIZE:]
+
+
+def _fixed_untrusted(body: memoryview, layout: struct.Struct, what: str) -> tuple[int, ...]:
+    if len(body) < layout.size:
+        raise ProtocolError(
+            ProtocolErrorKind.TOO_SHORT,
+            f"{what} body of {len(body)} bytes, its fixed part needs {layout.size}",
+        )
+    return layout.unpack_from(body)
+
+
+def decode_request_untrusted(data: bytes | bytearray | memoryview) -> Request:
+    """Parse a message the device receives: VERSION_REQUEST, GET_FILE_INFO or READ_FILE.
+
+    Bytes after a fixed-size body are ignored (VERSION_REQUEST); paths run to the end of the
+    message. Any other message type, including the RDMA request, is INVALID_MESSAGE_TYPE.
+    """
+    message_type, body = _split_untrusted(data)
+    if message_type == MessageType.VERSION_REQUEST:
+        (version,) = _fixed_untrusted(body, _U32, "VERSION_REQUEST")
+        return VersionRequest(version)
+    if message_type == MessageType.GET_FILE_INFO_REQUEST:
+        return GetFileInfoRequest(decode_path_untrusted(body))
+    if message_type == MessageType.READ_FILE_REQUEST:
+        count, offset = _fixed_untrusted(body, _READ_FILE_FIXED, "READ_FILE_REQUEST")
+        path = decode_path_untrusted(body[_READ_FILE_FIXED.size :])
+        return ReadFileRequest(count, offset, path)
+    raise ProtocolError(
+        ProtocolErrorKind.INVALID_MESSAGE_TYPE, f"message type {message_type} is not a request"
+    )
+
+
+def decode_response_untrusted(data: bytes | bytearray | memoryview) -> Response:
+    """Parse a message the client receives: VERSION, GET_FILE_INFO or READ_FILE response.
+
+    A READ_FILE_RESPONSE carries data only with SUCCESS; data after another status is an error.
+    """
+    message_type, body = _split_untrusted(data)
+    if message_type == MessageType.VERSION_RESPONSE:
+        (status,) = _fixed_untrusted(body, _U32, "VERSION_RESPONSE")
+        return VersionResponse(status)
+    if message_type == MessageType.GET_FILE_INFO_RESPONSE:
+        status, flags, size = _fixed_untrusted(body, _FILE_INFO_RESPONSE, "GET_FILE_INFO_RESPONSE")
+        return GetFileInfoResponse(status, flags, size)
+    if message_type == MessageType.READ_FILE_RESPONSE:
+        (status,) = _fixed_untrusted(body, _U32, "READ_FILE_RESPONSE")
+        payload = bytes(body[_U32.size :])
+        if status != Status.SUCCESS and payload:
+            raise ProtocolError(
+                ProtocolErrorKind.DATA_WITHOUT_SUCCESS,
+                f"READ_FILE_RESPONSE with status {status} carries {len(payload)} data bytes",
+            )
+        return ReadFileResponse(status, payload)
+    raise ProtocolError(
+        ProtocolErrorKind.INVALID_MESSAGE_TYPE, f"message type {message_type} is not a response"
+    )
