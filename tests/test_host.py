@@ -16,6 +16,11 @@ from devicehost.testing import StaticRegistry, host_with
 from devicehost.testing.registry import DeviceSpec
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 class Echo:
     """A local device whose runner records what happened to it."""
 
