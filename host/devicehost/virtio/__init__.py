@@ -1,0 +1,62 @@
+"""devicehost.virtio: split virtqueues, device traits, the in-process driver and vhost-user.
+
+A virtio device's ``offer`` hook returns :class:`DeviceTraits`; its ``open`` hook gets
+:class:`QueueResources` (started :class:`VirtQueue` s, negotiated features, guest memory) and
+returns a runner; its ``run`` hook pops chains from the queues and pushes them back.
+"""
+
+from __future__ import annotations
+
+from devicehost.virtio.doorbell import Doorbell, EventDoorbell, EventfdDoorbell
+from devicehost.virtio.driver import (
+    DeviceLink,
+    DriverError,
+    DriverQueue,
+    QueueFull,
+    QueueSetup,
+    UsedBuffer,
+    VirtioDriver,
+)
+from devicehost.virtio.queue import (
+    DescriptorChain,
+    QueueError,
+    QueueLayout,
+    QueueState,
+    SplitQueue,
+)
+from devicehost.virtio.traits import (
+    RING_EVENT_IDX,
+    RING_INDIRECT_DESC,
+    VERSION_1,
+    DeviceTraits,
+    FeatureError,
+    negotiate,
+)
+from devicehost.virtio.transport import QueueResources, VirtioTransport, VirtQueue
+
+__all__ = [
+    "RING_EVENT_IDX",
+    "RING_INDIRECT_DESC",
+    "VERSION_1",
+    "DescriptorChain",
+    "DeviceLink",
+    "DeviceTraits",
+    "Doorbell",
+    "DriverError",
+    "DriverQueue",
+    "EventDoorbell",
+    "EventfdDoorbell",
+    "FeatureError",
+    "QueueError",
+    "QueueFull",
+    "QueueLayout",
+    "QueueResources",
+    "QueueSetup",
+    "QueueState",
+    "SplitQueue",
+    "UsedBuffer",
+    "VirtQueue",
+    "VirtioDriver",
+    "VirtioTransport",
+    "negotiate",
+]

@@ -1,0 +1,99 @@
+"""Doorbells: the notifications of a virtqueue, both ways (driver kick, device interrupt).
+
+A doorbell is rung by one side and waited on by the other. Rings coalesce: any number of rings
+before a wait wakes that wait once. :class:`EventDoorbell` stays inside one process (anyio
+events); :class:`EventfdDoorbell` rings and waits on a Linux eventfd, as vhost-user's kick and call
+file descriptors are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Protocol
+
+import anyio
+
+__all__ = ["Doorbell", "EventDoorbell", "EventfdDoorbell"]
+
+
+class Doorbell(Protocol):
+    """One direction of notification."""
+
+    def ring(self) -> None:
+        """Notify the waiting side (never blocks)."""
+
+    async def wait(self) -> None:
+        """Wait until the doorbell was rung since the last wait returned."""
+
+
+class EventDoorbell:
+    """An in-process doorbell. ``rings`` counts every ring (for tests and statistics)."""
+
+    def __init__(self) -> None:
+        self._pending = False
+        self._event: anyio.Event | None = None
+        self.rings = 0
+
+    def ring(self) -> None:
+        self.rings += 1
+        self._pending = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        while not self._pending:
+            self._event = anyio.Event()
+            try:
+                await self._event.wait()
+            finally:
+                self._event = None
+        self._pending = False
+
+
+class EventfdDoorbell:
+    """A doorbell over an eventfd; ``fd`` may be swapped while nobody waits on it.
+
+    A ring on a doorbell without an fd (the peer has not given one yet) is dropped. The doorbell
+    does not own the fd unless ``owns_fd``; ``close`` closes an owned fd.
+    """
+
+    def __init__(self, fd: int | None = None, *, owns_fd: bool = True) -> None:
+        self.fd: int | None = None
+        self._owns = owns_fd
+        self.rings = 0
+        if fd is not None:
+            self.set_fd(fd, owns_fd=owns_fd)
+
+    def set_fd(self, fd: int | None, *, owns_fd: bool = True) -> None:
+        """Use ``fd`` from now on, closing the previous one if owned."""
+        self.close()
+        self.fd = fd
+        self._owns = owns_fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def close(self) -> None:
+        if self.fd is not None and self._owns:
+            os.close(self.fd)
+        self.fd = None
+
+    def ring(self) -> None:
+        self.rings += 1
+        if self.fd is None:
+            return
+        # A saturated counter means the peer has an unread notification anyway.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(self.fd, 1)
+
+    async def wait(self) -> None:
+        while True:
+            fd = self.fd
+            if fd is None:
+                await anyio.sleep_forever()
+                continue
+            try:
+                os.eventfd_read(fd)
+                return
+            except BlockingIOError:
+                await anyio.wait_readable(fd)

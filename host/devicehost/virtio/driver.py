@@ -1,0 +1,346 @@
+"""The guest side of virtio, for tests and the demo: rings and buffers in guest memory.
+
+:class:`VirtioDriver` negotiates features over a :class:`DeviceLink` (the in-process transport
+implements it), allocates every queue's descriptor table and rings with a
+:class:`devicehost.memory.DmaAllocator`, and starts the queues. :class:`DriverQueue` posts
+buffers: device-readable data and device-writable space, as one descriptor per buffer, split into
+non-contiguous fragments, or through an indirect table; it kicks when the device asked for kicks
+and collects used buffers (with the bytes the device wrote).
+
+The device is not trusted by the driver either: a used element naming a head that is not in
+flight, or a written length beyond the chain's writable space, raises :class:`DriverError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from devicehost.memory import PAGE_SIZE, DmaAllocator, DmaBlock, GuestMemory
+from devicehost.virtio.doorbell import Doorbell, EventDoorbell
+from devicehost.virtio.queue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESCRIPTOR,
+    RING_F_NO_NOTIFY,
+    U16,
+    USED_ELEM,
+    QueueLayout,
+    need_event,
+)
+from devicehost.virtio.traits import RING_EVENT_IDX, negotiate
+
+__all__ = [
+    "DeviceLink",
+    "DriverError",
+    "DriverQueue",
+    "QueueFull",
+    "QueueSetup",
+    "UsedBuffer",
+    "VirtioDriver",
+]
+
+_BufferLike = bytes | bytearray | memoryview
+
+
+class DriverError(Exception):
+    """Raised when the device broke the queue contract as the driver sees it (device's fault)."""
+
+
+class QueueFull(Exception):
+    """Raised when a queue has too few free descriptors for a chain (the caller's to handle)."""
+
+
+@attrs.frozen
+class QueueSetup:
+    """One queue as the driver started it: layout, the kick the device waits on and the call
+    (interrupt) the driver waits on."""
+
+    index: int
+    layout: QueueLayout
+    kick: Doorbell
+    call: Doorbell
+
+
+class DeviceLink(Protocol):
+    """What the driver needs from the device side (a transport's in-process port)."""
+
+    @property
+    def offered_features(self) -> int: ...
+
+    @property
+    def queue_count(self) -> int: ...
+
+    @property
+    def max_queue_size(self) -> int: ...
+
+    def read_config(self, offset: int, size: int) -> bytes: ...
+
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    async def start(self, features: int, queues: Sequence[QueueSetup]) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+@attrs.frozen
+class UsedBuffer:
+    """A chain the device returned: head, length written, those bytes, the caller's token."""
+
+    head: int
+    written: int
+    data: bytes
+    token: Any = None
+
+
+@attrs.define
+class _InFlight:
+    blocks: list[DmaBlock]
+    descriptors: list[int]
+    writable: list[memoryview]
+    writable_len: int
+    token: Any
+
+
+def _pages(n: int) -> int:
+    return max(1, -(-n // PAGE_SIZE))
+
+
+class DriverQueue:
+    """The driver side of one split queue."""
+
+    def __init__(
+        self, index: int, memory: GuestMemory, allocator: DmaAllocator, size: int, *,
+        event_idx: bool,
+    ) -> None:
+        self.index = index
+        self.memory = memory
+        self.allocator = allocator
+        self.size = size
+        self.event_idx = event_idx
+        avail_off = QueueLayout.desc_bytes(size)
+        used_off = -(-(avail_off + QueueLayout.avail_bytes(size)) // PAGE_SIZE) * PAGE_SIZE
+        total = used_off + QueueLayout.used_bytes(size)
+        self._ring_block = allocator.alloc(_pages(total))
+        base = self._ring_block.gpa
+        self.layout = QueueLayout(size, base, base + avail_off, base + used_off)
+        view = self._ring_block.view
+        self._desc = view[: avail_off]
+        self._avail = view[avail_off : avail_off + QueueLayout.avail_bytes(size)]
+        self._used = view[used_off : used_off + QueueLayout.used_bytes(size)]
+        self._free = list(range(size - 1, -1, -1))
+        self._in_flight: dict[int, _InFlight] = {}
+        self.avail_idx = 0
+        self.last_used = 0
+        self._kicked_at = 0
+        self.kick_doorbell: Doorbell = EventDoorbell()
+        self.call_doorbell: Doorbell = EventDoorbell()
+        self.kicks = 0
+
+    def setup(self) -> QueueSetup:
+        return QueueSetup(self.index, self.layout, self.kick_doorbell, self.call_doorbell)
+
+    @property
+    def free_descriptors(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- posting -----------------------------------------------------------------------------------
+
+    def add(
+        self,
+        readable: Sequence[_BufferLike] = (),
+        writable: Sequence[int] = (),
+        *,
+        fragment: int | None = None,
+        indirect: bool = False,
+        token: Any = None,
+    ) -> int:
+        """Post one chain: ``readable`` buffers (copied into guest memory) then ``writable``
+        buffers of the given sizes. ``fragment`` splits every buffer into pieces of at most that
+        many bytes, each in its own (non-contiguous) memory; ``indirect`` puts the chain in an
+        indirect table. Returns the head index. Raises :class:`QueueFull`."""
+        pieces: list[tuple[memoryview | int, bool]] = []
+        for buf in readable:
+            data = memoryview(buf).cast("B")
+            step = fragment or max(1, len(data))
+            for off in range(0, max(1, len(data)), step):
+                pieces.append((data[off : off + step], False))
+        for n in writable:
+            step = fragment or max(1, n)
+            for off in range(0, max(1, n), step):
+                pieces.append((min(step, n - off), True))
+        if not pieces:
+            raise ValueError("a chain needs at least one buffer")
+        needed = 1 if indirect else len(pieces)
+        if needed > len(self._free):
+            raise QueueFull(
+                f"queue {self.index}: {needed} descriptors needed, {len(self._free)} free"
+            )
+        # Allocate back to front so consecutive fragments land in descending, separate pages.
+        blocks: list[DmaBlock] = []
+        try:
+            for piece, _ in reversed(pieces):
+                size = piece if isinstance(piece, int) else len(piece)
+                blocks.append(self.allocator.alloc(_pages(size)))
+            blocks.reverse()
+            table_block = self.allocator.alloc(_pages(16 * len(pieces))) if indirect else None
+        except MemoryError:
+            for block in blocks:
+                self.allocator.free(block)
+            raise
+        entries: list[tuple[int, int, int]] = []
+        writable_views: list[memoryview] = []
+        for (piece, _is_write), block in zip(pieces, blocks, strict=True):
+            if isinstance(piece, int):
+                writable_views.append(block.view[:piece])
+                entries.append((block.gpa, piece, DESC_F_WRITE))
+            else:
+                block.view[: len(piece)] = piece
+                entries.append((block.gpa, len(piece), 0))
+        if table_block is not None:
+            blocks.append(table_block)
+            for i, (gpa, length, flags) in enumerate(entries):
+                more = DESC_F_NEXT if i + 1 < len(entries) else 0
+                DESCRIPTOR.pack_into(table_block.view, 16 * i, gpa, length, flags | more, i + 1)
+            head = self._free.pop()
+            DESCRIPTOR.pack_into(self._desc, 16 * head, table_block.gpa, 16 * len(entries),
+                                 DESC_F_INDIRECT, 0)
+            used_descs = [head]
+        else:
+            used_descs = [self._free.pop() for _ in entries]
+            head = used_descs[0]
+            for i, (gpa, length, flags) in enumerate(entries):
+                last = i + 1 == len(entries)
+                nxt = 0 if last else used_descs[i + 1]
+                DESCRIPTOR.pack_into(self._desc, 16 * used_descs[i], gpa, length,
+                                     flags | (0 if last else DESC_F_NEXT), nxt)
+        self._in_flight[head] = _InFlight(
+            blocks, used_descs, writable_views, sum(len(v) for v in writable_views), token
+        )
+        U16.pack_into(self._avail, 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        U16.pack_into(self._avail, 2, self.avail_idx)
+        return head
+
+    def kick(self) -> bool:
+        """Notify the device of new buffers if it asked for notifications; True if rung."""
+        if self.event_idx:
+            avail_event = U16.unpack_from(self._used, 4 + 8 * self.size)[0]
+            needed = need_event(avail_event, self.avail_idx, self._kicked_at)
+        else:
+            needed = not U16.unpack_from(self._used, 0)[0] & RING_F_NO_NOTIFY
+        self._kicked_at = self.avail_idx
+        if needed:
+            self.kicks += 1
+            self.kick_doorbell.ring()
+        return needed
+
+    # -- collecting --------------------------------------------------------------------------------
+
+    def get_used(self) -> UsedBuffer | None:
+        """The next chain the device returned, or None."""
+        used_idx = U16.unpack_from(self._used, 2)[0]
+        if used_idx == self.last_used:
+            return None
+        head, written = USED_ELEM.unpack_from(self._used, 4 + 8 * (self.last_used % self.size))
+        flight = self._in_flight.pop(head, None)
+        if flight is None:
+            raise DriverError(f"device returned head {head} on queue {self.index}, not in flight")
+        self.last_used = (self.last_used + 1) & 0xFFFF
+        if self.event_idx:
+            U16.pack_into(self._avail, 4 + 2 * self.size, self.last_used)
+        if written > flight.writable_len:
+            raise DriverError(
+                f"device wrote {written} bytes into chain {head} of queue {self.index}, which has"
+                f" {flight.writable_len} writable bytes"
+            )
+        out = bytearray()
+        need = written
+        for view in flight.writable:
+            if need == 0:
+                break
+            take = min(need, len(view))
+            out += view[:take]
+            need -= take
+        for block in flight.blocks:
+            self.allocator.free(block)
+        self._free.extend(reversed(flight.descriptors))
+        return UsedBuffer(head, written, bytes(out), flight.token)
+
+    async def wait_used(self) -> UsedBuffer:
+        """Wait for the next used chain."""
+        while True:
+            used = self.get_used()
+            if used is not None:
+                return used
+            await self.call_doorbell.wait()
+
+    def release(self) -> None:
+        """Give back every page of this queue (the device must be stopped)."""
+        for flight in self._in_flight.values():
+            for block in flight.blocks:
+                self.allocator.free(block)
+        self._in_flight.clear()
+        self.allocator.free(self._ring_block)
+
+
+class VirtioDriver:
+    """A guest driver for one virtio device over a :class:`DeviceLink`."""
+
+    def __init__(self, link: DeviceLink, memory: GuestMemory, allocator: DmaAllocator) -> None:
+        self.link = link
+        self.memory = memory
+        self.allocator = allocator
+        self.features = 0
+        self.queues: list[DriverQueue] = []
+
+    @property
+    def offered_features(self) -> int:
+        return self.link.offered_features
+
+    async def start(self, *, queue_size: int = 256, features: int | None = None) -> None:
+        """Negotiate ``features`` (default: everything offered), set up all queues with
+        ``queue_size`` entries (capped at the device's maximum) and start them."""
+        if self.queues:
+            raise RuntimeError("the driver is already started; reset it first")
+        offered = self.link.offered_features
+        self.features = negotiate(offered, offered if features is None else features)
+        size = min(queue_size, self.link.max_queue_size)
+        event_idx = bool(self.features >> RING_EVENT_IDX & 1)
+        self.queues = [
+            DriverQueue(i, self.memory, self.allocator, size, event_idx=event_idx)
+            for i in range(self.link.queue_count)
+        ]
+        try:
+            await self.link.start(self.features, [q.setup() for q in self.queues])
+        except BaseException:
+            self._release()
+            raise
+
+    def queue(self, index: int) -> DriverQueue:
+        return self.queues[index]
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.link.read_config(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.link.write_config(offset, data)
+
+    async def reset(self) -> None:
+        """Stop the device (its queues stop, it is closed) and free the rings and buffers."""
+        await self.link.reset()
+        self._release()
+
+    def _release(self) -> None:
+        for q in self.queues:
+            q.release()
+        self.queues = []
+        self.features = 0
+

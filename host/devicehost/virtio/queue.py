@@ -1,0 +1,402 @@
+"""The virtio 1.x split virtqueue, device side, over guest memory (sans-I/O).
+
+Layout (all little endian), ``size`` a power of two from 1 to 32768::
+
+    descriptor table, 16-byte aligned, ``size`` entries of 16 bytes:
+        0  le64 addr     guest physical address of the buffer
+        8  le32 len      buffer length
+        12 le16 flags    NEXT=1 (``next`` is valid), WRITE=2 (device writes), INDIRECT=4
+        14 le16 next     index of the following descriptor when NEXT is set
+    available ring (driver -> device), 2-byte aligned, 6 + 2 * size bytes:
+        0  le16 flags    NO_INTERRUPT=1 (without EVENT_IDX: the driver wants no used interrupts)
+        2  le16 idx      free-running count of heads the driver made available
+        4  le16 ring[size]
+        4 + 2*size le16 used_event (EVENT_IDX: interrupt when used idx passes this)
+    used ring (device -> driver), 4-byte aligned, 6 + 8 * size bytes:
+        0  le16 flags    NO_NOTIFY=1 (without EVENT_IDX: the device wants no kicks)
+        2  le16 idx      free-running count of used elements written
+        4  {le32 id; le32 len} ring[size]
+        4 + 8*size le16 avail_event (EVENT_IDX: kick when avail idx passes this)
+
+Trust rules: every value read from the rings comes from the guest. A guest that lies gets a
+:class:`QueueError` naming what it did; the queue is then *broken* and raises the same error on
+every later ``pop``, so a device loop can neither spin nor hang on it. The work of one ``pop`` is
+bounded by the queue size (direct chains) plus the indirect table size (at most 32768 entries).
+
+Decisions (AMBIGUOUS in the spec):
+- An INDIRECT descriptor must be the only descriptor of its chain in the main table (head, no
+  NEXT), as every known driver builds it; an INDIRECT flag anywhere else is a QueueError.
+- A device-readable descriptor after a device-writable one is a QueueError (the spec says the
+  driver MUST NOT build such chains).
+- A chain whose total length exceeds 2**32 - 1 bytes is a QueueError (``used.len`` is 32 bits).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+import attrs
+
+from devicehost.memory import GuestMemory, GuestMemoryError
+
+__all__ = [
+    "DESC_F_INDIRECT",
+    "DESC_F_NEXT",
+    "DESC_F_WRITE",
+    "MAX_QUEUE_SIZE",
+    "RING_F_NO_INTERRUPT",
+    "RING_F_NO_NOTIFY",
+    "DescriptorChain",
+    "QueueError",
+    "QueueLayout",
+    "QueueState",
+    "SplitQueue",
+    "need_event",
+]
+
+DESC_F_NEXT: Final = 1
+DESC_F_WRITE: Final = 2
+DESC_F_INDIRECT: Final = 4
+RING_F_NO_NOTIFY: Final = 1  # used.flags
+RING_F_NO_INTERRUPT: Final = 1  # avail.flags
+MAX_QUEUE_SIZE: Final = 32768
+MAX_INDIRECT: Final = 32768
+_MAX_CHAIN_BYTES: Final = 0xFFFFFFFF
+
+# byte layout: descriptor = le64 addr, le32 len, le16 flags, le16 next
+DESCRIPTOR: Final = struct.Struct("<QIHH")
+# byte layout: one le16 (ring flags, ring idx, avail ring entries, event words)
+U16: Final = struct.Struct("<H")
+# byte layout: used element = le32 id, le32 len
+USED_ELEM: Final = struct.Struct("<II")
+
+
+class QueueError(Exception):
+    """Raised when the guest broke the virtqueue contract (the guest is to blame)."""
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if moving an index from ``old_idx`` to ``new_idx`` crossed ``event_idx`` (mod 2**16)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@attrs.frozen
+class QueueLayout:
+    """Where a split queue lives: its size and the guest addresses of its three parts."""
+
+    size: int
+    desc_gpa: int
+    avail_gpa: int
+    used_gpa: int
+
+    @staticmethod
+    def desc_bytes(size: int) -> int:
+        return 16 * size
+
+    @staticmethod
+    def avail_bytes(size: int) -> int:
+        return 6 + 2 * size
+
+    @staticmethod
+    def used_bytes(size: int) -> int:
+        return 6 + 8 * size
+
+
+@attrs.frozen
+class QueueState:
+    """The device's position in a queue: what ``GET_VRING_BASE`` and save/restore carry."""
+
+    last_avail_idx: int = 0
+    used_idx: int = 0
+
+
+class DescriptorChain:
+    """One popped descriptor chain: device-readable parts, then device-writable parts.
+
+    The parts are memoryviews straight into guest memory, validated when the chain was popped.
+    ``read`` consumes the readable parts sequentially (a cursor); ``write_at`` writes anywhere in
+    the writable parts.
+    """
+
+    __slots__ = ("_read_pos", "head", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(
+        self, head: int, readable: Sequence[memoryview], writable: Sequence[memoryview]
+    ) -> None:
+        self.head = head
+        self.readable: tuple[memoryview, ...] = tuple(readable)
+        self.writable: tuple[memoryview, ...] = tuple(writable)
+        self.readable_len = sum(len(v) for v in self.readable)
+        self.writable_len = sum(len(v) for v in self.writable)
+        self._read_pos = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<DescriptorChain head={self.head} readable={self.readable_len}"
+            f" writable={self.writable_len}>"
+        )
+
+    @property
+    def remaining(self) -> int:
+        """Readable bytes not yet consumed by ``read``."""
+        return self.readable_len - self._read_pos
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        """Consume and return up to ``max_bytes`` (all if negative) of the readable bytes."""
+        start = self._read_pos
+        left = self.readable_len - start
+        n = left if max_bytes < 0 else min(max_bytes, left)
+        out = self.peek(start, n)
+        self._read_pos = start + n
+        return out
+
+    def peek(self, offset: int, size: int) -> bytes:
+        """A copy of ``size`` readable bytes at ``offset`` (clamped to the readable length)."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        size = max(0, min(size, self.readable_len - offset))
+        if size == 0:
+            return b""
+        parts = self.readable
+        if len(parts) == 1:
+            return bytes(parts[0][offset : offset + size])
+        chunks: list[memoryview] = []
+        need = size
+        for part in parts:
+            if offset >= len(part):
+                offset -= len(part)
+                continue
+            piece = part[offset : offset + need]
+            chunks.append(piece)
+            need -= len(piece)
+            offset = 0
+            if need == 0:
+                break
+        return b"".join(chunks)
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset`` of the writable parts; returns ``offset + len(data)``.
+
+        Raises ValueError (a device bug, not the guest's) if it does not fit.
+        """
+        src = memoryview(data).cast("B")
+        if offset < 0 or offset + len(src) > self.writable_len:
+            raise ValueError(
+                f"write of {len(src)} bytes at {offset} exceeds the chain's {self.writable_len}"
+                " writable bytes"
+            )
+        end = offset + len(src)
+        for part in self.writable:
+            if not src:
+                break
+            if offset >= len(part):
+                offset -= len(part)
+                continue
+            n = min(len(part) - offset, len(src))
+            part[offset : offset + n] = src[:n]
+            src = src[n:]
+            offset = 0
+        return end
+
+
+class SplitQueue:
+    """The device side of one split virtqueue.
+
+    ``pop`` returns the next available chain (or None); ``push`` puts a chain on the used ring and
+    says whether the driver must be interrupted. ``enable_notifications`` and
+    ``disable_notifications`` control the driver's kicks (``used.flags``, or with EVENT_IDX
+    ``avail_event``).
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        layout: QueueLayout,
+        *,
+        event_idx: bool = False,
+        indirect: bool = True,
+        state: QueueState = QueueState(),
+    ) -> None:
+        size = layout.size
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if layout.desc_gpa % 16 or layout.avail_gpa % 2 or layout.used_gpa % 4:
+            raise QueueError(f"misaligned queue parts {layout}")
+        self.memory = memory
+        self.layout = layout
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        try:
+            self._desc = memory.view(layout.desc_gpa, QueueLayout.desc_bytes(size))
+            self._avail = memory.view(layout.avail_gpa, QueueLayout.avail_bytes(size))
+            self._used = memory.view(layout.used_gpa, QueueLayout.used_bytes(size))
+        except GuestMemoryError as exc:
+            raise QueueError(f"queue rings are outside guest memory: {exc}") from None
+        self.last_avail_idx = state.last_avail_idx & 0xFFFF
+        self.used_idx = state.used_idx & 0xFFFF
+        self._signalled_used = self.used_idx
+        self._notify = True
+        self.broken: QueueError | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state(self) -> QueueState:
+        return QueueState(self.last_avail_idx, self.used_idx)
+
+    def _avail_idx(self) -> int:
+        return U16.unpack_from(self._avail, 2)[0]  # type: ignore[no-any-return]
+
+    def has_available(self) -> bool:
+        """True if the driver made buffers available that ``pop`` has not returned yet."""
+        return self._avail_idx() != self.last_avail_idx
+
+    # -- notifications (driver -> device) ---------------------------------------------------------
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick on new buffers; True if some are already available."""
+        self._notify = True
+        if self.event_idx:
+            U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+        else:
+            U16.pack_into(self._used, 0, U16.unpack_from(self._used, 0)[0] & ~RING_F_NO_NOTIFY)
+        return self.has_available()
+
+    def disable_notifications(self) -> None:
+        """Tell the driver that kicks are not needed (the device is polling)."""
+        self._notify = False
+        if not self.event_idx:
+            U16.pack_into(self._used, 0, U16.unpack_from(self._used, 0)[0] | RING_F_NO_NOTIFY)
+
+    # -- pop ---------------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> QueueError:
+        self.broken = QueueError(message)
+        return self.broken
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None; QueueError if the guest lied."""
+        if self.broken is not None:
+            raise self.broken
+        avail_idx = self._avail_idx()
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise self._fail(
+                f"guest moved avail idx to {avail_idx}, {pending} entries past the device's"
+                f" {self.last_avail_idx}, more than the queue size {self.size}"
+            )
+        slot = self.last_avail_idx % self.size
+        head = U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.event_idx and self._notify:
+            U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain:
+        if head >= self.size:
+            raise self._fail(
+                f"guest put head {head} on the avail ring of a {self.size}-entry queue"
+            )
+        memory = self.memory
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        table = self._desc
+        table_size = self.size
+        where = "descriptor table"
+        index = head
+        count = 0
+        total = 0
+        while True:
+            count += 1
+            if count > table_size:
+                raise self._fail(
+                    f"guest chain at head {head} in the {where} is longer than its {table_size}"
+                    " entries (a descriptor loop)"
+                )
+            addr, length, flags, nxt = DESCRIPTOR.unpack_from(table, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                if where != "descriptor table":
+                    raise self._fail(f"guest nested an indirect descriptor in chain {head}")
+                if not self.indirect:
+                    raise self._fail(
+                        f"guest used an indirect descriptor in chain {head} without"
+                        " RING_INDIRECT_DESC"
+                    )
+                if count != 1 or flags & DESC_F_NEXT:
+                    raise self._fail(
+                        f"guest's indirect descriptor {index} in chain {head} is not the chain's"
+                        " only descriptor"
+                    )
+                if length == 0 or length % 16 or length // 16 > MAX_INDIRECT:
+                    raise self._fail(
+                        f"guest's indirect table in chain {head} has invalid length {length}"
+                    )
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError:
+                    raise self._fail(
+                        f"guest's indirect table {addr:#x}+{length:#x} in chain {head} is outside"
+                        " guest memory"
+                    ) from None
+                table_size = length // 16
+                where = "indirect table"
+                index = 0
+                count = 0
+                continue
+            try:
+                view = memory.view(addr, length)
+            except GuestMemoryError:
+                raise self._fail(
+                    f"guest's descriptor {index} ({where}) in chain {head} points outside guest"
+                    f" memory: {addr:#x}+{length:#x}"
+                ) from None
+            total += length
+            if total > _MAX_CHAIN_BYTES:
+                raise self._fail(f"guest chain {head} is longer than 2**32-1 bytes")
+            if flags & DESC_F_WRITE:
+                writable.append(view)
+            elif writable:
+                raise self._fail(
+                    f"guest chain {head} has a device-readable descriptor after a writable one"
+                )
+            else:
+                readable.append(view)
+            if not flags & DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable)
+            if nxt >= table_size:
+                raise self._fail(
+                    f"guest's descriptor {index} ({where}) in chain {head} links to {nxt}, outside"
+                    f" the {table_size} entries"
+                )
+            index = nxt
+
+    # -- push / notifications (device -> driver) -------------------------------------------------
+
+    def push(self, head: int, written: int) -> bool:
+        """Return chain ``head`` with ``written`` bytes written; True if the driver wants an
+        interrupt now (used ring flags, or EVENT_IDX's used_event)."""
+        if not 0 <= head < self.size:
+            raise ValueError(f"head {head} is not a descriptor of this {self.size}-entry queue")
+        if not 0 <= written <= _MAX_CHAIN_BYTES:
+            raise ValueError(f"written length {written} does not fit in le32")
+        old = self.used_idx
+        USED_ELEM.pack_into(self._used, 4 + 8 * (old % self.size), head, written)
+        new = (old + 1) & 0xFFFF
+        U16.pack_into(self._used, 2, new)
+        self.used_idx = new
+        return self._should_interrupt()
+
+    def _should_interrupt(self) -> bool:
+        new = self.used_idx
+        if self.event_idx:
+            used_event = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            old = self._signalled_used
+            self._signalled_used = new
+            return need_event(used_event, new, old)
+        self._signalled_used = new
+        return not U16.unpack_from(self._avail, 0)[0] & RING_F_NO_INTERRUPT

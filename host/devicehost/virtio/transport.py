@@ -1,0 +1,286 @@
+"""The virtio transport: serves devices whose ``offer`` returned :class:`DeviceTraits`.
+
+Mapping of the virtio lifecycle onto :class:`devicehost.lifecycle.Device`:
+
+- ``offer`` returns the traits; :meth:`VirtioTransport.add` starts serving them.
+- The driver negotiating features and starting every queue (in process: ``VirtioDriver.start``;
+  vhost-user: all vrings started and enabled) opens the device with a :class:`QueueResources`
+  and starts ``run``.
+- Reset / vring stop / VMM disconnect closes the device (queues stopped, runner dropped); the
+  next start opens it again.
+- :class:`VirtQueue.state` is the queue state (last avail index, used index) that vhost-user's
+  GET_VRING_BASE returns and that a device's ``save_open`` may record; a queue built with a
+  :class:`QueueState` resumes there.
+
+A device whose config has a non-empty ``vhost_user_socket`` attribute is served to a VMM over that
+Unix socket (:mod:`devicehost.virtio.vhost_user`); every other device waits for the in-process
+driver: ``await transport.connect_driver(name)`` returns a started :class:`VirtioDriver`.
+
+In-process drivers use guest memory of the transport's own (a 64 MiB memfd at gpa 0 with its own
+DMA allocator), so they never collide with the pages the VMBus server and client allocate in
+``host.guest_memory``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import attrs
+
+from devicehost.errors import ConfigError, LifecycleError
+from devicehost.memory import DmaAllocator, GuestMemory
+from devicehost.virtio.doorbell import Doorbell
+from devicehost.virtio.driver import QueueSetup, VirtioDriver
+from devicehost.virtio.queue import DescriptorChain, QueueState, SplitQueue
+from devicehost.virtio.traits import (
+    RING_EVENT_IDX,
+    RING_INDIRECT_DESC,
+    DeviceTraits,
+    negotiate,
+    offered_features,
+)
+
+if TYPE_CHECKING:
+    from devicehost.lifecycle import Device
+
+__all__ = [
+    "IN_PROCESS_MEMORY",
+    "QueueResources",
+    "VirtQueue",
+    "VirtioTransport",
+    "device_config_read",
+    "device_config_write",
+]
+
+IN_PROCESS_MEMORY: Final = 64 * 1024 * 1024
+
+
+class VirtQueue:
+    """A started split queue plus its notifications: what a device's runner works with.
+
+    ``pop`` / ``push`` are synchronous; ``wait_kick`` waits until the driver kicked (or buffers
+    are already available). A :class:`devicehost.virtio.QueueError` from ``pop`` means the guest
+    broke this queue; the device should let ``run`` fail (only this device fails).
+    """
+
+    def __init__(self, index: int, queue: SplitQueue, kick: Doorbell, call: Doorbell) -> None:
+        self.index = index
+        self.queue = queue
+        self.kick = kick
+        self.call = call
+        self.interrupts = 0
+
+    def __repr__(self) -> str:
+        return f"<VirtQueue {self.index} size={self.queue.size} {self.queue.state()}>"
+
+    @property
+    def size(self) -> int:
+        return self.queue.size
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None."""
+        return self.queue.pop()
+
+    def push(self, chain: DescriptorChain | int, written: int = 0) -> None:
+        """Return a chain (or head index) with ``written`` bytes; interrupts the driver when it
+        asked for it."""
+        head = chain if isinstance(chain, int) else chain.head
+        if self.queue.push(head, written):
+            self.interrupts += 1
+            self.call.ring()
+
+    def notify(self) -> None:
+        """Interrupt the driver unconditionally (e.g. after restoring)."""
+        self.interrupts += 1
+        self.call.ring()
+
+    async def wait_kick(self) -> None:
+        """Wait until new buffers may be available (returns at once if some already are)."""
+        if self.queue.enable_notifications():
+            await anyio.lowlevel.checkpoint()
+            return
+        await self.kick.wait()
+
+    async def pop_wait(self) -> DescriptorChain:
+        """The next available chain, waiting for kicks as needed."""
+        while True:
+            chain = self.queue.pop()
+            if chain is not None:
+                return chain
+            await self.wait_kick()
+
+    def state(self) -> QueueState:
+        return self.queue.state()
+
+
+@attrs.frozen
+class QueueResources:
+    """What a virtio device's ``open`` hook gets: the started queues (in index order), the
+    negotiated features and the guest memory the descriptors point into."""
+
+    queues: list[VirtQueue]
+    features: int
+    memory: GuestMemory
+
+
+def _device_object(device: Device) -> Any:
+    return device.pm.get_plugin(device.name)
+
+
+def device_config_read(device: Device, traits: DeviceTraits, offset: int, size: int) -> bytes:
+    """``size`` bytes of the device's config space at ``offset``: from its
+    ``virtio_config_read`` method if it has one, else from ``traits.config``; bytes past the end
+    read as zero. Raises ValueError for a negative range or one past 256 bytes."""
+    if offset < 0 or size < 0 or offset + size > 256:
+        raise ValueError(f"config range {offset}+{size} is outside the 256-byte config space")
+    reader = getattr(_device_object(device), "virtio_config_read", None)
+    if reader is not None:
+        data = bytes(reader(offset, size))
+    else:
+        data = traits.config[offset : offset + size]
+    return data[:size].ljust(size, b"\0")
+
+
+def device_config_write(device: Device, offset: int, data: bytes) -> None:
+    """Forward a config write to the device's ``virtio_config_write`` method; ignored if it has
+    none (the config space is read-only)."""
+    writer = getattr(_device_object(device), "virtio_config_write", None)
+    if writer is not None:
+        writer(offset, bytes(data))
+
+
+def build_queues(
+    memory: GuestMemory, features: int, setups: Sequence[QueueSetup],
+    states: Sequence[QueueState] | None = None,
+) -> list[VirtQueue]:
+    """Device-side queues for the given layouts (QueueError if the guest's layout is bad)."""
+    event_idx = bool(features >> RING_EVENT_IDX & 1)
+    indirect = bool(features >> RING_INDIRECT_DESC & 1)
+    out = []
+    for i, setup in enumerate(setups):
+        state = states[i] if states is not None else QueueState()
+        split = SplitQueue(memory, setup.layout, event_idx=event_idx, indirect=indirect,
+                           state=state)
+        out.append(VirtQueue(setup.index, split, setup.kick, setup.call))
+    return out
+
+
+class _InProcessLink:
+    """The device side of an in-process driver (implements ``driver.DeviceLink``)."""
+
+    def __init__(self, device: Device, traits: DeviceTraits, memory: GuestMemory) -> None:
+        self.device = device
+        self.traits = traits
+        self.memory = memory
+        self.resources: QueueResources | None = None
+
+    @property
+    def offered_features(self) -> int:
+        return offered_features(self.traits)
+
+    @property
+    def queue_count(self) -> int:
+        return self.traits.queue_count
+
+    @property
+    def max_queue_size(self) -> int:
+        return self.traits.max_queue_size
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return device_config_read(self.device, self.traits, offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        device_config_write(self.device, offset, data)
+
+    async def start(self, features: int, queues: Sequence[QueueSetup]) -> None:
+        negotiate(self.offered_features, features)
+        if len(queues) != self.traits.queue_count:
+            raise ValueError(f"the device has {self.traits.queue_count} queues, not {len(queues)}")
+        resources = QueueResources(build_queues(self.memory, features, queues), features,
+                                   self.memory)
+        await self.device.open(resources)
+        self.resources = resources
+
+    async def reset(self) -> None:
+        self.resources = None
+        await self.device.close()
+
+
+@attrs.define
+class _Served:
+    device: Device
+    traits: DeviceTraits
+    scope: anyio.CancelScope | None = None
+    link: _InProcessLink | None = None
+
+
+class VirtioTransport:
+    """Serves virtio devices in process or over vhost-user (see the module docstring)."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self._served: dict[str, _Served] = {}
+        self._memory: GuestMemory | None = None
+        self._allocator: DmaAllocator | None = None
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory of in-process drivers (created on first use)."""
+        if self._memory is None:
+            self._memory = GuestMemory.memfd(IN_PROCESS_MEMORY)
+            self._allocator = DmaAllocator(self._memory)
+        return self._memory
+
+    @property
+    def allocator(self) -> DmaAllocator:
+        self.memory  # noqa: B018 - creates the allocator with the memory
+        assert self._allocator is not None
+        return self._allocator
+
+    async def add(self, device: Device, offer: Any) -> None:
+        if not isinstance(offer, DeviceTraits):
+            raise ConfigError(f"device {device.name!r}: the virtio transport needs DeviceTraits")
+        if device.name in self._served:
+            raise LifecycleError(f"device {device.name!r} is already served over virtio")
+        served = _Served(device, offer)
+        socket_path = getattr(device.ctx.config, "vhost_user_socket", "") or ""
+        if socket_path:
+            from devicehost.virtio.vhost_user import VhostUserBackend
+
+            backend = VhostUserBackend(device, offer, str(socket_path))
+            served.scope = await self.host.task_group.start(backend.serve)
+        self._served[device.name] = served
+
+    async def remove(self, device: Device) -> None:
+        served = self._served.pop(device.name, None)
+        if served is not None and served.scope is not None:
+            served.scope.cancel()
+        await device.revoke()
+
+    async def aclose(self) -> None:
+        for served in list(self._served.values()):
+            await self.remove(served.device)
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+            self._allocator = None
+
+    async def connect_driver(
+        self, device_name: str, queue_size: int = 256, *, features: int | None = None
+    ) -> VirtioDriver:
+        """A started in-process driver for ``device_name`` (the device is open and running).
+
+        ``features`` defaults to everything offered. ``await driver.reset()`` closes the device.
+        """
+        served = self._served.get(device_name)
+        if served is None:
+            raise LifecycleError(f"no virtio device {device_name!r} is served in process")
+        if served.scope is not None:
+            raise LifecycleError(f"device {device_name!r} is served over vhost-user")
+        link = _InProcessLink(served.device, served.traits, self.memory)
+        driver = VirtioDriver(link, self.memory, self.allocator)
+        await driver.start(queue_size=queue_size, features=features)
+        served.link = link
+        return driver

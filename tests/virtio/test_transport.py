@@ -1,0 +1,65 @@
+"""The virtio transport: in-process driver <-> device through the host lifecycle."""
+
+from __future__ import annotations
+
+import struct
+
+import anyio
+import pytest
+
+from devicehost import DeviceState
+from devicehost.testing import host_with
+from devicehost.virtio import (
+    RING_EVENT_IDX,
+    RING_INDIRECT_DESC,
+    VERSION_1,
+    FeatureError,
+    VirtioTransport,
+)
+
+from .echo_device import MAGIC, EchoDevice
+
+
+@pytest.mark.anyio
+async def test_echo_through_in_process_driver() -> None:
+    async with host_with({"echo": EchoDevice}) as host:
+        transport = host.transport(VirtioTransport)
+        driver = await transport.connect_driver("echo", queue_size=64)
+        device = host.devices["echo"]
+        assert device.state is DeviceState.RUNNING
+        assert driver.features == (0b101 | 1 << VERSION_1 | 1 << RING_INDIRECT_DESC
+                                   | 1 << RING_EVENT_IDX)
+        assert len(driver.queues) == 2 and driver.queues[0].size == 64
+        requests, replies = driver.queues
+        with anyio.fail_after(5):
+            for i, payload in enumerate([b"hello", b"x" * 5000, bytes(range(256))]):
+                replies.add(writable=[len(payload)], fragment=1000 if i == 1 else None)
+                replies.kick()
+                requests.add([payload], indirect=i == 2, fragment=777 if i == 1 else None)
+                requests.kick()
+                done = await requests.wait_used()
+                assert done.written == 0
+                reply = await replies.wait_used()
+                assert reply.data == payload[::-1]
+        assert struct.unpack("<II", driver.read_config(0, 8)) == (MAGIC, 3)
+        driver.write_config(4, b"\x01")
+        obj = device.pm.get_plugin("echo")
+        assert obj.config_writes == [(4, b"\x01")]
+        await driver.reset()
+        assert device.state is DeviceState.CLOSED and obj.closed == 1
+        # The device can be started again by a new driver.
+        driver2 = await transport.connect_driver("echo", features=1 << VERSION_1)
+        assert driver2.features == 1 << VERSION_1
+        assert device.state is DeviceState.RUNNING
+        await driver2.reset()
+
+
+@pytest.mark.anyio
+async def test_driver_must_accept_version_1_and_only_offered_bits() -> None:
+    async with host_with({"echo": EchoDevice}) as host:
+        transport = host.transport(VirtioTransport)
+        with pytest.raises(FeatureError, match="VERSION_1"):
+            await transport.connect_driver("echo", features=0b1)
+        with pytest.raises(FeatureError, match="not offered"):
+            await transport.connect_driver("echo", features=1 << VERSION_1 | 0b10)
+        assert host.devices["echo"].state is DeviceState.OFFERED
