@@ -1,0 +1,262 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vsockctl: a small static helper that runs INSIDE the QEMU guest of the devicehost vsock tests.
+ * It never runs on the test host: the host's /dev/vsock belongs to the machine's infrastructure.
+ *
+ * Every result is one line on stdout starting with "DH " so that the test, which reads the guest's
+ * serial console, can pick it out of kernel messages. Data is a known pattern: the little-endian
+ * u64 words seed, seed+1, seed+2, ... truncated to the requested length; integrity is a CRC-32
+ * (the zlib polynomial, so Python's zlib.crc32 gives the same value) of every byte.
+ *
+ *   vsockctl cid                          DH CID <local cid read from /dev/vsock>
+ *   vsockctl send PORT N SEED M           connect to host CID 2 port PORT, send N pattern bytes,
+ *                                         then read exactly M reply bytes; prints
+ *                                         DH SEND port= sent= sent_crc= recv= recv_crc= ms=
+ *   vsockctl refuse PORT                  connect to host CID 2 port PORT, expect failure; prints
+ *                                         DH CONNFAIL port= errno= ms=   (or DH CONNECTED-UNEXPECTEDLY)
+ *   vsockctl echo PORT N                  listen on PORT, print DH LISTENING port=, accept one
+ *                                         connection, echo exactly N bytes back; prints
+ *                                         DH ECHO port= peer_cid= bytes= crc= ms=
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+#define CHUNK 65536
+
+static uint32_t crc_table[256];
+
+static void crc_init(void)
+{
+	for (uint32_t i = 0; i < 256; i++) {
+		uint32_t c = i;
+		for (int k = 0; k < 8; k++)
+			c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+		crc_table[i] = c;
+	}
+}
+
+/* Running CRC-32 in the zlib convention: start with 0, feed chunks, result equals zlib.crc32. */
+static uint32_t crc_update(uint32_t crc, const unsigned char *p, size_t n)
+{
+	crc = ~crc;
+	for (size_t i = 0; i < n; i++)
+		crc = crc_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+	return ~crc;
+}
+
+/* Byte `offset` of the pattern stream for `seed`. */
+static void pattern_fill(unsigned char *buf, uint64_t seed, uint64_t offset, size_t n)
+{
+	size_t i = 0;
+	if (offset % 8 == 0) {
+		/* Fast path: whole little-endian words (x86 guests are little-endian). */
+		for (; i + 8 <= n; i += 8) {
+			uint64_t word = seed + (offset + i) / 8;
+			memcpy(buf + i, &word, 8);
+		}
+	}
+	for (; i < n; i++) {
+		uint64_t pos = offset + i;
+		uint64_t word = seed + pos / 8;
+		buf[i] = (unsigned char)(word >> (8 * (pos % 8)));
+	}
+}
+
+static double now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
+
+static int fail(const char *what)
+{
+	printf("DH ERROR %s errno=%d (%s)\n", what, errno, strerror(errno));
+	fflush(stdout);
+	return 1;
+}
+
+static unsigned long long parse_u64(const char *s)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 0);
+	if (errno || *end) {
+		printf("DH ERROR bad number %s\n", s);
+		fflush(stdout);
+		exit(2);
+	}
+	return v;
+}
+
+static int connect_host(unsigned int port)
+{
+	int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+	if (fd < 0)
+		return -1;
+	struct sockaddr_vm addr;
+	memset(&addr, 0, sizeof addr);
+	addr.svm_family = AF_VSOCK;
+	addr.svm_cid = VMADDR_CID_HOST;
+	addr.svm_port = port;
+	if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+		int saved = errno;
+		close(fd);
+		errno = saved;
+		return -1;
+	}
+	return fd;
+}
+
+static int write_all(int fd, const unsigned char *p, size_t n)
+{
+	while (n) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		p += w;
+		n -= (size_t)w;
+	}
+	return 0;
+}
+
+static int cmd_cid(void)
+{
+	int fd = open("/dev/vsock", O_RDONLY);
+	if (fd < 0)
+		return fail("open /dev/vsock");
+	unsigned int cid = 0;
+	if (ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid) < 0)
+		return fail("ioctl GET_LOCAL_CID");
+	close(fd);
+	printf("DH CID %u\n", cid);
+	return 0;
+}
+
+static int cmd_send(unsigned int port, uint64_t n, uint64_t seed, uint64_t m)
+{
+	static unsigned char buf[CHUNK];
+	double t0 = now_ms();
+	int fd = connect_host(port);
+	if (fd < 0)
+		return fail("connect");
+	uint32_t sent_crc = 0;
+	for (uint64_t off = 0; off < n;) {
+		size_t len = n - off < CHUNK ? (size_t)(n - off) : CHUNK;
+		pattern_fill(buf, seed, off, len);
+		sent_crc = crc_update(sent_crc, buf, len);
+		if (write_all(fd, buf, len) < 0)
+			return fail("write");
+		off += len;
+	}
+	uint64_t got = 0;
+	uint32_t recv_crc = 0;
+	while (got < m) {
+		size_t want = m - got < CHUNK ? (size_t)(m - got) : CHUNK;
+		ssize_t r = read(fd, buf, want);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return fail("read");
+		if (r == 0)
+			break;
+		recv_crc = crc_update(recv_crc, buf, (size_t)r);
+		got += (uint64_t)r;
+	}
+	close(fd);
+	printf("DH SEND port=%u sent=%llu sent_crc=%08x recv=%llu recv_crc=%08x ms=%.1f\n", port,
+	       (unsigned long long)n, sent_crc, (unsigned long long)got, recv_crc, now_ms() - t0);
+	return 0;
+}
+
+static int cmd_refuse(unsigned int port)
+{
+	double t0 = now_ms();
+	int fd = connect_host(port);
+	double ms = now_ms() - t0;
+	if (fd >= 0) {
+		printf("DH CONNECTED-UNEXPECTEDLY port=%u ms=%.1f\n", port, ms);
+		close(fd);
+		return 1;
+	}
+	int e = errno;
+	const char *name = e == ECONNRESET ? "ECONNRESET" : e == ECONNREFUSED ? "ECONNREFUSED"
+			 : e == ETIMEDOUT ? "ETIMEDOUT" : "OTHER";
+	printf("DH CONNFAIL port=%u errno=%s/%d ms=%.1f\n", port, name, e, ms);
+	return 0;
+}
+
+static int cmd_echo(unsigned int port, uint64_t n)
+{
+	static unsigned char buf[CHUNK];
+	int lfd = socket(AF_VSOCK, SOCK_STREAM, 0);
+	if (lfd < 0)
+		return fail("socket");
+	struct sockaddr_vm addr;
+	memset(&addr, 0, sizeof addr);
+	addr.svm_family = AF_VSOCK;
+	addr.svm_cid = VMADDR_CID_ANY;
+	addr.svm_port = port;
+	if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0)
+		return fail("bind");
+	if (listen(lfd, 1) < 0)
+		return fail("listen");
+	printf("DH LISTENING port=%u\n", port);
+	fflush(stdout);
+	struct sockaddr_vm peer;
+	socklen_t plen = sizeof peer;
+	int fd = accept(lfd, (struct sockaddr *)&peer, &plen);
+	if (fd < 0)
+		return fail("accept");
+	double t0 = now_ms();
+	uint64_t got = 0;
+	uint32_t crc = 0;
+	while (got < n) {
+		size_t want = n - got < CHUNK ? (size_t)(n - got) : CHUNK;
+		ssize_t r = read(fd, buf, want);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return fail("read");
+		if (r == 0)
+			break;
+		crc = crc_update(crc, buf, (size_t)r);
+		if (write_all(fd, buf, (size_t)r) < 0)
+			return fail("write");
+		got += (uint64_t)r;
+	}
+	close(fd);
+	close(lfd);
+	printf("DH ECHO port=%u peer_cid=%u bytes=%llu crc=%08x ms=%.1f\n", port, peer.svm_cid,
+	       (unsigned long long)got, crc, now_ms() - t0);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	crc_init();
+	if (argc == 2 && !strcmp(argv[1], "cid"))
+		return cmd_cid();
+	if (argc == 6 && !strcmp(argv[1], "send"))
+		return cmd_send((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]), parse_u64(argv[4]),
+				parse_u64(argv[5]));
+	if (argc == 3 && !strcmp(argv[1], "refuse"))
+		return cmd_refuse((unsigned int)parse_u64(argv[2]));
+	if (argc == 4 && !strcmp(argv[1], "echo"))
+		return cmd_echo((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
+	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N\n");
+	return 2;
+}
