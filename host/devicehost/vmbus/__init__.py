@@ -1,0 +1,1 @@
+"""VMBus transport: GPA ranges, Hyper-V rings, pipes, channels, server and client."""

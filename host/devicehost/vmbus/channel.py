@@ -1,0 +1,257 @@
+"""A raw VMBus channel: an incoming ring, an outgoing ring, and a signal to and from the peer.
+
+Signals are edge notifications: :meth:`RawChannel.signal_remote` wakes the peer's
+:meth:`RawChannel.wait_for_signal`. A wait may return spuriously; callers re-check their ring.
+Two kinds of signal:
+
+- :class:`InProcessSignal` (from :func:`connected_signals`): anyio events, for a peer in the same
+  event loop (the in-process VMBus server and client, the test kit). Closing one end makes the
+  other end's waits raise :class:`ChannelClosed`.
+- :class:`EventfdSignal`: two eventfds (one per direction) for a peer in another process. A
+  closed eventfd peer is not detected (close arrives through the control plane, as for GPADL
+  rings upstream); waits re-poll every :data:`EVENTFD_BACKSTOP` seconds because CPython gives no
+  cross-process memory fence for the ring's mask/index handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Final, Protocol
+
+import anyio
+
+from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory
+
+__all__ = [
+    "EVENTFD_BACKSTOP",
+    "ChannelClosed",
+    "EventfdSignal",
+    "InProcessSignal",
+    "RawChannel",
+    "Signal",
+    "connected_channel_pair",
+    "connected_signals",
+    "raw_channel_from_rings",
+]
+
+EVENTFD_BACKSTOP: Final = 0.05
+
+
+class ChannelClosed(Exception):
+    """Raised when waiting on a channel that was closed, at this end or by the peer."""
+
+
+class Signal(Protocol):
+    """One end of a bidirectional notification."""
+
+    def notify_remote(self) -> None:
+        """Wake the peer's :meth:`wait` (never blocks; a no-op once closed)."""
+
+    async def wait(self) -> None:
+        """Return once the peer notified (or spuriously); raise ChannelClosed once closed."""
+
+    def close(self) -> None:
+        """Close this end; its waits and the peer's in-process waits raise ChannelClosed."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether this end or a connected in-process peer is closed."""
+
+
+class _Doorbell:
+    """A notification flag plus an event that wakes every current waiter."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.closed = False
+        self._event: anyio.Event | None = None
+
+    def ring(self) -> None:
+        self.pending = True
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+    async def wait(self) -> None:
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+        if self.pending:
+            self.pending = False
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+        self.pending = False
+        if self.closed:
+            raise ChannelClosed("the channel is closed")
+
+
+class InProcessSignal:
+    """An in-process signal end: waits on its own doorbell, rings the peer's."""
+
+    def __init__(self, local: _Doorbell, remote: _Doorbell) -> None:
+        self._local = local
+        self._remote = remote
+
+    def notify_remote(self) -> None:
+        if not self._local.closed:
+            self._remote.ring()
+
+    async def wait(self) -> None:
+        await self._local.wait()
+
+    def close(self) -> None:
+        self._local.close()
+        self._remote.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._local.closed
+
+
+def connected_signals() -> tuple[InProcessSignal, InProcessSignal]:
+    """Two connected in-process signal ends."""
+    a, b = _Doorbell(), _Doorbell()
+    return InProcessSignal(a, b), InProcessSignal(b, a)
+
+
+class EventfdSignal:
+    """A signal over two eventfds: this end waits on ``wait_fd`` and writes ``notify_fd``.
+
+    The peer (usually another process) holds the same two eventfds the other way round. With
+    ``owns_fds`` the signal closes both fds on :meth:`close`. Several tasks may wait at once: one
+    of them polls the fd and wakes the others.
+    """
+
+    def __init__(self, wait_fd: int, notify_fd: int, *, owns_fds: bool = False) -> None:
+        self.wait_fd = wait_fd
+        self.notify_fd = notify_fd
+        self._owns = owns_fds
+        self._closed = False
+        self._polling = False
+        self._wake: anyio.Event | None = None
+
+    @staticmethod
+    def new_fds() -> tuple[int, int]:
+        """Two fresh non-blocking eventfds (one per direction), inheritable by a child."""
+        flags = os.EFD_NONBLOCK
+        a = os.eventfd(0, flags)
+        try:
+            b = os.eventfd(0, flags)
+        except BaseException:
+            os.close(a)
+            raise
+        os.set_inheritable(a, True)
+        os.set_inheritable(b, True)
+        return a, b
+
+    @classmethod
+    def pair(cls) -> tuple[EventfdSignal, EventfdSignal]:
+        """Two connected ends over new eventfds; the first end owns (closes) them."""
+        a, b = cls.new_fds()
+        return cls(a, b, owns_fds=True), cls(b, a)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def notify_remote(self) -> None:
+        if self._closed:
+            return
+        # BlockingIOError: the counter is saturated; the peer has notifications pending anyway.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(self.notify_fd, 1)
+
+    async def wait(self) -> None:
+        if self._closed:
+            raise ChannelClosed("the channel is closed")
+        if self._polling:
+            if self._wake is None:
+                self._wake = anyio.Event()
+            await self._wake.wait()
+        else:
+            self._polling = True
+            try:
+                with anyio.move_on_after(EVENTFD_BACKSTOP):
+                    await anyio.wait_readable(self.wait_fd)
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.wait_fd)
+            except (anyio.ClosedResourceError, OSError) as exc:
+                raise ChannelClosed("the channel is closed") from exc
+            finally:
+                self._polling = False
+                wake, self._wake = self._wake, None
+                if wake is not None:
+                    wake.set()
+        if self._closed:
+            raise ChannelClosed("the channel is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.set()
+        if self._owns:
+            for fd in (self.wait_fd, self.notify_fd):
+                # RuntimeError: no event loop is running, so nobody can be waiting.
+                with contextlib.suppress(RuntimeError):
+                    anyio.notify_closing(fd)
+                os.close(fd)
+
+
+class RawChannel:
+    """The host's (or guest's) end of a channel: read ``incoming``, write ``outgoing``."""
+
+    def __init__(self, incoming: IncomingRing, outgoing: OutgoingRing, signal: Signal) -> None:
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.signal = signal
+
+    @property
+    def closed(self) -> bool:
+        return self.signal.closed
+
+    def signal_remote(self) -> None:
+        """Notify the peer (after a write that asked for it, or a commit that did)."""
+        self.signal.notify_remote()
+
+    async def wait_for_signal(self) -> None:
+        """Wait until the peer signals (may return spuriously); ChannelClosed once closed."""
+        await self.signal.wait()
+
+    def close(self) -> None:
+        self.signal.close()
+
+
+def raw_channel_from_rings(incoming_mem: RingMemory, outgoing_mem: RingMemory,
+                           signal_pair: Signal) -> RawChannel:
+    """A channel over existing ring memory (e.g. a GPADL's pages split at the ring offset)."""
+    return RawChannel(IncomingRing(incoming_mem), OutgoingRing(outgoing_mem), signal_pair)
+
+
+def connected_channel_pair(ring_size: int) -> tuple[RawChannel, RawChannel]:
+    """Two connected in-process channels (host end, guest end) whose rings each have
+    ``ring_size`` bytes of data (rounded up to whole pages) in fresh memory."""
+    if ring_size <= 0:
+        raise ValueError("ring_size must be positive")
+    data = math.ceil(ring_size / 4096) * 4096
+    host_to_guest = RingMemory.from_view(bytearray(4096 + data))
+    guest_to_host = RingMemory.from_view(bytearray(4096 + data))
+    host_sig, guest_sig = connected_signals()
+    host_out = OutgoingRing(host_to_guest)
+    guest_out = OutgoingRing(guest_to_host)
+    host = RawChannel(IncomingRing(guest_to_host), host_out, host_sig)
+    guest = RawChannel(IncomingRing(host_to_guest), guest_out, guest_sig)
+    return host, guest

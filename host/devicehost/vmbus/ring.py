@@ -1,0 +1,639 @@
+"""The Hyper-V ring buffer: one direction of a VMBus channel, byte for byte, over shared memory.
+
+A ring is one 4096-byte control page followed by ``data_len`` bytes of data (a multiple of 4096).
+This module is pure and synchronous: it reads and writes the ring's memory and raises
+:class:`RingEmpty`, :class:`RingFull` or :class:`RingError`; waiting is layered on top
+(:mod:`devicehost.vmbus.pipe`, :mod:`devicehost.vmbus.channel`).
+
+Rules this module keeps (facts §3):
+
+- The ring memory belongs to both peers; every value read from it is untrusted. Whatever the
+  control page or the data area say, the ring never touches memory outside them; corruption
+  raises :class:`RingError` with a :class:`RingErrorKind` and blames the peer.
+- The reader owns ``out`` and ``interrupt_mask``; the writer owns ``in``, ``pending_send_size``
+  and ``feature_bits``. Each endpoint keeps its own index locally (read once from the control
+  page when it is created, so a restored ring continues where it was) and re-reads only the
+  peer's index, validating it every time.
+- A reader's packets are not released to the writer until :meth:`IncomingRing.commit`; payload
+  views handed out by :meth:`IncomingRing.read` are valid until then.
+
+Decisions on ambiguous upstream behaviour:
+
+- [AMBIGUOUS] Upstream rejects a packet whose total size is ``>= data_len - 8`` but also states
+  ``maximum_packet_size = data_len - 8`` and sizes pipe messages so that they take exactly that
+  many bytes. An empty ring has ``data_len - 8`` free bytes, so such a packet fits: here a packet
+  is too large only when it is ``> data_len - 8`` bytes (:attr:`OutgoingRing.maximum_packet_size`
+  is inclusive).
+- [AMBIGUOUS] Upstream's reader checks ``available >= length`` without the 8-byte footer, which
+  would let a lying writer move ``out`` past ``in``. Here the footer must be available too
+  (``available >= length + 8``), else InvalidDescriptorLengths.
+- A GPA-direct packet with ``range_count == 0`` and a transfer-page packet whose ranges do not
+  fit before its payload are InvalidDescriptorLengths.
+- ``pending_send_size`` is honoured whether or not the writer set the feature bit (the bit is
+  advertised by our writer and reported by :attr:`IncomingRing.peer_supports_pending_send_size`).
+
+Memory ordering: in one process every access is ordered (one thread, the GIL). Across processes
+CPython issues no fences; x86 keeps stores ordered (payload before ``in``) but may let the
+mask/index check of the signalling handshake pass a store, so cross-process waiters
+(:class:`devicehost.vmbus.channel.EventfdSignal`) re-poll periodically as a backstop.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+import attrs
+
+from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from devicehost.vmbus.gpadl import MultiPagedRange, decode_gpa_ranges_untrusted, encode_gpa_ranges
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = [
+    "CONTROL_SIZE",
+    "FEATURE_SUPPORTS_PENDING_SEND_SIZE",
+    "FLAG_COMPLETION_REQUESTED",
+    "IncomingPacket",
+    "IncomingRing",
+    "OutgoingPacket",
+    "OutgoingRing",
+    "PacketType",
+    "RingEmpty",
+    "RingError",
+    "RingErrorKind",
+    "RingFull",
+    "RingMemory",
+    "TransferPageRange",
+    "TransferPages",
+    "in_band_size",
+]
+
+if sys.byteorder != "little":  # pragma: no cover - every VMBus host is little-endian
+    raise ImportError("devicehost.vmbus.ring needs a little-endian machine")
+
+CONTROL_SIZE: Final = PAGE_SIZE
+FEATURE_SUPPORTS_PENDING_SEND_SIZE: Final = 1
+FLAG_COMPLETION_REQUESTED: Final = 1
+
+# Control page, as u32 words (little-endian; we index a native "I" cast of the page):
+#   word 0  in (write index)          written by the writer
+#   word 1  out (read index)          written by the reader
+#   word 2  interrupt_mask            written by the reader (non-zero: do not signal me)
+#   word 3  pending_send_size         written by the writer (signal me when this much is free)
+#   word 16 feature_bits              written by the writer (bit 0: pending_send_size supported)
+_IN: Final = 0
+_OUT: Final = 1
+_MASK: Final = 2
+_PSS: Final = 3
+_FEATURES: Final = 16
+
+# Packet descriptor (16 bytes):
+#   0 u16 type   2 u16 data_offset8   4 u16 length8   6 u16 flags   8 u64 transaction_id
+_DESC: Final = struct.Struct("<HHHHQ")
+# Footer (8 bytes): u32 reserved (0), u32 ring offset at which the packet starts.
+_FOOTER: Final = struct.Struct("<Q")
+# GPA-direct extension (8 bytes): u32 reserved, u32 range_count.
+_GPA_EXT: Final = struct.Struct("<II")
+# Transfer-page extension (8 bytes): u16 transfer_page_set_id, u16 reserved, u32 range_count;
+# then range_count x (u32 byte_count, u32 byte_offset).
+_XFER_EXT: Final = struct.Struct("<HHI")
+_XFER_RANGE: Final = struct.Struct("<II")
+
+_ZEROS: Final = bytes(8)
+
+
+class PacketType(enum.IntEnum):
+    """The ``type`` field of a packet descriptor."""
+
+    IN_BAND = 6
+    TRANSFER_PAGES = 7
+    GPA_DIRECT = 9
+    COMPLETION = 11
+
+
+class RingErrorKind(enum.Enum):
+    """What exactly is corrupt."""
+
+    INVALID_RING_POINTER = "InvalidRingPointer"
+    INVALID_DATA_AVAILABLE = "InvalidDataAvailable"
+    INVALID_DESCRIPTOR_LENGTHS = "InvalidDescriptorLengths"
+    INVALID_DESCRIPTOR_FLAGS = "InvalidDescriptorFlags"
+    INVALID_DESCRIPTOR_TYPE = "InvalidDescriptorType"
+    INVALID_MESSAGE_LENGTH = "InvalidMessageLength"
+    INVALID_RING_MEMORY = "InvalidRingMemory"
+
+
+class RingError(Exception):
+    """Raised when the ring's memory is corrupt (the peer's fault) or a message can never fit
+    (InvalidMessageLength, the caller's fault). The channel cannot be used any more."""
+
+    def __init__(self, kind: RingErrorKind, detail: str = "") -> None:
+        self.kind = kind
+        blame = "caller" if kind is RingErrorKind.INVALID_MESSAGE_LENGTH else "peer"
+        super().__init__(f"{kind.value} ({blame}'s fault){': ' + detail if detail else ''}")
+
+
+class RingEmpty(Exception):
+    """Raised when the reader finds no packet in the ring."""
+
+
+class RingFull(Exception):
+    """Raised when the writer finds less than ``needed`` free bytes in the ring."""
+
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+        super().__init__(f"the ring needs {needed} free bytes")
+
+
+def in_band_size(payload_len: int) -> int:
+    """Bytes an in-band (or completion) packet of ``payload_len`` bytes takes in the ring."""
+    return 16 + ((payload_len + 7) & ~7) + 8
+
+
+class RingMemory:
+    """The memory of one ring: a control page and a data area of whole pages.
+
+    The data area is either one contiguous memoryview (fast path) or a list of page views
+    (pages scattered in guest memory); :meth:`read` and :meth:`write` wrap around its end.
+    """
+
+    def __init__(self, control: memoryview, pages: Sequence[memoryview]) -> None:
+        if len(control) < CONTROL_SIZE or control.format != "B":
+            raise RingError(RingErrorKind.INVALID_RING_MEMORY, "the control page is too small")
+        data_len = sum(len(p) for p in pages)
+        if data_len == 0 or data_len % PAGE_SIZE or any(len(p) % PAGE_SIZE for p in pages):
+            raise RingError(RingErrorKind.INVALID_RING_MEMORY,
+                            f"the data area must be whole pages, not {data_len} bytes")
+        self.control = control[:CONTROL_SIZE]
+        self.words = self.control.cast("I")
+        self.data_len = data_len
+        #: The data area as one view, or None when its pages are scattered.
+        self.data: memoryview | None = pages[0] if len(pages) == 1 else None
+        self._pages = [p.cast("B") if p.format != "B" else p for p in pages]
+
+    @classmethod
+    def from_view(cls, view: memoryview | bytearray) -> RingMemory:
+        """A ring over contiguous memory: the first 4096 bytes are the control page."""
+        mv = memoryview(view).cast("B")
+        return cls(mv[:CONTROL_SIZE], [mv[CONTROL_SIZE:]])
+
+    @classmethod
+    def from_pages(cls, memory: GuestMemory, pfns: Sequence[int]) -> RingMemory:
+        """A ring over guest pages: ``pfns[0]`` is the control page, the rest the data area.
+
+        Raises :class:`RingError` (InvalidRingMemory) if a page is outside guest memory.
+        """
+        if len(pfns) < 2:
+            raise RingError(RingErrorKind.INVALID_RING_MEMORY, "a ring needs at least two pages")
+        try:
+            control = memory.page_view(pfns[0])
+            pages: list[memoryview] = []
+            run_start, run_len = pfns[1], 1
+            for pfn in pfns[2:]:
+                if pfn == run_start + run_len:
+                    run_len += 1
+                    continue
+                pages.append(memory.page_view(run_start, run_len))
+                run_start, run_len = pfn, 1
+            pages.append(memory.page_view(run_start, run_len))
+        except GuestMemoryError as exc:
+            raise RingError(RingErrorKind.INVALID_RING_MEMORY, str(exc)) from exc
+        return cls(control, pages)
+
+    def read(self, offset: int, length: int) -> memoryview | bytes:
+        """``length`` bytes at ``offset`` in the data area, wrapping around its end.
+
+        Zero-copy when the bytes are contiguous; a copy when they wrap or cross scattered pages.
+        Callers guarantee ``0 <= offset < data_len`` and ``0 <= length <= data_len``.
+        """
+        end = offset + length
+        if self.data is not None:
+            if end <= self.data_len:
+                return self.data[offset:end]
+            return bytes(self.data[offset:]) + bytes(self.data[: end - self.data_len])
+        parts: list[bytes] = []
+        for chunk_off, chunk_len in self._chunks(offset, length):
+            for page, start, n in self._locate(chunk_off, chunk_len):
+                if n == length:
+                    return page[start : start + n]
+                parts.append(bytes(page[start : start + n]))
+        return b"".join(parts)
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset`` in the data area, wrapping around its end."""
+        src = memoryview(data).cast("B")
+        pos = 0
+        for chunk_off, chunk_len in self._chunks(offset, len(src)):
+            if self.data is not None:
+                self.data[chunk_off : chunk_off + chunk_len] = src[pos : pos + chunk_len]
+                pos += chunk_len
+                continue
+            for page, start, n in self._locate(chunk_off, chunk_len):
+                page[start : start + n] = src[pos : pos + n]
+                pos += n
+
+    def _chunks(self, offset: int, length: int) -> list[tuple[int, int]]:
+        first = min(length, self.data_len - offset)
+        if first == length:
+            return [(offset, length)]
+        return [(offset, first), (0, length - first)]
+
+    def _locate(self, offset: int, length: int) -> list[tuple[memoryview, int, int]]:
+        out: list[tuple[memoryview, int, int]] = []
+        base = 0
+        for page in self._pages:
+            size = len(page)
+            if length and offset < base + size:
+                start = max(offset - base, 0)
+                n = min(size - start, length)
+                out.append((page, start, n))
+                offset += n
+                length -= n
+            base += size
+        return out
+
+
+class TransferPageRange(NamedTuple):
+    """One range of a transfer-page packet."""
+
+    byte_count: int
+    byte_offset: int
+
+
+@attrs.frozen
+class TransferPages:
+    """The extension of a transfer-page packet."""
+
+    set_id: int
+    ranges: tuple[TransferPageRange, ...]
+
+
+class IncomingPacket(NamedTuple):
+    """One packet read from an :class:`IncomingRing`.
+
+    ``payload`` is a view into the ring (valid until the reader commits) or a copy when it wraps.
+    It includes the packet's padding to 8 bytes; framing layers carry their own exact length.
+    ``extension`` is a copy of the bytes between the descriptor and the payload.
+    (A NamedTuple rather than an attrs class: it is built once per packet on the hot path.)
+    """
+
+    kind: int
+    transaction_id: int
+    completion_requested: bool
+    payload: memoryview | bytes
+    extension: bytes
+    #: Ring offsets: where the packet starts, where its payload starts, where the next one starts.
+    offset: int
+    payload_offset: int
+    next_offset: int
+
+    def gpa_ranges(self) -> MultiPagedRange:
+        """The GPA ranges of a GPA-direct packet (raises GpaRangeError if they are malformed)."""
+        if self.kind != PacketType.GPA_DIRECT:
+            raise ValueError("not a GPA-direct packet")
+        _, count = _GPA_EXT.unpack_from(self.extension)
+        return decode_gpa_ranges_untrusted(self.extension[8:], count)
+
+    def transfer_pages(self) -> TransferPages:
+        """The transfer-page set and ranges of a transfer-page packet."""
+        if self.kind != PacketType.TRANSFER_PAGES:
+            raise ValueError("not a transfer-page packet")
+        set_id, _, count = _XFER_EXT.unpack_from(self.extension)
+        ranges = tuple(TransferPageRange(*_XFER_RANGE.unpack_from(self.extension, 8 + 8 * i))
+                       for i in range(count))
+        return TransferPages(set_id, ranges)
+
+
+@attrs.frozen
+class OutgoingPacket:
+    """A packet to write: in-band, completion, GPA-direct (``gpa_ranges``) or transfer-page
+    (``transfer_pages``). ``payload`` is one buffer or a sequence of buffers written back to back.
+    """
+
+    kind: PacketType
+    payload: Buffer | Sequence[Buffer] = b""
+    transaction_id: int = 0
+    completion_requested: bool = False
+    gpa_ranges: MultiPagedRange | None = None
+    transfer_pages: TransferPages | None = None
+
+    def extension(self) -> bytes:
+        if self.kind == PacketType.GPA_DIRECT:
+            if self.gpa_ranges is None or not self.gpa_ranges.ranges:
+                raise ValueError("a GPA-direct packet needs at least one range")
+            return _GPA_EXT.pack(0, len(self.gpa_ranges.ranges)) + encode_gpa_ranges(
+                self.gpa_ranges)
+        if self.kind == PacketType.TRANSFER_PAGES:
+            if self.transfer_pages is None:
+                raise ValueError("a transfer-page packet needs its transfer pages")
+            tp = self.transfer_pages
+            return _XFER_EXT.pack(tp.set_id, 0, len(tp.ranges)) + b"".join(
+                _XFER_RANGE.pack(r.byte_count, r.byte_offset) for r in tp.ranges)
+        return b""
+
+
+def _check_index(value: int, size: int, what: str) -> int:
+    if value >= size or value & 7:
+        raise RingError(RingErrorKind.INVALID_RING_POINTER, f"{what} index {value:#x}")
+    return value
+
+
+def _validate_size(mem: RingMemory) -> None:
+    # Packet lengths are u16 counts of 8-byte units and offsets u32: a ring larger than the
+    # format can address is refused up front.
+    if mem.data_len > 1 << 31:
+        raise RingError(RingErrorKind.INVALID_RING_MEMORY, "the data area is too large")
+
+
+class IncomingRing:
+    """The reading end of a ring. Creating it masks interrupts (interrupt_mask = 1)."""
+
+    def __init__(self, mem: RingMemory) -> None:
+        _validate_size(mem)
+        self.mem = mem
+        self._words = mem.words
+        self._data = mem.data
+        self._size = mem.data_len
+        self._out = _check_index(self._words[_OUT], self._size, "out")
+        self._cursor = self._out
+        self._words[_MASK] = 1
+
+    @property
+    def data_len(self) -> int:
+        return self._size
+
+    @property
+    def maximum_packet_size(self) -> int:
+        """The largest packet (descriptor + payload + footer) the ring can ever hold."""
+        return self._size - 8
+
+    @property
+    def peer_supports_pending_send_size(self) -> bool:
+        return bool(self._words[_FEATURES] & FEATURE_SUPPORTS_PENDING_SEND_SIZE)
+
+    @property
+    def interrupt_mask(self) -> bool:
+        return self._words[_MASK] != 0
+
+    def set_interrupt_mask(self, masked: bool) -> None:
+        """Ask the writer (not) to signal when it makes the ring non-empty."""
+        self._words[_MASK] = 1 if masked else 0
+
+    def is_empty(self) -> bool:
+        """Whether there is nothing to read past the packets already read (validates ``in``)."""
+        return _check_index(self._words[_IN], self._size, "in") == self._cursor
+
+    def read(self) -> IncomingPacket:
+        """Read the next packet and move past it (released to the writer on :meth:`commit`).
+
+        Raises :class:`RingEmpty` when there is none, :class:`RingError` when it is corrupt.
+        """
+        packet = self.peek()
+        self._cursor = packet.next_offset
+        return packet
+
+    def consume(self, packet: IncomingPacket) -> None:
+        """Move past ``packet``, which :meth:`peek` just returned."""
+        if packet.offset != self._cursor:
+            raise ValueError("consume() takes the packet peek() returned last")
+        self._cursor = packet.next_offset
+
+    def peek(self) -> IncomingPacket:
+        """Read the next packet without moving past it."""
+        size = self._size
+        inp = self._words[_IN]
+        if inp >= size or inp & 7:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"in index {inp:#x}")
+        start = self._cursor
+        if inp == start:
+            raise RingEmpty
+        avail = inp - start if inp > start else size + inp - start
+        if avail < 16:
+            raise RingError(RingErrorKind.INVALID_DATA_AVAILABLE, f"{avail} bytes available")
+        data = self._data
+        if data is not None and start + 16 <= size:
+            kind, doff8, len8, flags, tid = _DESC.unpack_from(data, start)
+        else:
+            kind, doff8, len8, flags, tid = _DESC.unpack(self.mem.read(start, 16))
+        length = len8 << 3
+        if len8 < doff8 or doff8 < 2 or avail < length + 8:
+            raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
+                            f"data_offset8 {doff8}, length8 {len8}, {avail} bytes available")
+        if flags & ~FLAG_COMPLETION_REQUESTED:
+            raise RingError(RingErrorKind.INVALID_DESCRIPTOR_FLAGS, f"flags {flags:#x}")
+        extension = b""
+        if kind == 6 or kind == 11:
+            if doff8 > 2:
+                extension = bytes(self.mem.read((start + 16) % size, (doff8 - 2) << 3))
+        elif kind == 9 or kind == 7:
+            extension = self._extension(kind, start, doff8)
+        else:
+            raise RingError(RingErrorKind.INVALID_DESCRIPTOR_TYPE, f"type {kind}")
+        pstart = start + (doff8 << 3)
+        plen = length - (doff8 << 3)
+        if data is not None and pstart + plen <= size:
+            payload: memoryview | bytes = data[pstart : pstart + plen]
+        else:
+            pstart %= size
+            payload = self.mem.read(pstart, plen)
+        nxt = start + length + 8
+        if nxt >= size:
+            nxt -= size
+        return IncomingPacket(kind, tid, bool(flags), payload, extension, start, pstart, nxt)
+
+    def _extension(self, kind: int, start: int, doff8: int) -> bytes:
+        if doff8 < 3:
+            raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
+                            f"data_offset8 {doff8} leaves no room for the type {kind} header")
+        ext = bytes(self.mem.read((start + 16) % self._size, (doff8 - 2) << 3))
+        if kind == 9:
+            _, count = _GPA_EXT.unpack_from(ext)
+            if count == 0:
+                raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
+                                "a GPA-direct packet without ranges")
+        else:
+            _, _, count = _XFER_EXT.unpack_from(ext)
+            if 8 + 8 * count > len(ext):
+                raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
+                                f"{count} transfer-page ranges do not fit in {len(ext)} bytes")
+        return ext
+
+    def overwrite(self, packet: IncomingPacket, offset: int, data: Buffer) -> None:
+        """Write ``data`` into ``packet``'s payload at ``offset`` (used by byte-mode pipes to
+        rewrite a partly consumed packet's header in place)."""
+        n = memoryview(data).nbytes
+        if offset < 0 or offset + n > len(packet.payload):
+            raise ValueError("the write does not fit in the packet's payload")
+        self.mem.write((packet.payload_offset + offset) % self._size, data)
+
+    def _free(self, inp: int, out: int) -> int:
+        return (out - inp - 8) if out > inp else self._size - (inp - out) - 8
+
+    def commit(self) -> bool:
+        """Release every packet read so far to the writer.
+
+        Returns whether to signal the writer: its pending_send_size (low 3 bits ignored) is
+        non-zero and this commit moved the free space from below it to at least it.
+        """
+        words = self._words
+        old = self._out
+        new = self._cursor
+        if new == old:
+            return False
+        words[_OUT] = new
+        self._out = new
+        pss = words[_PSS] & ~7
+        if not pss:
+            return False
+        inp = _check_index(words[_IN], self._size, "in")
+        return self._free(inp, old) < pss <= self._free(inp, new)
+
+    def rollback(self) -> None:
+        """Forget the packets read since the last commit: they will be read again."""
+        self._cursor = self._out
+
+
+class OutgoingRing:
+    """The writing end of a ring. Creating it advertises pending_send_size support and clears
+    pending_send_size."""
+
+    def __init__(self, mem: RingMemory) -> None:
+        _validate_size(mem)
+        self.mem = mem
+        self._words = mem.words
+        self._data = mem.data
+        self._size = mem.data_len
+        self._in = _check_index(self._words[_IN], self._size, "in")
+        self._words[_FEATURES] = FEATURE_SUPPORTS_PENDING_SEND_SIZE
+        self._words[_PSS] = 0
+
+    @property
+    def data_len(self) -> int:
+        return self._size
+
+    @property
+    def maximum_packet_size(self) -> int:
+        """The largest packet (descriptor + payload + footer) the ring can ever hold."""
+        return self._size - 8
+
+    def free_bytes(self) -> int:
+        """Bytes free for packets now (validates the reader's ``out``)."""
+        out = _check_index(self._words[_OUT], self._size, "out")
+        inp = self._in
+        return (out - inp - 8) if out > inp else self._size - (inp - out) - 8
+
+    def can_write(self, total: int) -> bool:
+        """Whether a packet of ``total`` bytes fits now."""
+        return self.free_bytes() >= total
+
+    @property
+    def pending_send_size(self) -> int:
+        return int(self._words[_PSS])
+
+    def set_pending_send_size(self, size: int) -> None:
+        """Ask the reader to signal once ``size`` bytes are free (0: don't)."""
+        if size < 0 or size > self._size - 8:
+            raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
+                            f"pending send size {size} exceeds {self._size - 8}")
+        self._words[_PSS] = (size + 7) & ~7
+
+    def write_inband(self, payload: Buffer, *, transaction_id: int = 0,
+                     completion_requested: bool = False) -> bool:
+        """Write one in-band packet and commit it. Returns whether to signal the reader."""
+        start = self._in
+        self._put(6, 2, b"", payload, 1 if completion_requested else 0, transaction_id)
+        return self._commit(start)
+
+    def write_completion(self, transaction_id: int, payload: Buffer = b"") -> bool:
+        """Write one completion packet and commit it. Returns whether to signal the reader."""
+        start = self._in
+        self._put(11, 2, b"", payload, 0, transaction_id)
+        return self._commit(start)
+
+    def write(self, packet: OutgoingPacket) -> bool:
+        """Write any packet and commit it. Returns whether to signal the reader."""
+        return self.write_batch((packet,))
+
+    def write_batch(self, packets: Sequence[OutgoingPacket]) -> bool:
+        """Write packets back to back and commit them together; all or none are written.
+
+        Returns whether to signal the reader (it was unmasked and the ring was empty).
+        """
+        start = self._in
+        try:
+            for p in packets:
+                ext = p.extension()
+                flags = FLAG_COMPLETION_REQUESTED if (
+                    p.completion_requested or p.kind in (PacketType.GPA_DIRECT,
+                                                         PacketType.TRANSFER_PAGES)) else 0
+                self._put(int(p.kind), 2 + len(ext) // 8, ext, p.payload, flags, p.transaction_id)
+        except BaseException:
+            self._in = start
+            raise
+        return self._commit(start)
+
+    def _put(self, kind: int, doff8: int, ext: bytes, payload: Buffer | Sequence[Buffer],
+             flags: int, tid: int) -> None:
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            parts: Sequence[Buffer] = (payload,)
+            n = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+        else:
+            parts = payload  # type: ignore[assignment]
+            n = sum(memoryview(p).nbytes for p in parts)
+        header = doff8 << 3
+        msg_len = (header + n + 7) & ~7
+        total = msg_len + 8
+        size = self._size
+        if total > size - 8:
+            raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
+                            f"a {total}-byte packet can never fit in a {size}-byte ring")
+        out = self._words[_OUT]
+        if out >= size or out & 7:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
+        start = self._in
+        free = (out - start - 8) if out > start else size - (start - out) - 8
+        if free < total:
+            raise RingFull(total)
+        data = self._data
+        end = start + msg_len
+        pad = msg_len - header - n
+        if data is not None and end + 8 <= size:
+            _DESC.pack_into(data, start, kind, doff8, msg_len >> 3, flags, tid)
+            pos = start + 16
+            if ext:
+                data[pos : pos + len(ext)] = ext
+            pos = start + header
+            for part in parts:
+                if len(parts) == 1 and n == len(part):  # type: ignore[arg-type]
+                    data[pos : pos + n] = part
+                    pos += n
+                else:
+                    mv = memoryview(part).cast("B")
+                    data[pos : pos + len(mv)] = mv
+                    pos += len(mv)
+            if pad:
+                data[pos : pos + pad] = _ZEROS[:pad]
+            _FOOTER.pack_into(data, end, start << 32)
+        else:
+            buf = bytearray(total)
+            _DESC.pack_into(buf, 0, kind, doff8, msg_len >> 3, flags, tid)
+            buf[16 : 16 + len(ext)] = ext
+            pos = header
+            for part in parts:
+                mv = memoryview(part).cast("B")
+                buf[pos : pos + len(mv)] = mv
+                pos += len(mv)
+            _FOOTER.pack_into(buf, msg_len, start << 32)
+            self.mem.write(start, buf)
+        end += 8
+        self._in = end - size if end >= size else end
+
+    def _commit(self, start: int) -> bool:
+        words = self._words
+        words[_IN] = self._in
+        return words[_MASK] == 0 and words[_OUT] == start
