@@ -1,0 +1,208 @@
+"""The vmbfs wire format: layouts, constants, path rules (§8.5), codecs and their fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devicehost_vmbfs.protocol import (
+    IMC_INSTANCE_ID,
+    INTERFACE_ID,
+    MAX_MESSAGE_SIZE,
+    MAX_READ_SIZE,
+    VERSION_WIN10,
+    GetFileInfoRequest,
+    GetFileInfoResponse,
+    MessageType,
+    ProtocolError,
+    ProtocolErrorKind,
+    ReadFileRequest,
+    ReadFileResponse,
+    VersionRequest,
+    VersionResponse,
+    decode_path_untrusted,
+    decode_request_untrusted,
+    decode_response_untrusted,
+    encode_get_file_info_request,
+    encode_get_file_info_response,
+    encode_path,
+    encode_read_file_rdma_request,
+    encode_read_file_rdma_response,
+    encode_read_file_request,
+    encode_read_file_response,
+    encode_version_request,
+    encode_version_response,
+)
+
+
+def test_constants() -> None:
+    assert MAX_MESSAGE_SIZE == 12288
+    assert MAX_READ_SIZE == 12276
+    assert VERSION_WIN10 == 0x00010000
+    assert str(INTERFACE_ID) == "c376c1c3-d276-48d2-90a9-c04748072c60"
+    assert str(IMC_INSTANCE_ID) == "c4e5e7d1-d748-4afc-979d-683167910a55"
+    assert [int(t) for t in MessageType] == list(range(9))
+
+
+def test_encoded_layouts() -> None:
+    assert encode_version_request() == bytes.fromhex("01000000 00000000 00000100")
+    assert encode_version_response(1) == bytes.fromhex("02000000 00000000 01000000")
+    assert encode_get_file_info_request("/a") == bytes.fromhex("03000000 00000000 2f006100")
+    assert encode_get_file_info_response(0, 1, 0x0102030405060708) == bytes.fromhex(
+        "04000000 00000000 00000000 01000000 0807060504030201"
+    )
+    # The packed 12-byte fixed part: byte_count u32 @8, offset u64 @12 (unaligned), path @20.
+    request = encode_read_file_request(0x11223344, 0x0102030405060708, "x")
+    assert request == bytes.fromhex("05000000 00000000 44332211 0807060504030201 7800")
+    assert len(request) == 22
+    assert encode_read_file_response(0, b"hi") == bytes.fromhex("06000000 00000000 00000000 6869")
+    assert encode_read_file_rdma_request(1, 2, 3, 4, "") == struct.pack("<IIIIQQ", 7, 0, 1, 2, 3, 4)
+    assert encode_read_file_rdma_response(2, 9) == struct.pack("<IIII", 8, 0, 2, 9)
+
+
+def test_requests_round_trip() -> None:
+    assert decode_request_untrusted(encode_version_request(7)) == VersionRequest(7)
+    assert decode_request_untrusted(encode_get_file_info_request("/d\\f")) == GetFileInfoRequest(
+        "/d/f"
+    )
+    assert decode_request_untrusted(encode_read_file_request(5, 1 << 40, "/f")) == (
+        ReadFileRequest(5, 1 << 40, "/f")
+    )
+
+
+def test_reserved_header_word_is_ignored_and_trailing_version_bytes_too() -> None:
+    message = struct.pack("<III", 1, 0xFFFFFFFF, VERSION_WIN10) + b"junk"
+    assert decode_request_untrusted(message) == VersionRequest(VERSION_WIN10)
+
+
+def test_responses_round_trip() -> None:
+    assert decode_response_untrusted(encode_version_response(0)) == VersionResponse(0)
+    assert decode_response_untrusted(encode_get_file_info_response(0, 1, 9)) == (
+        GetFileInfoResponse(0, 1, 9)
+    )
+    assert decode_response_untrusted(encode_read_file_response(0, b"abc")) == ReadFileResponse(
+        0, b"abc"
+    )
+    assert decode_response_untrusted(encode_read_file_response(2)) == ReadFileResponse(2)
+
+
+def test_data_after_a_failure_status_is_rejected_by_the_client_decoder() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_response_untrusted(struct.pack("<III", 6, 0, 3) + b"x")
+    assert info.value.kind is ProtocolErrorKind.DATA_WITHOUT_SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        (b"", ProtocolErrorKind.TOO_SHORT),
+        (b"\x01\x00\x00\x00\x00\x00\x00", ProtocolErrorKind.TOO_SHORT),
+        (struct.pack("<II", 1, 0) + b"\x00\x00\x01", ProtocolErrorKind.TOO_SHORT),
+        (struct.pack("<II", 5, 0) + bytes(11), ProtocolErrorKind.TOO_SHORT),
+        (struct.pack("<II", 0, 0), ProtocolErrorKind.INVALID_MESSAGE_TYPE),
+        (encode_version_response(0), ProtocolErrorKind.INVALID_MESSAGE_TYPE),
+        (encode_read_file_rdma_request(1, 2, 3, 4, "/f"), ProtocolErrorKind.INVALID_MESSAGE_TYPE),
+        (struct.pack("<II", 9, 0), ProtocolErrorKind.INVALID_MESSAGE_TYPE),
+        (struct.pack("<II", 0xFFFFFFFF, 0), ProtocolErrorKind.INVALID_MESSAGE_TYPE),
+    ],
+)
+def test_bad_requests(message: bytes, kind: ProtocolErrorKind) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_request_untrusted(message)
+    assert info.value.kind is kind
+
+
+# -- §8.5 path rules, one test each -------------------------------------------------------------
+
+
+def test_path_rule_1_odd_length_is_unaligned() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_path_untrusted(b"/\x00a")
+    assert info.value.kind is ProtocolErrorKind.UNALIGNED
+
+
+@pytest.mark.parametrize("raw", [b"/\x00a\x00\x00\x00", b"\x00\x00", b"a\x00\x00\x00b\x00"])
+def test_path_rule_2_any_nul_unit_even_a_terminator(raw: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_path_untrusted(raw)
+    assert info.value.kind is ProtocolErrorKind.NULL_TERMINATOR_IN_PATH
+
+
+def test_path_rule_2_zero_bytes_straddling_units_are_not_nul() -> None:
+    # Units 0x0100 and 0x0001: the zero bytes at offsets 1-2 are not one aligned unit.
+    assert decode_path_untrusted(b"\x00\x01\x01\x00") == "\u0100\u0001"
+
+
+def test_path_rule_2_is_checked_before_rule_3() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_path_untrusted(b"\x00\xd8\x00\x00")  # lone high surrogate, then NUL
+    assert info.value.kind is ProtocolErrorKind.NULL_TERMINATOR_IN_PATH
+
+
+@pytest.mark.parametrize("raw", [b"\x00\xd8", b"\x00\xdc", b"\x00\xdca\x00", b"a\x00\x00\xd8"])
+def test_path_rule_3_unpaired_surrogates_are_invalid(raw: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_path_untrusted(raw)
+    assert info.value.kind is ProtocolErrorKind.INVALID_UTF16_PATH
+
+
+def test_path_rule_3_surrogate_pairs_are_valid() -> None:
+    assert decode_path_untrusted("/\U0001f600".encode("utf-16-le")) == "/\U0001f600"
+
+
+def test_path_rule_4_backslashes_become_slashes() -> None:
+    assert decode_path_untrusted("\\a\\b/c".encode("utf-16-le")) == "/a/b/c"
+
+
+def test_path_rule_4_empty_path_is_valid() -> None:
+    assert decode_path_untrusted(b"") == ""
+
+
+def test_encode_path_refuses_what_the_device_would_reject() -> None:
+    assert encode_path("/x") == b"/\x00x\x00"
+    with pytest.raises(ValueError):
+        encode_path("a\0")
+    with pytest.raises(ValueError):
+        encode_path("\ud800")
+
+
+# -- fuzzing ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_as_a_request_or_raise_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_request_untrusted(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1, 3, 5]), st.binary(max_size=48))
+def test_any_body_of_a_request_type_decodes_or_raises_protocol_error(
+    message_type: int, body: bytes
+) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_request_untrusted(struct.pack("<II", message_type, 0) + body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_decode_as_a_response_or_raise_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_response_untrusted(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**64 - 1),
+    st.text(st.characters(exclude_characters="\0\\", exclude_categories=["Cs"]), max_size=40),
+)
+def test_read_file_request_round_trips(count: int, offset: int, path: str) -> None:
+    assert decode_request_untrusted(encode_read_file_request(count, offset, path)) == (
+        ReadFileRequest(count, offset, path)
+    )
