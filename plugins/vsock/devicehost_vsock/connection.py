@@ -1,0 +1,172 @@
+"""One relayed vsock connection: its state, its host stream and its credit accounting.
+
+A connection pairs a guest stream socket with one host Unix socket. The connection table
+(:mod:`devicehost_vsock.manager`) drives the transitions; this module holds the per-connection
+data, the arithmetic of the credit flow and the interface of the host socket the table talks to.
+
+States (facts section 9.5)::
+
+    host-initiated:  (pending: reading CONNECT) -> HOST_CONNECTING (REQUEST sent, waiting RESPONSE)
+                                                -> CONNECTED
+    guest-initiated: GUEST_CONNECTING (RESPONSE not yet delivered) -> CONNECTED
+
+Counters are u32 and wrap: ``fwd_cnt`` counts guest bytes handed to the host socket, ``tx_cnt``
+counts bytes sent to the guest in RW packets, ``peer_buf_alloc``/``peer_fwd_cnt`` are the guest's
+last advertised receive buffer and its consumed count.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Protocol
+
+from devicehost_vsock.hybrid import ConnectRequest
+from devicehost_vsock.protocol import TX_BUF_SIZE
+from devicehost_vsock.txbuffer import TxBuffer
+
+__all__ = ["Connection", "ConnectionState", "HostStream"]
+
+_U32 = 0xFFFF_FFFF
+
+Buffer = bytes | bytearray | memoryview
+
+
+class HostStream(Protocol):
+    """The host end of a connection: a non-blocking stream socket plus readiness requests.
+
+    The connection table calls these synchronously; the relay implements them over a real Unix
+    socket and reports readiness back through the table's ``on_readable``/``on_writable``/
+    ``on_closed``. ``OSError`` from any method means the host socket failed.
+    """
+
+    def recv_into(self, buf: memoryview) -> int | None:
+        """Read into ``buf``: the byte count, 0 at end of stream, ``None`` if it would block."""
+
+    def peek(self, max_len: int) -> bytes | None:
+        """Return up to ``max_len`` queued bytes without consuming them (``b""`` at end of
+        stream, ``None`` if nothing is queued yet)."""
+
+    def send(self, buffers: Sequence[Buffer]) -> int:
+        """Write the concatenation of ``buffers``; return the bytes taken (0 if it would block)."""
+
+    def shutdown(self, how: int) -> None:
+        """``socket.shutdown`` with ``SHUT_RD``, ``SHUT_WR`` or ``SHUT_RDWR``."""
+
+    def close(self) -> None:
+        """Shut down both directions and release the socket; never raises."""
+
+    def is_closed(self) -> bool:
+        """True when the socket is fully closed (both directions shut: POLLHUP)."""
+
+    def want_read(self) -> None:
+        """Ask for one ``on_readable`` report when data or end of stream is queued."""
+
+    def want_write(self) -> None:
+        """Ask for one ``on_writable`` report when the socket accepts data again."""
+
+    def want_close(self) -> None:
+        """Ask for one ``on_closed`` report when the socket is fully closed."""
+
+
+class ConnectionState(enum.Enum):
+    PENDING_CONNECT = "pending-connect"
+    HOST_CONNECTING = "host-connecting"
+    GUEST_CONNECTING = "guest-connecting"
+    CONNECTED = "connected"
+
+
+class Connection:
+    """The state of one connection; the connection table owns every transition."""
+
+    __slots__ = (
+        "connect_line",
+        "connect_request",
+        "credit_request_pending",
+        "credit_update_requested",
+        "deadline",
+        "fwd_cnt",
+        "host_closed",
+        "host_eof",
+        "host_initiated",
+        "key",
+        "last_told_fwd_cnt",
+        "ok_pending",
+        "peer_buf_alloc",
+        "peer_fwd_cnt",
+        "peer_shut_recv",
+        "peer_shut_send",
+        "readable",
+        "request_pending",
+        "response_pending",
+        "shutdown_sent",
+        "state",
+        "stream",
+        "tx_cnt",
+        "txbuf",
+        "waiting_for_credit",
+        "write_shut",
+    )
+
+    def __init__(self, stream: HostStream, *, host_initiated: bool) -> None:
+        self.stream = stream
+        self.host_initiated = host_initiated
+        #: (local_port, peer_port); None while a host connection has not sent its CONNECT line.
+        self.key: tuple[int, int] | None = None
+        self.state = ConnectionState.PENDING_CONNECT
+        self.connect_line = bytearray()
+        self.connect_request: ConnectRequest | None = None
+        #: Monotonic time at which a connect or graceful-shutdown timeout fires.
+        self.deadline: float | None = None
+        self.request_pending = False
+        self.response_pending = False
+        #: Bytes of the ``OK`` line not yet written to the host socket (they precede guest data).
+        self.ok_pending = b""
+        self.peer_buf_alloc = 0
+        self.peer_fwd_cnt = 0
+        self.tx_cnt = 0
+        self.fwd_cnt = 0
+        self.last_told_fwd_cnt = 0
+        self.credit_update_requested = False
+        self.credit_request_pending = False
+        self.waiting_for_credit = False
+        self.txbuf = TxBuffer(TX_BUF_SIZE)
+        #: The host socket may have data or end of stream queued.
+        self.readable = True
+        self.host_eof = False
+        self.host_closed = False
+        self.shutdown_sent = False
+        self.peer_shut_send = False
+        self.peer_shut_recv = False
+        self.write_shut = False
+
+    @property
+    def peer_credit(self) -> int:
+        """Bytes the guest can still receive: buf_alloc - (tx_cnt - fwd_cnt), u32 arithmetic.
+
+        A guest that reports more consumed bytes than it was sent gets a wrapped, huge value; reads
+        are still bounded by the size of each rx buffer, so only its own connection suffers.
+        """
+        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
+
+    def set_peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
+        self.peer_buf_alloc = buf_alloc
+        self.peer_fwd_cnt = fwd_cnt
+
+    def add_fwd(self, n: int) -> None:
+        self.fwd_cnt = (self.fwd_cnt + n) & _U32
+
+    def add_tx(self, n: int) -> None:
+        self.tx_cnt = (self.tx_cnt + n) & _U32
+
+    @property
+    def buffered(self) -> int:
+        """Host-bound bytes not yet accepted by the host socket (OK line included)."""
+        return len(self.ok_pending) + len(self.txbuf)
+
+    @property
+    def credit_update_due(self) -> bool:
+        return self.credit_update_requested or self.fwd_cnt != self.last_told_fwd_cnt
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.key} {self.state.value}>"

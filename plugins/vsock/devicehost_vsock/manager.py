@@ -1,0 +1,629 @@
+"""The connection table of the vsock device: every guest packet and host event, sans I/O.
+
+Pure and synchronous. The worker hands it guest tx packets (:meth:`ConnectionManager.handle_tx`),
+accepted host sockets (:meth:`~ConnectionManager.accept_host`) and readiness reports
+(``on_readable``/``on_writable``/``on_closed``), and asks it to fill one rx buffer at a time
+(:meth:`~ConnectionManager.produce_rx`). Time is an explicit ``now`` (monotonic seconds); host
+sockets are :class:`~devicehost_vsock.connection.HostStream` values, so tests drive it with fakes.
+
+Rules (facts sections 9.4-9.8, 9.10, 9.13):
+
+- Device packets carry src_cid 2, dst_cid = guest CID, type STREAM, buf_alloc 65536 and the
+  current fwd_cnt; RST carries buf_alloc 0 and fwd_cnt 0.
+- Guest packets with type != STREAM, a foreign src_cid or dst_cid != 2 get RST (and drop any
+  connection with that key). An RW longer than 65536 bytes or with fewer payload bytes than its len
+  is dropped without RST. Unknown ops get RST and drop the connection. RST is never answered.
+- Peer credit is taken only from REQUEST, RESPONSE and CREDIT_UPDATE.
+- One rx buffer gets, per connection, in order: an expired timeout (remove + RST), a pending
+  REQUEST or RESPONSE, a CREDIT_UPDATE (fwd_cnt changed or requested), a CREDIT_REQUEST, host data
+  or SHUTDOWN. RSTs for keys without a connection go first. Connections are served round robin.
+- At most 1024 established plus pending host connections.
+
+Decisions on the items the facts mark:
+
+- **[UPSTREAM-BUG]** SHUTDOWN on a connection that is not connected, a failing socket
+  ``shutdown()`` and a failing flush on write-ready all remove the connection and send RST.
+- **[AMBIGUOUS]** A tx chain shorter than 44 bytes is read as if zero-filled (so it usually fails
+  validation and gets RST), as upstream does.
+- **[AMBIGUOUS]** An rx buffer with no room after the header is never used to read host data (a
+  0-byte read would look like end of stream); control packets still use it.
+- **[AMBIGUOUS]** Host reads are capped by the guest's credit whatever the rx buffer shape.
+- **[AMBIGUOUS]** After guest SHUTDOWN(RECEIVE) the host socket's read side is shut; once its
+  queued bytes are relayed the device sees end of stream and sends SHUTDOWN(SEND), as upstream.
+- **[AMBIGUOUS]** The connect deadline (2 s from accept) covers reading CONNECT and the guest's
+  RESPONSE; it is cleared when the RESPONSE arrives and the OK line is queued, and a socket that
+  will not take those few bytes fails the connection on its next write.
+- Timeouts, like every rx-side action, are only acted on while the guest has an rx buffer posted.
+- An rx buffer too small for a header (completed with length 0) costs the connection it was meant
+  for: it is removed and an RST is queued for it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from devicehost_vsock.connection import Connection, ConnectionState, HostStream
+from devicehost_vsock.hybrid import (
+    CONNECT_LINE_MAX,
+    ConnectLineError,
+    decode_connect_untrusted,
+    encode_ok,
+)
+from devicehost_vsock.ports import PortAllocator
+from devicehost_vsock.protocol import (
+    CID_HOST,
+    CONNECTION_TIMEOUT,
+    GRACEFUL_SHUTDOWN_TIMEOUT,
+    HEADER,
+    HEADER_SIZE,
+    MAX_ACTIVE_CONNECTIONS,
+    SHUTDOWN_RECEIVE,
+    SHUTDOWN_SEND,
+    TX_BUF_SIZE,
+    TYPE_STREAM,
+    Op,
+)
+from devicehost_vsock.txbuffer import TxBuffer
+
+__all__ = ["ConnectionManager", "Connector"]
+
+#: Opens the host socket for a guest connection to port P; raises OSError when it cannot.
+Connector = Callable[[int], HostStream]
+
+Buffer = bytes | bytearray | memoryview
+Key = tuple[int, int]
+
+_U32: Final = 0xFFFF_FFFF
+_ZERO_HEADER: Final = bytes(HEADER_SIZE)
+
+
+def _prefix(parts: Sequence[memoryview], length: int) -> list[memoryview]:
+    """The first ``length`` bytes of the concatenation of ``parts``, as views."""
+    out: list[memoryview] = []
+    for part in parts:
+        if length <= 0:
+            break
+        if len(part) > length:
+            part = part[:length]
+        out.append(part)
+        length -= len(part)
+    return out
+
+
+class ConnectionManager:
+    """The connection table of one started vsock device."""
+
+    def __init__(
+        self,
+        guest_cid: int,
+        connect: Connector,
+        *,
+        connection_timeout: float = CONNECTION_TIMEOUT,
+        graceful_timeout: float = GRACEFUL_SHUTDOWN_TIMEOUT,
+        max_connections: int = MAX_ACTIVE_CONNECTIONS,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.guest_cid = guest_cid
+        self._connect = connect
+        self._connection_timeout = connection_timeout
+        self._graceful_timeout = graceful_timeout
+        self._max_connections = max_connections
+        self._log = logger or logging.getLogger("devicehost_vsock")
+        self._table: dict[Key, Connection] = {}
+        #: Host connections that have not completed their CONNECT line (no key yet).
+        self._pending: set[Connection] = set()
+        self._by_stream: dict[int, Connection] = {}
+        self._ports = PortAllocator()
+        #: Connections that may have rx work, in service order (lazily pruned).
+        self._work: dict[Connection, None] = {}
+        #: RSTs owed to the guest for keys that have no connection (any more).
+        self._rsts: deque[Key] = deque()
+        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._deadline_seq = 0
+
+    # ----------------------------------------------------------------- inspection
+
+    def __len__(self) -> int:
+        """Active connections: established plus pending host connections."""
+        return len(self._table) + len(self._pending)
+
+    def connection(self, key: Key) -> Connection | None:
+        return self._table.get(key)
+
+    @property
+    def keys(self) -> list[Key]:
+        return list(self._table)
+
+    def has_rx_work(self, now: float) -> bool:
+        """Whether an rx buffer could be used now (may be a false positive: then
+        :meth:`produce_rx` returns ``None`` and the work set is empty)."""
+        if self._rsts or self._work:
+            return True
+        return bool(self._deadlines) and self._deadlines[0][0] <= now
+
+    def next_deadline(self) -> float | None:
+        """The earliest pending timeout, for the worker's wait."""
+        while self._deadlines:
+            deadline, _, conn = self._deadlines[0]
+            if conn.deadline == deadline and self._is_live(conn):
+                return deadline
+            heapq.heappop(self._deadlines)
+        return None
+
+    def close_all(self) -> None:
+        """Drop every connection (queues stopped): host sockets closed, no packet sent."""
+        for conn in [*self._table.values(), *self._pending]:
+            conn.stream.close()
+        self._table.clear()
+        self._pending.clear()
+        self._by_stream.clear()
+        self._work.clear()
+        self._rsts.clear()
+        self._deadlines.clear()
+        self._ports = PortAllocator()
+
+    # ----------------------------------------------------------------- host events
+
+    def accept_host(self, stream: HostStream, now: float) -> bool:
+        """A host process connected to the device's listener. Returns False (and closes the
+        stream) when the connection limit is reached."""
+        if len(self) >= self._max_connections:
+            self._log.info("vsock: connection limit reached, closing accepted host connection")
+            stream.close()
+            return False
+        conn = Connection(stream, host_initiated=True)
+        self._pending.add(conn)
+        self._by_stream[id(stream)] = conn
+        self._set_deadline(conn, now + self._connection_timeout)
+        self._schedule(conn)
+        return True
+
+    def on_readable(self, stream: HostStream) -> None:
+        conn = self._by_stream.get(id(stream))
+        if conn is not None:
+            conn.readable = True
+            self._schedule(conn)
+
+    def on_writable(self, stream: HostStream) -> None:
+        conn = self._by_stream.get(id(stream))
+        if conn is not None:
+            self._flush(conn)
+
+    def on_closed(self, stream: HostStream, now: float) -> None:
+        conn = self._by_stream.get(id(stream))
+        if conn is None:
+            return
+        conn.host_closed = True
+        conn.readable = True
+        if conn.shutdown_sent and conn.deadline is None:
+            self._set_deadline(conn, now + self._graceful_timeout)
+        self._schedule(conn)
+
+    # ----------------------------------------------------------------- guest tx
+
+    def handle_tx(
+        self, header: Buffer, payload: Sequence[memoryview] = (), now: float = 0.0
+    ) -> None:
+        """Handle one guest tx packet: ``header`` is what the chain's readable part held before
+        the payload (zero-filled if shorter than 44 bytes), ``payload`` the readable bytes after."""
+        raw = bytes(header[:HEADER_SIZE])
+        if len(raw) < HEADER_SIZE:
+            raw += _ZERO_HEADER[len(raw) :]
+        (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc, fwd_cnt) = (
+            HEADER.unpack(raw)
+        )
+        if op == Op.RW:
+            if length > TX_BUF_SIZE:
+                self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
+                return
+            if sum(len(p) for p in payload) < length:
+                self._log.info("vsock: guest RW data length mismatch, dropped")
+                return
+        key = (dst_port, src_port)
+        if type_ != TYPE_STREAM or src_cid != self.guest_cid or dst_cid != CID_HOST:
+            self._log.info("vsock: guest packet with bad type/cid for %s, sending RST", key)
+            self._reset(key)
+            return
+        if op == Op.REQUEST:
+            self._guest_request(key, buf_alloc, fwd_cnt)
+            return
+        conn = self._table.get(key)
+        if op == Op.RST:
+            if conn is not None:
+                self._remove(conn, rst=False)
+            return
+        if conn is None:
+            self._rsts.append(key)
+            return
+        if op == Op.RESPONSE:
+            self._guest_response(conn, buf_alloc, fwd_cnt)
+        elif op == Op.SHUTDOWN:
+            self._guest_shutdown(conn, flags)
+        elif op == Op.RW:
+            self._guest_rw(conn, _prefix(payload, length))
+        elif op == Op.CREDIT_UPDATE:
+            conn.set_peer_credit(buf_alloc, fwd_cnt)
+            if conn.state is ConnectionState.CONNECTED:
+                if conn.peer_credit > 0:
+                    conn.waiting_for_credit = False
+                else:
+                    conn.credit_request_pending = True
+                    conn.waiting_for_credit = True
+                self._schedule(conn)
+        elif op == Op.CREDIT_REQUEST:
+            conn.credit_update_requested = True
+            self._schedule(conn)
+        else:
+            self._log.info("vsock: guest sent unknown op %d on %s, sending RST", op, key)
+            self._remove(conn, rst=True)
+
+    def _guest_request(self, key: Key, buf_alloc: int, fwd_cnt: int) -> None:
+        if len(self) >= self._max_connections:
+            self._log.info("vsock: connection limit reached, refusing guest connect to %d", key[0])
+            self._rsts.append(key)
+            return
+        try:
+            stream = self._connect(key[0])
+        except OSError as exc:
+            self._log.info("vsock: guest connect to port %d failed: %s", key[0], exc)
+            self._rsts.append(key)
+            return
+        old = self._table.get(key)
+        if old is not None:
+            self._log.info("vsock: guest REQUEST for existing connection %s, resetting", key)
+            stream.close()
+            self._remove(old, rst=True)
+            return
+        conn = Connection(stream, host_initiated=False)
+        conn.key = key
+        conn.state = ConnectionState.GUEST_CONNECTING
+        conn.response_pending = True
+        conn.set_peer_credit(buf_alloc, fwd_cnt)
+        self._table[key] = conn
+        self._by_stream[id(stream)] = conn
+        self._schedule(conn)
+
+    def _guest_response(self, conn: Connection, buf_alloc: int, fwd_cnt: int) -> None:
+        request = conn.connect_request
+        if (
+            conn.state is not ConnectionState.HOST_CONNECTING
+            or conn.request_pending
+            or request is None
+            or conn.key is None
+        ):
+            self._log.info("vsock: unexpected RESPONSE on %s, sending RST", conn.key)
+            self._remove(conn, rst=True)
+            return
+        conn.set_peer_credit(buf_alloc, fwd_cnt)
+        conn.ok_pending = encode_ok(conn.key[0], request)
+        conn.state = ConnectionState.CONNECTED
+        conn.deadline = None
+        if self._flush(conn):
+            self._schedule(conn)
+
+    def _guest_shutdown(self, conn: Connection, flags: int) -> None:
+        if conn.state is not ConnectionState.CONNECTED:
+            self._log.info("vsock: SHUTDOWN on unconnected %s, sending RST", conn.key)
+            self._remove(conn, rst=True)
+            return
+        try:
+            if flags & SHUTDOWN_SEND:
+                conn.peer_shut_send = True
+                if conn.buffered == 0 and not conn.write_shut:
+                    conn.stream.shutdown(socket.SHUT_WR)
+                    conn.write_shut = True
+            if flags & SHUTDOWN_RECEIVE and not conn.peer_shut_recv:
+                conn.peer_shut_recv = True
+                conn.stream.shutdown(socket.SHUT_RD)
+                conn.readable = True
+        except OSError as exc:
+            self._log.info("vsock: host socket shutdown failed on %s: %s", conn.key, exc)
+            self._remove(conn, rst=True)
+            return
+        if conn.peer_shut_send and conn.peer_shut_recv and conn.buffered == 0:
+            self._remove(conn, rst=True)
+            return
+        self._schedule(conn)
+
+    def _guest_rw(self, conn: Connection, payload: list[memoryview]) -> None:
+        if conn.state is not ConnectionState.CONNECTED or conn.peer_shut_send:
+            self._log.info("vsock: RW on %s in the wrong state, sending RST", conn.key)
+            self._remove(conn, rst=True)
+            return
+        total = sum(len(p) for p in payload)
+        if total == 0:
+            return
+        written = 0
+        if conn.buffered == 0:
+            try:
+                written = conn.stream.send(payload)
+            except OSError as exc:
+                self._log.info("vsock: host socket write failed on %s: %s", conn.key, exc)
+                self._remove(conn, rst=True)
+                return
+            if written:
+                conn.add_fwd(written)
+                self._schedule(conn)
+        rest = total - written
+        if rest:
+            if rest > conn.txbuf.available:
+                self._log.info("vsock: guest overran its credit on %s, sending RST", conn.key)
+                self._remove(conn, rst=True)
+                return
+            conn.txbuf.write(payload, written)
+            conn.stream.want_write()
+
+    # ----------------------------------------------------------------- host-bound flushing
+
+    def _flush(self, conn: Connection) -> bool:
+        """Write buffered host-bound bytes. Returns False if the connection was removed."""
+        before = conn.fwd_cnt
+        try:
+            while conn.ok_pending:
+                n = conn.stream.send((conn.ok_pending,))
+                if n <= 0:
+                    break
+                conn.ok_pending = conn.ok_pending[n:]
+            if not conn.ok_pending and len(conn.txbuf):
+                conn.add_fwd(conn.txbuf.drain(lambda view: conn.stream.send((view,))))
+        except OSError as exc:
+            self._log.info("vsock: flushing to the host socket failed on %s: %s", conn.key, exc)
+            self._remove(conn, rst=True)
+            return False
+        if conn.buffered:
+            conn.stream.want_write()
+        else:
+            conn.txbuf.release()
+            if conn.peer_shut_send and not conn.write_shut:
+                try:
+                    conn.stream.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    self._log.info("vsock: host socket shutdown failed on %s: %s", conn.key, exc)
+                    self._remove(conn, rst=True)
+                    return False
+                conn.write_shut = True
+            if conn.peer_shut_send and conn.peer_shut_recv:
+                self._remove(conn, rst=True)
+                return False
+        if conn.fwd_cnt != before:
+            self._schedule(conn)
+        return True
+
+    # ----------------------------------------------------------------- rx production
+
+    def produce_rx(self, packet: memoryview, now: float) -> int | None:
+        """Fill one rx buffer (``packet``: header then payload space, writable).
+
+        Returns the packet length, 0 if the buffer was too small for a header (it must then be
+        completed with length 0), or ``None`` if there was nothing to send (the buffer is unused).
+        """
+        self._expire(now)
+        if len(packet) < HEADER_SIZE:
+            return self._buffer_too_small()
+        if self._rsts:
+            local, peer = self._rsts.popleft()
+            self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
+            return HEADER_SIZE
+        while self._work:
+            conn = next(iter(self._work))
+            del self._work[conn]
+            if not self._is_live(conn):
+                continue
+            size = self._produce_for(conn, packet, now)
+            if self._is_live(conn) and self._may_have_work(conn):
+                self._work[conn] = None
+            if size is not None:
+                return size
+            if self._rsts:
+                local, peer = self._rsts.popleft()
+                self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
+                return HEADER_SIZE
+        return None
+
+    def _buffer_too_small(self) -> int:
+        if self._rsts:
+            self._rsts.popleft()
+            return 0
+        while self._work:
+            conn = next(iter(self._work))
+            del self._work[conn]
+            if self._is_live(conn):
+                self._log.info("vsock: rx buffer too small for a header, dropping %s", conn.key)
+                self._remove(conn, rst=conn.key is not None)
+                break
+        return 0
+
+    def _produce_for(self, conn: Connection, packet: memoryview, now: float) -> int | None:
+        if conn.deadline is not None and now >= conn.deadline:
+            self._log.info("vsock: timeout on %s", conn.key)
+            sent_request = conn.key is not None and not conn.request_pending
+            self._remove(conn, rst=sent_request)
+            return None
+        if conn.state is ConnectionState.PENDING_CONNECT:
+            return self._read_connect_line(conn, packet)
+        key = conn.key
+        assert key is not None
+        if conn.request_pending:
+            conn.request_pending = False
+            return self._emit(packet, key[0], key[1], Op.REQUEST, 0, 0, TX_BUF_SIZE, 0)
+        if conn.response_pending:
+            conn.response_pending = False
+            conn.state = ConnectionState.CONNECTED
+            conn.last_told_fwd_cnt = conn.fwd_cnt
+            return self._control(packet, conn, Op.RESPONSE)
+        if conn.state is not ConnectionState.CONNECTED:
+            return None
+        if conn.credit_update_due:
+            conn.credit_update_requested = False
+            conn.last_told_fwd_cnt = conn.fwd_cnt
+            return self._control(packet, conn, Op.CREDIT_UPDATE)
+        if conn.credit_request_pending:
+            conn.credit_request_pending = False
+            return self._control(packet, conn, Op.CREDIT_REQUEST)
+        if conn.host_eof or not conn.readable:
+            return None
+        credit = conn.peer_credit
+        if credit == 0:
+            if conn.waiting_for_credit:
+                return None
+            conn.waiting_for_credit = True
+            return self._control(packet, conn, Op.CREDIT_REQUEST)
+        space = len(packet) - HEADER_SIZE
+        if space <= 0:
+            return None
+        try:
+            n = conn.stream.recv_into(packet[HEADER_SIZE : HEADER_SIZE + min(credit, space)])
+        except OSError as exc:
+            self._log.info("vsock: host socket read failed on %s: %s", key, exc)
+            self._remove(conn, rst=True)
+            return None
+        if n is None:
+            conn.readable = False
+            conn.stream.want_read()
+            return None
+        if n == 0:
+            conn.host_eof = True
+            conn.shutdown_sent = True
+            conn.host_closed = conn.host_closed or conn.stream.is_closed()
+            flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
+            if conn.host_closed:
+                self._set_deadline(conn, now + self._graceful_timeout)
+            else:
+                conn.stream.want_close()
+            return self._control(packet, conn, Op.SHUTDOWN, flags)
+        conn.add_tx(n)
+        return self._emit(packet, key[0], key[1], Op.RW, n, 0, TX_BUF_SIZE, conn.fwd_cnt)
+
+    def _read_connect_line(self, conn: Connection, packet: memoryview) -> int | None:
+        stream = conn.stream
+        try:
+            peeked = stream.peek(CONNECT_LINE_MAX - len(conn.connect_line))
+            if peeked is None:
+                conn.readable = False
+                stream.want_read()
+                return None
+            if not peeked:
+                self._log.info("vsock: host connection closed before its CONNECT line")
+                self._remove(conn, rst=False)
+                return None
+            end = peeked.find(b"\n")
+            take = len(peeked) if end < 0 else end + 1
+            got = stream.recv_into(memoryview(bytearray(take)))
+        except OSError as exc:
+            self._log.info("vsock: reading a CONNECT line failed: %s", exc)
+            self._remove(conn, rst=False)
+            return None
+        conn.connect_line += peeked[: got or 0]
+        if end < 0 or got != take:
+            if len(conn.connect_line) >= CONNECT_LINE_MAX:
+                self._log.info("vsock: host CONNECT line too long, closing")
+                self._remove(conn, rst=False)
+            else:
+                conn.readable = False
+                stream.want_read()
+            return None
+        try:
+            request = decode_connect_untrusted(conn.connect_line)
+        except ConnectLineError as exc:
+            self._log.info("vsock: %s; closing", exc)
+            self._remove(conn, rst=False)
+            return None
+        if request.port is None:
+            self._log.info("vsock: host CONNECT names a GUID without a vsock port; closing")
+            self._remove(conn, rst=False)
+            return None
+        local = self._ports.allocate()
+        while (local, request.port) in self._table:
+            local = self._ports.allocate()
+        key = (local, request.port)
+        self._pending.discard(conn)
+        conn.key = key
+        conn.connect_request = request
+        conn.state = ConnectionState.HOST_CONNECTING
+        self._table[key] = conn
+        return self._emit(packet, local, request.port, Op.REQUEST, 0, 0, TX_BUF_SIZE, 0)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _control(self, packet: memoryview, conn: Connection, op: Op, flags: int = 0) -> int:
+        key = conn.key
+        assert key is not None
+        return self._emit(packet, key[0], key[1], op, 0, flags, TX_BUF_SIZE, conn.fwd_cnt)
+
+    def _emit(
+        self,
+        packet: memoryview,
+        local: int,
+        peer: int,
+        op: Op,
+        length: int,
+        flags: int,
+        buf_alloc: int,
+        fwd_cnt: int,
+    ) -> int:
+        HEADER.pack_into(
+            packet, 0, CID_HOST, self.guest_cid, local, peer, length, TYPE_STREAM, op, flags,
+            buf_alloc, fwd_cnt,
+        )  # fmt: skip
+        return HEADER_SIZE + length
+
+    def _may_have_work(self, conn: Connection) -> bool:
+        if conn.state is ConnectionState.PENDING_CONNECT:
+            return conn.readable
+        if conn.request_pending or conn.response_pending:
+            return True
+        if conn.state is not ConnectionState.CONNECTED:
+            return False
+        if conn.credit_update_due or conn.credit_request_pending:
+            return True
+        if conn.host_eof or not conn.readable:
+            return False
+        return conn.peer_credit > 0 or not conn.waiting_for_credit
+
+    def _schedule(self, conn: Connection) -> None:
+        self._work[conn] = None
+
+    def _is_live(self, conn: Connection) -> bool:
+        if conn.key is None:
+            return conn in self._pending
+        return self._table.get(conn.key) is conn
+
+    def _set_deadline(self, conn: Connection, deadline: float) -> None:
+        conn.deadline = deadline
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (deadline, self._deadline_seq, conn))
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, conn = heapq.heappop(self._deadlines)
+            if conn.deadline == deadline and self._is_live(conn):
+                # Expired connections are served first.
+                self._work = {conn: None, **self._work}
+
+    def _reset(self, key: Key) -> None:
+        conn = self._table.get(key)
+        if conn is not None:
+            self._remove(conn, rst=False)
+        self._rsts.append(key)
+
+    def _remove(self, conn: Connection, *, rst: bool) -> None:
+        if conn.key is None:
+            self._pending.discard(conn)
+        elif self._table.get(conn.key) is conn:
+            del self._table[conn.key]
+            if rst:
+                self._rsts.append(conn.key)
+        if conn.host_initiated and conn.key is not None:
+            self._ports.free(conn.key[0])
+        self._by_stream.pop(id(conn.stream), None)
+        self._work.pop(conn, None)
+        conn.txbuf = _EMPTY_TXBUF
+        conn.stream.close()
+
+
+_EMPTY_TXBUF: Final = TxBuffer(0)
