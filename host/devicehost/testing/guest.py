@@ -36,11 +36,11 @@ async def guest_session(host: Host, device: Device) -> AsyncIterator[Any]:
     if kind == "devicehost.virtio.traits.DeviceTraits":
         from devicehost.virtio.transport import VirtioTransport
 
-        driver = host.transport(VirtioTransport).connect_driver(device.name)
+        driver = await host.transport(VirtioTransport).connect_driver(device.name)
         try:
-            await driver.start()
             yield driver
         finally:
-            await driver.aclose()
+            if device.runner is not None:
+                await driver.reset()
         return
     raise TypeError(f"the test kit cannot open a device offering {kind}")
