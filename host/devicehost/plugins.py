@@ -159,14 +159,19 @@ class Selection:
         )
 
     @staticmethod
-    def _matches(names: frozenset[str], ep_name: str, dist: str) -> bool:
+    def _match(names: frozenset[str], ep_name: str, dist: str) -> str | None:
         norm = _normalise_dist(dist)
-        return any(n == ep_name or _normalise_dist(n) == norm for n in names)
+        return next((n for n in names if n == ep_name or _normalise_dist(n) == norm), None)
+
+    @classmethod
+    def _matches(cls, names: frozenset[str], ep_name: str, dist: str) -> bool:
+        return cls._match(names, ep_name, dist) is not None
 
     def blocked_reason(self, ep_name: str, dist: str) -> str | None:
         """``None`` if the plugin is selected, else why it is not."""
-        if self._matches(self.blocked, ep_name, dist):
-            return "blocked by -p no:NAME"
+        blocker = self._match(self.blocked, ep_name, dist)
+        if blocker is not None:
+            return f"blocked by -p no:{blocker}"
         if self._matches(self.requested, ep_name, dist):
             return None
         if self.allow is not None:

@@ -1,20 +1,27 @@
-"""devicehost-vmbfs (package skeleton: the device lands with its own issue)."""
+"""devicehost-vmbfs: the VMBus file system device (read-only files over a VMBus message pipe).
+
+A re-implementation of OpenVMM's vmbfs: it offers the IMC instance, negotiates the one protocol
+version, and answers GET_FILE_INFO and READ_FILE from a single file or a directory tree.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from devicehost_vmbfs.backing import Backing, FileError, FileErrorKind, FileInfo
+from devicehost_vmbfs.client import VmbfsClient, VmbfsClientError
+from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
+from devicehost_vmbfs.directory import DirectoryBacking
+from devicehost_vmbfs.single_file import SingleFileBacking
 
-from devicehost import DeviceContext, LocalOffer, hookimpl
-
-__all__ = ["VmbfsDevice"]
-
-
-class VmbfsDevice:
-    """Skeleton device: offers nothing on a bus yet."""
-
-    def __init__(self, config: Any = None) -> None:
-        self.config = config
-
-    @hookimpl
-    def offer(self, ctx: DeviceContext) -> LocalOffer:
-        return LocalOffer({"skeleton": True})
+__all__ = [
+    "Backing",
+    "DirectoryBacking",
+    "FileError",
+    "FileErrorKind",
+    "FileInfo",
+    "SingleFileBacking",
+    "VmbfsClient",
+    "VmbfsClientError",
+    "VmbfsConfig",
+    "VmbfsDevice",
+    "VmbfsSavedState",
+]
