@@ -1,0 +1,359 @@
+"""The host config file: TOML ``[[device]]`` tables structured into each plugin's attrs config.
+
+Format::
+
+    [[device]]
+    plugin = "vmbfs"          # entry-point name of a loaded device plugin (required)
+    name = "files"            # unique in the file; defaults to the plugin name when the file has
+                              # only one device of that plugin
+    root = "/srv/share"       # every other key is a field of the plugin's ``config_class``
+
+    [device.backing]          # a nested attrs class is a sub-table
+    kind = "memory"
+
+The remaining keys of a device table are validated against the plugin's ``config_class`` (a frozen
+attrs class with a default for every field): unknown keys and wrong types are errors, and the
+class's attrs validators run. Supported field types: ``str``, ``int``, ``float`` (accepts TOML
+integers), ``bool``, ``pathlib.Path`` (a string; relative paths are resolved against the config
+file's directory when the config comes from a file), ``list[T]``, ``tuple[T, ...]``,
+``dict[str, T]``, ``T | None`` (TOML has no null: leave the key out to get the default),
+``Literal[...]``, enums (by value) and nested attrs classes. A field with an attrs converter gets
+the raw TOML value. A plugin without ``config_class`` takes no keys and is built with ``None``.
+
+Device names must match ``[A-Za-z0-9][A-Za-z0-9_.-]*``: they appear in logs, socket and file names.
+
+Every error is a :class:`~devicehost.errors.ConfigError` whose message names the file, the device
+and the key, e.g. ``host.toml: device 'files': key 'root': expected a path string, got 3``.
+The file is untrusted input: it is size-limited and parsed with :mod:`tomllib`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import pathlib
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from devicehost.errors import ConfigError
+
+if TYPE_CHECKING:
+    from devicehost.plugins import Registry
+
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "DeviceConfig",
+    "HostConfig",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "structure",
+]
+
+#: A config file larger than this is refused before parsing.
+MAX_CONFIG_BYTES: Final = 1 << 20
+
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_RESERVED_KEYS: Final = ("plugin", "name")
+
+
+@attrs.frozen
+class DeviceConfig:
+    """One configured device: its unique ``name``, its ``plugin`` (entry-point name) and the
+    plugin's validated ``config`` value (``None`` for a plugin without ``config_class``)."""
+
+    name: str
+    plugin: str
+    config: Any
+
+
+@attrs.frozen
+class HostConfig:
+    """The devices to serve, in file order; ``source`` names where the config came from."""
+
+    devices: tuple[DeviceConfig, ...]
+    source: str = "<defaults>"
+
+    def device(self, name: str) -> DeviceConfig:
+        """The device called ``name``; :class:`KeyError` if there is none."""
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise KeyError(name)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+class _Structurer:
+    """Converts TOML values into field types; ``base`` resolves relative paths."""
+
+    def __init__(self, base: pathlib.Path | None) -> None:
+        self.base = base
+
+    def fail(self, where: str, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where}: key {key!r}: {message}")
+
+    def value(self, tp: Any, value: Any, where: str, key: str) -> Any:
+        if tp is Any or tp is object:
+            return value
+        origin = typing.get_origin(tp)
+        if origin is typing.Union or origin is types.UnionType:
+            return self._union(typing.get_args(tp), value, where, key)
+        if origin is typing.Literal:
+            options = typing.get_args(tp)
+            for option in options:
+                if type(option) is type(value) and option == value:
+                    return option
+            raise self.fail(
+                where, key, f"expected one of {list(options)!r}, got {_describe(value)}"
+            )
+        if origin in (list, tuple) or tp in (list, tuple):
+            return self._sequence(tp, origin or tp, value, where, key)
+        if origin is dict or tp is dict:
+            return self._mapping(tp, value, where, key)
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            raise self.fail(where, key, f"expected true or false, got {_describe(value)}")
+        if tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise self.fail(where, key, f"expected an integer, got {_describe(value)}")
+        if tp is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            raise self.fail(where, key, f"expected a number, got {_describe(value)}")
+        if tp is str:
+            if isinstance(value, str):
+                return value
+            raise self.fail(where, key, f"expected a string, got {_describe(value)}")
+        if isinstance(tp, type) and issubclass(tp, pathlib.PurePath):
+            if not isinstance(value, str) or not value:
+                raise self.fail(where, key, f"expected a path string, got {_describe(value)}")
+            path = tp(value)
+            if self.base is not None and isinstance(path, pathlib.Path):
+                path = self.base / path.expanduser()
+            return path
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            for member in tp:
+                if type(member.value) is type(value) and member.value == value:
+                    return member
+            values = [m.value for m in tp]
+            raise self.fail(where, key, f"expected one of {values!r}, got {_describe(value)}")
+        if isinstance(tp, type) and attrs.has(tp):
+            if not isinstance(value, dict):
+                raise self.fail(where, key, f"expected a table, got {_describe(value)}")
+            return self.instance(tp, value, where, prefix=f"{key}.")
+        raise self.fail(where, key, f"the plugin's config_class uses unsupported type {tp!r}")
+
+    def _union(self, options: tuple[Any, ...], value: Any, where: str, key: str) -> Any:
+        candidates = [o for o in options if o is not type(None)]
+        errors: list[str] = []
+        for option in candidates:
+            try:
+                return self.value(option, value, where, key)
+            except ConfigError as exc:
+                errors.append(str(exc).rsplit(": ", 1)[-1])
+        if len(candidates) == 1:
+            raise self.fail(where, key, errors[0])
+        raise self.fail(where, key, "; ".join(dict.fromkeys(errors)))
+
+    def _sequence(self, tp: Any, origin: Any, value: Any, where: str, key: str) -> Any:
+        if not isinstance(value, list):
+            raise self.fail(where, key, f"expected an array, got {_describe(value)}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise self.fail(where, key, f"expected {len(args)} items, got {len(value)}")
+            return tuple(
+                self.value(a, v, where, f"{key}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+        item_tp = args[0] if args else Any
+        items = [self.value(item_tp, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+
+    def _mapping(self, tp: Any, value: Any, where: str, key: str) -> Any:
+        if not isinstance(value, dict):
+            raise self.fail(where, key, f"expected a table, got {_describe(value)}")
+        args = typing.get_args(tp)
+        item_tp = args[1] if len(args) == 2 else Any
+        return {k: self.value(item_tp, v, where, f"{key}.{k}") for k, v in value.items()}
+
+    def instance(self, cls: type, table: Mapping[str, Any], where: str, prefix: str = "") -> Any:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception as exc:
+            raise ConfigError(
+                f"{where}: the plugin's config_class {cls.__qualname__} has unresolvable type"
+                f" hints: {exc}"
+            ) from exc
+        fields = {f.name: f for f in attrs.fields(cls) if f.init}
+        kwargs: dict[str, Any] = {}
+        for key, raw in table.items():
+            field = fields.get(key)
+            if field is None:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                known = ", ".join(sorted(fields)) or "none"
+                raise self.fail(
+                    where, prefix + key, f"unknown key{hint}; known keys: {known}"
+                )
+            if field.converter is not None:
+                converted = raw
+            else:
+                converted = self.value(hints.get(field.name, Any), raw, where, prefix + key)
+            kwargs[field.alias or field.name] = converted
+        for field in fields.values():
+            if (field.alias or field.name) not in kwargs and field.default is attrs.NOTHING:
+                raise self.fail(where, prefix + field.name, "is required")
+        self._check_validators(cls, fields, kwargs, where, prefix)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            what = prefix.rstrip(".") or "settings"
+            raise ConfigError(f"{where}: invalid {what}: {exc}") from exc
+
+    def _check_validators(
+        self,
+        cls: type,
+        fields: Mapping[str, attrs.Attribute[Any]],
+        kwargs: Mapping[str, Any],
+        where: str,
+        prefix: str,
+    ) -> None:
+        """Run each given key's validator on its own, so a failure names its key."""
+        try:
+            defaults = cls()
+        except (TypeError, ValueError):
+            return
+        for name, field in fields.items():
+            arg = field.alias or field.name
+            if field.validator is None or arg not in kwargs or field.converter is not None:
+                continue
+            try:
+                field.validator(defaults, field, kwargs[arg])
+            except (TypeError, ValueError) as exc:
+                raise self.fail(where, prefix + name, f"invalid value: {exc}") from exc
+
+
+def structure(config_class: type, table: Mapping[str, Any], where: str) -> Any:
+    """Build ``config_class`` from a TOML table; ``where`` prefixes every error message."""
+    return _Structurer(None).instance(config_class, table, where)
+
+
+def _plugin_problem(registry: Registry, plugin: str) -> str:
+    info = registry.info(plugin)
+    if info is not None:
+        return f"plugin {plugin!r} is not loaded ({info.status}: {info.error})"
+    installed = ", ".join(sorted(registry.device_classes)) or "none"
+    return f"no device plugin {plugin!r} is installed (loaded device plugins: {installed})"
+
+
+def _device_config(
+    registry: Registry, plugin: str, name: str, settings: Mapping[str, Any], where: str,
+    base: pathlib.Path | None,
+) -> DeviceConfig:
+    cls = registry.device_classes.get(plugin)
+    if cls is None:
+        raise ConfigError(f"{where}: key 'plugin': {_plugin_problem(registry, plugin)}")
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        if settings:
+            key = next(iter(settings))
+            raise ConfigError(f"{where}: key {key!r}: plugin {plugin!r} takes no settings")
+        return DeviceConfig(name, plugin, None)
+    return DeviceConfig(name, plugin, _Structurer(base).instance(config_class, settings, where))
+
+
+def parse_config(
+    text: str, registry: Registry, source: str = "<string>", *, base: pathlib.Path | None = None
+) -> HostConfig:
+    """Parse config text; ``source`` names it in errors, ``base`` resolves relative paths."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    for key in document:
+        if key != "device":
+            raise ConfigError(
+                f"{source}: key {key!r}: unknown top-level key; use [[device]] tables"
+            )
+    tables = document.get("device", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{source}: key 'device': write each device as a [[device]] table")
+
+    plugin_counts: dict[str, int] = {}
+    for index, table in enumerate(tables, 1):
+        plugin = table.get("plugin")
+        if not isinstance(plugin, str) or not plugin:
+            raise ConfigError(
+                f"{source}: device #{index}: key 'plugin': expected the name of a device plugin,"
+                f" got {'nothing' if plugin is None else _describe(plugin)}"
+            )
+        plugin_counts[plugin] = plugin_counts.get(plugin, 0) + 1
+
+    devices: list[DeviceConfig] = []
+    seen: dict[str, int] = {}
+    for index, table in enumerate(tables, 1):
+        plugin = table["plugin"]
+        name = table.get("name")
+        if name is None:
+            if plugin_counts[plugin] > 1:
+                raise ConfigError(
+                    f"{source}: device #{index} (plugin {plugin!r}): key 'name': required, as"
+                    f" the file has {plugin_counts[plugin]} {plugin!r} devices"
+                )
+            name = plugin
+        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+            raise ConfigError(
+                f"{source}: device #{index}: key 'name': expected a name matching"
+                f" [A-Za-z0-9][A-Za-z0-9_.-]*, got {_describe(name)}"
+            )
+        if name in seen:
+            raise ConfigError(
+                f"{source}: device #{index}: key 'name': duplicate device name {name!r}"
+                f" (also device #{seen[name]})"
+            )
+        seen[name] = index
+        settings = {k: v for k, v in table.items() if k not in _RESERVED_KEYS}
+        where = f"{source}: device {name!r}"
+        devices.append(_device_config(registry, plugin, name, settings, where, base))
+    return HostConfig(tuple(devices), source)
+
+
+def load_config(path: str | pathlib.Path, registry: Registry) -> HostConfig:
+    """Read and parse a config file (at most :data:`MAX_CONFIG_BYTES`)."""
+    path = pathlib.Path(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8: {exc}") from exc
+    return parse_config(text, registry, str(path), base=path.parent.absolute())
+
+
+def default_config(registry: Registry) -> HostConfig:
+    """One device of each loaded device plugin, named after the plugin, with default settings."""
+    devices = []
+    for plugin in sorted(registry.device_classes):
+        where = f"<defaults>: device {plugin!r}"
+        devices.append(_device_config(registry, plugin, plugin, {}, where, None))
+    return HostConfig(tuple(devices), "<defaults>")
