@@ -1,0 +1,131 @@
+"""The vmbfs device: config, saved state, and the lifecycle hooks (facts §8.1, §8.8).
+
+Configuration (``[devices.<name>]`` table, plugin ``vmbfs``):
+
+- ``file = "/path/to/hive"``: serve that one file as ``/<name>`` (the IMC hive backing);
+- ``root = "/path/to/dir"``: serve that directory tree read-only;
+- neither: serve a fresh, empty temporary directory (so ``devicehost run`` with no config works;
+  the guest sees an empty root). Both at once is a :class:`devicehost.ConfigError`.
+- ``name`` (default ``imc.hiv``): the file name the single-file backing answers to.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from collections.abc import Awaitable
+from typing import Any
+
+import attrs
+
+from devicehost import ConfigError, DeviceContext, hookimpl
+from devicehost_vmbfs.backing import Backing
+from devicehost_vmbfs.core import ProtocolState, VmbfsCore
+from devicehost_vmbfs.directory import DirectoryBacking
+from devicehost_vmbfs.protocol import IMC_INSTANCE_ID, INTERFACE_ID, INTERFACE_NAME
+from devicehost_vmbfs.runner import VmbfsRunner
+from devicehost_vmbfs.single_file import InvalidFileName, SingleFileBacking
+
+__all__ = ["VmbfsConfig", "VmbfsDevice", "VmbfsSavedState"]
+
+
+@attrs.frozen
+class VmbfsConfig:
+    """What to serve: exactly one of ``file`` and ``root``, or neither (empty temp directory)."""
+
+    file: str = ""
+    root: str = ""
+    name: str = "imc.hiv"
+
+
+_STATES = tuple(state.value for state in ProtocolState)
+
+
+@attrs.frozen
+class VmbfsSavedState:
+    """The saved state of an open vmbfs channel: only its protocol state.
+
+    ``state`` is ``"version_request"`` or ``"ready"``. The pipe is rebuilt over the restored
+    channel's rings, whose contents live in guest memory. Whether processing had stopped after a
+    fatal error is not saved (as upstream): a restored channel processes again.
+    """
+
+    state: str = attrs.field(validator=attrs.validators.in_(_STATES))
+
+
+def _backing_for(config: VmbfsConfig) -> tuple[Backing, tempfile.TemporaryDirectory[str] | None]:
+    if config.file and config.root:
+        raise ConfigError("vmbfs: set either 'file' or 'root', not both")
+    if config.file:
+        try:
+            return SingleFileBacking.open(config.name, config.file), None
+        except InvalidFileName as exc:
+            raise ConfigError(f"vmbfs: 'name': {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"vmbfs: 'file' {config.file!r} cannot be served: {exc}") from exc
+    if config.root:
+        try:
+            return DirectoryBacking.open(config.root), None
+        except OSError as exc:
+            raise ConfigError(f"vmbfs: 'root' {config.root!r} cannot be served: {exc}") from exc
+    scratch = tempfile.TemporaryDirectory(prefix="devicehost-vmbfs-")
+    return DirectoryBacking.open(scratch.name), scratch
+
+
+class VmbfsDevice:
+    """Offers the IMC instance of vmbfs and serves its backing over a message pipe."""
+
+    config_class = VmbfsConfig
+
+    def __init__(self, config: VmbfsConfig | None = None) -> None:
+        self.config = config if config is not None else VmbfsConfig()
+        self.backing, self._scratch = _backing_for(self.config)
+        closer = getattr(self.backing, "close", None)
+        if closer is not None:
+            weakref.finalize(self, closer)
+
+    def _runner(self, resources: Any, state: ProtocolState) -> VmbfsRunner:
+        from devicehost.vmbus.pipe import MessagePipe
+
+        return VmbfsRunner(MessagePipe(resources.channel), VmbfsCore(self.backing, state))
+
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> Any:
+        from devicehost.vmbus.protocol import DeviceChannel, OfferParams
+
+        return OfferParams(
+            interface_name=INTERFACE_NAME,
+            instance_id=IMC_INSTANCE_ID,
+            interface_id=INTERFACE_ID,
+            channel_type=DeviceChannel(pipe_packets=True),
+        )
+
+    @hookimpl
+    def open(self, ctx: DeviceContext, resources: Any) -> VmbfsRunner:
+        return self._runner(resources, ProtocolState.VERSION_REQUEST)
+
+    @hookimpl
+    def run(self, ctx: DeviceContext, runner: VmbfsRunner) -> Awaitable[None]:
+        return runner.run(ctx.logger)
+
+    @hookimpl
+    def close(self, ctx: DeviceContext, runner: VmbfsRunner, subchannel_index: int) -> None:
+        # The pipe does not own the channel (the transport does); nothing else was acquired.
+        return None
+
+    @hookimpl
+    def save_open(self, ctx: DeviceContext, runner: VmbfsRunner) -> VmbfsSavedState:
+        return VmbfsSavedState(state=runner.state.value)
+
+    @hookimpl
+    def restore_open(
+        self, ctx: DeviceContext, state: VmbfsSavedState, resources: Any
+    ) -> VmbfsRunner:
+        return self._runner(resources, ProtocolState(state.state))
+
+    @hookimpl
+    def inspect(self, ctx: DeviceContext, runner: VmbfsRunner | None) -> dict[str, Any]:
+        tree: dict[str, Any] = {"backing": self.backing.describe()}
+        if runner is not None:
+            tree.update(runner.inspect())
+        return tree

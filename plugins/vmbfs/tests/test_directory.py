@@ -1,0 +1,182 @@
+"""The directory backing: serves its tree, and no path ever reaches outside the root."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devicehost_vmbfs.backing import FileError, FileErrorKind, FileInfo
+from devicehost_vmbfs.directory import DirectoryBacking
+
+SECRET = b"SECRET-OUTSIDE-THE-ROOT"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "secret").write_bytes(SECRET)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "f").write_bytes(SECRET)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"hello")
+    (root / "sub").mkdir()
+    (root / "sub" / "b.bin").write_bytes(bytes(range(256)))
+    (root / "sub" / "deeper").mkdir()
+    (root / "Ünï cödé ✓").write_bytes(b"unicode")
+    # Symlinks inside the root that stay inside it.
+    os.symlink("a.txt", root / "link_in")
+    os.symlink("../a.txt", root / "sub" / "link_up")
+    os.symlink("sub", root / "link_dir")
+    # Symlinks that point out.
+    os.symlink(str(tmp_path / "secret"), root / "abs_out")
+    os.symlink("../secret", root / "rel_out")
+    os.symlink("../../secret", root / "sub" / "rel_out2")
+    os.symlink("..", root / "parent")
+    os.symlink(str(tmp_path / "outside"), root / "abs_dir_out")
+    os.symlink("loop", root / "loop")
+    return root
+
+
+@pytest.fixture
+def backing(tree: Path) -> Iterator[DirectoryBacking]:
+    b = DirectoryBacking.open(tree)
+    yield b
+    b.close()
+
+
+def read_all(backing: DirectoryBacking, path: str) -> bytes:
+    info = backing.file_info(path)
+    buf = bytearray(info.file_size)
+    backing.read_file(path, 0, buf)
+    return bytes(buf)
+
+
+def test_files_and_directories(backing: DirectoryBacking) -> None:
+    assert backing.file_info("/a.txt") == FileInfo(False, 5)
+    assert backing.file_info("a.txt") == FileInfo(False, 5)
+    assert backing.file_info("/sub") == FileInfo(True, 0)
+    assert backing.file_info("/") == FileInfo(True, 0)
+    assert backing.file_info("") == FileInfo(True, 0)
+    assert backing.file_info("//sub//./b.bin") == FileInfo(False, 256)
+    assert read_all(backing, "/sub/b.bin") == bytes(range(256))
+    assert read_all(backing, "/Ünï cödé ✓") == b"unicode"
+
+
+def test_reads_are_whole_or_end_of_file(backing: DirectoryBacking) -> None:
+    buf = bytearray(3)
+    backing.read_file("/a.txt", 2, buf)
+    assert buf == b"llo"
+    with pytest.raises(FileError) as info:
+        backing.read_file("/a.txt", 3, bytearray(3))
+    assert info.value.kind is FileErrorKind.END_OF_FILE
+
+
+def test_reading_a_directory_is_an_error(backing: DirectoryBacking) -> None:
+    with pytest.raises(FileError) as info:
+        backing.read_file("/sub", 0, bytearray(1))
+    assert info.value.kind is FileErrorKind.ERROR
+
+
+def test_missing_and_through_a_file_are_not_found(backing: DirectoryBacking) -> None:
+    for path in ["/nope", "/sub/nope", "/a.txt/x", "/A.TXT"]:
+        with pytest.raises(FileError) as info:
+            backing.file_info(path)
+        assert info.value.kind is FileErrorKind.NOT_FOUND, path
+
+
+def test_symlinks_inside_the_root_are_followed(backing: DirectoryBacking) -> None:
+    assert read_all(backing, "/link_in") == b"hello"
+    assert read_all(backing, "/sub/link_up") == b"hello"
+    assert read_all(backing, "/link_dir/b.bin") == bytes(range(256))
+    assert backing.file_info("/link_dir") == FileInfo(True, 0)
+
+
+def test_special_files_are_not_served(tree: Path, backing: DirectoryBacking) -> None:
+    os.mkfifo(tree / "fifo")
+    with pytest.raises(FileError) as info:
+        backing.file_info("/fifo")
+    assert info.value.kind is FileErrorKind.NOT_FOUND
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tree / "sock"))
+        with pytest.raises(FileError) as info:
+            backing.read_file("/sock", 0, bytearray(1))
+        assert info.value.kind is FileErrorKind.NOT_FOUND
+    finally:
+        sock.close()
+
+
+ESCAPES = [
+    "..",
+    "/..",
+    "/../secret",
+    "../secret",
+    "/sub/../../secret",
+    "/sub/../a.txt",  # even a climb that would stay inside is refused
+    "/./../secret",
+    "//..//secret",
+    "/abs_out",
+    "/rel_out",
+    "/sub/rel_out2",
+    "/parent/secret",
+    "/parent",
+    "/abs_dir_out/f",
+    "/link_dir/../../secret",
+    "/loop",
+]
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+def test_escape_attempts_answer_not_found_or_error(backing: DirectoryBacking, path: str) -> None:
+    with pytest.raises(FileError) as info:
+        backing.file_info(path)
+    assert info.value.kind in (FileErrorKind.NOT_FOUND, FileErrorKind.ERROR)
+    with pytest.raises(FileError) as info:
+        backing.read_file(path, 0, bytearray(len(SECRET)))
+    assert info.value.kind in (FileErrorKind.NOT_FOUND, FileErrorKind.ERROR)
+
+
+def test_absolute_host_paths_resolve_inside_the_root(tree: Path, backing: DirectoryBacking) -> None:
+    outside = str(tree.parent / "secret")
+    with pytest.raises(FileError) as info:
+        backing.file_info(outside)
+    assert info.value.kind is FileErrorKind.NOT_FOUND
+    # Rebuild the same absolute path inside the root: now it is served, from the root.
+    inner = tree / outside.lstrip("/")
+    inner.parent.mkdir(parents=True)
+    inner.write_bytes(b"inner copy")
+    assert read_all(backing, outside) == b"inner copy"
+
+
+def test_swapped_directory_is_not_followed(tree: Path, backing: DirectoryBacking) -> None:
+    # A directory replaced by a symlink to the outside is treated like any symlink out.
+    os.rename(tree / "sub", tree / "sub.old")
+    os.symlink(str(tree.parent / "outside"), tree / "sub")
+    with pytest.raises(FileError) as info:
+        backing.read_file("/sub/f", 0, bytearray(len(SECRET)))
+    assert info.value.kind in (FileErrorKind.NOT_FOUND, FileErrorKind.ERROR)
+
+
+_SEGMENTS = st.sampled_from(
+    ["..", ".", "", "sub", "a.txt", "secret", "outside", "f", "parent", "rel_out", "abs_out",
+     "link_dir", "abs_dir_out", "loop", "\u202e", "\ud7ff", "ｓｅｃｒｅｔ", "..\u200b"]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_SEGMENTS, max_size=6), st.booleans())
+def test_no_path_ever_returns_bytes_from_outside(
+    backing: DirectoryBacking, segments: list[str], leading: bool
+) -> None:
+    path = ("/" if leading else "") + "/".join(segments)
+    try:
+        data = read_all(backing, path)
+    except FileError:
+        return
+    assert SECRET not in data
