@@ -3,8 +3,8 @@
 
 The config file is written here; the process is the project's own CLI started with the running
 Python (the ``devicehost`` script next to ``sys.executable`` when it exists, else ``-m
-devicehost.cli``), so the test exercises exactly what an operator runs. stdout and stderr go to files
-in the work directory and are included in every failure report.
+devicehost.cli``), so the test exercises exactly what an operator runs. stdout and stderr go to
+files in the work directory and are included in every failure report.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class VsockLayout:
 
     @property
     def base_path(self) -> Path:
-        """The device's own listener (host -> guest ``CONNECT``); ``<base_path>_<port>`` for guest -> host."""
+        """The device's listener for host -> guest ``CONNECT``; guest -> host uses ``_<port>``."""
         return self.work_dir / "vsock"
 
     def port_path(self, port: int) -> Path:
@@ -85,9 +85,13 @@ class DevicehostRun:
         # A subprocess creating a socket file gives no event to wait on: poll the file system.
         while not sock.exists():
             if self._proc.poll() is not None:
-                raise AssertionError(self.report(f"devicehost run exited with {self._proc.returncode}"))
+                raise AssertionError(
+                    self.report(f"devicehost run exited with {self._proc.returncode}")
+                )
             if time.monotonic() > deadline:
-                raise AssertionError(self.report(f"no vhost-user socket {sock} in {ready_timeout} s"))
+                raise AssertionError(
+                    self.report(f"no vhost-user socket {sock} in {ready_timeout} s")
+                )
             time.sleep(0.02)
         return self
 
@@ -124,7 +128,10 @@ class DevicehostRun:
         def read(path: Path) -> str:
             return path.read_text(errors="replace") if path.exists() else "(none)"
 
-        return f"--- devicehost stdout ---\n{read(self._stdout)}\n--- devicehost stderr ---\n{read(self._stderr)}"
+        return (
+            f"--- devicehost stdout ---\n{read(self._stdout)}\n"
+            f"--- devicehost stderr ---\n{read(self._stderr)}"
+        )
 
     def report(self, what: str) -> str:
         return (

@@ -90,7 +90,7 @@ class GuestSetupUnavailable(Exception):
 
 
 class GuestSetupError(Exception):
-    """Raised when a setup step that should work failed; the message carries the command's output."""
+    """Raised when a setup step that should work failed; the message has the command's output."""
 
 
 @attrs.frozen
@@ -159,7 +159,7 @@ class _Apt:
 
 
 def ensure_qemu() -> Path:
-    """Return ``qemu-system-x86_64``, installing ``qemu-system-x86`` without recommends if missing."""
+    """Return ``qemu-system-x86_64``; install ``qemu-system-x86`` (no recommends) if missing."""
     found = shutil.which(QEMU_BINARY)
     if found:
         return Path(found)
@@ -184,7 +184,11 @@ def _resolve_kernel_package() -> str:
             return None
         for line in out.splitlines():
             fields = line.split()
-            if len(fields) == 2 and fields[0] == "Depends:" and fields[1].startswith("linux-image-"):
+            if (
+                len(fields) == 2
+                and fields[0] == "Depends:"
+                and fields[1].startswith("linux-image-")
+            ):
                 return fields[1]
         return None
 
@@ -335,4 +339,3 @@ def prepare_guest_image(work_dir: Path, cache_dir: Path | None = None) -> GuestI
     initrd = work_dir / "initrd.gz"
     _write_initramfs(root, busybox, initrd)
     return GuestImage(qemu=qemu, kernel=vmlinuz, initrd=initrd, kernel_release=release)
-

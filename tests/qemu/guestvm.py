@@ -1,13 +1,13 @@
 # SPDX-License-Identifier: MIT
 """One QEMU guest run: the exact command line, a serial-console reader, and a sure kill.
 
-QEMU always runs with ``-accel tcg`` (the machine's ``/dev/kvm`` is a PVM nested KVM that cannot run a
-Debian kernel), ``-no-reboot`` and ``panic=-1`` (a guest panic exits QEMU), under ``timeout`` and in
-its own session; :meth:`GuestVm.kill` sends SIGKILL to QEMU's PID (from ``-pidfile``) and to the
-``timeout`` wrapper's process group, and is safe to call any number of times.
+QEMU always runs with ``-accel tcg`` (the machine's ``/dev/kvm`` is a PVM nested KVM that cannot
+run a Debian kernel), ``-no-reboot`` and ``panic=-1`` (a guest panic exits QEMU), under
+``timeout`` and in its own session; :meth:`GuestVm.kill` sends SIGKILL to QEMU's PID (from
+``-pidfile``) and to the ``timeout`` wrapper's process group, and is safe to call again.
 
-Guest RAM is a shared memfd (``memory-backend-memfd,share=on``) because a vhost-user backend maps it;
-the vsock device is ``vhost-user-vsock-pci`` on a chardev that connects to the backend's socket.
+Guest RAM is a shared memfd (``memory-backend-memfd,share=on``) because a vhost-user backend maps
+it; the vsock device is ``vhost-user-vsock-pci`` on a chardev that connects to the backend's socket.
 
 The serial console (QEMU's stdout) is read line by line on a thread; :meth:`GuestVm.expect` waits
 for the next line matching a pattern and raises :class:`GuestFailure`, carrying the whole console
@@ -153,7 +153,7 @@ class GuestVm:
             self._pidfile.unlink()
 
     def wait_exit(self, timeout: float) -> int:
-        """Wait for QEMU to exit by itself; return its exit status (124 = the timeout wrapper fired)."""
+        """Wait for QEMU to exit by itself; return the status (124: the timeout wrapper fired)."""
         assert self._proc is not None
         try:
             rc = self._proc.wait(timeout=timeout)
@@ -170,12 +170,17 @@ class GuestVm:
             return "\n".join(self._lines)
 
     def report(self, what: str) -> str:
-        return f"{what}\n--- QEMU command ---\n{' '.join(self.argv)}\n--- QEMU/guest console ---\n" + (
-            self.console
+        return (
+            f"{what}\n--- QEMU command ---\n{' '.join(self.argv)}\n--- QEMU/guest console ---\n"
+            + (self.console)
         )
 
-    def expect(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Consume console lines up to and including the next one matching ``pattern``."""
+    def expect(self, pattern: str, timeout: float, *, stop_on_error: bool = True) -> re.Match[str]:
+        """Consume console lines up to and including the next one matching ``pattern``.
+
+        With ``stop_on_error`` a guest error line (``DH ERROR``, ``DH STEPFAIL``, a kernel panic)
+        seen first raises at once; without it the caller's pattern must match those itself.
+        """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -186,8 +191,10 @@ class GuestVm:
                     match = regex.search(line)
                     if match:
                         return match
-                    if FATAL_LINE.search(line):
-                        raise GuestFailure(self.report(f"guest failed while waiting for {pattern!r}"))
+                    if stop_on_error and FATAL_LINE.search(line):
+                        raise GuestFailure(
+                            self.report(f"guest failed while waiting for {pattern!r}")
+                        )
                 if self._eof:
                     raise GuestFailure(self.report(f"QEMU exited before printing {pattern!r}"))
                 left = deadline - time.monotonic()

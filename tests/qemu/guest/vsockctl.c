@@ -16,7 +16,7 @@
  *                                         DH CONNFAIL port= errno= ms=   (or DH CONNECTED-UNEXPECTEDLY)
  *   vsockctl echo PORT N                  listen on PORT, print DH LISTENING port=, accept one
  *                                         connection, echo exactly N bytes back; prints
- *                                         DH ECHO port= peer_cid= bytes= crc= ms=
+ *                                         DH ECHO port= peer_cid= peer_port= bytes= crc= ms=
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -239,8 +239,8 @@ static int cmd_echo(unsigned int port, uint64_t n)
 	}
 	close(fd);
 	close(lfd);
-	printf("DH ECHO port=%u peer_cid=%u bytes=%llu crc=%08x ms=%.1f\n", port, peer.svm_cid,
-	       (unsigned long long)got, crc, now_ms() - t0);
+	printf("DH ECHO port=%u peer_cid=%u peer_port=%u bytes=%llu crc=%08x ms=%.1f\n", port,
+	       peer.svm_cid, peer.svm_port, (unsigned long long)got, crc, now_ms() - t0);
 	return 0;
 }
 
