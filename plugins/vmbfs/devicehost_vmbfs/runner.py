@@ -16,6 +16,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+
 from devicehost_vmbfs.core import FatalError, FatalErrorKind, ProtocolState, VmbfsCore
 from devicehost_vmbfs.protocol import MAX_MESSAGE_SIZE
 
@@ -44,14 +47,35 @@ class VmbfsRunner:
         try:
             while True:
                 await self.pipe.wait_write_ready(MAX_MESSAGE_SIZE)
-                message = await self.pipe.recv(MAX_MESSAGE_SIZE)
+                message = await self._receive()
                 reply = self.core.handle(message)
-                self.pipe.try_send(reply)
+                self.pipe.try_send(reply)  # never blocks: the space was waited for above
         except FatalError as exc:
             logger.error("vmbfs: the guest broke the protocol, channel stopped: %s", exc)
-        except (PipeError, ChannelClosed, RingError) as exc:
-            self.core.fatal = FatalError(FatalErrorKind.PIPE, f"{type(exc).__name__}: {exc}")
+        except (PipeError, ChannelClosed, RingError, anyio.WouldBlock) as exc:
+            self.core.fatal = FatalError(
+                FatalErrorKind.PIPE, f"{type(exc).__name__}: {exc}".rstrip(": ")
+            )
             logger.error("vmbfs: pipe failed, channel stopped: %s", self.core.fatal)
+
+    async def _receive(self) -> bytes:
+        """One message. Cancellation can only land while nothing was consumed: the message is
+        taken with the synchronous ``try_recv`` right after a wait, never before an await."""
+        channel = self.pipe.channel
+        ring = channel.incoming
+        while True:
+            ring.set_interrupt_mask(True)
+            try:
+                message: bytes = self.pipe.try_recv(MAX_MESSAGE_SIZE)
+                return message
+            except anyio.WouldBlock:
+                pass
+            # Unmask, then re-check before sleeping, so a signal cannot be missed.
+            ring.set_interrupt_mask(False)
+            if ring.is_empty():
+                await channel.wait_for_signal()
+            else:
+                await anyio.lowlevel.checkpoint()
 
     def inspect(self) -> dict[str, Any]:
         return {

@@ -38,7 +38,9 @@ def test_file_info(backing: SingleFileBacking) -> None:
     assert backing.file_info("/imc.hiv") == FileInfo(directory=False, file_size=5000)
 
 
-@pytest.mark.parametrize("path", ["imc.hiv", "/IMC.HIV", "/Imc.hiv", "/", "", "//imc.hiv", "/imc.hiv/"])
+@pytest.mark.parametrize(
+    "path", ["imc.hiv", "/IMC.HIV", "/Imc.hiv", "/", "", "//imc.hiv", "/imc.hiv/"]
+)
 def test_lookup_is_exact_and_case_sensitive(backing: SingleFileBacking, path: str) -> None:
     with pytest.raises(FileError) as info:
         backing.file_info(path)

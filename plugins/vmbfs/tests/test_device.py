@@ -1,0 +1,154 @@
+"""The vmbfs device: discovery, config, offer, save/restore, inspect."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import anyio
+import pytest
+
+from devicehost import ConfigError
+from devicehost.plugins import list_plugins, load_plugins
+from devicehost.vmbus.protocol import DeviceChannel, OfferParams
+from devicehost_vmbfs.core import ProtocolState
+from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
+from devicehost_vmbfs.protocol import (
+    IMC_INSTANCE_ID,
+    INTERFACE_ID,
+    MAX_MESSAGE_SIZE,
+    encode_get_file_info_request,
+    encode_version_request,
+)
+
+from .harness import context, resources, served
+
+DATA = os.urandom(30000)
+
+
+def test_the_host_discovers_the_plugin() -> None:
+    (info,) = [i for i in list_plugins(environ={}) if i.name == "vmbfs"]
+    assert info.distribution == "devicehost-vmbfs"
+    assert info.status == "loaded"
+    registry = load_plugins(["vmbfs"], environ={"DEVICEHOST_LOAD_PLUGINS": "vmbfs"})
+    assert registry.device_classes["vmbfs"] is VmbfsDevice
+    assert registry.info("vmbfs") is not None and registry.info("vmbfs").kind == "device"
+
+
+@pytest.fixture
+def hive(tmp_path: Path) -> VmbfsConfig:
+    (tmp_path / "hive").write_bytes(DATA)
+    return VmbfsConfig(file=str(tmp_path / "hive"))
+
+
+def test_offer() -> None:
+    device = VmbfsDevice(VmbfsConfig())
+    offer = device.offer(context(device.config))
+    assert offer == OfferParams(
+        interface_name="vmbfs",
+        instance_id=IMC_INSTANCE_ID,
+        interface_id=INTERFACE_ID,
+        channel_type=DeviceChannel(pipe_packets=True),
+    )
+    assert offer.mmio_megabytes == 0 and offer.subchannel_index == 0
+
+
+def test_default_config_serves_an_empty_directory() -> None:
+    device = VmbfsDevice(VmbfsConfig())
+    info = device.backing.file_info("/")
+    assert info.directory
+    root = device.backing.describe()["root"]
+    assert isinstance(root, str) and os.listdir(root) == []
+    assert VmbfsDevice().backing.file_info("").directory  # no config at all
+
+
+def test_file_config(hive: VmbfsConfig) -> None:
+    device = VmbfsDevice(hive)
+    assert device.backing.file_info("/imc.hiv").file_size == len(DATA)
+    named = VmbfsDevice(VmbfsConfig(file=hive.file, name="boot.bin"))
+    assert named.backing.file_info("/boot.bin").file_size == len(DATA)
+
+
+def test_root_config(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"abc")
+    device = VmbfsDevice(VmbfsConfig(root=str(tmp_path)))
+    assert device.backing.file_info("/x").file_size == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        (VmbfsConfig(file="/x", root="/y"), "not both"),
+        (VmbfsConfig(file="/nonexistent/vmbfs-hive"), "'file'"),
+        (VmbfsConfig(root="/nonexistent/vmbfs-root"), "'root'"),
+    ],
+)
+def test_bad_configs_are_config_errors(config: VmbfsConfig, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        VmbfsDevice(config)
+
+
+def test_name_with_a_separator_is_a_config_error(hive: VmbfsConfig) -> None:
+    with pytest.raises(ConfigError, match="'name'"):
+        VmbfsDevice(VmbfsConfig(file=hive.file, name="a/b"))
+
+
+def test_saved_state_rejects_unknown_states() -> None:
+    assert VmbfsSavedState("ready").state == "ready"
+    with pytest.raises(ValueError):
+        VmbfsSavedState("stopped")
+
+
+@pytest.mark.anyio
+async def test_save_while_ready_restore_then_get_file_info_is_answered(
+    hive: VmbfsConfig,
+) -> None:
+    async with served(hive) as s:
+        with anyio.fail_after(5):
+            await s.client.negotiate()
+            await s.stop()
+            state = s.device.save_open(s.ctx, s.runner)
+            assert state == VmbfsSavedState("ready")
+            s.device.close(s.ctx, s.runner, 0)
+            # Restore over the same channel: no new version exchange.
+            s.runner = s.device.restore_open(s.ctx, state, resources(s.host))
+            s.start()
+            await s.pipe.send(encode_get_file_info_request("/imc.hiv"))
+            assert await s.pipe.recv(MAX_MESSAGE_SIZE) == struct.pack(
+                "<IIIIQ", 4, 0, 0, 0, len(DATA)
+            )
+            assert await s.client.read_file("/imc.hiv") == DATA
+
+
+@pytest.mark.anyio
+async def test_restore_in_version_request_state_expects_the_version(hive: VmbfsConfig) -> None:
+    async with served(hive, state=ProtocolState.VERSION_REQUEST) as s:
+        with anyio.fail_after(5):
+            assert s.device.save_open(s.ctx, s.runner) == VmbfsSavedState("version_request")
+            await s.pipe.send(encode_version_request())
+            assert await s.pipe.recv(MAX_MESSAGE_SIZE) == bytes.fromhex("020000000000000000000000")
+
+
+@pytest.mark.anyio
+async def test_restored_ready_state_refuses_a_second_version_request(hive: VmbfsConfig) -> None:
+    async with served(hive, state=ProtocolState.READY) as s:
+        with anyio.fail_after(5):
+            await s.pipe.send(encode_version_request())
+            await s.done.wait()
+        assert s.runner.core.fatal is not None
+
+
+@pytest.mark.anyio
+async def test_inspect(hive: VmbfsConfig) -> None:
+    async with served(hive) as s:
+        with anyio.fail_after(5):
+            await s.client.negotiate()
+        tree = s.device.inspect(s.ctx, s.runner)
+        assert tree == {
+            "backing": {"kind": "file", "name": "imc.hiv"},
+            "state": "ready",
+            "messages": 1,
+            "fatal": None,
+        }
+        assert s.device.inspect(s.ctx, None) == {"backing": {"kind": "file", "name": "imc.hiv"}}
