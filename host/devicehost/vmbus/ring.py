@@ -337,6 +337,9 @@ class OutgoingPacket:
         return b""
 
 
+_new_packet: Final = tuple.__new__
+
+
 def _check_index(value: int, size: int, what: str) -> int:
     if value >= size or value & 7:
         raise RingError(RingErrorKind.INVALID_RING_POINTER, f"{what} index {value:#x}")
@@ -394,7 +397,7 @@ class IncomingRing:
         Raises :class:`RingEmpty` when there is none, :class:`RingError` when it is corrupt.
         """
         packet = self.peek()
-        self._cursor = packet.next_offset
+        self._cursor = packet[7]
         return packet
 
     def consume(self, packet: IncomingPacket) -> None:
@@ -406,13 +409,54 @@ class IncomingRing:
     def peek(self) -> IncomingPacket:
         """Read the next packet without moving past it."""
         size = self._size
-        inp = self._words[_IN]
+        inp = self._words[0]  # in
         if inp >= size or inp & 7:
             raise RingError(RingErrorKind.INVALID_RING_POINTER, f"in index {inp:#x}")
         start = self._cursor
         if inp == start:
             raise RingEmpty
-        avail = inp - start if inp > start else size + inp - start
+        return self._parse(start, inp - start if inp > start else size + inp - start)
+
+    def read_batch(self, max_packets: int = 64) -> list[IncomingPacket]:
+        """Read up to ``max_packets`` packets (at least one, else :class:`RingEmpty`) and move
+        past them; ``in`` is read once. A corrupt packet raises after the good ones before it
+        were read (they stay read: :meth:`commit` or :meth:`rollback`)."""
+        size = self._size
+        inp = self._words[0]  # in
+        if inp >= size or inp & 7:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"in index {inp:#x}")
+        start = self._cursor
+        if inp == start:
+            raise RingEmpty
+        packets: list[IncomingPacket] = []
+        append = packets.append
+        parse = self._parse
+        data = self._data
+        unpack = _DESC.unpack_from
+        try:
+            while start != inp and len(packets) < max_packets:
+                avail = inp - start if inp > start else size + inp - start
+                if data is not None and avail >= 16 and start + 16 <= size:
+                    # Fast path for a plain in-band/completion packet that does not wrap;
+                    # anything else goes to _parse, which re-checks everything.
+                    kind, doff8, len8, flags, tid = unpack(data, start)
+                    nxt = start + (len8 << 3) + 8
+                    if (doff8 == 2 and len8 >= 2 and nxt <= size and avail >= nxt - start
+                            and flags <= 1 and (kind == 6 or kind == 11)):
+                        append(_new_packet(IncomingPacket, (
+                            kind, tid, flags == 1, data[start + 16 : nxt - 8], b"", start,
+                            start + 16, nxt if nxt < size else 0)))
+                        start = nxt if nxt < size else 0
+                        continue
+                packet = parse(start, avail)
+                append(packet)
+                start = packet[7]
+        finally:
+            self._cursor = start
+        return packets
+
+    def _parse(self, start: int, avail: int) -> IncomingPacket:
+        size = self._size
         if avail < 16:
             raise RingError(RingErrorKind.INVALID_DATA_AVAILABLE, f"{avail} bytes available")
         data = self._data
@@ -444,7 +488,8 @@ class IncomingRing:
         nxt = start + length + 8
         if nxt >= size:
             nxt -= size
-        return IncomingPacket(kind, tid, bool(flags), payload, extension, start, pstart, nxt)
+        return _new_packet(IncomingPacket,
+                           (kind, tid, flags == 1, payload, extension, start, pstart, nxt))
 
     def _extension(self, kind: int, start: int, doff8: int) -> bytes:
         if doff8 < 3:
@@ -542,11 +587,43 @@ class OutgoingRing:
                             f"pending send size {size} exceeds {self._size - 8}")
         self._words[_PSS] = (size + 7) & ~7
 
-    def write_inband(self, payload: Buffer, *, transaction_id: int = 0,
+    def write_inband(self, payload: Buffer | Sequence[Buffer], *, transaction_id: int = 0,
                      completion_requested: bool = False) -> bool:
-        """Write one in-band packet and commit it. Returns whether to signal the reader."""
+        """Write one in-band packet and commit it. Returns whether to signal the reader.
+
+        ``payload`` is one bytes-like object or a sequence of them written back to back.
+        """
         start = self._in
-        self._put(6, 2, b"", payload, 1 if completion_requested else 0, transaction_id)
+        flags = 1 if completion_requested else 0
+        data = self._data
+        if data is not None and type(payload) is bytes:
+            # Fast path: one bytes payload that does not wrap (same checks as _put).
+            n = len(payload)
+            msg_len = (n + 23) & ~7
+            end = start + msg_len
+            size = self._size
+            if msg_len + 8 > size - 8:
+                raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
+                                f"a {msg_len + 8}-byte packet can never fit in a {size}-byte ring")
+            words = self._words
+            out = words[1]
+            if out >= size or out & 7:
+                raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
+            free = (out - start - 8) if out > start else size - (start - out) - 8
+            if free < msg_len + 8:
+                raise RingFull(msg_len + 8)
+            if end + 8 <= size:
+                _DESC.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id)
+                data[start + 16 : start + 16 + n] = payload
+                pad = msg_len - 16 - n
+                if pad:
+                    data[end - pad : end] = _ZEROS[:pad]
+                _FOOTER.pack_into(data, end, start << 32)
+                end += 8
+                self._in = end - size if end >= size else end
+                words[0] = self._in
+                return words[2] == 0 and words[1] == start
+        self._put(6, 2, b"", payload, flags, transaction_id)
         return self._commit(start)
 
     def write_completion(self, transaction_id: int, payload: Buffer = b"") -> bool:
@@ -554,6 +631,62 @@ class OutgoingRing:
         start = self._in
         self._put(11, 2, b"", payload, 0, transaction_id)
         return self._commit(start)
+
+    def write_inband_batch(self, payloads: Sequence[Buffer]) -> tuple[int, bool]:
+        """Write in-band packets (no completion requested, transaction id 0) while they fit,
+        then commit them together. Returns (packets written, whether to signal the reader);
+        raises :class:`RingFull` if not even the first one fits."""
+        start = self._in
+        size = self._size
+        words = self._words
+        data = self._data
+        # The reader only ever frees space, so one snapshot of ``out`` is a safe bound.
+        out = words[1]
+        if out >= size or out & 7:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
+        pos = start
+        free = (out - pos - 8) if out > pos else size - (pos - out) - 8
+        limit = size - 8
+        written = 0
+        for payload in payloads:
+            if data is None or type(payload) is not bytes:
+                self._in = pos
+                try:
+                    self._put(6, 2, b"", payload, 0, 0)
+                except RingFull:
+                    if written:
+                        break
+                    raise
+                written += 1
+                free -= (self._in - pos) % size
+                pos = self._in
+                continue
+            n = len(payload)
+            msg_len = (n + 23) & ~7
+            if msg_len + 8 > limit:
+                self._in = start
+                raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
+                                f"a {msg_len + 8}-byte packet can never fit in a {size}-byte ring")
+            if msg_len + 8 > free:
+                if written:
+                    break
+                raise RingFull(msg_len + 8)
+            end = pos + msg_len
+            if end + 8 > size:
+                self._in = pos
+                self._put(6, 2, b"", payload, 0, 0)
+            else:
+                _DESC.pack_into(data, pos, 6, 2, msg_len >> 3, 0, 0)
+                data[pos + 16 : pos + 16 + n] = payload
+                if msg_len - 16 - n:
+                    data[pos + 16 + n : end] = _ZEROS[: msg_len - 16 - n]
+                _FOOTER.pack_into(data, end, pos << 32)
+                self._in = end + 8 if end + 8 < size else 0
+            pos = self._in
+            free -= msg_len + 8
+            written += 1
+        self._in = pos
+        return written, self._commit(start)
 
     def write(self, packet: OutgoingPacket) -> bool:
         """Write any packet and commit it. Returns whether to signal the reader."""
@@ -579,9 +712,13 @@ class OutgoingRing:
 
     def _put(self, kind: int, doff8: int, ext: bytes, payload: Buffer | Sequence[Buffer],
              flags: int, tid: int) -> None:
-        if isinstance(payload, (bytes, bytearray, memoryview)):
+        if type(payload) is bytes or type(payload) is bytearray:
             parts: Sequence[Buffer] = (payload,)
-            n = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+            n = len(payload)
+        elif isinstance(payload, memoryview):
+            payload = payload.cast("B") if payload.format != "B" else payload
+            parts = (payload,)
+            n = len(payload)
         else:
             parts = payload  # type: ignore[assignment]
             n = sum(memoryview(p).nbytes for p in parts)
@@ -609,13 +746,11 @@ class OutgoingRing:
                 data[pos : pos + len(ext)] = ext
             pos = start + header
             for part in parts:
-                if len(parts) == 1 and n == len(part):  # type: ignore[arg-type]
-                    data[pos : pos + n] = part
-                    pos += n
-                else:
-                    mv = memoryview(part).cast("B")
-                    data[pos : pos + len(mv)] = mv
-                    pos += len(mv)
+                if type(part) is not bytes:
+                    part = memoryview(part).cast("B")
+                k = len(part)
+                data[pos : pos + k] = part
+                pos += k
             if pad:
                 data[pos : pos + pad] = _ZEROS[:pad]
             _FOOTER.pack_into(data, end, start << 32)

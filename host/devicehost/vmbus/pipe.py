@@ -1,0 +1,387 @@
+"""VMBus pipes: framing over in-band packets, in message mode and byte mode (facts §4).
+
+Each in-band packet of a pipe starts with an 8-byte pipe header::
+
+    0 u32 packet_type   DATA (1), PARTIAL (2, byte mode, written back by the reader),
+                        SETUP_GPA_DIRECT (3) and TEARDOWN_GPA_DIRECT (4) (defined, unused)
+    4 u32 len           DATA: bytes after the header. PARTIAL: low 16 bits the original length,
+                        high 16 bits the bytes already consumed.
+
+:class:`MessagePipe` sends each message as one packet (or, ``raw=True``, without a header: the
+payload is the packet's padded payload). :class:`BytePipe` is a byte stream: writes are cut into
+packets of at most :data:`BYTE_PIPE_CHUNK` bytes; a read may consume part of a packet, whose
+header it then rewrites in place as PARTIAL; a zero-length DATA packet is end-of-file.
+
+Each pipe has a synchronous core (``try_send``/``try_recv`` change state or raise
+:class:`anyio.WouldBlock`) and an anyio shell (``send``/``recv``/``wait_write_ready``) that follows
+the upstream waiting policy: a reader unmasks its ring's interrupts before sleeping and re-checks
+the ring, and masks them again before consuming; a writer waiting for space publishes
+``pending_send_size = max(needed, maximum_packet_size / 4)`` and clears it once space appears.
+One task may send and another receive at the same time; two concurrent senders (or receivers) on
+one pipe are not supported.
+
+Errors: :class:`PacketTooLarge` (a message above the size limit: the sender's fault when sending,
+the peer's when receiving), :class:`ConnectionReset` (the channel was closed), and
+:class:`PipeError` with a :class:`PipeErrorKind` for everything the peer got wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from devicehost.vmbus.channel import ChannelClosed, RawChannel
+from devicehost.vmbus.ring import (
+    PacketType,
+    RingEmpty,
+    RingError,
+    RingErrorKind,
+    RingFull,
+    in_band_size,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from devicehost.vmbus.ring import IncomingPacket
+
+__all__ = [
+    "BYTE_PIPE_CHUNK",
+    "MAXIMUM_PIPE_PACKET_SIZE",
+    "PIPE_DATA",
+    "PIPE_PARTIAL",
+    "PIPE_SETUP_GPA_DIRECT",
+    "PIPE_TEARDOWN_GPA_DIRECT",
+    "BytePipe",
+    "ConnectionReset",
+    "MessagePipe",
+    "PacketTooLarge",
+    "PipeError",
+    "PipeErrorKind",
+]
+
+PIPE_DATA: Final = 1
+PIPE_PARTIAL: Final = 2
+PIPE_SETUP_GPA_DIRECT: Final = 3
+PIPE_TEARDOWN_GPA_DIRECT: Final = 4
+MAXIMUM_PIPE_PACKET_SIZE: Final = 16384
+BYTE_PIPE_CHUNK: Final = 2048
+
+# Pipe header (8 bytes): u32 packet_type, u32 len.
+_HEADER: Final = struct.Struct("<II")
+_HEADER_SIZE: Final = 8
+
+
+class PipeErrorKind(enum.Enum):
+    UNEXPECTED_RING_PACKET_TYPE = "UnexpectedRingPacketType"
+    INVALID_PIPE_PACKET_TYPE = "InvalidPipePacketType"
+    INVALID_PACKET_LENGTH = "InvalidPacketLength"
+    PACKET_TOO_LARGE = "PacketTooLarge"
+    RING = "Ring"
+    CONNECTION_RESET = "ConnectionReset"
+
+
+class PipeError(Exception):
+    """Raised when a pipe cannot go on: the peer broke the framing or the ring (``kind`` says
+    how; a ring error is the ``__cause__``)."""
+
+    def __init__(self, kind: PipeErrorKind, detail: str) -> None:
+        self.kind = kind
+        super().__init__(f"{kind.value}: {detail}")
+
+
+class PacketTooLarge(PipeError):
+    """Raised when a message is larger than the pipe allows (on send: the caller's message; on
+    receive: the peer's message is larger than the caller's buffer or the pipe's limit)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(PipeErrorKind.PACKET_TOO_LARGE, f"{size} bytes exceed the limit {limit}")
+
+
+class ConnectionReset(PipeError):
+    """Raised when waiting on a pipe whose channel was closed (the peer is gone)."""
+
+    def __init__(self) -> None:
+        super().__init__(PipeErrorKind.CONNECTION_RESET, "the channel was closed")
+
+
+def _ring_error(exc: RingError) -> PipeError:
+    err = PipeError(PipeErrorKind.RING, str(exc))
+    err.__cause__ = exc
+    return err
+
+
+class _Pipe:
+    def __init__(self, channel: RawChannel) -> None:
+        self.channel = channel
+        self._out = channel.outgoing
+        self._in = channel.incoming
+        #: Largest message (data bytes after the pipe header) this end may send / receive.
+        self.max_send = min(MAXIMUM_PIPE_PACKET_SIZE, self._out.maximum_packet_size - 32)
+        self.max_recv = min(MAXIMUM_PIPE_PACKET_SIZE, self._in.maximum_packet_size - 32)
+
+    async def _wait_signal(self) -> None:
+        try:
+            await self.channel.wait_for_signal()
+        except ChannelClosed:
+            raise ConnectionReset() from None
+
+    async def _wait_readable(self) -> None:
+        """Sleep until the incoming ring may have a packet."""
+        ring = self._in
+        ring.set_interrupt_mask(False)
+        try:
+            empty = ring.is_empty()
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+        if empty:
+            await self._wait_signal()
+        else:
+            await anyio.lowlevel.checkpoint()
+
+    async def _wait_space(self, total: int) -> None:
+        """Sleep until ``total`` bytes are free in the outgoing ring."""
+        ring = self._out
+        try:
+            if total > ring.maximum_packet_size:
+                raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
+                                f"{total} bytes can never fit in the ring")
+            if ring.can_write(total):
+                await anyio.lowlevel.checkpoint()
+                return
+            ring.set_pending_send_size(max(total, ring.maximum_packet_size // 4))
+            try:
+                while not ring.can_write(total):
+                    await self._wait_signal()
+            finally:
+                ring.set_pending_send_size(0)
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+
+    def _commit_read(self) -> None:
+        try:
+            signal = self._in.commit()
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+        if signal:
+            self.channel.signal_remote()
+
+    def _peek(self) -> IncomingPacket | None:
+        try:
+            packet = self._in.peek()
+        except RingEmpty:
+            return None
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+        if packet.kind != PacketType.IN_BAND:
+            raise PipeError(PipeErrorKind.UNEXPECTED_RING_PACKET_TYPE,
+                            f"ring packet type {packet.kind} on a pipe")
+        return packet
+
+    def _write(self, parts: tuple[Buffer, ...]) -> None:
+        try:
+            signal = self._out.write_inband(parts)
+        except RingFull:
+            raise anyio.WouldBlock from None
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+        if signal:
+            self.channel.signal_remote()
+
+
+class MessagePipe(_Pipe):
+    """Messages, one per in-band packet. ``raw=True``: no pipe header (received messages are
+    then the packets' payloads, padded to 8 bytes)."""
+
+    def __init__(self, channel: RawChannel, *, raw: bool = False) -> None:
+        super().__init__(channel)
+        self.raw = raw
+        if raw:
+            self.max_send = self._out.maximum_packet_size - 24
+            self.max_recv = self._in.maximum_packet_size - 24
+
+    def try_send(self, data: Buffer) -> None:
+        """Send one message now; :class:`anyio.WouldBlock` if the ring is full."""
+        n = memoryview(data).nbytes
+        if n > self.max_send:
+            raise PacketTooLarge(n, self.max_send)
+        self._write((data,) if self.raw else (_HEADER.pack(PIPE_DATA, n), data))
+
+    async def send(self, data: Buffer) -> None:
+        """Send one message, waiting for ring space."""
+        n = memoryview(data).nbytes
+        while True:
+            try:
+                self.try_send(data)
+                await anyio.lowlevel.checkpoint()
+                return
+            except anyio.WouldBlock:
+                await self._wait_space(in_band_size(n if self.raw else n + _HEADER_SIZE))
+
+    async def wait_write_ready(self, n: int) -> None:
+        """Wait until a message of ``n`` bytes fits; fails at once if it never can."""
+        await self._wait_space(in_band_size(n if self.raw else n + _HEADER_SIZE))
+
+    def try_recv(self, max_len: int | None = None) -> bytes:
+        """Receive one message now (at most ``max_len`` bytes, else :class:`PacketTooLarge` and
+        the message stays); :class:`anyio.WouldBlock` if there is none."""
+        packet = self._peek()
+        if packet is None:
+            raise anyio.WouldBlock
+        limit = self.max_recv if max_len is None else min(max_len, self.max_recv)
+        payload = packet.payload
+        if self.raw:
+            if len(payload) > limit:
+                raise PacketTooLarge(len(payload), limit)
+            data = bytes(payload)
+        else:
+            if len(payload) < _HEADER_SIZE:
+                raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH, "no pipe header")
+            kind, n = _HEADER.unpack_from(payload)
+            if kind != PIPE_DATA:
+                raise PipeError(PipeErrorKind.INVALID_PIPE_PACKET_TYPE, f"pipe packet {kind}")
+            if n > limit:
+                raise PacketTooLarge(n, limit)
+            if n > len(payload) - _HEADER_SIZE:
+                raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH,
+                                f"header says {n} bytes, the packet holds {len(payload) - 8}")
+            data = bytes(payload[_HEADER_SIZE : _HEADER_SIZE + n])
+        self._in.consume(packet)
+        self._commit_read()
+        return data
+
+    async def recv(self, max_len: int | None = None) -> bytes:
+        """Receive one message, waiting for it; :class:`ConnectionReset` if the channel closes."""
+        while True:
+            self._in.set_interrupt_mask(True)
+            try:
+                data = self.try_recv(max_len)
+            except anyio.WouldBlock:
+                await self._wait_readable()
+                continue
+            await anyio.lowlevel.checkpoint()
+            return data
+
+
+class BytePipe(_Pipe):
+    """A byte stream over in-band packets."""
+
+    def __init__(self, channel: RawChannel) -> None:
+        super().__init__(channel)
+        self.chunk = min(BYTE_PIPE_CHUNK, self.max_send)
+        self._eof = False
+
+    @property
+    def at_eof(self) -> bool:
+        """Whether the peer's end-of-file was read."""
+        return self._eof
+
+    def try_send(self, data: Buffer) -> int:
+        """Send as much of ``data`` as fits now, in whole chunks; returns the bytes sent.
+        :class:`anyio.WouldBlock` if nothing fits (and ``data`` is not empty)."""
+        mv = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(mv):
+            piece = mv[sent : sent + self.chunk]
+            try:
+                self._write((_HEADER.pack(PIPE_DATA, len(piece)), piece))
+            except anyio.WouldBlock:
+                if sent:
+                    return sent
+                raise
+            sent += len(piece)
+        return sent
+
+    async def send(self, data: Buffer) -> None:
+        """Send all of ``data``, waiting for ring space as needed."""
+        mv = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(mv):
+            try:
+                sent += self.try_send(mv[sent:])
+            except anyio.WouldBlock:
+                n = min(self.chunk, len(mv) - sent)
+                await self._wait_space(in_band_size(n + _HEADER_SIZE))
+        await anyio.lowlevel.checkpoint()
+
+    def try_send_eof(self) -> None:
+        """Shut down writing: send a zero-length DATA packet now."""
+        self._write((_HEADER.pack(PIPE_DATA, 0),))
+
+    async def send_eof(self) -> None:
+        """Shut down writing, waiting for ring space."""
+        while True:
+            try:
+                self.try_send_eof()
+                await anyio.lowlevel.checkpoint()
+                return
+            except anyio.WouldBlock:
+                await self._wait_space(in_band_size(_HEADER_SIZE))
+
+    async def wait_write_ready(self, n: int) -> None:
+        """Wait until a chunk of ``min(n, chunk)`` bytes fits."""
+        await self._wait_space(in_band_size(min(n, self.chunk) + _HEADER_SIZE))
+
+    def try_recv(self, max_len: int) -> bytes:
+        """Read up to ``max_len`` bytes now. Returns b"" at end-of-file;
+        :class:`anyio.WouldBlock` if nothing is there."""
+        if max_len <= 0 or self._eof:
+            return b""
+        out = bytearray()
+        while len(out) < max_len:
+            packet = self._peek()
+            if packet is None:
+                break
+            payload = packet.payload
+            if len(payload) < _HEADER_SIZE:
+                raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH, "no pipe header")
+            kind, n = _HEADER.unpack_from(payload)
+            if kind == PIPE_DATA:
+                total, done = n, 0
+            elif kind == PIPE_PARTIAL:
+                total, done = n & 0xFFFF, n >> 16
+                if done >= total:
+                    raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH,
+                                    f"partial packet with {done} of {total} bytes consumed")
+            else:
+                raise PipeError(PipeErrorKind.INVALID_PIPE_PACKET_TYPE, f"pipe packet {kind}")
+            if total > self.max_recv:
+                raise PacketTooLarge(total, self.max_recv)
+            if total > len(payload) - _HEADER_SIZE:
+                raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH,
+                                f"header says {total} bytes, the packet holds {len(payload) - 8}")
+            if total == 0:
+                if out:
+                    break  # end-of-file is consumed only by a read that returns nothing else
+                self._in.consume(packet)
+                self._eof = True
+                break
+            take = min(max_len - len(out), total - done)
+            out += payload[_HEADER_SIZE + done : _HEADER_SIZE + done + take]
+            if done + take < total:
+                self._in.overwrite(packet, 0, _HEADER.pack(PIPE_PARTIAL,
+                                                           total | (done + take) << 16))
+                break
+            self._in.consume(packet)
+        self._commit_read()
+        if not out and not self._eof:
+            raise anyio.WouldBlock
+        return bytes(out)
+
+    async def recv(self, max_len: int) -> bytes:
+        """Read up to ``max_len`` bytes, waiting for at least one (b"" at end-of-file);
+        :class:`ConnectionReset` if the channel closes first."""
+        while True:
+            self._in.set_interrupt_mask(True)
+            try:
+                data = self.try_recv(max_len)
+            except anyio.WouldBlock:
+                await self._wait_readable()
+                continue
+            await anyio.lowlevel.checkpoint()
+            return data
