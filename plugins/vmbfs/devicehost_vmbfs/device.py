@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from devicehost import ConfigError, DeviceContext, hookimpl
+from devicehost.savedstate import saved_state
 from devicehost_vmbfs.backing import Backing
 from devicehost_vmbfs.core import ProtocolState, VmbfsCore
 from devicehost_vmbfs.directory import DirectoryBacking
@@ -38,19 +39,18 @@ class VmbfsConfig:
     name: str = "imc.hiv"
 
 
-_STATES = tuple(state.value for state in ProtocolState)
-
-
+@saved_state("vmbfs.SavedState", 1)
 @attrs.frozen
 class VmbfsSavedState:
-    """The saved state of an open vmbfs channel: only its protocol state.
+    """The saved state of an open vmbfs channel (``vmbfs.SavedState`` version 1): only its
+    protocol state, VERSION_REQUEST or READY (saved by value: ``"version_request"``/``"ready"``).
 
-    ``state`` is ``"version_request"`` or ``"ready"``. The pipe is rebuilt over the restored
-    channel's rings, whose contents live in guest memory. Whether processing had stopped after a
-    fatal error is not saved (as upstream): a restored channel processes again.
+    The pipe is rebuilt over the restored channel's rings, whose contents live in guest memory.
+    Whether processing had stopped after a fatal error is not saved (as upstream, where the
+    task's done flag is not part of the state): a restored channel processes again.
     """
 
-    state: str = attrs.field(validator=attrs.validators.in_(_STATES))
+    state: ProtocolState = attrs.field(validator=attrs.validators.instance_of(ProtocolState))
 
 
 def _backing_for(config: VmbfsConfig) -> tuple[Backing, tempfile.TemporaryDirectory[str] | None]:
@@ -115,13 +115,13 @@ class VmbfsDevice:
 
     @hookimpl
     def save_open(self, ctx: DeviceContext, runner: VmbfsRunner) -> VmbfsSavedState:
-        return VmbfsSavedState(state=runner.state.value)
+        return VmbfsSavedState(state=runner.state)
 
     @hookimpl
     def restore_open(
         self, ctx: DeviceContext, state: VmbfsSavedState, resources: Any
     ) -> VmbfsRunner:
-        return self._runner(resources, ProtocolState(state.state))
+        return self._runner(resources, state.state)
 
     @hookimpl
     def inspect(self, ctx: DeviceContext, runner: VmbfsRunner | None) -> dict[str, Any]:

@@ -78,7 +78,7 @@ async def served(
     if state is None:
         runner = device.open(ctx, resources(host))
     else:
-        runner = device.restore_open(ctx, VmbfsSavedState(state.value), resources(host))
+        runner = device.restore_open(ctx, VmbfsSavedState(state), resources(host))
     pipe = MessagePipe(guest)
     async with anyio.create_task_group() as tg:
         s = Served(device, ctx, runner, host, guest, pipe, VmbfsClient(pipe), tg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -9,8 +10,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from devicehost import ConfigError
+from devicehost import ConfigError, SavedStateError
 from devicehost.plugins import list_plugins, load_plugins
+from devicehost.savedstate import (
+    decode_envelope_untrusted,
+    decode_state_untrusted,
+    encode_envelope,
+    entry_for,
+)
 from devicehost.vmbus.protocol import DeviceChannel, OfferParams
 from devicehost_vmbfs.core import ProtocolState
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
@@ -94,10 +101,20 @@ def test_name_with_a_separator_is_a_config_error(hive: VmbfsConfig) -> None:
         VmbfsDevice(VmbfsConfig(file=hive.file, name="a/b"))
 
 
+@pytest.mark.parametrize("state", list(ProtocolState))
+def test_saved_state_round_trips_through_the_envelope(state: ProtocolState) -> None:
+    blob = encode_envelope([entry_for("vmbfs0", "vmbfs", VmbfsSavedState(state))])
+    assert json.loads(blob)["devices"][0]["type"] == "vmbfs.SavedState"
+    assert json.loads(blob)["devices"][0]["payload"] == {"state": state.value}
+    (entry,) = decode_envelope_untrusted(blob)
+    assert decode_state_untrusted(entry, VmbfsSavedState) == VmbfsSavedState(state)
+
+
 def test_saved_state_rejects_unknown_states() -> None:
-    assert VmbfsSavedState("ready").state == "ready"
-    with pytest.raises(ValueError):
-        VmbfsSavedState("stopped")
+    blob = encode_envelope([entry_for("vmbfs0", "vmbfs", VmbfsSavedState(ProtocolState.READY))])
+    (entry,) = decode_envelope_untrusted(blob.replace(b'"ready"', b'"stopped"'))
+    with pytest.raises(SavedStateError):
+        decode_state_untrusted(entry, VmbfsSavedState)
 
 
 @pytest.mark.anyio
@@ -109,7 +126,7 @@ async def test_save_while_ready_restore_then_get_file_info_is_answered(
             await s.client.negotiate()
             await s.stop()
             state = s.device.save_open(s.ctx, s.runner)
-            assert state == VmbfsSavedState("ready")
+            assert state == VmbfsSavedState(ProtocolState.READY)
             s.device.close(s.ctx, s.runner, 0)
             # Restore over the same channel: no new version exchange.
             s.runner = s.device.restore_open(s.ctx, state, resources(s.host))
@@ -125,7 +142,8 @@ async def test_save_while_ready_restore_then_get_file_info_is_answered(
 async def test_restore_in_version_request_state_expects_the_version(hive: VmbfsConfig) -> None:
     async with served(hive, state=ProtocolState.VERSION_REQUEST) as s:
         with anyio.fail_after(5):
-            assert s.device.save_open(s.ctx, s.runner) == VmbfsSavedState("version_request")
+            saved = s.device.save_open(s.ctx, s.runner)
+            assert saved == VmbfsSavedState(ProtocolState.VERSION_REQUEST)
             await s.pipe.send(encode_version_request())
             assert await s.pipe.recv(MAX_MESSAGE_SIZE) == bytes.fromhex("020000000000000000000000")
 
