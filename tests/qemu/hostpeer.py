@@ -32,6 +32,7 @@ __all__ = [
     "connect_to_guest",
     "echo_through",
     "pattern",
+    "send_to_sink",
 ]
 
 OK_LINE = re.compile(rb"OK ([0-9]+)\n")
@@ -124,10 +125,13 @@ class PortListener:
         return self.received
 
     def close(self) -> None:
+        """Stop listening and remove the socket file, so the port can be listened on again."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(5)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def connect_to_guest(base_path: Path, port: int, timeout: float) -> tuple[socket.socket, int]:
@@ -188,3 +192,18 @@ def echo_through(sock: socket.socket, data: bytes) -> EchoResult:
         ),
         sent_at=sent_at,
     )
+
+
+def send_to_sink(sock: socket.socket, data: bytes) -> tuple[float, int]:
+    """Send ``data`` to a guest ``vsockctl sink``; return (seconds until its end mark, its CRC).
+
+    The sink answers with the CRC-32 of what it read (4 bytes, little-endian) once it has read
+    everything, so the time covers the whole transfer into the guest's memory.
+    """
+    started = time.monotonic()
+    sock.sendall(data)
+    mark, _ = _recv_exactly(sock, 4)
+    elapsed = time.monotonic() - started
+    if len(mark) != 4:
+        raise AssertionError(f"guest sink closed after {len(mark)} of its 4 end-mark bytes")
+    return elapsed, int.from_bytes(mark, "little")

@@ -38,7 +38,7 @@ SEND_LEN = 8 << 20
 SEND_SEED = 0x0101_0000_0000
 REPLY_LEN = 1 << 20
 REPLY_SEED = 0x0202_0000_0000
-ECHO_LEN = 4 << 20
+ECHO_LEN = 8 << 20
 ECHO_SEED = 0x0303_0000_0000
 FIRST_PORT = 0x4000_0000  # the device's first local port for a host-initiated connection
 # The kernel's vsock connect timeout is 2 s; an RST must end the connect well before it.

@@ -17,6 +17,9 @@
  *   vsockctl echo PORT N                  listen on PORT, print DH LISTENING port=, accept one
  *                                         connection, echo exactly N bytes back; prints
  *                                         DH ECHO port= peer_cid= peer_port= bytes= crc= ms=
+ *   vsockctl sink PORT N                  listen on PORT like echo, read exactly N bytes, then write
+ *                                         their CRC-32 (4 bytes, little-endian) as an end mark;
+ *                                         prints DH SINK port= bytes= crc= ms=
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -198,28 +201,76 @@ static int cmd_refuse(unsigned int port)
 	return 0;
 }
 
-static int cmd_echo(unsigned int port, uint64_t n)
+static int listen_accept(unsigned int port, struct sockaddr_vm *peer)
 {
-	static unsigned char buf[CHUNK];
 	int lfd = socket(AF_VSOCK, SOCK_STREAM, 0);
-	if (lfd < 0)
-		return fail("socket");
+	if (lfd < 0) {
+		fail("socket");
+		return -1;
+	}
 	struct sockaddr_vm addr;
 	memset(&addr, 0, sizeof addr);
 	addr.svm_family = AF_VSOCK;
 	addr.svm_cid = VMADDR_CID_ANY;
 	addr.svm_port = port;
-	if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0)
-		return fail("bind");
-	if (listen(lfd, 1) < 0)
-		return fail("listen");
+	if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+		fail("bind");
+		return -1;
+	}
+	if (listen(lfd, 1) < 0) {
+		fail("listen");
+		return -1;
+	}
 	printf("DH LISTENING port=%u\n", port);
 	fflush(stdout);
+	socklen_t plen = sizeof *peer;
+	int fd = accept(lfd, (struct sockaddr *)peer, &plen);
+	if (fd < 0) {
+		fail("accept");
+		return -1;
+	}
+	close(lfd);
+	return fd;
+}
+
+static int cmd_sink(unsigned int port, uint64_t n)
+{
+	static unsigned char buf[CHUNK];
 	struct sockaddr_vm peer;
-	socklen_t plen = sizeof peer;
-	int fd = accept(lfd, (struct sockaddr *)&peer, &plen);
+	int fd = listen_accept(port, &peer);
 	if (fd < 0)
-		return fail("accept");
+		return 1;
+	double t0 = now_ms();
+	uint64_t got = 0;
+	uint32_t crc = 0;
+	while (got < n) {
+		size_t want = n - got < CHUNK ? (size_t)(n - got) : CHUNK;
+		ssize_t r = read(fd, buf, want);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return fail("read");
+		if (r == 0)
+			break;
+		crc = crc_update(crc, buf, (size_t)r);
+		got += (uint64_t)r;
+	}
+	unsigned char mark[4] = {crc & 0xff, (crc >> 8) & 0xff, (crc >> 16) & 0xff, crc >> 24};
+	if (write_all(fd, mark, sizeof mark) < 0)
+		return fail("write");
+	close(fd);
+	printf("DH SINK port=%u bytes=%llu crc=%08x ms=%.1f\n", port, (unsigned long long)got, crc,
+	       now_ms() - t0);
+	return 0;
+}
+
+static int cmd_echo(unsigned int port, uint64_t n)
+{
+	static unsigned char buf[CHUNK];
+	struct sockaddr_vm peer;
+	int fd = listen_accept(port, &peer);
+	if (fd < 0)
+		return 1;
 	double t0 = now_ms();
 	uint64_t got = 0;
 	uint32_t crc = 0;
@@ -238,7 +289,6 @@ static int cmd_echo(unsigned int port, uint64_t n)
 		got += (uint64_t)r;
 	}
 	close(fd);
-	close(lfd);
 	printf("DH ECHO port=%u peer_cid=%u peer_port=%u bytes=%llu crc=%08x ms=%.1f\n", port,
 	       peer.svm_cid, peer.svm_port, (unsigned long long)got, crc, now_ms() - t0);
 	return 0;
@@ -257,6 +307,8 @@ int main(int argc, char **argv)
 		return cmd_refuse((unsigned int)parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "echo"))
 		return cmd_echo((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
-	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N\n");
+	if (argc == 4 && !strcmp(argv[1], "sink"))
+		return cmd_sink((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
+	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N\n");
 	return 2;
 }
