@@ -1,0 +1,141 @@
+"""The vmbfs client: reply checks (pure) and whole-file reads over a real pipe."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devicehost.vmbus.channel import connected_channel_pair
+from devicehost.vmbus.pipe import MessagePipe
+from devicehost_vmbfs.backing import FileInfo
+from devicehost_vmbfs.client import (
+    VmbfsClient,
+    VmbfsClientError,
+    check_version_reply,
+    data_from_reply,
+    file_info_from_reply,
+)
+from devicehost_vmbfs.device import VmbfsConfig
+from devicehost_vmbfs.protocol import (
+    MAX_MESSAGE_SIZE,
+    MAX_READ_SIZE,
+    decode_request_untrusted,
+    encode_get_file_info_response,
+    encode_read_file_request,
+    encode_read_file_response,
+    encode_version_response,
+)
+
+from .harness import served
+
+
+def test_check_version_reply() -> None:
+    check_version_reply(encode_version_response(0))
+    with pytest.raises(VmbfsClientError) as info:
+        check_version_reply(encode_version_response(1))
+    assert info.value.status == 1
+
+
+def test_file_info_from_reply() -> None:
+    assert file_info_from_reply(encode_get_file_info_response(0, 0, 7), "/f") == FileInfo(False, 7)
+    assert file_info_from_reply(encode_get_file_info_response(0, 3, 0), "/d") == FileInfo(True, 0)
+    with pytest.raises(VmbfsClientError, match="NOT_FOUND") as info:
+        file_info_from_reply(encode_get_file_info_response(1), "/x")
+    assert info.value.status == 1
+
+
+def test_data_from_reply() -> None:
+    assert data_from_reply(encode_read_file_response(0, b"abc"), "/f", 3) == b"abc"
+    with pytest.raises(VmbfsClientError, match="2 bytes for a read of 3"):
+        data_from_reply(encode_read_file_response(0, b"ab"), "/f", 3)
+    with pytest.raises(VmbfsClientError, match="END_OF_FILE") as info:
+        data_from_reply(encode_read_file_response(2), "/f", 3)
+    assert info.value.status == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"", b"\x02\x00\x00\x00", encode_version_response(0), struct.pack("<II", 9, 0)],
+)
+def test_wrong_or_malformed_replies_are_client_errors(reply: bytes) -> None:
+    with pytest.raises(VmbfsClientError):
+        data_from_reply(reply, "/f", 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40))
+def test_any_reply_is_accepted_or_a_client_error(reply: bytes) -> None:
+    for check in (
+        lambda: check_version_reply(reply),
+        lambda: file_info_from_reply(reply, "/f"),
+        lambda: data_from_reply(reply, "/f", 4),
+    ):
+        with contextlib.suppress(VmbfsClientError):
+            check()
+
+
+@pytest.mark.anyio
+async def test_read_rejects_counts_above_max_read_size() -> None:
+    _host, guest = connected_channel_pair(16384)
+    with pytest.raises(ValueError):
+        await VmbfsClient(MessagePipe(guest)).read("/f", 0, MAX_READ_SIZE + 1)
+
+
+@pytest.mark.anyio
+async def test_read_file_uses_max_read_size_chunks() -> None:
+    """Play the device by hand: the requests the client sends are exact."""
+    data = os.urandom(2 * MAX_READ_SIZE + 5)
+    host, guest = connected_channel_pair(16384)
+    device_pipe = MessagePipe(host)
+    client = VmbfsClient(MessagePipe(guest))
+    seen: list[object] = []
+
+    async def device() -> None:
+        await device_pipe.recv(MAX_MESSAGE_SIZE)
+        await device_pipe.send(encode_get_file_info_response(0, 0, len(data)))
+        for _ in range(3):
+            request = decode_request_untrusted(await device_pipe.recv(MAX_MESSAGE_SIZE))
+            seen.append(request)
+            offset, count = request.offset, request.byte_count  # type: ignore[union-attr]
+            await device_pipe.send(encode_read_file_response(0, data[offset : offset + count]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(device)
+        with anyio.fail_after(5):
+            assert await client.read_file("/f") == data
+    assert [decode_request_untrusted(encode_read_file_request(c, o, "/f")) for o, c in [
+        (0, MAX_READ_SIZE), (MAX_READ_SIZE, MAX_READ_SIZE), (2 * MAX_READ_SIZE, 5)
+    ]] == seen
+
+
+@pytest.mark.anyio
+async def test_against_the_device(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "d").mkdir()
+    async with served(VmbfsConfig(root=str(tmp_path))) as s:
+        with anyio.fail_after(5):
+            await s.client.negotiate()
+            assert await s.client.read_file("/empty") == b""
+            assert await s.client.file_info("/d") == FileInfo(True, 0)
+            with pytest.raises(VmbfsClientError, match="is a directory"):
+                await s.client.read_file("/d")
+            with pytest.raises(VmbfsClientError) as info:
+                await s.client.read_file("/missing")
+            assert info.value.status == 1
+
+
+@pytest.mark.anyio
+async def test_unsupported_version(tmp_path: Path) -> None:
+    async with served(VmbfsConfig(root=str(tmp_path))) as s:
+        with anyio.fail_after(5):
+            with pytest.raises(VmbfsClientError) as info:
+                await s.client.negotiate(0x00020000)
+            assert info.value.status == 1
+            await s.client.negotiate()
