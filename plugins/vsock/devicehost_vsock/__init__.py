@@ -1,20 +1,11 @@
-"""devicehost-vsock (package skeleton: the device lands with its own issue)."""
+"""devicehost-vsock: the virtio-vsock device, relaying guest stream sockets to host Unix sockets.
+
+Guest connections to port P reach the host Unix socket ``<base_path>_<P>``; host processes reach
+guest port P by connecting to ``<base_path>`` and writing ``CONNECT <P>\\n`` (hybrid vsock).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from devicehost_vsock.device import VsockConfig, VsockDevice, VsockRunner
 
-from devicehost import DeviceContext, LocalOffer, hookimpl
-
-__all__ = ["VsockDevice"]
-
-
-class VsockDevice:
-    """Skeleton device: offers nothing on a bus yet."""
-
-    def __init__(self, config: Any = None) -> None:
-        self.config = config
-
-    @hookimpl
-    def offer(self, ctx: DeviceContext) -> LocalOffer:
-        return LocalOffer({"skeleton": True})
+__all__ = ["VsockConfig", "VsockDevice", "VsockRunner"]

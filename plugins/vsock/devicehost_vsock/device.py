@@ -1,0 +1,191 @@
+"""The virtio-vsock device: offer, open, run and close over the virtio transport.
+
+Config (TOML table of the device, every key optional)::
+
+    guest_cid = 3            # the guest's CID, read by the guest from config space (3..2**32-2)
+    base_path = ""           # hybrid vsock base path; "" = a fresh temporary directory's "vsock"
+    vhost_user_socket = ""   # serve to a VMM over vhost-user at this path ("" = in process)
+
+Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, queues
+rx, tx and event (the event queue is never used). Over vhost-user the VMM keeps the event queue
+itself (QEMU's ``vhost-user-vsock-pci`` hands over two vrings), so the device then offers two
+queues; ``open`` accepts two or three.
+
+Opening fails (the guest is to blame) if the driver negotiated NO_IMPLIED_STREAM without STREAM:
+it cannot use stream sockets, the only kind this device has. No features at all means stream.
+
+Config space: ``le64 guest_cid``; reads beyond its 8 bytes return zeros (a read straddling the end
+returns zeros too, as upstream's 32-bit rule gives); writes are ignored with a warning.
+
+Opening binds the device's Unix listener at ``base_path`` (removing a stale socket file) and
+builds a fresh connection table; closing (any queue stopped, the driver reset) drops every
+connection and removes the listener socket. Save/restore is not supported: ``save_open`` returns
+None, so on restore the host revokes the device and offers it anew (connections are lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import tempfile
+from typing import Any
+
+import attrs
+
+from devicehost import DeviceContext, DeviceError, hookimpl
+from devicehost.virtio import DeviceTraits, QueueResources
+from devicehost_vsock.manager import ConnectionManager
+from devicehost_vsock.protocol import (
+    DEVICE_ID,
+    FEATURE_NO_IMPLIED_STREAM,
+    FEATURE_STREAM,
+    QUEUE_RX,
+    QUEUE_TX,
+)
+from devicehost_vsock.relay import Relay, bind_listener
+from devicehost_vsock.worker import VsockWorker
+
+__all__ = ["VsockConfig", "VsockDevice", "VsockRunner"]
+
+
+def _check_cid(instance: VsockConfig, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or not 3 <= value <= 0xFFFF_FFFE:
+        raise ValueError(
+            f"guest_cid must be an integer from 3 to 4294967294 (0-2 are reserved), not {value!r}"
+        )
+
+
+@attrs.frozen
+class VsockConfig:
+    """The device's configuration."""
+
+    guest_cid: int = attrs.field(default=3, validator=_check_cid)
+    base_path: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    vhost_user_socket: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+
+
+@attrs.define
+class VsockRunner:
+    """The per-open state: the worker, and what to clean up on close."""
+
+    worker: VsockWorker
+    base_path: str
+    temp_dir: str | None = None
+
+    async def run(self) -> None:
+        await self.worker.run()
+
+    def close(self) -> None:
+        self.worker.manager.close_all()
+        self.worker.relay.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.base_path)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class VsockDevice:
+    """virtio-vsock with a hybrid vsock relay to host Unix sockets."""
+
+    config_class = VsockConfig
+
+    def __init__(self, config: VsockConfig | None = None) -> None:
+        self.config = config if config is not None else VsockConfig()
+
+    def traits(self) -> DeviceTraits:
+        return DeviceTraits(
+            device_id=DEVICE_ID,
+            device_features=FEATURE_STREAM | FEATURE_NO_IMPLIED_STREAM,
+            queue_count=2 if self.config.vhost_user_socket else 3,
+            config=struct.pack("<Q", self.config.guest_cid),
+        )
+
+    # Config space (plain methods the virtio transport calls).
+
+    def virtio_config_read(self, offset: int, size: int) -> bytes:
+        config = struct.pack("<Q", self.config.guest_cid)
+        if offset < 0 or size < 0 or offset + size > len(config):
+            return bytes(max(size, 0))
+        return config[offset : offset + size]
+
+    def virtio_config_write(self, offset: int, data: bytes) -> None:
+        import logging
+
+        logging.getLogger("devicehost_vsock").warning(
+            "vsock: guest wrote %d bytes at %d of the read-only config space; ignored",
+            len(data), offset,
+        )  # fmt: skip
+
+    # Lifecycle hooks.
+
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> DeviceTraits:
+        return self.traits()
+
+    @hookimpl
+    def open(self, ctx: DeviceContext, resources: QueueResources) -> VsockRunner:
+        features = resources.features & 0xFF_FFFF
+        if features & FEATURE_NO_IMPLIED_STREAM and not features & FEATURE_STREAM:
+            raise DeviceError(
+                f"device {ctx.name!r}: the guest does not support stream sockets"
+                " (NO_IMPLIED_STREAM without STREAM)"
+            )
+        if len(resources.queues) not in (2, 3):
+            raise DeviceError(
+                f"device {ctx.name!r}: vsock needs 2 or 3 queues, the transport started"
+                f" {len(resources.queues)}"
+            )
+        temp_dir = None
+        base_path = self.config.base_path
+        if not base_path:
+            temp_dir = tempfile.mkdtemp(prefix="devicehost-vsock-")
+            base_path = os.path.join(temp_dir, "vsock")
+        try:
+            listener = bind_listener(base_path)
+        except OSError as exc:
+            if temp_dir is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            raise DeviceError(
+                f"device {ctx.name!r}: cannot listen at base_path {base_path!r}: {exc}"
+            ) from exc
+        holder: list[VsockWorker] = []
+        relay = Relay(base_path, listener, lambda: holder[0].wake())
+        manager = ConnectionManager(self.config.guest_cid, relay.connect, logger=ctx.logger)
+        relay.manager = manager
+        worker = VsockWorker(
+            resources.queues[QUEUE_RX], resources.queues[QUEUE_TX], manager, relay
+        )
+        holder.append(worker)
+        ctx.logger.info("vsock: guest CID %d, host sockets at %s", self.config.guest_cid, base_path)
+        return VsockRunner(worker, base_path, temp_dir)
+
+    @hookimpl
+    def run(self, ctx: DeviceContext, runner: VsockRunner) -> Any:
+        return runner.run()
+
+    @hookimpl
+    def close(self, ctx: DeviceContext, runner: VsockRunner) -> None:
+        runner.close()
+
+    @hookimpl
+    def save_open(self, ctx: DeviceContext, runner: VsockRunner) -> None:
+        return None
+
+    @hookimpl
+    def inspect(self, ctx: DeviceContext, runner: VsockRunner | None) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "guest_cid": self.config.guest_cid,
+            "vhost_user_socket": self.config.vhost_user_socket,
+            "open": runner is not None,
+        }
+        if runner is not None:
+            worker = runner.worker
+            info.update(
+                base_path=runner.base_path,
+                connections=len(worker.manager),
+                packets_from_guest=worker.packets_in,
+                packets_to_guest=worker.packets_out,
+            )
+        return info

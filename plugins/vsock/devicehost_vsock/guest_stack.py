@@ -1,0 +1,301 @@
+"""A guest-side vsock stack over the in-process virtio driver, for tests, the demo and benchmarks.
+
+Two levels:
+
+- :class:`GuestStack`: raw packets. ``post_rx`` posts rx buffers, ``send`` builds a tx chain from
+  header fields (src_cid = the guest CID, dst_cid = 2, type STREAM unless overridden) and payload,
+  ``recv`` returns the next packet the device completed. Nothing happens behind the test's back.
+- :class:`GuestSockets`: stream sockets on top, with the guest's half of the credit protocol
+  (advertises ``buf_alloc``, tells its fwd_cnt in CREDIT_UPDATE once half of it was consumed or
+  when asked, never sends more than the device's credit). ``pump`` (run it in a task) keeps rx
+  buffers posted and dispatches packets; ``connect`` opens a connection to a host port;
+  ``listen`` accepts host-initiated connections, optionally echoing them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import anyio
+import attrs
+
+from devicehost.virtio import QueueFull, VirtioDriver
+from devicehost_vsock.protocol import (
+    CID_HOST,
+    HEADER,
+    HEADER_SIZE,
+    SHUTDOWN_RECEIVE,
+    SHUTDOWN_SEND,
+    TYPE_STREAM,
+    Header,
+    Op,
+    decode_header_untrusted,
+)
+
+__all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet"]
+
+_U32 = 0xFFFF_FFFF
+
+
+@attrs.frozen
+class Packet:
+    """One packet the device sent: its header and payload (``written`` = completion length)."""
+
+    header: Header
+    data: bytes
+    written: int
+
+
+class GuestStack:
+    """Raw vsock packets through the driver's rx (0) and tx (1) queues."""
+
+    def __init__(self, driver: VirtioDriver, cid: int = 3, buf_alloc: int = 65536) -> None:
+        self.driver = driver
+        self.cid = cid
+        self.buf_alloc = buf_alloc
+        self.rxq = driver.queue(0)
+        self.txq = driver.queue(1)
+
+    def post_rx(self, count: int = 1, size: int = HEADER_SIZE + 4096, *,
+                fragment: int | None = None) -> None:
+        """Post ``count`` rx buffers of ``size`` writable bytes and kick."""
+        for _ in range(count):
+            self.rxq.add(writable=[size], fragment=fragment)
+        self.rxq.kick()
+
+    def header(self, op: int, src_port: int, dst_port: int, length: int = 0, *, flags: int = 0,
+               buf_alloc: int | None = None, fwd_cnt: int = 0, src_cid: int | None = None,
+               dst_cid: int = CID_HOST, type_: int = TYPE_STREAM) -> bytes:
+        return HEADER.pack(
+            self.cid if src_cid is None else src_cid, dst_cid, src_port, dst_port, length, type_,
+            op, flags, self.buf_alloc if buf_alloc is None else buf_alloc, fwd_cnt,
+        )  # fmt: skip
+
+    def reap_tx(self) -> int:
+        """Collect completed tx chains; returns how many."""
+        n = 0
+        while self.txq.get_used() is not None:
+            n += 1
+        return n
+
+    def send_raw(self, parts: Sequence[bytes | memoryview], *, fragment: int | None = None) -> None:
+        """Post one tx chain of ``parts`` (raw bytes) and kick."""
+        self.reap_tx()
+        self.txq.add(list(parts), fragment=fragment)
+        self.txq.kick()
+
+    async def send_raw_wait(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Like :meth:`send_raw`, waiting for tx descriptors when the queue is full."""
+        while True:
+            try:
+                self.send_raw(parts)
+                return
+            except QueueFull:
+                await self.txq.wait_used()
+
+    def send(self, op: int, src_port: int, dst_port: int, data: bytes = b"", *,
+             fragment: int | None = None, **fields: int) -> None:
+        """Send one packet; ``fields`` override header fields (flags, buf_alloc, fwd_cnt, ...)."""
+        header = self.header(op, src_port, dst_port, len(data), **fields)
+        if fragment is not None:
+            self.reap_tx()
+            self.txq.add([header, data] if data else [header], fragment=fragment)
+            self.txq.kick()
+        else:
+            self.send_raw([header, data] if data else [header])
+
+    def try_recv(self) -> Packet | None:
+        used = self.rxq.get_used()
+        if used is None:
+            return None
+        if used.written < HEADER_SIZE:
+            return Packet(Header(0, 0, 0, 0, Op.INVALID), b"", used.written)
+        header = decode_header_untrusted(used.data)
+        return Packet(header, used.data[HEADER_SIZE : HEADER_SIZE + header.len], used.written)
+
+    async def recv(self, timeout: float = 5.0) -> Packet:
+        """The next packet; raises TimeoutError after ``timeout`` seconds."""
+        with anyio.fail_after(timeout):
+            while True:
+                packet = self.try_recv()
+                if packet is not None:
+                    return packet
+                await self.rxq.call_doorbell.wait()
+
+    async def recv_op(self, op: int, timeout: float = 5.0) -> Packet:
+        """The next packet with ``op``, skipping others (e.g. CREDIT_UPDATE)."""
+        with anyio.fail_after(timeout):
+            while True:
+                packet = await self.recv(math.inf)
+                if packet.header.op == op:
+                    return packet
+
+    async def expect_silence(self, seconds: float) -> None:
+        """Assert that no packet arrives within ``seconds``."""
+        with anyio.move_on_after(seconds):
+            packet = await self.recv(math.inf)
+            raise AssertionError(f"expected no packet, got {packet.header}")
+
+
+@attrs.define(eq=False)
+class GuestConnection:
+    """One guest stream socket of :class:`GuestSockets`."""
+
+    sockets: GuestSockets
+    local_port: int
+    peer_port: int
+    established: anyio.Event = attrs.field(factory=anyio.Event)
+    reset: bool = False
+    peer_shutdown: bool = False
+    received: bytearray = attrs.field(factory=bytearray)
+    rx_cnt: int = 0
+    told_fwd_cnt: int = 0
+    tx_cnt: int = 0
+    peer_buf_alloc: int = 0
+    peer_fwd_cnt: int = 0
+    echo: bool = False
+    pending: bytearray = attrs.field(factory=bytearray)
+    changed: anyio.Event = attrs.field(factory=anyio.Event)
+
+    @property
+    def credit(self) -> int:
+        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait_changed(self) -> None:
+        await self.changed.wait()
+
+    async def send_all(self, data: bytes | memoryview, chunk: int = 65536) -> None:
+        """Send ``data`` as RW packets, waiting for credit."""
+        view = memoryview(data)
+        while len(view):
+            if self.reset:
+                raise ConnectionResetError(f"guest connection {self.local_port} was reset")
+            n = min(len(view), chunk, self.credit)
+            if n == 0:
+                await self.wait_changed()
+                continue
+            await self.sockets.send_rw(self, view[:n])
+            view = view[n:]
+
+    async def recv_exactly(self, n: int) -> bytes:
+        """Wait until ``n`` bytes arrived and return them."""
+        while len(self.received) < n:
+            if self.reset or self.peer_shutdown:
+                raise ConnectionResetError(f"guest connection {self.local_port} ended early")
+            await self.wait_changed()
+        out = bytes(self.received[:n])
+        del self.received[:n]
+        return out
+
+    async def shutdown(self) -> None:
+        await self.sockets.send_control(self, Op.SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RECEIVE)
+
+
+class GuestSockets:
+    """Guest stream sockets over a :class:`GuestStack` (run :meth:`pump` in a task)."""
+
+    def __init__(self, stack: GuestStack, *, rx_buffers: int = 64,
+                 rx_size: int = HEADER_SIZE + 65536) -> None:
+        self.stack = stack
+        self.rx_buffers = rx_buffers
+        self.rx_size = rx_size
+        self.connections: dict[tuple[int, int], GuestConnection] = {}
+        self.listening: dict[int, bool] = {}
+        self.accepted: list[GuestConnection] = []
+
+    def listen(self, port: int, *, echo: bool = False) -> None:
+        self.listening[port] = echo
+
+    async def connect(self, host_port: int, local_port: int) -> GuestConnection:
+        conn = GuestConnection(self, local_port, host_port)
+        self.connections[(local_port, host_port)] = conn
+        await self.send_control(conn, Op.REQUEST)
+        while not conn.established.is_set():
+            if conn.reset:
+                raise ConnectionRefusedError(f"host port {host_port} refused the connection")
+            await conn.wait_changed()
+        return conn
+
+    async def send_control(self, conn: GuestConnection, op: int, flags: int = 0) -> None:
+        conn.told_fwd_cnt = conn.rx_cnt
+        await self.stack.send_raw_wait([self.stack.header(
+            op, conn.local_port, conn.peer_port, flags=flags, fwd_cnt=conn.rx_cnt)])
+
+    async def send_rw(self, conn: GuestConnection, data: memoryview | bytes) -> None:
+        conn.tx_cnt = (conn.tx_cnt + len(data)) & _U32
+        await self.stack.send_raw_wait([self.stack.header(
+            Op.RW, conn.local_port, conn.peer_port, len(data), fwd_cnt=conn.rx_cnt), data])
+
+    async def pump(self) -> None:
+        """Keep rx buffers posted and dispatch every packet, forever."""
+        stack = self.stack
+        rxq = stack.rxq
+        while True:
+            missing = min(self.rx_buffers - rxq.in_flight, rxq.free_descriptors)
+            if missing > 0:
+                for _ in range(missing):
+                    rxq.add(writable=[self.rx_size])
+                rxq.kick()
+            packet = stack.try_recv()
+            if packet is None:
+                await rxq.call_doorbell.wait()
+                continue
+            await self._dispatch(packet.header, packet.data)
+
+    async def _dispatch(self, h: Header, data: bytes) -> None:
+        key = (h.dst_port, h.src_port)
+        conn = self.connections.get(key)
+        if h.op == Op.REQUEST:
+            if h.dst_port not in self.listening or conn is not None:
+                await self.stack.send_raw_wait([self.stack.header(
+                    Op.RST, h.dst_port, h.src_port, buf_alloc=0)])
+                return
+            conn = GuestConnection(self, h.dst_port, h.src_port, echo=self.listening[h.dst_port])
+            conn.peer_buf_alloc, conn.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
+            self.connections[key] = conn
+            self.accepted.append(conn)
+            conn.established.set()
+            await self.send_control(conn, Op.RESPONSE)
+            conn._notify()
+            return
+        if conn is None:
+            if h.op != Op.RST:
+                await self.stack.send_raw_wait([self.stack.header(
+                    Op.RST, h.dst_port, h.src_port, buf_alloc=0)])
+            return
+        if h.op != Op.RST:
+            conn.peer_buf_alloc, conn.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
+        if h.op == Op.RESPONSE:
+            conn.established.set()
+        elif h.op == Op.RST:
+            conn.reset = True
+            del self.connections[key]
+        elif h.op == Op.RW:
+            conn.rx_cnt = (conn.rx_cnt + len(data)) & _U32
+            if conn.echo:
+                conn.pending += data
+            else:
+                conn.received += data
+            if (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= self.stack.buf_alloc // 2:
+                await self.send_control(conn, Op.CREDIT_UPDATE)
+        elif h.op == Op.CREDIT_REQUEST:
+            await self.send_control(conn, Op.CREDIT_UPDATE)
+        elif h.op == Op.SHUTDOWN:
+            conn.peer_shutdown = True
+            if conn.echo:
+                await self.stack.send_raw_wait([self.stack.header(
+                    Op.RST, conn.local_port, conn.peer_port, buf_alloc=0)])
+                conn.reset = True
+                del self.connections[key]
+        if conn.echo and conn.pending and not conn.reset:
+            n = min(len(conn.pending), conn.credit)
+            if n:
+                chunk = bytes(conn.pending[:n])
+                del conn.pending[:n]
+                await self.send_rw(conn, chunk)
+        conn._notify()

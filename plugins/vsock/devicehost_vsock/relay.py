@@ -1,0 +1,217 @@
+"""The hybrid vsock relay: real non-blocking Unix sockets for the connection table.
+
+One epoll instance watches every host socket; the relay waits for the epoll descriptor itself with
+anyio, so a thousand connections cost one task. Interest is armed on request of the connection
+table (``want_read``/``want_write``/``want_close``) and disarmed once reported (one report per
+request), with HUP/ERR always reported and final (facts section 9.11: IN/ERR/RDHUP mean "has
+data", HUP/ERR mean "closed"; after a half-close only HUP/ERR matter).
+
+The device's own listener is bound at ``base_path`` (a stale socket file is removed first); host
+processes connect there and speak the CONNECT line protocol. Guest connections to port P are
+relayed to ``<base_path>_<P>`` or ``<base_path>_<guid>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import stat
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import anyio
+
+from devicehost_vsock.hybrid import host_listener_path
+from devicehost_vsock.manager import ConnectionManager
+
+__all__ = ["Relay", "UnixStream", "bind_listener"]
+
+Buffer = bytes | bytearray | memoryview
+
+_IN: Final = select.EPOLLIN | select.EPOLLRDHUP
+_OUT: Final = select.EPOLLOUT
+_GONE: Final = select.EPOLLHUP | select.EPOLLERR
+
+
+def bind_listener(path: str) -> socket.socket:
+    """A non-blocking Unix listener at ``path``, replacing a stale socket file there.
+
+    Raises :class:`FileExistsError` if ``path`` exists and is not a socket (never deleted).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; choose another base_path")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UnixStream:
+    """A host Unix socket as the connection table's ``HostStream``."""
+
+    __slots__ = ("_mask", "_relay", "fd", "sock")
+
+    def __init__(self, sock: socket.socket, relay: Relay) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._relay = relay
+        #: Armed epoll interest; None once unregistered (closed or HUP reported).
+        self._mask: int | None = 0
+        relay.epoll.register(self.fd, 0)
+        relay.streams[self.fd] = self
+
+    def recv_into(self, buf: memoryview) -> int | None:
+        try:
+            return self.sock.recv_into(buf)
+        except BlockingIOError:
+            return None
+
+    def peek(self, max_len: int) -> bytes | None:
+        try:
+            return self.sock.recv(max_len, socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+
+    def send(self, buffers: Sequence[Buffer]) -> int:
+        try:
+            if len(buffers) == 1:
+                return self.sock.send(buffers[0])
+            return self.sock.sendmsg(buffers)
+        except BlockingIOError:
+            return 0
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self._unregister()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def is_closed(self) -> bool:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+
+    def want_read(self) -> None:
+        self._arm(_IN)
+
+    def want_write(self) -> None:
+        self._arm(_OUT)
+
+    def want_close(self) -> None:
+        # HUP and ERR are always reported while registered.
+        pass
+
+    def _arm(self, bits: int) -> None:
+        if self._mask is None or self._mask & bits == bits:
+            return
+        self._mask |= bits
+        self._relay.epoll.modify(self.fd, self._mask)
+
+    def _events(self, events: int) -> tuple[bool, bool, bool]:
+        """Disarm what fired; returns (readable, writable, closed)."""
+        mask = self._mask or 0
+        if events & _GONE:
+            self._unregister()
+            return bool(mask & _IN), bool(mask & _OUT), True
+        fired = 0
+        if events & _IN and mask & _IN:
+            fired |= _IN
+        if events & _OUT and mask & _OUT:
+            fired |= _OUT
+        if fired and self._mask is not None:
+            self._mask &= ~fired
+            self._relay.epoll.modify(self.fd, self._mask)
+        return bool(fired & _IN), bool(fired & _OUT), False
+
+    def _unregister(self) -> None:
+        if self._mask is not None:
+            self._mask = None
+            self._relay.streams.pop(self.fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self._relay.epoll.unregister(self.fd)
+
+
+class Relay:
+    """The socket side of one open vsock device: listener, epoll, guest-initiated connects.
+
+    ``wake`` is called after any event changed the connection table, so the worker can look for
+    rx work.
+    """
+
+    def __init__(self, base_path: str, listener: socket.socket, wake: Callable[[], None]) -> None:
+        self.base_path = base_path
+        self.listener = listener
+        self.epoll = select.epoll()
+        self.streams: dict[int, UnixStream] = {}
+        self._wake = wake
+        self.manager: ConnectionManager | None = None
+
+    def connect(self, port: int) -> UnixStream:
+        """Connect to the host listener of ``port`` (the table's connector); OSError on failure."""
+        path = host_listener_path(self.base_path, port)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return UnixStream(sock, self)
+
+    async def serve_listener(self) -> None:
+        """Accept host connections forever (they speak CONNECT next)."""
+        manager = self.manager
+        assert manager is not None
+        while True:
+            await anyio.wait_readable(self.listener)
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    # e.g. EMFILE: the host is out of descriptors; retry on the next readiness.
+                    await anyio.sleep(0.05)
+                    break
+                manager.accept_host(UnixStream(sock, self), anyio.current_time())
+                self._wake()
+
+    async def serve_epoll(self) -> None:
+        """Report host socket readiness to the connection table forever."""
+        manager = self.manager
+        assert manager is not None
+        while True:
+            await anyio.wait_readable(self.epoll.fileno())
+            events = self.epoll.poll(0, 1024)
+            now = anyio.current_time()
+            for fd, ev in events:
+                stream = self.streams.get(fd)
+                if stream is None:
+                    continue
+                readable, writable, closed = stream._events(ev)
+                if writable:
+                    manager.on_writable(stream)
+                if readable:
+                    manager.on_readable(stream)
+                if closed:
+                    manager.on_closed(stream, now)
+            if events:
+                self._wake()
+
+    def close(self) -> None:
+        """Close the listener and the epoll instance (the table closes its own streams)."""
+        self.listener.close()
+        self.epoll.close()

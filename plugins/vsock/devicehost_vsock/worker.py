@@ -1,0 +1,134 @@
+"""The vsock worker: moves packets between the virtqueues and the connection table.
+
+Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.ConnectionManager`
+(they never interleave inside it: the table is only touched between awaits):
+
+- tx: pops every guest tx chain, hands header and payload (views straight into guest memory,
+  never copied unless the host socket back-pressures) to the table and completes the chain with
+  length 0; waits for the next kick.
+- relay: accepts host connections and reports socket readiness (:mod:`devicehost_vsock.relay`).
+- rx: only while the table has rx work *and* the guest has an rx buffer posted, fills that buffer
+  (reading host data straight into guest memory when the buffer is one range, else through a
+  bounce buffer) and completes it. A popped buffer that got no packet is kept for the next one.
+
+Timeouts are served by the rx loop only, so with no rx buffers posted nothing times out and no
+CONNECT line is read (facts section 9.8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+
+from devicehost.virtio import DescriptorChain, VirtQueue
+from devicehost_vsock.manager import ConnectionManager
+from devicehost_vsock.protocol import HEADER_SIZE, TX_BUF_SIZE
+from devicehost_vsock.relay import Relay
+
+__all__ = ["VsockWorker"]
+
+#: Largest rx packet assembled in the bounce buffer (a header plus 256 KiB of data).
+_BOUNCE_SIZE = HEADER_SIZE + 4 * TX_BUF_SIZE
+
+
+class VsockWorker:
+    """The per-open state of the device: queues, connection table and relay."""
+
+    def __init__(
+        self, rx: VirtQueue, tx: VirtQueue, manager: ConnectionManager, relay: Relay
+    ) -> None:
+        self.rx = rx
+        self.tx = tx
+        self.manager = manager
+        self.relay = relay
+        self._held: DescriptorChain | None = None
+        self._wake_event = anyio.Event()
+        self._bounce = memoryview(bytearray(_BOUNCE_SIZE))
+        self.packets_in = 0
+        self.packets_out = 0
+
+    def wake(self) -> None:
+        """Something changed in the table: let the rx loop look for work."""
+        self._wake_event.set()
+
+    async def run(self) -> None:
+        """Process until cancelled (cancel-safe: state lives on the worker)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.relay.serve_listener)
+            tg.start_soon(self.relay.serve_epoll)
+            tg.start_soon(self._tx_loop)
+            await self._rx_loop()
+
+    # ----------------------------------------------------------------- tx
+
+    async def _tx_loop(self) -> None:
+        while True:
+            self.drain_tx()
+            await self.tx.wait_kick()
+
+    def drain_tx(self) -> int:
+        """Handle every available tx chain; returns how many."""
+        count = 0
+        now = anyio.current_time()
+        while (chain := self.tx.pop()) is not None:
+            parts = chain.readable
+            if parts and len(parts[0]) >= HEADER_SIZE:
+                first = parts[0]
+                header: memoryview | bytes = first[:HEADER_SIZE]
+                payload = [first[HEADER_SIZE:], *parts[1:]]
+            else:
+                header = chain.peek(0, HEADER_SIZE)
+                payload = _views_after(parts, HEADER_SIZE)
+            self.manager.handle_tx(header, payload, now)
+            self.tx.push(chain, 0)
+            count += 1
+        if count:
+            self.packets_in += count
+            self.wake()
+        return count
+
+    # ----------------------------------------------------------------- rx
+
+    async def _rx_loop(self) -> None:
+        manager = self.manager
+        while True:
+            now = anyio.current_time()
+            if manager.has_rx_work(now):
+                chain = self._held or self.rx.pop()
+                if chain is None:
+                    await self.rx.wait_kick()
+                    continue
+                self._held = None
+                size = self._fill(chain, now)
+                if size is not None:
+                    self.rx.push(chain, size)
+                    self.packets_out += 1
+                    continue
+                self._held = chain
+            event = self._wake_event = anyio.Event()
+            deadline = manager.next_deadline()
+            timeout = math.inf if deadline is None else max(0.0, deadline - now)
+            with anyio.move_on_after(timeout):
+                await event.wait()
+
+    def _fill(self, chain: DescriptorChain, now: float) -> int | None:
+        parts = chain.writable
+        if len(parts) == 1:
+            return self.manager.produce_rx(parts[0], now)
+        bounce = self._bounce[: min(chain.writable_len, _BOUNCE_SIZE)]
+        size = self.manager.produce_rx(bounce, now)
+        if size:
+            chain.write_at(0, bounce[:size])
+        return size
+
+
+def _views_after(parts: tuple[memoryview, ...], offset: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for part in parts:
+        if offset >= len(part):
+            offset -= len(part)
+            continue
+        out.append(part[offset:])
+        offset = 0
+    return out

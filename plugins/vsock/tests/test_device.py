@@ -1,0 +1,321 @@
+"""The 21 upstream integration behaviours (facts section 12), through the in-process driver,
+real Unix sockets and the real device in a real host."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import struct
+
+import anyio
+import pytest
+
+from devicehost_vsock.guest_stack import GuestSockets, GuestStack
+from devicehost_vsock.hybrid import TEMPLATE_GUID
+from devicehost_vsock.protocol import HEADER_SIZE, SHUTDOWN_RECEIVE, SHUTDOWN_SEND, Op
+
+from .hostside import listen, raw, read_exactly, read_line, read_to_eof
+
+pytestmark = pytest.mark.anyio
+
+
+def base(guest: GuestStack) -> str:
+    runner = guest.host.devices["vsock"].runner  # type: ignore[attr-defined]
+    return str(runner.base_path)
+
+
+async def guest_connect(guest: GuestStack, local: int, port: int) -> None:
+    guest.post_rx(1)
+    guest.send(Op.REQUEST, local, port)
+    packet = await guest.recv()
+    assert packet.header.op == Op.RESPONSE, packet.header
+    assert (packet.header.src_port, packet.header.dst_port) == (port, local)
+
+
+async def test_config_returns_guest_cid(guest: GuestStack) -> None:
+    low, high = struct.unpack("<II", guest.driver.read_config(0, 4) + guest.driver.read_config(4, 4))
+    assert low | high << 32 == 3
+
+
+async def test_guest_connect_handshake(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5000)
+    guest.post_rx(1)
+    guest.send(Op.REQUEST, 1024, 5000)
+    with anyio.fail_after(5):
+        host = await listener.accept()
+    packet = await guest.recv()
+    h = packet.header
+    assert (h.op, h.src_cid, h.dst_cid, h.src_port, h.dst_port) == (Op.RESPONSE, 2, 3, 5000, 1024)
+    assert (h.buf_alloc, h.fwd_cnt, h.len, packet.written) == (65536, 0, 0, HEADER_SIZE)
+    await host.aclose()
+    await listener.aclose()
+
+
+async def test_guest_to_host_data(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5001)
+    await guest_connect(guest, 1024, 5001)
+    host = await listener.accept()
+    guest.send(Op.RW, 1024, 5001, b"hello from guest")
+    assert await read_exactly(host, 16) == b"hello from guest"
+
+
+async def test_host_to_guest_data(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5002)
+    await guest_connect(guest, 1024, 5002)
+    host = await listener.accept()
+    await host.send(b"hello from host")
+    guest.post_rx(1)
+    packet = await guest.recv()
+    assert packet.header.op == Op.RW and packet.header.len == 15
+    assert packet.data == b"hello from host"
+    assert packet.written == HEADER_SIZE + 15
+
+
+async def test_bidirectional_echo(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5003)
+    await guest_connect(guest, 1024, 5003)
+    host = await listener.accept()
+    guest.send(Op.RW, 1024, 5003, b"ping")
+    await host.send(await read_exactly(host, 4))
+    guest.post_rx(4)
+    packet = await guest.recv_op(Op.RW)
+    assert packet.data == b"ping"
+
+
+async def test_connect_to_nonexistent_port_gets_rst(guest: GuestStack) -> None:
+    guest.post_rx(1)
+    guest.send(Op.REQUEST, 1024, 9999)
+    packet = await guest.recv()
+    h = packet.header
+    assert (h.op, h.src_port, h.dst_port, h.buf_alloc, h.fwd_cnt) == (Op.RST, 9999, 1024, 0, 0)
+
+
+async def test_guest_connect_falls_back_to_guid_path(guest: GuestStack) -> None:
+    listener = await anyio.create_unix_listener(f"{base(guest)}_00001389-facb-11e6-bd58-64006a7986d3")
+    await guest_connect(guest, 1024, 5001)
+    host = await listener.accept()
+    guest.send(Op.RW, 1024, 5001, b"via guid")
+    assert await read_exactly(host, 8) == b"via guid"
+
+
+async def test_multiple_simultaneous_connections(guest: GuestStack) -> None:
+    la, lb = await listen(base(guest), 6000), await listen(base(guest), 6001)
+    await guest_connect(guest, 1100, 6000)
+    host_a = await la.accept()
+    await guest_connect(guest, 1101, 6001)
+    host_b = await lb.accept()
+    guest.send(Op.RW, 1100, 6000, b"to A")
+    guest.send(Op.RW, 1101, 6001, b"to B")
+    assert await read_exactly(host_a, 4) == b"to A"
+    assert await read_exactly(host_b, 4) == b"to B"
+    await host_b.send(b"from B")
+    guest.post_rx(4)
+    packet = await guest.recv_op(Op.RW)
+    assert (packet.header.src_port, packet.header.dst_port, packet.data) == (6001, 1101, b"from B")
+
+
+async def test_multiple_connections_same_host_port(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 7000)
+    await guest_connect(guest, 2000, 7000)
+    first = await listener.accept()
+    await guest_connect(guest, 2001, 7000)
+    second = await listener.accept()
+    guest.send(Op.RW, 2001, 7000, b"second")
+    guest.send(Op.RW, 2000, 7000, b"first")
+    assert await read_exactly(first, 5) == b"first"
+    assert await read_exactly(second, 6) == b"second"
+
+
+@pytest.mark.parametrize(
+    ("flags", "eof"),
+    [(SHUTDOWN_SEND | SHUTDOWN_RECEIVE, True), (SHUTDOWN_SEND, True), (SHUTDOWN_RECEIVE, False)],
+    ids=["guest_shutdown", "guest_shutdown_send_only", "guest_shutdown_receive_only"],
+)
+async def test_guest_shutdown(guest: GuestStack, flags: int, eof: bool) -> None:
+    listener = await listen(base(guest), 5010)
+    await guest_connect(guest, 1024, 5010)
+    host = await listener.accept()
+    guest.send(Op.SHUTDOWN, 1024, 5010, flags=flags)
+    if eof:
+        assert await read_to_eof(host) == b""
+    else:
+        guest.send(Op.RW, 1024, 5010, b"still open")
+        assert await read_exactly(host, 10) == b"still open"
+
+
+async def test_large_payload_guest_to_host(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5011)
+    await guest_connect(guest, 1024, 5011)
+    host = await listener.accept()
+    payload = os.urandom(4096)
+    guest.send(Op.RW, 1024, 5011, payload)
+    assert await read_exactly(host, 4096) == payload
+
+
+async def host_connect(guest: GuestStack, line: bytes, port: int) -> tuple[object, int]:
+    stream = await anyio.connect_unix(base(guest))
+    await stream.send(line)
+    guest.post_rx(1)
+    request = await guest.recv()
+    h = request.header
+    assert (h.op, h.dst_port, h.dst_cid, h.src_cid) == (Op.REQUEST, port, 3, 2)
+    assert (h.buf_alloc, h.fwd_cnt) == (65536, 0)
+    guest.send(Op.RESPONSE, port, h.src_port)
+    return stream, h.src_port
+
+
+async def test_host_connect_to_guest(guest: GuestStack) -> None:
+    stream, local = await host_connect(guest, b"CONNECT 8080\n", 8080)
+    ok = await read_line(stream)  # type: ignore[arg-type]
+    match = re.fullmatch(rb"OK (\d+)\n", ok)
+    assert match and int(match[1]) == local > 0
+    await stream.send(b"host says hi")  # type: ignore[attr-defined]
+    guest.post_rx(1)
+    packet = await guest.recv()
+    assert (packet.header.op, packet.data) == (Op.RW, b"host says hi")
+    guest.send(Op.RW, 8080, local, b"guest says hi")
+    assert await read_exactly(stream, 13) == b"guest says hi"  # type: ignore[arg-type]
+
+
+async def test_host_connect_to_guest_with_guid(guest: GuestStack) -> None:
+    stream, local = await host_connect(
+        guest, b"CONNECT 00001f90-facb-11e6-bd58-64006a7986d3\n", 8080
+    )
+    ok = await read_line(stream)  # type: ignore[arg-type]
+    match = re.fullmatch(rb"OK ([0-9a-f]{8})(-[0-9a-f-]{27})\n", ok)
+    assert match and match[2].decode() == TEMPLATE_GUID[8:]
+    assert int(match[1], 16) == local != 0
+
+
+async def test_host_connect_two_connections_get_different_ports(guest: GuestStack) -> None:
+    first, port_a = await host_connect(guest, b"CONNECT 9001\n", 9001)
+    second, port_b = await host_connect(guest, b"connect 9002\n", 9002)
+    ok_a, ok_b = await read_line(first), await read_line(second)  # type: ignore[arg-type]
+    assert ok_a == f"OK {port_a}\n".encode() and ok_b == f"OK {port_b}\n".encode()
+    assert port_a != port_b and {port_a, port_b} == {0x4000_0000, 0x4000_0001}
+
+
+async def test_guest_send_exercises_ring_buffer(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5020)
+    await guest_connect(guest, 1024, 5020)
+    host = await listener.accept()
+    raw(host).setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    payload = os.urandom(128 * 1024)
+    for i in range(128):
+        guest.send(Op.RW, 1024, 5020, payload[i * 1024 : (i + 1) * 1024])
+        guest.reap_tx()
+    with anyio.fail_after(5):
+        while guest.txq.in_flight:
+            await guest.txq.wait_used()
+    guest.post_rx(1)
+    first = await guest.recv()
+    assert first.header.op == Op.CREDIT_UPDATE
+    assert 0 < first.header.fwd_cnt < 131072
+    assert await read_exactly(host, len(payload)) == payload
+    last = first
+    guest.post_rx(8)
+    with anyio.fail_after(5):
+        while last.header.fwd_cnt != 131072:
+            last = await guest.recv()
+            assert last.header.op == Op.CREDIT_UPDATE
+
+
+async def test_host_send_respects_credit(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5030)
+    await guest_connect(guest, 1024, 5030)
+    host = await listener.accept()
+    guest.post_rx(128)
+    payload = os.urandom(16 * 6144)
+    async with anyio.create_task_group() as tg:
+        async def write_all() -> None:
+            for i in range(16):
+                await host.send(payload[i * 6144 : (i + 1) * 6144])
+
+        tg.start_soon(write_all)
+        got = bytearray()
+        while True:
+            packet = await guest.recv()
+            if packet.header.op == Op.CREDIT_REQUEST:
+                break
+            assert packet.header.op == Op.RW
+            got += packet.data
+        assert len(got) == 65536
+        await guest.expect_silence(0.1)
+        guest.send(Op.CREDIT_UPDATE, 1024, 5030, fwd_cnt=65536)
+        while len(got) < len(payload):
+            packet = await guest.recv()
+            assert packet.header.op == Op.RW
+            got += packet.data
+    assert bytes(got) == payload
+    raw(host).shutdown(socket.SHUT_WR)
+    end = await guest.recv()
+    assert end.header.op == Op.SHUTDOWN and end.header.flags & SHUTDOWN_SEND
+    await guest.expect_silence(0.1)
+
+
+async def test_bounce_buffer_rx_fragmented_descriptor(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5040)
+    await guest_connect(guest, 1024, 5040)
+    host = await listener.accept()
+    payload = bytes(range(256))
+    await host.send(payload)
+    guest.rxq.add(writable=[HEADER_SIZE + 128, 128], fragment=HEADER_SIZE + 128)
+    guest.rxq.kick()
+    packet = await guest.recv()
+    assert packet.header.op == Op.RW and packet.data == payload
+
+
+async def test_bounce_buffer_tx_fragmented_descriptor(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5041)
+    await guest_connect(guest, 1024, 5041)
+    host = await listener.accept()
+    payload = os.urandom(256)
+    guest.send_raw([guest.header(Op.RW, 1024, 5041, 256), payload[:128], payload[128:]])
+    guest.send(Op.RW, 1024, 5041, payload, fragment=100)
+    assert await read_exactly(host, 512) == payload + payload
+
+
+async def test_host_shutdown(guest: GuestStack) -> None:
+    listener = await listen(base(guest), 5030)
+    await guest_connect(guest, 1024, 5030)
+    host = await listener.accept()
+    raw(host).shutdown(socket.SHUT_WR)
+    guest.post_rx(4)
+    packet = await guest.recv()
+    h = packet.header
+    assert (h.op, h.src_port, h.dst_port) == (Op.SHUTDOWN, 5030, 1024)
+    assert h.flags == SHUTDOWN_SEND
+    # Not fully closed: no RST, however long we wait (the graceful timer has not started).
+    await guest.expect_silence(0.5)
+    raw(host).shutdown(socket.SHUT_RDWR)
+    start = anyio.current_time()
+    rst = await guest.recv(timeout=5)
+    assert (rst.header.op, rst.header.src_port, rst.header.dst_port) == (Op.RST, 5030, 1024)
+    assert anyio.current_time() - start >= 1.9
+
+
+async def test_stress_echo(guest: GuestStack) -> None:
+    sockets = GuestSockets(guest, rx_buffers=64)
+    sockets.listen(1234, echo=True)
+    rng = random.Random(7)
+
+    async def client() -> None:
+        stream = await anyio.connect_unix(base(guest))
+        await stream.send(b"CONNECT 1234\n")
+        assert (await read_line(stream, timeout=10)).startswith(b"OK ")
+        for _ in range(rng.randint(1, 8)):
+            chunk = rng.randbytes(16384)
+            await stream.send(chunk)
+            assert await read_exactly(stream, len(chunk), timeout=10) == chunk
+        await stream.aclose()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sockets.pump)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as clients:
+                for _ in range(10):
+                    clients.start_soon(client)
+        tg.cancel_scope.cancel()
+    assert len(sockets.accepted) == 10
