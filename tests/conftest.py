@@ -1,0 +1,95 @@
+"""Shared fixtures of the host tests: the anyio backend and throwaway third-party plugins."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+# Imported up front: ``fake_site`` narrows sys.path to a directory of fake distributions, and the
+# plugins installed there import these.
+import anyio  # noqa: F401
+import attrs  # noqa: F401
+import importlib_metadata  # noqa: F401
+import pluggy  # noqa: F401
+import pytest
+
+import devicehost
+import devicehost.context
+import devicehost.hookspecs
+import devicehost.lifecycle
+
+
+def _load_builder() -> ModuleType:
+    name = "devicehost_tests_thirdparty_builder"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).parent / "thirdparty" / "builder.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def thirdparty() -> ModuleType:
+    """tests/thirdparty/builder.py: throwaway plugin distributions (``CATALOG``, builders)."""
+    return _load_builder()
+
+
+def _forget_throwaway_modules() -> None:
+    for name in [n for n in sys.modules if n.startswith("dh_")]:
+        del sys.modules[name]
+
+
+SELECTION_VARIABLES = (
+    "DEVICEHOST_LOAD_PLUGINS",
+    "DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD",
+    "DEVICEHOST_TRACE",
+)
+
+
+class FakeSite:
+    """A site-packages directory that is the only place distributions are found."""
+
+    def __init__(self, root: Path, builder: ModuleType) -> None:
+        self.root = root
+        self.builder = builder
+
+    def install(self, *dists: Any) -> None:
+        for dist in dists:
+            self.builder.write_installed(self.root, dist)
+
+    def install_catalog(self, *roles: str) -> None:
+        self.install(*(self.builder.CATALOG[r] for r in roles))
+
+
+@pytest.fixture
+def fake_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thirdparty: ModuleType
+) -> Iterator[FakeSite]:
+    """Only the distributions installed into this fixture are visible (the shipped plugins are
+    not), and the plugin-selection environment variables are unset."""
+    root = tmp_path / "site-packages"
+    root.mkdir()
+    paths = sysconfig.get_paths()
+    host_dir = str(Path(devicehost.__file__).parent.parent)
+    stdlib = [paths["stdlib"], paths["platstdlib"], str(Path(paths["platstdlib"]) / "lib-dynload")]
+    monkeypatch.setattr(sys, "path", [str(root), *stdlib, host_dir])
+    for var in SELECTION_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    _forget_throwaway_modules()
+    importlib.invalidate_caches()
+    yield FakeSite(root, thirdparty)
+    _forget_throwaway_modules()

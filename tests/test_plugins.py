@@ -1,0 +1,320 @@
+"""Plugin discovery, selection and isolation, over fake distributions on sys.path."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+
+from devicehost.errors import PluginError
+from devicehost.plugins import PluginInfo, Registry, list_plugins, load_plugins
+
+ALL = ("good", "broken", "badhook", "clash_a", "clash_b", "future", "counter")
+
+
+def by_name(infos: list[PluginInfo]) -> dict[str, list[PluginInfo]]:
+    out: dict[str, list[PluginInfo]] = {}
+    for info in infos:
+        out.setdefault(info.name, []).append(info)
+    return out
+
+
+def one(infos: list[PluginInfo], name: str) -> PluginInfo:
+    (info,) = by_name(infos)[name]
+    return info
+
+
+def test_listing_reads_metadata_only(fake_site: Any) -> None:
+    fake_site.install_catalog(*ALL)
+    infos = list_plugins()
+    assert not [m for m in sys.modules if m.startswith("dh_")]
+    good = one(infos, "good")
+    assert (good.distribution, good.version, good.status, good.error) == (
+        "dh-good", "1.2.0", "loaded", None
+    )
+    assert good.to_json() == {
+        "name": "good", "distribution": "dh-good", "version": "1.2.0", "status": "loaded",
+        "error": None,
+    }
+    # Import problems are invisible to metadata: listing cannot see them.
+    assert one(infos, "broken").status == "loaded"
+    future = one(infos, "future")
+    assert future.status == "error"
+    assert future.error is not None and "needs host API 2" in future.error
+    clash = by_name(infos)["clash"]
+    assert [c.distribution for c in clash] == ["dh-clash-a", "dh-clash-b"]
+    for info in clash:
+        assert info.status == "error"
+        assert info.error is not None
+        assert "'dh-clash-a'" in info.error and "'dh-clash-b'" in info.error
+
+
+def test_loading_isolates_each_broken_plugin(fake_site: Any) -> None:
+    fake_site.install_catalog(*ALL)
+    registry = load_plugins()
+    assert set(registry.device_classes) == {"good"}
+    assert registry.device_classes["good"].__name__ == "GoodDevice"
+    assert [type(p).__name__ for p in registry.cross_cutting] == ["module"]
+    assert one(registry.infos, "good").kind == "device"
+    assert one(registry.infos, "counter").kind == "cross-cutting"
+
+    broken = one(registry.infos, "broken")
+    assert broken.status == "error"
+    assert broken.error == "import failed: RuntimeError: dh_broken refuses to import"
+    badhook = one(registry.infos, "badhook")
+    assert badhook.status == "error"
+    assert badhook.error is not None
+    assert "do not match the specs" in badhook.error and "flavour" in badhook.error
+    # A plugin for another host API is refused before import (its import would raise).
+    assert "dh_future" not in sys.modules
+    assert one(registry.infos, "future").status == "error"
+    # Neither claimant of one name is imported.
+    assert "dh_clash_a" not in sys.modules and "dh_clash_b" not in sys.modules
+    assert sorted(i.name for i in registry.errors) == [
+        "badhook", "broken", "clash", "clash", "future"
+    ]
+    problems = registry.problems()
+    assert len(problems) == 5
+    assert any(p.startswith("broken (dh-broken 1.0): import failed") for p in problems)
+
+
+def test_strict_mode_raises_naming_every_broken_plugin(fake_site: Any) -> None:
+    fake_site.install_catalog("good", "broken", "badhook")
+    with pytest.raises(PluginError) as info:
+        load_plugins(strict=True)
+    assert "broken (dh-broken 1.0)" in str(info.value)
+    assert "badhook (dh-badhook 1.0)" in str(info.value)
+    fake_site.install_catalog()
+    assert load_plugins(["no:broken", "no:badhook"], strict=True).device_classes.keys() == {"good"}
+
+
+@pytest.mark.parametrize("block", ["no:broken", "no:dh-broken", "no:DH_Broken", " no:dh.broken"])
+def test_block_by_entry_point_or_distribution_name_before_import(
+    fake_site: Any, block: str
+) -> None:
+    fake_site.install_catalog("good", "broken")
+    registry = load_plugins([block])
+    broken = one(registry.infos, "broken")
+    assert broken.status == "blocked"
+    assert broken.error == f"blocked by -p {block.strip()}"
+    assert "dh_broken" not in sys.modules
+    assert registry.errors == []
+    assert one(registry.infos, "good").status == "loaded"
+
+
+def test_blocking_one_claimant_resolves_a_name_clash(fake_site: Any) -> None:
+    fake_site.install_catalog("clash_a", "clash_b")
+    registry = load_plugins(["no:dh-clash-a"])
+    a, b = by_name(registry.infos)["clash"]
+    assert (a.status, b.status) == ("blocked", "loaded")
+    device = registry.create_device("clash", None)
+    assert type(device).__module__ == "dh_clash_b"
+    assert "dh_clash_a" not in sys.modules
+
+
+def test_allow_list(fake_site: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_site.install_catalog("good", "broken", "counter")
+    monkeypatch.setenv("DEVICEHOST_LOAD_PLUGINS", " good , dh-counter")
+    registry = load_plugins()
+    assert {i.name: i.status for i in registry.infos} == {
+        "good": "loaded", "counter": "loaded", "broken": "blocked"
+    }
+    assert one(registry.infos, "broken").error == "not in DEVICEHOST_LOAD_PLUGINS"
+    assert "dh_broken" not in sys.modules
+    # -p NAME adds to the allow-list; -p no:NAME still wins over it.
+    registry = load_plugins(["broken", "no:good"])
+    assert {i.name: i.status for i in registry.infos} == {
+        "good": "blocked", "counter": "loaded", "broken": "error"
+    }
+    monkeypatch.setenv("DEVICEHOST_LOAD_PLUGINS", "")
+    assert {i.status for i in load_plugins().infos} == {"blocked"}
+
+
+def test_autoload_off_loads_only_named_plugins(
+    fake_site: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_site.install_catalog("good", "broken")
+    monkeypatch.setenv("DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    registry = load_plugins()
+    assert {i.status for i in registry.infos} == {"blocked"}
+    assert "DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD" in (one(registry.infos, "good").error or "")
+    registry = load_plugins(["dh-good"])
+    assert registry.device_classes.keys() == {"good"}
+    assert one(registry.infos, "broken").status == "blocked"
+    monkeypatch.setenv("DEVICEHOST_DISABLE_PLUGIN_AUTOLOAD", "0")
+    assert load_plugins().device_classes.keys() == {"good"}
+
+
+def test_requested_plugin_that_is_not_installed(
+    fake_site: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_site.install_catalog("good")
+    monkeypatch.setenv("DEVICEHOST_LOAD_PLUGINS", "good,ghost")
+    registry = load_plugins(["spectre"])
+    assert registry.missing == ["ghost", "spectre"]
+    assert registry.problems() == [
+        "ghost: requested, but no installed plugin has this name",
+        "spectre: requested, but no installed plugin has this name",
+    ]
+    with pytest.raises(PluginError, match="ghost"):
+        load_plugins(strict=True)
+
+
+@pytest.mark.parametrize(
+    ("declaration", "expected"),
+    [
+        (None, "declares no host API"),
+        ("devicehost:HOST_API_V2", "needs host API 2, but devicehost 0.1.0 provides host API 1"),
+        ("devicehost:HOST_API_VERSION", "is not a host API constant"),
+        ("otherhost:HOST_API_V1", "is not a host API constant"),
+        ("devicehost : HOST_API_V1", None),
+    ],
+)
+def test_host_api_declaration(
+    fake_site: Any, thirdparty: Any, declaration: str | None, expected: str | None
+) -> None:
+    fake_site.install(
+        thirdparty.device_dist("dh-api", "dh_good", "api", "GoodDevice", api=declaration)
+    )
+    info = one(load_plugins().infos, "api")
+    if expected is None:
+        assert (info.status, info.error) == ("loaded", None)
+    else:
+        assert info.status == "error"
+        assert info.error is not None and expected in info.error
+        assert "dh_good" not in sys.modules
+
+
+def test_api_declaration_of_another_distribution_does_not_count(
+    fake_site: Any, thirdparty: Any
+) -> None:
+    fake_site.install(
+        thirdparty.device_dist("dh-one", "dh_good", "one", "GoodDevice", api=None),
+        thirdparty.Dist("dh-other", "1.0", {}, {"devicehost.api": {"one": thirdparty.API_V1}}),
+    )
+    assert "declares no host API" in (one(list_plugins(), "one").error or "")
+
+
+INVALID_PLUGINS = {
+    "no_offer": (
+        "from devicehost import hookimpl\n"
+        "class Device:\n"
+        "    @hookimpl\n"
+        "    def close(self, ctx): pass\n",
+        "Device",
+        "implements no 'offer' hook",
+    ),
+    "unknown_hook": (
+        "from devicehost import hookimpl\n"
+        "class Device:\n"
+        "    @hookimpl\n"
+        "    def offer(self, ctx): pass\n"
+        "    @hookimpl\n"
+        "    def reboot(self, ctx): pass\n",
+        "Device",
+        "unknown hook 'reboot'",
+    ),
+    "sync_wrapper": (
+        "from devicehost import hookimpl\n"
+        "@hookimpl(wrapper=True)\n"
+        "def offer(ctx): return None\n",
+        "",
+        "do not match the specs",
+    ),
+    "config_without_default": (
+        "import attrs\n"
+        "from devicehost import hookimpl\n"
+        "@attrs.frozen\n"
+        "class Config:\n"
+        "    path: str\n"
+        "class Device:\n"
+        "    config_class = Config\n"
+        "    @hookimpl\n"
+        "    def offer(self, ctx): pass\n",
+        "Device",
+        "config_class field 'path' has no default",
+    ),
+    "config_not_attrs": (
+        "from devicehost import hookimpl\n"
+        "class Device:\n"
+        "    config_class = dict\n"
+        "    @hookimpl\n"
+        "    def offer(self, ctx): pass\n",
+        "Device",
+        "config_class is not an attrs class",
+    ),
+    "no_hooks": ("VALUE = 3\n", "VALUE", "neither a device class nor an object with hook"),
+    "exits": ("import sys\nsys.exit(3)\n", "X", "import failed: SystemExit: 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_PLUGINS))
+def test_invalid_plugins_are_errors_of_their_own(
+    fake_site: Any, thirdparty: Any, case: str
+) -> None:
+    source, obj, expected = INVALID_PLUGINS[case]
+    module = f"dh_{case}"
+    dist = thirdparty.device_dist(f"dh-{case}", module, case, obj)
+    fake_site.install(
+        thirdparty.Dist(dist.name, dist.version, {module: source}, dist.entry_points),
+        thirdparty.CATALOG["good"],
+    )
+    registry = load_plugins()
+    info = one(registry.infos, case)
+    assert info.status == "error"
+    assert info.error is not None and expected in info.error
+    assert registry.device_classes.keys() == {"good"}
+
+
+def test_constructor_exception_is_recorded_against_the_plugin(
+    fake_site: Any, thirdparty: Any
+) -> None:
+    source = (
+        "from devicehost import hookimpl\n"
+        "class Device:\n"
+        "    def __init__(self, config):\n"
+        "        raise OSError('no such backing store')\n"
+        "    @hookimpl\n"
+        "    def offer(self, ctx): pass\n"
+    )
+    dist = thirdparty.device_dist("dh-ctor", "dh_ctor", "ctor", "Device")
+    fake_site.install(
+        thirdparty.Dist(dist.name, dist.version, {"dh_ctor": source}, dist.entry_points),
+        thirdparty.CATALOG["good"],
+    )
+    registry = load_plugins()
+    assert registry.errors == []
+    with pytest.raises(PluginError, match="constructor raised OSError: no such backing store"):
+        registry.create_device("ctor", None)
+    info = one(registry.infos, "ctor")
+    assert info.status == "error"
+    assert info.error == "constructor raised OSError: no such backing store"
+    good = registry.create_device("good", None)
+    assert type(good).__name__ == "GoodDevice"
+    with pytest.raises(PluginError, match="'nothing' is not loaded"):
+        registry.create_device("nothing", None)
+
+
+def test_create_device_of_a_broken_plugin_says_why(fake_site: Any) -> None:
+    fake_site.install_catalog("broken")
+    registry = load_plugins()
+    with pytest.raises(PluginError, match="refuses to import"):
+        registry.create_device("broken", None)
+
+
+def test_registry_repr_and_lookup() -> None:
+    info = PluginInfo("x", "dh-x", "1", "error", "boom")
+    registry = Registry({}, [], [info])
+    assert registry.info("x") is info
+    assert registry.info("y") is None
+    assert "errors=['x']" in repr(registry)
+
+
+def test_shipped_plugins_load_in_the_dev_install() -> None:
+    registry = load_plugins(environ={})
+    shipped = {"vmbfs", "vsock", "intercept", "sidecar"}
+    assert shipped <= registry.device_classes.keys()
+    for name in shipped:
+        info = registry.info(name)
+        assert info is not None and info.distribution == f"devicehost-{name}"
