@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
@@ -426,6 +427,14 @@ def decode_offer_channel_untrusted(data: bytes | bytearray | memoryview) -> Offe
 # -- opens, GPADLs, modify (facts §5.1) ----------------------------------------------------------
 
 
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+def _gpadl_tuple(values: Iterable[RestoredGpadl]) -> tuple[RestoredGpadl, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class OpenData:
     """What a guest's OpenChannel says.
@@ -462,7 +471,7 @@ class GpadlRequest:
 
     id: int
     count: int
-    buf: tuple[int, ...] = attrs.field(converter=tuple)
+    buf: tuple[int, ...] = attrs.field(converter=_int_tuple)
 
 
 @attrs.frozen
@@ -486,7 +495,7 @@ class RestoreResult:
     and the GPADLs of its channel."""
 
     open_request: OpenRequest | None
-    gpadls: tuple[RestoredGpadl, ...] = attrs.field(default=(), converter=tuple)
+    gpadls: tuple[RestoredGpadl, ...] = attrs.field(default=(), converter=_gpadl_tuple)
 
 
 # -- requests ------------------------------------------------------------------------------------

@@ -1,0 +1,699 @@
+"""The in-process VMBus server (the ParentBus of facts §5): offers, GPADLs, opens, revokes.
+
+Two sides talk to it:
+
+- the **device side** (a transport) offers a channel with :meth:`VmbusServer.add_child`, passing
+  a :class:`ChannelDevice` the server calls when the guest opens, closes or modifies the channel,
+  and keeps the returned :class:`ChannelHandle` to revoke the offer or restore it;
+- the **guest side** (a :class:`devicehost.vmbus.client.VmbusClient`) subscribes to offers with
+  :meth:`VmbusServer.subscribe` and sends :class:`ChannelRequest` values with
+  :meth:`VmbusServer.request`.
+
+Rules (what a guest may and may not do):
+
+- Every guest request is validated; a bad one is refused with :class:`ChannelRequestError`
+  (carrying the status the guest would see, ``STATUS_UNSUCCESSFUL``) and changes nothing. No
+  guest request can raise anything else into the host; a device that fails its open is reported
+  to the guest the same way.
+- GPADL ids are unique per server; a GPADL belongs to the channel it was created on and every
+  page it names must be inside guest memory.
+- An open maps its ring GPADL (map count + 1) and builds the host's channel over its pages split
+  at ``ring_offset``: pages ``[0, ring_offset)`` are the ring the host reads, ``[ring_offset, n)``
+  the ring the host writes. The GPADL must be one range at byte offset 0 of whole pages and
+  ``0 < ring_offset < n``. Close unmaps it; a teardown of a mapped GPADL completes only when the
+  last map is gone.
+- Closing subchannel 0 closes the open subchannels first (highest index first); revoking a
+  primary offer revokes its subchannels first. Channel ids are never reused by one server.
+
+Save/restore (facts §5.2, §5.3): :meth:`VmbusServer.save` records every offer's channel id, its
+GPADLs and its open request. A fresh server given that state with :meth:`VmbusServer.restore`
+*before* the offers are added again hands each re-added offer its old channel id;
+:meth:`ChannelHandle.restore` then re-creates the GPADLs and, if the device saved its channel
+open, rebuilds the channel over the same ring pages (the rings continue where they were). A
+device that could not save its open channel (``was_open=False`` for a channel saved open) is
+revoked and offered anew under a new channel id.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Protocol
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from devicehost.vmbus.channel import RawChannel, Signal, connected_signals, raw_channel_from_rings
+from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, decode_gpa_ranges_untrusted
+from devicehost.vmbus.guid import Guid
+from devicehost.vmbus.protocol import (
+    STATUS_SUCCESS,
+    STATUS_UNSUCCESSFUL,
+    USER_DEFINED_SIZE,
+    ChannelRequest,
+    CloseRequest,
+    GpadlChannelRequest,
+    GpadlRequest,
+    IncomingOffer,
+    ModifyChannelRequest,
+    ModifyRequest,
+    OfferChannel,
+    OfferFlags,
+    OfferKey,
+    OfferParams,
+    OpenChannelRequest,
+    OpenData,
+    OpenRequest,
+    OpenResources,
+    RestoredGpadl,
+    RestoreRequest,
+    RestoreResult,
+    RevokeRequest,
+    ServerRequest,
+    TeardownGpadlRequest,
+)
+from devicehost.vmbus.ring import RingError, RingMemory
+
+__all__ = [
+    "ChannelDevice",
+    "ChannelHandle",
+    "ChannelRequestError",
+    "OfferError",
+    "SavedChannel",
+    "SavedGpadl",
+    "SavedOpen",
+    "ServerSavedState",
+    "VmbusServer",
+]
+
+log = logging.getLogger("devicehost.vmbus.server")
+
+_U16: Final = 0xFFFF
+_U32: Final = 0xFFFFFFFF
+#: Most u64 words a range buffer may hold (GpadlHeader.len is a u16 byte count).
+MAX_GPADL_WORDS: Final = _U16 // 8
+
+
+class ChannelRequestError(Exception):
+    """Raised when the server refuses a guest's request; the guest (or the device, for a failed
+    open) is to blame. ``status`` is what the guest sees on the wire."""
+
+    def __init__(self, message: str, status: int = STATUS_UNSUCCESSFUL) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OfferError(Exception):
+    """Raised when the device side makes an invalid offer (duplicate key, missing primary)."""
+
+
+class ChannelDevice(Protocol):
+    """What the server calls on the device side of one offer."""
+
+    async def open(self, resources: OpenResources) -> None:
+        """The guest opened the channel; raise to fail the open."""
+
+    async def close(self) -> None:
+        """The channel closes (guest close, or revoke); the host's channel closes after."""
+
+    async def modify(self, request: ModifyRequest) -> int:
+        """The guest retargets the interrupt; return a status (0 = success)."""
+
+
+# -- saved state ----------------------------------------------------------------------------------
+
+
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+def _saved_gpadl_tuple(values: Iterable[SavedGpadl]) -> tuple[SavedGpadl, ...]:
+    return tuple(values)
+
+
+def _saved_channel_tuple(values: Iterable[SavedChannel]) -> tuple[SavedChannel, ...]:
+    return tuple(values)
+
+
+@attrs.frozen
+class SavedGpadl:
+    """A GPADL that existed: its id, range count and range buffer."""
+
+    id: int
+    count: int
+    buf: tuple[int, ...] = attrs.field(converter=_int_tuple)
+
+
+@attrs.frozen
+class SavedOpen:
+    """The open data of a channel that was open."""
+
+    ring_gpadl_id: int
+    ring_offset: int
+    target_vp: int | None
+    event_flag: int
+    connection_id: int
+    user_data: bytes
+
+
+@attrs.frozen
+class SavedChannel:
+    """One offer's server state: its key (as text), channel id, GPADLs and open data."""
+
+    interface_id: str
+    instance_id: str
+    subchannel_index: int
+    channel_id: int
+    gpadls: tuple[SavedGpadl, ...] = attrs.field(converter=_saved_gpadl_tuple)
+    open: SavedOpen | None = None
+
+    @property
+    def key(self) -> OfferKey:
+        return OfferKey(
+            Guid.parse(self.interface_id), Guid.parse(self.instance_id), self.subchannel_index
+        )
+
+
+@attrs.frozen
+class ServerSavedState:
+    """What :meth:`VmbusServer.save` records."""
+
+    channels: tuple[SavedChannel, ...] = attrs.field(converter=_saved_channel_tuple)
+    next_channel_id: int = 1
+
+
+# -- bookkeeping ----------------------------------------------------------------------------------
+
+
+class _OpenState(enum.Enum):
+    CLOSED = "closed"
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+
+
+class _Gpadl:
+    """A GPADL: its request, its parsed ranges, and how many rings map it."""
+
+    def __init__(self, request: GpadlRequest, ranges: MultiPagedRange, channel_id: int) -> None:
+        self.request = request
+        self.ranges = ranges
+        self.channel_id = channel_id
+        self.map_count = 0
+        self.teardown_requested = False
+        self.unmapped: anyio.Event | None = None
+
+    def unmap(self) -> None:
+        self.map_count -= 1
+        if self.map_count == 0 and self.unmapped is not None:
+            self.unmapped.set()
+
+
+class ChannelHandle:
+    """The device side's handle on one offer."""
+
+    def __init__(self, server: VmbusServer, params: OfferParams, device: ChannelDevice,
+                 channel_id: int) -> None:
+        self.server = server
+        self.params = params
+        self.device = device
+        self._assign(channel_id)
+        self.state = _OpenState.CLOSED
+        self.open_request: OpenRequest | None = None
+        self.channel: RawChannel | None = None
+        self.gpadl_id: int | None = None
+        #: The guest's end of the channel's signal while open (the client picks it up).
+        self.guest_signal: Signal | None = None
+        self._host_signal: Signal | None = None
+        self._saved: SavedChannel | None = None
+
+    def _assign(self, channel_id: int) -> None:
+        """(Re)offer under ``channel_id``: a fresh offer with a fresh revoke notification."""
+        self.channel_id = channel_id
+        self.offer = OfferChannel.for_params(self.params, channel_id)
+        self.revoked = False
+        self.revoked_event = anyio.Event()
+
+    @property
+    def key(self) -> OfferKey:
+        return self.params.key
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is _OpenState.OPEN
+
+    @property
+    def open_resources(self) -> OpenResources | None:
+        """The resources of the open channel (None while closed)."""
+        if self.channel is None or self.open_request is None:
+            return None
+        return OpenResources(self.channel, self.server.memory, self.open_request)
+
+    def incoming_offer(self) -> IncomingOffer:
+        return IncomingOffer(self.offer, self.params.interface_name, self.revoked_event)
+
+    async def request(self, request: ServerRequest) -> RestoreResult | None:
+        """Dispatch a :class:`ServerRequest` (Restore or Revoke)."""
+        if isinstance(request, RestoreRequest):
+            return await self.restore(request.was_open)
+        if isinstance(request, RevokeRequest):
+            await self.revoke()
+            return None
+        raise TypeError(f"not a server request: {request!r}")
+
+    async def revoke(self) -> None:
+        """Revoke the offer: subchannels first, open channels closed, GPADLs dropped."""
+        await self.server._revoke(self)
+
+    async def restore(self, was_open: bool) -> RestoreResult:
+        """Restore this offer's saved server state; see the module docstring."""
+        return await self.server._restore_channel(self, was_open)
+
+    def rebuild_channel(self) -> OpenResources:
+        """Build a fresh host channel over the open channel's ring (same pages, same guest
+        signal), for a device whose runner is being rebuilt by ``restore_open``."""
+        if self.state is not _OpenState.OPEN or self.open_request is None:
+            raise ChannelRequestError(f"channel {self.channel_id} is not open")
+        gpadl = self.server._gpadls[self.open_request.open_data.ring_gpadl_id]
+        assert self._host_signal is not None
+        self.channel = self.server._ring_channel(
+            gpadl, self.open_request.open_data.ring_offset, self._host_signal
+        )
+        return OpenResources(self.channel, self.server.memory, self.open_request)
+
+    def __repr__(self) -> str:
+        return f"<ChannelHandle {self.key} id={self.channel_id} {self.state.value}>"
+
+
+class VmbusServer:
+    """An in-process VMBus server over ``memory`` (the guest's memory)."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self._channels: dict[int, ChannelHandle] = {}
+        self._by_key: dict[OfferKey, ChannelHandle] = {}
+        self._gpadls: dict[int, _Gpadl] = {}
+        self._next_channel_id = 1
+        self._saved: dict[OfferKey, SavedChannel] = {}
+        self._subscribers: list[MemoryObjectSendStream[IncomingOffer]] = []
+
+    # -- device side -------------------------------------------------------------------------------
+
+    def add_child(self, params: OfferParams, device: ChannelDevice) -> ChannelHandle:
+        """Offer a channel; returns the device side's handle. Raises :class:`OfferError`."""
+        key = params.key
+        if key in self._by_key:
+            raise OfferError(f"offer {key} already exists")
+        if params.subchannel_index and OfferKey(key.interface_id, key.instance_id) not in (
+            self._by_key
+        ):
+            raise OfferError(f"subchannel offer {key} has no primary channel offered")
+        saved = self._saved.pop(key, None)
+        if saved is not None and saved.channel_id not in self._channels:
+            channel_id = saved.channel_id
+        else:
+            saved = None
+            channel_id = self._allocate_channel_id()
+        handle = ChannelHandle(self, params, device, channel_id)
+        handle._saved = saved
+        self._register(handle)
+        return handle
+
+    def _register(self, handle: ChannelHandle) -> None:
+        self._channels[handle.channel_id] = handle
+        self._by_key[handle.key] = handle
+        self._announce(handle)
+
+    async def _reoffer(self, handle: ChannelHandle) -> None:
+        """Revoke the offer and offer it again under a new channel id."""
+        await self._revoke(handle)
+        handle._assign(self._allocate_channel_id())
+        self._register(handle)
+
+    def _allocate_channel_id(self) -> int:
+        channel_id = self._next_channel_id
+        while channel_id in self._channels or any(
+            s.channel_id == channel_id for s in self._saved.values()
+        ):
+            channel_id += 1
+        self._next_channel_id = channel_id + 1
+        return channel_id
+
+    def _announce(self, handle: ChannelHandle) -> None:
+        offer = handle.incoming_offer()
+        for stream in list(self._subscribers):
+            try:
+                stream.send_nowait(offer)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._subscribers.remove(stream)
+
+    def handles(self) -> Iterator[ChannelHandle]:
+        """Every current offer, in channel id order."""
+        return iter(sorted(self._channels.values(), key=lambda h: h.channel_id))
+
+    def handle_for(self, key: OfferKey) -> ChannelHandle | None:
+        return self._by_key.get(key)
+
+    def _subchannels(self, handle: ChannelHandle) -> list[ChannelHandle]:
+        """Subchannels of a primary offer, highest index first."""
+        if handle.key.subchannel_index:
+            return []
+        subs = [
+            h for h in self._channels.values()
+            if h.key.subchannel_index
+            and (h.key.interface_id, h.key.instance_id)
+            == (handle.key.interface_id, handle.key.instance_id)
+        ]
+        return sorted(subs, key=lambda h: -h.key.subchannel_index)
+
+    async def _revoke(self, handle: ChannelHandle) -> None:
+        if handle.revoked:
+            return
+        for sub in self._subchannels(handle):
+            await self._revoke(sub)
+        handle.revoked = True
+        if handle.state in (_OpenState.OPEN, _OpenState.CLOSING):
+            await self._close(handle)
+        for gpadl_id, gpadl in list(self._gpadls.items()):
+            if gpadl.channel_id == handle.channel_id:
+                del self._gpadls[gpadl_id]
+                if gpadl.unmapped is not None:
+                    gpadl.unmapped.set()
+        del self._channels[handle.channel_id]
+        del self._by_key[handle.key]
+        handle.revoked_event.set()
+
+    # -- guest side --------------------------------------------------------------------------------
+
+    def subscribe(self) -> MemoryObjectReceiveStream[IncomingOffer]:
+        """A stream of every current offer, then of each new offer as it is made."""
+        send, receive = anyio.create_memory_object_stream[IncomingOffer](math.inf)
+        for handle in self.handles():
+            send.send_nowait(handle.incoming_offer())
+        self._subscribers.append(send)
+        return receive
+
+    async def request(self, channel_id: int, request: ChannelRequest) -> Signal | None:
+        """Carry out a guest's request on channel ``channel_id``.
+
+        Returns the guest's end of the channel signal for an open, else None. Raises
+        :class:`ChannelRequestError` (and only that) when the request is refused.
+        """
+        handle = self._channels.get(channel_id)
+        if handle is None or handle.revoked:
+            raise ChannelRequestError(f"channel {channel_id} is not offered")
+        if isinstance(request, GpadlChannelRequest):
+            self._create_gpadl(handle, request.request)
+        elif isinstance(request, TeardownGpadlRequest):
+            await self._teardown_gpadl(handle, request.id)
+        elif isinstance(request, OpenChannelRequest):
+            return await self._open(handle, request.request)
+        elif isinstance(request, CloseRequest):
+            if handle.state is not _OpenState.OPEN:
+                raise ChannelRequestError(
+                    f"channel {channel_id} cannot close while {handle.state.value}"
+                )
+            await self._close(handle)
+        elif isinstance(request, ModifyChannelRequest):
+            await self._modify(handle, request.request)
+        else:
+            raise ChannelRequestError(f"unknown channel request {type(request).__name__}")
+        return None
+
+    def guest_signal(self, channel_id: int) -> Signal:
+        """The guest's end of open channel ``channel_id``'s signal (e.g. after a restore)."""
+        handle = self._channels.get(channel_id)
+        if handle is None or handle.guest_signal is None or not handle.is_open:
+            raise ChannelRequestError(f"channel {channel_id} is not open")
+        return handle.guest_signal
+
+    # -- GPADLs ------------------------------------------------------------------------------------
+
+    def _parse_gpadl(self, request: GpadlRequest) -> MultiPagedRange:
+        if not 0 <= request.id <= _U32:
+            raise ChannelRequestError(f"GPADL id {request.id!r} is not a u32")
+        if request.id in self._gpadls:
+            raise ChannelRequestError(f"GPADL id {request.id:#x} is already in use")
+        if not 1 <= request.count <= _U16:
+            raise ChannelRequestError(f"GPADL range count {request.count!r} is not 1..65535")
+        if len(request.buf) > MAX_GPADL_WORDS:
+            raise ChannelRequestError(
+                f"GPADL range buffer has {len(request.buf)} words, at most {MAX_GPADL_WORDS}"
+            )
+        try:
+            ranges = decode_gpa_ranges_untrusted(request.buf, request.count)
+        except (GpaRangeError, ValueError, TypeError) as exc:
+            raise ChannelRequestError(f"GPADL {request.id:#x}: {exc}") from exc
+        for paged in ranges.ranges:
+            for gpa, length in paged.segments():
+                try:
+                    self.memory.view(gpa, length)
+                except GuestMemoryError as exc:
+                    raise ChannelRequestError(
+                        f"GPADL {request.id:#x} names memory outside the guest: {exc}"
+                    ) from exc
+        return ranges
+
+    def _create_gpadl(self, handle: ChannelHandle, request: GpadlRequest) -> None:
+        ranges = self._parse_gpadl(request)
+        self._gpadls[request.id] = _Gpadl(request, ranges, handle.channel_id)
+
+    def _channel_gpadl(self, handle: ChannelHandle, gpadl_id: int) -> _Gpadl:
+        gpadl = self._gpadls.get(gpadl_id)
+        if gpadl is None or gpadl.channel_id != handle.channel_id:
+            raise ChannelRequestError(
+                f"GPADL {gpadl_id!r} does not exist on channel {handle.channel_id}"
+            )
+        return gpadl
+
+    async def _teardown_gpadl(self, handle: ChannelHandle, gpadl_id: int) -> None:
+        gpadl = self._channel_gpadl(handle, gpadl_id)
+        if gpadl.teardown_requested:
+            raise ChannelRequestError(f"GPADL {gpadl_id:#x} is already being torn down")
+        gpadl.teardown_requested = True
+        if gpadl.map_count:
+            # Deferred: completes when the ring that maps it is closed.
+            gpadl.unmapped = anyio.Event()
+            await gpadl.unmapped.wait()
+        if self._gpadls.get(gpadl_id) is gpadl:
+            del self._gpadls[gpadl_id]
+
+    # -- open / close / modify ---------------------------------------------------------------------
+
+    def _ring_channel(self, gpadl: _Gpadl, ring_offset: int, signal: Signal) -> RawChannel:
+        """The host's channel over a ring GPADL split at ``ring_offset`` (ChannelRequestError)."""
+        ranges = gpadl.ranges.ranges
+        if len(ranges) != 1:
+            raise ChannelRequestError(f"ring GPADL {gpadl.request.id:#x} must be one range")
+        (paged,) = ranges
+        if paged.byte_offset != 0 or paged.byte_count % PAGE_SIZE:
+            raise ChannelRequestError(
+                f"ring GPADL {gpadl.request.id:#x} must be whole pages at offset 0"
+            )
+        pfns = paged.gpns
+        if not 0 < ring_offset < len(pfns):
+            raise ChannelRequestError(
+                f"ring offset {ring_offset} is outside the GPADL's {len(pfns)} pages"
+            )
+        try:
+            incoming = RingMemory.from_pages(self.memory, pfns[:ring_offset])
+            outgoing = RingMemory.from_pages(self.memory, pfns[ring_offset:])
+            return raw_channel_from_rings(incoming, outgoing, signal)
+        except RingError as exc:
+            raise ChannelRequestError(f"ring GPADL {gpadl.request.id:#x}: {exc}") from exc
+
+    def _check_open_data(self, data: OpenData) -> None:
+        if data.target_vp is not None and not 0 <= data.target_vp <= _U32:
+            raise ChannelRequestError(f"target_vp {data.target_vp!r} is not a u32")
+        if not 0 <= data.event_flag <= _U16 or not 0 <= data.connection_id <= _U32:
+            raise ChannelRequestError("event_flag or connection_id out of range")
+        if len(data.user_data) != USER_DEFINED_SIZE:
+            raise ChannelRequestError("open user data must be 120 bytes")
+
+    def _negotiate(self, handle: ChannelHandle, request: OpenRequest) -> OpenRequest:
+        flags = handle.offer.flags
+        return OpenRequest(
+            request.open_data,
+            use_confidential_ring=request.use_confidential_ring
+            and OfferFlags.CONFIDENTIAL_RING_BUFFER in flags,
+            use_confidential_external_memory=request.use_confidential_external_memory
+            and OfferFlags.CONFIDENTIAL_EXTERNAL_MEMORY in flags,
+            is_external_memory_pinned=request.is_external_memory_pinned
+            and OfferFlags.REQUIRE_PINNED_EXTERNAL_MEMORY in flags,
+        )
+
+    async def _open(self, handle: ChannelHandle, request: OpenRequest) -> Signal:
+        if handle.state is not _OpenState.CLOSED:
+            raise ChannelRequestError(
+                f"channel {handle.channel_id} cannot open while {handle.state.value}"
+            )
+        data = request.open_data
+        self._check_open_data(data)
+        gpadl = self._channel_gpadl(handle, data.ring_gpadl_id)
+        if gpadl.teardown_requested:
+            raise ChannelRequestError(f"GPADL {data.ring_gpadl_id:#x} is being torn down")
+        host_signal, guest_signal = connected_signals()
+        channel = self._ring_channel(gpadl, data.ring_offset, host_signal)
+        request = self._negotiate(handle, request)
+        gpadl.map_count += 1
+        handle.state = _OpenState.OPENING
+        handle.open_request, handle.channel, handle.gpadl_id = request, channel, gpadl.request.id
+        try:
+            await handle.device.open(OpenResources(channel, self.memory, request))
+        except Exception as exc:
+            log.warning("device of %s failed to open: %s", handle.key, exc)
+            self._drop_open(handle)
+            host_signal.close()
+            raise ChannelRequestError(f"the device failed to open: {exc}") from exc
+        except BaseException:
+            self._drop_open(handle)
+            host_signal.close()
+            raise
+        if handle.revoked:
+            # Revoked while the device was opening: undo the open.
+            await self._close(handle)
+            raise ChannelRequestError(f"channel {handle.channel_id} was revoked while opening")
+        handle.state = _OpenState.OPEN
+        handle._host_signal, handle.guest_signal = host_signal, guest_signal
+        return guest_signal
+
+    def _drop_open(self, handle: ChannelHandle) -> None:
+        if handle.gpadl_id is not None:
+            gpadl = self._gpadls.get(handle.gpadl_id)
+            if gpadl is not None:
+                gpadl.unmap()
+        if handle.channel is not None:
+            handle.channel.close()
+        handle.state = _OpenState.CLOSED
+        handle.open_request = handle.channel = handle.gpadl_id = None
+        handle.guest_signal = handle._host_signal = None
+
+    async def _close(self, handle: ChannelHandle) -> None:
+        if not handle.key.subchannel_index:
+            for sub in self._subchannels(handle):
+                if sub.state is _OpenState.OPEN:
+                    await self._close(sub)
+        handle.state = _OpenState.CLOSING
+        try:
+            with anyio.CancelScope(shield=True):
+                await handle.device.close()
+        except Exception:
+            log.exception("device of %s failed to close", handle.key)
+        finally:
+            self._drop_open(handle)
+
+    async def _modify(self, handle: ChannelHandle, request: ModifyRequest) -> None:
+        if handle.state is not _OpenState.OPEN:
+            raise ChannelRequestError(f"channel {handle.channel_id} is not open")
+        if not 0 <= request.target_vp <= _U32:
+            raise ChannelRequestError(f"target_vp {request.target_vp!r} is not a u32")
+        try:
+            status = await handle.device.modify(request)
+        except Exception as exc:
+            raise ChannelRequestError(f"the device failed to modify: {exc}") from exc
+        if status != STATUS_SUCCESS:
+            raise ChannelRequestError("the device refused the modify", status & _U32)
+
+    # -- save / restore ----------------------------------------------------------------------------
+
+    def save(self) -> ServerSavedState:
+        """Record every offer's channel id, GPADLs and open data."""
+        channels = []
+        for handle in self.handles():
+            gpadls = tuple(
+                SavedGpadl(g.request.id, g.request.count, g.request.buf)
+                for g in self._gpadls.values()
+                if g.channel_id == handle.channel_id
+            )
+            saved_open = None
+            if handle.state is _OpenState.OPEN and handle.open_request is not None:
+                d = handle.open_request.open_data
+                saved_open = SavedOpen(d.ring_gpadl_id, d.ring_offset, d.target_vp,
+                                       d.event_flag, d.connection_id, d.user_data)
+            key = handle.key
+            channels.append(SavedChannel(str(key.interface_id), str(key.instance_id),
+                                         key.subchannel_index, handle.channel_id, gpadls,
+                                         saved_open))
+        return ServerSavedState(tuple(channels), self._next_channel_id)
+
+    def restore(self, state: ServerSavedState) -> None:
+        """Take a saved state; call before the offers are added again. Raises ValueError if
+        this server already has offers or the state repeats a key or a channel id."""
+        if self._channels:
+            raise ValueError("restore a server before offering channels")
+        saved: dict[OfferKey, SavedChannel] = {}
+        ids: set[int] = set()
+        for channel in state.channels:
+            if channel.key in saved or channel.channel_id in ids or channel.channel_id <= 0:
+                raise ValueError(f"saved state repeats offer {channel.key} or its channel id")
+            saved[channel.key] = channel
+            ids.add(channel.channel_id)
+        self._saved = saved
+        self._next_channel_id = max(state.next_channel_id, max(ids, default=0) + 1)
+
+    async def _restore_channel(self, handle: ChannelHandle, was_open: bool) -> RestoreResult:
+        saved, handle._saved = handle._saved, None
+        if saved is None:
+            return RestoreResult(None, ())
+        if saved.open is not None and not was_open:
+            # The device could not keep its open channel: revoke it and offer it anew.
+            await self._reoffer(handle)
+            return RestoreResult(None, ())
+        restored = []
+        for g in saved.gpadls:
+            request = GpadlRequest(g.id, g.count, g.buf)
+            try:
+                self._create_gpadl(handle, request)
+            except ChannelRequestError as exc:
+                log.warning("saved GPADL %#x of %s is invalid: %s", g.id, handle.key, exc)
+                restored.append(RestoredGpadl(request, accepted=False))
+            else:
+                restored.append(RestoredGpadl(request, accepted=True))
+        if saved.open is None:
+            return RestoreResult(None, tuple(restored))
+        o = saved.open
+        try:
+            open_request = OpenRequest(OpenData(o.ring_offset, o.ring_gpadl_id, o.target_vp,
+                                                o.event_flag, o.connection_id, o.user_data))
+            self._check_open_data(open_request.open_data)
+            gpadl = self._channel_gpadl(handle, o.ring_gpadl_id)
+            host_signal, guest_signal = connected_signals()
+            channel = self._ring_channel(gpadl, o.ring_offset, host_signal)
+        except (ChannelRequestError, ValueError, TypeError) as exc:
+            # A saved state is untrusted: an open that cannot be rebuilt is offered anew.
+            log.warning("saved open channel of %s cannot be restored: %s", handle.key, exc)
+            await self._reoffer(handle)
+            return RestoreResult(None, ())
+        gpadl.map_count += 1
+        handle.state = _OpenState.OPEN
+        handle.open_request, handle.channel = open_request, channel
+        handle.gpadl_id = o.ring_gpadl_id
+        handle._host_signal, handle.guest_signal = host_signal, guest_signal
+        return RestoreResult(open_request, tuple(restored))
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Revoke every offer (primaries revoke their subchannels first) and end the streams."""
+        for handle in sorted(self._channels.values(), key=lambda h: -h.channel_id):
+            await self._revoke(handle)
+        for stream in self._subscribers:
+            stream.close()
+        self._subscribers.clear()
+
+    def inspect(self) -> dict[str, Any]:
+        return {
+            "channels": [
+                {"key": str(h.key), "channel_id": h.channel_id, "state": h.state.value,
+                 "name": h.params.interface_name}
+                for h in self.handles()
+            ],
+            "gpadls": {
+                f"{gid:#x}": {"channel_id": g.channel_id, "mapped": g.map_count}
+                for gid, g in self._gpadls.items()
+            },
+        }
