@@ -213,6 +213,7 @@ class _Served:
     device: Device
     traits: DeviceTraits
     scope: anyio.CancelScope | None = None
+    backend: Any = None  # the VhostUserBackend serving the device, if any
     link: _InProcessLink | None = None
 
 
@@ -249,8 +250,8 @@ class VirtioTransport:
         if socket_path:
             from devicehost.virtio.vhost_user import VhostUserBackend
 
-            backend = VhostUserBackend(device, offer, str(socket_path))
-            served.scope = await self.host.task_group.start(backend.serve)
+            served.backend = VhostUserBackend(device, offer, str(socket_path))
+            served.scope = await self.host.task_group.start(served.backend.serve)
         self._served[device.name] = served
 
     async def remove(self, device: Device) -> None:
@@ -266,6 +267,13 @@ class VirtioTransport:
             self._memory.close()
             self._memory = None
             self._allocator = None
+
+    def vhost_user_backend(self, device_name: str) -> Any:
+        """The :class:`devicehost.virtio.vhost_user.VhostUserBackend` serving ``device_name``."""
+        served = self._served.get(device_name)
+        if served is None or served.backend is None:
+            raise LifecycleError(f"device {device_name!r} is not served over vhost-user")
+        return served.backend
 
     async def connect_driver(
         self, device_name: str, queue_size: int = 256, *, features: int | None = None

@@ -1,0 +1,523 @@
+"""The vhost-user backend: serve a virtio device to a VMM (QEMU) over a Unix socket.
+
+:class:`BackendSession` is the sans-I/O protocol state of one frontend connection: it takes
+decoded messages (with their file descriptors), keeps features, the memory table (memfds mapped
+into a :class:`GuestMemory` at their guest addresses, plus the VMM-virtual-address map that
+SET_VRING_ADDR is translated through) and the vrings, and returns the reply bytes.
+:class:`VhostUserBackend` is the anyio loop: it listens, reads messages, maps the session's
+state onto the device lifecycle, and accepts the next connection when the VMM goes away.
+
+Lifecycle mapping:
+- The device opens (``open`` hook with :class:`QueueResources`) once the memory table is set and
+  every vring has a size, addresses and a kick fd ("started"); it runs while every vring is
+  enabled (rings start disabled when VHOST_USER_F_PROTOCOL_FEATURES was negotiated, enabled
+  otherwise). SET_VRING_ENABLE 0 stops ``run``; 1 starts it again.
+- GET_VRING_BASE, SET_MEM_TABLE, SET_FEATURES, RESET_OWNER, and any vring reconfiguration while
+  open close the device first; vring positions survive in the session (``base``), so a reopen
+  continues where the queues were.
+- A protocol violation raises :class:`VhostUserError`: it is logged, the connection is dropped,
+  the device is closed, and the backend accepts the next connection. So does a disconnect.
+
+Decisions: a KICK without an fd (polling mode) is refused; CALL/ERR without an fd are accepted
+(notifications are dropped); messages this backend does not implement are violations, since
+QEMU only sends them after negotiating protocol features that are not offered here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+import attrs
+
+from devicehost.errors import DeviceHostError
+from devicehost.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from devicehost.virtio.doorbell import EventfdDoorbell
+from devicehost.virtio.queue import MAX_QUEUE_SIZE, U16, QueueError, QueueLayout, QueueState
+from devicehost.virtio.traits import DeviceTraits, offered_features
+from devicehost.virtio.transport import (
+    QueueResources,
+    VirtQueue,
+    build_queues,
+    device_config_read,
+    device_config_write,
+)
+from devicehost.virtio.vhost_message import (
+    F_REPLY,
+    F_VERSION,
+    HEADER,
+    MAX_MEM_REGIONS,
+    PROTOCOL_F_CONFIG,
+    PROTOCOL_F_MQ,
+    PROTOCOL_F_REPLY_ACK,
+    USER_F_PROTOCOL_FEATURES,
+    ConfigPayload,
+    Header,
+    MemRegion,
+    Request,
+    VhostUserError,
+    VringState,
+    decode_config_untrusted,
+    decode_header_untrusted,
+    decode_mem_table_untrusted,
+    decode_u64_untrusted,
+    decode_vring_addr_untrusted,
+    decode_vring_state_untrusted,
+    encode_config,
+    encode_u64,
+    encode_vring_state,
+    vring_file_index,
+)
+
+if TYPE_CHECKING:
+    from devicehost.lifecycle import Device
+
+__all__ = ["PROTOCOL_FEATURES", "BackendSession", "VhostUserBackend", "VhostUserError"]
+
+log = logging.getLogger("devicehost.virtio.vhost_user")
+
+#: Protocol features offered: MQ (GET_QUEUE_NUM), REPLY_ACK, CONFIG (GET/SET_CONFIG).
+PROTOCOL_FEATURES: Final = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (
+    1 << PROTOCOL_F_CONFIG
+)
+_HAS_REPLY: Final = frozenset({
+    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
+    Request.GET_QUEUE_NUM, Request.GET_CONFIG,
+})
+#: Requests that change what an open device runs on: the device is closed before they apply.
+_CLOSE_FIRST: Final = frozenset({
+    Request.GET_VRING_BASE, Request.SET_MEM_TABLE, Request.SET_FEATURES, Request.RESET_OWNER,
+    Request.SET_VRING_NUM, Request.SET_VRING_ADDR, Request.SET_VRING_BASE, Request.SET_VRING_KICK,
+})
+
+
+@attrs.define
+class _Vring:
+    num: int = 0
+    desc: int | None = None
+    avail: int | None = None
+    used: int | None = None
+    base: int = 0
+    enabled: bool = False
+    started: bool = False
+    kick: EventfdDoorbell = attrs.field(factory=EventfdDoorbell)
+    call: EventfdDoorbell = attrs.field(factory=EventfdDoorbell)
+    err: EventfdDoorbell = attrs.field(factory=EventfdDoorbell)
+    queue: VirtQueue | None = None
+
+    def close(self) -> None:
+        self.kick.close()
+        self.call.close()
+        self.err.close()
+
+
+class BackendSession:
+    """The protocol state of one frontend connection (no I/O)."""
+
+    def __init__(
+        self,
+        traits: DeviceTraits,
+        config_read: Callable[[int, int], bytes],
+        config_write: Callable[[int, bytes], None],
+    ) -> None:
+        self.traits = traits
+        self._config_read = config_read
+        self._config_write = config_write
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.memory: GuestMemory | None = None
+        self._user_map: list[tuple[int, int, int]] = []  # (user address, size, guest address)
+        self.vrings = [_Vring() for _ in range(traits.queue_count)]
+        self.received: list[int] = []  # request codes, in order (diagnostics and tests)
+
+    @property
+    def offered_features(self) -> int:
+        return offered_features(self.traits) | 1 << USER_F_PROTOCOL_FEATURES
+
+    @property
+    def virtio_features(self) -> int:
+        """The negotiated virtio features (without the vhost-user protocol bit)."""
+        return self.features & ~(1 << USER_F_PROTOCOL_FEATURES)
+
+    def close(self) -> None:
+        for vring in self.vrings:
+            vring.close()
+            vring.queue = None
+        self._set_memory(None, [])
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True when the device can be opened: memory mapped and every vring started."""
+        return self.memory is not None and all(
+            v.started and v.num and v.desc is not None for v in self.vrings
+        )
+
+    def all_enabled(self) -> bool:
+        return all(v.enabled for v in self.vrings)
+
+    def start_queues(self) -> QueueResources:
+        """Build the device's queues from the vrings (VhostUserError if they are unusable)."""
+        memory = self.memory
+        assert memory is not None
+        from devicehost.virtio.driver import QueueSetup
+
+        setups = []
+        states = []
+        for i, v in enumerate(self.vrings):
+            assert v.desc is not None and v.avail is not None and v.used is not None
+            layout = QueueLayout(v.num, v.desc, v.avail, v.used)
+            try:
+                used_idx = U16.unpack(memory.read(v.used + 2, 2))[0]
+            except GuestMemoryError as exc:
+                raise VhostUserError(
+                    f"vring {i} used ring is outside guest memory: {exc}"
+                ) from None
+            setups.append(QueueSetup(i, layout, v.kick, v.call))
+            states.append(QueueState(v.base, used_idx))
+        try:
+            queues = build_queues(memory, self.virtio_features, setups, states)
+        except QueueError as exc:
+            raise VhostUserError(f"the VMM's vrings are unusable: {exc}") from None
+        for v, q in zip(self.vrings, queues, strict=True):
+            v.queue = q
+        return QueueResources(queues, self.virtio_features, memory)
+
+    def stop_queues(self) -> None:
+        """The device closed: remember where each queue stopped."""
+        for v in self.vrings:
+            if v.queue is not None:
+                v.base = v.queue.queue.last_avail_idx
+                v.queue = None
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def _set_memory(self, memory: GuestMemory | None, user_map: list[tuple[int, int, int]]) -> None:
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = memory
+        self._user_map = user_map
+
+    def translate(self, user_addr: int, what: str) -> int:
+        """The guest address of a VMM virtual address (SET_VRING_ADDR)."""
+        for start, size, gpa in self._user_map:
+            if start <= user_addr < start + size:
+                return gpa + (user_addr - start)
+        raise VhostUserError(f"{what} address {user_addr:#x} is in no region of the memory table")
+
+    def _mem_table(self, regions: tuple[MemRegion, ...], fds: list[int]) -> None:
+        if len(fds) != len(regions):
+            raise VhostUserError(
+                f"SET_MEM_TABLE has {len(regions)} regions but {len(fds)} file descriptors"
+            )
+        memory = GuestMemory()
+        try:
+            for r, fd in zip(regions, fds, strict=True):
+                try:
+                    memory.add_region(
+                        MemoryRegion(r.guest_addr, r.size, fd=fd, offset=r.mmap_offset,
+                                     owns_fd=True)
+                    )
+                except (OSError, ValueError, OverflowError) as exc:
+                    os.close(fd)
+                    raise VhostUserError(f"SET_MEM_TABLE region {r} cannot be mapped: {exc}") \
+                        from None
+                finally:
+                    fds.remove(fd)
+        except BaseException:
+            memory.close()
+            raise
+        self._set_memory(memory, [(r.user_addr, r.size, r.guest_addr) for r in regions])
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    def handle(self, header: Header, payload: bytes, fds: list[int]) -> bytes | None:
+        """Apply one message; returns the reply (header included) or None.
+
+        Takes ownership of ``fds``: those the message uses are kept, the rest are closed.
+        """
+        try:
+            try:
+                request = Request(header.request)
+            except ValueError:
+                raise VhostUserError(f"unsupported request {header.request}") from None
+            self.received.append(request)
+            body = self._dispatch(request, payload, fds)
+            if fds:
+                raise VhostUserError(f"{request.name} carried {len(fds)} unexpected fds")
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            fds.clear()
+        if request in _HAS_REPLY:
+            assert body is not None
+            return HEADER.pack(request, F_VERSION | F_REPLY, len(body)) + body
+        if header.need_reply and self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1:
+            return HEADER.pack(request, F_VERSION | F_REPLY, 8) + encode_u64(0)
+        return None
+
+    def _vring(self, index: int, what: str) -> _Vring:
+        if index >= len(self.vrings):
+            raise VhostUserError(f"{what} names vring {index}; the device has {len(self.vrings)}")
+        return self.vrings[index]
+
+    def _take_fd(self, payload: bytes, fds: list[int], what: str) -> tuple[int, int | None]:
+        value = decode_u64_untrusted(payload, what)
+        index, has_fd = vring_file_index(value, len(self.vrings), what)
+        if not has_fd:
+            return index, None
+        if len(fds) != 1:
+            raise VhostUserError(f"{what} for vring {index} carried {len(fds)} fds, not 1")
+        return index, fds.pop()
+
+    def _dispatch(self, request: Request, payload: bytes, fds: list[int]) -> bytes | None:
+        name = request.name
+        no_payload = (Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
+                      Request.SET_OWNER, Request.RESET_OWNER)
+        if request in no_payload and payload:
+            raise VhostUserError(f"{name} carries a {len(payload)}-byte payload, expected none")
+        if request is Request.GET_FEATURES:
+            return encode_u64(self.offered_features)
+        if request is Request.SET_FEATURES:
+            value = decode_u64_untrusted(payload, name)
+            if value & ~self.offered_features:
+                raise VhostUserError(
+                    f"SET_FEATURES acks {value & ~self.offered_features:#x}, never offered"
+                )
+            self.features = value
+            return None
+        if request is Request.GET_PROTOCOL_FEATURES:
+            return encode_u64(PROTOCOL_FEATURES)
+        if request is Request.SET_PROTOCOL_FEATURES:
+            value = decode_u64_untrusted(payload, name)
+            if value & ~PROTOCOL_FEATURES:
+                raise VhostUserError(
+                    f"SET_PROTOCOL_FEATURES acks {value & ~PROTOCOL_FEATURES:#x}, never offered"
+                )
+            self.protocol_features = value
+            return None
+        if request is Request.GET_QUEUE_NUM:
+            return encode_u64(len(self.vrings))
+        if request is Request.SET_OWNER:
+            self.owner = True
+            return None
+        if request is Request.RESET_OWNER:
+            self.owner = False
+            self.features = 0
+            for i, v in enumerate(self.vrings):
+                v.close()
+                self.vrings[i] = _Vring()
+            return None
+        if request is Request.SET_MEM_TABLE:
+            regions = decode_mem_table_untrusted(payload)
+            self._mem_table(regions, fds)
+            return None
+        if request in (Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.SET_VRING_ENABLE,
+                       Request.GET_VRING_BASE):
+            return self._vring_state(request, decode_vring_state_untrusted(payload, name))
+        if request is Request.SET_VRING_ADDR:
+            addr = decode_vring_addr_untrusted(payload)
+            v = self._vring(addr.index, name)
+            desc = self.translate(addr.desc, "descriptor table")
+            avail = self.translate(addr.avail, "available ring")
+            used = self.translate(addr.used, "used ring")
+            if desc % 16 or avail % 2 or used % 4:
+                raise VhostUserError(
+                    f"vring {addr.index} parts are misaligned: desc {desc:#x} avail {avail:#x}"
+                    f" used {used:#x}"
+                )
+            v.desc, v.avail, v.used = desc, avail, used
+            return None
+        if request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+            index, fd = self._take_fd(payload, fds, name)
+            v = self.vrings[index]
+            if request is Request.SET_VRING_KICK:
+                if fd is None:
+                    raise VhostUserError(f"SET_VRING_KICK for vring {index} without an fd"
+                                         " (polling mode is not supported)")
+                v.kick.set_fd(fd)
+                v.started = True
+                if not self.features >> USER_F_PROTOCOL_FEATURES & 1:
+                    v.enabled = True
+            elif request is Request.SET_VRING_CALL:
+                v.call.set_fd(fd)
+                if v.started:
+                    # An interrupt raised on the old fd may have been lost: a spurious one on the
+                    # new fd is harmless, a lost one could stall the guest.
+                    v.call.ring()
+            else:
+                v.err.set_fd(fd)
+            return None
+        if request is Request.GET_CONFIG:
+            cfg = decode_config_untrusted(payload, name, with_data=False)
+            data = self._config_read(cfg.offset, cfg.size)
+            return encode_config(ConfigPayload(cfg.offset, cfg.size, cfg.flags, data))
+        assert request is Request.SET_CONFIG
+        cfg = decode_config_untrusted(payload, name, with_data=True)
+        self._config_write(cfg.offset, cfg.data)
+        return None
+
+    def _vring_state(self, request: Request, state: VringState) -> bytes | None:
+        v = self._vring(state.index, request.name)
+        if request is Request.SET_VRING_NUM:
+            num = state.num
+            if not 1 <= num <= min(MAX_QUEUE_SIZE, self.traits.max_queue_size) or num & (num - 1):
+                raise VhostUserError(
+                    f"SET_VRING_NUM {num} for vring {state.index} is not a power of two up to"
+                    f" {self.traits.max_queue_size}"
+                )
+            v.num = num
+        elif request is Request.SET_VRING_BASE:
+            if state.num > 0xFFFF:
+                raise VhostUserError(f"SET_VRING_BASE {state.num} does not fit a 16-bit index")
+            v.base = state.num
+        elif request is Request.SET_VRING_ENABLE:
+            if state.num not in (0, 1):
+                raise VhostUserError(f"SET_VRING_ENABLE {state.num} is neither 0 nor 1")
+            v.enabled = bool(state.num)
+        else:  # GET_VRING_BASE: the device was closed; the ring stops.
+            v.started = False
+            v.enabled = False
+            return encode_vring_state(VringState(state.index, v.base))
+        return None
+
+
+_MAX_FDS: Final = MAX_MEM_REGIONS
+
+
+class VhostUserBackend:
+    """Serves ``device`` to one VMM at a time on the Unix socket ``path``.
+
+    ``errors`` records each dropped connection's protocol error; ``connections`` counts accepted
+    connections and ``finished`` those fully torn down (device closed, fds released);
+    ``session`` is the live connection's state (None between connections).
+    """
+
+    def __init__(self, device: Device, traits: DeviceTraits, path: str) -> None:
+        self.device = device
+        self.traits = traits
+        self.path = path
+        self.errors: list[str] = []
+        self.connections = 0
+        self.finished = 0
+        self._finished_event: anyio.Event | None = None
+        self.session: BackendSession | None = None
+        self._open = False
+        self.logger = getattr(device.ctx, "logger", log)
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Listen and serve connections until cancelled; reports its cancel scope as started."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)  # a stale socket of an earlier run
+        listener = await anyio.create_unix_listener(self.path)
+        try:
+            with anyio.CancelScope() as scope:
+                task_status.started(scope)
+                async with listener:
+                    while True:
+                        stream = await listener.accept()
+                        self.connections += 1
+                        await self._serve_connection(stream)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def _receive(
+        self, stream: anyio.abc.SocketStream, size: int, fds: list[int], *, first: bool
+    ) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            try:
+                chunk, new_fds = await stream.receive_fds(size - len(data), _MAX_FDS)  # type: ignore[attr-defined]
+            except anyio.EndOfStream:
+                chunk, new_fds = b"", []
+            except RuntimeError as exc:  # unexpected ancillary data
+                raise VhostUserError(f"the VMM sent unexpected ancillary data: {exc}") from None
+            fds.extend(new_fds)
+            if not chunk:
+                if first and not data:
+                    return None
+                raise VhostUserError(f"the VMM disconnected in the middle of a {size}-byte read")
+            data += chunk
+        return data
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
+        session = self.session = BackendSession(
+            self.traits,
+            lambda offset, size: device_config_read(self.device, self.traits, offset, size),
+            lambda offset, data: device_config_write(self.device, offset, data),
+        )
+        fds: list[int] = []
+        try:
+            async with stream:
+                while True:
+                    raw = await self._receive(stream, HEADER.size, fds, first=True)
+                    if raw is None:
+                        self.logger.info("vhost-user frontend disconnected from %s", self.path)
+                        break
+                    header = decode_header_untrusted(raw)
+                    payload = b""
+                    if header.size:
+                        payload = await self._receive(stream, header.size, fds, first=False) \
+                            or b""
+                    if header.request in _CLOSE_FIRST:
+                        await self._close(session)
+                    reply = session.handle(header, payload, fds)
+                    await self._reconcile(session)
+                    if reply is not None:
+                        await stream.send(reply)
+        except VhostUserError as exc:
+            self.errors.append(str(exc))
+            self.logger.error("vhost-user frontend on %s broke the protocol: %s", self.path, exc)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.logger.info("vhost-user connection on %s lost: %s", self.path, exc)
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with anyio.CancelScope(shield=True):
+                await self._close(session)
+            session.close()
+            self.session = None
+            self.finished += 1
+            if self._finished_event is not None:
+                self._finished_event.set()
+
+    async def wait_finished(self, count: int) -> None:
+        """Wait until ``count`` connections have been torn down."""
+        while self.finished < count:
+            self._finished_event = event = anyio.Event()
+            await event.wait()
+
+    async def _close(self, session: BackendSession) -> None:
+        if self._open:
+            self._open = False
+            await self.device.close()
+            session.stop_queues()
+
+    async def _reconcile(self, session: BackendSession) -> None:
+        if not self._open and session.ready():
+            resources = session.start_queues()
+            try:
+                await self.device.open(resources, start=False)
+            except DeviceHostError as exc:
+                session.stop_queues()
+                self.logger.error("device %r did not open over vhost-user: %s",
+                                  self.device.name, exc)
+                return
+            self._open = True
+        if self._open:
+            if session.all_enabled():
+                await self.device.start()
+            else:
+                await self.device.stop()

@@ -1,0 +1,194 @@
+"""The vhost-user backend against a frontend written in the test (real socket, memfd, eventfds)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from devicehost import DeviceState
+from devicehost.memory import GuestMemory
+from devicehost.testing import host_with
+from devicehost.testing.registry import DeviceSpec
+from devicehost.virtio import VERSION_1, VirtioTransport
+from devicehost.virtio.vhost_message import (
+    F_NEED_REPLY,
+    F_VERSION,
+    PROTOCOL_F_CONFIG,
+    PROTOCOL_F_REPLY_ACK,
+    USER_F_PROTOCOL_FEATURES,
+    MemRegion,
+    Request,
+    VringAddr,
+    VringState,
+    encode_mem_table,
+    encode_u64,
+    encode_vring_addr,
+    encode_vring_state,
+)
+
+from .echo_device import MAGIC, EchoConfig, EchoDevice
+from .vhost_frontend import MEMORY_SIZE, USER_BASE, Frontend
+
+
+async def _disconnected(backend: Any, connections: int) -> None:
+    """Wait until the backend has finished with its ``connections``-th connection."""
+    await backend.wait_finished(connections)
+    assert backend.connections == connections
+
+
+async def _echo(frontend: Frontend, payload: bytes) -> bytes:
+    requests, replies = frontend.queues
+    replies.add(writable=[len(payload)])
+    replies.kick()
+    requests.add([payload])
+    requests.kick()
+    assert (await requests.wait_used()).written == 0
+    return (await replies.wait_used()).data
+
+
+@pytest.mark.anyio
+async def test_qemu_sequence_moves_data_then_reconnects(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            device = host.devices["echo"]
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(sock, memory)
+                features, config = await frontend.realize()
+                assert features >> VERSION_1 & 1 and features >> USER_F_PROTOCOL_FEATURES & 1
+                assert struct.unpack("<II", config) == (MAGIC, 0)
+                assert device.state is DeviceState.OFFERED
+                await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES)
+                assert await _echo(frontend, b"over vhost-user") == b"resu-tsohv revo"
+                assert device.state is DeviceState.RUNNING
+                big = os.urandom(20000)
+                assert await _echo(frontend, big) == big[::-1]
+                assert await frontend.stop() == (2, 2)
+                assert device.state is DeviceState.CLOSED
+                session = backend.session
+                assert session is not None and Request.SET_MEM_TABLE in session.received
+                await frontend.stream.aclose()
+
+                # The VMM comes back (e.g. after a restart) and resumes the rings.
+                frontend.stream = await anyio.connect_unix(sock)
+                await frontend.realize()
+                await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES,
+                                     bases=(2, 2))
+                assert await _echo(frontend, b"again") == b"niaga"
+                await frontend.aclose()
+                await _disconnected(backend, 2)
+            assert device.state is DeviceState.CLOSED
+            assert backend.errors == []
+    finally:
+        memory.close()
+
+
+@pytest.mark.anyio
+async def test_event_idx_and_disconnect_without_stop(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            device = host.devices["echo"]
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(sock, memory)
+                features, _ = await frontend.realize()
+                await frontend.start(features, event_idx=True)
+                for i in range(20):
+                    payload = bytes([i]) * (i + 1)
+                    assert await _echo(frontend, payload) == payload[::-1]
+                await frontend.aclose()  # the VMM dies with the device running
+                await _disconnected(host.transport(VirtioTransport).vhost_user_backend("echo"), 1)
+                assert device.state is DeviceState.CLOSED
+    finally:
+        memory.close()
+
+
+def _bad_messages() -> list[tuple[str, int, bytes, int, str]]:
+    # (id, request, payload, number of fds to attach, expected error fragment)
+    table = encode_mem_table([MemRegion(0, 4096, USER_BASE, 0)])
+    addr = encode_vring_addr(VringAddr(0, 0, USER_BASE, USER_BASE + 8192, USER_BASE + 4096, 0))
+    return [
+        ("unknown", 99, b"", 0, "unsupported request 99"),
+        ("payload-size", Request.SET_FEATURES, b"\0" * 4, 0, "4 bytes, not 8"),
+        ("huge", Request.SET_FEATURES, b"\0" * 5000, 0, "5000-byte payload"),
+        ("feature", Request.SET_FEATURES, encode_u64(1 << 63), 0, "never offered"),
+        ("fds-mismatch", Request.SET_MEM_TABLE, table, 0, "1 regions but 0 file descriptors"),
+        ("no-table", Request.SET_VRING_ADDR, addr, 0, "in no region of the memory table"),
+        ("vring-index", Request.SET_VRING_NUM, encode_vring_state(VringState(7, 8)), 0,
+         "names vring 7"),
+        ("vring-num", Request.SET_VRING_NUM, encode_vring_state(VringState(0, 100)), 0,
+         "not a power of two"),
+        ("stray-fd", Request.SET_OWNER, b"", 1, "1 unexpected fds"),
+        ("kick-nofd", Request.SET_VRING_KICK, encode_u64(0x100), 0, "polling mode"),
+        ("config", Request.GET_CONFIG, struct.pack("<III", 250, 16, 0) + bytes(16), 0,
+         "exceeds the 256-byte config space"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_hostile_frontend_is_dropped_and_backend_keeps_serving(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            cases = _bad_messages()
+            with anyio.fail_after(10):
+                for n, (_, request, payload, nfds, expected) in enumerate(cases):
+                    frontend = await Frontend.connect(sock, memory)
+                    fds = [os.eventfd(0) for _ in range(nfds)]
+                    await frontend.send(request, payload, fds)
+                    for fd in fds:
+                        os.close(fd)
+                    # The backend hangs up on us.
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await frontend.stream.receive(1)
+                    await frontend.aclose()
+                    await _disconnected(backend, n + 1)
+                    assert expected in backend.errors[n]
+                # A well-behaved VMM is still served.
+                frontend = await Frontend.connect(sock, memory)
+                await frontend.realize()
+                await frontend.aclose()
+                await _disconnected(backend, len(cases) + 1)
+            assert len(backend.errors) == len(cases)
+    finally:
+        memory.close()
+
+
+@pytest.mark.anyio
+async def test_reply_ack_only_when_negotiated(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(sock, memory)
+                protocol = await frontend.get_u64(Request.GET_PROTOCOL_FEATURES)
+                assert protocol >> PROTOCOL_F_CONFIG & 1 and protocol >> PROTOCOL_F_REPLY_ACK & 1
+                # Without REPLY_ACK negotiated, need_reply gets no answer: the next reply we read
+                # is GET_QUEUE_NUM's.
+                await frontend.send(Request.SET_OWNER, flags=F_VERSION | F_NEED_REPLY)
+                assert await frontend.get_u64(Request.GET_QUEUE_NUM) == 2
+                await frontend.send(Request.SET_PROTOCOL_FEATURES,
+                                    encode_u64(1 << PROTOCOL_F_REPLY_ACK))
+                await frontend.send(Request.SET_OWNER, flags=F_VERSION | F_NEED_REPLY)
+                assert await frontend.reply(Request.SET_OWNER) == encode_u64(0)
+                await frontend.aclose()
+                await _disconnected(backend, 1)
+            assert backend.errors == []
+    finally:
+        memory.close()
