@@ -167,7 +167,10 @@ class _Structurer:
                 errors.append(str(exc).rsplit(": ", 1)[-1])
         if len(candidates) == 1:
             raise self.fail(where, key, errors[0])
-        raise self.fail(where, key, "; ".join(dict.fromkeys(errors)))
+        wanted = [e.split(", got ")[0].removeprefix("expected ") for e in errors]
+        raise self.fail(
+            where, key, f"expected {' or '.join(dict.fromkeys(wanted))}, got {_describe(value)}"
+        )
 
     def _sequence(self, tp: Any, origin: Any, value: Any, where: str, key: str) -> Any:
         if not isinstance(value, list):

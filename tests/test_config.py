@@ -1,0 +1,255 @@
+"""TOML config -> device configs, and errors that name the file, the device and the key."""
+
+from __future__ import annotations
+
+import enum
+import pathlib
+import re
+from typing import Any, Literal
+
+import attrs
+import pytest
+
+from devicehost.config import (
+    MAX_CONFIG_BYTES,
+    DeviceConfig,
+    HostConfig,
+    default_config,
+    load_config,
+    parse_config,
+    structure,
+)
+from devicehost.errors import ConfigError
+from devicehost.plugins import PluginInfo, Registry
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    SAFE = "safe"
+
+
+@attrs.frozen
+class Backing:
+    kind: Literal["memory", "directory"] = "memory"
+    limit: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+
+
+@attrs.frozen
+class FilesConfig:
+    root: pathlib.Path = pathlib.Path("/srv")
+    read_only: bool = True
+    ratio: float = 0.5
+    names: list[str] = attrs.field(factory=list)
+    ports: tuple[int, ...] = ()
+    label: str | None = None
+    mode: Mode = Mode.SAFE
+    backing: Backing = Backing()
+    extra: dict[str, int] = attrs.field(factory=dict)
+
+
+class FilesDevice:
+    config_class = FilesConfig
+
+
+class PlainDevice:
+    """A plugin without config_class."""
+
+
+def registry() -> Registry:
+    infos = [
+        PluginInfo("files", "dh-files", "1", "loaded"),
+        PluginInfo("plain", "dh-plain", "1", "loaded"),
+        PluginInfo("broken", "dh-broken", "1", "error", "import failed: boom"),
+    ]
+    return Registry({"files": FilesDevice, "plain": PlainDevice}, [], infos)
+
+
+def test_full_config_structures_every_supported_type(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text(
+        """
+        [[device]]
+        plugin = "files"
+        name = "share"
+        root = "data"
+        read_only = false
+        ratio = 2
+        names = ["a", "b"]
+        ports = [1, 2, 3]
+        label = "x"
+        mode = "fast"
+        extra = { one = 1 }
+        [device.backing]
+        kind = "directory"
+        limit = 4
+
+        [[device]]
+        plugin = "plain"
+        """
+    )
+    config = load_config(path, registry())
+    assert config.source == str(path)
+    assert config.devices == (
+        DeviceConfig(
+            "share",
+            "files",
+            FilesConfig(
+                root=tmp_path / "data",
+                read_only=False,
+                ratio=2.0,
+                names=["a", "b"],
+                ports=(1, 2, 3),
+                label="x",
+                mode=Mode.FAST,
+                backing=Backing("directory", 4),
+                extra={"one": 1},
+            ),
+        ),
+        DeviceConfig("plain", "plain", None),
+    )
+    assert isinstance(config.device("share").config.ratio, float)
+    with pytest.raises(KeyError):
+        config.device("nope")
+
+
+def test_absolute_path_and_defaults() -> None:
+    config = parse_config('[[device]]\nplugin = "files"\nroot = "/abs"\n', registry())
+    assert config.devices == (DeviceConfig("files", "files", FilesConfig(pathlib.Path("/abs"))),)
+
+
+def test_default_config_has_one_device_per_loaded_plugin() -> None:
+    assert default_config(registry()) == HostConfig(
+        (DeviceConfig("files", "files", FilesConfig()), DeviceConfig("plain", "plain", None)),
+        "<defaults>",
+    )
+
+
+def error(text: str, reg: Registry | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, reg or registry(), source="host.toml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('mode = "turbo"', "host.toml: device 'files': key 'mode': expected one of"
+         " ['fast', 'safe'], got str 'turbo'"),
+        ("read_only = 1", "host.toml: device 'files': key 'read_only': expected true or false,"
+         " got int 1"),
+        ("ratio = true", "host.toml: device 'files': key 'ratio': expected a number, got bool"),
+        ('root = ""', "host.toml: device 'files': key 'root': expected a path string"),
+        ("names = [1]", "host.toml: device 'files': key 'names[0]': expected a string, got int 1"),
+        ("names = 'a'", "host.toml: device 'files': key 'names': expected an array, got str"),
+        ("ports = [1, true]", "host.toml: device 'files': key 'ports[1]': expected an integer"),
+        ("label = 3", "host.toml: device 'files': key 'label': expected a string, got int 3"),
+        ("extra = { one = 'x' }", "host.toml: device 'files': key 'extra.one': expected an"
+         " integer"),
+        ("backing = 3", "host.toml: device 'files': key 'backing': expected a table, got int 3"),
+        ("backing = { kind = 'disk' }", "host.toml: device 'files': key 'backing.kind': expected"
+         " one of ['memory', 'directory'], got str 'disk'"),
+        ("backing = { limit = 0 }", "host.toml: device 'files': key 'backing.limit': invalid"
+         " value: 'limit' must be >= 1: 0"),
+        ("backing = { size = 0 }", "host.toml: device 'files': key 'backing.size': unknown key;"
+         " known keys: kind, limit"),
+        ("raed_only = true", "host.toml: device 'files': key 'raed_only': unknown key (did you"
+         " mean 'read_only'?)"),
+    ],
+)
+def test_errors_name_file_device_and_key(body: str, message: str) -> None:
+    assert error(f'[[device]]\nplugin = "files"\n{body}\n').startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[device]]\nname = 'x'\n", "host.toml: device #1: key 'plugin': expected the name of a"
+         " device plugin, got nothing"),
+        ("[[device]]\nplugin = 'nope'\n", "host.toml: device 'nope': key 'plugin': no device"
+         " plugin 'nope' is installed (loaded device plugins: files, plain)"),
+        ("[[device]]\nplugin = 'broken'\n", "host.toml: device 'broken': key 'plugin': plugin"
+         " 'broken' is not loaded (error: import failed: boom)"),
+        ("[[device]]\nplugin = 'files'\n[[device]]\nplugin = 'files'\nname = 'b'\n",
+         "host.toml: device #1 (plugin 'files'): key 'name': required, as the file has 2 'files'"
+         " devices"),
+        ("[[device]]\nplugin = 'files'\nname='a'\n[[device]]\nplugin = 'plain'\nname = 'a'\n",
+         "host.toml: device #2: key 'name': duplicate device name 'a' (also device #1)"),
+        ("[[device]]\nplugin = 'files'\nname = 'a b'\n", "host.toml: device #1: key 'name':"
+         " expected a name matching"),
+        ("[[device]]\nplugin = 'plain'\nspeed = 1\n", "host.toml: device 'plain': key 'speed':"
+         " plugin 'plain' takes no settings"),
+        ("[host]\nx = 1\n", "host.toml: key 'host': unknown top-level key"),
+        ("[device]\nplugin = 'files'\n", "host.toml: key 'device': write each device as a"
+         " [[device]] table"),
+        ("[[device]\n", "host.toml: not valid TOML"),
+    ],
+)
+def test_file_level_errors(text: str, message: str) -> None:
+    assert error(text).startswith(message)
+
+
+def test_missing_unreadable_oversized_and_non_utf8_files(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot read config file"):
+        load_config(tmp_path / "missing.toml", registry())
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match=r"big\.toml: config file is larger than"):
+        load_config(big, registry())
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin\.toml: config file is not UTF-8"):
+        load_config(latin, registry())
+
+
+def test_structure_alone_and_attrs_validators_across_fields() -> None:
+    @attrs.frozen
+    class Window:
+        low: int = 0
+        high: int = 10
+
+        def __attrs_post_init__(self) -> None:
+            if self.low > self.high:
+                raise ValueError(f"low {self.low} is above high {self.high}")
+
+    assert structure(Window, {"low": 3}, "w") == Window(3, 10)
+    with pytest.raises(ConfigError, match=r"^w: invalid settings: low 11 is above high 10$"):
+        structure(Window, {"low": 11}, "w")
+
+
+def test_unsupported_field_type_blames_the_plugin() -> None:
+    @attrs.frozen
+    class Odd:
+        value: complex = 0j
+
+    with pytest.raises(ConfigError, match="config_class uses unsupported type"):
+        structure(Odd, {"value": 1}, "w")
+
+
+def test_converter_fields_get_the_raw_value() -> None:
+    @attrs.frozen
+    class Conv:
+        size: int = attrs.field(default=0, converter=int)
+
+    assert structure(Conv, {"size": "42"}, "w") == Conv(42)
+
+
+def test_union_of_two_types() -> None:
+    @attrs.frozen
+    class Either:
+        value: int | str = 0
+        pair: tuple[int, str] = (0, "")
+
+    assert structure(Either, {"value": "x", "pair": [1, "a"]}, "w") == Either("x", (1, "a"))
+    expected = "key 'value': expected an integer or a string, got float 1.5"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        structure(Either, {"value": 1.5}, "w")
+    with pytest.raises(ConfigError, match="key 'pair': expected 2 items, got 1"):
+        structure(Either, {"pair": [1]}, "w")
+
+
+def test_any_field_accepts_anything() -> None:
+    @attrs.frozen
+    class Loose:
+        blob: Any = None
+
+    assert structure(Loose, {"blob": {"a": [1]}}, "w") == Loose({"a": [1]})
