@@ -101,6 +101,7 @@ class GuestImage:
     kernel: Path
     initrd: Path
     kernel_release: str
+    vsockctl: Path  # the static helper put into the initramfs (its ``cpu`` command runs anywhere)
 
 
 def default_cache_dir() -> Path:
@@ -338,4 +339,10 @@ def prepare_guest_image(work_dir: Path, cache_dir: Path | None = None) -> GuestI
     init.chmod(0o755)
     initrd = work_dir / "initrd.gz"
     _write_initramfs(root, busybox, initrd)
-    return GuestImage(qemu=qemu, kernel=vmlinuz, initrd=initrd, kernel_release=release)
+    return GuestImage(
+        qemu=qemu,
+        kernel=vmlinuz,
+        initrd=initrd,
+        kernel_release=release,
+        vsockctl=root / "bin" / "vsockctl",
+    )

@@ -108,7 +108,8 @@ class PortListener:
                     first_byte_at=first,
                     done_at=time.monotonic(),
                 )
-                conn.sendall(self._reply)
+                if self._reply:
+                    conn.sendall(self._reply)
         except BaseException as exc:  # reported by the test, which owns the failure message
             self.error = exc
         finally:

@@ -20,6 +20,9 @@
  *   vsockctl sink PORT N                  listen on PORT like echo, read exactly N bytes, then write
  *                                         their CRC-32 (4 bytes, little-endian) as an end mark;
  *                                         prints DH SINK port= bytes= crc= ms=
+ *   vsockctl cpu N                        no socket at all: generate and checksum N pattern bytes,
+ *                                         prints DH CPU bytes= crc= ms=  (the guest CPU's speed;
+ *                                         the benchmark also runs this one natively on the host)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -294,6 +297,21 @@ static int cmd_echo(unsigned int port, uint64_t n)
 	return 0;
 }
 
+static int cmd_cpu(uint64_t n)
+{
+	static unsigned char buf[CHUNK];
+	double t0 = now_ms();
+	uint32_t crc = 0;
+	for (uint64_t off = 0; off < n;) {
+		size_t len = n - off < CHUNK ? (size_t)(n - off) : CHUNK;
+		pattern_fill(buf, 1, off, len);
+		crc = crc_update(crc, buf, len);
+		off += len;
+	}
+	printf("DH CPU bytes=%llu crc=%08x ms=%.1f\n", (unsigned long long)n, crc, now_ms() - t0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -307,8 +325,10 @@ int main(int argc, char **argv)
 		return cmd_refuse((unsigned int)parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "echo"))
 		return cmd_echo((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
+	if (argc == 3 && !strcmp(argv[1], "cpu"))
+		return cmd_cpu(parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "sink"))
 		return cmd_sink((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
-	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N\n");
+	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N | cpu N\n");
 	return 2;
 }
