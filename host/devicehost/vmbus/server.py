@@ -47,6 +47,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from devicehost.savedstate import saved_state
 from devicehost.vmbus.channel import RawChannel, Signal, connected_signals, raw_channel_from_rings
 from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, decode_gpa_ranges_untrusted
 from devicehost.vmbus.guid import Guid
@@ -178,6 +179,7 @@ class SavedChannel:
         )
 
 
+@saved_state("vmbus.ServerSavedState", 1)
 @attrs.frozen
 class ServerSavedState:
     """What :meth:`VmbusServer.save` records."""

@@ -1,0 +1,193 @@
+"""The VMBus transport: serves devices whose ``offer`` hook returns :class:`OfferParams`.
+
+One :class:`VmbusTransport` per host owns the host's single :class:`VmbusServer` over
+``host.guest_memory`` and maps each channel's events to the device's lifecycle
+(:class:`devicehost.lifecycle.Device`), as upstream's SimpleDeviceWrapper does (facts §5.3):
+
+==========================  ================================================================
+channel event               device
+==========================  ================================================================
+guest opens                 ``await device.open(OpenResources(channel, memory, request))``
+                            (which starts ``run``); a failing ``open`` fails the guest's open
+                            with status 0x8000FFFF
+guest closes                ``await device.close()`` (stop ``run``, ``close`` hook, drop runner)
+guest retargets interrupt   nothing to do in process: signalling is part of the channel
+host removes the device     revoke the offer (subchannels first), then ``device.revoke()``
+save                        stop, ``device.save()`` (None = not supported), start again
+restore                     ``device.restore(state, resources)``, or revoke and offer anew
+==========================  ================================================================
+
+Save/restore: :meth:`VmbusTransport.save` returns the server's state and each device's saved
+state. A host restoring calls :meth:`VmbusTransport.restore` on its fresh transport *before*
+adding the devices again; each :meth:`add` then restores its device: the channel keeps its id,
+its GPADLs and (if the device saved a state) its open ring, and the device's runner is rebuilt by
+``restore_open`` and started. A device that was open but saved nothing is revoked and offered
+anew (its guest sees a rescind and a new offer).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from devicehost.errors import ConfigError, LifecycleError
+from devicehost.memory import DmaAllocator
+from devicehost.vmbus.client import VmbusClient
+from devicehost.vmbus.protocol import (
+    STATUS_SUCCESS,
+    ModifyRequest,
+    OfferParams,
+    OpenResources,
+)
+from devicehost.vmbus.server import ChannelHandle, ServerSavedState, VmbusServer
+
+if TYPE_CHECKING:
+    from devicehost.lifecycle import Device
+
+__all__ = ["VmbusSavedState", "VmbusTransport"]
+
+log = logging.getLogger("devicehost.vmbus.transport")
+
+
+@attrs.frozen
+class VmbusSavedState:
+    """What :meth:`VmbusTransport.save` returns: the server's state and, per device name, the
+    state its ``save_open`` returned (None: closed, or save not supported)."""
+
+    server: ServerSavedState
+    devices: dict[str, Any] = attrs.field(factory=dict)
+
+
+class _ChannelDevice:
+    """The server's view of one served device (a :class:`devicehost.vmbus.server.ChannelDevice`)."""
+
+    def __init__(self, device: Device, params: OfferParams) -> None:
+        self.device = device
+        self.params = params
+
+    async def open(self, resources: OpenResources) -> None:
+        await self.device.open(resources, subchannel_index=self.params.subchannel_index)
+
+    async def close(self) -> None:
+        await self.device.close()
+
+    async def modify(self, request: ModifyRequest) -> int:
+        log.debug("device %r: interrupt retargeted to VP %d", self.device.name,
+                  request.target_vp)
+        return STATUS_SUCCESS
+
+
+class VmbusTransport:
+    """Serves VMBus devices on the host's in-process VMBus server."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self.server = VmbusServer(host.guest_memory)
+        self._allocator: DmaAllocator | None = None
+        self._handles: dict[str, ChannelHandle] = {}
+        self._devices: dict[str, Device] = {}
+        self._clients: list[VmbusClient] = []
+        self._restoring: dict[str, Any] = {}
+
+    @property
+    def allocator(self) -> DmaAllocator:
+        """The one DMA allocator over the guest memory, shared by every client of this host."""
+        if self._allocator is None:
+            self._allocator = DmaAllocator(self.server.memory)
+        return self._allocator
+
+    def client(self) -> VmbusClient:
+        """A guest-side client of this host's server (closed with the transport)."""
+        client = VmbusClient(self.server, self.allocator)
+        self._clients.append(client)
+        return client
+
+    def handle_of(self, device: Device) -> ChannelHandle:
+        """The server handle of a served device (KeyError if it is not served here)."""
+        return self._handles[device.name]
+
+    # -- the Transport protocol ---------------------------------------------------------------
+
+    async def add(self, device: Device, offer: Any) -> None:
+        """Offer ``device`` on the server (restoring it if a restore is pending for it)."""
+        if not isinstance(offer, OfferParams):
+            raise ConfigError(f"device {device.name!r}: the VMBus transport needs OfferParams, "
+                              f"not {type(offer).__name__}")
+        if device.name in self._handles:
+            raise ConfigError(f"device {device.name!r} is already offered on VMBus")
+        handle = self.server.add_child(offer, _ChannelDevice(device, offer))
+        self._handles[device.name] = handle
+        self._devices[device.name] = device
+        if device.name in self._restoring:
+            await self._restore_device(device, handle, self._restoring.pop(device.name))
+
+    async def remove(self, device: Device) -> None:
+        """Revoke the device's offer (closing it if open), then mark the device revoked."""
+        handle = self._handles.pop(device.name, None)
+        self._devices.pop(device.name, None)
+        if handle is not None:
+            await handle.revoke()
+        await device.revoke()
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+        self._clients.clear()
+        await self.server.aclose()
+        self._handles.clear()
+        self._devices.clear()
+
+    # -- save / restore -----------------------------------------------------------------------
+
+    async def save(self) -> VmbusSavedState:
+        """Save the server and every served device; running devices are stopped to save and
+        started again afterwards."""
+        states: dict[str, Any] = {}
+        for name, handle in self._handles.items():
+            device = self._devices[name]
+            was_running = await device.stop()
+            try:
+                states[name] = await device.save() if handle.is_open else None
+            finally:
+                if was_running:
+                    await device.start()
+        return VmbusSavedState(self.server.save(), states)
+
+    def restore(self, saved: VmbusSavedState) -> None:
+        """Take a saved state; call it before the devices are added again."""
+        if self._handles:
+            raise LifecycleError("restore the VMBus transport before adding devices")
+        self.server.restore(saved.server)
+        self._restoring = dict(saved.devices)
+
+    async def _restore_device(self, device: Device, handle: ChannelHandle, state: Any) -> None:
+        result = await handle.restore(was_open=state is not None)
+        resources = handle.open_resources
+        if result.open_request is None or resources is None:
+            if state is not None:
+                log.warning("device %r saved an open channel the server did not restore",
+                            device.name)
+            return
+        try:
+            await device.restore(state, resources,
+                                 subchannel_index=handle.params.subchannel_index)
+        except Exception as exc:
+            # The device cannot continue its channel: offer it anew, as if it saved nothing.
+            log.warning("device %r failed to restore (%s); offering it anew", device.name, exc)
+            await handle.revoke()
+            del self._handles[device.name]
+            del self._devices[device.name]
+            await device.offer()
+            await self.add(device, handle.params)
+            return
+        await device.start()
+
+    def resources_for_restore(self, device: Device) -> OpenResources:
+        """Fresh resources over the device's open channel (same ring pages and guest signal),
+        for rebuilding its runner with ``restore_open`` in the same process."""
+        return self.handle_of(device).rebuild_channel()
+
+    def inspect(self) -> dict[str, Any]:
+        return self.server.inspect()
