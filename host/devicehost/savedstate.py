@@ -223,6 +223,10 @@ def _to_json(tp: Any, value: Any, path: str) -> Any:
 
 
 def _type_label(tp: Any) -> str:
+    if typing.get_origin(tp) in (list, tuple):
+        return "array"
+    if tp is None or tp is type(None):
+        return "null"
     return getattr(tp, "__qualname__", None) or repr(tp)
 
 
