@@ -7,7 +7,10 @@ waits for its reply over a message pipe, one request at a time.
 
 from __future__ import annotations
 
-from typing import Protocol
+import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 from devicehost_vmbfs.backing import FileInfo
 from devicehost_vmbfs.protocol import (
@@ -27,6 +30,7 @@ from devicehost_vmbfs.protocol import (
     encode_read_file_request,
     encode_version_request,
 )
+from devicehost_vmbfs.receive import receive_message, send_message
 
 __all__ = [
     "MessagePipeLike",
@@ -50,9 +54,13 @@ class VmbfsClientError(Exception):
 class MessagePipeLike(Protocol):
     """The part of :class:`devicehost.vmbus.MessagePipe` the client uses."""
 
-    async def send(self, data: bytes) -> None: ...
+    channel: Any
 
-    async def recv(self, max_len: int) -> bytes: ...
+    def try_send(self, data: bytes) -> None: ...
+
+    def try_recv(self, max_len: int | None = None) -> bytes: ...
+
+    async def wait_write_ready(self, n: int) -> None: ...
 
 
 def _decode(reply: bytes | bytearray | memoryview, expected: type[Response]) -> Response:
@@ -107,14 +115,31 @@ def data_from_reply(reply: bytes | bytearray | memoryview, path: str, count: int
 
 
 class VmbfsClient:
-    """Talks vmbfs over ``pipe``; not safe for concurrent requests (the protocol has no ids)."""
+    """Talks vmbfs over ``pipe``, one request at a time (or ``window`` reads in flight).
+
+    The protocol has no request ids: replies come in request order. A request interrupted by a
+    cancellation or an error leaves replies unaccounted for, so the client then refuses further
+    requests (:class:`VmbfsClientError`); open a new channel to go on.
+    """
 
     def __init__(self, pipe: MessagePipeLike) -> None:
         self.pipe = pipe
+        self._broken: str | None = None
+
+    @asynccontextmanager
+    async def _exchange(self) -> AsyncIterator[None]:
+        if self._broken is not None:
+            raise VmbfsClientError(f"client out of step with the device: {self._broken}")
+        try:
+            yield
+        except BaseException as exc:
+            self._broken = f"a request failed or was cancelled ({type(exc).__name__})"
+            raise
 
     async def _request(self, message: bytes) -> bytes:
-        await self.pipe.send(message)
-        return await self.pipe.recv(MAX_MESSAGE_SIZE)
+        async with self._exchange():
+            await send_message(self.pipe, message)
+            return await receive_message(self.pipe, MAX_MESSAGE_SIZE)
 
     async def negotiate(self, version: int = VERSION_WIN10) -> None:
         """Ask for ``version``; raise :class:`VmbfsClientError` if the device refuses it."""
@@ -130,15 +155,30 @@ class VmbfsClient:
         reply = await self._request(encode_read_file_request(count, offset, path))
         return data_from_reply(reply, path, count)
 
-    async def read_file(self, path: str) -> bytes:
-        """Read all of ``path`` in MAX_READ_SIZE chunks (the size GET_FILE_INFO reports)."""
+    async def read_file(self, path: str, *, window: int = 1) -> bytes:
+        """Read all of ``path`` (the size GET_FILE_INFO reports) in MAX_READ_SIZE chunks.
+
+        ``window`` is how many READ_FILE requests may be in flight at once; 1 is strict
+        request/reply. More saves round trips, and the device serves queued requests as fast as
+        its host-to-guest ring has room for their replies.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
         info = await self.file_info(path)
         if info.directory:
             raise VmbfsClientError(f"{path!r} is a directory")
-        out = bytearray(info.file_size)
+        size = info.file_size
+        out = bytearray(size)
+        in_flight: collections.deque[tuple[int, int]] = collections.deque()
         offset = 0
-        while offset < info.file_size:
-            count = min(MAX_READ_SIZE, info.file_size - offset)
-            out[offset : offset + count] = await self.read(path, offset, count)
-            offset += count
+        async with self._exchange():
+            while offset < size or in_flight:
+                while offset < size and len(in_flight) < window:
+                    count = min(MAX_READ_SIZE, size - offset)
+                    await send_message(self.pipe, encode_read_file_request(count, offset, path))
+                    in_flight.append((offset, count))
+                    offset += count
+                reply = await receive_message(self.pipe, MAX_MESSAGE_SIZE)
+                start, count = in_flight.popleft()
+                out[start : start + count] = data_from_reply(reply, path, count)
         return bytes(out)
