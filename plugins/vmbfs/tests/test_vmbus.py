@@ -1,0 +1,75 @@
+"""End to end through the host's in-process VMBus server and client: GPADL rings in guest memory,
+the VMBus transport driving the device's lifecycle, and the vmbfs client as the guest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from devicehost.lifecycle import DeviceState
+from devicehost.testing import DeviceConformance
+from devicehost.testing.vmbus import vmbus_guest
+from devicehost_vmbfs.client import VmbfsClient, VmbfsClientError
+from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
+from devicehost_vmbfs.protocol import (
+    MAX_MESSAGE_SIZE,
+    encode_get_file_info_request,
+    encode_version_request,
+)
+
+
+class TestVmbfsConformance(DeviceConformance):
+    device_class = VmbfsDevice
+
+
+@pytest.mark.anyio
+async def test_file_and_directory_through_the_vmbus(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    (tmp_path / "hive").write_bytes(data)
+    async with vmbus_guest(VmbfsDevice, VmbfsConfig(file=str(tmp_path / "hive"))) as guest:
+        client = VmbfsClient(guest.pipe)
+        with anyio.fail_after(10):
+            await client.negotiate()
+            assert await client.read_file("/imc.hiv") == data
+    (tmp_path / "tree" / "d").mkdir(parents=True)
+    (tmp_path / "tree" / "d" / "f").write_bytes(data[:5000])
+    async with vmbus_guest(VmbfsDevice, VmbfsConfig(root=str(tmp_path / "tree"))) as guest:
+        client = VmbfsClient(guest.pipe)
+        with anyio.fail_after(10):
+            await client.negotiate()
+            assert (await client.file_info("\\d")).directory
+            assert await client.read_file("\\d\\f") == data[:5000]
+            with pytest.raises(VmbfsClientError):
+                await client.read_file("/../hive")
+
+
+@pytest.mark.anyio
+async def test_close_and_reopen_after_a_fatal_error_processes_again(tmp_path: Path) -> None:
+    (tmp_path / "hive").write_bytes(b"hive")
+    async with vmbus_guest(VmbfsDevice, VmbfsConfig(file=str(tmp_path / "hive"))) as guest:
+        with anyio.fail_after(10):
+            await guest.pipe.send(encode_get_file_info_request("/imc.hiv"))  # before the version
+            while guest.device.state is not DeviceState.DONE:
+                await anyio.sleep(0.005)
+            await guest.pipe.send(encode_version_request())
+            with pytest.raises(anyio.WouldBlock):
+                guest.pipe.try_recv()
+            await guest.close()
+            await guest.open()
+            client = VmbfsClient(guest.pipe)
+            await client.negotiate()
+            assert await client.read_file("/imc.hiv") == b"hive"
+
+
+@pytest.mark.anyio
+async def test_rings_below_four_pages_stop_the_device_before_reading(tmp_path: Path) -> None:
+    async with vmbus_guest(VmbfsDevice, ring_pages=3) as guest:
+        with anyio.fail_after(10):
+            while guest.device.state is not DeviceState.DONE:
+                await anyio.sleep(0.005)
+            await guest.pipe.send(encode_version_request())
+            with pytest.raises(anyio.WouldBlock):
+                guest.pipe.try_recv(MAX_MESSAGE_SIZE)
