@@ -30,6 +30,7 @@ __all__ = [
     "PortListener",
     "ReceivedData",
     "connect_to_guest",
+    "connect_without_guest_listener",
     "echo_through",
     "pattern",
     "send_to_sink",
@@ -155,6 +156,23 @@ def connect_to_guest(base_path: Path, port: int, timeout: float) -> tuple[socket
         sock.close()
         raise
     return sock, int(match.group(1))
+
+
+def connect_without_guest_listener(
+    base_path: Path, port: int, timeout: float
+) -> tuple[bytes, float]:
+    """``CONNECT`` to a guest port nobody listens on; return (bytes read before EOF, seconds)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(base_path))
+        started = time.monotonic()
+        sock.sendall(f"CONNECT {port}\n".encode())
+        got = b""
+        while chunk := sock.recv(MAX_OK_LINE):
+            got += chunk
+            if len(got) >= MAX_OK_LINE:
+                break
+        return got, time.monotonic() - started
 
 
 @attrs.frozen

@@ -26,7 +26,15 @@ import pytest
 from devicehostrun import DevicehostRun, VsockLayout
 from guestimage import GuestImage
 from guestvm import GuestFailure, GuestVm
-from hostpeer import EchoResult, PortListener, ReceivedData, connect_to_guest, echo_through, pattern
+from hostpeer import (
+    EchoResult,
+    PortListener,
+    ReceivedData,
+    connect_to_guest,
+    connect_without_guest_listener,
+    echo_through,
+    pattern,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -34,6 +42,7 @@ GUEST_CID = 3
 SEND_PORT = 5000  # the guest connects here; the host listens at <base_path>_5000
 MISSING_PORT = 5001  # nothing listens at <base_path>_5001: the device must RST the connect
 LISTEN_PORT = 6000  # the guest listens here; the host connects through <base_path>
+UNLISTENED_PORT = 6001  # nothing listens here in the guest: the host CONNECT gets no OK
 SEND_LEN = 8 << 20
 SEND_SEED = 0x0101_0000_0000
 REPLY_LEN = 1 << 20
@@ -135,7 +144,6 @@ def first_boot(
     record.vm = vm
 
     def host_to_guest() -> tuple[int, EchoResult]:
-        vm.expect(rf"DH LISTENING port={LISTEN_PORT}\b", 60)
         sock, ok_port = connect_to_guest(layout.base_path, LISTEN_PORT, timeout=60)
         with sock:
             return ok_port, echo_through(sock, pattern(ECHO_SEED, ECHO_LEN))
@@ -160,6 +168,11 @@ def first_boot(
                     r"(?P<line>CONN\S+) port=\d+ (?:errno=(?P<errno>\S+) )?ms=(?P<ms>[0-9.]+)",
                     30,
                 ),
+            )
+            record.run("listening", lambda: vm.expect(rf"DH LISTENING port={LISTEN_PORT}\b", 60))
+            record.run(
+                "host_refused",
+                lambda: connect_without_guest_listener(layout.base_path, UNLISTENED_PORT, 30),
             )
             record.run("host_to_guest", host_to_guest)
             record.run(
@@ -216,7 +229,8 @@ def test_host_connect_reaches_guest_listener(first_boot: BootRecord) -> None:
     ok_port, echo = first_boot.get("host_to_guest")
     guest = first_boot.get("echo")
     data_crc = zlib.crc32(pattern(ECHO_SEED, ECHO_LEN))
-    assert ok_port == FIRST_PORT, first_boot.report(f"OK carried port {ok_port}")
+    # The refused CONNECT before this one took the allocator's first port; ports advance by one.
+    assert ok_port == FIRST_PORT + 1, first_boot.report(f"OK carried port {ok_port}")
     # The guest saw the connection come from the host (CID 2) at the port the OK line named.
     assert int(guest.group("peer_cid")) == 2
     assert int(guest.group("peer_port")) == ok_port
@@ -227,6 +241,14 @@ def test_host_connect_reaches_guest_listener(first_boot: BootRecord) -> None:
             f"host got {echo.received.length} echoed bytes, crc {echo.received.crc:08x} "
             f"(expected {ECHO_LEN}, {data_crc:08x})"
         )
+
+
+def test_host_connect_to_guest_port_without_listener_gets_no_ok(first_boot: BootRecord) -> None:
+    first_boot.get("listening")
+    got, seconds = first_boot.get("host_refused")
+    # The guest kernel answers the device's REQUEST with RST; the device closes without "OK".
+    if got != b"" or seconds >= PROMPT_FAILURE_MS / 1000:
+        first_boot.fail(f"CONNECT {UNLISTENED_PORT}: read {got!r}, closed after {seconds:.3f} s")
 
 
 def test_poweroff_then_second_boot_is_served(
