@@ -105,6 +105,9 @@ class _InFlight:
     token: Any
 
 
+_PIECE_ALIGN = 64
+
+
 def _pages(n: int) -> int:
     return max(1, -(-n // PAGE_SIZE))
 
@@ -164,7 +167,7 @@ class DriverQueue:
     ) -> int:
         """Post one chain: ``readable`` buffers (copied into guest memory) then ``writable``
         buffers of the given sizes. ``fragment`` splits every buffer into pieces of at most that
-        many bytes, each in its own (non-contiguous) memory; ``indirect`` puts the chain in an
+        many bytes, never adjacent in guest memory; ``indirect`` puts the chain in an
         indirect table. Returns the head index. Raises :class:`QueueFull`."""
         pieces: list[tuple[memoryview | int, bool]] = []
         for buf in readable:
@@ -183,34 +186,36 @@ class DriverQueue:
             raise QueueFull(
                 f"queue {self.index}: {needed} descriptors needed, {len(self._free)} free"
             )
-        # Allocate back to front so consecutive fragments land in descending, separate pages.
-        blocks: list[DmaBlock] = []
-        try:
-            for piece, _ in reversed(pieces):
-                size = piece if isinstance(piece, int) else len(piece)
-                blocks.append(self.allocator.alloc(_pages(size)))
-            blocks.reverse()
-            table_block = self.allocator.alloc(_pages(16 * len(pieces))) if indirect else None
-        except MemoryError:
-            for block in blocks:
-                self.allocator.free(block)
-            raise
+        # One block per chain. Pieces are laid out back to front, 64-byte aligned, with a 64-byte
+        # gap between them, so consecutive pieces are never adjacent in guest memory.
+        sizes = [p if isinstance(p, int) else len(p) for p, _ in pieces]
+        offsets = [0] * len(pieces)
+        end = 0
+        for i in range(len(pieces) - 1, -1, -1):
+            offsets[i] = end
+            end += -(-sizes[i] // _PIECE_ALIGN) * _PIECE_ALIGN + _PIECE_ALIGN
+        table_off = end
+        if indirect:
+            end += 16 * len(pieces)
+        block = self.allocator.alloc(_pages(end))
+        blocks = [block]
+        base = block.gpa
         entries: list[tuple[int, int, int]] = []
         writable_views: list[memoryview] = []
-        for (piece, _is_write), block in zip(pieces, blocks, strict=True):
+        for (piece, _is_write), off, size in zip(pieces, offsets, sizes, strict=True):
             if isinstance(piece, int):
-                writable_views.append(block.view[:piece])
-                entries.append((block.gpa, piece, DESC_F_WRITE))
+                writable_views.append(block.view[off : off + size])
+                entries.append((base + off, size, DESC_F_WRITE))
             else:
-                block.view[: len(piece)] = piece
-                entries.append((block.gpa, len(piece), 0))
-        if table_block is not None:
-            blocks.append(table_block)
+                block.view[off : off + size] = piece
+                entries.append((base + off, size, 0))
+        if indirect:
             for i, (gpa, length, flags) in enumerate(entries):
                 more = DESC_F_NEXT if i + 1 < len(entries) else 0
-                DESCRIPTOR.pack_into(table_block.view, 16 * i, gpa, length, flags | more, i + 1)
+                DESCRIPTOR.pack_into(block.view, table_off + 16 * i, gpa, length, flags | more,
+                                     i + 1)
             head = self._free.pop()
-            DESCRIPTOR.pack_into(self._desc, 16 * head, table_block.gpa, 16 * len(entries),
+            DESCRIPTOR.pack_into(self._desc, 16 * head, base + table_off, 16 * len(entries),
                                  DESC_F_INDIRECT, 0)
             used_descs = [head]
         else:
