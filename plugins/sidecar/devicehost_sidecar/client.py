@@ -255,10 +255,21 @@ class SidecarClient:
         return SidecarVp(self, state)
 
     async def run_wait_loops(self) -> None:
-        """Run one wait loop per node until cancelled (or until one fails, which raises)."""
-        async with anyio.create_task_group() as tg:
+        """Run one wait loop per node until cancelled. A loop that fails ends them all and its
+        error (not an exception group) is raised; every node's waiters were woken with it."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for node in self._nodes:
+                    tg.start_soon(node.wait_loop, name=f"sidecar node {node.node.index} wait loop")
+        except BaseExceptionGroup as group:
+            first = _first_client_error(group)
+            if first is None:
+                raise
+            # Every loop is down now: no waiter on any node can be woken by a completion.
             for node in self._nodes:
-                tg.start_soon(node.wait_loop, name=f"sidecar node {node.node.index} wait loop")
+                if node.failure is None:
+                    node.fail(first)
+            raise first from None
 
     def check_abandoned(self) -> None:
         """Raise :class:`RunNotWaitedError` if a run handle was dropped without ``wait``."""
@@ -340,8 +351,6 @@ class SidecarVp:
         cpu = self._cpu
         if cpu.state is not VpState.STOPPED:
             raise SidecarUsageError(f"CPU {self.cpu} is {cpu.state.value}, not stopped")
-        if cpu.node.failure is not None:
-            raise cpu.node.failure
         return cpu
 
     def _command(self, command: SidecarCommand, request: bytes) -> memoryview:
@@ -439,6 +448,9 @@ class SidecarVp:
         cpu = self._ready()
         if cpu.abandoned:
             raise RunNotWaitedError(f"CPU {self.cpu} has an abandoned run")
+        if cpu.node.failure is not None:
+            # No wait loop would report this run's completion until the device runs again.
+            raise cpu.node.failure
         cpu.page.command = SidecarCommand.RUN_VP
         cpu.error = None
         cpu.finished = anyio.Event()
@@ -534,6 +546,17 @@ class RunHandle:
             RunNotWaitedWarning,
             stacklevel=2,
         )
+
+
+def _first_client_error(group: BaseExceptionGroup[BaseException]) -> SidecarClientError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, SidecarClientError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _first_client_error(exc)
+            if inner is not None:
+                return inner
+    return None
 
 
 def _check_names(names: Sequence[int]) -> None:
