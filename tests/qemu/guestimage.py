@@ -8,7 +8,8 @@ Everything comes from Debian packages, fetched once into a cache directory (defa
 - the cloud kernel, resolved through the meta package ``linux-image-cloud-amd64`` because its ABI
   number drifts, and ``busybox-static`` are fetched with ``apt-get download`` and unpacked with
   ``dpkg-deb``; only ``vmlinuz`` and the eight virtio/vsock modules are kept;
-- ``tests/qemu/guest/vsockctl.c`` is compiled with ``gcc -static`` at every build (0.2 s).
+- ``tests/qemu/guest/vsockctl.c`` is compiled with ``gcc -static`` at every build (0.2 s); gcc and
+  libc6-dev are installed with apt if gcc is missing.
 
 The initramfs is a gzip'd newc cpio written by busybox itself. Its ``/init`` mounts the pseudo file
 systems, loads the modules in dependency order (the kernel deb ships no ``modules.dep``), then runs
@@ -281,9 +282,18 @@ def _busybox(deb: Path, cache: Path) -> Path:
     return dest / "busybox"
 
 
+def _ensure_gcc() -> None:
+    """Install gcc and the static C library (libc6-dev) with apt when gcc is missing."""
+    if shutil.which("gcc") is not None:
+        return
+    if os.geteuid() != 0:
+        raise GuestSetupUnavailable("gcc is missing (it builds the guest helper) and needs root")
+    _Apt.update_once()
+    _run(["apt-get", "install", "-y", "--no-install-recommends", "gcc", "libc6-dev"], timeout=600.0)
+
+
 def _compile_vsockctl(out: Path) -> None:
-    if shutil.which("gcc") is None:
-        raise GuestSetupError("gcc is missing: it builds the static guest helper vsockctl")
+    _ensure_gcc()
     _run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(out), str(GUEST_SOURCE)])
 
 

@@ -294,3 +294,5 @@ def test_poweroff_then_second_boot_is_served(
     assert int(sent.group(3), 16) == zlib.crc32(pattern(reply_seed, reply_len)), report
     assert status == 0, report
     assert served.alive(), report
+    # After serving two VMs, SIGTERM still stops devicehost run gracefully.
+    assert served.stop() == 0, served.report("devicehost run did not exit 0 on SIGTERM")
