@@ -1,0 +1,152 @@
+"""The sidecar as a device: driven through lifecycle.Device, through a real host (test kit), and
+by the test kit's conformance suite."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+
+from devicehost import DeviceContext, DeviceError, DeviceState, LocalOffer
+from devicehost.lifecycle import Device, new_device_manager
+from devicehost.testing import DeviceConformance, host_with
+from devicehost.testing.registry import DeviceSpec
+from devicehost_sidecar import (
+    SidecarClient,
+    SidecarConfig,
+    SidecarDevice,
+    SimulatedSidecar,
+    VpScript,
+)
+
+TIMEOUT = 5.0
+
+
+class TestSidecarConformance(DeviceConformance):
+    device_class = SidecarDevice
+
+
+@asynccontextmanager
+async def lifecycle(config: SidecarConfig) -> AsyncIterator[tuple[SidecarDevice, Device]]:
+    device = SidecarDevice(config)
+    ctx = DeviceContext("sidecar0", "sidecar", config, logging.getLogger("test.sidecar"))
+    async with anyio.create_task_group() as tg:
+        managed = Device(ctx, new_device_manager(device, ctx.name), tg)
+        with anyio.fail_after(TIMEOUT):
+            yield device, managed
+            await managed.close()
+
+
+@pytest.mark.anyio
+async def test_offer_open_run_close_through_the_lifecycle() -> None:
+    async with lifecycle(SidecarConfig(nodes=3, cpus_per_node=2, intercept_after=2)) as (
+        device,
+        managed,
+    ):
+        offer = await managed.offer()
+        assert offer == LocalOffer(
+            {
+                "driver": "simulator",
+                "nodes": [
+                    {"index": 0, "base_cpu": 0, "cpu_count": 2},
+                    {"index": 1, "base_cpu": 2, "cpu_count": 2},
+                    {"index": 2, "base_cpu": 4, "cpu_count": 2},
+                ],
+                "cpus": 6,
+            }
+        )
+        client = await managed.open(offer)
+        assert isinstance(client, SidecarClient) and managed.state is DeviceState.RUNNING
+        with client.vp(5) as vp:
+            async with vp.run() as run:
+                assert await run.wait() is True  # the device's wait loops woke us
+        tree = await managed.inspect()
+        assert tree["device"]["driver"] == "simulator"
+        assert tree["device"]["stats"]["intercepts"] == 1
+        assert await managed.stop() and managed.state is DeviceState.OPEN
+        assert await managed.save() is None  # not supported: revoked and re-offered on restore
+        assert await managed.start()
+        with client.vp(0) as vp:
+            async with vp.run() as run:
+                assert await run.wait() is True  # new wait loops after the restart
+        sim = device.driver
+        assert isinstance(sim, SimulatedSidecar)
+        await managed.close()
+        assert managed.state is DeviceState.CLOSED
+        # close unmapped the nodes and removed the simulated CPUs
+        assert all(not thread.is_alive() for node in sim.nodes for thread in node._threads)
+
+
+@pytest.mark.anyio
+async def test_kernel_driver_without_a_sidecar_fails_only_this_device(tmp_path: Path) -> None:
+    config = SidecarConfig(driver="kernel", device_prefix=str(tmp_path / "mshv_vtl_sidecar"))
+    async with lifecycle(config) as (_device, managed):
+        with pytest.raises(DeviceError, match=r"no sidecar on this machine: .*sidecar0"):
+            await managed.offer()
+        assert managed.state is DeviceState.FAILED
+        assert managed.failure is not None and "SidecarUnavailableError" in managed.failure
+
+
+@pytest.mark.anyio
+async def test_hostile_completion_fails_the_device_not_the_host() -> None:
+    async with lifecycle(SidecarConfig(nodes=1, cpus_per_node=1)) as (device, managed):
+        await managed.open(await managed.offer())
+        assert isinstance(device.driver, SimulatedSidecar)
+        device.driver.nodes[0].post_completion(b"\x07\x00\x00\x00")
+        while managed.state is DeviceState.RUNNING:
+            await anyio.sleep(0.001)
+        assert managed.state is DeviceState.FAILED
+        assert managed.failure is not None
+        assert "SidecarProtocolError" in managed.failure and "CPU 7" in managed.failure
+
+
+@pytest.mark.anyio
+async def test_other_code_reaches_the_client_through_the_host() -> None:
+    spec = DeviceSpec("sc", "sidecar", SidecarConfig(nodes=2, cpus_per_node=1))
+    async with host_with({"sidecar": SidecarDevice}, [spec]) as host:
+        device = host.devices["sc"]
+        with anyio.fail_after(TIMEOUT):
+            while device.state is not DeviceState.RUNNING:
+                await anyio.sleep(0.001)
+            client = device.runner
+            assert isinstance(client, SidecarClient) and client.cpus == [0, 1]
+            with client.vp(1) as vp:
+                vp.set_vp_registers({0x20000: 42})
+                assert vp.get_vp_registers([0x20000]) == [42]
+
+
+def test_config_defaults_and_validation() -> None:
+    config = SidecarConfig()
+    assert attrs.asdict(config) == {
+        "driver": "simulator",
+        "nodes": 2,
+        "cpus_per_node": 2,
+        "device_prefix": "/dev/mshv_vtl_sidecar",
+        "intercept_after": 100,
+        "intercept_port": 0x3F8,
+    }
+    for bad in (
+        {"driver": "qemu"},
+        {"nodes": 0},
+        {"nodes": 129},
+        {"cpus_per_node": 0},
+        {"intercept_port": 0x10000},
+        {"intercept_after": -1},
+        {"device_prefix": ""},
+    ):
+        with pytest.raises((ValueError, TypeError)):
+            SidecarConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_config_reaches_the_simulator() -> None:
+    device = SidecarDevice(SidecarConfig(nodes=1, cpus_per_node=3, intercept_port=0x80))
+    sim = device.driver
+    assert isinstance(sim, SimulatedSidecar)
+    assert [info.cpu_count for info in sim.infos] == [3]
+    assert sim.vps[2].script == VpScript(intercept_after=100, port=0x80)
+    assert SidecarDevice().config == SidecarConfig()
