@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -27,6 +28,7 @@ __all__ = [
     "FileInfoFlags",
     "GetFileInfoRequest",
     "GetFileInfoResponse",
+    "Message",
     "MessageType",
     "ProtocolError",
     "ProtocolErrorKind",
@@ -40,6 +42,7 @@ __all__ = [
     "VersionRequest",
     "VersionResponse",
     "VersionStatus",
+    "decode_message_untrusted",
     "decode_path_untrusted",
     "decode_request_untrusted",
     "decode_response_untrusted",
@@ -307,25 +310,115 @@ def _fixed_untrusted(body: memoryview, layout: struct.Struct, what: str) -> tupl
     return layout.unpack_from(body)
 
 
+def _version_request(body: memoryview) -> VersionRequest:
+    (version,) = _fixed_untrusted(body, _U32, "VERSION_REQUEST")
+    return VersionRequest(version)
+
+
+def _version_response(body: memoryview) -> VersionResponse:
+    (status,) = _fixed_untrusted(body, _U32, "VERSION_RESPONSE")
+    return VersionResponse(status)
+
+
+def _get_file_info_request(body: memoryview) -> GetFileInfoRequest:
+    return GetFileInfoRequest(decode_path_untrusted(body))
+
+
+def _get_file_info_response(body: memoryview) -> GetFileInfoResponse:
+    status, flags, size = _fixed_untrusted(body, _FILE_INFO_RESPONSE, "GET_FILE_INFO_RESPONSE")
+    return GetFileInfoResponse(status, flags, size)
+
+
+def _read_file_request(body: memoryview) -> ReadFileRequest:
+    count, offset = _fixed_untrusted(body, _READ_FILE_FIXED, "READ_FILE_REQUEST")
+    return ReadFileRequest(count, offset, decode_path_untrusted(body[_READ_FILE_FIXED.size :]))
+
+
+def _read_file_response(body: memoryview) -> ReadFileResponse:
+    (status,) = _fixed_untrusted(body, _U32, "READ_FILE_RESPONSE")
+    payload = bytes(body[_U32.size :])
+    if status != Status.SUCCESS and payload:
+        raise ProtocolError(
+            ProtocolErrorKind.DATA_WITHOUT_SUCCESS,
+            f"READ_FILE_RESPONSE with status {status} carries {len(payload)} data bytes",
+        )
+    return ReadFileResponse(status, payload)
+
+
+def _read_file_rdma_request(body: memoryview) -> ReadFileRdmaRequest:
+    fixed = _fixed_untrusted(body, _RDMA_REQUEST_FIXED, "READ_FILE_RDMA_REQUEST")
+    handle, count, file_offset, token_offset = fixed
+    path = decode_path_untrusted(body[_RDMA_REQUEST_FIXED.size :])
+    return ReadFileRdmaRequest(handle, count, file_offset, token_offset, path)
+
+
+def _read_file_rdma_response(body: memoryview) -> ReadFileRdmaResponse:
+    status, count = _fixed_untrusted(body, _RDMA_RESPONSE, "READ_FILE_RDMA_RESPONSE")
+    return ReadFileRdmaResponse(status, count)
+
+
+Message = (
+    VersionRequest
+    | VersionResponse
+    | GetFileInfoRequest
+    | GetFileInfoResponse
+    | ReadFileRequest
+    | ReadFileResponse
+    | ReadFileRdmaRequest
+    | ReadFileRdmaResponse
+)
+
+# Body decoders by message type (the header is already split off).
+_BODY_DECODERS: Final[dict[int, Callable[[memoryview], Message]]] = {
+    MessageType.VERSION_REQUEST: _version_request,
+    MessageType.VERSION_RESPONSE: _version_response,
+    MessageType.GET_FILE_INFO_REQUEST: _get_file_info_request,
+    MessageType.GET_FILE_INFO_RESPONSE: _get_file_info_response,
+    MessageType.READ_FILE_REQUEST: _read_file_request,
+    MessageType.READ_FILE_RESPONSE: _read_file_response,
+    MessageType.READ_FILE_RDMA_REQUEST: _read_file_rdma_request,
+    MessageType.READ_FILE_RDMA_RESPONSE: _read_file_rdma_response,
+}
+_REQUEST_TYPES: Final = frozenset(
+    {MessageType.VERSION_REQUEST, MessageType.GET_FILE_INFO_REQUEST, MessageType.READ_FILE_REQUEST}
+)
+_RESPONSE_TYPES: Final = frozenset(
+    {
+        MessageType.VERSION_RESPONSE,
+        MessageType.GET_FILE_INFO_RESPONSE,
+        MessageType.READ_FILE_RESPONSE,
+    }
+)
+
+
+def _decode_untrusted(
+    data: bytes | bytearray | memoryview, accepted: frozenset[int] | None, what: str
+) -> Message:
+    message_type, body = _split_untrusted(data)
+    # The type is checked before the body: an unaccepted type is INVALID_MESSAGE_TYPE whatever
+    # its body holds.
+    decoder = _BODY_DECODERS.get(message_type)
+    if decoder is None or (accepted is not None and message_type not in accepted):
+        raise ProtocolError(
+            ProtocolErrorKind.INVALID_MESSAGE_TYPE, f"message type {message_type} is not {what}"
+        )
+    return decoder(body)
+
+
+def decode_message_untrusted(data: bytes | bytearray | memoryview) -> Message:
+    """Parse any of the eight defined message types (types 1-8)."""
+    return _decode_untrusted(data, None, "a vmbfs message")
+
+
 def decode_request_untrusted(data: bytes | bytearray | memoryview) -> Request:
     """Parse a message the device receives: VERSION_REQUEST, GET_FILE_INFO or READ_FILE.
 
     Bytes after a fixed-size body are ignored (VERSION_REQUEST); paths run to the end of the
     message. Any other message type, including the RDMA request, is INVALID_MESSAGE_TYPE.
     """
-    message_type, body = _split_untrusted(data)
-    if message_type == MessageType.VERSION_REQUEST:
-        (version,) = _fixed_untrusted(body, _U32, "VERSION_REQUEST")
-        return VersionRequest(version)
-    if message_type == MessageType.GET_FILE_INFO_REQUEST:
-        return GetFileInfoRequest(decode_path_untrusted(body))
-    if message_type == MessageType.READ_FILE_REQUEST:
-        count, offset = _fixed_untrusted(body, _READ_FILE_FIXED, "READ_FILE_REQUEST")
-        path = decode_path_untrusted(body[_READ_FILE_FIXED.size :])
-        return ReadFileRequest(count, offset, path)
-    raise ProtocolError(
-        ProtocolErrorKind.INVALID_MESSAGE_TYPE, f"message type {message_type} is not a request"
-    )
+    message = _decode_untrusted(data, _REQUEST_TYPES, "a request")
+    assert isinstance(message, VersionRequest | GetFileInfoRequest | ReadFileRequest)
+    return message
 
 
 def decode_response_untrusted(data: bytes | bytearray | memoryview) -> Response:
@@ -333,22 +426,6 @@ def decode_response_untrusted(data: bytes | bytearray | memoryview) -> Response:
 
     A READ_FILE_RESPONSE carries data only with SUCCESS; data after another status is an error.
     """
-    message_type, body = _split_untrusted(data)
-    if message_type == MessageType.VERSION_RESPONSE:
-        (status,) = _fixed_untrusted(body, _U32, "VERSION_RESPONSE")
-        return VersionResponse(status)
-    if message_type == MessageType.GET_FILE_INFO_RESPONSE:
-        status, flags, size = _fixed_untrusted(body, _FILE_INFO_RESPONSE, "GET_FILE_INFO_RESPONSE")
-        return GetFileInfoResponse(status, flags, size)
-    if message_type == MessageType.READ_FILE_RESPONSE:
-        (status,) = _fixed_untrusted(body, _U32, "READ_FILE_RESPONSE")
-        payload = bytes(body[_U32.size :])
-        if status != Status.SUCCESS and payload:
-            raise ProtocolError(
-                ProtocolErrorKind.DATA_WITHOUT_SUCCESS,
-                f"READ_FILE_RESPONSE with status {status} carries {len(payload)} data bytes",
-            )
-        return ReadFileResponse(status, payload)
-    raise ProtocolError(
-        ProtocolErrorKind.INVALID_MESSAGE_TYPE, f"message type {message_type} is not a response"
-    )
+    message = _decode_untrusted(data, _RESPONSE_TYPES, "a response")
+    assert isinstance(message, VersionResponse | GetFileInfoResponse | ReadFileResponse)
+    return message

@@ -20,10 +20,13 @@ from devicehost_vmbfs.protocol import (
     MessageType,
     ProtocolError,
     ProtocolErrorKind,
+    ReadFileRdmaRequest,
+    ReadFileRdmaResponse,
     ReadFileRequest,
     ReadFileResponse,
     VersionRequest,
     VersionResponse,
+    decode_message_untrusted,
     decode_path_untrusted,
     decode_request_untrusted,
     decode_response_untrusted,
@@ -88,6 +91,33 @@ def test_responses_round_trip() -> None:
         0, b"abc"
     )
     assert decode_response_untrusted(encode_read_file_response(2)) == ReadFileResponse(2)
+
+
+def test_every_message_type_decodes_with_the_generic_decoder() -> None:
+    cases = [
+        (encode_version_request(3), VersionRequest(3)),
+        (encode_version_response(1), VersionResponse(1)),
+        (encode_get_file_info_request("\\x"), GetFileInfoRequest("/x")),
+        (encode_get_file_info_response(1, 2, 3), GetFileInfoResponse(1, 2, 3)),
+        (encode_read_file_request(1, 2, "/y"), ReadFileRequest(1, 2, "/y")),
+        (encode_read_file_response(0, b"z"), ReadFileResponse(0, b"z")),
+        (encode_read_file_rdma_request(1, 2, 3, 4, "/r"), ReadFileRdmaRequest(1, 2, 3, 4, "/r")),
+        (encode_read_file_rdma_response(2, 9), ReadFileRdmaResponse(2, 9)),
+    ]
+    for wire, value in cases:
+        assert decode_message_untrusted(wire) == value
+    with pytest.raises(ProtocolError) as info:
+        decode_message_untrusted(struct.pack("<II", 0, 0))
+    assert info.value.kind is ProtocolErrorKind.INVALID_MESSAGE_TYPE
+    with pytest.raises(ProtocolError) as info:
+        decode_message_untrusted(struct.pack("<II", 7, 0) + bytes(23))
+    assert info.value.kind is ProtocolErrorKind.TOO_SHORT
+
+
+def test_rdma_request_is_not_a_request_even_when_truncated() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_request_untrusted(struct.pack("<II", 7, 0))
+    assert info.value.kind is ProtocolErrorKind.INVALID_MESSAGE_TYPE
 
 
 def test_data_after_a_failure_status_is_rejected_by_the_client_decoder() -> None:
@@ -187,6 +217,13 @@ def test_any_body_of_a_request_type_decodes_or_raises_protocol_error(
 ) -> None:
     with contextlib.suppress(ProtocolError):
         decode_request_untrusted(struct.pack("<II", message_type, 0) + body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 9), st.binary(max_size=48))
+def test_any_message_decodes_or_raises_protocol_error(message_type: int, body: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_message_untrusted(struct.pack("<II", message_type, 0) + body)
 
 
 @settings(max_examples=300, deadline=None)
