@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devicehost.memory import PAGE_SIZE, GuestMemory
 from devicehost.vmbus.channel import connected_signals, raw_channel_from_rings
@@ -408,3 +411,96 @@ async def test_aclose_revokes_everything(memory: GuestMemory) -> None:
     assert [stream.receive_nowait().channel_id for _ in range(2)] == [1, 2]
     with pytest.raises(anyio.EndOfStream):
         stream.receive_nowait()
+
+
+# -- a hostile guest -------------------------------------------------------------------------
+
+_word = st.one_of(st.integers(0, 2**64 - 1), st.integers(-5, 2**65), st.sampled_from([0, 4096]))
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    gpadl_id=st.integers(-1, 2**33),
+    count=st.integers(-1, 4),
+    buf=st.lists(st.one_of(_word, st.integers(0, MEMORY_PAGES + 2)), max_size=12),
+)
+def test_arbitrary_gpadl_requests_are_accepted_or_refused(gpadl_id: int, count: int,
+                                                          buf: list[int]) -> None:
+    async def main() -> None:
+        memory = GuestMemory.anonymous(MEMORY_PAGES * PAGE_SIZE)
+        try:
+            server = VmbusServer(memory)
+            handle = server.add_child(params(), FakeDevice())
+            try:
+                await server.request(handle.channel_id,
+                                     GpadlChannelRequest(GpadlRequest(gpadl_id, count, buf)))
+            except ChannelRequestError:
+                assert server.inspect()["gpadls"] == {}
+                return
+            # Accepted: every page it names is guest memory.
+            words = buf[: len(buf)]
+            assert count >= 1 and all(w >= 0 for w in words)
+            assert list(server.inspect()["gpadls"]) == [f"{gpadl_id:#x}"]
+        finally:
+            memory.close()
+
+    anyio.run(main)
+
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["gpadl", "open", "close", "teardown", "modify", "revoke"]),
+        st.integers(0, 3),  # channel id (0 and 3 do not exist)
+        st.integers(0, 3),  # GPADL id
+        st.integers(-1, 8),  # ring offset / first page / target vp
+        st.integers(1, 8),  # pages
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_ops)
+def test_arbitrary_request_sequences_never_hurt_the_host(
+    ops: list[tuple[str, int, int, int, int]],
+) -> None:
+    async def main() -> None:
+        memory = GuestMemory.anonymous(MEMORY_PAGES * PAGE_SIZE)
+        log: list[str] = []
+        try:
+            server = VmbusServer(memory)
+            handles = [server.add_child(params(sub=i), FakeDevice(log, str(i))) for i in range(2)]
+            for op, channel_id, gpadl_id, n, pages in ops:
+                request: Any
+                if op == "gpadl":
+                    request = gpadl(gpadl_id, 8 * n + 8, pages)
+                elif op == "open":
+                    request = open_request(gpadl_id, n)
+                elif op == "close":
+                    request = CloseRequest()
+                elif op == "teardown":
+                    request = TeardownGpadlRequest(gpadl_id)
+                elif op == "modify":
+                    request = ModifyChannelRequest(ModifyRequest(n))
+                else:
+                    if 1 <= channel_id <= 2:
+                        await handles[channel_id - 1].revoke()
+                    continue
+                with anyio.CancelScope() as scope:
+                    if op == "teardown":
+                        scope.cancel()  # a teardown that has to wait is abandoned at once
+                    with contextlib.suppress(ChannelRequestError):
+                        await server.request(channel_id, request)
+                # Invariants: a GPADL is mapped exactly by the open channel that uses it.
+                state = server.inspect()
+                open_ids = {h.gpadl_id for h in handles if h.is_open and not h.revoked}
+                for text, info in state["gpadls"].items():
+                    assert info["mapped"] == (int(text, 16) in open_ids)
+                assert log.count("open 0") + log.count("open 1") >= log.count(
+                    "close 0") + log.count("close 1")
+            await server.aclose()
+            assert server.inspect() == {"channels": [], "gpadls": {}}
+        finally:
+            memory.close()
+
+    anyio.run(main)

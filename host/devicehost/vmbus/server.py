@@ -405,9 +405,17 @@ class VmbusServer:
         Returns the guest's end of the channel signal for an open, else None. Raises
         :class:`ChannelRequestError` (and only that) when the request is refused.
         """
-        handle = self._channels.get(channel_id)
+        handle = self._channels.get(channel_id) if isinstance(channel_id, int) else None
         if handle is None or handle.revoked:
-            raise ChannelRequestError(f"channel {channel_id} is not offered")
+            raise ChannelRequestError(f"channel {channel_id!r} is not offered")
+        try:
+            return await self._dispatch(handle, request)
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # A request whose fields are not even of the right types: refused like any other.
+            raise ChannelRequestError(f"malformed {type(request).__name__}: {exc}") from exc
+
+    async def _dispatch(self, handle: ChannelHandle, request: ChannelRequest) -> Signal | None:
+        channel_id = handle.channel_id
         if isinstance(request, GpadlChannelRequest):
             self._create_gpadl(handle, request.request)
         elif isinstance(request, TeardownGpadlRequest):
@@ -564,10 +572,12 @@ class VmbusServer:
         return guest_signal
 
     def _drop_open(self, handle: ChannelHandle) -> None:
-        if handle.gpadl_id is not None:
-            gpadl = self._gpadls.get(handle.gpadl_id)
-            if gpadl is not None:
-                gpadl.unmap()
+        gpadl = None if handle.gpadl_id is None else self._gpadls.get(handle.gpadl_id)
+        if gpadl is not None:
+            gpadl.unmap()
+            if gpadl.map_count == 0 and gpadl.teardown_requested:
+                # The deferred teardown completes now, even if its requester stopped waiting.
+                del self._gpadls[gpadl.request.id]
         if handle.channel is not None:
             handle.channel.close()
         handle.state = _OpenState.CLOSED
