@@ -17,7 +17,7 @@ it yields every :data:`YIELD_EVERY` messages so a busy channel cannot starve oth
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.lowlevel
@@ -25,6 +25,9 @@ import anyio.lowlevel
 from devicehost_vmbfs.core import FatalError, FatalErrorKind, ProtocolState, VmbfsCore
 from devicehost_vmbfs.protocol import MAX_MESSAGE_SIZE
 from devicehost_vmbfs.receive import receive_message
+
+if TYPE_CHECKING:
+    from devicehost.vmbus.pipe import MessagePipe
 
 __all__ = ["YIELD_EVERY", "VmbfsRunner"]
 
@@ -38,7 +41,7 @@ _REPLY_ROOM: Final = 16 + ((8 + MAX_MESSAGE_SIZE + 7) & ~7) + 8
 class VmbfsRunner:
     """One open channel: its message pipe and its protocol core."""
 
-    def __init__(self, pipe: Any, core: VmbfsCore) -> None:
+    def __init__(self, pipe: MessagePipe, core: VmbfsCore) -> None:
         self.pipe = pipe
         self.core = core
 

@@ -139,3 +139,38 @@ async def test_unsupported_version(tmp_path: Path) -> None:
                 await s.client.negotiate(0x00020000)
             assert info.value.status == 1
             await s.client.negotiate()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("ring_pages", "window"), [(4, 2), (8, 3), (32, 8)])
+async def test_pipelined_reads_return_the_same_bytes(
+    tmp_path: Path, ring_pages: int, window: int
+) -> None:
+    data = os.urandom(10 * MAX_READ_SIZE + 123)
+    (tmp_path / "hive").write_bytes(data)
+    async with served(VmbfsConfig(file=str(tmp_path / "hive")), ring_size=ring_pages * 4096) as s:
+        with anyio.fail_after(10):
+            await s.client.negotiate()
+            assert await s.client.read_file("/imc.hiv", window=window) == data
+            assert await s.client.file_info("/imc.hiv") == FileInfo(False, len(data))
+
+
+@pytest.mark.anyio
+async def test_a_failed_read_leaves_the_client_refusing_further_requests(tmp_path: Path) -> None:
+    data = os.urandom(3 * MAX_READ_SIZE)
+    (tmp_path / "hive").write_bytes(data)
+    async with served(VmbfsConfig(file=str(tmp_path / "hive"))) as s:
+        with anyio.fail_after(10):
+            await s.client.negotiate()
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await s.client.read_file("/imc.hiv", window=3)
+            with pytest.raises(VmbfsClientError, match="out of step"):
+                await s.client.file_info("/imc.hiv")
+
+
+def test_window_must_be_positive() -> None:
+    _host, guest = connected_channel_pair(16384)
+    client = VmbfsClient(MessagePipe(guest))
+    with pytest.raises(ValueError):
+        anyio.run(lambda: client.read_file("/f", window=0))
