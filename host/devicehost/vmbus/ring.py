@@ -41,15 +41,24 @@ mask/index check of the signalling handshake pass a store, so cross-process wait
 from __future__ import annotations
 
 import enum
-import struct
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final, NamedTuple
-
-import attrs
+from typing import TYPE_CHECKING, Final
 
 from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
-from devicehost.vmbus.gpadl import MultiPagedRange, decode_gpa_ranges_untrusted, encode_gpa_ranges
+from devicehost.vmbus.packet import (
+    DESCRIPTOR,
+    FLAG_COMPLETION_REQUESTED,
+    FOOTER,
+    GPA_DIRECT_HEADER,
+    TRANSFER_PAGE_HEADER,
+    IncomingPacket,
+    OutgoingPacket,
+    PacketType,
+    TransferPageRange,
+    TransferPages,
+    in_band_size,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -78,7 +87,8 @@ if sys.byteorder != "little":  # pragma: no cover - every VMBus host is little-e
 
 CONTROL_SIZE: Final = PAGE_SIZE
 FEATURE_SUPPORTS_PENDING_SEND_SIZE: Final = 1
-FLAG_COMPLETION_REQUESTED: Final = 1
+
+# The packet types and values are defined in devicehost.vmbus.packet and re-exported here.
 
 # Control page, as u32 words (little-endian; we index a native "I" cast of the page):
 #   word 0  in (write index)          written by the writer
@@ -92,28 +102,7 @@ _MASK: Final = 2
 _PSS: Final = 3
 _FEATURES: Final = 16
 
-# Packet descriptor (16 bytes):
-#   0 u16 type   2 u16 data_offset8   4 u16 length8   6 u16 flags   8 u64 transaction_id
-_DESC: Final = struct.Struct("<HHHHQ")
-# Footer (8 bytes): u32 reserved (0), u32 ring offset at which the packet starts.
-_FOOTER: Final = struct.Struct("<Q")
-# GPA-direct extension (8 bytes): u32 reserved, u32 range_count.
-_GPA_EXT: Final = struct.Struct("<II")
-# Transfer-page extension (8 bytes): u16 transfer_page_set_id, u16 reserved, u32 range_count;
-# then range_count x (u32 byte_count, u32 byte_offset).
-_XFER_EXT: Final = struct.Struct("<HHI")
-_XFER_RANGE: Final = struct.Struct("<II")
-
 _ZEROS: Final = bytes(8)
-
-
-class PacketType(enum.IntEnum):
-    """The ``type`` field of a packet descriptor."""
-
-    IN_BAND = 6
-    TRANSFER_PAGES = 7
-    GPA_DIRECT = 9
-    COMPLETION = 11
 
 
 class RingErrorKind(enum.Enum):
@@ -148,11 +137,6 @@ class RingFull(Exception):
     def __init__(self, needed: int) -> None:
         self.needed = needed
         super().__init__(f"the ring needs {needed} free bytes")
-
-
-def in_band_size(payload_len: int) -> int:
-    """Bytes an in-band (or completion) packet of ``payload_len`` bytes takes in the ring."""
-    return 16 + ((payload_len + 7) & ~7) + 8
 
 
 class RingMemory:
@@ -258,85 +242,6 @@ class RingMemory:
         return out
 
 
-class TransferPageRange(NamedTuple):
-    """One range of a transfer-page packet."""
-
-    byte_count: int
-    byte_offset: int
-
-
-@attrs.frozen
-class TransferPages:
-    """The extension of a transfer-page packet."""
-
-    set_id: int
-    ranges: tuple[TransferPageRange, ...]
-
-
-class IncomingPacket(NamedTuple):
-    """One packet read from an :class:`IncomingRing`.
-
-    ``payload`` is a view into the ring (valid until the reader commits) or a copy when it wraps.
-    It includes the packet's padding to 8 bytes; framing layers carry their own exact length.
-    ``extension`` is a copy of the bytes between the descriptor and the payload.
-    (A NamedTuple rather than an attrs class: it is built once per packet on the hot path.)
-    """
-
-    kind: int
-    transaction_id: int
-    completion_requested: bool
-    payload: memoryview | bytes
-    extension: bytes
-    #: Ring offsets: where the packet starts, where its payload starts, where the next one starts.
-    offset: int
-    payload_offset: int
-    next_offset: int
-
-    def gpa_ranges(self) -> MultiPagedRange:
-        """The GPA ranges of a GPA-direct packet (raises GpaRangeError if they are malformed)."""
-        if self.kind != PacketType.GPA_DIRECT:
-            raise ValueError("not a GPA-direct packet")
-        _, count = _GPA_EXT.unpack_from(self.extension)
-        return decode_gpa_ranges_untrusted(self.extension[8:], count)
-
-    def transfer_pages(self) -> TransferPages:
-        """The transfer-page set and ranges of a transfer-page packet."""
-        if self.kind != PacketType.TRANSFER_PAGES:
-            raise ValueError("not a transfer-page packet")
-        set_id, _, count = _XFER_EXT.unpack_from(self.extension)
-        ranges = tuple(TransferPageRange(*_XFER_RANGE.unpack_from(self.extension, 8 + 8 * i))
-                       for i in range(count))
-        return TransferPages(set_id, ranges)
-
-
-@attrs.frozen
-class OutgoingPacket:
-    """A packet to write: in-band, completion, GPA-direct (``gpa_ranges``) or transfer-page
-    (``transfer_pages``). ``payload`` is one buffer or a sequence of buffers written back to back.
-    """
-
-    kind: PacketType
-    payload: Buffer | Sequence[Buffer] = b""
-    transaction_id: int = 0
-    completion_requested: bool = False
-    gpa_ranges: MultiPagedRange | None = None
-    transfer_pages: TransferPages | None = None
-
-    def extension(self) -> bytes:
-        if self.kind == PacketType.GPA_DIRECT:
-            if self.gpa_ranges is None or not self.gpa_ranges.ranges:
-                raise ValueError("a GPA-direct packet needs at least one range")
-            return _GPA_EXT.pack(0, len(self.gpa_ranges.ranges)) + encode_gpa_ranges(
-                self.gpa_ranges)
-        if self.kind == PacketType.TRANSFER_PAGES:
-            if self.transfer_pages is None:
-                raise ValueError("a transfer-page packet needs its transfer pages")
-            tp = self.transfer_pages
-            return _XFER_EXT.pack(tp.set_id, 0, len(tp.ranges)) + b"".join(
-                _XFER_RANGE.pack(r.byte_count, r.byte_offset) for r in tp.ranges)
-        return b""
-
-
 _new_packet: Final = tuple.__new__
 
 
@@ -432,23 +337,28 @@ class IncomingRing:
         append = packets.append
         parse = self._parse
         data = self._data
-        unpack = _DESC.unpack_from
+        unpack = DESCRIPTOR.unpack_from
+        count = 0
         try:
-            while start != inp and len(packets) < max_packets:
-                avail = inp - start if inp > start else size + inp - start
-                if data is not None and avail >= 16 and start + 16 <= size:
-                    # Fast path for a plain in-band/completion packet that does not wrap;
-                    # anything else goes to _parse, which re-checks everything.
+            while count < max_packets and start != inp:
+                count += 1
+                # Fast path: a plain in-band/completion packet lying in the contiguous stretch
+                # [start, stop) of readable bytes. Anything else goes to _parse, which checks
+                # everything again and handles wrapping and scattered pages.
+                stop = inp if inp > start else size
+                if data is not None and start + 16 <= stop:
                     kind, doff8, len8, flags, tid = unpack(data, start)
                     nxt = start + (len8 << 3) + 8
-                    if (doff8 == 2 and len8 >= 2 and nxt <= size and avail >= nxt - start
-                            and flags <= 1 and (kind == 6 or kind == 11)):
+                    if (doff8 == 2 and len8 >= 2 and nxt <= stop and flags <= 1
+                            and (kind == 6 or kind == 11)):
+                        if nxt == size:
+                            nxt = 0
                         append(_new_packet(IncomingPacket, (
-                            kind, tid, flags == 1, data[start + 16 : nxt - 8], b"", start,
-                            start + 16, nxt if nxt < size else 0)))
-                        start = nxt if nxt < size else 0
+                            kind, tid, flags == 1, data[start + 16 : start + (len8 << 3)], b"",
+                            start, start + 16, nxt)))
+                        start = nxt
                         continue
-                packet = parse(start, avail)
+                packet = parse(start, inp - start if inp > start else size + inp - start)
                 append(packet)
                 start = packet[7]
         finally:
@@ -461,9 +371,9 @@ class IncomingRing:
             raise RingError(RingErrorKind.INVALID_DATA_AVAILABLE, f"{avail} bytes available")
         data = self._data
         if data is not None and start + 16 <= size:
-            kind, doff8, len8, flags, tid = _DESC.unpack_from(data, start)
+            kind, doff8, len8, flags, tid = DESCRIPTOR.unpack_from(data, start)
         else:
-            kind, doff8, len8, flags, tid = _DESC.unpack(self.mem.read(start, 16))
+            kind, doff8, len8, flags, tid = DESCRIPTOR.unpack(self.mem.read(start, 16))
         length = len8 << 3
         if len8 < doff8 or doff8 < 2 or avail < length + 8:
             raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
@@ -497,12 +407,12 @@ class IncomingRing:
                             f"data_offset8 {doff8} leaves no room for the type {kind} header")
         ext = bytes(self.mem.read((start + 16) % self._size, (doff8 - 2) << 3))
         if kind == 9:
-            _, count = _GPA_EXT.unpack_from(ext)
+            _, count = GPA_DIRECT_HEADER.unpack_from(ext)
             if count == 0:
                 raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
                                 "a GPA-direct packet without ranges")
         else:
-            _, _, count = _XFER_EXT.unpack_from(ext)
+            _, _, count = TRANSFER_PAGE_HEADER.unpack_from(ext)
             if 8 + 8 * count > len(ext):
                 raise RingError(RingErrorKind.INVALID_DESCRIPTOR_LENGTHS,
                                 f"{count} transfer-page ranges do not fit in {len(ext)} bytes")
@@ -613,12 +523,12 @@ class OutgoingRing:
             if free < msg_len + 8:
                 raise RingFull(msg_len + 8)
             if end + 8 <= size:
-                _DESC.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id)
+                DESCRIPTOR.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id)
                 data[start + 16 : start + 16 + n] = payload
                 pad = msg_len - 16 - n
                 if pad:
                     data[end - pad : end] = _ZEROS[:pad]
-                _FOOTER.pack_into(data, end, start << 32)
+                FOOTER.pack_into(data, end, start << 32)
                 end += 8
                 self._in = end - size if end >= size else end
                 words[0] = self._in
@@ -646,45 +556,39 @@ class OutgoingRing:
             raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
         pos = start
         free = (out - pos - 8) if out > pos else size - (pos - out) - 8
-        limit = size - 8
         written = 0
+        pack_desc = DESCRIPTOR.pack_into
+        pack_footer = FOOTER.pack_into
         for payload in payloads:
-            if data is None or type(payload) is not bytes:
+            if data is not None and type(payload) is bytes:
+                n = len(payload)
+                msg_len = (n + 23) & ~7
+                end = pos + msg_len
+                # Fast path: it fits (so it is not too large either) and does not wrap.
+                if msg_len + 8 <= free and end + 8 <= size:
+                    pack_desc(data, pos, 6, 2, msg_len >> 3, 0, 0)
+                    data[pos + 16 : pos + 16 + n] = payload
+                    if n & 7:
+                        data[pos + 16 + n : end] = _ZEROS[: -n & 7]
+                    pack_footer(data, end, pos << 32)
+                    pos = end + 8 if end + 8 < size else 0
+                    free -= msg_len + 8
+                    written += 1
+                    continue
+            self._in = pos
+            try:
+                self._put(6, 2, b"", payload, 0, 0)
+            except RingFull:
                 self._in = pos
-                try:
-                    self._put(6, 2, b"", payload, 0, 0)
-                except RingFull:
-                    if written:
-                        break
-                    raise
-                written += 1
-                free -= (self._in - pos) % size
-                pos = self._in
-                continue
-            n = len(payload)
-            msg_len = (n + 23) & ~7
-            if msg_len + 8 > limit:
-                self._in = start
-                raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
-                                f"a {msg_len + 8}-byte packet can never fit in a {size}-byte ring")
-            if msg_len + 8 > free:
                 if written:
                     break
-                raise RingFull(msg_len + 8)
-            end = pos + msg_len
-            if end + 8 > size:
-                self._in = pos
-                self._put(6, 2, b"", payload, 0, 0)
-            else:
-                _DESC.pack_into(data, pos, 6, 2, msg_len >> 3, 0, 0)
-                data[pos + 16 : pos + 16 + n] = payload
-                if msg_len - 16 - n:
-                    data[pos + 16 + n : end] = _ZEROS[: msg_len - 16 - n]
-                _FOOTER.pack_into(data, end, pos << 32)
-                self._in = end + 8 if end + 8 < size else 0
-            pos = self._in
-            free -= msg_len + 8
+                raise
+            except BaseException:
+                self._in = start
+                raise
             written += 1
+            free -= (self._in - pos) % size
+            pos = self._in
         self._in = pos
         return written, self._commit(start)
 
@@ -740,7 +644,7 @@ class OutgoingRing:
         end = start + msg_len
         pad = msg_len - header - n
         if data is not None and end + 8 <= size:
-            _DESC.pack_into(data, start, kind, doff8, msg_len >> 3, flags, tid)
+            DESCRIPTOR.pack_into(data, start, kind, doff8, msg_len >> 3, flags, tid)
             pos = start + 16
             if ext:
                 data[pos : pos + len(ext)] = ext
@@ -753,17 +657,17 @@ class OutgoingRing:
                 pos += k
             if pad:
                 data[pos : pos + pad] = _ZEROS[:pad]
-            _FOOTER.pack_into(data, end, start << 32)
+            FOOTER.pack_into(data, end, start << 32)
         else:
             buf = bytearray(total)
-            _DESC.pack_into(buf, 0, kind, doff8, msg_len >> 3, flags, tid)
+            DESCRIPTOR.pack_into(buf, 0, kind, doff8, msg_len >> 3, flags, tid)
             buf[16 : 16 + len(ext)] = ext
             pos = header
             for part in parts:
                 mv = memoryview(part).cast("B")
                 buf[pos : pos + len(mv)] = mv
                 pos += len(mv)
-            _FOOTER.pack_into(buf, msg_len, start << 32)
+            FOOTER.pack_into(buf, msg_len, start << 32)
             self.mem.write(start, buf)
         end += 8
         self._in = end - size if end >= size else end
