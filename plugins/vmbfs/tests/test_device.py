@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 
 from devicehost import ConfigError, SavedStateError
@@ -170,3 +171,9 @@ async def test_inspect(hive: VmbfsConfig) -> None:
             "fatal": None,
         }
         assert s.device.inspect(s.ctx, None) == {"backing": {"kind": "file", "name": "imc.hiv"}}
+
+
+def test_the_docs_page_lists_every_config_key_with_its_default() -> None:
+    page = (Path(__file__).resolve().parents[3] / "docs" / "plugins" / "vmbfs.md").read_text()
+    for field in attrs.fields(VmbfsConfig):
+        assert f'| `{field.name}` | `"{field.default}"` |' in page, field.name
