@@ -171,7 +171,7 @@ def test_every_chain_round_trips(
         try:
             head = dq.add(readable, writable, fragment=fragment, indirect=indirect)
         except QueueFull:
-            assert not indirect
+            assert not indirect or dq.free_descriptors == 0
             continue
         expected[head] = (b"".join(readable), sum(writable))
     got = {}

@@ -98,7 +98,7 @@ class UsedBuffer:
 
 @attrs.define
 class _InFlight:
-    blocks: list[DmaBlock]
+    block: DmaBlock
     descriptors: list[int]
     writable: list[memoryview]
     writable_len: int
@@ -106,6 +106,7 @@ class _InFlight:
 
 
 _PIECE_ALIGN = 64
+_SPARE_PAGES = 1024  # 4 MiB of recycled buffers per queue at most
 
 
 def _pages(n: int) -> int:
@@ -142,6 +143,24 @@ class DriverQueue:
         self.kick_doorbell: Doorbell = EventDoorbell()
         self.call_doorbell: Doorbell = EventDoorbell()
         self.kicks = 0
+        self._spare: dict[int, list[DmaBlock]] = {}
+        self._spare_pages = 0
+
+    def _alloc(self, pages: int) -> DmaBlock:
+        spare = self._spare.get(pages)
+        if spare:
+            self._spare_pages -= pages
+            return spare.pop()
+        return self.allocator.alloc(pages)
+
+    def _recycle(self, block: DmaBlock) -> None:
+        # Keep freed chain buffers for reuse (no allocator search, no zeroing) up to a bound.
+        pages = len(block.pfns)
+        if self._spare_pages + pages > _SPARE_PAGES:
+            self.allocator.free(block)
+            return
+        self._spare.setdefault(pages, []).append(block)
+        self._spare_pages += pages
 
     def setup(self) -> QueueSetup:
         return QueueSetup(self.index, self.layout, self.kick_doorbell, self.call_doorbell)
@@ -169,16 +188,18 @@ class DriverQueue:
         buffers of the given sizes. ``fragment`` splits every buffer into pieces of at most that
         many bytes, never adjacent in guest memory; ``indirect`` puts the chain in an
         indirect table. Returns the head index. Raises :class:`QueueFull`."""
-        pieces: list[tuple[memoryview | int, bool]] = []
+        pieces: list[memoryview | int] = []
         for buf in readable:
             data = memoryview(buf).cast("B")
-            step = fragment or max(1, len(data))
-            for off in range(0, max(1, len(data)), step):
-                pieces.append((data[off : off + step], False))
+            if fragment is None or len(data) <= fragment:
+                pieces.append(data)
+            else:
+                pieces.extend(data[off : off + fragment] for off in range(0, len(data), fragment))
         for n in writable:
-            step = fragment or max(1, n)
-            for off in range(0, max(1, n), step):
-                pieces.append((min(step, n - off), True))
+            if fragment is None or n <= fragment:
+                pieces.append(n)
+            else:
+                pieces.extend(min(fragment, n - off) for off in range(0, n, fragment))
         if not pieces:
             raise ValueError("a chain needs at least one buffer")
         needed = 1 if indirect else len(pieces)
@@ -188,7 +209,7 @@ class DriverQueue:
             )
         # One block per chain. Pieces are laid out back to front, 64-byte aligned, with a 64-byte
         # gap between them, so consecutive pieces are never adjacent in guest memory.
-        sizes = [p if isinstance(p, int) else len(p) for p, _ in pieces]
+        sizes = [p if isinstance(p, int) else len(p) for p in pieces]
         offsets = [0] * len(pieces)
         end = 0
         for i in range(len(pieces) - 1, -1, -1):
@@ -197,17 +218,17 @@ class DriverQueue:
         table_off = end
         if indirect:
             end += 16 * len(pieces)
-        block = self.allocator.alloc(_pages(end))
-        blocks = [block]
+        block = self._alloc(-(-end // PAGE_SIZE))
+        view = block.view
         base = block.gpa
         entries: list[tuple[int, int, int]] = []
         writable_views: list[memoryview] = []
-        for (piece, _is_write), off, size in zip(pieces, offsets, sizes, strict=True):
+        for piece, off, size in zip(pieces, offsets, sizes, strict=True):
             if isinstance(piece, int):
-                writable_views.append(block.view[off : off + size])
+                writable_views.append(view[off : off + size])
                 entries.append((base + off, size, DESC_F_WRITE))
             else:
-                block.view[off : off + size] = piece
+                view[off : off + size] = piece
                 entries.append((base + off, size, 0))
         if indirect:
             for i, (gpa, length, flags) in enumerate(entries):
@@ -227,7 +248,7 @@ class DriverQueue:
                 DESCRIPTOR.pack_into(self._desc, 16 * used_descs[i], gpa, length,
                                      flags | (0 if last else DESC_F_NEXT), nxt)
         self._in_flight[head] = _InFlight(
-            blocks, used_descs, writable_views, sum(len(v) for v in writable_views), token
+            block, used_descs, writable_views, sum(len(v) for v in writable_views), token
         )
         U16.pack_into(self._avail, 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -274,8 +295,7 @@ class DriverQueue:
             take = min(need, len(view))
             out += view[:take]
             need -= take
-        for block in flight.blocks:
-            self.allocator.free(block)
+        self._recycle(flight.block)
         self._free.extend(reversed(flight.descriptors))
         return UsedBuffer(head, written, bytes(out), flight.token)
 
@@ -290,9 +310,13 @@ class DriverQueue:
     def release(self) -> None:
         """Give back every page of this queue (the device must be stopped)."""
         for flight in self._in_flight.values():
-            for block in flight.blocks:
-                self.allocator.free(block)
+            self.allocator.free(flight.block)
         self._in_flight.clear()
+        for blocks in self._spare.values():
+            for block in blocks:
+                self.allocator.free(block)
+        self._spare.clear()
+        self._spare_pages = 0
         self.allocator.free(self._ring_block)
 
 
