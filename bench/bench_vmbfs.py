@@ -3,8 +3,9 @@
 
 Rows (MB/s of reading a 64 MiB file with ``VmbfsClient.read_file``: GET_FILE_INFO, then
 12276-byte READ_FILE requests, from a vmbfs device serving it with the single-file backing; every
-message crosses a message pipe over Hyper-V rings between the client task and the device's run
-loop, both in one anyio event loop on asyncio):
+message crosses a message pipe over Hyper-V rings in GPADL pages of the host's guest memory, set
+up by the host's in-process VMBus client and server, between the client task and the device's
+run loop started by the VMBus transport, all in one anyio event loop on asyncio):
 
 - ``vmbfs_sequential_read``: strict request/reply (one read in flight, as the boot loader does),
   4-page rings, the smallest vmbfs allows;
@@ -18,19 +19,17 @@ reported, never asserted.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 
-from devicehost import DeviceContext
-from devicehost.vmbus.channel import connected_channel_pair
-from devicehost.vmbus.pipe import MessagePipe
+from devicehost.host import open_host
+from devicehost.vmbus import VmbusTransport
 from devicehost_vmbfs.client import VmbfsClient
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
 from devicehost_vmbfs.protocol import MAX_READ_SIZE
@@ -38,10 +37,10 @@ from devicehost_vmbfs.protocol import MAX_READ_SIZE
 __all__ = ["run"]
 
 SIZE = 64 << 20
-# (row name, ring size, reads in flight)
+# (row name, ring data pages per direction, reads in flight)
 VARIANTS = (
-    ("vmbfs_sequential_read", 4 * 4096, 1),
-    ("vmbfs_sequential_read_pipelined", 32 * 4096, 8),
+    ("vmbfs_sequential_read", 4, 1),
+    ("vmbfs_sequential_read_pipelined", 32, 8),
 )
 MB = 1e6
 
@@ -62,20 +61,39 @@ def _plain_read_mb_s(path: Path) -> tuple[float, int]:
     return total / elapsed / MB, total
 
 
-async def _vmbfs_read_mb_s(path: Path, expected: bytes, ring_size: int, window: int) -> float:
-    config = VmbfsConfig(file=str(path))
-    device = VmbfsDevice(config)
-    ctx = DeviceContext("vmbfs-bench", "vmbfs", config, logging.getLogger("bench.vmbfs"))
-    host, guest = connected_channel_pair(ring_size)
-    runner = device.open(ctx, types.SimpleNamespace(channel=host))
-    client = VmbfsClient(MessagePipe(guest))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(device.run, ctx, runner)
-        await client.negotiate()
-        started = time.perf_counter()
-        data = await client.read_file("/imc.hiv", window=window)
-        elapsed = time.perf_counter() - started
-        tg.cancel_scope.cancel()
+@attrs.frozen
+class _DeviceSpec:
+    name: str
+    plugin: str
+    config: VmbfsConfig
+
+
+@attrs.frozen
+class _HostConfig:
+    devices: tuple[_DeviceSpec, ...]
+
+
+class _Registry:
+    cross_cutting: tuple[object, ...] = ()
+
+    def create_device(self, plugin: str, config: Any) -> object:
+        return VmbfsDevice(config)
+
+
+async def _vmbfs_read_mb_s(path: Path, expected: bytes, ring_pages: int, window: int) -> float:
+    spec = _DeviceSpec("vmbfs", "vmbfs", VmbfsConfig(file=str(path)))
+    async with open_host(_Registry(), _HostConfig((spec,)), guest_memory_size=4 << 20) as host:
+        transport = host.transport(VmbusTransport)
+        key = transport.handle_of(host.devices["vmbfs"]).key
+        bus = transport.client()
+        offer = await bus.wait_offer(lambda o: o.offer.key == key)
+        async with bus.opened(offer, ring_pages=ring_pages) as channel:
+            client = VmbfsClient(channel.message_pipe())
+            await client.negotiate()
+            started = time.perf_counter()
+            data = await client.read_file("/imc.hiv", window=window)
+            elapsed = time.perf_counter() - started
+        await bus.aclose()
     if data != expected:
         raise AssertionError("vmbfs returned different bytes than the file holds")
     return len(data) / elapsed / MB
@@ -89,8 +107,8 @@ def run() -> list[dict[str, Any]]:
         path.write_bytes(content)
         _plain_read_mb_s(path)  # warm the page cache
         baseline, _ = _plain_read_mb_s(path)
-        for name, ring_size, window in VARIANTS:
-            value = anyio.run(_vmbfs_read_mb_s, path, content, ring_size, window)
+        for name, ring_pages, window in VARIANTS:
+            value = anyio.run(_vmbfs_read_mb_s, path, content, ring_pages, window)
             rows.append(
                 {
                     "name": name,

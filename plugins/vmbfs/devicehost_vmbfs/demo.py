@@ -64,7 +64,7 @@ class _Registry:
 async def _guest_client(config: VmbfsConfig) -> AsyncIterator[VmbfsClient]:
     """A host serving one vmbfs device, and a vmbfs client on the channel its guest opened."""
     from devicehost.host import open_host
-    from devicehost.vmbus.transport import VmbusTransport
+    from devicehost.vmbus import VmbusTransport
 
     spec = _DeviceSpec("vmbfs", "vmbfs", config)
     async with open_host(_Registry(), _HostConfig((spec,)), guest_memory_size=4 << 20) as host:

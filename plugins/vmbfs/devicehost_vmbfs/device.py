@@ -85,13 +85,13 @@ class VmbfsDevice:
             weakref.finalize(self, closer)
 
     def _runner(self, resources: Any, state: ProtocolState) -> VmbfsRunner:
-        from devicehost.vmbus.pipe import MessagePipe
+        from devicehost.vmbus import MessagePipe
 
         return VmbfsRunner(MessagePipe(resources.channel), VmbfsCore(self.backing, state))
 
     @hookimpl
     def offer(self, ctx: DeviceContext) -> Any:
-        from devicehost.vmbus.protocol import DeviceChannel, OfferParams
+        from devicehost.vmbus import DeviceChannel, OfferParams
 
         return OfferParams(
             interface_name=INTERFACE_NAME,

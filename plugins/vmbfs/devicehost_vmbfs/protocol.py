@@ -14,7 +14,7 @@ from typing import Final
 
 import attrs
 
-from devicehost.vmbus.guid import Guid
+from devicehost.vmbus import Guid
 
 __all__ = [
     "BOOT_INSTANCE_ID",

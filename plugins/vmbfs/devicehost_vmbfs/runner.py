@@ -27,7 +27,7 @@ from devicehost_vmbfs.protocol import MAX_MESSAGE_SIZE
 from devicehost_vmbfs.receive import receive_message
 
 if TYPE_CHECKING:
-    from devicehost.vmbus.pipe import MessagePipe
+    from devicehost.vmbus import MessagePipe
 
 __all__ = ["YIELD_EVERY", "VmbfsRunner"]
 
@@ -51,9 +51,7 @@ class VmbfsRunner:
 
     async def run(self, logger: logging.Logger) -> None:
         """Serve requests until a fatal error; cancel-safe at every await."""
-        from devicehost.vmbus.channel import ChannelClosed
-        from devicehost.vmbus.pipe import PipeError
-        from devicehost.vmbus.ring import RingError
+        from devicehost.vmbus import ChannelClosed, PipeError, RingError
 
         if self.core.fatal is not None:
             return
