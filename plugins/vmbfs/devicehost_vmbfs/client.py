@@ -168,17 +168,16 @@ class VmbfsClient:
         if info.directory:
             raise VmbfsClientError(f"{path!r} is a directory")
         size = info.file_size
-        out = bytearray(size)
-        in_flight: collections.deque[tuple[int, int]] = collections.deque()
+        chunks: list[bytes] = []  # replies arrive in request order
+        in_flight: collections.deque[int] = collections.deque()
         offset = 0
         async with self._exchange():
             while offset < size or in_flight:
                 while offset < size and len(in_flight) < window:
                     count = min(MAX_READ_SIZE, size - offset)
                     await send_message(self.pipe, encode_read_file_request(count, offset, path))
-                    in_flight.append((offset, count))
+                    in_flight.append(count)
                     offset += count
                 reply = await receive_message(self.pipe, MAX_MESSAGE_SIZE)
-                start, count = in_flight.popleft()
-                out[start : start + count] = data_from_reply(reply, path, count)
-        return bytes(out)
+                chunks.append(data_from_reply(reply, path, in_flight.popleft()))
+        return b"".join(chunks)

@@ -101,7 +101,7 @@ class VmbfsCore:
         self.fatal: FatalError | None = None
         self.messages = 0
 
-    def handle(self, message: bytes | bytearray | memoryview) -> bytes:
+    def handle(self, message: bytes | bytearray | memoryview) -> bytes | bytearray:
         """Process one received message and return the reply; raise :class:`FatalError`."""
         if self.fatal is not None:
             raise self.fatal
@@ -111,7 +111,7 @@ class VmbfsCore:
             self.fatal = exc
             raise
 
-    def _handle(self, message: bytes | bytearray | memoryview) -> bytes:
+    def _handle(self, message: bytes | bytearray | memoryview) -> bytes | bytearray:
         try:
             request = decode_request_untrusted(message)
         except ProtocolError as exc:
@@ -140,7 +140,7 @@ class VmbfsCore:
         flags = FileInfoFlags.DIRECTORY if info.directory else FileInfoFlags(0)
         return encode_get_file_info_response(Status.SUCCESS, flags, info.file_size)
 
-    def _read_file(self, request: ReadFileRequest) -> bytes:
+    def _read_file(self, request: ReadFileRequest) -> bytes | bytearray:
         count = request.byte_count
         if count > MAX_READ_SIZE:
             raise FatalError(
@@ -156,4 +156,4 @@ class VmbfsCore:
         except FileError as exc:
             # No data at all with a failure status, not even what was read before it failed.
             return encode_read_file_response(status_for_error(exc))
-        return bytes(reply)
+        return reply
