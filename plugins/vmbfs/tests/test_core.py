@@ -3,6 +3,7 @@ or that there is no reply and a later valid request is not answered either."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from devicehost_vmbfs.backing import FileError, FileErrorKind, FileInfo
 from devicehost_vmbfs.core import FatalError, FatalErrorKind, ProtocolState, VmbfsCore
+from devicehost_vmbfs.directory import DirectoryBacking
 from devicehost_vmbfs.protocol import (
     MAX_READ_SIZE,
     encode_get_file_info_request,
@@ -271,3 +273,23 @@ def test_any_messages_only_reply_or_raise_documented_fatal_errors(
             break
         assert core.fatal is None
         assert struct.unpack_from("<I", reply)[0] in (2, 4, 6)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["\\..\\secret", "/../secret", "..\\secret", "\\sub\\..\\..\\secret", "\\link_out", "/abs"],
+)
+def test_directory_escapes_answer_not_found_on_the_wire(tmp_path: Path, path: str) -> None:
+    (tmp_path / "secret").write_bytes(b"SECRET")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    os.symlink("../secret", root / "link_out")
+    os.symlink(str(tmp_path / "secret"), root / "abs")
+    backing = DirectoryBacking.open(root)
+    try:
+        core = VmbfsCore(backing, ProtocolState.READY)
+        not_found_info = struct.pack("<IIIIQ", 4, 0, 1, 0, 0)
+        assert core.handle(encode_get_file_info_request(path)) == not_found_info
+        assert core.handle(encode_read_file_request(6, 0, path)) == struct.pack("<III", 6, 0, 1)
+    finally:
+        backing.close()

@@ -4,10 +4,13 @@ the VMBus transport driving the device's lifecycle, and the vmbfs client as the 
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devicehost.lifecycle import DeviceState
 from devicehost.testing import DeviceConformance
@@ -73,3 +76,44 @@ async def test_rings_below_four_pages_stop_the_device_before_reading(tmp_path: P
             await guest.pipe.send(encode_version_request())
             with pytest.raises(anyio.WouldBlock):
                 guest.pipe.try_recv(MAX_MESSAGE_SIZE)
+
+
+_GARBAGE = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        st.builds(
+            lambda t, body: struct.pack("<II", t, 0) + body,
+            st.sampled_from([1, 3, 5]),
+            st.binary(max_size=40),
+        ),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+async def _garbage_then_reopen(config: VmbfsConfig, messages: list[bytes]) -> None:
+    async with vmbus_guest(VmbfsDevice, config) as guest:
+        with anyio.fail_after(10):
+            for message in messages:
+                await guest.pipe.send(message)
+            # Whatever happened, the device is running or done (never failed), and a fresh
+            # channel serves again.
+            await guest.close()
+            assert guest.device.failure is None
+            assert guest.device.state is DeviceState.CLOSED
+            await guest.open()
+            client = VmbfsClient(guest.pipe)
+            await client.negotiate()
+            assert await client.read_file("/imc.hiv") == b"hive"
+
+
+@settings(max_examples=60, deadline=None)
+@given(_GARBAGE)
+def test_any_bytes_never_crash_the_device_or_the_host(
+    tmp_path_factory: pytest.TempPathFactory, messages: list[bytes]
+) -> None:
+    path = tmp_path_factory.getbasetemp() / "vmbus-fuzz-hive"
+    if not path.exists():
+        path.write_bytes(b"hive")
+    anyio.run(_garbage_then_reopen, VmbfsConfig(file=str(path)), messages)
