@@ -40,6 +40,7 @@ from devicehost_vmbfs.protocol import (
     GetFileInfoRequest,
     MessageType,
     ProtocolError,
+    ProtocolErrorKind,
     ReadFileRequest,
     Status,
     VersionRequest,
@@ -82,7 +83,14 @@ class FatalError(Exception):
         self.kind = kind
 
 
-_FROM_PROTOCOL = {kind.value: kind for kind in FatalErrorKind}
+# The decode errors a request can raise, as fatal errors of the same name.
+_FROM_PROTOCOL: Final = {
+    ProtocolErrorKind.TOO_SHORT: FatalErrorKind.TOO_SHORT,
+    ProtocolErrorKind.INVALID_MESSAGE_TYPE: FatalErrorKind.INVALID_MESSAGE_TYPE,
+    ProtocolErrorKind.UNALIGNED: FatalErrorKind.UNALIGNED,
+    ProtocolErrorKind.NULL_TERMINATOR_IN_PATH: FatalErrorKind.NULL_TERMINATOR_IN_PATH,
+    ProtocolErrorKind.INVALID_UTF16_PATH: FatalErrorKind.INVALID_UTF16_PATH,
+}
 
 # READ_FILE_RESPONSE: type u32 @0, reserved u32 @4, status u32 @8, data @12.
 _READ_REPLY_HEADER: Final = struct.Struct("<III")
@@ -115,7 +123,7 @@ class VmbfsCore:
         try:
             request = decode_request_untrusted(message)
         except ProtocolError as exc:
-            raise FatalError(_FROM_PROTOCOL[exc.kind.value], str(exc)) from None
+            raise FatalError(_FROM_PROTOCOL[exc.kind], str(exc)) from None
         self.messages += 1
         if isinstance(request, VersionRequest):
             if self.state is not ProtocolState.VERSION_REQUEST:
