@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -183,3 +184,12 @@ def test_no_path_ever_returns_bytes_from_outside(
     except FileError:
         return
     assert SECRET not in data
+
+
+def test_lookups_leak_no_file_descriptors(backing: DirectoryBacking) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for path in ["/a.txt", "/sub", "/sub/b.bin", "/link_dir/b.bin", "/nope", *ESCAPES]:
+        for _ in range(3):
+            with contextlib.suppress(FileError):
+                read_all(backing, path)
+    assert len(os.listdir("/proc/self/fd")) == before
