@@ -1,8 +1,8 @@
 """A vmbfs client: what a guest (or the intercept plugin's client device) runs against the device.
 
 Pure parts (:func:`check_version_reply`, :func:`file_info_from_reply`, :func:`data_from_reply`)
-check a reply's bytes; :class:`VmbfsClient` is the small async shell that sends one request and
-waits for its reply over a message pipe, one request at a time.
+check a reply's bytes; :class:`VmbfsClient` is the small async shell that sends requests and
+waits for their replies over a message pipe (one at a time, or a window of reads in flight).
 """
 
 from __future__ import annotations
