@@ -298,3 +298,56 @@ def test_poweroff_then_second_boot_is_served(
     assert served.alive(), report
     # After serving two VMs, SIGTERM still stops devicehost run gracefully.
     assert served.stop() == 0, served.report("devicehost run did not exit 0 on SIGTERM")
+
+
+def test_vmm_killed_mid_transfer_then_next_vmm_is_served(guest_image: GuestImage) -> None:
+    """A VMM crash (SIGKILL) while the host streams into the guest: the host peer's stream ends,
+    ``devicehost run`` survives, and the next QEMU on the same socket is served."""
+    work = Path(tempfile.mkdtemp(prefix="dhq-"))
+    layout = VsockLayout(work_dir=work, guest_cid=GUEST_CID)
+    try:
+        with DevicehostRun(layout) as served:
+            vm = GuestVm(
+                guest_image,
+                work,
+                vhost_user_socket=layout.vhost_user_socket,
+                steps=[f"sink:{LISTEN_PORT}:{64 << 20}"],
+                timeout_s=60,
+            )
+            try:
+                with vm:
+                    vm.expect(rf"DH LISTENING port={LISTEN_PORT}\b", 50)
+                    sock, _ = connect_to_guest(layout.base_path, LISTEN_PORT, timeout=30)
+                    with sock:
+                        sock.sendall(pattern(ECHO_SEED, 4 << 20))  # the guest waits for 64 MiB
+                        vm.kill()
+                        try:
+                            leftover = sock.recv(16)
+                        except ConnectionResetError:
+                            leftover = b""
+            except AssertionError as exc:
+                pytest.fail(vm.report(f"first VMM: {exc}") + served.report(""), pytrace=False)
+            if leftover != b"" or not served.alive():
+                pytest.fail(vm.report(f"after the kill: read {leftover!r}") + served.report(""))
+            length = 512 << 10
+            listener = PortListener(
+                layout.port_path(SEND_PORT), expect=pattern(7, length), reply=b"", timeout=60
+            )
+            again = GuestVm(
+                guest_image,
+                work,
+                vhost_user_socket=layout.vhost_user_socket,
+                steps=[f"send:{SEND_PORT}:{length}:7:0"],
+                timeout_s=60,
+            )
+            try:
+                with again:
+                    again.expect(r"DH SEND port=\d+ sent=\d+", 50)
+                    received = listener.join(10)
+            except AssertionError as exc:
+                pytest.fail(again.report(f"next VMM: {exc}") + served.report(""), pytrace=False)
+            finally:
+                listener.close()
+            assert received.length == length and received.intact, again.report("corrupt")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
