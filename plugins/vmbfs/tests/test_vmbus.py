@@ -16,7 +16,8 @@ from devicehost.lifecycle import DeviceState
 from devicehost.testing import DeviceConformance
 from devicehost.testing.vmbus import vmbus_guest
 from devicehost_vmbfs.client import VmbfsClient, VmbfsClientError
-from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
+from devicehost_vmbfs.core import ProtocolState
+from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
 from devicehost_vmbfs.protocol import (
     MAX_MESSAGE_SIZE,
     encode_get_file_info_request,
@@ -117,3 +118,36 @@ def test_any_bytes_never_crash_the_device_or_the_host(
     if not path.exists():
         path.write_bytes(b"hive")
     anyio.run(_garbage_then_reopen, VmbfsConfig(file=str(path)), messages)
+
+
+@pytest.mark.anyio
+async def test_save_while_ready_restore_then_get_file_info_over_the_vmbus(tmp_path: Path) -> None:
+    from devicehost.savedstate import (
+        decode_envelope_untrusted,
+        decode_state_untrusted,
+        encode_envelope,
+        entry_for,
+    )
+
+    (tmp_path / "hive").write_bytes(b"hive bytes")
+    async with vmbus_guest(VmbfsDevice, VmbfsConfig(file=str(tmp_path / "hive"))) as guest:
+        device = guest.device
+        with anyio.fail_after(10):
+            client = VmbfsClient(guest.pipe)
+            await client.negotiate()
+            assert await device.stop()
+            state = await device.save()
+            blob = encode_envelope([entry_for(device.name, device.ctx.plugin, state)])
+            (entry,) = decode_envelope_untrusted(blob)
+            restored = decode_state_untrusted(entry, VmbfsSavedState)
+            assert restored == VmbfsSavedState(ProtocolState.READY)
+            resources = guest.transport.resources_for_restore(device)
+            device.forget_runner()
+            await device.restore(restored, resources)
+            assert await device.start()
+            # No new version exchange: the next GET_FILE_INFO is answered at once.
+            await guest.pipe.send(encode_get_file_info_request("/imc.hiv"))
+            assert await guest.pipe.recv(MAX_MESSAGE_SIZE) == struct.pack(
+                "<IIIIQ", 4, 0, 0, 0, 10
+            )
+            assert await client.read_file("/imc.hiv") == b"hive bytes"
