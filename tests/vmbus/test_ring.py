@@ -440,14 +440,36 @@ def test_random_packet_sequences_round_trip(pages: int, scattered: bool,
     assert all(len(p) % 8 == 0 for _, p, _, _ in received)
 
 
+# Plausible indices and descriptors, so that fuzzing gets past the first checks.
+INDICES = st.one_of(st.none(), st.integers(0, 1023).map(lambda i: i * 8))
+DESCRIPTORS = st.lists(
+    st.tuples(st.integers(0, 1023), st.sampled_from([6, 7, 9, 11, 5, 0xFFFF]),
+              st.integers(0, 6), st.integers(0, 700), st.integers(0, 3), st.integers(0, 3)),
+    max_size=6,
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=128, max_size=128), st.binary(min_size=0, max_size=8192),
-       st.sampled_from([4096, 8192]), st.binary(max_size=300))
-def test_arbitrary_ring_memory_is_contained(control: bytes, data: bytes, data_len: int,
-                                            payload: bytes) -> None:
+       st.sampled_from([4096, 8192]), st.binary(max_size=300), INDICES, INDICES, DESCRIPTORS)
+def test_arbitrary_ring_memory_is_contained(
+    control: bytes, data: bytes, data_len: int, payload: bytes, in_index: int | None,
+    out_index: int | None, descriptors: list[tuple[int, int, int, int, int, int]],
+) -> None:
     guard = b"\xa5" * 4096
     buf = bytearray(guard + control + bytes(4096 - 128) + data[:data_len].ljust(data_len, b"\0")
                     + guard)
+    if out_index is not None and descriptors:
+        descriptors[0] = (out_index // 8, *descriptors[0][1:])  # a packet where reading starts
+    for slot, kind, doff8, len8, flags, count in descriptors:
+        offset = 4096 + 4096 + slot * 8 % data_len
+        if offset + 24 <= 8192 + data_len:
+            DESC.pack_into(buf, offset, kind, doff8, len8, flags, 0)
+            struct.pack_into("<II", buf, offset + 16, 0, count)
+    if in_index is not None:
+        struct.pack_into("<I", buf, 4096, in_index % data_len)
+    if out_index is not None:
+        struct.pack_into("<I", buf, 4100, out_index % data_len)
     mem = RingMemory.from_view(memoryview(buf)[4096 : 4096 + 4096 + data_len])
     ok = (RingError, RingEmpty, RingFull)
     try:
@@ -472,3 +494,31 @@ def test_arbitrary_ring_memory_is_contained(control: bytes, data: bytes, data_le
     except ok:
         pass
     assert buf[:4096] == guard and buf[-4096:] == guard
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=128, max_size=128), st.binary(max_size=8192), st.binary(max_size=300))
+def test_arbitrary_scattered_ring_memory_is_contained(control: bytes, data: bytes,
+                                                      payload: bytes) -> None:
+    data = data.ljust(8192, b"\0")
+    # Ring pages 5 (control), 2 and 7 (data) of an 8-page memory; every other page is a guard.
+    memory = GuestMemory.anonymous(8 * 4096)
+    memory.fill(0, 8 * 4096, 0xA5)
+    memory.write(5 * 4096, control.ljust(4096, b"\0"))
+    memory.write(2 * 4096, data[:4096])
+    memory.write(7 * 4096, data[4096:])
+    mem = RingMemory.from_pages(memory, [5, 2, 7])
+    try:
+        r = IncomingRing(mem)
+        for packet in r.read_batch(20):
+            if len(packet.payload) >= 2:
+                r.overwrite(packet, len(packet.payload) - 2, b"PP")
+        r.commit()
+    except (RingError, RingEmpty, RingFull):
+        pass
+    with contextlib.suppress(RingError, RingEmpty, RingFull):
+        w = OutgoingRing(mem)
+        for _ in range(5):
+            w.write_inband(payload)
+    for guard in (0, 1, 3, 4, 6):
+        assert memory.read(guard * 4096, 4096) == b"\xa5" * 4096
