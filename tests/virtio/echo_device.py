@@ -22,6 +22,12 @@ MAGIC = 0x4F484345  # "ECHO"
 @attrs.frozen
 class EchoConfig:
     vhost_user_socket: str = ""
+    savable: bool = True
+
+
+@attrs.frozen
+class EchoSaved:
+    handled: int
 
 
 @attrs.define
@@ -65,6 +71,17 @@ class EchoDevice:
             replies.push(reply, n)
             runner.handled += 1
             await anyio.lowlevel.checkpoint()
+
+    @hookimpl
+    def save_open(self, ctx: DeviceContext, runner: EchoRunner) -> EchoSaved | None:
+        return EchoSaved(runner.handled) if self.config.savable else None
+
+    @hookimpl
+    def restore_open(
+        self, ctx: DeviceContext, state: EchoSaved, resources: QueueResources
+    ) -> EchoRunner:
+        self.runner = EchoRunner(resources, state.handled)
+        return self.runner
 
     @hookimpl
     def close(self, ctx: DeviceContext, runner: EchoRunner, subchannel_index: int) -> None:

@@ -9,18 +9,22 @@ import pytest
 
 from devicehost import DeviceState
 from devicehost.testing import host_with
+from devicehost.testing.registry import DeviceSpec
 from devicehost.virtio import (
     RING_EVENT_IDX,
     RING_INDIRECT_DESC,
     VERSION_1,
+    DriverQueue,
     FeatureError,
+    QueueState,
     VirtioTransport,
 )
 
-from .echo_device import MAGIC, EchoDevice
+from .echo_device import MAGIC, EchoConfig, EchoDevice, EchoSaved
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_echo_through_in_process_driver() -> None:
     async with host_with({"echo": EchoDevice}) as host:
         transport = host.transport(VirtioTransport)
@@ -63,3 +67,55 @@ async def test_driver_must_accept_version_1_and_only_offered_bits() -> None:
         with pytest.raises(FeatureError, match="not offered"):
             await transport.connect_driver("echo", features=1 << VERSION_1 | 0b10)
         assert host.devices["echo"].state is DeviceState.OFFERED
+
+
+async def _round(requests: DriverQueue, replies: DriverQueue, payload: bytes) -> bytes:
+    replies.add(writable=[len(payload)])
+    replies.kick()
+    requests.add([payload])
+    requests.kick()
+    await requests.wait_used()
+    return (await replies.wait_used()).data
+
+
+@pytest.mark.anyio
+async def test_save_and_restore_resume_the_queues() -> None:
+    async with host_with({"echo": EchoDevice}) as host:
+        transport = host.transport(VirtioTransport)
+        driver = await transport.connect_driver("echo", queue_size=8)
+        requests, replies = driver.queues
+        device = host.devices["echo"]
+        with anyio.fail_after(5):
+            for i in range(5):
+                assert await _round(requests, replies, b"%d" % i * 3) == b"%d" % i * 3
+            saved = await transport.save("echo")
+            assert device.state is DeviceState.OPEN
+            assert [q.state for q in saved.queues] == [QueueState(5, 5)] * 2
+            assert saved.device_state == EchoSaved(5)
+            # While saved, the guest posts more work; it is served after the restore.
+            replies.add(writable=[3])
+            requests.add([b"abc"])
+            requests.kick()
+            await transport.restore("echo", saved)
+            assert device.state is DeviceState.RUNNING
+            await requests.wait_used()
+            assert (await replies.wait_used()).data == b"cba"
+            # 16-bit indices keep counting past the 8-entry ring.
+            for i in range(10):
+                assert await _round(requests, replies, b"w%d" % i) == b"%dw" % i
+            assert struct.unpack("<II", driver.read_config(0, 8)) == (MAGIC, 16)
+
+
+@pytest.mark.anyio
+async def test_restore_without_device_state_reoffers() -> None:
+    specs = [DeviceSpec("echo", "echo", EchoConfig(savable=False))]
+    async with host_with({"echo": EchoDevice}, specs) as host:
+        transport = host.transport(VirtioTransport)
+        driver = await transport.connect_driver("echo")
+        saved = await transport.save("echo")
+        assert saved.device_state is None
+        await transport.restore("echo", saved)
+        assert host.devices["echo"].state is DeviceState.OFFERED
+        await driver.reset()
+        driver = await transport.connect_driver("echo")
+        assert host.devices["echo"].state is DeviceState.RUNNING

@@ -9,27 +9,33 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devicehost import DeviceState
 from devicehost.memory import GuestMemory
 from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
-from devicehost.virtio import VERSION_1, VirtioTransport
+from devicehost.virtio import VERSION_1, DeviceTraits, VirtioTransport
 from devicehost.virtio.vhost_message import (
     F_NEED_REPLY,
     F_VERSION,
+    HEADER,
     PROTOCOL_F_CONFIG,
     PROTOCOL_F_REPLY_ACK,
     USER_F_PROTOCOL_FEATURES,
     MemRegion,
     Request,
+    VhostUserError,
     VringAddr,
     VringState,
+    decode_header_untrusted,
     encode_mem_table,
     encode_u64,
     encode_vring_addr,
     encode_vring_state,
 )
+from devicehost.virtio.vhost_user import BackendSession
 
 from .echo_device import MAGIC, EchoConfig, EchoDevice
 from .vhost_frontend import MEMORY_SIZE, USER_BASE, Frontend
@@ -52,6 +58,7 @@ async def _echo(frontend: Frontend, payload: bytes) -> bytes:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_qemu_sequence_moves_data_then_reconnects(tmp_path: Path) -> None:
     sock = str(tmp_path / "vu.sock")
     specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
@@ -192,3 +199,50 @@ async def test_reply_ack_only_when_negotiated(tmp_path: Path) -> None:
             assert backend.errors == []
     finally:
         memory.close()
+
+
+def _session() -> BackendSession:
+    traits = DeviceTraits(device_id=19, queue_count=2, max_queue_size=128, config=b"\3" + bytes(7))
+    return BackendSession(
+        traits,
+        lambda off, size: traits.config[off : off + size].ljust(size, b"\0"),
+        lambda off, data: None,
+    )
+
+
+_REQUESTS = st.sampled_from([int(r) for r in Request]) | st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(_REQUESTS, st.sampled_from([1, 9, 0, 5, 0xFFFFFFFF]),
+                  st.binary(max_size=300) | st.sampled_from([b"", bytes(8), bytes(40)])),
+        max_size=12,
+    )
+)
+def test_arbitrary_messages_only_raise_vhost_user_error(
+    messages: list[tuple[int, int, bytes]]
+) -> None:
+    session = _session()
+    try:
+        for request, flags, payload in messages:
+            raw = HEADER.pack(request, flags, len(payload))
+            try:
+                header = decode_header_untrusted(raw)
+                reply = session.handle(header, payload, [])
+            except VhostUserError:
+                break
+            if reply is not None:
+                code, rflags, size = HEADER.unpack_from(reply)
+                assert code == request and rflags == 0x5 and size == len(reply) - 12
+    finally:
+        session.close()
+
+
+def test_get_config_serves_the_device_config() -> None:
+    session = _session()
+    reply = session.handle(decode_header_untrusted(HEADER.pack(Request.GET_CONFIG, 1, 20)),
+                           struct.pack("<III", 0, 8, 0) + bytes(8), [])
+    assert reply == HEADER.pack(Request.GET_CONFIG, 5, 20) + struct.pack("<III", 0, 8, 0) + \
+        b"\3" + bytes(7)

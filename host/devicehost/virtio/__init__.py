@@ -32,7 +32,13 @@ from devicehost.virtio.traits import (
     FeatureError,
     negotiate,
 )
-from devicehost.virtio.transport import QueueResources, VirtioTransport, VirtQueue
+from devicehost.virtio.transport import (
+    QueueResources,
+    SavedQueue,
+    VirtioSavedState,
+    VirtioTransport,
+    VirtQueue,
+)
 
 __all__ = [
     "RING_EVENT_IDX",
@@ -53,10 +59,12 @@ __all__ = [
     "QueueResources",
     "QueueSetup",
     "QueueState",
+    "SavedQueue",
     "SplitQueue",
     "UsedBuffer",
     "VirtQueue",
     "VirtioDriver",
+    "VirtioSavedState",
     "VirtioTransport",
     "negotiate",
 ]

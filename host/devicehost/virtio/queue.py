@@ -235,6 +235,11 @@ class SplitQueue:
             self._used = memory.view(layout.used_gpa, QueueLayout.used_bytes(size))
         except GuestMemoryError as exc:
             raise QueueError(f"queue rings are outside guest memory: {exc}") from None
+        regions = memory.regions
+        # Fast path for the common single-region memory: bounds-check and slice directly.
+        self._flat: tuple[int, int, memoryview] | None = (
+            (regions[0].gpa, regions[0].end, regions[0].view) if len(regions) == 1 else None
+        )
         self.last_avail_idx = state.last_avail_idx & 0xFFFF
         self.used_idx = state.used_idx & 0xFFFF
         self._signalled_used = self.used_idx
@@ -297,12 +302,20 @@ class SplitQueue:
             U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
         return chain
 
+    def _buffer(self, addr: int, length: int) -> memoryview:
+        flat = self._flat
+        if flat is not None:
+            start, end, view = flat
+            if start <= addr and addr + length <= end:
+                return view[addr - start : addr - start + length]
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside guest memory")
+        return self.memory.view(addr, length)
+
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise self._fail(
                 f"guest put head {head} on the avail ring of a {self.size}-entry queue"
             )
-        memory = self.memory
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         table = self._desc
@@ -337,7 +350,7 @@ class SplitQueue:
                         f"guest's indirect table in chain {head} has invalid length {length}"
                     )
                 try:
-                    table = memory.view(addr, length)
+                    table = self._buffer(addr, length)
                 except GuestMemoryError:
                     raise self._fail(
                         f"guest's indirect table {addr:#x}+{length:#x} in chain {head} is outside"
@@ -349,7 +362,7 @@ class SplitQueue:
                 count = 0
                 continue
             try:
-                view = memory.view(addr, length)
+                view = self._buffer(addr, length)
             except GuestMemoryError:
                 raise self._fail(
                     f"guest's descriptor {index} ({where}) in chain {head} points outside guest"

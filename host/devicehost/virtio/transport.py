@@ -9,8 +9,9 @@ Mapping of the virtio lifecycle onto :class:`devicehost.lifecycle.Device`:
 - Reset / vring stop / VMM disconnect closes the device (queues stopped, runner dropped); the
   next start opens it again.
 - :class:`VirtQueue.state` is the queue state (last avail index, used index) that vhost-user's
-  GET_VRING_BASE returns and that a device's ``save_open`` may record; a queue built with a
-  :class:`QueueState` resumes there.
+  GET_VRING_BASE returns; :meth:`VirtioTransport.save` records it for every queue together with
+  the device's ``save_open`` value, and :meth:`VirtioTransport.restore` hands ``restore_open``
+  queues that resume there (a device that saved None is revoked and offered anew).
 
 A device whose config has a non-empty ``vhost_user_socket`` attribute is served to a VMM over that
 Unix socket (:mod:`devicehost.virtio.vhost_user`); every other device waits for the in-process
@@ -33,7 +34,7 @@ from devicehost.errors import ConfigError, LifecycleError
 from devicehost.memory import DmaAllocator, GuestMemory
 from devicehost.virtio.doorbell import Doorbell
 from devicehost.virtio.driver import QueueSetup, VirtioDriver
-from devicehost.virtio.queue import DescriptorChain, QueueState, SplitQueue
+from devicehost.virtio.queue import DescriptorChain, QueueLayout, QueueState, SplitQueue
 from devicehost.virtio.traits import (
     RING_EVENT_IDX,
     RING_INDIRECT_DESC,
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 __all__ = [
     "IN_PROCESS_MEMORY",
     "QueueResources",
+    "SavedQueue",
     "VirtQueue",
+    "VirtioSavedState",
     "VirtioTransport",
     "device_config_read",
     "device_config_write",
@@ -167,6 +170,24 @@ def build_queues(
     return out
 
 
+@attrs.frozen
+class SavedQueue:
+    """One queue of a saved virtio device: where the guest put it and where the device was."""
+
+    layout: QueueLayout
+    state: QueueState
+
+
+@attrs.frozen
+class VirtioSavedState:
+    """A saved open virtio device: negotiated features, every queue, and whatever the device's
+    ``save_open`` hook returned (None: the device does not support save/restore)."""
+
+    features: int
+    queues: tuple[SavedQueue, ...]
+    device_state: Any = None
+
+
 class _InProcessLink:
     """The device side of an in-process driver (implements ``driver.DeviceLink``)."""
 
@@ -175,6 +196,7 @@ class _InProcessLink:
         self.traits = traits
         self.memory = memory
         self.resources: QueueResources | None = None
+        self.setups: tuple[QueueSetup, ...] = ()
 
     @property
     def offered_features(self) -> int:
@@ -202,10 +224,43 @@ class _InProcessLink:
                                    self.memory)
         await self.device.open(resources)
         self.resources = resources
+        self.setups = tuple(queues)
 
     async def reset(self) -> None:
         self.resources = None
         await self.device.close()
+
+    async def save(self) -> VirtioSavedState:
+        if self.resources is None:
+            raise LifecycleError(f"device {self.device.name!r} is not open; nothing to save")
+        await self.device.stop()
+        device_state = await self.device.save()
+        queues = tuple(SavedQueue(q.queue.layout, q.state()) for q in self.resources.queues)
+        return VirtioSavedState(self.resources.features, queues, device_state)
+
+    async def restore(self, saved: VirtioSavedState) -> None:
+        if len(saved.queues) != len(self.setups):
+            raise LifecycleError("the saved state has another number of queues")
+        await self.device.close()
+        self.resources = None
+        if saved.device_state is None:
+            # The device cannot restore: it is revoked and offered anew (the driver must reset).
+            await self.device.revoke()
+            await self.device.offer()
+            return
+        setups = [
+            QueueSetup(s.index, q.layout, s.kick, s.call)
+            for s, q in zip(self.setups, saved.queues, strict=True)
+        ]
+        resources = QueueResources(
+            build_queues(self.memory, saved.features, setups, [q.state for q in saved.queues]),
+            saved.features, self.memory,
+        )
+        await self.device.restore(saved.device_state, resources)
+        self.resources = resources
+        await self.device.start()
+        for q in resources.queues:
+            q.notify()  # buffers may have completed before the save: let the driver look
 
 
 @attrs.define
@@ -274,6 +329,21 @@ class VirtioTransport:
         if served is None or served.backend is None:
             raise LifecycleError(f"device {device_name!r} is not served over vhost-user")
         return served.backend
+
+    def _link(self, device_name: str) -> _InProcessLink:
+        served = self._served.get(device_name)
+        if served is None or served.link is None:
+            raise LifecycleError(f"device {device_name!r} has no in-process driver")
+        return served.link
+
+    async def save(self, device_name: str) -> VirtioSavedState:
+        """Stop the in-process device and save it: queue positions plus its ``save_open``."""
+        return await self._link(device_name).save()
+
+    async def restore(self, device_name: str, saved: VirtioSavedState) -> None:
+        """Rebuild the device from ``saved`` over the same driver rings (``restore_open``), and
+        run it; a device that saved nothing is revoked and offered anew instead."""
+        await self._link(device_name).restore(saved)
 
     async def connect_driver(
         self, device_name: str, queue_size: int = 256, *, features: int | None = None
