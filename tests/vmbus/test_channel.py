@@ -22,6 +22,12 @@ from devicehost.vmbus.ring import RingMemory
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """These tests run on both backends (overrides the directory's asyncio-only fixture)."""
+    return str(request.param)
+
+
 async def test_pair_connects_rings_crosswise() -> None:
     host, guest = connected_channel_pair(5000)
     assert host.outgoing.data_len == guest.incoming.data_len == 8192

@@ -16,6 +16,12 @@ from devicehost.vmbus.ring import RingMemory
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """These tests run on both backends (overrides the directory's asyncio-only fixture)."""
+    return str(request.param)
+
 # Guest -> host ring at pages 0-4, host -> guest ring at pages 8 (control) and 12, 9, 14, 10.
 TO_HOST = [0, 1, 2, 3, 4]
 TO_GUEST = [8, 12, 9, 14, 10]

@@ -25,6 +25,12 @@ from devicehost.vmbus.ring import OutgoingPacket, PacketType, RingErrorKind
 HEADER = struct.Struct("<II")
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """These tests run on both backends (overrides the directory's asyncio-only fixture)."""
+    return str(request.param)
+
+
 def message_pair(ring_size: int = 16384) -> tuple[MessagePipe, MessagePipe]:
     host, guest = connected_channel_pair(ring_size)
     return MessagePipe(host), MessagePipe(guest)
