@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -203,24 +203,37 @@ def _resolve_kernel_package() -> str:
     return name
 
 
-def _fetch_deb(package: str, debs: Path) -> Path:
-    """Return the cached ``.deb`` of ``package``, downloading it (once) when absent."""
+def _fetch_deb(resolve: Callable[[], str], debs: Path) -> Path:
+    """Return the cached ``.deb`` of the package ``resolve()`` names, downloading it when absent.
+
+    Package lists older than the mirror name versions it no longer has: then ``apt-get update`` runs
+    once and the name is resolved again (the kernel's ABI number may have moved on).
+    """
     debs.mkdir(parents=True, exist_ok=True)
-    cached = sorted(debs.glob(f"{package}_*.deb"))
-    if cached:
-        return cached[-1]
+
+    def cached(package: str) -> Path | None:
+        found = sorted(debs.glob(f"{package}_*.deb"))
+        return found[-1] if found else None
+
+    package = resolve()
+    hit = cached(package)
+    if hit is not None:
+        return hit
     try:
         _run(["apt-get", "download", package], cwd=debs)
     except GuestSetupError:
         if _Apt.updated():
             raise
-        # Stale package lists point at versions the mirror no longer has: refresh once, retry.
         _Apt.update_once()
+        package = resolve()
+        hit = cached(package)
+        if hit is not None:
+            return hit
         _run(["apt-get", "download", package], cwd=debs)
-    cached = sorted(debs.glob(f"{package}_*.deb"))
-    if not cached:
+    hit = cached(package)
+    if hit is None:
         raise GuestSetupError(f"apt-get download {package} left no .deb in {debs}")
-    return cached[-1]
+    return hit
 
 
 def _unpack_once(deb: Path, dest: Path, keep: dict[str, str]) -> Path:
@@ -324,8 +337,8 @@ def prepare_guest_image(work_dir: Path, cache_dir: Path | None = None) -> GuestI
     _Apt.require()
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     debs = cache / "debs"
-    kernel_deb = _fetch_deb(_resolve_kernel_package(), debs)
-    busybox_deb = _fetch_deb(BUSYBOX_PACKAGE, debs)
+    kernel_deb = _fetch_deb(_resolve_kernel_package, debs)
+    busybox_deb = _fetch_deb(lambda: BUSYBOX_PACKAGE, debs)
     vmlinuz, modules, release = _kernel_files(kernel_deb, cache)
     busybox = _busybox(busybox_deb, cache)
 
