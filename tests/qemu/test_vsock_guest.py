@@ -77,8 +77,8 @@ class BootRecord:
             # QEMU exited or the guest went silent: later steps cannot happen either.
             self.errors[name] = str(exc).split("\n--- QEMU command", 1)[0]
             self.aborted = f"step {name!r} failed first"
-        except AssertionError as exc:
-            self.errors[name] = str(exc)
+        except (AssertionError, OSError) as exc:  # a wrong answer, or a host socket that failed
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
 
     def get(self, name: str) -> Any:
         if name in self.values:
