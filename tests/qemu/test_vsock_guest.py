@@ -325,8 +325,8 @@ def test_vmm_killed_mid_transfer_then_next_vmm_is_served(guest_image: GuestImage
                             leftover = sock.recv(16)
                         except ConnectionResetError:
                             leftover = b""
-            except AssertionError as exc:
-                pytest.fail(vm.report(f"first VMM: {exc}") + served.report(""), pytrace=False)
+            except (AssertionError, OSError) as exc:
+                pytest.fail(vm.report(f"first VMM: {exc!r}") + served.report(""), pytrace=False)
             if leftover != b"" or not served.alive():
                 pytest.fail(vm.report(f"after the kill: read {leftover!r}") + served.report(""))
             length = 512 << 10
