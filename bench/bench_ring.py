@@ -28,13 +28,13 @@ from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory, in_ban
 
 __all__ = ["run"]
 
-ROUNDS = 7
+ROUNDS = 15
 SMALL = 64
 SMALL_RING = 64 * 1024
-SMALL_COUNT = 64 * 400
+SMALL_COUNT = 64 * 200
 LARGE = 16384
 LARGE_RING = 1024 * 1024
-LARGE_COUNT = 8 * 250
+LARGE_COUNT = 8 * 125
 BATCH_SMALL = 64
 BATCH_LARGE = 8
 

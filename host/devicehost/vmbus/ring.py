@@ -32,6 +32,11 @@ Decisions on ambiguous upstream behaviour:
 - ``pending_send_size`` is honoured whether or not the writer set the feature bit (the bit is
   advertised by our writer and reported by :attr:`IncomingRing.peer_supports_pending_send_size`).
 
+Speed: the hot paths (in-band packets that do not wrap, over contiguous memory) are inlined, each
+in-band packet is written by one ``struct.pack_into`` (descriptor, payload, padding, footer), and
+payloads are read as zero-copy views. ``write_inband_batch`` / ``read_batch`` amortise the control
+page accesses and the signalling decision over many packets. Every check stays on every path.
+
 Memory ordering: in one process every access is ordered (one thread, the GIL). Across processes
 CPython issues no fences; x86 keeps stores ordered (payload before ``in``) but may let the
 mask/index check of the signalling handshake pass a store, so cross-process waiters
@@ -41,6 +46,7 @@ mask/index check of the signalling handshake pass a store, so cross-process wait
 from __future__ import annotations
 
 import enum
+import struct
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
@@ -103,6 +109,20 @@ _PSS: Final = 3
 _FEATURES: Final = 16
 
 _ZEROS: Final = bytes(8)
+
+# A whole in-band packet with an n-byte payload, written by one pack_into: descriptor, payload,
+# zero padding to 8, footer (packet.py has the layout). Cached per payload size, up to a bound.
+_INBAND_STRUCTS: dict[int, struct.Struct] = {}
+_INBAND_STRUCTS_MAX: Final = 1024
+
+
+def _inband_struct(n: int) -> struct.Struct:
+    st = _INBAND_STRUCTS.get(n)
+    if st is None:
+        st = struct.Struct(f"<HHHHQ{n}s{-n & 7}xQ")
+        if len(_INBAND_STRUCTS) < _INBAND_STRUCTS_MAX:
+            _INBAND_STRUCTS[n] = st
+    return st
 
 
 class RingErrorKind(enum.Enum):
@@ -320,6 +340,17 @@ class IncomingRing:
         start = self._cursor
         if inp == start:
             raise RingEmpty
+        data = self._data
+        stop = inp if inp > start else size
+        if data is not None and start + 16 <= stop:
+            # Fast path, as in read_batch.
+            kind, doff8, len8, flags, tid = DESCRIPTOR.unpack_from(data, start)
+            nxt = start + (len8 << 3) + 8
+            if (doff8 == 2 and len8 >= 2 and nxt <= stop and flags <= 1
+                    and (kind == 6 or kind == 11)):
+                return _new_packet(IncomingPacket, (
+                    kind, tid, flags == 1, data[start + 16 : start + (len8 << 3)], b"", start,
+                    start + 16, 0 if nxt == size else nxt))
         return self._parse(start, inp - start if inp > start else size + inp - start)
 
     def read_batch(self, max_packets: int = 64) -> list[IncomingPacket]:
@@ -338,6 +369,7 @@ class IncomingRing:
         parse = self._parse
         data = self._data
         unpack = DESCRIPTOR.unpack_from
+        new, cls = _new_packet, IncomingPacket
         count = 0
         try:
             while count < max_packets and start != inp:
@@ -353,7 +385,7 @@ class IncomingRing:
                             and (kind == 6 or kind == 11)):
                         if nxt == size:
                             nxt = 0
-                        append(_new_packet(IncomingPacket, (
+                        append(new(cls, (
                             kind, tid, flags == 1, data[start + 16 : start + (len8 << 3)], b"",
                             start, start + 16, nxt)))
                         start = nxt
@@ -523,12 +555,9 @@ class OutgoingRing:
             if free < msg_len + 8:
                 raise RingFull(msg_len + 8)
             if end + 8 <= size:
-                DESCRIPTOR.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id)
-                data[start + 16 : start + 16 + n] = payload
-                pad = msg_len - 16 - n
-                if pad:
-                    data[end - pad : end] = _ZEROS[:pad]
-                FOOTER.pack_into(data, end, start << 32)
+                st = _INBAND_STRUCTS.get(n) or _inband_struct(n)
+                st.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id, payload,
+                             start << 32)
                 end += 8
                 self._in = end - size if end >= size else end
                 words[0] = self._in
@@ -557,8 +586,7 @@ class OutgoingRing:
         pos = start
         free = (out - pos - 8) if out > pos else size - (pos - out) - 8
         written = 0
-        pack_desc = DESCRIPTOR.pack_into
-        pack_footer = FOOTER.pack_into
+        structs = _INBAND_STRUCTS
         for payload in payloads:
             if data is not None and type(payload) is bytes:
                 n = len(payload)
@@ -566,11 +594,8 @@ class OutgoingRing:
                 end = pos + msg_len
                 # Fast path: it fits (so it is not too large either) and does not wrap.
                 if msg_len + 8 <= free and end + 8 <= size:
-                    pack_desc(data, pos, 6, 2, msg_len >> 3, 0, 0)
-                    data[pos + 16 : pos + 16 + n] = payload
-                    if n & 7:
-                        data[pos + 16 + n : end] = _ZEROS[: -n & 7]
-                    pack_footer(data, end, pos << 32)
+                    st = structs.get(n) or _inband_struct(n)
+                    st.pack_into(data, pos, 6, 2, msg_len >> 3, 0, 0, payload, pos << 32)
                     pos = end + 8 if end + 8 < size else 0
                     free -= msg_len + 8
                     written += 1
