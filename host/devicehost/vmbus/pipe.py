@@ -20,6 +20,17 @@ the ring, and masks them again before consuming; a writer waiting for space publ
 One task may send and another receive at the same time; two concurrent senders (or receivers) on
 one pipe are not supported.
 
+Decisions:
+
+- A DATA header claiming more bytes than its packet holds (upstream: a memory access error) is
+  :class:`PipeError` InvalidPacketLength; so is a packet too short for a pipe header.
+- A message larger than the receiver's buffer raises :class:`PacketTooLarge` and stays in the
+  ring, so the caller may retry with a larger buffer.
+- A byte-mode reader accepts PARTIAL packets from the peer as if it had rewritten them itself,
+  provided consumed < length <= the bytes the packet holds.
+- ``wait_write_ready`` for a size that can never fit fails at once with :class:`PipeError` kind
+  Ring whose cause is the ring's InvalidMessageLength (upstream reports the ring error).
+
 Errors: :class:`PacketTooLarge` (a message above the size limit: the sender's fault when sending,
 the peer's when receiving), :class:`ConnectionReset` (the channel was closed), and
 :class:`PipeError` with a :class:`PipeErrorKind` for everything the peer got wrong.
