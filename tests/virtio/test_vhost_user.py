@@ -246,3 +246,47 @@ def test_get_config_serves_the_device_config() -> None:
                            struct.pack("<III", 0, 8, 0) + bytes(8), [])
     assert reply == HEADER.pack(Request.GET_CONFIG, 5, 20) + struct.pack("<III", 0, 8, 0) + \
         b"\3" + bytes(7)
+
+
+@pytest.mark.anyio
+async def test_host_shutdown_with_a_running_vmm(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        with anyio.fail_after(10):
+            async with host_with({"echo": EchoDevice}, specs) as host:
+                device = host.devices["echo"]
+                obj = device.pm.get_plugin("echo")
+                frontend = await Frontend.connect(sock, memory)
+                features, _ = await frontend.realize()
+                await frontend.start(features)
+                assert await _echo(frontend, b"ab") == b"ba"
+                await frontend.send(Request.SET_CONFIG, struct.pack("<III", 4, 2, 0) + b"\7\7")
+                assert await frontend.get_u64(Request.GET_QUEUE_NUM) == 2  # SET_CONFIG applied
+                assert obj.config_writes == [(4, b"\7\7")]
+            # Leaving the host closed the device under the live connection and removed the socket.
+            assert obj.closed == 1
+            assert not os.path.exists(sock)
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await frontend.stream.receive(1)
+            await frontend.aclose()
+    finally:
+        memory.close()
+
+
+@pytest.mark.anyio
+async def test_eventfd_doorbell_waits_for_its_fd() -> None:
+    from devicehost.virtio import EventfdDoorbell
+
+    bell = EventfdDoorbell()
+    bell.ring()  # no fd yet: dropped
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bell.wait)
+            await anyio.wait_all_tasks_blocked()
+            bell.set_fd(fd)
+            os.eventfd_write(fd, 1)
+    assert bell.rings == 1
+    bell.close()

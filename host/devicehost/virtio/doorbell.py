@@ -54,14 +54,16 @@ class EventDoorbell:
 class EventfdDoorbell:
     """A doorbell over an eventfd; ``fd`` may be swapped while nobody waits on it.
 
-    A ring on a doorbell without an fd (the peer has not given one yet) is dropped. The doorbell
-    does not own the fd unless ``owns_fd``; ``close`` closes an owned fd.
+    A ring on a doorbell without an fd (the peer has not given one yet) is dropped; a wait on it
+    lasts until an fd is set and signalled. The doorbell closes the fd on ``close`` or when it is
+    replaced only if it owns it (``owns_fd``).
     """
 
     def __init__(self, fd: int | None = None, *, owns_fd: bool = True) -> None:
         self.fd: int | None = None
         self._owns = owns_fd
         self.rings = 0
+        self._fd_set: anyio.Event | None = None
         if fd is not None:
             self.set_fd(fd, owns_fd=owns_fd)
 
@@ -72,6 +74,8 @@ class EventfdDoorbell:
         self._owns = owns_fd
         if fd is not None:
             os.set_blocking(fd, False)
+            if self._fd_set is not None:
+                self._fd_set.set()
 
     def close(self) -> None:
         if self.fd is not None and self._owns:
@@ -90,7 +94,11 @@ class EventfdDoorbell:
         while True:
             fd = self.fd
             if fd is None:
-                await anyio.sleep_forever()
+                self._fd_set = event = anyio.Event()
+                try:
+                    await event.wait()
+                finally:
+                    self._fd_set = None
                 continue
             try:
                 os.eventfd_read(fd)

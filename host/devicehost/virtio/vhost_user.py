@@ -452,11 +452,8 @@ class VhostUserBackend:
         return data
 
     async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
-        session = self.session = BackendSession(
-            self.traits,
-            lambda offset, size: device_config_read(self.device, self.traits, offset, size),
-            lambda offset, data: device_config_write(self.device, offset, data),
-        )
+        session = self.session = BackendSession(self.traits, self._config_read,
+                                                self._config_write)
         fds: list[int] = []
         try:
             async with stream:
@@ -481,6 +478,9 @@ class VhostUserBackend:
             self.logger.error("vhost-user frontend on %s broke the protocol: %s", self.path, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self.logger.info("vhost-user connection on %s lost: %s", self.path, exc)
+        except Exception as exc:  # a bug here must not take down the host: drop this VMM only
+            self.errors.append(f"backend error: {exc!r}")
+            self.logger.exception("vhost-user backend on %s failed; connection dropped", self.path)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -498,6 +498,20 @@ class VhostUserBackend:
         while self.finished < count:
             self._finished_event = event = anyio.Event()
             await event.wait()
+
+    def _config_read(self, offset: int, size: int) -> bytes:
+        try:
+            return device_config_read(self.device, self.traits, offset, size)
+        except Exception:
+            # The device is to blame, not the VMM: answer zeros and keep the connection.
+            self.logger.exception("device %r failed to read its config space", self.device.name)
+            return bytes(size)
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        try:
+            device_config_write(self.device, offset, data)
+        except Exception:
+            self.logger.exception("device %r failed a config write", self.device.name)
 
     async def _close(self, session: BackendSession) -> None:
         if self._open:
