@@ -290,3 +290,38 @@ async def test_eventfd_doorbell_waits_for_its_fd() -> None:
             os.eventfd_write(fd, 1)
     assert bell.rings == 1
     bell.close()
+
+
+@pytest.mark.anyio
+async def test_lying_guest_fails_the_device_and_signals_the_err_fd(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            device = host.devices["echo"]
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(sock, memory)
+                features, _ = await frontend.realize()
+                err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                frontend.own_fds.append(err)
+                await frontend.send(Request.SET_VRING_ERR, encode_u64(0), [err])
+                await frontend.start(features)
+                requests = frontend.queues[0]
+                # The guest publishes a head outside its 128-entry table.
+                memory.write(requests.layout.avail_gpa + 4, struct.pack("<H", 500))
+                memory.write(requests.layout.avail_gpa + 2, struct.pack("<H", 1))
+                requests.kick()
+                await anyio.wait_readable(err)
+                assert os.eventfd_read(err) == 1
+                assert device.state is DeviceState.FAILED
+                assert "head 500 on the avail ring" in (device.failure or "")
+                # The VMM stops the rings: the failed device is closed, ready for a new start.
+                assert await frontend.stop() == (0, 0)
+                assert device.state is DeviceState.CLOSED
+                await frontend.aclose()
+                await _disconnected(backend, 1)
+            assert backend.errors == []
+    finally:
+        memory.close()

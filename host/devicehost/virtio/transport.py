@@ -34,7 +34,13 @@ from devicehost.errors import ConfigError, LifecycleError
 from devicehost.memory import DmaAllocator, GuestMemory
 from devicehost.virtio.doorbell import Doorbell
 from devicehost.virtio.driver import QueueSetup, VirtioDriver
-from devicehost.virtio.queue import DescriptorChain, QueueLayout, QueueState, SplitQueue
+from devicehost.virtio.queue import (
+    DescriptorChain,
+    QueueError,
+    QueueLayout,
+    QueueState,
+    SplitQueue,
+)
 from devicehost.virtio.traits import (
     RING_EVENT_IDX,
     RING_INDIRECT_DESC,
@@ -65,14 +71,19 @@ class VirtQueue:
 
     ``pop`` / ``push`` are synchronous; ``wait_kick`` waits until the driver kicked (or buffers
     are already available). A :class:`devicehost.virtio.QueueError` from ``pop`` means the guest
-    broke this queue; the device should let ``run`` fail (only this device fails).
+    broke this queue; the device should let ``run`` fail (only this device fails). The ``error``
+    doorbell, if any (vhost-user's vring err eventfd), is rung once when that happens.
     """
 
-    def __init__(self, index: int, queue: SplitQueue, kick: Doorbell, call: Doorbell) -> None:
+    def __init__(
+        self, index: int, queue: SplitQueue, kick: Doorbell, call: Doorbell,
+        error: Doorbell | None = None,
+    ) -> None:
         self.index = index
         self.queue = queue
         self.kick = kick
         self.call = call
+        self.error = error
         self.interrupts = 0
 
     def __repr__(self) -> str:
@@ -83,8 +94,16 @@ class VirtQueue:
         return self.queue.size
 
     def pop(self) -> DescriptorChain | None:
-        """The next available chain, or None."""
-        return self.queue.pop()
+        """The next available chain, or None; QueueError if the guest broke the queue."""
+        queue = self.queue
+        if queue.broken is None:
+            try:
+                return queue.pop()
+            except QueueError:
+                if self.error is not None:
+                    self.error.ring()
+                raise
+        raise queue.broken
 
     def push(self, chain: DescriptorChain | int, written: int = 0) -> None:
         """Return a chain (or head index) with ``written`` bytes; interrupts the driver when it
@@ -109,7 +128,7 @@ class VirtQueue:
     async def pop_wait(self) -> DescriptorChain:
         """The next available chain, waiting for kicks as needed."""
         while True:
-            chain = self.queue.pop()
+            chain = self.pop()
             if chain is not None:
                 return chain
             await self.wait_kick()

@@ -188,6 +188,7 @@ class BackendSession:
             raise VhostUserError(f"the VMM's vrings are unusable: {exc}") from None
         for v, q in zip(self.vrings, queues, strict=True):
             v.queue = q
+            q.error = v.err
         return QueueResources(queues, self.virtio_features, memory)
 
     def stop_queues(self) -> None:
