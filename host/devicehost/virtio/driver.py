@@ -29,6 +29,7 @@ from devicehost.virtio.queue import (
     U16,
     USED_ELEM,
     QueueLayout,
+    full_barrier,
     need_event,
 )
 from devicehost.virtio.traits import RING_EVENT_IDX, negotiate
@@ -257,6 +258,7 @@ class DriverQueue:
 
     def kick(self) -> bool:
         """Notify the device of new buffers if it asked for notifications; True if rung."""
+        full_barrier()
         if self.event_idx:
             avail_event = U16.unpack_from(self._used, 4 + 8 * self.size)[0]
             needed = need_event(avail_event, self.avail_idx, self._kicked_at)

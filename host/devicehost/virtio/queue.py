@@ -34,6 +34,7 @@ Decisions (AMBIGUOUS in the spec):
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Final
 
@@ -53,6 +54,7 @@ __all__ = [
     "QueueLayout",
     "QueueState",
     "SplitQueue",
+    "full_barrier",
     "need_event",
 ]
 
@@ -71,6 +73,21 @@ DESCRIPTOR: Final = struct.Struct("<QIHH")
 U16: Final = struct.Struct("<H")
 # byte layout: used element = le32 id, le32 len
 USED_ELEM: Final = struct.Struct("<II")
+
+
+_BARRIER_LOCK: Final = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier between this side's ring store and its next ring load.
+
+    Where the other side runs in another process (vhost-user), "publish index, then read the
+    peer's event index" must not be reordered (x86 may reorder a store with a later load), or both
+    sides can miss each other's notification and the queue stalls. Acquiring an uncontended lock
+    is an atomic read-modify-write, which is a full barrier on x86.
+    """
+    with _BARRIER_LOCK:
+        pass
 
 
 class QueueError(Exception):
@@ -267,6 +284,7 @@ class SplitQueue:
             U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
         else:
             U16.pack_into(self._used, 0, U16.unpack_from(self._used, 0)[0] & ~RING_F_NO_NOTIFY)
+        full_barrier()
         return self.has_available()
 
     def disable_notifications(self) -> None:
@@ -405,6 +423,7 @@ class SplitQueue:
         return self._should_interrupt()
 
     def _should_interrupt(self) -> bool:
+        full_barrier()
         new = self.used_idx
         if self.event_idx:
             used_event = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
