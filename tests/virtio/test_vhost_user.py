@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devicehost import DeviceState
-from devicehost.memory import GuestMemory
+from devicehost.memory import DmaAllocator, GuestMemory, MemoryRegion
 from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
 from devicehost.virtio import VERSION_1, DeviceTraits, VirtioTransport
@@ -324,4 +324,77 @@ async def test_lying_guest_fails_the_device_and_signals_the_err_fd(tmp_path: Pat
                 await _disconnected(backend, 1)
             assert backend.errors == []
     finally:
+        memory.close()
+
+
+@pytest.mark.anyio
+async def test_two_regions_of_one_memfd_with_offsets(tmp_path: Path) -> None:
+    """Guest RAM split around a hole (as QEMU does above 4 GiB): one memfd, two regions, the
+    second at file offset 4 MiB and guest address 4 GiB; rings and buffers live in the second."""
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 8 << 20)
+    high = 1 << 32
+    memory = GuestMemory([MemoryRegion(0, 4 << 20, fd=fd, offset=0),
+                          MemoryRegion(high, 4 << 20, fd=fd, offset=4 << 20)])
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(
+                    sock, memory, DmaAllocator(memory, gpa=high, size=4 << 20)
+                )
+                features, _ = await frontend.realize()
+                await frontend.start(features)
+                assert frontend.queues[0].layout.desc_gpa >= high
+                session = backend.session
+                assert session is not None and session.memory is not None
+                assert [(r.gpa, r.size) for r in session.memory.regions] == [
+                    (0, 4 << 20), (high, 4 << 20)]
+                payload = os.urandom(9000)
+                assert await _echo(frontend, payload) == payload[::-1]
+                await frontend.aclose()
+                await _disconnected(backend, 1)
+            assert backend.errors == []
+    finally:
+        memory.close()
+        os.close(fd)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("regions", "use_eventfd", "message"),
+    [
+        ([(0, 2 << 20, 0)], False, "beyond the end of its 1048576-byte file"),
+        ([(0, 1 << 20, 0), (0x80000, 4096, 0)], False, "regions overlap"),
+        ([(0, 4096, 0)], True, "cannot be mapped"),
+        ([(0, 4096, (1 << 20) - 2048)], False, "beyond the end"),
+    ],
+)
+async def test_hostile_memory_tables(
+    tmp_path: Path, regions: list[tuple[int, int, int]], use_eventfd: bool, message: str
+) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    fd = os.eventfd(0) if use_eventfd else os.memfd_create("small", os.MFD_CLOEXEC)
+    if not use_eventfd:
+        os.ftruncate(fd, 1 << 20)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(sock, memory)
+                table = encode_mem_table(
+                    [MemRegion(gpa, size, USER_BASE + off, off) for gpa, size, off in regions]
+                )
+                await frontend.send(Request.SET_MEM_TABLE, table, [fd] * len(regions))
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await frontend.stream.receive(1)
+                await frontend.aclose()
+                await _disconnected(backend, 1)
+            assert len(backend.errors) == 1 and message in backend.errors[0]
+    finally:
+        os.close(fd)
         memory.close()

@@ -38,16 +38,28 @@ MEMORY_SIZE = 8 * 1024 * 1024
 
 
 class Frontend:
-    def __init__(self, stream: anyio.abc.SocketStream, memory: GuestMemory) -> None:
+    def __init__(
+        self, stream: anyio.abc.SocketStream, memory: GuestMemory,
+        allocator: DmaAllocator | None = None,
+    ) -> None:
         self.stream = stream
         self.memory = memory
-        self.allocator = DmaAllocator(memory)
+        self.allocator = allocator or DmaAllocator(memory)
         self.queues: list[DriverQueue] = []
         self.own_fds: list[int] = []
 
     @classmethod
-    async def connect(cls, path: str, memory: GuestMemory) -> Frontend:
-        return cls(await anyio.connect_unix(path), memory)
+    async def connect(
+        cls, path: str, memory: GuestMemory, allocator: DmaAllocator | None = None
+    ) -> Frontend:
+        return cls(await anyio.connect_unix(path), memory, allocator)
+
+    def user_addr(self, gpa: int) -> int:
+        """The VMM's virtual address of ``gpa``: the memfd is mapped whole at USER_BASE."""
+        for r in self.memory.regions:
+            if r.gpa <= gpa < r.end:
+                return USER_BASE + r.offset + gpa - r.gpa
+        raise AssertionError(f"gpa {gpa:#x} is not guest memory")
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -110,10 +122,12 @@ class Frontend:
                     *, event_idx: bool = False) -> None:
         """QEMU 7.2 at DRIVER_OK: features, memory table (need_reply), vrings, enable, call."""
         await self.send(Request.SET_FEATURES, encode_u64(features))
-        region = self.memory.regions[0]
-        assert region.fd is not None
-        table = encode_mem_table([MemRegion(region.gpa, region.size, USER_BASE, 0)])
-        await self.send(Request.SET_MEM_TABLE, table, [region.fd], flags=F_VERSION | F_NEED_REPLY)
+        regions = self.memory.regions
+        table = encode_mem_table(
+            [MemRegion(r.gpa, r.size, USER_BASE + r.offset, r.offset) for r in regions]
+        )
+        fds = [r.fd for r in regions if r.fd is not None]
+        await self.send(Request.SET_MEM_TABLE, table, fds, flags=F_VERSION | F_NEED_REPLY)
         assert struct.unpack("<Q", await self.reply(Request.SET_MEM_TABLE)) == (0,)
         if not self.queues:
             self.queues = [DriverQueue(i, self.memory, self.allocator, queue_size,
@@ -127,8 +141,8 @@ class Frontend:
             lay = q.layout
             await self.send(Request.SET_VRING_NUM, encode_vring_state(VringState(q.index, q.size)))
             await self.send(Request.SET_VRING_BASE, encode_vring_state(VringState(q.index, base)))
-            addr = VringAddr(q.index, 0, USER_BASE + lay.desc_gpa, USER_BASE + lay.used_gpa,
-                             USER_BASE + lay.avail_gpa, 0)
+            addr = VringAddr(q.index, 0, self.user_addr(lay.desc_gpa),
+                             self.user_addr(lay.used_gpa), self.user_addr(lay.avail_gpa), 0)
             await self.send(Request.SET_VRING_ADDR, encode_vring_addr(addr))
             assert isinstance(q.kick_doorbell, EventfdDoorbell) and q.kick_doorbell.fd is not None
             await self.send(Request.SET_VRING_KICK, encode_u64(q.index), [q.kick_doorbell.fd])

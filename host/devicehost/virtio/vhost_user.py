@@ -18,14 +18,22 @@ Lifecycle mapping:
 - A protocol violation raises :class:`VhostUserError`: it is logged, the connection is dropped,
   the device is closed, and the backend accepts the next connection. So does a disconnect.
 
-Decisions: a KICK without an fd (polling mode) is refused; CALL/ERR without an fd are accepted
-(notifications are dropped); messages this backend does not implement are violations, since
-QEMU only sends them after negotiating protocol features that are not offered here.
+Decisions:
+- A memory region must lie inside its file; otherwise the VMM could make the host touch pages
+  past EOF (SIGBUS kills the process).
+- A KICK without an fd (polling mode) is refused; CALL/ERR without an fd are accepted (those
+  notifications are dropped).
+- Messages this backend does not implement are violations: QEMU sends them only after
+  negotiating protocol features that are not offered here.
+- GET_VRING_BASE returns the next avail index the device would pop. Chains the device popped
+  but had not pushed when it was closed are not reported (no INFLIGHT_SHMFD); a device that holds
+  chains across awaits loses them on a VMM stop, as it would on any reset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -213,27 +221,55 @@ class BackendSession:
                 return gpa + (user_addr - start)
         raise VhostUserError(f"{what} address {user_addr:#x} is in no region of the memory table")
 
+    def _check_backing(self, r: MemRegion, fd: int) -> None:
+        # Touching a mapped page past the end of its file raises SIGBUS and kills the host: a
+        # region must lie inside its file. A memfd without F_SEAL_SHRINK could still be shrunk by
+        # the VMM later; QEMU's memory-backend-memfd seals by default, so only warn about that.
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise VhostUserError(f"SET_MEM_TABLE fd for region {r} is unusable: {exc}") from None
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size < r.mmap_offset + r.size:
+                raise VhostUserError(
+                    f"SET_MEM_TABLE region {r} reaches beyond the end of its {st.st_size}-byte"
+                    " file"
+                )
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if not seals & fcntl.F_SEAL_SHRINK:
+                log.warning("guest memory fd of region %s is not sealed against shrinking", r)
+
     def _mem_table(self, regions: tuple[MemRegion, ...], fds: list[int]) -> None:
         if len(fds) != len(regions):
             raise VhostUserError(
                 f"SET_MEM_TABLE has {len(regions)} regions but {len(fds)} file descriptors"
             )
+        pending = list(fds)  # fds not yet owned by a mapped region
+        fds.clear()
         memory = GuestMemory()
         try:
-            for r, fd in zip(regions, fds, strict=True):
+            for r, fd in zip(regions, list(pending), strict=True):
+                self._check_backing(r, fd)
                 try:
-                    memory.add_region(
-                        MemoryRegion(r.guest_addr, r.size, fd=fd, offset=r.mmap_offset,
-                                     owns_fd=True)
-                    )
+                    region = MemoryRegion(r.guest_addr, r.size, fd=fd, offset=r.mmap_offset,
+                                          owns_fd=True)
                 except (OSError, ValueError, OverflowError) as exc:
-                    os.close(fd)
-                    raise VhostUserError(f"SET_MEM_TABLE region {r} cannot be mapped: {exc}") \
-                        from None
-                finally:
-                    fds.remove(fd)
+                    raise VhostUserError(
+                        f"SET_MEM_TABLE region {r} cannot be mapped: {exc}"
+                    ) from None
+                pending.remove(fd)
+                try:
+                    memory.add_region(region)
+                except ValueError as exc:
+                    region.close()
+                    raise VhostUserError(f"SET_MEM_TABLE regions overlap: {exc}") from None
         except BaseException:
             memory.close()
+            for fd in pending:
+                os.close(fd)
             raise
         self._set_memory(memory, [(r.user_addr, r.size, r.guest_addr) for r in regions])
 
