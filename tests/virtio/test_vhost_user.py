@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,34 @@ async def test_hostile_memory_tables(
     finally:
         os.close(fd)
         memory.close()
+
+
+@pytest.mark.anyio
+async def test_socket_path_in_use_or_unusable(tmp_path: Path) -> None:
+    busy = str(tmp_path / "busy.sock")
+    stale = str(tmp_path / "stale.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(busy)
+    server.listen()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(stale)  # bound, never listening: a leftover of a crashed run
+    dead.close()
+    specs = [
+        DeviceSpec("busy", "echo", EchoConfig(vhost_user_socket=busy)),
+        DeviceSpec("stale", "echo", EchoConfig(vhost_user_socket=stale)),
+        DeviceSpec("nodir", "echo", EchoConfig(vhost_user_socket=str(tmp_path / "no/x.sock"))),
+    ]
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            assert "is in use by another running server" in host.failures["busy"]
+            assert "cannot listen on vhost-user socket" in host.failures["nodir"]
+            assert "stale" not in host.failures
+            with anyio.fail_after(5):
+                memory = GuestMemory.memfd(4096)
+                frontend = await Frontend.connect(stale, memory)
+                assert await frontend.get_u64(Request.GET_QUEUE_NUM) == 2
+                await frontend.aclose()
+                memory.close()
+                await _disconnected(host.transport(VirtioTransport).vhost_user_backend("stale"), 1)
+    finally:
+        server.close()

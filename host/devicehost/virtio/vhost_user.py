@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -44,7 +45,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from devicehost.errors import DeviceHostError
+from devicehost.errors import ConfigError, DeviceHostError
 from devicehost.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from devicehost.virtio.doorbell import EventfdDoorbell
 from devicehost.virtio.queue import MAX_QUEUE_SIZE, U16, QueueError, QueueLayout, QueueState
@@ -452,11 +453,19 @@ class VhostUserBackend:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
-        """Listen and serve connections until cancelled; reports its cancel scope as started."""
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a stale socket of an earlier run
-        listener = await anyio.create_unix_listener(self.path)
+        """Listen and serve connections until cancelled; reports its cancel scope as started.
+
+        Raises :class:`devicehost.ConfigError` (before starting) if the socket path cannot be
+        listened on: a live server already answers there, or the path is not usable.
+        """
+        self._remove_stale_socket()
+        try:
+            listener = await anyio.create_unix_listener(self.path)
+        except OSError as exc:
+            raise ConfigError(
+                f"device {self.device.name!r}: cannot listen on vhost-user socket {self.path!r}:"
+                f" {exc}"
+            ) from None
         try:
             with anyio.CancelScope() as scope:
                 task_status.started(scope)
@@ -468,6 +477,25 @@ class VhostUserBackend:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                return  # not a socket: binding fails with a precise error below
+        except OSError:
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)  # nobody listens: a stale socket of an earlier run
+            return
+        finally:
+            probe.close()
+        raise ConfigError(
+            f"device {self.device.name!r}: vhost-user socket {self.path!r} is in use by another"
+            " running server"
+        )
 
     async def _receive(
         self, stream: anyio.abc.SocketStream, size: int, fds: list[int], *, first: bool
