@@ -46,6 +46,10 @@ async def test_echo_through_in_process_driver() -> None:
                 reply = await replies.wait_used()
                 assert reply.data == payload[::-1]
         assert struct.unpack("<II", driver.read_config(0, 8)) == (MAGIC, 3)
+        tree = transport.describe("echo")
+        assert tree["mode"] == "in-process" and tree["device_id"] == 0x7E
+        assert [(q["last_avail_idx"], q["used_idx"], q["broken"]) for q in tree["queues"]] == [
+            (3, 3, None), (3, 3, None)]
         driver.write_config(4, b"\x01")
         obj = device.pm.get_plugin("echo")
         assert obj.config_writes == [(4, b"\x01")]

@@ -318,6 +318,9 @@ async def test_lying_guest_fails_the_device_and_signals_the_err_fd(tmp_path: Pat
                 assert os.eventfd_read(err) == 1
                 assert device.state is DeviceState.FAILED
                 assert "head 500 on the avail ring" in (device.failure or "")
+                tree = host.transport(VirtioTransport).describe("echo")
+                assert tree["mode"] == "vhost-user" and tree["socket"] == sock
+                assert "head 500" in tree["queues"][0]["broken"]
                 # The VMM stops the rings: the failed device is closed, ready for a new start.
                 assert await frontend.stop() == (0, 0)
                 assert device.state is DeviceState.CLOSED

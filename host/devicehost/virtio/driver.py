@@ -289,17 +289,23 @@ class DriverQueue:
                 f"device wrote {written} bytes into chain {head} of queue {self.index}, which has"
                 f" {flight.writable_len} writable bytes"
             )
-        out = bytearray()
-        need = written
-        for view in flight.writable:
-            if need == 0:
-                break
-            take = min(need, len(view))
-            out += view[:take]
-            need -= take
+        parts = flight.writable
+        if written == 0:
+            data = b""
+        elif len(parts) == 1:
+            data = bytes(parts[0][:written])
+        else:
+            chunks = []
+            need = written
+            for view in parts:
+                if need == 0:
+                    break
+                chunks.append(view[:need])
+                need -= len(chunks[-1])
+            data = b"".join(chunks)
         self._recycle(flight.block)
         self._free.extend(reversed(flight.descriptors))
-        return UsedBuffer(head, written, bytes(out), flight.token)
+        return UsedBuffer(head, written, data, flight.token)
 
     async def wait_used(self) -> UsedBuffer:
         """Wait for the next used chain."""

@@ -342,6 +342,35 @@ class VirtioTransport:
             self._memory = None
             self._allocator = None
 
+    def describe(self, device_name: str) -> dict[str, Any]:
+        """A JSON-able view of how ``device_name`` is served: mode, features, queue positions,
+        and for vhost-user the socket, connection count and protocol errors."""
+        served = self._served.get(device_name)
+        if served is None:
+            raise LifecycleError(f"no virtio device {device_name!r} is served")
+        tree: dict[str, Any] = {
+            "device_id": served.traits.device_id,
+            "offered_features": offered_features(served.traits),
+        }
+        resources: QueueResources | None = None
+        if served.backend is not None:
+            backend = served.backend
+            tree.update(mode="vhost-user", socket=backend.path,
+                        connections=backend.connections, errors=list(backend.errors))
+            resources = backend.resources
+        else:
+            tree["mode"] = "in-process"
+            resources = served.link.resources if served.link is not None else None
+        if resources is not None:
+            tree["features"] = resources.features
+            tree["queues"] = [
+                {"index": q.index, "size": q.size, "last_avail_idx": q.state().last_avail_idx,
+                 "used_idx": q.state().used_idx, "interrupts": q.interrupts,
+                 "broken": None if q.queue.broken is None else str(q.queue.broken)}
+                for q in resources.queues
+            ]
+        return tree
+
     def vhost_user_backend(self, device_name: str) -> Any:
         """The :class:`devicehost.virtio.vhost_user.VhostUserBackend` serving ``device_name``."""
         served = self._served.get(device_name)

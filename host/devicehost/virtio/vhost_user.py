@@ -449,6 +449,7 @@ class VhostUserBackend:
         self._finished_event: anyio.Event | None = None
         self.session: BackendSession | None = None
         self._open = False
+        self.resources: QueueResources | None = None  # while the device is open
         self.logger = getattr(device.ctx, "logger", log)
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
@@ -581,6 +582,7 @@ class VhostUserBackend:
     async def _close(self, session: BackendSession) -> None:
         if self._open:
             self._open = False
+            self.resources = None
             await self.device.close()
             session.stop_queues()
 
@@ -595,6 +597,7 @@ class VhostUserBackend:
                                   self.device.name, exc)
                 return
             self._open = True
+            self.resources = resources
         if self._open:
             if session.all_enabled():
                 await self.device.start()
