@@ -189,68 +189,79 @@ class DriverQueue:
         buffers of the given sizes. ``fragment`` splits every buffer into pieces of at most that
         many bytes, never adjacent in guest memory; ``indirect`` puts the chain in an
         indirect table. Returns the head index. Raises :class:`QueueFull`."""
-        pieces: list[memoryview | int] = []
+        sizes: list[int] = []
+        datas: list[_BufferLike | None] = []  # None: device-writable
         for buf in readable:
-            data = memoryview(buf).cast("B")
-            if fragment is None or len(data) <= fragment:
-                pieces.append(data)
+            data = buf if type(buf) is bytes else memoryview(buf).cast("B")
+            n = len(data)
+            if fragment is None or n <= fragment:
+                datas.append(data)
+                sizes.append(n)
             else:
-                pieces.extend(data[off : off + fragment] for off in range(0, len(data), fragment))
+                mv = memoryview(data)
+                for off in range(0, n, fragment):
+                    piece = mv[off : off + fragment]
+                    datas.append(piece)
+                    sizes.append(len(piece))
         for n in writable:
             if fragment is None or n <= fragment:
-                pieces.append(n)
+                datas.append(None)
+                sizes.append(n)
             else:
-                pieces.extend(min(fragment, n - off) for off in range(0, n, fragment))
-        if not pieces:
+                for off in range(0, n, fragment):
+                    datas.append(None)
+                    sizes.append(min(fragment, n - off))
+        count = len(sizes)
+        if not count:
             raise ValueError("a chain needs at least one buffer")
-        needed = 1 if indirect else len(pieces)
-        if needed > len(self._free):
-            raise QueueFull(
-                f"queue {self.index}: {needed} descriptors needed, {len(self._free)} free"
-            )
+        free = self._free
+        needed = 1 if indirect else count
+        if needed > len(free):
+            raise QueueFull(f"queue {self.index}: {needed} descriptors needed, {len(free)} free")
         # One block per chain. Pieces are laid out back to front, 64-byte aligned, with a 64-byte
         # gap between them, so consecutive pieces are never adjacent in guest memory.
-        sizes = [p if isinstance(p, int) else len(p) for p in pieces]
-        offsets = [0] * len(pieces)
+        offsets = [0] * count
         end = 0
-        for i in range(len(pieces) - 1, -1, -1):
+        for i in range(count - 1, -1, -1):
             offsets[i] = end
-            end += -(-sizes[i] // _PIECE_ALIGN) * _PIECE_ALIGN + _PIECE_ALIGN
+            end += ((sizes[i] + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
         table_off = end
         if indirect:
-            end += 16 * len(pieces)
-        block = self._alloc(-(-end // PAGE_SIZE))
+            end += 16 * count
+        block = self._alloc((end + PAGE_SIZE - 1) // PAGE_SIZE)
         view = block.view
         base = block.gpa
-        entries: list[tuple[int, int, int]] = []
-        writable_views: list[memoryview] = []
-        for piece, off, size in zip(pieces, offsets, sizes, strict=True):
-            if isinstance(piece, int):
-                writable_views.append(view[off : off + size])
-                entries.append((base + off, size, DESC_F_WRITE))
-            else:
-                view[off : off + size] = piece
-                entries.append((base + off, size, 0))
+        pack = DESCRIPTOR.pack_into
         if indirect:
-            for i, (gpa, length, flags) in enumerate(entries):
-                more = DESC_F_NEXT if i + 1 < len(entries) else 0
-                DESCRIPTOR.pack_into(block.view, table_off + 16 * i, gpa, length, flags | more,
-                                     i + 1)
-            head = self._free.pop()
-            DESCRIPTOR.pack_into(self._desc, 16 * head, base + table_off, 16 * len(entries),
-                                 DESC_F_INDIRECT, 0)
+            head = free.pop()
             used_descs = [head]
+            table, first, links = view, table_off, list(range(1, count + 1))
+            pack(self._desc, 16 * head, base + table_off, 16 * count, DESC_F_INDIRECT, 0)
         else:
-            used_descs = [self._free.pop() for _ in entries]
+            used_descs = free[-count:]
+            del free[-count:]
+            used_descs.reverse()
             head = used_descs[0]
-            for i, (gpa, length, flags) in enumerate(entries):
-                last = i + 1 == len(entries)
-                nxt = 0 if last else used_descs[i + 1]
-                DESCRIPTOR.pack_into(self._desc, 16 * used_descs[i], gpa, length,
-                                     flags | (0 if last else DESC_F_NEXT), nxt)
-        self._in_flight[head] = _InFlight(
-            block, used_descs, writable_views, sum(len(v) for v in writable_views), token
-        )
+            table, first, links = self._desc, 0, [*used_descs[1:], 0]
+        writable_views: list[memoryview] = []
+        writable_len = 0
+        last = count - 1
+        for i in range(count):
+            off = offsets[i]
+            size = sizes[i]
+            src = datas[i]
+            if src is None:
+                writable_views.append(view[off : off + size])
+                writable_len += size
+                flags = DESC_F_WRITE
+            else:
+                view[off : off + size] = src
+                flags = 0
+            if i != last:
+                flags |= DESC_F_NEXT
+            slot = i if indirect else used_descs[i]
+            pack(table, first + 16 * slot, base + off, size, flags, links[i] if i != last else 0)
+        self._in_flight[head] = _InFlight(block, used_descs, writable_views, writable_len, token)
         U16.pack_into(self._avail, 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         U16.pack_into(self._avail, 2, self.avail_idx)

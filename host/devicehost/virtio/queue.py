@@ -149,6 +149,21 @@ class DescriptorChain:
         self.writable_len = sum(len(v) for v in self.writable)
         self._read_pos = 0
 
+    @classmethod
+    def _of(
+        cls, head: int, readable: list[memoryview], writable: list[memoryview],
+        readable_len: int, writable_len: int,
+    ) -> DescriptorChain:
+        # The queue's constructor: the lengths are already known.
+        chain = cls.__new__(cls)
+        chain.head = head
+        chain.readable = tuple(readable)
+        chain.writable = tuple(writable)
+        chain.readable_len = readable_len
+        chain.writable_len = writable_len
+        chain._read_pos = 0
+        return chain
+
     def __repr__(self) -> str:
         return (
             f"<DescriptorChain head={self.head} readable={self.readable_len}"
@@ -303,7 +318,7 @@ class SplitQueue:
         """The next available descriptor chain, or None; QueueError if the guest lied."""
         if self.broken is not None:
             raise self.broken
-        avail_idx = self._avail_idx()
+        avail_idx = U16.unpack_from(self._avail, 2)[0]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending == 0:
             return None
@@ -336,12 +351,14 @@ class SplitQueue:
             )
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        readable_len = writable_len = 0
+        flat = self._flat
+        unpack = DESCRIPTOR.unpack_from
         table = self._desc
         table_size = self.size
         where = "descriptor table"
         index = head
         count = 0
-        total = 0
         while True:
             count += 1
             if count > table_size:
@@ -349,7 +366,7 @@ class SplitQueue:
                     f"guest chain at head {head} in the {where} is longer than its {table_size}"
                     " entries (a descriptor loop)"
                 )
-            addr, length, flags, nxt = DESCRIPTOR.unpack_from(table, 16 * index)
+            addr, length, flags, nxt = unpack(table, 16 * index)
             if flags & DESC_F_INDIRECT:
                 if where != "descriptor table":
                     raise self._fail(f"guest nested an indirect descriptor in chain {head}")
@@ -379,26 +396,31 @@ class SplitQueue:
                 index = 0
                 count = 0
                 continue
-            try:
-                view = self._buffer(addr, length)
-            except GuestMemoryError:
-                raise self._fail(
-                    f"guest's descriptor {index} ({where}) in chain {head} points outside guest"
-                    f" memory: {addr:#x}+{length:#x}"
-                ) from None
-            total += length
-            if total > _MAX_CHAIN_BYTES:
-                raise self._fail(f"guest chain {head} is longer than 2**32-1 bytes")
+            if flat is not None and flat[0] <= addr and addr + length <= flat[1]:
+                start = addr - flat[0]
+                view = flat[2][start : start + length]
+            else:
+                try:
+                    view = self._buffer(addr, length)
+                except GuestMemoryError:
+                    raise self._fail(
+                        f"guest's descriptor {index} ({where}) in chain {head} points outside"
+                        f" guest memory: {addr:#x}+{length:#x}"
+                    ) from None
             if flags & DESC_F_WRITE:
                 writable.append(view)
+                writable_len += length
             elif writable:
                 raise self._fail(
                     f"guest chain {head} has a device-readable descriptor after a writable one"
                 )
             else:
                 readable.append(view)
+                readable_len += length
+            if readable_len + writable_len > _MAX_CHAIN_BYTES:
+                raise self._fail(f"guest chain {head} is longer than 2**32-1 bytes")
             if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable)
+                return DescriptorChain._of(head, readable, writable, readable_len, writable_len)
             if nxt >= table_size:
                 raise self._fail(
                     f"guest's descriptor {index} ({where}) in chain {head} links to {nxt}, outside"
