@@ -18,7 +18,7 @@ from devicehost.lifecycle import Device, DeviceState, new_device_manager
 from devicehost.memory import GuestMemory
 from devicehost.savedstate import saved_state
 from devicehost.testing import DeviceConformance
-from devicehost.testing.vmbus import vmbus_guest
+from devicehost.testing.vmbus import check_vmbus_device, vmbus_guest
 from devicehost.vmbus import (
     ConnectionReset,
     DeviceChannel,
@@ -319,3 +319,34 @@ async def test_vmbus_guest_helper() -> None:
             await guest.pipe.send(b"z")
             assert await guest.pipe.recv() == b">1:z"
         assert state(guest.device) is DeviceState.REVOKED
+
+
+async def test_check_vmbus_device_passes_a_good_device() -> None:
+    await check_vmbus_device(Echo)
+
+
+class Quitter(Echo):
+    """Breaks the contract: its run returns at once, so the guest's open leaves it done."""
+
+    @hookimpl
+    def run(self, ctx: DeviceContext, runner: EchoRunner) -> Any:
+        async def quit_now() -> None:
+            return None
+
+        return quit_now()
+
+
+class Unstable(Echo):
+    """Breaks the contract: a different instance id at every offer."""
+
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> OfferParams:
+        return OfferParams("unstable", Guid.new_random(), IFACE)
+
+
+@pytest.mark.parametrize(("device_class", "match"),
+                         [(Quitter, "must run the device"), (Unstable, "same channel")])
+async def test_check_vmbus_device_catches_broken_devices(device_class: type[Any],
+                                                         match: str) -> None:
+    with pytest.raises(AssertionError, match=match):
+        await check_vmbus_device(device_class)

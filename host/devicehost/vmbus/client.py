@@ -150,6 +150,8 @@ class VmbusClient:
         target_vp: int | None = 0,
         user_data: bytes = bytes(USER_DEFINED_SIZE),
         gpadl_id: int | None = None,
+        event_flag: int = 0,
+        connection_id: int = 0,
     ) -> ClientChannel:
         """Allocate rings, create their GPADL and open ``offer``'s channel.
 
@@ -173,7 +175,7 @@ class VmbusClient:
         outgoing = OutgoingRing(RingMemory.from_pages(self.memory, block.pfns[:ring_offset]))
         incoming = IncomingRing(RingMemory.from_pages(self.memory, block.pfns[ring_offset:]))
         data = OpenData(ring_offset=ring_offset, ring_gpadl_id=gpadl, target_vp=target_vp,
-                        user_data=user_data)
+                        event_flag=event_flag, connection_id=connection_id, user_data=user_data)
         try:
             signal = await self.server.request(channel_id, OpenChannelRequest(OpenRequest(data)))
         except BaseException:

@@ -169,7 +169,12 @@ class InterfaceChannel(ChannelType):
 
 @attrs.frozen
 class PipeChannel(ChannelType):
-    """A named pipe channel: message or byte mode, 112 bytes of user data and pipe flags."""
+    """A named pipe channel: message or byte mode, 112 bytes of user data and pipe flags.
+
+    [AMBIGUOUS] Older upstream servers carry only ``message_mode`` and fill just ``pipe_type``;
+    here ``user_defined`` and ``pipe_flags`` are placed as the facts' pipe parameters say
+    (bytes 4..116 and the u32 at 116); with their defaults the offer bytes are the same.
+    """
 
     message_mode: bool = False
     user_defined: bytes = _user_defined(PIPE_USER_DEFINED_SIZE)

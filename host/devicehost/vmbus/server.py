@@ -32,6 +32,19 @@ GPADLs and its open request. A fresh server given that state with :meth:`VmbusSe
 open, rebuilds the channel over the same ring pages (the rings continue where they were). A
 device that could not save its open channel (``was_open=False`` for a channel saved open) is
 revoked and offered anew under a new channel id.
+
+Decisions where upstream differs or is silent:
+
+- Revoke: upstream rescinds the offer and waits for the guest to close, tear its GPADLs down and
+  release the channel id. Here the server closes the channel and drops its GPADLs itself, then
+  sets the offer's ``revoked`` event; the guest only frees its memory. A pending teardown of a
+  dropped GPADL completes.
+- GPADL ids are unique per server (upstream: per guest connection; there is one guest here).
+- Modify has no device hook: :class:`ChannelDevice.modify` answers it (the transport accepts it,
+  since in-process signalling has no virtual processor to retarget).
+- A teardown whose requester stops waiting still completes when the ring is closed.
+- A saved state is untrusted: a saved open whose ring GPADL is missing or invalid is not
+  restored; the offer is revoked and made anew, as for a device that saved nothing.
 """
 
 from __future__ import annotations
