@@ -137,6 +137,7 @@ def _bad_messages() -> list[tuple[str, int, bytes, int, str]]:
         ("vring-num", Request.SET_VRING_NUM, encode_vring_state(VringState(0, 100)), 0,
          "not a power of two"),
         ("stray-fd", Request.SET_OWNER, b"", 1, "1 unexpected fds"),
+        ("fd-truncated", Request.SET_OWNER, b"", 9, "8 unexpected fds"),  # the kernel keeps 8
         ("kick-nofd", Request.SET_VRING_KICK, encode_u64(0x100), 0, "polling mode"),
         ("config", Request.GET_CONFIG, struct.pack("<III", 250, 16, 0) + bytes(16), 0,
          "exceeds the 256-byte config space"),
@@ -433,3 +434,29 @@ async def test_socket_path_in_use_or_unusable(tmp_path: Path) -> None:
                 await _disconnected(host.transport(VirtioTransport).vhost_user_backend("stale"), 1)
     finally:
         server.close()
+
+
+@pytest.mark.anyio
+async def test_file_descriptors_spread_over_one_message_are_bounded(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(8)]
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            with anyio.fail_after(10):
+                frontend = await Frontend.connect(sock, memory)
+                table = encode_mem_table([MemRegion(0, 4096, USER_BASE, 0)])
+                stream: Any = frontend.stream
+                await stream.send_fds(HEADER.pack(Request.SET_MEM_TABLE, 1, len(table)), fds)
+                await stream.send_fds(table[:8], fds[:1])
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await frontend.stream.receive(1)
+                await frontend.aclose()
+                await _disconnected(backend, 1)
+            assert backend.errors == ["the VMM sent 9 file descriptors with one message (max 8)"]
+    finally:
+        for fd in fds:
+            os.close(fd)
+        memory.close()

@@ -48,6 +48,7 @@ import attrs
 from devicehost.errors import ConfigError, DeviceHostError
 from devicehost.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from devicehost.virtio.doorbell import EventfdDoorbell
+from devicehost.virtio.driver import QueueSetup
 from devicehost.virtio.queue import MAX_QUEUE_SIZE, U16, QueueError, QueueLayout, QueueState
 from devicehost.virtio.traits import DeviceTraits, offered_features
 from devicehost.virtio.transport import (
@@ -176,8 +177,6 @@ class BackendSession:
         """Build the device's queues from the vrings (VhostUserError if they are unusable)."""
         memory = self.memory
         assert memory is not None
-        from devicehost.virtio.driver import QueueSetup
-
         setups = []
         states = []
         for i, v in enumerate(self.vrings):
@@ -510,6 +509,10 @@ class VhostUserBackend:
             except RuntimeError as exc:  # unexpected ancillary data
                 raise VhostUserError(f"the VMM sent unexpected ancillary data: {exc}") from None
             fds.extend(new_fds)
+            if len(fds) > _MAX_FDS:
+                raise VhostUserError(
+                    f"the VMM sent {len(fds)} file descriptors with one message (max {_MAX_FDS})"
+                )
             if not chunk:
                 if first and not data:
                     return None
