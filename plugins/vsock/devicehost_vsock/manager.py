@@ -26,7 +26,8 @@ Decisions on the items the facts mark:
 - **[AMBIGUOUS]** A tx chain shorter than 44 bytes is read as if zero-filled (so it usually fails
   validation and gets RST), as upstream does.
 - **[AMBIGUOUS]** An rx buffer with no room after the header is never used to read host data (a
-  0-byte read would look like end of stream); control packets still use it.
+  0-byte read would look like end of stream); control packets still use it, and when only host
+  data is waiting it is completed with length 0 so that it does not block the buffers behind it.
 - **[AMBIGUOUS]** Host reads are capped by the guest's credit whatever the rx buffer shape.
 - **[AMBIGUOUS]** After guest SHUTDOWN(RECEIVE) the host socket's read side is shut; once its
   queued bytes are relayed the device sees end of stream and sends SHUTDOWN(SEND), as upstream.
@@ -409,21 +410,34 @@ class ConnectionManager:
             local, peer = self._rsts.popleft()
             self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
             return HEADER_SIZE
-        while self._work:
-            conn = next(iter(self._work))
-            del self._work[conn]
-            if not self._is_live(conn):
-                continue
-            size = self._produce_for(conn, packet, now)
-            if self._is_live(conn) and self._may_have_work(conn):
+        # Connections that produced nothing but may still have work (e.g. data waiting for a
+        # bigger buffer) are put back after the loop, so one call visits each at most once.
+        idle: list[Connection] = []
+        try:
+            while self._work:
+                conn = next(iter(self._work))
+                del self._work[conn]
+                if not self._is_live(conn):
+                    continue
+                size = self._produce_for(conn, packet, now)
+                if size is not None:
+                    if self._is_live(conn) and self._may_have_work(conn):
+                        self._work[conn] = None
+                    return size
+                if self._is_live(conn) and self._may_have_work(conn):
+                    idle.append(conn)
+                if self._rsts:
+                    local, peer = self._rsts.popleft()
+                    self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
+                    return HEADER_SIZE
+            if idle and len(packet) == HEADER_SIZE:
+                # Only host data is waiting and this buffer has no room for any: hand it back
+                # empty rather than holding it forever in front of usable buffers.
+                return 0
+            return None
+        finally:
+            for conn in idle:
                 self._work[conn] = None
-            if size is not None:
-                return size
-            if self._rsts:
-                local, peer = self._rsts.popleft()
-                self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
-                return HEADER_SIZE
-        return None
 
     def _buffer_too_small(self) -> int:
         if self._rsts:

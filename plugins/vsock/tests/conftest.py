@@ -12,10 +12,10 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+
 from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
 from devicehost.virtio import VirtioTransport
-
 from devicehost_vsock import VsockConfig, VsockDevice
 from devicehost_vsock.guest_stack import GuestStack
 

@@ -7,6 +7,8 @@ import socket
 import anyio
 from anyio.abc import SocketStream, UNIXSocketStream
 
+Stream = SocketStream | UNIXSocketStream
+
 __all__ = ["listen", "raw", "read_exactly", "read_line", "read_to_eof"]
 
 
@@ -14,12 +16,12 @@ async def listen(base: str, port: int) -> anyio.abc.SocketListener:
     return await anyio.create_unix_listener(f"{base}_{port}")
 
 
-def raw(stream: SocketStream | UNIXSocketStream) -> socket.socket:
+def raw(stream: Stream) -> socket.socket:
     sock: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
     return sock
 
 
-async def read_exactly(stream: SocketStream | UNIXSocketStream, n: int, timeout: float = 5) -> bytes:
+async def read_exactly(stream: Stream, n: int, timeout: float = 5) -> bytes:
     out = bytearray()
     with anyio.fail_after(timeout):
         while len(out) < n:
@@ -27,7 +29,7 @@ async def read_exactly(stream: SocketStream | UNIXSocketStream, n: int, timeout:
     return bytes(out)
 
 
-async def read_to_eof(stream: SocketStream | UNIXSocketStream, timeout: float = 5) -> bytes:
+async def read_to_eof(stream: Stream, timeout: float = 5) -> bytes:
     out = bytearray()
     with anyio.fail_after(timeout):
         while True:
@@ -37,7 +39,7 @@ async def read_to_eof(stream: SocketStream | UNIXSocketStream, timeout: float = 
                 return bytes(out)
 
 
-async def read_line(stream: SocketStream | UNIXSocketStream, timeout: float = 5) -> bytes:
+async def read_line(stream: Stream, timeout: float = 5) -> bytes:
     out = bytearray()
     with anyio.fail_after(timeout):
         while not out.endswith(b"\n"):

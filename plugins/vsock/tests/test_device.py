@@ -35,7 +35,8 @@ async def guest_connect(guest: GuestStack, local: int, port: int) -> None:
 
 
 async def test_config_returns_guest_cid(guest: GuestStack) -> None:
-    low, high = struct.unpack("<II", guest.driver.read_config(0, 4) + guest.driver.read_config(4, 4))
+    config = guest.driver.read_config(0, 4) + guest.driver.read_config(4, 4)
+    low, high = struct.unpack("<II", config)
     assert low | high << 32 == 3
 
 
@@ -93,7 +94,8 @@ async def test_connect_to_nonexistent_port_gets_rst(guest: GuestStack) -> None:
 
 
 async def test_guest_connect_falls_back_to_guid_path(guest: GuestStack) -> None:
-    listener = await anyio.create_unix_listener(f"{base(guest)}_00001389-facb-11e6-bd58-64006a7986d3")
+    guid = "00001389-facb-11e6-bd58-64006a7986d3"  # port 5001
+    listener = await anyio.create_unix_listener(f"{base(guest)}_{guid}")
     await guest_connect(guest, 1024, 5001)
     host = await listener.accept()
     guest.send(Op.RW, 1024, 5001, b"via guid")

@@ -1,0 +1,79 @@
+"""An in-memory :class:`HostStream` for driving the connection table without sockets."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+__all__ = ["FakeStream"]
+
+
+class FakeStream:
+    """Host socket double: ``inbound`` is what the host wrote (the device reads it), ``outbound``
+    what the device wrote; ``capacity`` bounds unread outbound bytes (back-pressure)."""
+
+    def __init__(self, inbound: bytes = b"", capacity: int = 1 << 30) -> None:
+        self.inbound = bytearray(inbound)
+        self.outbound = bytearray()
+        self.capacity = capacity
+        self.host_eof = False  # the host shut its write side
+        self.fully_closed = False  # POLLHUP
+        self.closed = False
+        self.shut: list[int] = []
+        self.fail_send = False
+        self.fail_shutdown = False
+        self.wants: set[str] = set()
+
+    def recv_into(self, buf: memoryview) -> int | None:
+        if self.closed:
+            raise OSError("recv on a closed fake stream")
+        if not self.inbound:
+            return 0 if self.host_eof or socket.SHUT_RD in self.shut else None
+        n = min(len(buf), len(self.inbound))
+        buf[:n] = self.inbound[:n]
+        del self.inbound[:n]
+        return n
+
+    def peek(self, max_len: int) -> bytes | None:
+        if not self.inbound:
+            return b"" if self.host_eof else None
+        return bytes(self.inbound[:max_len])
+
+    def send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+        if self.fail_send or self.fully_closed:
+            raise BrokenPipeError("fake host socket is gone")
+        room = self.capacity
+        taken = 0
+        for b in buffers:
+            n = min(len(b), room - taken)
+            self.outbound += bytes(b[:n])
+            taken += n
+        self.capacity -= taken
+        return taken
+
+    def shutdown(self, how: int) -> None:
+        if self.fail_shutdown:
+            raise OSError("fake shutdown failure")
+        self.shut.append(how)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closed(self) -> bool:
+        return self.fully_closed
+
+    def want_read(self) -> None:
+        self.wants.add("read")
+
+    def want_write(self) -> None:
+        self.wants.add("write")
+
+    def want_close(self) -> None:
+        self.wants.add("close")
+
+    def drain(self, n: int = 1 << 30) -> bytes:
+        """The host reads up to ``n`` bytes the device wrote (making room again)."""
+        out = bytes(self.outbound[:n])
+        del self.outbound[:n]
+        self.capacity += len(out)
+        return out

@@ -1,0 +1,520 @@
+"""The connection table, sans I/O: every row of facts section 9.6, credit flow, timeouts,
+and hypothesis runs of hostile packets and of interleaved traffic on many connections."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devicehost_vsock.manager import ConnectionManager
+from devicehost_vsock.protocol import (
+    HEADER,
+    HEADER_SIZE,
+    SHUTDOWN_RECEIVE,
+    SHUTDOWN_SEND,
+    Header,
+    Op,
+    decode_header_untrusted,
+)
+
+from .fakestream import FakeStream
+
+CID = 3
+
+
+class Harness:
+    """A connection table with fake host sockets: ports with a listener connect, others fail."""
+
+    def __init__(self, **kwargs: float) -> None:
+        self.listening: set[int] = set()
+        self.streams: dict[int, list[FakeStream]] = {}
+        self.now = 0.0
+        self.manager = ConnectionManager(CID, self._connect, **kwargs)  # type: ignore[arg-type]
+
+    def _connect(self, port: int) -> FakeStream:
+        if port not in self.listening:
+            raise FileNotFoundError(f"no listener for {port}")
+        stream = FakeStream()
+        self.streams.setdefault(port, []).append(stream)
+        return stream
+
+    def tx(self, op: int, src: int, dst: int, data: bytes = b"", *, length: int | None = None,
+           src_cid: int = CID, dst_cid: int = 2, type_: int = 1, flags: int = 0,
+           buf_alloc: int = 65536, fwd_cnt: int = 0) -> None:
+        header = HEADER.pack(src_cid, dst_cid, src, dst, len(data) if length is None else length,
+                             type_, op, flags, buf_alloc, fwd_cnt)
+        self.manager.handle_tx(header, [memoryview(data)] if data else [], self.now)
+
+    def rx(self, size: int = HEADER_SIZE + 4096) -> tuple[Header, bytes] | None:
+        buf = memoryview(bytearray(size))
+        n = self.manager.produce_rx(buf, self.now)
+        if n is None:
+            return None
+        assert n >= HEADER_SIZE
+        h = decode_header_untrusted(buf)
+        assert (h.src_cid, h.dst_cid, h.type) == (2, CID, 1)
+        assert n == HEADER_SIZE + h.len
+        return h, bytes(buf[HEADER_SIZE:n])
+
+    def rx_all(self) -> list[tuple[Header, bytes]]:
+        out = []
+        while (p := self.rx()) is not None:
+            out.append(p)
+        return out
+
+    def connect(self, local: int = 1024, port: int = 5000) -> FakeStream:
+        self.listening.add(port)
+        self.tx(Op.REQUEST, local, port)
+        h, _ = self.rx()  # type: ignore[misc]
+        assert (h.op, h.src_port, h.dst_port) == (Op.RESPONSE, port, local)
+        return self.streams[port][-1]
+
+
+def ops(packets: list[tuple[Header, bytes]]) -> list[int]:
+    return [h.op for h, _ in packets]
+
+
+# ----------------------------------------------------------------------- validation and rows
+
+
+@pytest.mark.parametrize("field", [{"src_cid": 4}, {"dst_cid": 0}, {"type_": 2}])
+def test_bad_type_or_cid_gets_rst_and_drops_connection(field: dict[str, int]) -> None:
+    h = Harness()
+    stream = h.connect()
+    h.tx(Op.RW, 1024, 5000, b"x", **field)
+    (rst, _), = h.rx_all()
+    assert (rst.op, rst.src_port, rst.dst_port) == (Op.RST, 5000, 1024)
+    assert (rst.buf_alloc, rst.fwd_cnt) == (0, 0)
+    assert stream.closed and len(h.manager) == 0
+
+
+def test_oversized_or_short_rw_is_dropped_without_rst() -> None:
+    h = Harness()
+    stream = h.connect()
+    h.tx(Op.RW, 1024, 5000, b"x" * 65537)
+    h.tx(Op.RW, 1024, 5000, b"abc", length=10)
+    assert h.rx_all() == [] and stream.outbound == b"" and len(h.manager) == 1
+    h.tx(Op.RW, 1024, 5000, b"abcdef", length=3)  # extra bytes are ignored
+    assert stream.outbound == b"abc"
+
+
+def test_short_header_reads_as_zero_filled() -> None:
+    h = Harness()
+    h.manager.handle_tx(struct.pack("<Q", CID), [], 0.0)
+    (rst, _), = h.rx_all()
+    assert (rst.op, rst.src_port, rst.dst_port) == (Op.RST, 0, 0)
+
+
+def test_request_limits_failures_and_duplicates() -> None:
+    h = Harness(max_connections=1)
+    h.tx(Op.REQUEST, 1, 9999)  # no listener
+    assert ops(h.rx_all()) == [Op.RST]
+    first = h.connect(1, 5000)
+    h.tx(Op.REQUEST, 2, 5000)  # limit reached
+    assert [(p.op, p.dst_port) for p, _ in h.rx_all()] == [(Op.RST, 2)]
+    h = Harness()
+    first = h.connect(1, 5000)
+    h.tx(Op.REQUEST, 1, 5000)  # same key again: both sockets dropped, one RST
+    assert ops(h.rx_all()) == [Op.RST]
+    assert first.closed and h.streams[5000][-1].closed and len(h.manager) == 0
+
+
+def test_rst_is_never_answered_and_removes() -> None:
+    h = Harness()
+    stream = h.connect()
+    h.tx(Op.RST, 1024, 5000)
+    h.tx(Op.RST, 1, 2)
+    assert h.rx_all() == [] and stream.closed and len(h.manager) == 0
+
+
+@pytest.mark.parametrize(
+    "op", [Op.RW, Op.SHUTDOWN, Op.CREDIT_UPDATE, Op.CREDIT_REQUEST, Op.RESPONSE]
+)
+def test_unknown_key_gets_rst(op: Op) -> None:
+    h = Harness()
+    h.tx(op, 77, 88, b"x" if op == Op.RW else b"")
+    (rst, _), = h.rx_all()
+    assert (rst.op, rst.src_port, rst.dst_port) == (Op.RST, 88, 77)
+
+
+@pytest.mark.parametrize("op", [0, 8, 0xFFFF])
+def test_unknown_op_gets_rst_and_removes(op: int) -> None:
+    h = Harness()
+    stream = h.connect()
+    h.tx(op, 1024, 5000)
+    assert ops(h.rx_all()) == [Op.RST] and stream.closed
+
+
+def test_response_on_guest_initiated_connection_is_reset() -> None:
+    h = Harness()
+    h.connect()
+    h.tx(Op.RESPONSE, 1024, 5000)
+    assert ops(h.rx_all()) == [Op.RST] and len(h.manager) == 0
+
+
+def test_rw_before_response_delivered_is_reset() -> None:
+    h = Harness()
+    h.listening.add(5000)
+    h.tx(Op.REQUEST, 1024, 5000)
+    h.tx(Op.RW, 1024, 5000, b"early")
+    assert ops(h.rx_all()) == [Op.RST]
+
+
+def test_shutdown_on_unconnected_removes_and_resets() -> None:  # UPSTREAM-BUG path 1
+    h = Harness()
+    h.listening.add(5000)
+    h.tx(Op.REQUEST, 1024, 5000)
+    h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_SEND)
+    assert ops(h.rx_all()) == [Op.RST] and len(h.manager) == 0
+
+
+def test_failing_socket_shutdown_removes_and_resets() -> None:  # UPSTREAM-BUG path 2
+    h = Harness()
+    stream = h.connect()
+    stream.fail_shutdown = True
+    h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_RECEIVE)
+    assert ops(h.rx_all()) == [Op.RST] and stream.closed
+
+
+def test_failing_flush_removes_and_resets() -> None:  # UPSTREAM-BUG path 3
+    h = Harness()
+    stream = h.connect()
+    stream.capacity = 2
+    h.tx(Op.RW, 1024, 5000, b"hello")
+    assert "write" in stream.wants
+    stream.fail_send = True
+    h.manager.on_writable(stream)  # type: ignore[arg-type]
+    assert ops(h.rx_all()) == [Op.CREDIT_UPDATE, Op.RST] or ops(h.rx_all()) == []
+    assert stream.closed and len(h.manager) == 0
+
+
+def test_shutdown_flags() -> None:
+    h = Harness()
+    stream = h.connect()
+    h.tx(Op.SHUTDOWN, 1024, 5000, flags=0)
+    assert stream.shut == []
+    stream.capacity = 3
+    h.tx(Op.RW, 1024, 5000, b"buffered")
+    h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_SEND)
+    assert stream.shut == []  # deferred until the buffer drains
+    h.tx(Op.RW, 1024, 5000, b"late")  # RW after SHUTDOWN(SEND)
+    assert ops(h.rx_all())[-1] == Op.RST and len(h.manager) == 0
+    h = Harness()
+    stream = h.connect()
+    stream.capacity = 3
+    h.tx(Op.RW, 1024, 5000, b"buffered")
+    h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_SEND)
+    stream.drain()
+    stream.capacity = 100
+    h.manager.on_writable(stream)  # type: ignore[arg-type]
+    assert stream.shut == [socket.SHUT_WR] and stream.outbound == b"fered"
+    h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_RECEIVE)
+    assert stream.shut == [socket.SHUT_WR, socket.SHUT_RD]
+    packets = h.rx_all()
+    assert ops(packets)[-1] == Op.RST and len(h.manager) == 0
+
+
+def test_credit_request_always_answered() -> None:
+    h = Harness()
+    h.connect()
+    h.tx(Op.CREDIT_REQUEST, 1024, 5000)
+    (upd, _), = h.rx_all()
+    assert (upd.op, upd.fwd_cnt, upd.buf_alloc) == (Op.CREDIT_UPDATE, 0, 65536)
+
+
+def test_credit_update_after_forwarding_and_overrun() -> None:
+    h = Harness()
+    stream = h.connect()
+    h.tx(Op.RW, 1024, 5000, b"abc")
+    (upd, _), = h.rx_all()
+    assert (upd.op, upd.fwd_cnt) == (Op.CREDIT_UPDATE, 3)
+    stream.capacity = 0
+    h.tx(Op.RW, 1024, 5000, b"x" * 65536)
+    h.tx(Op.RW, 1024, 5000, b"y")  # beyond the advertised buffer: credit violated
+    assert ops(h.rx_all()) == [Op.RST] and stream.closed
+
+
+def test_host_data_respects_credit_and_requests_once() -> None:
+    h = Harness()
+    h.listening.add(5000)
+    h.tx(Op.REQUEST, 1024, 5000, buf_alloc=10)
+    h.rx()
+    stream = h.streams[5000][0]
+    stream.inbound += b"0123456789abcdef"
+    packets = h.rx_all()
+    assert ops(packets) == [Op.RW, Op.CREDIT_REQUEST]
+    assert packets[0][1] == b"0123456789"
+    h.tx(Op.CREDIT_UPDATE, 1024, 5000, buf_alloc=10, fwd_cnt=0)  # still no credit
+    assert ops(h.rx_all()) == [Op.CREDIT_REQUEST]
+    h.tx(Op.CREDIT_UPDATE, 1024, 5000, buf_alloc=10, fwd_cnt=4)
+    packets = h.rx_all()
+    assert [(p.op, d) for p, d in packets] == [(Op.RW, b"abcd"), (Op.CREDIT_REQUEST, b"")]
+
+
+def test_priority_response_then_credit_update_then_data() -> None:
+    h = Harness()
+    h.listening.add(5000)
+    h.tx(Op.REQUEST, 1024, 5000)
+    stream = h.streams[5000][0]
+    stream.inbound += b"data"
+    assert ops(h.rx_all()) == [Op.RESPONSE, Op.RW]
+    stream.inbound += b"more"
+    h.manager.on_readable(stream)  # type: ignore[arg-type]
+    h.tx(Op.RW, 1024, 5000, b"guest")
+    assert ops(h.rx_all()) == [Op.CREDIT_UPDATE, Op.RW]
+
+
+def test_tiny_rx_buffer_is_skipped_for_data_and_costs_the_connection() -> None:
+    h = Harness()
+    stream = h.connect()
+    stream.inbound += b"data"
+    # No room for data: the buffer is handed back empty, the connection lives on.
+    assert h.manager.produce_rx(memoryview(bytearray(HEADER_SIZE)), 0.0) == 0
+    assert not stream.closed
+    h.tx(Op.CREDIT_REQUEST, 1024, 5000)
+    assert h.manager.produce_rx(memoryview(bytearray(HEADER_SIZE)), 0.0) == HEADER_SIZE
+    assert h.manager.produce_rx(memoryview(bytearray(10)), 0.0) == 0
+    assert stream.closed
+    assert ops(h.rx_all()) == [Op.RST]
+
+
+def test_host_eof_shutdown_and_graceful_timeout() -> None:
+    h = Harness()
+    stream = h.connect()
+    stream.host_eof = True
+    (sd, _), = h.rx_all()
+    assert (sd.op, sd.flags) == (Op.SHUTDOWN, SHUTDOWN_SEND) and "close" in stream.wants
+    h.now = 100.0
+    assert h.rx_all() == []  # no timer before the socket is fully closed
+    stream.fully_closed = True
+    h.manager.on_closed(stream, h.now)  # type: ignore[arg-type]
+    assert h.manager.next_deadline() == 102.0
+    h.now = 101.9
+    assert h.rx_all() == []
+    h.now = 102.0
+    assert ops(h.rx_all()) == [Op.RST] and len(h.manager) == 0
+
+
+def test_eof_on_fully_closed_socket_sets_receive_flag() -> None:
+    h = Harness()
+    stream = h.connect()
+    stream.host_eof = stream.fully_closed = True
+    (sd, _), = h.rx_all()
+    assert sd.flags == SHUTDOWN_SEND | SHUTDOWN_RECEIVE
+    assert h.manager.next_deadline() == 2.0
+
+
+def test_host_initiated_connect_ok_and_timeouts() -> None:
+    h = Harness()
+    stream = FakeStream(b"connect 80")
+    assert h.manager.accept_host(stream, 0.0)  # type: ignore[arg-type]
+    assert h.rx_all() == [] and "read" in stream.wants  # incomplete line
+    stream.inbound += b"80\nearly data"
+    h.manager.on_readable(stream)  # type: ignore[arg-type]
+    (req, _), = h.rx_all()
+    assert (req.op, req.src_port, req.dst_port) == (Op.REQUEST, 0x4000_0000, 8080)
+    assert stream.inbound == b"early data"  # nothing after the newline was consumed
+    h.tx(Op.RESPONSE, 8080, 0x4000_0000, buf_alloc=65536)
+    assert stream.outbound == b"OK 1073741824\n"
+    (rw, data), = h.rx_all()
+    assert (rw.op, data) == (Op.RW, b"early data")
+    h.now = 50.0
+    assert len(h.manager) == 1 and h.rx_all() == []  # deadline cleared by RESPONSE
+    # A host connection that never sends CONNECT is closed silently after 2 s.
+    quiet = FakeStream()
+    h.manager.accept_host(quiet, 50.0)  # type: ignore[arg-type]
+    h.now = 52.0
+    assert h.rx_all() == [] and quiet.closed
+    # One whose guest never answers gets RST after 2 s, and its port is freed.
+    slow = FakeStream(b"CONNECT 9\n")
+    h.manager.accept_host(slow, 52.0)  # type: ignore[arg-type]
+    (req, _), = h.rx_all()
+    h.now = 54.5
+    (rst, _), = h.rx_all()
+    assert (rst.op, rst.src_port) == (Op.RST, req.src_port) and slow.closed
+
+
+@pytest.mark.parametrize("line", [b"CONNECT x\n", b"HELLO 5\n", b"CONNECT " + b"1" * 40,
+                                  b"CONNECT ee59b4bf-0000-0000-0000-000000000000\n"])
+def test_bad_connect_lines_close_silently(line: bytes) -> None:
+    h = Harness()
+    stream = FakeStream(line)
+    h.manager.accept_host(stream, 0.0)  # type: ignore[arg-type]
+    assert h.rx_all() == [] and stream.closed and len(h.manager) == 0
+
+
+def test_accept_limit_and_port_reuse() -> None:
+    h = Harness(max_connections=1)
+    first = FakeStream(b"CONNECT 1\n")
+    assert h.manager.accept_host(first, 0.0)  # type: ignore[arg-type]
+    second = FakeStream()
+    assert not h.manager.accept_host(second, 0.0)  # type: ignore[arg-type]
+    assert second.closed
+    (req, _), = h.rx_all()
+    h.tx(Op.RST, 1, req.src_port)
+    third = FakeStream(b"CONNECT 1\n")
+    h.manager.accept_host(third, 0.0)  # type: ignore[arg-type]
+    (req2, _), = h.rx_all()
+    assert req2.src_port == 0x4000_0001
+
+
+# ----------------------------------------------------------------------- hypothesis
+
+_headers = st.builds(
+    HEADER.pack,
+    st.sampled_from([CID, 0, 2, 2**64 - 1]), st.sampled_from([2, CID, 0]),
+    st.sampled_from([1024, 5000, 0x4000_0000, 0]), st.sampled_from([5000, 1024, 0x4000_0000, 9]),
+    st.integers(0, 70000), st.sampled_from([1, 2, 0]), st.integers(0, 9),
+    st.integers(0, 3), st.sampled_from([0, 1, 65536, 2**32 - 1]), st.integers(0, 2**32 - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(_headers, st.binary(max_size=60)),
+                          st.lists(st.binary(max_size=300), max_size=3),
+                          st.sampled_from([0, 10, 44, 45, 200, 5000])), max_size=25))
+def test_hostile_tx_packets_never_crash(packets: list[tuple[bytes, list[bytes], int]]) -> None:
+    h = Harness()
+    h.listening.update({5000, 1024})
+    for header, payload, rx_size in packets:
+        h.manager.handle_tx(header, [memoryview(p) for p in payload], h.now)
+        for stream in [s for ss in h.streams.values() for s in ss]:
+            stream.inbound += b"z"
+        buf = memoryview(bytearray(rx_size))
+        n = h.manager.produce_rx(buf, h.now)
+        assert n is None or n == 0 or n >= HEADER_SIZE
+        h.now += 0.5
+    assert len(h.manager) <= 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60))
+def test_arbitrary_connect_lines_never_crash(line: bytes) -> None:
+    h = Harness()
+    stream = FakeStream(line)
+    stream.host_eof = True
+    h.manager.accept_host(stream, 0.0)  # type: ignore[arg-type]
+    packets = h.rx_all()
+    while not packets and "read" in stream.wants and not stream.closed:
+        stream.wants.clear()  # the relay reports the end of stream as readable
+        h.manager.on_readable(stream)  # type: ignore[arg-type]
+        packets = h.rx_all()
+    assert ops(packets) in ([], [Op.REQUEST])
+    assert stream.closed == (packets == [])
+
+
+class GuestModel:
+    """The guest's half of one connection in the interleaving test."""
+
+    def __init__(self, local: int, peer: int, stream: FakeStream) -> None:
+        self.local, self.peer, self.stream = local, peer, stream
+        self.to_host = b""  # everything the guest will send
+        self.sent = 0
+        self.to_guest = b""  # everything the host will write
+        self.host_written = 0
+        self.received = bytearray()
+        self.dev_buf_alloc, self.dev_fwd_cnt = 65536, 0
+        self.told = 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.binary(min_size=0, max_size=3000), st.binary(min_size=0, max_size=3000)),
+             min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(1, 5000)), max_size=120),
+    st.integers(2000, 20000),
+)
+def test_interleaved_traffic_delivers_every_byte_in_order(
+    data: list[tuple[bytes, bytes]], steps: list[tuple[int, int, int]], guest_buf: int
+) -> None:
+    h = Harness()
+    conns: list[GuestModel] = []
+    for i, (up, down) in enumerate(data):
+        port = 6000 + i
+        h.listening.add(port)
+        h.tx(Op.REQUEST, 100 + i, port, buf_alloc=guest_buf)
+        response = h.rx()
+        assert response is not None and response[0].op == Op.RESPONSE
+        stream = h.streams[port][0]
+        stream.capacity = 1500  # the host socket back-pressures
+        model = GuestModel(100 + i, port, stream)
+        model.to_host, model.to_guest = up * 20, down * 20
+        conns.append(model)
+    by_key = {(c.local, c.peer): c for c in conns}
+    host_got = {c.local: bytearray() for c in conns}
+
+    def rx_once(size: int) -> bool:
+        got = h.rx(HEADER_SIZE + size)
+        if got is None:
+            return False
+        hd, payload = got
+        c = by_key[(hd.dst_port, hd.src_port)]
+        assert hd.op != Op.RST, "no connection may be reset"
+        c.dev_buf_alloc, c.dev_fwd_cnt = hd.buf_alloc, hd.fwd_cnt
+        if hd.op == Op.RW:
+            c.received += payload
+            assert len(c.received) - c.told <= guest_buf, "device exceeded the guest's credit"
+        elif hd.op == Op.CREDIT_REQUEST:
+            c.told = len(c.received)
+            h.tx(Op.CREDIT_UPDATE, c.local, c.peer, buf_alloc=guest_buf, fwd_cnt=c.told)
+        return True
+
+    def guest_send(c: GuestModel, n: int) -> None:
+        credit = c.dev_buf_alloc - (c.sent - c.dev_fwd_cnt)
+        n = min(n, credit, len(c.to_host) - c.sent)
+        if n > 0:
+            h.tx(Op.RW, c.local, c.peer, c.to_host[c.sent : c.sent + n])
+            c.sent += n
+
+    def host_step(c: GuestModel, n: int) -> None:
+        host_got[c.local] += c.stream.drain(n)
+        h.manager.on_writable(c.stream)  # type: ignore[arg-type]
+        chunk = c.to_guest[c.host_written : c.host_written + n]
+        if chunk:
+            c.stream.inbound += chunk
+            c.host_written += len(chunk)
+            h.manager.on_readable(c.stream)  # type: ignore[arg-type]
+
+    for kind, which, n in steps:
+        c = conns[which % len(conns)]
+        if kind == 0:
+            guest_send(c, n)
+        elif kind in (1, 2):
+            host_step(c, n)
+        elif kind == 3:
+            rx_once(n)
+        elif kind == 4:
+            c.told = len(c.received)
+            h.tx(Op.CREDIT_UPDATE, c.local, c.peer, buf_alloc=guest_buf, fwd_cnt=c.told)
+        else:
+            rx_once(n)
+            rx_once(n)
+    # Drain: everything must arrive within a bounded number of rounds (no hang).
+    for _ in range(5000):
+        progressed = False
+        for c in conns:
+            before = (c.sent, len(c.received), len(host_got[c.local]), c.host_written)
+            guest_send(c, 65536)
+            host_step(c, 65536)
+            while rx_once(4096):
+                pass
+            if len(c.received) - c.told >= guest_buf // 2:
+                c.told = len(c.received)
+                h.tx(Op.CREDIT_UPDATE, c.local, c.peer, buf_alloc=guest_buf, fwd_cnt=c.told)
+            progressed |= before != (c.sent, len(c.received), len(host_got[c.local]),
+                                     c.host_written)
+        if all(bytes(host_got[c.local]) == c.to_host and bytes(c.received) == c.to_guest
+               for c in conns):
+            break
+        if not progressed:
+            for c in conns:  # a guest that never tells its credit must be asked for it
+                c.told = len(c.received)
+                h.tx(Op.CREDIT_UPDATE, c.local, c.peer, buf_alloc=guest_buf, fwd_cnt=c.told)
+    for c in conns:
+        assert bytes(host_got[c.local]) == c.to_host
+        assert bytes(c.received) == c.to_guest
+    assert len(h.manager) == len(conns)
