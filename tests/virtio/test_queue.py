@@ -289,3 +289,23 @@ def test_arbitrary_rings_never_crash_or_hang(
         chain.read()
         q.push(chain.head, 0)
     assert popped <= SIZE
+
+
+def test_indirect_table_size_is_bounded() -> None:
+    g = Guest()
+    table = 0x40000
+    count = 32768
+    entries = b"".join(
+        struct.pack("<QIHH", DATA, 1, DESC_F_NEXT if i + 1 < count else 0, i + 1)
+        for i in range(count)
+    )
+    g.memory.write(table, entries)
+    g.desc(0, table, 16 * count, DESC_F_INDIRECT)
+    g.desc(1, table, 16 * (count + 1), DESC_F_INDIRECT)
+    g.publish(0)
+    g.publish(1)
+    q = g.queue()
+    chain = q.pop()
+    assert chain is not None and len(chain.readable) == count and chain.readable_len == count
+    with pytest.raises(QueueError, match=f"invalid length {16 * (count + 1)}"):
+        q.pop()
