@@ -59,6 +59,7 @@ __all__ = [
     "VirtQueue",
     "VirtioSavedState",
     "VirtioTransport",
+    "build_queues",
     "device_config_read",
     "device_config_write",
 ]
