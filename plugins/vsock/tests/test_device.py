@@ -321,3 +321,54 @@ async def test_stress_echo(guest: GuestStack) -> None:
                     clients.start_soon(client)
         tg.cancel_scope.cancel()
     assert len(sockets.accepted) == 10
+
+
+# ----------------------------------------------------------------------- device identity
+
+
+def test_offer_config_space_and_config_validation() -> None:
+    from devicehost_vsock import VsockConfig, VsockDevice
+
+    device = VsockDevice(VsockConfig(guest_cid=0x0102_0304))
+    traits = device.traits()
+    assert (traits.device_id, traits.device_features, traits.queue_count) == (19, 0x5, 3)
+    assert traits.config == struct.pack("<Q", 0x0102_0304)
+    assert device.virtio_config_read(0, 4) == b"\x04\x03\x02\x01"
+    assert device.virtio_config_read(4, 4) == b"\0\0\0\0"
+    assert device.virtio_config_read(6, 4) == b"\0\0\0\0"
+    assert device.virtio_config_read(8, 4) == b"\0\0\0\0"
+    device.virtio_config_write(0, b"\x09")
+    assert device.virtio_config_read(0, 1) == b"\x04"
+    assert VsockDevice(VsockConfig(vhost_user_socket="/x")).traits().queue_count == 2
+    for bad in (0, 1, 2, 2**32 - 1, -3):
+        with pytest.raises(ValueError, match="guest_cid"):
+            VsockConfig(guest_cid=bad)
+
+
+async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
+    from devicehost import DeviceError, DeviceState
+    from devicehost.testing import host_with
+    from devicehost.testing.registry import DeviceSpec
+    from devicehost.virtio import VERSION_1, VirtioTransport
+    from devicehost_vsock import VsockConfig, VsockDevice
+
+    config = VsockConfig(base_path=f"{sock_dir}/vsock")
+    async with host_with({"vsock": VsockDevice}, [DeviceSpec("vsock", "vsock", config)]) as host:
+        transport = host.transport(VirtioTransport)
+        with pytest.raises(DeviceError, match="does not support stream sockets"):
+            await transport.connect_driver("vsock", features=1 << VERSION_1 | 0x4)
+        device = host.devices["vsock"]
+        for _ in range(2):  # each start gets a fresh table: port allocation starts over
+            driver = await transport.connect_driver("vsock", features=1 << VERSION_1)
+            guest = GuestStack(driver)
+            stream = await anyio.connect_unix(f"{sock_dir}/vsock")
+            await stream.send(b"CONNECT 1\n")
+            guest.post_rx(1)
+            assert (await guest.recv()).header.src_port == 0x4000_0000
+            info = await device.inspect()
+            assert info["device"]["connections"] == 1 and info["device"]["guest_cid"] == 3
+            await driver.reset()
+            assert device.state is DeviceState.CLOSED
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await stream.receive()
+            assert not os.path.exists(f"{sock_dir}/vsock")

@@ -1,0 +1,85 @@
+"""The Unix socket side: the device listener, readiness reports, connects to host listeners."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import anyio
+import pytest
+
+from devicehost_vsock.manager import ConnectionManager
+from devicehost_vsock.relay import Relay, UnixStream, bind_listener
+
+pytestmark = pytest.mark.anyio
+
+
+def test_bind_listener_replaces_stale_socket_but_not_files(sock_dir: str) -> None:
+    path = f"{sock_dir}/vsock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays behind
+    listener = bind_listener(path)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.close()
+    listener.close()
+    os.unlink(path)
+    open(path, "w").close()
+    with pytest.raises(FileExistsError, match="not a socket"):
+        bind_listener(path)
+    assert os.path.isfile(path)
+
+
+def test_stream_reports(sock_dir: str) -> None:
+    relay = Relay(f"{sock_dir}/vsock", bind_listener(f"{sock_dir}/vsock"), lambda: None)
+    with pytest.raises(FileNotFoundError):
+        relay.connect(80)
+    host_listener = bind_listener(f"{sock_dir}/vsock_80")
+    stream = relay.connect(80)
+    peer, _ = host_listener.accept()
+    assert stream.recv_into(memoryview(bytearray(4))) is None
+    assert stream.peek(4) is None
+    peer.sendall(b"abc")
+    assert stream.peek(10) == b"abc"
+    buf = bytearray(10)
+    assert stream.recv_into(memoryview(buf)) == 3 and buf[:3] == b"abc"
+    assert stream.send([b"x", b"yz"]) == 3 and peer.recv(3) == b"xyz"
+    assert not stream.is_closed()
+    peer.shutdown(socket.SHUT_WR)
+    assert stream.recv_into(memoryview(buf)) == 0 and not stream.is_closed()
+    peer.close()
+    assert stream.is_closed()
+    stream.close()
+    relay.close()
+    host_listener.close()
+
+
+async def test_relay_loops_feed_the_table(sock_dir: str) -> None:
+    woken: list[int] = []
+    base = f"{sock_dir}/vsock"
+    relay = Relay(base, bind_listener(base), lambda: woken.append(1))
+    manager = ConnectionManager(3, relay.connect)
+    relay.manager = manager
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.serve_listener)
+        tg.start_soon(relay.serve_epoll)
+        client = await anyio.connect_unix(base)
+        with anyio.fail_after(5):
+            while len(manager) == 0:
+                await anyio.sleep(0.01)
+        (stream,) = relay.streams.values()
+        assert isinstance(stream, UnixStream)
+        # Nothing sent yet: reading would block and asks for a readiness report.
+        packet = memoryview(bytearray(100))
+        assert manager.produce_rx(packet, anyio.current_time()) is None
+        await client.send(b"CONNECT 5\n")
+        with anyio.fail_after(5):
+            while manager.produce_rx(packet, anyio.current_time()) is None:
+                await anyio.sleep(0.01)
+        assert int.from_bytes(packet[30:32], "little") == 1  # REQUEST
+        await client.aclose()
+        tg.cancel_scope.cancel()
+    assert woken
+    manager.close_all()
+    relay.close()
