@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: MIT
+"""virtio-vsock: throughput through the real device, and 1024 concurrent connections.
+
+The device runs in a real host; the guest is the in-process virtio driver with the vsock guest
+stack of ``devicehost_vsock.guest_stack`` (it copies every payload into and out of guest memory,
+as a guest kernel would); the host side is a real Unix socket read/written with anyio.
+
+Rows:
+
+- ``vsock_guest_to_host_{64k,1k}``: the guest sends RW packets of that payload size to a host
+  Unix listener (``<base>_5000``), which reads everything; Gbit/s of payload.
+- ``vsock_host_to_guest_{64k,1k}``: a host process connects with ``CONNECT 1234``, writes the
+  bytes; the guest posts rx buffers of that payload size (+ 44 header bytes) and consumes them;
+  Gbit/s of payload. The guest advertises buf_alloc = 256 KiB and tells its fwd_cnt every 128 KiB.
+- ``vsock_1024_echo_connections``: 1024 host connections at once (``CONNECT``, ``OK``, 1 KiB
+  echoed by the guest, held open together); value = connections whose echo came back intact.
+- ``vsock_device_bytes_per_connection``: tracemalloc growth of memory allocated by the device
+  (connection table, relay, tx buffers: allocations made in ``devicehost_vsock`` outside the guest
+  stack) with the 1024 connections open, divided by 1024. Kernel socket buffers are not counted.
+- ``vsock_process_bytes_per_connection``: the same for the whole process (includes the guest
+  stack's and the host clients' own objects), an upper bound.
+
+Baseline, measured in the same run: a Python ``socket.socketpair()`` moving the same bytes in the
+same chunk size (a thread writes with ``sendall``, the main thread reads with ``recv_into``).
+For the memory rows the baseline is the target (100 KiB per connection).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import tracemalloc
+from typing import Any
+
+import anyio
+from devicehost.testing import host_with
+from devicehost.testing.registry import DeviceSpec
+from devicehost.virtio import VirtioTransport
+from devicehost_vsock import VsockConfig, VsockDevice
+from devicehost_vsock.guest_stack import GuestSockets, GuestStack
+from devicehost_vsock.protocol import HEADER_SIZE
+
+__all__ = ["run"]
+
+_GUEST_BUF = 256 * 1024
+_CONNECTIONS = 1024
+
+
+def _socketpair_seconds(total: int, chunk: int) -> float:
+    a, b = socket.socketpair()
+    data = memoryview(os.urandom(chunk))
+    buf = memoryview(bytearray(1 << 20))
+
+    def writer() -> None:
+        for _ in range(total // chunk):
+            a.sendall(data)
+
+    thread = threading.Thread(target=writer)
+    start = time.perf_counter()
+    thread.start()
+    got = 0
+    while got < total:
+        got += b.recv_into(buf)
+    thread.join()
+    seconds = time.perf_counter() - start
+    a.close()
+    b.close()
+    return seconds
+
+
+def _row(name: str, value: float, unit: str, base_name: str, base: float) -> dict[str, Any]:
+    return {"name": name, "value": round(value, 3), "unit": unit, "baseline_name": base_name,
+            "baseline_value": round(base, 3), "ratio": round(value / base, 4) if base else 0.0}
+
+
+async def _guest_to_host(sockets: GuestSockets, base: str, total: int, chunk: int,
+                         port: int) -> float:
+    listener = await anyio.create_unix_listener(f"{base}_{port}")
+    data = os.urandom(chunk) * (total // chunk)
+    received = 0
+    async with listener, anyio.create_task_group() as tg:
+        done = anyio.Event()
+
+        async def reader() -> None:
+            nonlocal received
+            sock = await listener.accept()
+            raw: socket.socket = sock.extra(anyio.abc.SocketAttribute.raw_socket)
+            buf = memoryview(bytearray(1 << 20))
+            while received < total:
+                await anyio.wait_readable(raw)
+                try:
+                    n = raw.recv_into(buf)
+                except BlockingIOError:
+                    continue
+                if n == 0:
+                    break
+                received += n
+            done.set()
+            await sock.aclose()
+
+        tg.start_soon(reader)
+        conn = await sockets.connect(port, 40000 + port)
+        start = time.perf_counter()
+        await conn.send_all(data, chunk=chunk)
+        await done.wait()
+        seconds = time.perf_counter() - start
+        await conn.shutdown()
+    if received != total:
+        raise RuntimeError(f"host received {received} of {total} bytes")
+    return seconds
+
+
+async def _host_to_guest(sockets: GuestSockets, base: str, total: int, chunk: int) -> float:
+    stream = await anyio.connect_unix(base)
+    async with stream:
+        await stream.send(b"CONNECT 1234\n")
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            line += await stream.receive(1)
+        conn = sockets.accepted[-1]
+        data = os.urandom(chunk)
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            async def writer() -> None:
+                for _ in range(total // chunk):
+                    await stream.send(data)
+
+            tg.start_soon(writer)
+            got = 0
+            while got < total:
+                got += len(conn.received)
+                conn.received.clear()
+                if got < total:
+                    await conn.wait_changed()
+        return time.perf_counter() - start
+
+
+async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any) -> None:
+    for label, chunk, total in (("64k", 65536, 64 << 20), ("1k", 1024, 4 << 20)):
+        driver = await driver_factory()
+        stack = GuestStack(driver, cid=3, buf_alloc=_GUEST_BUF)
+        sockets = GuestSockets(stack, rx_buffers=128, rx_size=HEADER_SIZE + chunk)
+        sockets.listen(1234)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sockets.pump)
+            up = await _guest_to_host(sockets, base, total, chunk, 5000)
+            down = await _host_to_guest(sockets, base, total, chunk)
+            tg.cancel_scope.cancel()
+        await driver.reset()
+        pair = _socketpair_seconds(total, chunk)
+        gbit = total * 8 / 1e9
+        rows.append(_row(f"vsock_guest_to_host_{label}", gbit / up, "Gbit/s",
+                         f"socketpair_{label}", gbit / pair))
+        rows.append(_row(f"vsock_host_to_guest_{label}", gbit / down, "Gbit/s",
+                         f"socketpair_{label}", gbit / pair))
+
+
+async def _connections(rows: list[dict[str, Any]], base: str, driver_factory: Any) -> None:
+    driver = await driver_factory()
+    stack = GuestStack(driver, cid=3, buf_alloc=65536)
+    sockets = GuestSockets(stack, rx_buffers=128, rx_size=HEADER_SIZE + 4096)
+    sockets.listen(1234, echo=True)
+    intact = 0
+    ready = 0
+    all_ready = anyio.Event()
+    release = anyio.Event()
+
+    async def client(i: int) -> None:
+        nonlocal intact, ready
+        stream = await anyio.connect_unix(base)
+        async with stream:
+            await stream.send(b"CONNECT 1234\n")
+            line = bytearray()
+            while not line.endswith(b"\n"):
+                line += await stream.receive(1)
+            payload = i.to_bytes(4, "little") * 256
+            await stream.send(payload)
+            echo = bytearray()
+            while len(echo) < len(payload):
+                echo += await stream.receive()
+            intact += bytes(echo) == payload and line.startswith(b"OK ")
+            ready += 1
+            if ready == _CONNECTIONS:
+                all_ready.set()
+            await release.wait()
+
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sockets.pump)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as clients:
+                for i in range(_CONNECTIONS):
+                    clients.start_soon(client, i)
+                await all_ready.wait()
+                after = tracemalloc.take_snapshot()
+                release.set()
+        tg.cancel_scope.cancel()
+    tracemalloc.stop()
+    await driver.reset()
+
+    def device_only(snapshot: tracemalloc.Snapshot) -> int:
+        filt = [tracemalloc.Filter(True, "*devicehost_vsock*"),
+                tracemalloc.Filter(False, "*guest_stack*")]
+        return sum(s.size for s in snapshot.filter_traces(filt).statistics("filename"))
+
+    device = (device_only(after) - device_only(before)) / _CONNECTIONS
+    process = (sum(s.size for s in after.statistics("filename"))
+               - sum(s.size for s in before.statistics("filename"))) / _CONNECTIONS
+    rows.append(_row("vsock_1024_echo_connections", intact, "connections intact",
+                     "connections_opened", _CONNECTIONS))
+    rows.append(_row("vsock_device_bytes_per_connection", device, "bytes",
+                     "target_100KiB", 100 * 1024))
+    rows.append(_row("vsock_process_bytes_per_connection", process, "bytes",
+                     "target_100KiB", 100 * 1024))
+
+
+async def _main() -> list[dict[str, Any]]:
+    workdir = tempfile.mkdtemp(prefix="dh-bv-")
+    base = os.path.join(workdir, "vsock")
+    rows: list[dict[str, Any]] = []
+    try:
+        spec = DeviceSpec("vsock", "vsock", VsockConfig(guest_cid=3, base_path=base))
+        async with host_with({"vsock": VsockDevice}, [spec]) as host:
+            transport = host.transport(VirtioTransport)
+
+            async def driver_factory() -> Any:
+                return await transport.connect_driver("vsock", queue_size=256)
+
+            await _throughput(rows, base, driver_factory)
+            await _connections(rows, base, driver_factory)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def run() -> list[dict[str, Any]]:
+    return anyio.run(_main)
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
