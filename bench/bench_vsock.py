@@ -37,6 +37,7 @@ import tracemalloc
 from typing import Any
 
 import anyio
+
 from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
 from devicehost.virtio import VirtioTransport
