@@ -92,11 +92,15 @@ class ClientChannel:
 class VmbusClient:
     """A guest's view of ``server``: offers in, requests out; ring memory from ``allocator``."""
 
-    def __init__(self, server: VmbusServer, allocator: DmaAllocator | None = None) -> None:
+    def __init__(self, server: VmbusServer, allocator: DmaAllocator | None = None, *,
+                 see_hidden: bool = False) -> None:
         self.server = server
         self.memory: GuestMemory = server.memory
         self.allocator = allocator if allocator is not None else DmaAllocator(server.memory)
-        self._offers: MemoryObjectReceiveStream[IncomingOffer] = server.subscribe()
+        #: Whether this client also receives offers hidden for an intercept relay.
+        self.see_hidden = see_hidden
+        self._offers: MemoryObjectReceiveStream[IncomingOffer] = server.subscribe(
+            see_hidden=see_hidden)
         self.known: dict[int, IncomingOffer] = {}
         self.channels: dict[int, ClientChannel] = {}
 
@@ -224,7 +228,7 @@ class VmbusClient:
         """
         self._offers.close()
         self.server = server
-        self._offers = server.subscribe()
+        self._offers = server.subscribe(see_hidden=self.see_hidden)
         fresh: dict[int, IncomingOffer] = {}
         self._drain_into(fresh)
         for channel_id, old in self.known.items():

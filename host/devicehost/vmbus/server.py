@@ -315,6 +315,10 @@ class VmbusServer:
         self._next_channel_id = 1
         self._saved: dict[OfferKey, SavedChannel] = {}
         self._subscribers: list[MemoryObjectSendStream[IncomingOffer]] = []
+        # Instance ids whose offers only subscribers that see hidden offers receive (an
+        # intercepting relay); every stream listed in _sees_hidden is also in _subscribers.
+        self._hidden: set[Guid] = set()
+        self._sees_hidden: set[int] = set()
 
     # -- device side -------------------------------------------------------------------------------
 
@@ -361,6 +365,8 @@ class VmbusServer:
     def _announce(self, handle: ChannelHandle) -> None:
         offer = handle.incoming_offer()
         for stream in list(self._subscribers):
+            if not self._visible(handle, stream):
+                continue
             try:
                 stream.send_nowait(offer)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -404,13 +410,33 @@ class VmbusServer:
 
     # -- guest side --------------------------------------------------------------------------------
 
-    def subscribe(self) -> MemoryObjectReceiveStream[IncomingOffer]:
-        """A stream of every current offer, then of each new offer as it is made."""
+    def subscribe(self, *, see_hidden: bool = False) -> MemoryObjectReceiveStream[IncomingOffer]:
+        """A stream of every current offer, then of each new offer as it is made.
+
+        Offers of a hidden instance id (:meth:`hide_instance`) reach only streams subscribed
+        with ``see_hidden`` (the intercept relay).
+        """
         send, receive = anyio.create_memory_object_stream[IncomingOffer](math.inf)
+        if see_hidden:
+            self._sees_hidden.add(id(send))
         for handle in self.handles():
-            send.send_nowait(handle.incoming_offer())
+            if self._visible(handle, send):
+                send.send_nowait(handle.incoming_offer())
         self._subscribers.append(send)
         return receive
+
+    def hide_instance(self, instance_id: Guid) -> None:
+        """Announce offers of ``instance_id`` from now on only to streams that see hidden
+        offers (an intercept relay claimed them); offers already announced stay announced."""
+        self._hidden.add(instance_id)
+
+    def unhide_instance(self, instance_id: Guid) -> None:
+        """Announce offers of ``instance_id`` to every subscriber again."""
+        self._hidden.discard(instance_id)
+
+    def _visible(self, handle: ChannelHandle, stream: MemoryObjectSendStream[IncomingOffer]
+                 ) -> bool:
+        return handle.key.instance_id not in self._hidden or id(stream) in self._sees_hidden
 
     async def request(self, channel_id: int, request: ChannelRequest) -> Signal | None:
         """Carry out a guest's request on channel ``channel_id``.
@@ -709,6 +735,7 @@ class VmbusServer:
         for stream in self._subscribers:
             stream.close()
         self._subscribers.clear()
+        self._sees_hidden.clear()
 
     def inspect(self) -> dict[str, Any]:
         return {

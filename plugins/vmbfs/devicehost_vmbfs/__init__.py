@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from devicehost_vmbfs.backing import Backing, FileError, FileErrorKind, FileInfo
 from devicehost_vmbfs.client import VmbfsClient, VmbfsClientError
+from devicehost_vmbfs.client_device import VmbfsClientConfig, VmbfsClientDevice
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
 from devicehost_vmbfs.directory import DirectoryBacking
 from devicehost_vmbfs.single_file import SingleFileBacking
@@ -20,6 +21,8 @@ __all__ = [
     "FileInfo",
     "SingleFileBacking",
     "VmbfsClient",
+    "VmbfsClientConfig",
+    "VmbfsClientDevice",
     "VmbfsClientError",
     "VmbfsConfig",
     "VmbfsDevice",
