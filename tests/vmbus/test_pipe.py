@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from devicehost.vmbus.channel import RawChannel, connected_channel_pair
 from devicehost.vmbus.pipe import (
+    FAIR_EVERY,
     PIPE_DATA,
     PIPE_PARTIAL,
     BytePipe,
@@ -291,9 +292,9 @@ def test_eof_is_consumed_only_by_a_read_returning_nothing_else() -> None:
     a.try_send(b"tail")
     a.try_send_eof()
     assert b.try_recv(100) == b"tail"
-    assert not b.at_eof
+    eof_before = b.at_eof
     assert b.try_recv(100) == b""
-    assert b.at_eof
+    assert (eof_before, b.at_eof) == (False, True)
     a.try_send(b"after eof")
     assert b.try_recv(100) == b""
 
@@ -340,3 +341,213 @@ def test_byte_stream_preserves_order(writes: list[bytes], read_size: int) -> Non
     while len(got) < len(data):
         got.extend(b.try_recv(read_size))
     assert bytes(got) == data
+
+
+# -- cancellation -------------------------------------------------------------------------------
+#
+# Each test runs one operation in a task and cancels it after ``steps`` scheduling rounds of the
+# test's task, for every ``steps`` from 0 (cancelled before it starts) until the operation
+# finishes on its own: that lands the cancellation at every await the operation has.
+
+CANCEL_STEPS = range(12)
+
+
+async def _run_cancelled(operation: object, steps: int, *, midway: object = None) -> list[object]:
+    """Run ``operation()`` and cancel it after ``steps`` rounds; ``midway()`` (sync) runs after
+    the first round. Returns [result] if it finished, [] if it was cancelled."""
+    outcome: list[object] = []
+
+    async def task() -> None:
+        outcome.append(await operation())  # type: ignore[operator]
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(task)
+            for step in range(steps):
+                await anyio.lowlevel.checkpoint()
+                if step == 0 and midway is not None:
+                    midway()  # type: ignore[operator]
+            tg.cancel_scope.cancel()
+    return outcome
+
+
+def _drain(pipe: MessagePipe) -> list[bytes]:
+    left = []
+    while not pipe.channel.incoming.is_empty():
+        left.append(pipe.try_recv())
+    return left
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("already_there", [True, False], ids=["queued", "arrives"])
+async def test_cancelled_message_recv_never_loses_a_message(already_there: bool) -> None:
+    a, b = message_pair()
+    for steps in CANCEL_STEPS:
+        message = b"m%d" % steps
+        if already_there:
+            a.try_send(message)
+        outcome = await _run_cancelled(
+            b.recv, steps, midway=None if already_there else lambda m=message: a.try_send(m))
+        left = _drain(b)
+        if steps >= 1 or already_there:
+            # Either the receiver returned it or it is still in the ring: exactly once.
+            assert outcome + left == [message], steps
+        else:
+            assert outcome == [] and left == []
+    assert b.channel.incoming.is_empty()
+
+
+@pytest.mark.anyio
+async def test_recv_in_a_cancelled_scope_leaves_the_message() -> None:
+    a, b = message_pair()
+    a.try_send(b"keep me")
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await b.recv()
+    assert scope.cancelled_caught
+    assert b.try_recv() == b"keep me"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ring_full", [True, False], ids=["full", "room"])
+async def test_cancelled_message_send_sent_iff_it_returned(ring_full: bool) -> None:
+    a, b = message_pair(4096)
+    for steps in CANCEL_STEPS:
+        if ring_full:
+            a.try_send(b"f" * 3000)  # the next 3000-byte message has to wait for room
+        message = bytes([48 + steps]) * 3000
+        outcome = await _run_cancelled(
+            lambda m=message: a.send(m), steps,
+            midway=(lambda: b.try_recv()) if ring_full else None)
+        left = _drain(b)
+        if ring_full and steps == 0:
+            left = left[1:]  # the filler was never read
+        # A send that returned has sent; a cancelled one has not (and never both).
+        assert left == ([message] if outcome else []), steps
+        assert a.channel.outgoing.pending_send_size == 0
+
+
+@pytest.mark.anyio
+async def test_send_in_a_cancelled_scope_sends_nothing() -> None:
+    a, b = message_pair()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await a.send(b"never")
+    assert scope.cancelled_caught
+    with pytest.raises(anyio.WouldBlock):
+        b.try_recv()
+
+
+@pytest.mark.anyio
+async def test_cancelled_byte_recv_never_loses_bytes() -> None:
+    a, b, _ = byte_pair(4096)
+    sent = bytearray()
+    got = bytearray()
+    for steps in CANCEL_STEPS:
+        piece = bytes([65 + steps]) * (100 + steps)
+        sent += piece
+        outcome = await _run_cancelled(
+            lambda: b.recv(50), steps, midway=lambda p=piece: a.try_send(p))
+        if steps == 0:
+            a.try_send(piece)  # midway never ran
+        for data in outcome:
+            got += data  # type: ignore[arg-type]
+    while True:
+        try:
+            got += b.try_recv(1 << 16)
+        except anyio.WouldBlock:
+            break
+    assert got == sent
+
+
+@pytest.mark.anyio
+async def test_cancelled_byte_send_sent_a_prefix_or_everything() -> None:
+    a, b, _ = byte_pair(4096)
+    for steps in CANCEL_STEPS:
+        data = bytes(range(256)) * 24  # 6144 bytes: 3 chunks, more than the ring holds
+        a.try_send(b"x" * 2048)  # a full chunk already waits in the ring
+        outcome = await _run_cancelled(lambda d=data: a.send(d), steps,
+                                       midway=lambda: b.try_recv(2048))
+        if steps == 0:
+            assert b.try_recv(2048) == b"x" * 2048
+        got = bytearray()
+        while True:
+            try:
+                got += b.try_recv(1 << 16)
+            except anyio.WouldBlock:
+                break
+        if outcome:
+            assert got == data, steps
+        else:
+            # Cancelled: whole chunks from the start (possibly none) went out, nothing else.
+            assert data.startswith(got) and len(got) % 2048 == 0, steps
+        assert a.channel.outgoing.pending_send_size == 0
+
+
+@pytest.mark.anyio
+async def test_repeated_cancelled_receives_lose_no_message() -> None:
+    a, b = message_pair()
+    taken: list[bytes] = []
+
+    async def take() -> None:
+        taken.append(await b.recv(64))
+
+    sent = [b"m%d" % i for i in range(60)]
+    for i, message in enumerate(sent):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            for _ in range(i % 2):
+                await anyio.sleep(0)
+            if i % 4 == 0:
+                tg.cancel_scope.cancel()  # the receiver is waiting, with nothing to take
+            else:
+                await a.send(message)
+                for _ in range(i % 3):
+                    await anyio.sleep(0)
+                tg.cancel_scope.cancel()  # lands before, during or after the receive
+        if i % 4 == 0:
+            await a.send(message)
+    left = _drain(b)
+    # Every message was either returned to a receiver or is still in the ring, exactly once.
+    assert sorted(taken + left) == sorted(sent)
+    assert taken and left
+
+
+@pytest.mark.anyio
+async def test_messages_arrive_in_order_while_the_sender_waits_for_room() -> None:
+    a, b = message_pair(4096)
+    messages = [bytes([i]) * 1500 for i in range(10)]  # two fit in a one-page ring
+    got: list[bytes] = []
+
+    async def drain() -> None:
+        for _ in messages:
+            got.append(await b.recv(4096))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        with anyio.fail_after(5):
+            for message in messages:
+                await a.send(message)
+    assert got == messages
+
+
+@pytest.mark.anyio
+async def test_a_busy_pipe_still_lets_other_tasks_run() -> None:
+    a, b = message_pair(1 << 16)
+    others = 0
+
+    async def other() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await anyio.lowlevel.checkpoint()
+        before = others
+        for _ in range(4 * FAIR_EVERY):
+            await a.send(b"x")  # never waits: the ring has room
+            await b.recv()  # never waits: the message is there
+        assert others - before >= 4
+        tg.cancel_scope.cancel()

@@ -20,6 +20,17 @@ the ring, and masks them again before consuming; a writer waiting for space publ
 One task may send and another receive at the same time; two concurrent senders (or receivers) on
 one pipe are not supported.
 
+Cancellation (device runners are cancelled on every stop): the shells deliver a pending
+cancellation *before* they take or write anything (``checkpoint_if_cancelled``), wait only while
+nothing is taken or written, and return right after the synchronous step that takes or sends, with
+no await after it. So a cancelled ``recv`` leaves the ring as it was and a ``recv`` that took a
+message returns it; a ``send`` that returns has sent and a cancelled one has not.
+``BytePipe.send`` of more than fits at once is the exception every byte stream has: cancelled while
+waiting for room, it has sent a prefix of ``data`` in whole chunks. A shell that completes without
+waiting does not yield to the scheduler (that round trip is most of a small message's cost), except
+every :data:`FAIR_EVERY` operations in a row, so a peer that keeps the ring busy cannot starve the
+other tasks; that yield also comes before anything is taken.
+
 Decisions:
 
 - A DATA header claiming more bytes than its packet holds (upstream: a memory access error) is
@@ -43,6 +54,7 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 import anyio
+from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
 
 from devicehost.vmbus.channel import ChannelClosed, RawChannel
 from devicehost.vmbus.ring import (
@@ -61,6 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BYTE_PIPE_CHUNK",
+    "FAIR_EVERY",
     "MAXIMUM_PIPE_PACKET_SIZE",
     "PIPE_DATA",
     "PIPE_PARTIAL",
@@ -80,6 +93,8 @@ PIPE_SETUP_GPA_DIRECT: Final = 3
 PIPE_TEARDOWN_GPA_DIRECT: Final = 4
 MAXIMUM_PIPE_PACKET_SIZE: Final = 16384
 BYTE_PIPE_CHUNK: Final = 2048
+#: Operations a pipe completes without waiting before it yields to other tasks once.
+FAIR_EVERY: Final = 32
 
 # Pipe header (8 bytes): u32 packet_type, u32 len.
 _HEADER: Final = struct.Struct("<II")
@@ -135,35 +150,47 @@ class _Pipe:
         #: Largest message (data bytes after the pipe header) this end may send / receive.
         self.max_send = min(MAXIMUM_PIPE_PACKET_SIZE, self._out.maximum_packet_size - 32)
         self.max_recv = min(MAXIMUM_PIPE_PACKET_SIZE, self._in.maximum_packet_size - 32)
+        self._streak = 0
+
+    async def _enter(self) -> None:
+        """The await every shell starts with: a pending cancellation is raised here, before
+        anything is taken or written; every FAIR_EVERY-th time it also yields."""
+        self._streak += 1
+        if self._streak < FAIR_EVERY:
+            await checkpoint_if_cancelled()
+        else:
+            self._streak = 0
+            await checkpoint()
 
     async def _wait_signal(self) -> None:
+        self._streak = 0
         try:
             await self.channel.wait_for_signal()
         except ChannelClosed:
             raise ConnectionReset() from None
 
     async def _wait_readable(self) -> None:
-        """Sleep until the incoming ring may have a packet."""
+        """Sleep until the incoming ring may have a packet (nothing is taken meanwhile)."""
         ring = self._in
-        ring.set_interrupt_mask(False)
         try:
+            ring.set_interrupt_mask(False)
             empty = ring.is_empty()
         except RingError as exc:
             raise _ring_error(exc) from exc
         if empty:
             await self._wait_signal()
         else:
-            await anyio.lowlevel.checkpoint()
+            await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
 
     async def _wait_space(self, total: int) -> None:
-        """Sleep until ``total`` bytes are free in the outgoing ring."""
+        """Sleep until ``total`` bytes are free in the outgoing ring (nothing is written)."""
         ring = self._out
         try:
             if total > ring.maximum_packet_size:
                 raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
                                 f"{total} bytes can never fit in the ring")
             if ring.can_write(total):
-                await anyio.lowlevel.checkpoint()
+                await self._enter()
                 return
             ring.set_pending_send_size(max(total, ring.maximum_packet_size // 4))
             try:
@@ -224,14 +251,15 @@ class MessagePipe(_Pipe):
         self._write((data,) if self.raw else (_HEADER.pack(PIPE_DATA, n), data))
 
     async def send(self, data: Buffer) -> None:
-        """Send one message, waiting for ring space."""
-        n = memoryview(data).nbytes
+        """Send one message, waiting for ring space. Cancel-safe: if it returns the message was
+        sent; if it raises (cancelled or not), it was not."""
+        await self._enter()
         while True:
             try:
                 self.try_send(data)
-                await anyio.lowlevel.checkpoint()
                 return
             except anyio.WouldBlock:
+                n = memoryview(data).nbytes
                 await self._wait_space(in_band_size(n if self.raw else n + _HEADER_SIZE))
 
     async def wait_write_ready(self, n: int) -> None:
@@ -267,16 +295,16 @@ class MessagePipe(_Pipe):
         return data
 
     async def recv(self, max_len: int | None = None) -> bytes:
-        """Receive one message, waiting for it; :class:`ConnectionReset` if the channel closes."""
+        """Receive one message, waiting for it; :class:`ConnectionReset` if the channel closes.
+        Cancel-safe: a cancelled receive leaves the message in the ring."""
+        await self._enter()
+        ring = self._in
         while True:
-            self._in.set_interrupt_mask(True)
+            ring.set_interrupt_mask(True)
             try:
-                data = self.try_recv(max_len)
+                return self.try_recv(max_len)
             except anyio.WouldBlock:
                 await self._wait_readable()
-                continue
-            await anyio.lowlevel.checkpoint()
-            return data
 
 
 class BytePipe(_Pipe):
@@ -309,7 +337,9 @@ class BytePipe(_Pipe):
         return sent
 
     async def send(self, data: Buffer) -> None:
-        """Send all of ``data``, waiting for ring space as needed."""
+        """Send all of ``data``, waiting for ring space as needed. If it returns, all was sent;
+        cancelled, it has sent a prefix of whole chunks (none if it was cancelled on entry)."""
+        await self._enter()
         mv = memoryview(data).cast("B")
         sent = 0
         while sent < len(mv):
@@ -318,18 +348,17 @@ class BytePipe(_Pipe):
             except anyio.WouldBlock:
                 n = min(self.chunk, len(mv) - sent)
                 await self._wait_space(in_band_size(n + _HEADER_SIZE))
-        await anyio.lowlevel.checkpoint()
 
     def try_send_eof(self) -> None:
         """Shut down writing: send a zero-length DATA packet now."""
         self._write((_HEADER.pack(PIPE_DATA, 0),))
 
     async def send_eof(self) -> None:
-        """Shut down writing, waiting for ring space."""
+        """Shut down writing, waiting for ring space (cancel-safe like MessagePipe.send)."""
+        await self._enter()
         while True:
             try:
                 self.try_send_eof()
-                await anyio.lowlevel.checkpoint()
                 return
             except anyio.WouldBlock:
                 await self._wait_space(in_band_size(_HEADER_SIZE))
@@ -386,13 +415,13 @@ class BytePipe(_Pipe):
 
     async def recv(self, max_len: int) -> bytes:
         """Read up to ``max_len`` bytes, waiting for at least one (b"" at end-of-file);
-        :class:`ConnectionReset` if the channel closes first."""
+        :class:`ConnectionReset` if the channel closes first. Cancel-safe: a cancelled read
+        consumed nothing."""
+        await self._enter()
+        ring = self._in
         while True:
-            self._in.set_interrupt_mask(True)
+            ring.set_interrupt_mask(True)
             try:
-                data = self.try_recv(max_len)
+                return self.try_recv(max_len)
             except anyio.WouldBlock:
                 await self._wait_readable()
-                continue
-            await anyio.lowlevel.checkpoint()
-            return data

@@ -30,7 +30,6 @@ from devicehost_vmbfs.protocol import (
     encode_read_file_request,
     encode_version_request,
 )
-from devicehost_vmbfs.receive import receive_message, send_message
 
 __all__ = [
     "MessagePipeLike",
@@ -52,7 +51,8 @@ class VmbfsClientError(Exception):
 
 
 class MessagePipeLike(Protocol):
-    """The part of :class:`devicehost.vmbus.MessagePipe` the client uses."""
+    """The part of :class:`devicehost.vmbus.MessagePipe` the client uses (``send`` and ``recv``
+    must be cancel-safe: a cancelled call sent or took nothing)."""
 
     channel: Any
 
@@ -61,6 +61,10 @@ class MessagePipeLike(Protocol):
     def try_recv(self, max_len: int | None = None) -> bytes: ...
 
     async def wait_write_ready(self, n: int) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self, max_len: int | None = None) -> bytes: ...
 
 
 def _decode(reply: bytes | bytearray | memoryview, expected: type[Response]) -> Response:
@@ -138,8 +142,8 @@ class VmbfsClient:
 
     async def _request(self, message: bytes) -> bytes:
         async with self._exchange():
-            await send_message(self.pipe, message)
-            return await receive_message(self.pipe, MAX_MESSAGE_SIZE)
+            await self.pipe.send(message)
+            return await self.pipe.recv(MAX_MESSAGE_SIZE)
 
     async def negotiate(self, version: int = VERSION_WIN10) -> None:
         """Ask for ``version``; raise :class:`VmbfsClientError` if the device refuses it."""
@@ -175,9 +179,9 @@ class VmbfsClient:
             while offset < size or in_flight:
                 while offset < size and len(in_flight) < window:
                     count = min(MAX_READ_SIZE, size - offset)
-                    await send_message(self.pipe, encode_read_file_request(count, offset, path))
+                    await self.pipe.send(encode_read_file_request(count, offset, path))
                     in_flight.append(count)
                     offset += count
-                reply = await receive_message(self.pipe, MAX_MESSAGE_SIZE)
+                reply = await self.pipe.recv(MAX_MESSAGE_SIZE)
                 chunks.append(data_from_reply(reply, path, in_flight.popleft()))
         return b"".join(chunks)

@@ -6,9 +6,9 @@ MAX_MESSAGE_SIZE bytes; (c)+(d) hand it to the pure core; send the reply without
 A fatal error (the guest broke the protocol, or its pipe failed) is logged and the loop returns:
 the device is then *done* until the channel is closed and opened again.
 
-Cancel safety: the only awaits are (a), (b) and a periodic yield; a receive either completes,
-consuming one whole message, or leaves the ring untouched (:mod:`devicehost_vmbfs.receive`), and
-the reply is sent synchronously after the core ran, so a stop never loses or duplicates a request.
+Cancel safety: the only awaits are (a), (b) and a periodic yield; ``MessagePipe.recv`` either
+returns one whole message or, cancelled, leaves the ring untouched, and the reply is sent
+synchronously after the core ran, so a stop never loses or duplicates a request.
 
 When requests are already queued and the ring has room, the loop serves them without awaiting;
 it yields every :data:`YIELD_EVERY` messages so a busy channel cannot starve other tasks.
@@ -24,7 +24,6 @@ import anyio.lowlevel
 
 from devicehost_vmbfs.core import FatalError, FatalErrorKind, ProtocolState, VmbfsCore
 from devicehost_vmbfs.protocol import MAX_MESSAGE_SIZE
-from devicehost_vmbfs.receive import receive_message
 
 if TYPE_CHECKING:
     from devicehost.vmbus import MessagePipe
@@ -64,7 +63,7 @@ class VmbfsRunner:
                 # small to ever hold it fails here, before any message is read).
                 if not outgoing.can_write(_REPLY_ROOM):
                     await pipe.wait_write_ready(MAX_MESSAGE_SIZE)
-                message = await receive_message(pipe, MAX_MESSAGE_SIZE)
+                message = await pipe.recv(MAX_MESSAGE_SIZE)
                 reply = self.core.handle(message)
                 pipe.try_send(reply)  # never blocks: the room was there before receiving
                 budget -= 1
