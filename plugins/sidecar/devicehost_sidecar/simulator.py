@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import select
 import struct
 import threading
+import time
 from typing import Final
 
 import attrs
@@ -161,10 +163,13 @@ class SimulatedNode:
         self._control[:CONTROL_CPU_STATUS_OFFSET] = encode_control_page_header(
             ControlPageHeader(index, info.base_cpu, info.cpu_count)
         )
+        # Status transitions happen under the lock; a CPU notices them through its doorbell.
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._asynchronous = [False] * info.cpu_count
-        self._sync_done = [True] * info.cpu_count
+        self._sync_pending = [False] * info.cpu_count
+        #: Per CPU: the doorbell (the IPI on request_vector) and the synchronous-done pipe.
+        self._doorbells = [os.pipe2(os.O_CLOEXEC) for _ in range(info.cpu_count)]
+        self._done = [os.pipe2(os.O_CLOEXEC) for _ in range(info.cpu_count)]
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self._write_fd, True)
         self._closed = False
@@ -200,45 +205,50 @@ class SimulatedNode:
     def completion_fd(self) -> int:
         return self._read_fd
 
-    def start(self, cpu: int) -> None:
+    def _begin(self, cpu: int, *, asynchronous: bool) -> int:
         i = self._local(cpu)
-        with self._cond:
+        with self._lock:
             if self._status(i) is not CpuStatus.IDLE:
                 raise SidecarDriverError(f"simulated sidecar: CPU {cpu} is busy")
-            self._asynchronous[i] = True
+            self._asynchronous[i] = asynchronous
+            self._sync_pending[i] = not asynchronous
             self._set_status(i, CpuStatus.RUN)
-            self._cond.notify_all()
+        self._ring(i)
+        return i
+
+    def _ring(self, i: int) -> None:
+        os.write(self._doorbells[i][1], b"\1")
+
+    def start(self, cpu: int) -> None:
+        self._begin(cpu, asynchronous=True)
 
     def stop(self, cpu: int) -> None:
         i = self._local(cpu)
-        with self._cond:
-            if self._status(i) is CpuStatus.RUN:
-                self._set_status(i, CpuStatus.STOP)
-                self._cond.notify_all()
+        with self._lock:
+            if self._status(i) is not CpuStatus.RUN:
+                return
+            self._set_status(i, CpuStatus.STOP)
+        self._ring(i)
 
     def run(self, cpu: int) -> None:
-        i = self._local(cpu)
-        with self._cond:
-            if self._status(i) is not CpuStatus.IDLE:
-                raise SidecarDriverError(f"simulated sidecar: CPU {cpu} is busy")
-            self._asynchronous[i] = False
-            self._sync_done[i] = False
-            self._set_status(i, CpuStatus.RUN)
-            self._cond.notify_all()
-            while not self._sync_done[i]:
-                self._cond.wait()
+        i = self._begin(cpu, asynchronous=False)
+        os.read(self._done[i][0], 1)
 
     def close(self) -> None:
-        """Remove every CPU (ending any run), join the threads, unmap, close the pipe."""
+        """Remove every CPU (ending any run), join the threads, unmap, close the pipes."""
         if self._closed:
             return
         self._closed = True
-        with self._cond:
+        with self._lock:
             for i in range(self._info.cpu_count):
                 self._set_status(i, CpuStatus.REMOVE)
-            self._cond.notify_all()
+        for i in range(self._info.cpu_count):
+            self._ring(i)
         for thread in self._threads:
             thread.join()
+        for pair in (*self._doorbells, *self._done):
+            os.close(pair[0])
+            os.close(pair[1])
         for page in self._pages:
             page.release()
         self._view.release()
@@ -255,6 +265,7 @@ class SimulatedNode:
         os.write(self._write_fd, data)
 
     def cpu_status(self, cpu: int) -> CpuStatus:
+        """The CPU's status byte in the node's control page."""
         with self._lock:
             return self._status(self._local(cpu))
 
@@ -278,27 +289,37 @@ class SimulatedNode:
 
     def _cpu_main(self, i: int) -> None:
         cpu = self._info.base_cpu + i
+        doorbell = self._doorbells[i][0]
         while True:
-            with self._cond:
-                while self._status(i) is CpuStatus.IDLE:
-                    self._cond.wait()
-                if self._status(i) is CpuStatus.REMOVE:
-                    self._set_status(i, CpuStatus.REMOVED)
-                    self._sync_done[i] = True
-                    self._cond.notify_all()
-                    return
+            with self._lock:
+                parked = self._status(i) is CpuStatus.IDLE
+            if parked:
+                # Until the next IPI. A ring is never lost (it stays in the pipe), and a ring for
+                # a change already handled (e.g. consumed inside RUN_VP) only costs a loop.
+                os.read(doorbell, 64)
+                continue
+            with self._lock:
+                status = self._status(i)
                 asynchronous = self._asynchronous[i]
+                if status is CpuStatus.REMOVE:
+                    self._set_status(i, CpuStatus.REMOVED)
+                    sync_pending, self._sync_pending[i] = self._sync_pending[i], False
+            if status is CpuStatus.REMOVE:
+                if sync_pending:
+                    os.write(self._done[i][1], b"\1")
+                return
             # RUN, or a STOP that arrived before this CPU woke: the command runs either way.
             self._dispatch(i, cpu)
-            with self._cond:
+            with self._lock:
                 if self._status(i) is not CpuStatus.REMOVE:
                     self._set_status(i, CpuStatus.IDLE)
                 struct.pack_into("<I", self._control, 24, 1)  # needs_attention
-                if not asynchronous:
-                    self._sync_done[i] = True
-                    self._cond.notify_all()
+                self._sync_pending[i] = False
+            # The response IPI: the completion fd for started commands, the caller otherwise.
             if asynchronous:
                 os.write(self._write_fd, struct.pack("<I", cpu))
+            else:
+                os.write(self._done[i][1], b"\1")
 
     def _dispatch(self, i: int, cpu: int) -> None:
         page = self._pages[i]
@@ -330,6 +351,18 @@ class SimulatedNode:
     def _stopping(self, i: int) -> bool:
         return self._status(i) in (CpuStatus.STOP, CpuStatus.REMOVE)
 
+    def _wait_for_stop(self, i: int, timeout: float | None) -> None:
+        """Let the VP run (idle guest) until STOP/REMOVE or ``timeout`` seconds pass."""
+        doorbell = self._doorbells[i][0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopping(i):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            ready, _, _ = select.select([doorbell], [], [], remaining)
+            if ready:
+                os.read(doorbell, 64)
+
     def _run_vp(self, i: int, page: CommandPage, vp: SimulatedVp) -> None:
         script = vp.script
         context = decode_cpu_context_untrusted(page.cpu_context)
@@ -337,11 +370,10 @@ class SimulatedNode:
         intercept = False
         if script.entry_fault:
             raise _CommandFailed("unexpected VTL entry reason 7 while running the VP")
-        with self._cond:
-            if script.intercept_after is None:
-                self._cond.wait_for(lambda: self._stopping(i))
-            elif script.delay > 0:
-                self._cond.wait_for(lambda: self._stopping(i), timeout=script.delay)
+        if script.intercept_after is None:
+            self._wait_for_stop(i, None)
+        elif script.delay > 0:
+            self._wait_for_stop(i, script.delay)
         if script.intercept_after is not None and not self._stopping(i):
             for _ in range(script.intercept_after):
                 if self._stopping(i):

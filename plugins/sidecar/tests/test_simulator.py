@@ -180,3 +180,20 @@ def test_bad_simulator_geometry() -> None:
         SimulatedSidecar(1, 0)
     with pytest.raises(ValueError):
         SimulatedSidecar(1, 1, per_cpu_shmem=4096)
+
+
+def test_delay_then_intercept_or_stop_during_the_delay(sim: SimulatedSidecar) -> None:
+    node = sim.nodes[1]
+    pg = page(node, 6)
+    sim.vps[6].script = VpScript(intercept_after=2, delay=0.01)
+    pg.command = SidecarCommand.RUN_VP
+    node.start(6)
+    assert read_completion(node) == struct.pack("<I", 6)
+    assert pg.request_data[0] == 1  # the delay passed, then the intercept
+    sim.vps[6].script = VpScript(intercept_after=2, delay=60.0)
+    pg.command = SidecarCommand.RUN_VP
+    node.start(6)
+    node.stop(6)  # well inside the delay
+    assert read_completion(node) == struct.pack("<I", 6)
+    assert pg.request_data[0] == 0
+    pg.release()
