@@ -59,6 +59,10 @@ async def _until(predicate: Callable[[], bool]) -> None:
             await anyio.sleep(0.002)
 
 
+def _closed(wrapper: Any) -> bool:
+    return wrapper.channel is None
+
+
 def _runner(device: Device) -> Any:
     return device.runner
 
@@ -109,15 +113,16 @@ async def run_demo() -> DemoResult:
                 await relay.stop()
             stash = wrapper.stash
             kept = 0 if stash is None else len(stash.received)
-            ok &= stash is not None and wrapper.channel is None
+            ok &= stash is not None and _closed(wrapper)
             lines.append(f"stop    relay stopped mid-read: channel closed, GPADL torn down, "
                          f"progress stashed at {kept:,} of {_HIVE_SIZE:,} bytes")
             with anyio.fail_after(_STEP_TIMEOUT):
                 await relay.start()
             await _until(lambda: wrapper.channel is not None)
             assert wrapper.channel is not None
-            lines.append(f"start   relay started: reopened with GPADL {wrapper.channel.gpadl_id:#x},"
-                         f" client renegotiated and resumed via restore_open")
+            lines.append(f"start   relay started: reopened with GPADL "
+                         f"{wrapper.channel.gpadl_id:#x}, client renegotiated and resumed via "
+                         f"restore_open")
             await _until(lambda: _runner(reader) is not None and _runner(reader).finished.is_set())
             (read,) = _runner(reader).files
             match = read.data == content
@@ -125,11 +130,15 @@ async def run_demo() -> DemoResult:
             moved += len(read.data)
             lines.append(f"read    {read.path}: {len(read.data):,} bytes, sha256 "
                          f"{read.sha256[:16]}..., bytes match: {'yes' if match else 'NO'}")
+            current = wrapper.channel
+            assert current is not None
             with anyio.fail_after(_STEP_TIMEOUT):
                 await handle.revoke()
                 await _until(lambda: wrapper.offer is None)
-            ok &= wrapper.channel is None and reader.runner is None
-            lines.append("revoke  server revoked the offer: wrapper closed the channel, freed "
-                         "its pages and forgot the offer")
+            freed = not any(server.allocator.in_use(pfn) for pfn in current.block.pfns)
+            ok &= _closed(wrapper) and reader.runner is None and freed
+            lines.append(f"revoke  server revoked the offer: wrapper closed the channel, "
+                         f"{'freed' if freed else 'FAILED TO FREE'} its pages and forgot the "
+                         f"offer")
     return DemoResult(ok=ok, lines=lines, bytes_moved=moved,
                       seconds=time.perf_counter() - started)
