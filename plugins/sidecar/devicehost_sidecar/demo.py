@@ -52,9 +52,10 @@ async def run_demo() -> DemoResult:
     try:
         async with anyio.create_task_group() as tg:
             device = SidecarDevice(SidecarConfig(nodes=2, cpus_per_node=2, intercept_after=50))
-            ctx = DeviceContext(
-                "sidecar-demo", "sidecar", device.config, logging.getLogger("devicehost.sidecar")
-            )
+            # The demo prints its own report; the device's INFO lines would only interleave.
+            logger = logging.getLogger("devicehost.sidecar.demo")
+            logger.setLevel(logging.WARNING)
+            ctx = DeviceContext("sidecar-demo", "sidecar", device.config, logger)
             lifecycle = Device(ctx, new_device_manager(device, ctx.name), tg)
             offer = await lifecycle.offer()
             lines.append(

@@ -9,7 +9,17 @@ from devicehost_sidecar import SidecarDevice
 from devicehost_sidecar.demo import run_demo
 
 
-def test_installed_host_discovers_the_sidecar_plugin() -> None:
+def test_installed_host_lists_and_loads_the_sidecar_plugin() -> None:
+    from devicehost.plugins import list_plugins, load_plugins
+
+    (info,) = [i for i in list_plugins(environ={}) if i.name == "sidecar"]
+    assert (info.distribution, info.status) == ("devicehost-sidecar", "loaded")
+    registry = load_plugins(environ={"DEVICEHOST_LOAD_PLUGINS": "sidecar"})
+    assert registry.device_classes == {"sidecar": SidecarDevice}
+    assert registry.info("sidecar") is not None and registry.errors == []
+
+
+def test_entry_point_resolves_to_the_device_class() -> None:
     (entry_point,) = importlib_metadata.entry_points(group="devicehost", name="sidecar")
     assert entry_point.value == "devicehost_sidecar:SidecarDevice"
     assert entry_point.load() is SidecarDevice
