@@ -61,12 +61,18 @@ class Signal(Protocol):
 
 
 class _Doorbell:
-    """A notification flag plus an event that wakes every current waiter."""
+    """A notification flag plus an event that wakes every current waiter.
+
+    A doorbell lives in one event loop. It remembers the backend's event class from its first
+    event and builds the next ones directly (``anyio.Event()`` looks the backend up each time,
+    which costs as much as the rest of a wake-up).
+    """
 
     def __init__(self) -> None:
         self.pending = False
         self.closed = False
         self._event: anyio.Event | None = None
+        self._event_type: type[anyio.Event] | None = None
 
     def ring(self) -> None:
         self.pending = True
@@ -88,9 +94,16 @@ class _Doorbell:
             self.pending = False
             await anyio.lowlevel.checkpoint()
             return
-        if self._event is None:
-            self._event = anyio.Event()
-        await self._event.wait()
+        event = self._event
+        if event is None:
+            make = self._event_type
+            if make is None:
+                event = anyio.Event()
+                self._event_type = type(event)
+            else:
+                event = make()
+            self._event = event
+        await event.wait()
         self.pending = False
         if self.closed:
             raise ChannelClosed("the channel is closed")

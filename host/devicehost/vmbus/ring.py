@@ -219,7 +219,7 @@ class RingMemory:
         if self.data is not None:
             if end <= self.data_len:
                 return self.data[offset:end]
-            return bytes(self.data[offset:]) + bytes(self.data[: end - self.data_len])
+            return b"".join((self.data[offset:], self.data[: end - self.data_len]))
         parts: list[bytes] = []
         for chunk_off, chunk_len in self._chunks(offset, length):
             for page, start, n in self._locate(chunk_off, chunk_len):
@@ -231,12 +231,18 @@ class RingMemory:
     def write(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset`` in the data area, wrapping around its end."""
         src = memoryview(data).cast("B")
+        flat = self.data
+        if flat is not None:
+            end = offset + len(src)
+            if end <= self.data_len:
+                flat[offset:end] = src
+            else:
+                first = self.data_len - offset
+                flat[offset:] = src[:first]
+                flat[: end - self.data_len] = src[first:]
+            return
         pos = 0
         for chunk_off, chunk_len in self._chunks(offset, len(src)):
-            if self.data is not None:
-                self.data[chunk_off : chunk_off + chunk_len] = src[pos : pos + chunk_len]
-                pos += chunk_len
-                continue
             for page, start, n in self._locate(chunk_off, chunk_len):
                 page[start : start + n] = src[pos : pos + n]
                 pos += n
@@ -641,16 +647,18 @@ class OutgoingRing:
 
     def _put(self, kind: int, doff8: int, ext: bytes, payload: Buffer | Sequence[Buffer],
              flags: int, tid: int) -> None:
-        if type(payload) is bytes or type(payload) is bytearray:
-            parts: Sequence[Buffer] = (payload,)
-            n = len(payload)
-        elif isinstance(payload, memoryview):
-            payload = payload.cast("B") if payload.format != "B" else payload
-            parts = (payload,)
-            n = len(payload)
+        t = type(payload)
+        if t is bytes or t is bytearray:
+            parts: Sequence[Buffer] = (payload,)  # type: ignore[assignment]
+            n = len(payload)  # type: ignore[arg-type]
+        elif t is memoryview:
+            parts = (payload,)  # type: ignore[assignment]
+            n = payload.nbytes  # type: ignore[union-attr]
         else:
             parts = payload  # type: ignore[assignment]
-            n = sum(memoryview(p).nbytes for p in parts)
+            n = 0
+            for p in parts:
+                n += len(p) if type(p) is bytes else memoryview(p).nbytes
         header = doff8 << 3
         msg_len = (header + n + 7) & ~7
         total = msg_len + 8
@@ -669,10 +677,10 @@ class OutgoingRing:
         end = start + msg_len
         pad = msg_len - header - n
         if data is not None and end + 8 <= size:
+            # One copy of each part straight into the ring.
             DESCRIPTOR.pack_into(data, start, kind, doff8, msg_len >> 3, flags, tid)
-            pos = start + 16
             if ext:
-                data[pos : pos + len(ext)] = ext
+                data[start + 16 : start + header] = ext
             pos = start + header
             for part in parts:
                 if type(part) is not bytes:
@@ -684,16 +692,18 @@ class OutgoingRing:
                 data[pos : pos + pad] = _ZEROS[:pad]
             FOOTER.pack_into(data, end, start << 32)
         else:
-            buf = bytearray(total)
-            DESCRIPTOR.pack_into(buf, 0, kind, doff8, msg_len >> 3, flags, tid)
-            buf[16 : 16 + len(ext)] = ext
-            pos = header
+            # Wrapping or scattered: each piece is written where it lands (still one copy).
+            write = self.mem.write
+            write(start, DESCRIPTOR.pack(kind, doff8, msg_len >> 3, flags, tid) + ext)
+            pos = start + header
             for part in parts:
-                mv = memoryview(part).cast("B")
-                buf[pos : pos + len(mv)] = mv
-                pos += len(mv)
-            FOOTER.pack_into(buf, msg_len, start << 32)
-            self.mem.write(start, buf)
+                if pos >= size:
+                    pos -= size
+                write(pos, part)
+                pos += memoryview(part).nbytes
+            if pos >= size:
+                pos -= size
+            write(pos, _ZEROS[:pad] + FOOTER.pack(start << 32))
         end += 8
         self._in = end - size if end >= size else end
 
