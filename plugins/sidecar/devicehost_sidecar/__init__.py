@@ -25,11 +25,13 @@ from devicehost_sidecar.errors import (
     SidecarUnavailableError,
     SidecarUsageError,
 )
+from devicehost_sidecar.hvdef import (
+    HvMessage,
+    HvX64RegisterName,
+)
 from devicehost_sidecar.kernel import KernelDriver
 from devicehost_sidecar.protocol import (
     MAX_GET_SET_VP_REGISTERS,
-    HvMessage,
-    HvX64RegisterName,
     RegisterAssoc,
     TranslateGvaResponse,
 )

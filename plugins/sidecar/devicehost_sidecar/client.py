@@ -48,13 +48,16 @@ from devicehost_sidecar.errors import (
     SidecarProtocolError,
     SidecarUsageError,
 )
+from devicehost_sidecar.hvdef import (
+    HvMessage,
+    decode_hv_message_untrusted,
+)
 from devicehost_sidecar.protocol import (
     MAX_GET_SET_VP_REGISTERS,
     PAGE_SIZE,
     CommandPage,
     CpuContext,
     GetSetVpRegisterRequest,
-    HvMessage,
     NodeInfo,
     RegisterAssoc,
     SidecarCommand,
@@ -63,7 +66,6 @@ from devicehost_sidecar.protocol import (
     decode_command_error_untrusted,
     decode_cpu_context_untrusted,
     decode_get_set_response_untrusted,
-    decode_hv_message_untrusted,
     decode_run_vp_response_untrusted,
     decode_translate_gva_response_untrusted,
     encode_cpu_context,

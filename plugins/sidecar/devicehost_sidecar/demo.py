@@ -18,11 +18,13 @@ from devicehost import Device, DeviceContext
 from devicehost.lifecycle import new_device_manager
 from devicehost_sidecar.client import SidecarClient
 from devicehost_sidecar.device import SidecarConfig, SidecarDevice
+from devicehost_sidecar.hvdef import (
+    HvX64RegisterName,
+    decode_io_port_intercept_untrusted,
+)
 from devicehost_sidecar.protocol import (
     TRANSLATE_VALIDATE_READ,
-    HvX64RegisterName,
     TranslateGvaResult,
-    decode_io_port_intercept_untrusted,
 )
 from devicehost_sidecar.simulator import SimulatedSidecar, VpScript
 

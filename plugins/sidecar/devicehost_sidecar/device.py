@@ -24,7 +24,9 @@ from devicehost_sidecar.client import SidecarClient
 from devicehost_sidecar.driver import SidecarDriver
 from devicehost_sidecar.errors import SidecarUnavailableError
 from devicehost_sidecar.kernel import DEFAULT_DEVICE_PREFIX, KernelDriver
-from devicehost_sidecar.protocol import MAX_NODES
+from devicehost_sidecar.protocol import (
+    MAX_NODES,
+)
 from devicehost_sidecar.simulator import SimulatedSidecar, VpScript
 
 __all__ = ["SidecarConfig", "SidecarDevice"]

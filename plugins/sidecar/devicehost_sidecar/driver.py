@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from devicehost_sidecar.protocol import NodeInfo
+from devicehost_sidecar.protocol import (
+    NodeInfo,
+)
 
 __all__ = ["SidecarDriver", "SidecarNode"]
 

@@ -46,7 +46,7 @@ class HypervisorError(SidecarClientError):
     """Raised when a command's output carries an HvStatus other than success."""
 
     def __init__(self, status: int, *, cpu: int, command: str) -> None:
-        from devicehost_sidecar.protocol import hv_status_name
+        from devicehost_sidecar.hvdef import hv_status_name  # hvdef imports this module
 
         self.status = status
         self.cpu = cpu

@@ -20,7 +20,12 @@ from typing import Final
 
 from devicehost_sidecar.driver import SidecarNode
 from devicehost_sidecar.errors import SidecarDriverError
-from devicehost_sidecar.protocol import MAX_NODES, NODE_INFO, NodeInfo, decode_node_info_untrusted
+from devicehost_sidecar.protocol import (
+    MAX_NODES,
+    NODE_INFO,
+    NodeInfo,
+    decode_node_info_untrusted,
+)
 
 __all__ = [
     "DEFAULT_DEVICE_PREFIX",

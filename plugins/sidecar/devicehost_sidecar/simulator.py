@@ -32,12 +32,20 @@ import attrs
 
 from devicehost_sidecar.driver import SidecarNode
 from devicehost_sidecar.errors import SidecarDriverError
+from devicehost_sidecar.hvdef import (
+    HV_MESSAGE_TYPE_X64_IO_PORT_INTERCEPT,
+    HvMessage,
+    HvStatus,
+    HvX64RegisterName,
+    IoPortIntercept,
+    encode_hv_message,
+    encode_io_port_intercept,
+)
 from devicehost_sidecar.protocol import (
     CONTROL_CPU_STATUS_OFFSET,
     CONTROL_PAGE_SIZE,
     GET_SET_HEADER,
     GPS_CR2_INDEX,
-    HV_MESSAGE_TYPE_X64_IO_PORT_INTERCEPT,
     MAX_CPUS_PER_NODE,
     MAX_GET_SET_VP_REGISTERS,
     MAX_NODES,
@@ -50,10 +58,6 @@ from devicehost_sidecar.protocol import (
     ControlPageHeader,
     CpuContext,
     CpuStatus,
-    HvMessage,
-    HvStatus,
-    HvX64RegisterName,
-    IoPortIntercept,
     NodeInfo,
     SidecarCommand,
     TranslateGvaResponse,
@@ -64,8 +68,6 @@ from devicehost_sidecar.protocol import (
     encode_command_error,
     encode_control_page_header,
     encode_cpu_context,
-    encode_hv_message,
-    encode_io_port_intercept,
     encode_run_vp_response,
     encode_translate_gva_response,
 )

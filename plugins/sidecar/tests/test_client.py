@@ -29,15 +29,17 @@ from devicehost_sidecar import (
     SimulatedSidecar,
     VpScript,
 )
-from devicehost_sidecar.protocol import (
+from devicehost_sidecar.hvdef import (
     HV_MESSAGE_TYPE_X64_IO_PORT_INTERCEPT,
+    HvStatus,
+    decode_io_port_intercept_untrusted,
+)
+from devicehost_sidecar.protocol import (
     TRANSLATE_VALIDATE_WRITE,
     CpuContext,
-    HvStatus,
     NodeInfo,
     SidecarCommand,
     TranslateGvaResult,
-    decode_io_port_intercept_untrusted,
 )
 from devicehost_sidecar.simulator import CommandRecord
 

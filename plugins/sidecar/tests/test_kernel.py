@@ -12,7 +12,11 @@ import pytest
 from devicehost_sidecar import kernel
 from devicehost_sidecar.errors import SidecarDriverError, SidecarProtocolError
 from devicehost_sidecar.kernel import KernelDriver
-from devicehost_sidecar.protocol import PAGE_SIZE, NodeInfo, encode_node_info
+from devicehost_sidecar.protocol import (
+    PAGE_SIZE,
+    NodeInfo,
+    encode_node_info,
+)
 
 PER_CPU = 2 * PAGE_SIZE
 

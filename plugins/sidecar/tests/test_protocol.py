@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devicehost_sidecar import hvdef as hv
 from devicehost_sidecar import protocol as p
 from devicehost_sidecar.errors import SidecarProtocolError
 
@@ -21,7 +22,7 @@ def test_page_sizes_and_offsets_match_the_facts() -> None:
     assert (p.REQUEST_DATA_OFFSET, p.RESERVED_OFFSET) == (1552, 2576)
     assert p.CONTROL_CPU_STATUS_OFFSET == 64 and p.MAX_CPUS_PER_NODE == 4032
     assert p.MAX_GET_SET_VP_REGISTERS == 31 == (1024 - 16) // 32
-    assert p.CPU_CONTEXT.size == 1024 and p.HV_MESSAGE_SIZE == 256
+    assert p.CPU_CONTEXT.size == 1024 and hv.HV_MESSAGE_SIZE == 256
     assert p.TRANSLATE_GVA_RESPONSE.size == 80 and p.TRANSLATE_GVA_REQUEST.size == 16
 
 
@@ -89,24 +90,24 @@ def test_translate_gva_layouts() -> None:
 
 
 def test_hv_message_round_trip_and_oversized_payload() -> None:
-    message = p.HvMessage(p.HV_MESSAGE_TYPE_X64_IO_PORT_INTERCEPT, b"xyz", True, 9)
-    data = p.encode_hv_message(message)
+    message = hv.HvMessage(hv.HV_MESSAGE_TYPE_X64_IO_PORT_INTERCEPT, b"xyz", True, 9)
+    data = hv.encode_hv_message(message)
     assert data[:16] == b"\x00\x00\x01\x80\x03\x01\x00\x00" + (9).to_bytes(8, "little")
-    assert p.decode_hv_message_untrusted(data) == message
+    assert hv.decode_hv_message_untrusted(data) == message
     bad = bytearray(data)
     bad[4] = 241
     with pytest.raises(SidecarProtocolError, match="241-byte payload"):
-        p.decode_hv_message_untrusted(bytes(bad))
+        hv.decode_hv_message_untrusted(bytes(bad))
 
 
 def test_io_port_intercept_round_trip() -> None:
-    msg = p.IoPortIntercept(3, 0x1000, 0x2, 0x3F8, 1, True, 0x41)
-    data = p.encode_io_port_intercept(msg)
+    msg = hv.IoPortIntercept(3, 0x1000, 0x2, 0x3F8, 1, True, 0x41)
+    data = hv.encode_io_port_intercept(msg)
     assert len(data) == 128 and struct.unpack_from("<H", data, 40)[0] == 0x3F8
     assert struct.unpack_from("<Q", data, 48)[0] == 0x41
-    assert p.decode_io_port_intercept_untrusted(data) == msg
+    assert hv.decode_io_port_intercept_untrusted(data) == msg
     with pytest.raises(SidecarProtocolError):
-        p.decode_io_port_intercept_untrusted(data[:127])
+        hv.decode_io_port_intercept_untrusted(data[:127])
 
 
 def test_command_error_is_cut_at_a_character_boundary() -> None:
@@ -153,13 +154,13 @@ def test_control_page_header_round_trip() -> None:
 def test_fuzz_decoders_raise_only_protocol_errors(data: bytes) -> None:
     decoders = [
         p.decode_node_info_untrusted,
-        p.decode_hv_message_untrusted,
+        hv.decode_hv_message_untrusted,
         p.decode_command_error_untrusted,
         p.decode_cpu_context_untrusted,
         p.decode_translate_gva_response_untrusted,
         p.decode_translate_gva_request_untrusted,
         p.decode_run_vp_response_untrusted,
-        p.decode_io_port_intercept_untrusted,
+        hv.decode_io_port_intercept_untrusted,
         p.decode_control_page_header_untrusted,
     ]
     for decode in decoders:

@@ -11,16 +11,18 @@ from collections.abc import Iterator
 import pytest
 
 from devicehost_sidecar.errors import SidecarDriverError
+from devicehost_sidecar.hvdef import (
+    HvStatus,
+    HvX64RegisterName,
+    decode_hv_message_untrusted,
+    decode_io_port_intercept_untrusted,
+)
 from devicehost_sidecar.protocol import (
     CommandPage,
     CpuStatus,
-    HvStatus,
-    HvX64RegisterName,
     SidecarCommand,
     decode_command_error_untrusted,
     decode_cpu_context_untrusted,
-    decode_hv_message_untrusted,
-    decode_io_port_intercept_untrusted,
 )
 from devicehost_sidecar.simulator import CommandRecord, SimulatedNode, SimulatedSidecar, VpScript
 
