@@ -14,7 +14,7 @@ device, opened the way its guest would open it, on asyncio and on trio.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -41,6 +41,9 @@ class DeviceConformance:
     #: The config value; None means ``device_class.config_class()`` (or None without one).
     config: ClassVar[Any] = None
     plugin_name: ClassVar[str] = "device-under-test"
+    #: Devices served beside the device under test, by plugin name: (device class, config).
+    #: A VMBus client device needs the server device whose offer it intercepts.
+    peers: ClassVar[Mapping[str, tuple[type[Any], Any]]] = {}
 
     @pytest.fixture(params=["asyncio", "trio"])
     def anyio_backend(self, request: pytest.FixtureRequest) -> str:
@@ -55,8 +58,11 @@ class DeviceConformance:
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[tuple[Host, Device, Any]]:
         """A host serving the device, opened by its guest; yields (host, device, guest)."""
-        spec = DeviceSpec("dut", self.plugin_name, self.make_config())
-        async with host_with({self.plugin_name: self.device_class}, [spec]) as host:
+        specs = [DeviceSpec(name, name, config) for name, (_cls, config) in self.peers.items()]
+        specs.append(DeviceSpec("dut", self.plugin_name, self.make_config()))
+        classes = {name: cls for name, (cls, _config) in self.peers.items()}
+        classes[self.plugin_name] = self.device_class
+        async with host_with(classes, specs) as host:
             assert "dut" not in host.failures, f"the device was not served: {host.failures}"
             device = host.devices["dut"]
             with anyio.fail_after(STEP_TIMEOUT):

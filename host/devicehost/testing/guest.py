@@ -3,7 +3,8 @@
 :func:`guest_session` is what the conformance suite uses to reach the point where a device's
 ``open`` hook has run: a local device is opened by the host itself; a VMBus device is opened by
 the host's in-process VMBus client (GPADL + open of a channel); a virtio device by the in-process
-virtio driver starting every queue.
+virtio driver starting every queue; a VMBus client device (``InterceptClaim``) is opened by the
+host's intercept relay once a server offers the instance it claims.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+
+import anyio
 
 from devicehost.context import LocalOffer
 from devicehost.host import Host
@@ -42,5 +45,13 @@ async def guest_session(host: Host, device: Device) -> AsyncIterator[Any]:
         finally:
             if device.runner is not None:
                 await driver.reset()
+        return
+    if kind == "devicehost.vmbus.protocol.InterceptClaim":
+        # A VMBus client device: the host's intercept relay opens it as soon as a server device
+        # offers the claimed instance (the conformance suite serves its ``peers`` beside it).
+        wrapper = host.transport_of(device.name).wrapper_of(device)
+        while device.runner is None:
+            await anyio.sleep(0.005)
+        yield wrapper
         return
     raise TypeError(f"the test kit cannot open a device offering {kind}")
