@@ -446,7 +446,9 @@ class SidecarVp:
     # -- asynchronous run ------------------------------------------------------------------------
 
     def run(self) -> RunHandle:
-        """Start RUN_VP on this CPU; the returned handle must be waited."""
+        """Start RUN_VP on this CPU; the returned handle must be waited. Completion is reported
+        by the wait loops (:meth:`SidecarClient.run_wait_loops`, the device's ``run`` hook), which
+        must be running for ``wait`` to return."""
         cpu = self._ready()
         if cpu.abandoned:
             raise RunNotWaitedError(f"CPU {self.cpu} has an abandoned run")

@@ -20,9 +20,11 @@ from devicehost_sidecar import (
     SidecarClient,
     SidecarConfig,
     SidecarDevice,
+    SidecarProtocolError,
     SimulatedSidecar,
     VpScript,
 )
+from devicehost_sidecar.protocol import CpuStatus
 
 TIMEOUT = 5.0
 
@@ -79,7 +81,8 @@ async def test_offer_open_run_close_through_the_lifecycle() -> None:
         await managed.close()
         assert managed.state is DeviceState.CLOSED
         # close unmapped the nodes and removed the simulated CPUs
-        assert all(not thread.is_alive() for node in sim.nodes for thread in node._threads)
+        statuses = [node.cpu_status(cpu) for node in sim.nodes for cpu in node.info.cpus]
+        assert statuses == [CpuStatus.REMOVED] * 6
 
 
 @pytest.mark.anyio
@@ -97,9 +100,14 @@ async def test_hostile_completion_fails_the_device_not_the_host() -> None:
     async with lifecycle(SidecarConfig(nodes=1, cpus_per_node=1)) as (device, managed):
         await managed.open(await managed.offer())
         assert isinstance(device.driver, SimulatedSidecar)
-        device.driver.nodes[0].post_completion(b"\x07\x00\x00\x00")
-        while managed.state is DeviceState.RUNNING:
-            await anyio.sleep(0.001)
+        client = managed.runner
+        device.driver.vps[0].script = VpScript(intercept_after=None)
+        with client.vp(0) as vp:
+            async with vp.run() as run:
+                device.driver.nodes[0].post_completion(b"\x07\x00\x00\x00")
+                with pytest.raises(SidecarProtocolError, match="CPU 7"):
+                    await run.wait()  # woken by the failing wait loop
+        await anyio.wait_all_tasks_blocked()  # the run task has ended
         assert managed.state is DeviceState.FAILED
         assert managed.failure is not None
         assert "SidecarProtocolError" in managed.failure and "CPU 7" in managed.failure
@@ -110,9 +118,8 @@ async def test_other_code_reaches_the_client_through_the_host() -> None:
     spec = DeviceSpec("sc", "sidecar", SidecarConfig(nodes=2, cpus_per_node=1))
     async with host_with({"sidecar": SidecarDevice}, [spec]) as host:
         device = host.devices["sc"]
+        assert device.state is DeviceState.RUNNING
         with anyio.fail_after(TIMEOUT):
-            while device.state is not DeviceState.RUNNING:
-                await anyio.sleep(0.001)
             client = device.runner
             assert isinstance(client, SidecarClient) and client.cpus == [0, 1]
             with client.vp(1) as vp:
