@@ -488,7 +488,7 @@ class RunHandle:
 
     def cancel(self) -> None:
         """Ask the sidecar kernel to stop the run (no effect once waited)."""
-        if not self._waited and self._cpu.state is VpState.RUNNING:
+        if not self._waited and not self._client._closed and self._cpu.state is VpState.RUNNING:
             self._cpu.node.node.stop(self._cpu.cpu)
 
     async def wait(self) -> bool:
@@ -503,6 +503,8 @@ class RunHandle:
         cpu.state = VpState.STOPPED
         if cpu.error is not None:
             raise cpu.error
+        if self._client._closed:
+            raise SidecarUsageError("the sidecar client was closed")
         page = cpu.page
         if page.has_error:
             raise SidecarError(

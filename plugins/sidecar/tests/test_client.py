@@ -327,6 +327,24 @@ async def test_close_wakes_waiters_and_refuses_further_use() -> None:
     client.close()  # idempotent
 
 
+async def test_a_run_finished_but_not_waited_before_close() -> None:
+    sim = SimulatedSidecar(1, 1, script=VpScript(intercept_after=0))
+    client = SidecarClient.open(sim)
+    assert client is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client.run_wait_loops)
+        handle = client.vp(0).run()
+        with anyio.fail_after(TIMEOUT):
+            await anyio.wait_all_tasks_blocked()
+            while client.inspect()["cpus"]["0"]["state"] != "finished":
+                await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    client.close()
+    handle.cancel()  # nothing to stop any more
+    with pytest.raises(SidecarUsageError, match="was closed"):
+        await handle.wait()
+
+
 # -- the wait loop against a misbehaving kernel ---------------------------------------------------
 
 
