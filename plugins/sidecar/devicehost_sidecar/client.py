@@ -204,13 +204,21 @@ class SidecarClient:
     """The open nodes of one sidecar and the state of their CPUs."""
 
     def __init__(self, nodes: Iterable[SidecarNode]) -> None:
-        self._nodes = [_Node(node) for node in nodes]
+        self._nodes: list[_Node] = []
         self._cpus: dict[int, _Cpu] = {}
-        for node in self._nodes:
-            for cpu in node.cpus:
-                if cpu.cpu in self._cpus:
-                    raise SidecarProtocolError(f"CPU {cpu.cpu} is claimed by two sidecar nodes")
-                self._cpus[cpu.cpu] = cpu
+        try:
+            for node in nodes:
+                self._nodes.append(_Node(node))
+                for cpu in self._nodes[-1].cpus:
+                    if cpu.cpu in self._cpus:
+                        raise SidecarProtocolError(f"CPU {cpu.cpu} is claimed by two sidecar nodes")
+                    self._cpus[cpu.cpu] = cpu
+        except BaseException:
+            # Let the caller close the nodes: no view of their memory may outlive this.
+            for built in self._nodes:
+                for cpu in built.cpus:
+                    cpu.page.release()
+            raise
         self.stats = ClientStats()
         self.abandoned: list[int] = []
         self._closed = False

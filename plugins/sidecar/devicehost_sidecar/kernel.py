@@ -141,7 +141,9 @@ class KernelNode:
         if self._fd < 0:
             return
         self._view.release()
-        self._map.close()
+        # A view someone else still holds keeps the mapping alive until it is dropped.
+        with contextlib.suppress(BufferError):
+            self._map.close()
         os.close(self._fd)
         self._fd = -1
 

@@ -157,3 +157,15 @@ def test_config_reaches_the_simulator() -> None:
     assert [info.cpu_count for info in sim.infos] == [3]
     assert sim.vps[2].script == VpScript(intercept_after=100, port=0x80)
     assert SidecarDevice().config == SidecarConfig()
+
+
+def test_config_table_is_structured_by_the_host_with_precise_errors() -> None:
+    from devicehost import ConfigError
+    from devicehost.config import structure
+
+    config = structure(SidecarConfig, {"driver": "kernel", "nodes": 3}, "devices.sc")
+    assert config == SidecarConfig(driver="kernel", nodes=3)
+    with pytest.raises(ConfigError, match=r"devices\.sc: key 'nodes'.*>= 1"):
+        structure(SidecarConfig, {"nodes": 0}, "devices.sc")
+    with pytest.raises(ConfigError, match=r"key 'driver'.*'qemu'"):
+        structure(SidecarConfig, {"driver": "qemu"}, "devices.sc")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from devicehost_sidecar import kernel
+from devicehost_sidecar.client import SidecarClient
 from devicehost_sidecar.errors import SidecarDriverError, SidecarProtocolError
 from devicehost_sidecar.kernel import KernelDriver
 from devicehost_sidecar.protocol import (
@@ -141,3 +142,22 @@ def test_failing_cpu_ioctl_names_the_cpu_and_node(tmp_path: Path) -> None:
             node.start(0)
     finally:
         node.close()
+
+
+def test_client_over_kernel_nodes_allows_gaps_and_refuses_overlaps(tmp_path: Path) -> None:
+    gaps = {0: NodeInfo(0, 2, PER_CPU), 1: NodeInfo(8, 1, PER_CPU)}
+    (tmp_path / "gaps").mkdir()
+    driver = KernelDriver(make_nodes(tmp_path / "gaps", gaps), ioctl=FakeKernel(gaps).ioctl)
+    client = SidecarClient.open(driver)
+    assert client is not None
+    try:
+        assert client.cpus == [0, 1, 8] and client.node_of(8) == 1
+    finally:
+        client.close()
+    overlap = {0: NodeInfo(0, 2, PER_CPU), 1: NodeInfo(1, 2, PER_CPU)}
+    (tmp_path / "overlap").mkdir()
+    prefix = make_nodes(tmp_path / "overlap", overlap)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(SidecarProtocolError, match="CPU 1 is claimed by two sidecar nodes"):
+        SidecarClient.open(KernelDriver(prefix, ioctl=FakeKernel(overlap).ioctl))
+    assert set(os.listdir("/proc/self/fd")) <= before  # the nodes were closed again
