@@ -35,8 +35,9 @@ Decisions on the items the facts mark:
   RESPONSE; it is cleared when the RESPONSE arrives and the OK line is queued, and a socket that
   will not take those few bytes fails the connection on its next write.
 - Timeouts, like every rx-side action, are only acted on while the guest has an rx buffer posted.
-- An rx buffer too small for a header (completed with length 0) costs the connection it was meant
-  for: it is removed and an RST is queued for it.
+- An rx buffer too small for a header is completed with length 0 before any packet is built for
+  it, so nothing is lost and no connection is harmed (upstream builds the packet first, fails to
+  write it and drops the connection it was meant for).
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ class ConnectionManager:
         """
         self._expire(now)
         if len(packet) < HEADER_SIZE:
-            return self._buffer_too_small()
+            return 0
         if self._rsts:
             local, peer = self._rsts.popleft()
             self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
@@ -438,19 +439,6 @@ class ConnectionManager:
         finally:
             for conn in idle:
                 self._work[conn] = None
-
-    def _buffer_too_small(self) -> int:
-        if self._rsts:
-            self._rsts.popleft()
-            return 0
-        while self._work:
-            conn = next(iter(self._work))
-            del self._work[conn]
-            if self._is_live(conn):
-                self._log.info("vsock: rx buffer too small for a header, dropping %s", conn.key)
-                self._remove(conn, rst=conn.key is not None)
-                break
-        return 0
 
     def _produce_for(self, conn: Connection, packet: memoryview, now: float) -> int | None:
         if conn.deadline is not None and now >= conn.deadline:
