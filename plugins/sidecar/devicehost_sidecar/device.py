@@ -110,6 +110,9 @@ class SidecarDevice:
         if client is None:
             raise self._unavailable()
         ctx.logger.info("sidecar %r: %d nodes, CPUs %s", ctx.name, len(client.nodes), client.cpus)
+        cpus = client.cpus
+        if cpus != list(range(cpus[0], cpus[0] + len(cpus))):
+            ctx.logger.info("sidecar %r: the nodes' CPU ranges have gaps (allowed)", ctx.name)
         return client
 
     @hookimpl
