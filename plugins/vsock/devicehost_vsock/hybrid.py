@@ -14,9 +14,10 @@ Rules as decided here:
   braces, with hyphens at 8/13/18/23, hex digits in either case. A GUID that is not the vsock
   template parses (lowercased) but names no port, so the device refuses it.
 - The line, ``\\n`` included, is at most 45 bytes (:data:`CONNECT_LINE_MAX`), so the braced GUID
-  form (47 bytes) is refused by length although the GUID parser accepts it. **[AMBIGUOUS]**
-  upstream swallows bytes that follow the ``\\n`` in the same read; the relay here consumes the
-  socket only up to and including the ``\\n`` (it peeks first), so early data is relayed, not lost.
+  form (47 bytes) is refused by length although the GUID parser accepts it.
+- **[AMBIGUOUS]** upstream swallows bytes that follow the ``\\n`` in the same read; the relay
+  here consumes the socket only up to and including the ``\\n`` (it peeks first), so early data
+  is relayed, not lost.
 """
 
 from __future__ import annotations

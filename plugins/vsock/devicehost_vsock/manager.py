@@ -223,7 +223,8 @@ class ConnectionManager:
             if length > TX_BUF_SIZE:
                 self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
                 return
-            if sum(len(p) for p in payload) < length:
+            available = sum(len(p) for p in payload)
+            if available < length:
                 self._log.info("vsock: guest RW data length mismatch, dropped")
                 return
         key = (dst_port, src_port)
@@ -247,7 +248,9 @@ class ConnectionManager:
         elif op == Op.SHUTDOWN:
             self._guest_shutdown(conn, flags)
         elif op == Op.RW:
-            self._guest_rw(conn, _prefix(payload, length))
+            if length:
+                parts = payload if available == length else _prefix(payload, length)
+                self._guest_rw(conn, parts, length)
         elif op == Op.CREDIT_UPDATE:
             conn.set_peer_credit(buf_alloc, fwd_cnt)
             if conn.state is ConnectionState.CONNECTED:
@@ -332,13 +335,10 @@ class ConnectionManager:
             return
         self._schedule(conn)
 
-    def _guest_rw(self, conn: Connection, payload: list[memoryview]) -> None:
+    def _guest_rw(self, conn: Connection, payload: Sequence[memoryview], total: int) -> None:
         if conn.state is not ConnectionState.CONNECTED or conn.peer_shut_send:
             self._log.info("vsock: RW on %s in the wrong state, sending RST", conn.key)
             self._remove(conn, rst=True)
-            return
-        total = sum(len(p) for p in payload)
-        if total == 0:
             return
         written = 0
         if conn.buffered == 0:
