@@ -26,6 +26,7 @@ None, so on restore the host revokes the device and offers it anew (connections 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import struct
@@ -111,8 +112,6 @@ class VsockDevice:
         return config[offset : offset + size]
 
     def virtio_config_write(self, offset: int, data: bytes) -> None:
-        import logging
-
         logging.getLogger("devicehost_vsock").warning(
             "vsock: guest wrote %d bytes at %d of the read-only config space; ignored",
             len(data), offset,
@@ -150,14 +149,13 @@ class VsockDevice:
             raise DeviceError(
                 f"device {ctx.name!r}: cannot listen at base_path {base_path!r}: {exc}"
             ) from exc
-        holder: list[VsockWorker] = []
-        relay = Relay(base_path, listener, lambda: holder[0].wake())
+        relay = Relay(base_path, listener)
         manager = ConnectionManager(self.config.guest_cid, relay.connect, logger=ctx.logger)
         relay.manager = manager
         worker = VsockWorker(
             resources.queues[QUEUE_RX], resources.queues[QUEUE_TX], manager, relay
         )
-        holder.append(worker)
+        relay.wake = worker.wake
         ctx.logger.info("vsock: guest CID %d, host sockets at %s", self.config.guest_cid, base_path)
         return VsockRunner(worker, base_path, temp_dir)
 

@@ -151,12 +151,16 @@ class Relay:
     rx work.
     """
 
-    def __init__(self, base_path: str, listener: socket.socket, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, base_path: str, listener: socket.socket, wake: Callable[[], None] = lambda: None
+    ) -> None:
         self.base_path = base_path
         self.listener = listener
         self.epoll = select.epoll()
         self.streams: dict[int, UnixStream] = {}
-        self._wake = wake
+        #: Called after events changed the table (the worker sets it to its own ``wake``).
+        self.wake = wake
+        #: The table fed by the serve loops (set before they start).
         self.manager: ConnectionManager | None = None
 
     def connect(self, port: int) -> UnixStream:
@@ -187,7 +191,7 @@ class Relay:
                     await anyio.sleep(0.05)
                     break
                 manager.accept_host(UnixStream(sock, self), anyio.current_time())
-                self._wake()
+                self.wake()
 
     async def serve_epoll(self) -> None:
         """Report host socket readiness to the connection table forever."""
@@ -209,7 +213,7 @@ class Relay:
                 if closed:
                     manager.on_closed(stream, now)
             if events:
-                self._wake()
+                self.wake()
 
     def close(self) -> None:
         """Close the listener and the epoll instance (the table closes its own streams)."""

@@ -20,9 +20,9 @@ from devicehost_vsock import VsockConfig, VsockDevice
 from devicehost_vsock.guest_stack import GuestStack
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
