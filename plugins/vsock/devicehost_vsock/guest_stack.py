@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import anyio
 import attrs
 
-from devicehost.virtio import QueueFull, VirtioDriver
+from devicehost.virtio import DriverQueue, QueueFull
 from devicehost_vsock.protocol import (
     CID_HOST,
     HEADER,
@@ -33,9 +34,16 @@ from devicehost_vsock.protocol import (
     decode_header_untrusted,
 )
 
-__all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet"]
+__all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet", "QueueOwner"]
 
 _U32 = 0xFFFF_FFFF
+
+
+class QueueOwner(Protocol):
+    """What the stack needs of a driver: its queues (a ``VirtioDriver``, or a vhost-user
+    frontend of a test)."""
+
+    def queue(self, index: int) -> DriverQueue: ...
 
 
 @attrs.frozen
@@ -50,7 +58,7 @@ class Packet:
 class GuestStack:
     """Raw vsock packets through the driver's rx (0) and tx (1) queues."""
 
-    def __init__(self, driver: VirtioDriver, cid: int = 3, buf_alloc: int = 65536) -> None:
+    def __init__(self, driver: QueueOwner, cid: int = 3, buf_alloc: int = 65536) -> None:
         self.driver = driver
         self.cid = cid
         self.buf_alloc = buf_alloc

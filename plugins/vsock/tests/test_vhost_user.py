@@ -137,7 +137,7 @@ async def test_vsock_over_vhost_user(sock_dir: str) -> None:
                 assert queue_num == 2 and struct.unpack("<Q", cid) == (7,)
                 assert features & 0x7 == 0x5  # STREAM | NO_IMPLIED_STREAM
                 await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES | 0x1)
-                guest = GuestStack(frontend, cid=7)  # type: ignore[arg-type]
+                guest = GuestStack(frontend, cid=7)
                 listener = await anyio.create_unix_listener(f"{base}_5000")
                 guest.post_rx(4)
                 guest.send(Op.REQUEST, 1024, 5000)
