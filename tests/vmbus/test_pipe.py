@@ -558,3 +558,66 @@ async def test_a_busy_pipe_still_lets_other_tasks_run() -> None:
             await b.recv()  # never waits: the message is there
         assert others - before >= 4
         tg.cancel_scope.cancel()
+
+
+# -- reserve: building a message right in the ring ----------------------------------------------
+
+
+def test_reserved_message_is_built_in_the_ring_and_sent_as_is() -> None:
+    host, guest = connected_channel_pair(4096)
+    pipe = MessagePipe(host)
+    view = pipe.reserve(5)
+    assert view.obj is not None and len(view) == 5
+    view[:] = b"hello"
+    pipe.try_send(view)
+    packet = guest.incoming.read()
+    assert bytes(packet.payload) == HEADER.pack(PIPE_DATA, 5) + b"hello" + b"\0" * 3
+    guest.incoming.rollback()
+    assert MessagePipe(guest).try_recv() == b"hello"
+
+
+def test_reserve_falls_back_to_a_buffer_when_the_packet_would_wrap() -> None:
+    a, b = message_pair(4096)
+    a.try_send(b"x" * 3900)
+    assert b.try_recv() == b"x" * 3900  # both indices now near the end of the ring
+    view = a.reserve(200)
+    assert isinstance(view.obj, bytearray) and len(view.obj) == 200
+    view[:] = bytes(range(200))
+    a.try_send(view)
+    assert b.try_recv() == bytes(range(200))
+
+
+def test_another_send_discards_the_reservation() -> None:
+    a, b = message_pair()
+    view = a.reserve(5)
+    view[:] = b"stale"
+    a.try_send(b"other")  # written where the reservation was; the reservation is gone
+    assert b.try_recv() == b"other"
+    with pytest.raises(anyio.WouldBlock):
+        b.try_recv()  # the reserved bytes were never published
+
+
+def test_raw_reserve_and_limits() -> None:
+    host, guest = connected_channel_pair(4096)
+    pipe = MessagePipe(host, raw=True)
+    view = pipe.reserve(8)
+    view[:] = b"rawbytes"
+    pipe.try_send(view)
+    assert MessagePipe(guest, raw=True).try_recv() == b"rawbytes"
+    with pytest.raises(PacketTooLarge):
+        MessagePipe(host).reserve(4057)
+
+
+@pytest.mark.anyio
+async def test_reserved_message_waits_like_any_other_when_the_ring_is_full() -> None:
+    a, b = message_pair(4096)
+    a.try_send(b"f" * 3000)
+    view = a.reserve(3000)  # no room: a private buffer
+    view[:] = b"r" * 3000
+    with pytest.raises(anyio.WouldBlock):
+        a.try_send(view)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.send, view)
+        with anyio.fail_after(5):
+            assert await b.recv() == b"f" * 3000
+            assert await b.recv() == b"r" * 3000

@@ -522,3 +522,85 @@ def test_arbitrary_scattered_ring_memory_is_contained(control: bytes, data: byte
             w.write_inband(payload)
     for guard in (0, 1, 3, 4, 6):
         assert memory.read(guard * 4096, 4096) == b"\xa5" * 4096
+
+
+def _packet_bytes(start: int, payload: bytes, tid: int = 0) -> bytes:
+    msg_len = 16 + ((len(payload) + 7) & ~7)
+    padded = payload + bytes(msg_len - 16 - len(payload))
+    return DESC.pack(6, 2, msg_len >> 3, 0, tid) + padded + struct.pack("<Q", start << 32)
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+@pytest.mark.parametrize("parts", [(b"a" * 40,), (b"head", b"-" * 30, bytearray(b"tail")),
+                                   (memoryview(b"12345678").cast("I"), b"xyz")])
+def test_wrapping_packet_bytes_land_modulo_the_ring(scattered: bool,
+                                                    parts: tuple[bytes, ...]) -> None:
+    if scattered:
+        memory = GuestMemory.anonymous(8 * 4096)
+        mem = RingMemory.from_pages(memory, [0, 5, 2])
+    else:
+        mem = RingMemory.from_view(bytearray(3 * 4096))
+    size = mem.data_len
+    w, r = OutgoingRing(mem), IncomingRing(mem)
+    for _ in range(2):  # move both indices to 32 bytes before the end
+        w.write_inband(b"f" * (size // 2 - 40))
+        r.read()
+        r.commit()
+    start = size - 32
+    assert mem.words[0] == mem.words[1] == start
+    payload = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    w.write_inband(parts, transaction_id=7)
+    expected = _packet_bytes(start, payload, 7)
+    assert mem.read(start, len(expected)) == expected
+    packet = r.read()
+    assert bytes(packet.payload)[: len(payload)] == payload
+    assert packet.next_offset == (start + len(expected)) % size
+
+
+def test_reserved_packet_is_published_in_place() -> None:
+    buf, w, r = ring_pair(8192)
+    view = w.reserve_inband(13)
+    assert view is not None and len(view) == 13
+    view[:] = b"hello, world!"
+    with pytest.raises(RingEmpty):
+        r.read()  # nothing is visible before publishing
+    assert w.publish_inband(13, transaction_id=5, completion_requested=True) is False
+    assert bytes(buf[4096 : 4096 + 40]) == (
+        DESC.pack(6, 2, 4, 1, 5) + b"hello, world!" + bytes(3) + struct.pack("<Q", 0))
+    packet = r.read()
+    assert packet.completion_requested and packet.transaction_id == 5
+    assert bytes(packet.payload) == b"hello, world!\0\0\0"
+
+
+def test_reserve_signals_like_write_and_refuses_what_write_refuses() -> None:
+    _, w, r = ring_pair(4096)
+    r.set_interrupt_mask(False)
+    assert w.reserve_inband(8) is not None
+    assert w.publish_inband(8) is True  # the reader was unmasked and the ring empty
+    with pytest.raises(RingError) as info:
+        w.reserve_inband(4096)
+    assert info.value.kind is RingErrorKind.INVALID_MESSAGE_LENGTH
+    with pytest.raises(RingFull):
+        w.reserve_inband(4096 - 8 - 24 - 8)  # would fit an empty ring, not this one
+
+
+def test_reserve_declines_wrapping_packets_and_scattered_memory() -> None:
+    _, w, r = ring_pair(4096)
+    w.write_inband(b"x" * 4000)
+    r.read()
+    r.commit()
+    assert w.reserve_inband(100) is None  # from 4024 it would wrap: write_inband does it
+    memory = GuestMemory.anonymous(4 * 4096)
+    assert OutgoingRing(RingMemory.from_pages(memory, [0, 3, 1])).reserve_inband(8) is None
+
+
+def test_publish_blames_a_reader_that_took_back_reserved_space() -> None:
+    buf, w, r = ring_pair(4096)
+    w.write_inband(b"x" * 2000)
+    r.read()
+    r.commit()  # out = 2024
+    assert w.reserve_inband(1000) is not None
+    set_word(buf, 1, 2048)  # out moves backwards past the reservation: a lying reader
+    with pytest.raises(RingError) as info:
+        w.publish_inband(1000)
+    assert info.value.kind is RingErrorKind.INVALID_RING_POINTER

@@ -102,6 +102,9 @@ FAIR_EVERY: Final = 16
 # Pipe header (8 bytes): u32 packet_type, u32 len.
 _HEADER: Final = struct.Struct("<II")
 _HEADER_SIZE: Final = 8
+# Messages up to this size are sent as one bytes object (header + data joined): cheaper than
+# writing two parts; larger ones are written as two parts, with no extra copy.
+_JOIN_LIMIT: Final = 1024
 
 
 class PipeErrorKind(enum.Enum):
@@ -222,9 +225,9 @@ class _Pipe:
                             f"ring packet type {packet.kind} on a pipe")
         return packet
 
-    def _write(self, parts: tuple[Buffer, ...]) -> None:
+    def _write(self, payload: Buffer | tuple[Buffer, ...]) -> None:
         try:
-            signal = self._out.write_inband(parts)
+            signal = self._out.write_inband(payload)
         except RingFull:
             raise anyio.WouldBlock from None
         except RingError as exc:
@@ -240,16 +243,64 @@ class MessagePipe(_Pipe):
     def __init__(self, channel: RawChannel, *, raw: bool = False) -> None:
         super().__init__(channel)
         self.raw = raw
+        self._header_size = 0 if raw else _HEADER_SIZE
+        #: The view :meth:`reserve` handed out last, while it is still in the ring's free space.
+        self._reserved: memoryview | None = None
         if raw:
             self.max_send = self._out.maximum_packet_size - 24
             self.max_recv = self._in.maximum_packet_size - 24
 
-    def try_send(self, data: Buffer) -> None:
-        """Send one message now; :class:`anyio.WouldBlock` if the ring is full."""
-        n = memoryview(data).nbytes
+    def reserve(self, n: int) -> memoryview:
+        """A writable buffer for the next message, exactly ``n`` bytes, to fill and then pass to
+        :meth:`try_send` (or :meth:`send`) as is: when the packet fits in the outgoing ring now
+        without wrapping, it is a view of the ring's free space, so sending it copies nothing;
+        otherwise it is a fresh buffer. Only the bytes of a message that is sent are visible to
+        the peer through the pipe, but the ring's free space is the peer's memory too: reserve
+        only for data the peer may see. A reservation is for the very next send: sending
+        anything else first discards it (and overwrites its bytes); a view into the ring must
+        not be written once anything was sent.
+        """
         if n > self.max_send:
             raise PacketTooLarge(n, self.max_send)
-        self._write((data,) if self.raw else (_HEADER.pack(PIPE_DATA, n), data))
+        header = self._header_size
+        try:
+            view = self._out.reserve_inband(n + header)
+        except RingFull:
+            view = None
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+        if view is None:
+            self._reserved = None
+            return memoryview(bytearray(n))
+        if header:
+            _HEADER.pack_into(view, 0, PIPE_DATA, n)
+            view = view[header:]
+        self._reserved = view
+        return view
+
+    def try_send(self, data: Buffer) -> None:
+        """Send one message now; :class:`anyio.WouldBlock` if the ring is full."""
+        reserved = self._reserved
+        if reserved is not None:
+            self._reserved = None
+            if data is reserved:
+                try:
+                    signal = self._out.publish_inband(len(reserved) + self._header_size)
+                except RingError as exc:
+                    raise _ring_error(exc) from exc
+                if signal:
+                    self.channel.signal_remote()
+                return
+        t = type(data)
+        n = len(data) if t is bytes or t is bytearray else memoryview(data).nbytes  # type: ignore[arg-type]
+        if n > self.max_send:
+            raise PacketTooLarge(n, self.max_send)
+        if self.raw:
+            self._write(data)
+        elif n <= _JOIN_LIMIT:
+            self._write(_HEADER.pack(PIPE_DATA, n) + data)
+        else:
+            self._write((_HEADER.pack(PIPE_DATA, n), data))
 
     async def send(self, data: Buffer) -> None:
         """Send one message, waiting for ring space. Cancel-safe: if it returns the message was
@@ -272,28 +323,36 @@ class MessagePipe(_Pipe):
     def try_recv(self, max_len: int | None = None) -> bytes:
         """Receive one message now (at most ``max_len`` bytes, else :class:`PacketTooLarge` and
         the message stays); :class:`anyio.WouldBlock` if there is none."""
-        packet = self._peek()
-        if packet is None:
-            raise anyio.WouldBlock
-        limit = self.max_recv if max_len is None else min(max_len, self.max_recv)
-        payload = packet.payload
+        ring = self._in
+        try:
+            packet = ring.peek()
+        except RingEmpty:
+            raise anyio.WouldBlock from None
+        except RingError as exc:
+            raise _ring_error(exc) from exc
+        if packet[0] != PacketType.IN_BAND:
+            raise PipeError(PipeErrorKind.UNEXPECTED_RING_PACKET_TYPE,
+                            f"ring packet type {packet[0]} on a pipe")
+        limit = self.max_recv if max_len is None or max_len > self.max_recv else max_len
+        payload = packet[3]
+        size = len(payload)
         if self.raw:
-            if len(payload) > limit:
-                raise PacketTooLarge(len(payload), limit)
+            if size > limit:
+                raise PacketTooLarge(size, limit)
             data = bytes(payload)
         else:
-            if len(payload) < _HEADER_SIZE:
+            if size < _HEADER_SIZE:
                 raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH, "no pipe header")
             kind, n = _HEADER.unpack_from(payload)
             if kind != PIPE_DATA:
                 raise PipeError(PipeErrorKind.INVALID_PIPE_PACKET_TYPE, f"pipe packet {kind}")
             if n > limit:
                 raise PacketTooLarge(n, limit)
-            if n > len(payload) - _HEADER_SIZE:
+            if n > size - _HEADER_SIZE:
                 raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH,
-                                f"header says {n} bytes, the packet holds {len(payload) - 8}")
+                                f"header says {n} bytes, the packet holds {size - 8}")
             data = bytes(payload[_HEADER_SIZE : _HEADER_SIZE + n])
-        self._in.consume(packet)
+        ring.consume(packet)
         self._commit_read()
         return data
 

@@ -443,6 +443,65 @@ class OutgoingRing:
         self._put(6, 2, b"", payload, flags, transaction_id)
         return self._commit(start)
 
+    def reserve_inband(self, n: int) -> memoryview | None:
+        """A writable view of the payload of the next in-band packet, ``n`` bytes, right in the
+        ring's free space (so the caller can build or read data into it: no copy on send), or
+        None when that packet would wrap around the ring's end or the memory is scattered
+        (write it with :meth:`write_inband` instead).
+
+        Raises :class:`RingFull` / :class:`RingError` as :meth:`write_inband` would. Nothing is
+        visible to the reader until :meth:`publish_inband`; any other write first discards the
+        reservation (and may overwrite the view's bytes).
+        """
+        data = self._data
+        size = self._size
+        start = self._in
+        total = ((n + 23) & ~7) + 8
+        if total > size - 8:
+            raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
+                            f"a {total}-byte packet can never fit in a {size}-byte ring")
+        out = self._words[1]
+        if out >= size or out & 7:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
+        if ((out - start - 8) if out > start else size - (start - out) - 8) < total:
+            raise RingFull(total)
+        if data is None or start + total > size:
+            return None
+        return data[start + 16 : start + 16 + n]
+
+    def publish_inband(self, n: int, *, transaction_id: int = 0,
+                       completion_requested: bool = False) -> bool:
+        """Complete the packet whose ``n`` payload bytes were written into the view
+        :meth:`reserve_inband` (``n``) returned: write its descriptor, padding and footer around
+        them and commit it. Returns whether to signal the reader.
+
+        Raises :class:`RingError` (InvalidRingPointer, the reader's fault) if the reader's ``out``
+        moved backwards since the reservation, so that the packet no longer fits.
+        """
+        data = self._data
+        size = self._size
+        start = self._in
+        msg_len = (n + 23) & ~7
+        end = start + msg_len
+        words = self._words
+        out = words[1]
+        if out >= size or out & 7:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
+        free = (out - start - 8) if out > start else size - (start - out) - 8
+        if data is None or end + 8 > size or free < msg_len + 8:
+            raise RingError(RingErrorKind.INVALID_RING_POINTER,
+                            f"out index {out:#x} took back space reserved for a packet")
+        DESCRIPTOR.pack_into(data, start, 6, 2, msg_len >> 3, 1 if completion_requested else 0,
+                             transaction_id)
+        pad = msg_len - 16 - n
+        if pad:
+            data[end - pad : end] = _ZEROS[:pad]
+        FOOTER.pack_into(data, end, start << 32)
+        end += 8
+        self._in = end - size if end >= size else end
+        words[0] = self._in
+        return words[2] == 0 and words[1] == start
+
     def write_completion(self, transaction_id: int, payload: Buffer = b"") -> bool:
         """Write one completion packet and commit it. Returns whether to signal the reader."""
         start = self._in

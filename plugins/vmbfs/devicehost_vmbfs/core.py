@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from devicehost_vmbfs.backing import Backing, FileError, status_for_error
@@ -109,17 +110,30 @@ class VmbfsCore:
         self.fatal: FatalError | None = None
         self.messages = 0
 
-    def handle(self, message: bytes | bytearray | memoryview) -> bytes | bytearray:
-        """Process one received message and return the reply; raise :class:`FatalError`."""
+    def handle(
+        self,
+        message: bytes | bytearray | memoryview,
+        reply_buffer: Callable[[int], bytearray | memoryview] = bytearray,
+    ) -> bytes | bytearray | memoryview:
+        """Process one received message and return the reply; raise :class:`FatalError`.
+
+        ``reply_buffer(n)`` gives the writable n-byte buffer a READ_FILE reply is built in (the
+        file data is read straight into it); a successful READ_FILE returns that very buffer,
+        so a caller that hands out a view of its outgoing ring sends the reply without a copy.
+        """
         if self.fatal is not None:
             raise self.fatal
         try:
-            return self._handle(message)
+            return self._handle(message, reply_buffer)
         except FatalError as exc:
             self.fatal = exc
             raise
 
-    def _handle(self, message: bytes | bytearray | memoryview) -> bytes | bytearray:
+    def _handle(
+        self,
+        message: bytes | bytearray | memoryview,
+        reply_buffer: Callable[[int], bytearray | memoryview],
+    ) -> bytes | bytearray | memoryview:
         try:
             request = decode_request_untrusted(message)
         except ProtocolError as exc:
@@ -138,7 +152,7 @@ class VmbfsCore:
             )
         if isinstance(request, GetFileInfoRequest):
             return self._file_info(request)
-        return self._read_file(request)
+        return self._read_file(request, reply_buffer)
 
     def _file_info(self, request: GetFileInfoRequest) -> bytes:
         try:
@@ -148,14 +162,16 @@ class VmbfsCore:
         flags = FileInfoFlags.DIRECTORY if info.directory else FileInfoFlags(0)
         return encode_get_file_info_response(Status.SUCCESS, flags, info.file_size)
 
-    def _read_file(self, request: ReadFileRequest) -> bytes | bytearray:
+    def _read_file(
+        self, request: ReadFileRequest, reply_buffer: Callable[[int], bytearray | memoryview]
+    ) -> bytes | bytearray | memoryview:
         count = request.byte_count
         if count > MAX_READ_SIZE:
             raise FatalError(
                 FatalErrorKind.READ_TOO_LARGE, f"read of {count} bytes > {MAX_READ_SIZE}"
             )
         # Build the reply in place: header, status 0 (SUCCESS), then the data read into it.
-        reply = bytearray(_READ_REPLY_PREFIX + count)
+        reply = reply_buffer(_READ_REPLY_PREFIX + count)
         _READ_REPLY_HEADER.pack_into(reply, 0, MessageType.READ_FILE_RESPONSE, 0, Status.SUCCESS)
         try:
             self.backing.read_file(

@@ -3,6 +3,11 @@
 The loop, per message (facts §8.6): (a) wait until the outgoing ring has room for a reply of the
 largest size, so a reply never waits for the guest; (b) receive one message of at most
 MAX_MESSAGE_SIZE bytes; (c)+(d) hand it to the pure core; send the reply without awaiting.
+READ_FILE data is read by the backing straight into the outgoing ring's free space
+(``MessagePipe.reserve``) when the reply does not wrap around the ring's end. Decision: if that
+read then fails, the failure reply is sent instead and the bytes already read stay in the ring's
+unpublished free space, which the guest can see; they are bytes of a file served to this guest,
+at offsets it may read, so nothing leaks that a smaller read would not return.
 A fatal error (the guest broke the protocol, or its pipe failed) is logged and the loop returns:
 the device is then *done* until the channel is closed and opened again.
 
@@ -64,7 +69,9 @@ class VmbfsRunner:
                 if not outgoing.can_write(_REPLY_ROOM):
                     await pipe.wait_write_ready(MAX_MESSAGE_SIZE)
                 message = await pipe.recv(MAX_MESSAGE_SIZE)
-                reply = self.core.handle(message)
+                # A READ_FILE reply is built right in the ring (pipe.reserve): the file data is
+                # read into the outgoing ring and sending it copies nothing.
+                reply = self.core.handle(message, pipe.reserve)
                 pipe.try_send(reply)  # never blocks: the room was there before receiving
                 budget -= 1
                 if budget == 0:

@@ -201,3 +201,25 @@ def test_any_bytes_as_messages_never_crash_the_device(
     if not path.exists():
         path.write_bytes(DATA)
     anyio.run(_scenario, VmbfsConfig(file=str(path)), messages)
+
+
+@pytest.mark.anyio
+async def test_file_data_is_read_straight_into_the_outgoing_ring(
+    hive: VmbfsConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with served(hive) as s:
+        backing = s.device.backing
+        ring_memory = s.host.outgoing.mem.data
+        assert ring_memory is not None
+        targets: list[object] = []
+        read_file = backing.read_file
+
+        def spy(path: str, offset: int, buf: bytearray | memoryview) -> None:
+            targets.append(memoryview(buf).obj)
+            read_file(path, offset, buf)
+
+        monkeypatch.setattr(backing, "read_file", spy)
+        with anyio.fail_after(5):
+            await s.client.negotiate()
+            assert await s.client.read("/imc.hiv", 7, 1000) == DATA[7:1007]
+        assert targets == [ring_memory.obj]
