@@ -40,3 +40,56 @@ async def test_small_rx_buffers_do_not_block_big_ones(guest: GuestStack) -> None
     empty, data = await guest.recv(), await guest.recv()
     assert empty.written == 0
     assert (data.header.op, data.data) == (Op.RW, b"payload")
+
+
+async def test_garbage_tx_chains_leave_the_device_working(guest: GuestStack) -> None:
+    import random
+    import struct
+
+    from devicehost import DeviceState
+
+    rng = random.Random(1234)
+    guest.post_rx(200)
+    for _ in range(300):
+        header = bytearray(rng.randbytes(44))
+        if rng.random() < 0.7:  # mostly plausible headers, to reach deeper paths
+            struct.pack_into("<QQII", header, 0, 3, 2, rng.choice([1, 2, 1024]),
+                             rng.choice([5000, 9999, 0x4000_0000]))
+            struct.pack_into("<IHH", header, 24, rng.choice([0, 3, 100, 70000]), 1,
+                             rng.randrange(0, 9))
+        parts = [bytes(header)[: rng.choice([44, 44, 10, 0])], rng.randbytes(rng.randrange(200))]
+        parts = [p for p in parts if p] or [b"\0"]
+        while True:
+            try:
+                guest.txq.add(parts, fragment=rng.choice([None, 7, 50]))
+                break
+            except Exception:
+                await guest.txq.wait_used()
+        guest.txq.kick()
+        guest.reap_tx()
+    with anyio.fail_after(5):
+        while guest.txq.in_flight:
+            await guest.txq.wait_used()
+    # Drain whatever the garbage earned (mostly RSTs), posting buffers until the device is quiet.
+    with anyio.fail_after(10):
+        quiet = False
+        while not quiet:
+            guest.post_rx(16)
+            for _ in range(16):
+                try:
+                    await guest.recv(timeout=0.3)
+                except TimeoutError:
+                    quiet = True
+                    break
+    assert guest.host.devices["vsock"].state is DeviceState.RUNNING  # type: ignore[attr-defined]
+    listener = await anyio.create_unix_listener(f"{base(guest)}_6000")
+    guest.post_rx(8)
+    guest.send(Op.REQUEST, 4242, 6000)
+    assert (await guest.recv_op(Op.RESPONSE)).header.dst_port == 4242
+    peer = await listener.accept()
+    guest.send(Op.RW, 4242, 6000, b"still fine")
+    got = b""
+    with anyio.fail_after(5):
+        while len(got) < 10:
+            got += await peer.receive()
+    assert got == b"still fine"
