@@ -44,12 +44,17 @@ class VsockWorker:
         self.relay = relay
         self._held: DescriptorChain | None = None
         self._wake_event = anyio.Event()
+        #: False while the rx loop waits for the guest to post rx buffers (then only it serves).
+        self._rx_ready = True
         self._bounce = memoryview(bytearray(_BOUNCE_SIZE))
         self.packets_in = 0
         self.packets_out = 0
 
     def wake(self) -> None:
-        """Something changed in the table: let the rx loop look for work."""
+        """Something changed in the table: serve rx work now, as far as rx buffers allow, and
+        let the rx loop take over what is left (it waits for buffers or deadlines)."""
+        if self._rx_ready:
+            self.service_rx()
         self._wake_event.set()
 
     async def run(self) -> None:
@@ -90,25 +95,35 @@ class VsockWorker:
 
     # ----------------------------------------------------------------- rx
 
+    def service_rx(self) -> bool:
+        """Fill rx buffers while the table has work for them. Returns False when work is left
+        but the guest has no rx buffer posted."""
+        manager = self.manager
+        now = anyio.current_time()
+        while manager.has_rx_work(now):
+            chain = self._held or self.rx.pop()
+            if chain is None:
+                self._rx_ready = False
+                return False
+            self._held = None
+            size = self._fill(chain, now)
+            if size is None:
+                self._held = chain
+                break
+            self.rx.push(chain, size)
+            self.packets_out += 1
+        self._rx_ready = True
+        return True
+
     async def _rx_loop(self) -> None:
         manager = self.manager
         while True:
-            now = anyio.current_time()
-            if manager.has_rx_work(now):
-                chain = self._held or self.rx.pop()
-                if chain is None:
-                    await self.rx.wait_kick()
-                    continue
-                self._held = None
-                size = self._fill(chain, now)
-                if size is not None:
-                    self.rx.push(chain, size)
-                    self.packets_out += 1
-                    continue
-                self._held = chain
+            if not self.service_rx():
+                await self.rx.wait_kick()
+                continue
             event = self._wake_event = anyio.Event()
             deadline = manager.next_deadline()
-            timeout = math.inf if deadline is None else max(0.0, deadline - now)
+            timeout = math.inf if deadline is None else max(0.0, deadline - anyio.current_time())
             with anyio.move_on_after(timeout):
                 await event.wait()
 
