@@ -12,6 +12,8 @@ Rows:
 - ``vsock_host_to_guest_{64k,1k}``: a host process connects with ``CONNECT 1234``, writes the
   bytes; the guest posts rx buffers of that payload size (+ 44 header bytes) and consumes them;
   Gbit/s of payload. The guest advertises buf_alloc = 256 KiB and tells its fwd_cnt every 128 KiB.
+- ``vsock_host_to_guest_1k_packets_64k_writes``: the same 1 KiB rx buffers (so 1 KiB packets),
+  but the host writes 64 KiB at a time, so one readiness report fills many rx buffers.
 - ``vsock_1024_echo_connections``: 1024 host connections at once (``CONNECT``, ``OK``, 1 KiB
   echoed by the guest, held open together); value = connections whose echo came back intact.
 - ``vsock_device_bytes_per_connection``: tracemalloc growth of memory allocated by the device
@@ -116,6 +118,7 @@ async def _guest_to_host(sockets: GuestSockets, base: str, total: int, chunk: in
 
 
 async def _host_to_guest(sockets: GuestSockets, base: str, total: int, chunk: int) -> float:
+    """``chunk`` is the size of each host socket write (the rx buffers set the packet size)."""
     stream = await anyio.connect_unix(base)
     async with stream:
         await stream.send(b"CONNECT 1234\n")
@@ -150,6 +153,7 @@ async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any
             tg.start_soon(sockets.pump)
             up = await _guest_to_host(sockets, base, total, chunk, 5000)
             down = await _host_to_guest(sockets, base, total, chunk)
+            batched = await _host_to_guest(sockets, base, total, 65536) if chunk < 65536 else 0
             tg.cancel_scope.cancel()
         await driver.reset()
         pair = _socketpair_seconds(total, chunk)
@@ -158,6 +162,9 @@ async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any
                          f"socketpair_{label}", gbit / pair))
         rows.append(_row(f"vsock_host_to_guest_{label}", gbit / down, "Gbit/s",
                          f"socketpair_{label}", gbit / pair))
+        if batched:
+            rows.append(_row(f"vsock_host_to_guest_{label}_packets_64k_writes", gbit / batched,
+                             "Gbit/s", f"socketpair_{label}", gbit / pair))
 
 
 async def _connections(rows: list[dict[str, Any]], base: str, driver_factory: Any) -> None:
