@@ -256,6 +256,7 @@ class ConnectionManager:
             if conn.state is ConnectionState.CONNECTED:
                 if conn.peer_credit > 0:
                     conn.waiting_for_credit = False
+                    conn.credit_request_pending = False  # no point asking for credit it has
                 else:
                     conn.credit_request_pending = True
                     conn.waiting_for_credit = True
