@@ -621,3 +621,45 @@ async def test_reserved_message_waits_like_any_other_when_the_ring_is_full() -> 
         with anyio.fail_after(5):
             assert await b.recv() == b"f" * 3000
             assert await b.recv() == b"r" * 3000
+
+
+def test_recv_parsed_hands_the_message_in_the_ring_to_parse() -> None:
+    a, b = message_pair()
+    a.try_send(b"parse me")
+    seen: list[object] = []
+
+    def parse(message: memoryview | bytes) -> bytes:
+        seen.append(type(message))
+        return bytes(message).upper()
+
+    assert b.try_recv_parsed(parse) == b"PARSE ME"
+    assert seen == [memoryview]
+    with pytest.raises(anyio.WouldBlock):
+        b.try_recv_parsed(parse)
+
+
+def test_recv_parsed_consumes_the_message_even_if_parse_fails_but_not_if_too_large() -> None:
+    a, b = message_pair()
+    a.try_send(b"x" * 100)
+    a.try_send(b"bad")
+    with pytest.raises(PacketTooLarge):
+        b.try_recv_parsed(bytes, 50)  # too large: stays
+    assert b.try_recv_parsed(bytes, 100) == b"x" * 100
+
+    def fail(message: memoryview | bytes) -> None:
+        raise ValueError(bytes(message))
+
+    with pytest.raises(ValueError):
+        b.try_recv_parsed(fail)
+    with pytest.raises(anyio.WouldBlock):
+        b.try_recv()
+
+
+@pytest.mark.anyio
+async def test_cancelled_recv_parsed_never_loses_a_message() -> None:
+    a, b = message_pair()
+    for steps in CANCEL_STEPS:
+        message = b"p%d" % steps
+        a.try_send(message)
+        outcome = await _run_cancelled(lambda: b.recv_parsed(bytes), steps)
+        assert outcome + _drain(b) == [message], steps

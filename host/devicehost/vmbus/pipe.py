@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -105,6 +106,8 @@ _HEADER_SIZE: Final = 8
 # Messages up to this size are sent as one bytes object (header + data joined): cheaper than
 # writing two parts; larger ones are written as two parts, with no extra copy.
 _JOIN_LIMIT: Final = 1024
+_IN_BAND: Final = int(PacketType.IN_BAND)
+_T = TypeVar("_T")
 
 
 class PipeErrorKind(enum.Enum):
@@ -246,6 +249,7 @@ class MessagePipe(_Pipe):
         self._header_size = 0 if raw else _HEADER_SIZE
         #: The view :meth:`reserve` handed out last, while it is still in the ring's free space.
         self._reserved: memoryview | None = None
+        self._scratch = bytearray()
         if raw:
             self.max_send = self._out.maximum_packet_size - 24
             self.max_recv = self._in.maximum_packet_size - 24
@@ -257,8 +261,8 @@ class MessagePipe(_Pipe):
         otherwise it is a fresh buffer. Only the bytes of a message that is sent are visible to
         the peer through the pipe, but the ring's free space is the peer's memory too: reserve
         only for data the peer may see. A reservation is for the very next send: sending
-        anything else first discards it (and overwrites its bytes); a view into the ring must
-        not be written once anything was sent.
+        anything else, or reserving again, first discards it (and may overwrite its bytes); the
+        buffer must not be written once anything was sent.
         """
         if n > self.max_send:
             raise PacketTooLarge(n, self.max_send)
@@ -270,8 +274,11 @@ class MessagePipe(_Pipe):
         except RingError as exc:
             raise _ring_error(exc) from exc
         if view is None:
+            # A reused buffer: fresh memory for every message costs page faults.
             self._reserved = None
-            return memoryview(bytearray(n))
+            if len(self._scratch) < n:
+                self._scratch = bytearray(n)
+            return memoryview(self._scratch)[:n]
         if header:
             _HEADER.pack_into(view, 0, PIPE_DATA, n)
             view = view[header:]
@@ -320,9 +327,8 @@ class MessagePipe(_Pipe):
         """Wait until a message of ``n`` bytes fits; fails at once if it never can."""
         await self._wait_space(in_band_size(n if self.raw else n + _HEADER_SIZE))
 
-    def try_recv(self, max_len: int | None = None) -> bytes:
-        """Receive one message now (at most ``max_len`` bytes, else :class:`PacketTooLarge` and
-        the message stays); :class:`anyio.WouldBlock` if there is none."""
+    def _take(self, max_len: int | None) -> tuple[IncomingPacket, memoryview | bytes]:
+        """The next packet and a view of the message in it, checked but not consumed."""
         ring = self._in
         try:
             packet = ring.peek()
@@ -330,7 +336,7 @@ class MessagePipe(_Pipe):
             raise anyio.WouldBlock from None
         except RingError as exc:
             raise _ring_error(exc) from exc
-        if packet[0] != PacketType.IN_BAND:
+        if packet[0] != _IN_BAND:
             raise PipeError(PipeErrorKind.UNEXPECTED_RING_PACKET_TYPE,
                             f"ring packet type {packet[0]} on a pipe")
         limit = self.max_recv if max_len is None or max_len > self.max_recv else max_len
@@ -339,22 +345,42 @@ class MessagePipe(_Pipe):
         if self.raw:
             if size > limit:
                 raise PacketTooLarge(size, limit)
-            data = bytes(payload)
-        else:
-            if size < _HEADER_SIZE:
-                raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH, "no pipe header")
-            kind, n = _HEADER.unpack_from(payload)
-            if kind != PIPE_DATA:
-                raise PipeError(PipeErrorKind.INVALID_PIPE_PACKET_TYPE, f"pipe packet {kind}")
-            if n > limit:
-                raise PacketTooLarge(n, limit)
-            if n > size - _HEADER_SIZE:
-                raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH,
-                                f"header says {n} bytes, the packet holds {size - 8}")
-            data = bytes(payload[_HEADER_SIZE : _HEADER_SIZE + n])
-        ring.consume(packet)
+            return packet, payload
+        if size < _HEADER_SIZE:
+            raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH, "no pipe header")
+        kind, n = _HEADER.unpack_from(payload)
+        if kind != PIPE_DATA:
+            raise PipeError(PipeErrorKind.INVALID_PIPE_PACKET_TYPE, f"pipe packet {kind}")
+        if n > limit:
+            raise PacketTooLarge(n, limit)
+        if n > size - _HEADER_SIZE:
+            raise PipeError(PipeErrorKind.INVALID_PACKET_LENGTH,
+                            f"header says {n} bytes, the packet holds {size - 8}")
+        return packet, memoryview(payload)[_HEADER_SIZE : _HEADER_SIZE + n]
+
+    def _release(self, packet: IncomingPacket) -> None:
+        self._in.consume(packet)
         self._commit_read()
+
+    def try_recv(self, max_len: int | None = None) -> bytes:
+        """Receive one message now (at most ``max_len`` bytes, else :class:`PacketTooLarge` and
+        the message stays); :class:`anyio.WouldBlock` if there is none."""
+        packet, message = self._take(max_len)
+        data = bytes(message)
+        self._release(packet)
         return data
+
+    def try_recv_parsed(self, parse: Callable[[memoryview | bytes], _T],
+                        max_len: int | None = None) -> _T:
+        """Receive one message now and return ``parse(message)``, where ``message`` is a view of
+        it in the ring: nothing is copied unless ``parse`` copies (and it must copy what it
+        keeps; the view is released when it returns). The message is consumed even if ``parse``
+        raises. Otherwise as :meth:`try_recv`."""
+        packet, message = self._take(max_len)
+        try:
+            return parse(message)
+        finally:
+            self._release(packet)
 
     async def recv(self, max_len: int | None = None) -> bytes:
         """Receive one message, waiting for it; :class:`ConnectionReset` if the channel closes.
@@ -367,6 +393,21 @@ class MessagePipe(_Pipe):
             ring.set_interrupt_mask(True)
             try:
                 return self.try_recv(max_len)
+            except anyio.WouldBlock:
+                await self._wait_readable()
+
+    async def recv_parsed(self, parse: Callable[[memoryview | bytes], _T],
+                          max_len: int | None = None) -> _T:
+        """:meth:`try_recv_parsed`, waiting for the message (cancel-safe as :meth:`recv`: a
+        cancelled call has not called ``parse`` and left the message in the ring)."""
+        self._streak += 1
+        if self._streak >= FAIR_EVERY:
+            await self._fair()
+        ring = self._in
+        while True:
+            ring.set_interrupt_mask(True)
+            try:
+                return self.try_recv_parsed(parse, max_len)
             except anyio.WouldBlock:
                 await self._wait_readable()
 

@@ -8,9 +8,10 @@ waits for their replies over a message pipe (one at a time, or a window of reads
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from devicehost_vmbfs.backing import FileInfo
 from devicehost_vmbfs.protocol import (
@@ -30,6 +31,8 @@ from devicehost_vmbfs.protocol import (
     encode_read_file_request,
     encode_version_request,
 )
+
+_T = TypeVar("_T")
 
 __all__ = [
     "MessagePipeLike",
@@ -65,6 +68,10 @@ class MessagePipeLike(Protocol):
     async def send(self, data: bytes) -> None: ...
 
     async def recv(self, max_len: int | None = None) -> bytes: ...
+
+    async def recv_parsed(
+        self, parse: Callable[[memoryview | bytes], _T], max_len: int | None = None
+    ) -> _T: ...
 
 
 def _decode(reply: bytes | bytearray | memoryview, expected: type[Response]) -> Response:
@@ -156,8 +163,12 @@ class VmbfsClient:
         """Read exactly ``count`` (at most MAX_READ_SIZE) bytes of ``path`` at ``offset``."""
         if not 0 <= count <= MAX_READ_SIZE:
             raise ValueError(f"a vmbfs read is 0..{MAX_READ_SIZE} bytes, not {count}")
-        reply = await self._request(encode_read_file_request(count, offset, path))
-        return data_from_reply(reply, path, count)
+        async with self._exchange():
+            await self.pipe.send(encode_read_file_request(count, offset, path))
+            # The reply is checked in the ring and only its data copied out.
+            return await self.pipe.recv_parsed(
+                lambda reply: data_from_reply(reply, path, count), MAX_MESSAGE_SIZE
+            )
 
     async def read_file(self, path: str, *, window: int = 1) -> bytes:
         """Read all of ``path`` (the size GET_FILE_INFO reports) in MAX_READ_SIZE chunks.
@@ -182,6 +193,11 @@ class VmbfsClient:
                     await self.pipe.send(encode_read_file_request(count, offset, path))
                     in_flight.append(count)
                     offset += count
-                reply = await self.pipe.recv(MAX_MESSAGE_SIZE)
-                chunks.append(data_from_reply(reply, path, in_flight.popleft()))
+                chunks.append(
+                    await self.pipe.recv_parsed(
+                        functools.partial(data_from_reply, path=path, count=in_flight[0]),
+                        MAX_MESSAGE_SIZE,
+                    )
+                )
+                in_flight.popleft()
         return b"".join(chunks)
