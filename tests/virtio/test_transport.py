@@ -15,6 +15,7 @@ from devicehost.virtio import (
     RING_INDIRECT_DESC,
     VERSION_1,
     DriverQueue,
+    EventDoorbell,
     FeatureError,
     QueueState,
     VirtioTransport,
@@ -123,3 +124,24 @@ async def test_restore_without_device_state_reoffers() -> None:
         await driver.reset()
         driver = await transport.connect_driver("echo")
         assert host.devices["echo"].state is DeviceState.RUNNING
+
+
+@pytest.mark.anyio
+async def test_event_doorbell_with_two_waiters() -> None:
+    bell = EventDoorbell()
+    woken: list[int] = []
+
+    async def waiter(n: int) -> None:
+        await bell.wait()
+        woken.append(n)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, 1)
+            tg.start_soon(waiter, 2)
+            await anyio.wait_all_tasks_blocked()
+            bell.ring()
+            await anyio.wait_all_tasks_blocked()
+            assert len(woken) == 1  # one ring, one return
+            bell.ring()
+    assert sorted(woken) == [1, 2] and bell.rings == 2

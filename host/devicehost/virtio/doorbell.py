@@ -28,7 +28,10 @@ class Doorbell(Protocol):
 
 
 class EventDoorbell:
-    """An in-process doorbell. ``rings`` counts every ring (for tests and statistics)."""
+    """An in-process doorbell. ``rings`` counts every ring (for tests and statistics).
+
+    Any number of tasks may wait; each ring wakes them all and lets exactly one return.
+    """
 
     def __init__(self) -> None:
         self._pending = False
@@ -38,21 +41,22 @@ class EventDoorbell:
     def ring(self) -> None:
         self.rings += 1
         self._pending = True
-        if self._event is not None:
-            self._event.set()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
     async def wait(self) -> None:
+        # Several tasks may wait: they share one event; the first to run consumes the ring.
         while not self._pending:
-            self._event = anyio.Event()
-            try:
-                await self._event.wait()
-            finally:
-                self._event = None
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
         self._pending = False
 
 
 class EventfdDoorbell:
-    """A doorbell over an eventfd; ``fd`` may be swapped while nobody waits on it.
+    """A doorbell over an eventfd; ``fd`` may be swapped while nobody waits on it. One task at a
+    time may wait (anyio allows one reader per fd).
 
     A ring on a doorbell without an fd (the peer has not given one yet) is dropped; a wait on it
     lasts until an fd is set and signalled. The doorbell closes the fd on ``close`` or when it is
