@@ -584,14 +584,32 @@ def test_reserve_signals_like_write_and_refuses_what_write_refuses() -> None:
         w.reserve_inband(4096 - 8 - 24 - 8)  # would fit an empty ring, not this one
 
 
-def test_reserve_declines_wrapping_packets_and_scattered_memory() -> None:
-    _, w, r = ring_pair(4096)
-    w.write_inband(b"x" * 4000)
+@pytest.mark.parametrize("scattered", [False, True])
+def test_reserved_packet_that_wraps_or_is_scattered_is_written_whole(scattered: bool) -> None:
+    if scattered:
+        memory = GuestMemory.anonymous(4 * 4096)
+        mem = RingMemory.from_pages(memory, [0, 3, 1])
+    else:
+        mem = RingMemory.from_view(bytearray(3 * 4096))
+    size = mem.data_len
+    w, r = OutgoingRing(mem), IncomingRing(mem)
+    w.write_inband(b"x" * (size - 56))
     r.read()
     r.commit()
-    assert w.reserve_inband(100) is None  # from 4024 it would wrap: write_inband does it
-    memory = GuestMemory.anonymous(4 * 4096)
-    assert OutgoingRing(RingMemory.from_pages(memory, [0, 3, 1])).reserve_inband(8) is None
+    start = mem.words[0]
+    assert start == size - 32
+    view = w.reserve_inband(100)  # from 32 bytes before the end: it wraps
+    assert view.obj is not (mem.data.obj if mem.data is not None else None)
+    view[:] = bytes(range(100))
+    with pytest.raises(RingEmpty):
+        r.read()
+    w.publish_inband(100, transaction_id=3)
+    expected = _packet_bytes(start, bytes(range(100)), 3)
+    assert mem.read(start, len(expected)) == expected
+    packet = r.read()
+    assert bytes(packet.payload)[:100] == bytes(range(100))
+    r.commit()
+    assert bytes(w.reserve_inband(4)) is not None  # the next one, in place or aside again
 
 
 def test_publish_blames_a_reader_that_took_back_reserved_space() -> None:

@@ -160,6 +160,9 @@ class _Pipe:
         self.max_send = min(MAXIMUM_PIPE_PACKET_SIZE, self._out.maximum_packet_size - 32)
         self.max_recv = min(MAXIMUM_PIPE_PACKET_SIZE, self._in.maximum_packet_size - 32)
         self._streak = 0
+        # Waits go straight to the signal (RawChannel.wait_for_signal only forwards to it):
+        # every coroutine layer between a waiter and its event costs on each wake-up.
+        self._signal = channel.signal
 
     async def _fair(self) -> None:
         """Every FAIR_EVERY-th operation in a row: a full checkpoint (cancellation, then
@@ -170,22 +173,9 @@ class _Pipe:
     async def _wait_signal(self) -> None:
         self._streak = 0
         try:
-            await self.channel.wait_for_signal()
+            await self._signal.wait()
         except ChannelClosed:
             raise ConnectionReset() from None
-
-    async def _wait_readable(self) -> None:
-        """Sleep until the incoming ring may have a packet (nothing is taken meanwhile)."""
-        ring = self._in
-        try:
-            ring.set_interrupt_mask(False)
-            empty = ring.is_empty()
-        except RingError as exc:
-            raise _ring_error(exc) from exc
-        if empty:
-            await self._wait_signal()
-        else:
-            await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
 
     async def _wait_space(self, total: int) -> None:
         """Sleep until ``total`` bytes are free in the outgoing ring (nothing is written)."""
@@ -258,11 +248,13 @@ class MessagePipe(_Pipe):
         """A writable buffer for the next message, exactly ``n`` bytes, to fill and then pass to
         :meth:`try_send` (or :meth:`send`) as is: when the packet fits in the outgoing ring now
         without wrapping, it is a view of the ring's free space, so sending it copies nothing;
-        otherwise it is a fresh buffer. Only the bytes of a message that is sent are visible to
-        the peer through the pipe, but the ring's free space is the peer's memory too: reserve
-        only for data the peer may see. A reservation is for the very next send: sending
-        anything else, or reserving again, first discards it (and may overwrite its bytes); the
-        buffer must not be written once anything was sent.
+        otherwise it is a reused buffer, copied once on send.
+
+        Only the bytes of a message that is sent are visible to the peer through the pipe, but
+        the ring's free space is the peer's memory too: reserve only for data the peer may see.
+        A reservation is for the very next send: sending anything else, or reserving again,
+        first discards it (and may overwrite its bytes); the buffer must not be written once
+        anything was sent.
         """
         if n > self.max_send:
             raise PacketTooLarge(n, self.max_send)
@@ -270,15 +262,14 @@ class MessagePipe(_Pipe):
         try:
             view = self._out.reserve_inband(n + header)
         except RingFull:
-            view = None
-        except RingError as exc:
-            raise _ring_error(exc) from exc
-        if view is None:
-            # A reused buffer: fresh memory for every message costs page faults.
+            # No room now: a reused buffer (fresh memory every time costs page faults), sent
+            # by copy once there is room.
             self._reserved = None
             if len(self._scratch) < n:
                 self._scratch = bytearray(n)
             return memoryview(self._scratch)[:n]
+        except RingError as exc:
+            raise _ring_error(exc) from exc
         if header:
             _HEADER.pack_into(view, 0, PIPE_DATA, n)
             view = view[header:]
@@ -394,7 +385,21 @@ class MessagePipe(_Pipe):
             try:
                 return self.try_recv(max_len)
             except anyio.WouldBlock:
-                await self._wait_readable()
+                pass
+            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
+            try:
+                ring.set_interrupt_mask(False)
+                empty = ring.is_empty()
+            except RingError as exc:
+                raise _ring_error(exc) from exc
+            if not empty:
+                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
+                continue
+            self._streak = 0
+            try:
+                await self._signal.wait()
+            except ChannelClosed:
+                raise ConnectionReset() from None
 
     async def recv_parsed(self, parse: Callable[[memoryview | bytes], _T],
                           max_len: int | None = None) -> _T:
@@ -409,7 +414,21 @@ class MessagePipe(_Pipe):
             try:
                 return self.try_recv_parsed(parse, max_len)
             except anyio.WouldBlock:
-                await self._wait_readable()
+                pass
+            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
+            try:
+                ring.set_interrupt_mask(False)
+                empty = ring.is_empty()
+            except RingError as exc:
+                raise _ring_error(exc) from exc
+            if not empty:
+                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
+                continue
+            self._streak = 0
+            try:
+                await self._signal.wait()
+            except ChannelClosed:
+                raise ConnectionReset() from None
 
 
 class BytePipe(_Pipe):
@@ -535,4 +554,18 @@ class BytePipe(_Pipe):
             try:
                 return self.try_recv(max_len)
             except anyio.WouldBlock:
-                await self._wait_readable()
+                pass
+            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
+            try:
+                ring.set_interrupt_mask(False)
+                empty = ring.is_empty()
+            except RingError as exc:
+                raise _ring_error(exc) from exc
+            if not empty:
+                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
+                continue
+            self._streak = 0
+            try:
+                await self._signal.wait()
+            except ChannelClosed:
+                raise ConnectionReset() from None

@@ -168,6 +168,7 @@ class IncomingRing:
         self._out = _check_index(self._words[_OUT], self._size, "out")
         self._cursor = self._out
         self._words[_MASK] = 1
+        self._wrapped = bytearray()
 
     @property
     def data_len(self) -> int:
@@ -302,6 +303,16 @@ class IncomingRing:
         plen = length - (doff8 << 3)
         if data is not None and pstart + plen <= size:
             payload: memoryview | bytes = data[pstart : pstart + plen]
+        elif data is not None:
+            # The one packet per lap that wraps: copied into a buffer this ring reuses, which
+            # stays valid until the next lap, i.e. beyond the commit that releases it.
+            pstart %= size
+            if len(self._wrapped) < plen:
+                self._wrapped = bytearray(plen)
+            payload = memoryview(self._wrapped)[:plen]
+            first = size - pstart if pstart + plen > size else plen
+            payload[:first] = data[pstart : pstart + first]
+            payload[first:] = data[: plen - first]
         else:
             pstart %= size
             payload = self.mem.read(pstart, plen)
@@ -374,6 +385,9 @@ class OutgoingRing:
         self._data = mem.data
         self._size = mem.data_len
         self._in = _check_index(self._words[_IN], self._size, "in")
+        #: Where reserve_inband began a packet in ``_scratch`` (-1: none).
+        self._scratch = bytearray()
+        self._scratch_at = -1
         self._words[_FEATURES] = FEATURE_SUPPORTS_PENDING_SEND_SIZE
         self._words[_PSS] = 0
 
@@ -443,15 +457,15 @@ class OutgoingRing:
         self._put(6, 2, b"", payload, flags, transaction_id)
         return self._commit(start)
 
-    def reserve_inband(self, n: int) -> memoryview | None:
-        """A writable view of the payload of the next in-band packet, ``n`` bytes, right in the
-        ring's free space (so the caller can build or read data into it: no copy on send), or
-        None when that packet would wrap around the ring's end or the memory is scattered
-        (write it with :meth:`write_inband` instead).
+    def reserve_inband(self, n: int) -> memoryview:
+        """A writable view of the payload of the next in-band packet, ``n`` bytes, for the
+        caller to build (or read data) into; :meth:`publish_inband` then sends it.
 
+        The view is right in the ring's free space when the packet lies in contiguous memory
+        without wrapping (publishing copies nothing); otherwise it is in a buffer the ring
+        reuses, and publishing writes the packet with one copy, wrapping it as needed.
         Raises :class:`RingFull` / :class:`RingError` as :meth:`write_inband` would. Nothing is
-        visible to the reader until :meth:`publish_inband`; any other write first discards the
-        reservation (and may overwrite the view's bytes).
+        visible to the reader until :meth:`publish_inband`, which must be the next write.
         """
         data = self._data
         size = self._size
@@ -466,7 +480,12 @@ class OutgoingRing:
         if ((out - start - 8) if out > start else size - (start - out) - 8) < total:
             raise RingFull(total)
         if data is None or start + total > size:
-            return None
+            # The whole packet is built in the scratch buffer and written at publish.
+            if len(self._scratch) < total:
+                self._scratch = bytearray(total)
+            self._scratch_at = start
+            return memoryview(self._scratch)[16 : 16 + n]
+        self._scratch_at = -1
         return data[start + 16 : start + 16 + n]
 
     def publish_inband(self, n: int, *, transaction_id: int = 0,
@@ -478,7 +497,6 @@ class OutgoingRing:
         Raises :class:`RingError` (InvalidRingPointer, the reader's fault) if the reader's ``out``
         moved backwards since the reservation, so that the packet no longer fits.
         """
-        data = self._data
         size = self._size
         start = self._in
         msg_len = (n + 23) & ~7
@@ -488,15 +506,27 @@ class OutgoingRing:
         if out >= size or out & 7:
             raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
         free = (out - start - 8) if out > start else size - (start - out) - 8
-        if data is None or end + 8 > size or free < msg_len + 8:
+        if free < msg_len + 8:
             raise RingError(RingErrorKind.INVALID_RING_POINTER,
                             f"out index {out:#x} took back space reserved for a packet")
-        DESCRIPTOR.pack_into(data, start, 6, 2, msg_len >> 3, 1 if completion_requested else 0,
-                             transaction_id)
+        flags = 1 if completion_requested else 0
         pad = msg_len - 16 - n
-        if pad:
-            data[end - pad : end] = _ZEROS[:pad]
-        FOOTER.pack_into(data, end, start << 32)
+        if self._scratch_at == start:
+            self._scratch_at = -1
+            image = self._scratch
+            DESCRIPTOR.pack_into(image, 0, 6, 2, msg_len >> 3, flags, transaction_id)
+            if pad:
+                image[msg_len - pad : msg_len] = _ZEROS[:pad]
+            FOOTER.pack_into(image, msg_len, start << 32)
+            self.mem.write(start, memoryview(image)[: msg_len + 8])
+        else:
+            data = self._data
+            if data is None or end + 8 > size:
+                raise ValueError("publish_inband() completes the packet reserve_inband() began")
+            DESCRIPTOR.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id)
+            if pad:
+                data[end - pad : end] = _ZEROS[:pad]
+            FOOTER.pack_into(data, end, start << 32)
         end += 8
         self._in = end - size if end >= size else end
         words[0] = self._in
