@@ -26,6 +26,8 @@ __all__ = [
     "SavedStateError",
     "__version__",
     "hookimpl",
+    "new_device_manager",
+    "saved_state",
 ]
 
 __version__: Final = "0.1.0"
@@ -51,6 +53,8 @@ _LAZY: Final = {
     "LocalOffer": "devicehost.context",
     "Device": "devicehost.lifecycle",
     "DeviceState": "devicehost.lifecycle",
+    "new_device_manager": "devicehost.lifecycle",
+    "saved_state": "devicehost.savedstate",
 }
 
 if TYPE_CHECKING:
@@ -64,6 +68,8 @@ if TYPE_CHECKING:
     from devicehost.errors import SavedStateError as SavedStateError
     from devicehost.lifecycle import Device as Device
     from devicehost.lifecycle import DeviceState as DeviceState
+    from devicehost.lifecycle import new_device_manager as new_device_manager
+    from devicehost.savedstate import saved_state as saved_state
 
 
 def __getattr__(name: str) -> Any:

@@ -111,6 +111,20 @@ class DeviceConformance:
             assert device.failure is None
 
     async def test_save_restore_round_trip(self) -> None:
+        supported = True
+        async with self.opened() as (host, device, _guest):
+            with anyio.fail_after(STEP_TIMEOUT):
+                await device.stop()
+            state = await device.save()
+            if state is not None:
+                await self._check_round_trip(host, device, state)
+            else:
+                supported = False
+        if not supported:
+            # Skipped outside the host's task group, so the skip is not wrapped in a group.
+            pytest.skip("the device does not support save/restore (save_open returned None)")
+
+    async def _check_round_trip(self, host: Host, device: Device, state: Any) -> None:
         from devicehost.savedstate import (
             decode_envelope_untrusted,
             decode_state_untrusted,
@@ -118,25 +132,19 @@ class DeviceConformance:
             entry_for,
         )
 
-        async with self.opened() as (host, device, _guest):
-            with anyio.fail_after(STEP_TIMEOUT):
-                await device.stop()
-            state = await device.save()
-            if state is None:
-                pytest.skip("the device does not support save/restore (save_open returned None)")
-            blob = encode_envelope([entry_for(device.name, device.ctx.plugin, state)])
-            (entry,) = decode_envelope_untrusted(blob)
-            restored = decode_state_untrusted(entry, type(state))
-            assert restored == state, "a saved state must survive encoding unchanged"
-            reopen = getattr(host.transport_of(device.name), "resources_for_restore", None)
-            if reopen is None:
-                return
-            resources = reopen(device)
-            device.forget_runner()
-            with anyio.fail_after(STEP_TIMEOUT):
-                await device.restore(restored, resources)
-                assert await device.start()
-            assert _state(device) is DeviceState.RUNNING
+        blob = encode_envelope([entry_for(device.name, device.ctx.plugin, state)])
+        (entry,) = decode_envelope_untrusted(blob)
+        restored = decode_state_untrusted(entry, type(state))
+        assert restored == state, "a saved state must survive encoding unchanged"
+        reopen = getattr(host.transport_of(device.name), "resources_for_restore", None)
+        if reopen is None:
+            return
+        resources = reopen(device)
+        device.forget_runner()
+        with anyio.fail_after(STEP_TIMEOUT):
+            await device.restore(restored, resources)
+            assert await device.start()
+        assert _state(device) is DeviceState.RUNNING
 
 
 async def _wait_for(predicate: Any, interval: float = 0.005) -> None:

@@ -43,8 +43,7 @@ async def guest_session(host: Host, device: Device) -> AsyncIterator[Any]:
         try:
             yield driver
         finally:
-            if device.runner is not None:
-                await driver.reset()
+            await driver.reset()
         return
     if kind == "devicehost.vmbus.protocol.InterceptClaim":
         # A VMBus client device: the host's intercept relay opens it as soon as a server device
