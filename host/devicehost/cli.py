@@ -132,16 +132,20 @@ def _load_registry(plugin_args: list[str], strict: bool) -> Registry:
 
 
 def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> int:
+    import functools
+
     import anyio
 
     from devicehost.config import default_config, load_config
     from devicehost.host import run_host
+    from devicehost.tracing import tracing_plugins
 
     registry = _load_registry(plugin_args, strict)
     config = default_config(registry) if args.config is None else load_config(
         args.config, registry
     )
-    return anyio.run(run_host, registry, config)
+    serve = functools.partial(run_host, cross_cutting=tracing_plugins())
+    return anyio.run(serve, registry, config)
 
 
 def _cmd_demo(plugin_args: list[str], strict: bool) -> int:

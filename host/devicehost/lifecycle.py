@@ -212,9 +212,12 @@ class Device:
         try:
             with scope:
                 await awaitable
-                # The run returned by itself: the device is done until closed and reopened.
-                self.state = DeviceState.DONE
-                log.info("device %r finished running", self.name)
+                # A run that returns after a stop was requested (it swallowed the cancellation)
+                # was stopped, not done: it runs again on the next start.
+                if not scope.cancel_called:
+                    # The run returned by itself: the device is done until closed and reopened.
+                    self.state = DeviceState.DONE
+                    log.info("device %r finished running", self.name)
         except Exception as exc:
             self._fail("run", exc)
         finally:
@@ -230,8 +233,9 @@ class Device:
             return False
         assert self._scope is not None and self._finished is not None
         self._scope.cancel()
-        with anyio.CancelScope(shield=True):
-            await self._finished.wait()
+        # Not shielded: a caller that gives up waiting (a timeout, a cancelled host) gets its
+        # cancellation; the run task is cancelled already and finishes on its own.
+        await self._finished.wait()
         self._scope = self._finished = None
         return self._state_now() is DeviceState.OPEN
 
@@ -242,11 +246,13 @@ class Device:
             return
         runner, self.runner = self.runner, None
         try:
-            await _await_maybe(
-                self.pm.hook.close(
-                    ctx=self.ctx, runner=runner, subchannel_index=self.subchannel_index
-                )
+            # ``close`` is not firstresult: pluggy returns every implementation's result, and an
+            # async implementation's awaitable is among them.
+            results = self.pm.hook.close(
+                ctx=self.ctx, runner=runner, subchannel_index=self.subchannel_index
             )
+            for result in results:
+                await _await_maybe(result)
         except Exception as exc:
             self._fail("close", exc)
             return

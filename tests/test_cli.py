@@ -1,0 +1,249 @@
+"""The ``devicehost`` command: in-process over fake distributions, and as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import devicehost.demo
+import devicehost.host
+from devicehost.cli import main
+from devicehost.config import DeviceConfig
+
+BROKEN = ("broken", "badhook", "clash_a", "clash_b", "future")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_json_is_one_object_per_plugin_and_imports_nothing(
+    fake_site: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_site.install_catalog("good", *BROKEN)
+    code, out, _ = run_cli(capsys, "list", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert all(set(r) == {"name", "distribution", "version", "status", "error"} for r in rows)
+    assert [(r["name"], r["distribution"], r["status"]) for r in rows] == [
+        ("badhook", "dh-badhook", "loaded"),
+        ("broken", "dh-broken", "loaded"),
+        ("clash", "dh-clash-a", "error"),
+        ("clash", "dh-clash-b", "error"),
+        ("future", "dh-future", "error"),
+        ("good", "dh-good", "loaded"),
+    ]
+    assert not [m for m in sys.modules if m.startswith("dh_")]
+
+
+def test_list_load_shows_import_and_hook_errors(
+    fake_site: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_site.install_catalog("good", *BROKEN)
+    code, out, _ = run_cli(capsys, "list", "--json", "--load")
+    assert code == 0
+    status = {(r["name"], r["distribution"]): (r["status"], r["error"]) for r in json.loads(out)}
+    assert status[("good", "dh-good")] == ("loaded", None)
+    assert status[("broken", "dh-broken")] == (
+        "error", "import failed: RuntimeError: dh_broken refuses to import"
+    )
+    assert status[("badhook", "dh-badhook")][0] == "error"
+
+
+def test_list_table(fake_site: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_site.install_catalog("good", "future")
+    code, out, _ = run_cli(capsys, "-p", "no:good", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "STATUS", "ERROR"]
+    assert lines[1].startswith("future  dh-future     1.0      error    needs host API 2")
+    assert lines[2].split() == ["good", "dh-good", "1.2.0", "blocked", "blocked", "by", "-p",
+                                "no:good"]
+
+
+def test_list_without_plugins(fake_site: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "list") == (0, "no devicehost plugins are installed\n", "")
+    assert run_cli(capsys, "list", "--json") == (0, "[]\n", "")
+
+
+def test_strict_list_fails_on_metadata_errors(
+    fake_site: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_site.install_catalog("good", "future")
+    code, _, err = run_cli(capsys, "list", "--strict")
+    assert code == 1
+    assert "plugin errors (strict mode)" in err
+    assert run_cli(capsys, "list", "--strict", "-p", "no:future")[0] == 0
+
+
+def test_doctor_names_each_broken_plugin(
+    fake_site: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_site.install_catalog("good", *BROKEN)
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 1
+    broken_section = out.split("5 broken:\n")[1]
+    for name in ("broken (dh-broken 1.0)", "badhook (dh-badhook 1.0)",
+                 "clash (dh-clash-a 1.0)", "clash (dh-clash-b 2.0)", "future (dh-future 1.0)"):
+        assert f"  {name}: " in broken_section
+    assert "loaded   good (dh-good 1.2.0)" in out
+
+
+def test_doctor_healthy_after_blocking_the_broken_ones(
+    fake_site: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_site.install_catalog("good", *BROKEN)
+    names = ("broken", "badhook", "clash", "dh-future")
+    blocks = [arg for name in names for arg in ("-p", f"no:{name}")]
+    code, out, _ = run_cli(capsys, "doctor", *blocks)
+    assert code == 0
+    assert out.splitlines()[-1] == "all 1 loaded plugins are healthy"
+
+
+def test_doctor_fails_on_a_requested_plugin_that_is_missing(
+    fake_site: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_site.install_catalog("good")
+    code, out, _ = run_cli(capsys, "-p", "ghost", "doctor")
+    assert code == 1
+    assert "  ghost: requested, but no installed plugin has this name" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == "devicehost 0.1.0\n"
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_run_structures_the_config_and_serves_it(
+    fake_site: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    fake_site.install_catalog("good", "counter")
+    seen: dict[str, Any] = {}
+
+    async def fake_run_host(registry: Any, config: Any, *, cross_cutting: Any = ()) -> int:
+        seen.update(registry=registry, config=config, cross_cutting=list(cross_cutting))
+        return 7
+
+    monkeypatch.setattr(devicehost.host, "run_host", fake_run_host)
+    monkeypatch.setenv("DEVICEHOST_TRACE", "1")
+    config = tmp_path / "host.toml"
+    config.write_text('[[device]]\nplugin = "good"\nname = "g1"\ngreeting = "hi"\n')
+    assert run_cli(capsys, "run", "--config", str(config))[0] == 7
+    (device,) = seen["config"].devices
+    assert isinstance(device, DeviceConfig)
+    assert (device.name, device.plugin, device.config.greeting) == ("g1", "good", "hi")
+    assert [type(p).__name__ for p in seen["cross_cutting"]] == ["TracePlugin"]
+    assert [type(p).__name__ for p in seen["registry"].cross_cutting] == ["module"]
+
+    monkeypatch.delenv("DEVICEHOST_TRACE")
+    assert run_cli(capsys, "run")[0] == 7
+    assert [d.name for d in seen["config"].devices] == ["good"]
+    assert seen["cross_cutting"] == []
+
+
+def test_run_reports_config_and_strict_plugin_errors(
+    fake_site: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fake_site.install_catalog("good", "broken")
+    config = tmp_path / "host.toml"
+    config.write_text('[[device]]\nplugin = "good"\ngreting = "hi"\n')
+    code, _, err = run_cli(capsys, "run", "--config", str(config))
+    assert code == 1
+    assert f"devicehost: error: {config}: device 'good': key 'greting': unknown key" in err
+    assert "devicehost: warning: plugin broken (dh-broken 1.0): import failed" in err
+    code, _, err = run_cli(capsys, "--strict", "run", "--config", str(config))
+    assert code == 1
+    assert "devicehost: error: plugin errors (strict mode):" in err
+
+
+def test_demo_gets_the_registry(
+    fake_site: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_site.install_catalog("good")
+    monkeypatch.setattr(devicehost.demo, "main", lambda registry: len(registry.device_classes))
+    assert run_cli(capsys, "demo")[0] == 1
+
+
+def devicehost_command() -> list[str]:
+    script = Path(sys.executable).parent / "devicehost"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "devicehost.cli"]
+
+
+def test_installed_command_lists_the_shipped_plugins_as_loaded() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEHOST_")}
+    proc = subprocess.run(
+        [*devicehost_command(), "list", "--json"],
+        capture_output=True, text=True, timeout=60, env=env, check=True,
+    )
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    for name in ("vmbfs", "vsock", "intercept", "sidecar"):
+        assert rows[name]["status"] == "loaded"
+        assert rows[name]["distribution"] == f"devicehost-{name}"
+        assert rows[name]["error"] is None
+
+
+def wait_for_output(proc: subprocess.Popen[bytes], text: str, timeout: float) -> str:
+    """Read the process's stderr until ``text`` appears; fail after ``timeout`` seconds."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            pytest.fail(f"{text!r} did not appear; stderr so far:\n{seen.decode()}")
+        ready, _, _ = select.select([proc.stderr], [], [], left)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                pytest.fail(f"stderr closed before {text!r}:\n{seen.decode()}")
+            seen += chunk
+    return seen.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_serves_until_signalled_then_stops_gracefully(
+    thirdparty: Any, tmp_path: Path, signum: int
+) -> None:
+    site = tmp_path / "site"
+    thirdparty.write_installed(site, thirdparty.CATALOG["good"])
+    journal = tmp_path / "journal.txt"
+    config = tmp_path / "host.toml"
+    config.write_text(f'[[device]]\nplugin = "good"\njournal = "{journal.name}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEHOST_")}
+    env.update(PYTHONPATH=str(site), DEVICEHOST_LOAD_PLUGINS="good", DEVICEHOST_TRACE="1")
+    proc = subprocess.Popen(
+        [*devicehost_command(), "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        output = wait_for_output(proc, "serving good", timeout=30)
+        assert "device 'good': offer returned in" in output
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert journal.read_text().splitlines() == ["offer good", "open", "run hello", "close"]
