@@ -79,7 +79,9 @@ class TransferPages:
 class IncomingPacket(NamedTuple):
     """One packet read from an :class:`~devicehost.vmbus.ring.IncomingRing`.
 
-    ``payload`` is a view into the ring (valid until the reader commits) or a copy when it wraps.
+    ``payload`` is a view into the ring (valid until the reader commits); a payload that wraps
+    around the ring's end is a view of a copy the ring reuses for the next packet that wraps, a
+    lap later (so it too is valid until the commit that releases it). Copy what you keep.
     It includes the packet's padding to 8 bytes; framing layers carry their own exact length.
     ``extension`` is a copy of the bytes between the descriptor and the payload.
     (A NamedTuple rather than an attrs class: it is built once per packet on the hot path.)
