@@ -4,8 +4,8 @@ The loop, per message (facts §8.6): (a) wait until the outgoing ring has room f
 largest size, so a reply never waits for the guest; (b) receive one message of at most
 MAX_MESSAGE_SIZE bytes; (c)+(d) hand it to the pure core; send the reply without awaiting.
 READ_FILE data is read by the backing straight into the outgoing ring's free space
-(``MessagePipe.reserve``) when the reply does not wrap around the ring's end. Decision: if that
-read then fails, the failure reply is sent instead and the bytes already read stay in the ring's
+(``MessagePipe.reserve``), or, when the reply would wrap around the ring's end, into a reused
+buffer that is copied into the ring once. Decision: if a read into the ring then fails, the failure reply is sent instead and the bytes already read stay in the ring's
 unpublished free space, which the guest can see; they are bytes of a file served to this guest,
 at offsets it may read, so nothing leaks that a smaller read would not return.
 A fatal error (the guest broke the protocol, or its pipe failed) is logged and the loop returns:
@@ -70,7 +70,7 @@ class VmbfsRunner:
                     await pipe.wait_write_ready(MAX_MESSAGE_SIZE)
                 message = await pipe.recv(MAX_MESSAGE_SIZE)
                 # A READ_FILE reply is built right in the ring (pipe.reserve): the file data is
-                # read into the outgoing ring and sending it copies nothing.
+                # read into the outgoing ring and sending it copies nothing (unless it wraps).
                 reply = self.core.handle(message, pipe.reserve)
                 pipe.try_send(reply)  # never blocks: the room was there before receiving
                 budget -= 1
