@@ -93,3 +93,15 @@ def fake_site(
     importlib.invalidate_caches()
     yield FakeSite(root, thirdparty)
     _forget_throwaway_modules()
+
+
+@pytest.fixture(scope="session")
+def plugin_venv(tmp_path_factory: pytest.TempPathFactory, thirdparty: ModuleType) -> Path:
+    """A virtual environment holding the host and every throwaway plugin of ``CATALOG``,
+    installed with pip from wheels built in the test (see tests/thirdparty/builder.py);
+    returns its python. Shared by the whole session: it takes a few seconds to build."""
+    root = tmp_path_factory.mktemp("plugin-venv")
+    python: Path = thirdparty.make_venv(root / "venv")
+    wheels = [thirdparty.build_wheel(d, root) for d in thirdparty.CATALOG.values()]
+    thirdparty.install_wheels(python, wheels)
+    return python

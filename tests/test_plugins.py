@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -318,3 +322,109 @@ def test_shipped_plugins_load_in_the_dev_install() -> None:
     for name in shipped:
         info = registry.info(name)
         assert info is not None and info.distribution == f"devicehost-{name}"
+
+
+# -- installed into a real virtual environment ----------------------------------------------------
+
+
+def venv_cli(python: Any, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DEVICEHOST_", "PYTHON"))}
+    return subprocess.run(
+        [str(python), "-m", "devicehost.cli", *argv],
+        capture_output=True, text=True, timeout=60, env=clean | env,
+    )
+
+
+@pytest.mark.slow
+def test_venv_list_sees_every_installed_plugin_and_imports_none(plugin_venv: Any) -> None:
+    proc = venv_cli(plugin_venv, "-v", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [(r["name"], r["distribution"], r["version"], r["status"]) for r in rows] == [
+        ("badhook", "dh-badhook", "1.0", "loaded"),
+        ("broken", "dh-broken", "1.0", "loaded"),
+        ("clash", "dh-clash-a", "1.0", "error"),
+        ("clash", "dh-clash-b", "2.0", "error"),
+        ("counter", "dh-counter", "1.0", "loaded"),
+        ("future", "dh-future", "1.0", "error"),
+        ("good", "dh-good", "1.2.0", "loaded"),
+    ]
+    # The shipped plugins are not in this environment; nothing of the throwaway ones was imported
+    # (dh_future and dh_broken raise when imported).
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_venv_doctor_names_each_broken_plugin_and_the_rest_load(plugin_venv: Any) -> None:
+    proc = venv_cli(plugin_venv, "doctor")
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert "loaded   good (dh-good 1.2.0)" in lines
+    assert "loaded   counter (dh-counter 1.0)" in lines
+    broken = lines[lines.index("5 broken:") + 1:]
+    assert [line.split(":")[0].strip() for line in broken] == [
+        "badhook (dh-badhook 1.0)",
+        "broken (dh-broken 1.0)",
+        "clash (dh-clash-a 1.0)",
+        "clash (dh-clash-b 2.0)",
+        "future (dh-future 1.0)",
+    ]
+    assert "import failed: RuntimeError: dh_broken refuses to import" in broken[1]
+    assert "flavour" in broken[0]
+    assert "'dh-clash-a' (1.0) and 'dh-clash-b' (2.0)" in broken[2]
+    assert "needs host API 2" in broken[4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("broken", "block"),
+    [
+        ("broken", "no:broken"),
+        ("badhook", "no:dh-badhook"),
+        ("clash", "no:clash"),
+        ("future", "no:future"),
+    ],
+)
+def test_venv_each_broken_plugin_alone_fails_doctor(
+    plugin_venv: Any, broken: str, block: str
+) -> None:
+    """With only one broken plugin selected, doctor fails naming exactly it; blocking it heals."""
+    allow = f"good,counter,{broken}"
+    proc = venv_cli(plugin_venv, "doctor", DEVICEHOST_LOAD_PLUGINS=allow)
+    assert proc.returncode == 1
+    named = proc.stdout.split("broken:\n")[1].splitlines()
+    assert named and all(line.strip().startswith(f"{broken} (") for line in named)
+    assert "loaded   good (dh-good 1.2.0)" in proc.stdout
+    healed = venv_cli(plugin_venv, "-p", block, "doctor", DEVICEHOST_LOAD_PLUGINS=allow)
+    assert healed.returncode == 0, healed.stdout
+    assert healed.stdout.splitlines()[-1] == "all 2 loaded plugins are healthy"
+
+
+@pytest.mark.slow
+def test_venv_good_plugin_is_used_by_the_host(plugin_venv: Any, tmp_path: Path) -> None:
+    """The host builds the third-party device from config and drives its lifecycle, while the
+    broken plugins sit beside it; the cross-cutting third-party plugin sees the device's offer."""
+    journal = tmp_path / "journal.txt"
+    script = f"""
+import anyio, dh_counter
+from devicehost.config import parse_config
+from devicehost.host import open_host
+from devicehost.plugins import load_plugins
+
+async def main():
+    registry = load_plugins()
+    config = parse_config('[[device]]\\nplugin = "good"\\nname = "g"\\njournal = "{journal}"\\n'
+                          'greeting = "from the venv"\\n', registry)
+    async with open_host(registry, config) as host:
+        print(host.devices["g"].state.value)
+    print(",".join(dh_counter.OFFERS))
+
+anyio.run(main)
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DEVICEHOST_", "PYTHON"))}
+    proc = subprocess.run(
+        [str(plugin_venv), "-c", script], capture_output=True, text=True, timeout=60, env=clean
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["running", "g"]
+    assert journal.read_text().splitlines() == ["offer g", "open", "run from the venv", "close"]
