@@ -20,7 +20,11 @@ is first called with ``incoming=None`` and returns an :class:`devicehost.vmbus.I
 naming the instance id it intercepts; it is then called with each matching incoming offer and
 answers :data:`devicehost.vmbus.OfferAction.OPEN` or ``IGNORE``; ``open`` and ``restore_open``
 get a :class:`devicehost.vmbus.ClientOpenResources` (subchannel index and the raw channel);
-``close`` gets the subchannel index.
+``close`` gets the subchannel index; ``save_open`` (None = not supported) and ``restore_open``
+are optional, and ``restore_open`` gets resources over a *new* channel (the wrapper closes the
+channel on every stop). Such a device may declare the class attributes ``saved_state_class`` (the
+type a restored blob must have) and ``intercept_ring_pages`` (data pages per ring, default 1);
+see ``docs/plugins/intercept.md``.
 """
 
 from __future__ import annotations
