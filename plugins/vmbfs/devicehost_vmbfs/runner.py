@@ -5,9 +5,10 @@ largest size, so a reply never waits for the guest; (b) receive one message of a
 MAX_MESSAGE_SIZE bytes; (c)+(d) hand it to the pure core; send the reply without awaiting.
 READ_FILE data is read by the backing straight into the outgoing ring's free space
 (``MessagePipe.reserve``), or, when the reply would wrap around the ring's end, into a reused
-buffer that is copied into the ring once. Decision: if a read into the ring then fails, the failure reply is sent instead and the bytes already read stay in the ring's
-unpublished free space, which the guest can see; they are bytes of a file served to this guest,
-at offsets it may read, so nothing leaks that a smaller read would not return.
+buffer that is copied into the ring once. Decision: if a read into the ring then fails, the
+failure reply is sent instead and the bytes already read stay in the ring's unpublished free
+space, which the guest can see; they are bytes of a file served to this guest, at offsets it may
+read, so nothing leaks that a smaller read would not return.
 A fatal error (the guest broke the protocol, or its pipe failed) is logged and the loop returns:
 the device is then *done* until the channel is closed and opened again.
 
