@@ -622,3 +622,36 @@ def test_publish_blames_a_reader_that_took_back_reserved_space() -> None:
     with pytest.raises(RingError) as info:
         w.publish_inband(1000)
     assert info.value.kind is RingErrorKind.INVALID_RING_POINTER
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([1, 2, 3]), st.booleans(),
+       st.lists(st.tuples(st.sampled_from(["bytes", "parts", "reserve"]),
+                          st.integers(0, 3000), st.integers(0, 255)), max_size=30))
+def test_reserved_and_written_packets_round_trip(pages: int, scattered: bool,
+                                                 writes: list[tuple[str, int, int]]) -> None:
+    if scattered:
+        memory = GuestMemory.anonymous((2 * pages + 2) * 4096)
+        mem = RingMemory.from_pages(memory, [0, *range(2 * pages, 0, -2)])
+    else:
+        mem = RingMemory.from_view(bytearray(4096 * (pages + 1)))
+    w, r = OutgoingRing(mem), IncomingRing(mem)
+    size = mem.data_len
+    for mode, n, fill in writes:
+        payload = bytes([fill]) * n
+        if in_band_size(n) > w.maximum_packet_size:
+            continue
+        if mode == "bytes":
+            w.write_inband(payload, transaction_id=n)
+        elif mode == "parts":
+            w.write_inband((payload[:7], bytearray(payload[7:])), transaction_id=n)
+        else:
+            w.reserve_inband(n)[:] = payload
+            w.publish_inband(n, transaction_id=n)
+        packet = r.read()
+        assert packet.transaction_id == n
+        assert bytes(packet.payload) == payload + bytes(-n % 8)
+        # The footer names where the packet starts, wherever the packet wrapped.
+        footer = mem.read((packet.next_offset - 8) % size, 8)
+        assert bytes(footer) == struct.pack("<Q", packet.offset << 32)
+        r.commit()
