@@ -318,7 +318,7 @@ class VmbusServer:
         # Instance ids whose offers only subscribers that see hidden offers receive (an
         # intercepting relay); every stream listed in _sees_hidden is also in _subscribers.
         self._hidden: set[Guid] = set()
-        self._sees_hidden: set[int] = set()
+        self._sees_hidden: set[MemoryObjectSendStream[IncomingOffer]] = set()
 
     # -- device side -------------------------------------------------------------------------------
 
@@ -371,6 +371,7 @@ class VmbusServer:
                 stream.send_nowait(offer)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.remove(stream)
+                self._sees_hidden.discard(stream)
 
     def handles(self) -> Iterator[ChannelHandle]:
         """Every current offer, in channel id order."""
@@ -418,7 +419,7 @@ class VmbusServer:
         """
         send, receive = anyio.create_memory_object_stream[IncomingOffer](math.inf)
         if see_hidden:
-            self._sees_hidden.add(id(send))
+            self._sees_hidden.add(send)
         for handle in self.handles():
             if self._visible(handle, send):
                 send.send_nowait(handle.incoming_offer())
@@ -436,7 +437,7 @@ class VmbusServer:
 
     def _visible(self, handle: ChannelHandle, stream: MemoryObjectSendStream[IncomingOffer]
                  ) -> bool:
-        return handle.key.instance_id not in self._hidden or id(stream) in self._sees_hidden
+        return handle.key.instance_id not in self._hidden or stream in self._sees_hidden
 
     async def request(self, channel_id: int, request: ChannelRequest) -> Signal | None:
         """Carry out a guest's request on channel ``channel_id``.
