@@ -54,6 +54,8 @@ class ChannelRelay:
         #: Whether the relay is started: wrappers added while it is start at once.
         self.running = True
         self._live: dict[int, IncomingOffer] = {}
+        #: Channel ids of live offers whose routing decision was taken.
+        self._routed: set[int] = set()
         self._subscribers: list[MemoryObjectSendStream[IncomingOffer]] = []
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
@@ -84,6 +86,9 @@ class ChannelRelay:
     async def _follow(self, offer: IncomingOffer) -> None:
         """Route ``offer``, then wait for its revoke and route that too."""
         wrapper = self.wrappers.get(offer.offer.instance_id)
+        # From here on a wrapper registering for this instance is handed the offer by
+        # ``register`` (no await between the lookup and this mark: never both, never neither).
+        self._routed.add(offer.channel_id)
         if wrapper is not None:
             await _guarded(wrapper.handle_offer, offer, what=f"offer to {wrapper!r}")
         else:
@@ -91,6 +96,7 @@ class ChannelRelay:
         if offer.revoked is not None:
             await offer.revoked.wait()
         self._live.pop(offer.channel_id, None)
+        self._routed.discard(offer.channel_id)
         wrapper = self.wrappers.get(offer.offer.instance_id)
         if wrapper is not None:
             await _guarded(wrapper.revoke, offer, what=f"revoke to {wrapper!r}")
@@ -106,7 +112,8 @@ class ChannelRelay:
         """The offers no device claims: the live ones now, then each new one."""
         send, receive = anyio.create_memory_object_stream[IncomingOffer](math.inf)
         for offer in self._live.values():
-            if offer.offer.instance_id not in self.wrappers:
+            # Offers not routed yet reach the new stream when ``_follow`` forwards them.
+            if offer.offer.instance_id not in self.wrappers and offer.channel_id in self._routed:
                 send.send_nowait(offer)
         self._subscribers.append(send)
         return receive
@@ -125,7 +132,8 @@ class ChannelRelay:
         self.client.server.hide_instance(wrapper.instance_id)
         if self._tg is not None:
             for offer in list(self._live.values()):
-                if offer.offer.instance_id == wrapper.instance_id:
+                if (offer.offer.instance_id == wrapper.instance_id
+                        and offer.channel_id in self._routed):
                     self._tg.start_soon(functools.partial(
                         _guarded, wrapper.handle_offer, offer, what=f"offer to {wrapper!r}"))
 
