@@ -504,3 +504,25 @@ def test_arbitrary_request_sequences_never_hurt_the_host(
             memory.close()
 
     anyio.run(main)
+
+
+async def test_hidden_instances_reach_only_streams_that_see_hidden(memory: GuestMemory) -> None:
+    server = VmbusServer(memory)
+    plain, relay = server.subscribe(), server.subscribe(see_hidden=True)
+    server.hide_instance(INST)
+    hidden = server.add_child(params(), FakeDevice())
+    shown = server.add_child(OfferParams("shown", Guid.new_random(), IFACE), FakeDevice())
+    assert plain.receive_nowait().channel_id == shown.channel_id
+    with pytest.raises(anyio.WouldBlock):
+        plain.receive_nowait()
+    assert [relay.receive_nowait().channel_id for _ in range(2)] == [hidden.channel_id,
+                                                                     shown.channel_id]
+    late = server.subscribe()
+    assert late.receive_nowait().channel_id == shown.channel_id
+    with pytest.raises(anyio.WouldBlock):
+        late.receive_nowait()
+    server.unhide_instance(INST)
+    assert [o.channel_id for o in (server.subscribe().receive_nowait(),)] == [hidden.channel_id]
+    relay.close()
+    server.add_child(params(sub=1), FakeDevice())  # a closed subscriber is dropped
+    assert plain.receive_nowait().offer.subchannel_index == 1
