@@ -121,6 +121,32 @@ async def test_offer_is_announced_with_flags_and_ids(memory: GuestMemory) -> Non
     assert server.add_child(params(sub=1), FakeDevice()).channel_id == 2
 
 
+async def test_hidden_instances_are_announced_only_to_streams_that_see_them(
+    memory: GuestMemory,
+) -> None:
+    server = VmbusServer(memory)
+    everyone = server.subscribe()
+    relay = server.subscribe(see_hidden=True)
+    server.hide_instance(INST)
+    hidden = server.add_child(params(), FakeDevice())
+    other = OfferParams("other", Guid.new_random(), IFACE)
+    shown = server.add_child(other, FakeDevice())
+    assert everyone.receive_nowait().channel_id == shown.channel_id
+    with pytest.raises(anyio.WouldBlock):
+        everyone.receive_nowait()
+    assert [relay.receive_nowait().channel_id for _ in range(2)] == [
+        hidden.channel_id, shown.channel_id]
+    # A late subscriber gets the current offers under the same rule.
+    assert server.subscribe().receive_nowait().channel_id == shown.channel_id
+    late_relay = server.subscribe(see_hidden=True)
+    assert late_relay.receive_nowait().channel_id == hidden.channel_id
+    # Unhidden: the next offer of the instance reaches everyone again.
+    server.unhide_instance(INST)
+    await hidden.revoke()
+    again = server.add_child(params(), FakeDevice())
+    assert everyone.receive_nowait().channel_id == again.channel_id
+
+
 @pytest.mark.parametrize(
     ("request_", "match"),
     [
