@@ -181,3 +181,26 @@ async def test_channel_over_guest_memory_pages() -> None:
                     assert memory.read(31 * 4096 + 24, 4) == bytes(range(4))
                     assert memory.read(11 * 4096 + 24, 4) == bytes(range(255, 251, -1))
             await h.send(b"bye")
+
+
+@pytest.mark.anyio
+async def test_cancelled_waits_leave_no_waiter_behind_and_a_later_ring_still_wakes() -> None:
+    host, guest = connected_channel_pair(4096)
+    for _ in range(50):
+        with anyio.move_on_after(0):
+            await host.wait_for_signal()  # cancelled while waiting
+    doorbell = host.signal._local  # type: ignore[attr-defined]
+    assert doorbell._futures == []  # (other backends share at most one event)
+    async with anyio.create_task_group() as tg:
+        woken = anyio.Event()
+
+        async def waiter() -> None:
+            await host.wait_for_signal()
+            woken.set()
+
+        tg.start_soon(waiter)
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        guest.signal_remote()  # one ring wakes every current waiter
+        with anyio.fail_after(5):
+            await woken.wait()
