@@ -10,6 +10,9 @@ the command (``devicehost list -p no:vsock``).
   device plugin) until SIGINT/SIGTERM; the exit code is the host's.
 - ``demo``: the host plus an embedded guest exercising every installed device.
 
+``DEVICEHOST_TRACE=1`` adds the tracing plugin (:mod:`devicehost.tracing`) to ``run``: every hook
+call of every device is logged with the device's name and its duration.
+
 Exit codes: 0 success, 1 a plugin/config/host failure (the message says which), 2 usage error.
 Heavy modules (anyio, the host, config) are imported only by the commands that need them.
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -154,16 +156,23 @@ def _cmd_demo(plugin_args: list[str], strict: bool) -> int:
     return demo_main(_load_registry(plugin_args, strict))
 
 
+def _configure_logging(verbose: bool, *, quiet: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``devicehost`` command; returns the exit code."""
     args = _parser().parse_args(argv)
     plugin_args = [*args.plugins, *args.sub_plugins]
     strict = bool(args.plugins_strict or args.sub_plugins_strict)
-    quiet = args.command in ("list", "doctor")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else (logging.ERROR if quiet else logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # ``list`` reads metadata only and never logs: it does not even import logging.
+    if args.command != "list" or args.load or args.verbose:
+        _configure_logging(args.verbose, quiet=args.command in ("list", "doctor"))
     try:
         if args.command == "list":
             return _cmd_list(args, plugin_args, strict)

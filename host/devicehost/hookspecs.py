@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "close",
+    "hookimpl",
     "hookspec",
     "inspect",
     "offer",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 hookspec = pluggy.HookspecMarker("devicehost")
+#: Marker for device hook implementations; public as ``devicehost.hookimpl``.
+hookimpl = pluggy.HookimplMarker("devicehost")
 
 
 @hookspec(firstresult=True)

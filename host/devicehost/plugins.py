@@ -49,17 +49,17 @@ This module is imported by ``devicehost list``; keep its imports tiny (no anyio,
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from devicehost import HOST_API_VERSION, __version__
 from devicehost.errors import PluginError
 
 if TYPE_CHECKING:
+    import logging
+
     from importlib_metadata import EntryPoint
 
 __all__ = [
@@ -72,8 +72,6 @@ __all__ = [
     "list_plugins",
     "load_plugins",
 ]
-
-log = logging.getLogger("devicehost.plugins")
 
 #: Entry-point group naming plugin objects.
 GROUP: Final = "devicehost"
@@ -89,8 +87,13 @@ _FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})
 PluginStatus = Literal["loaded", "blocked", "error"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PluginInfo:
+def _log() -> logging.Logger:
+    import logging  # not at module level: ``devicehost list`` never logs
+
+    return logging.getLogger("devicehost.plugins")
+
+
+class PluginInfo(NamedTuple):
     """What the host knows about one installed plugin.
 
     ``name`` is the entry-point name (the device name for a device type); ``distribution`` and
@@ -123,8 +126,7 @@ def _normalise_dist(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Selection:
+class Selection(NamedTuple):
     """Which plugins to load, from ``-p`` arguments and the environment."""
 
     blocked: frozenset[str] = frozenset()
@@ -195,21 +197,59 @@ class Selection:
         )
 
 
-@dataclasses.dataclass(slots=True)
 class _Candidate:
-    ep: EntryPoint
-    info: PluginInfo
+    __slots__ = ("ep", "info")
+
+    def __init__(self, ep: EntryPoint, info: PluginInfo) -> None:
+        self.ep = ep
+        self.info = info
 
 
-def _read_metadata() -> tuple[list[EntryPoint], dict[tuple[str, str], str]]:
-    """Plugin entry points, and the host-API declarations keyed by (distribution, name)."""
+class _Identities:
+    """Distribution name and version of each entry point's distribution, read once.
+
+    The ``Name:`` and ``Version:`` headers are read straight from the metadata file: parsing it
+    with :mod:`email` (what ``Distribution.name`` does) costs more than the rest of a listing.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[str, str]] = {}
+
+    def of(self, ep: EntryPoint) -> tuple[str, str]:
+        dist = ep.dist
+        if dist is None:
+            return "<unknown>", "<unknown>"
+        known = self._seen.get(id(dist))
+        if known is None:
+            known = self._seen[id(dist)] = self._read(dist)
+        return known
+
+    @staticmethod
+    def _read(dist: Any) -> tuple[str, str]:
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+        headers: dict[str, str] = {}
+        for line in text.splitlines():
+            if not line.strip():
+                break
+            key, sep, value = line.partition(":")
+            if sep and key in ("Name", "Version") and key not in headers:
+                headers[key] = value.strip()
+        if "Name" in headers and "Version" in headers:
+            return headers["Name"], headers["Version"]
+        return str(dist.name), str(dist.version)
+
+
+def _read_metadata() -> tuple[list[tuple[EntryPoint, str, str]], dict[tuple[str, str], str]]:
+    """Plugin entry points with their distribution's name and version, and the host-API
+    declarations keyed by (normalised distribution name, entry-point name)."""
     import importlib_metadata
 
+    identities = _Identities()
     everything = importlib_metadata.entry_points()
-    plugins = list(everything.select(group=GROUP))
+    plugins = [(ep, *identities.of(ep)) for ep in everything.select(group=GROUP)]
     declarations: dict[tuple[str, str], str] = {}
     for ep in everything.select(group=API_GROUP):
-        dist = ep.dist.name if ep.dist is not None else ""
+        dist, _ = identities.of(ep)
         declarations[(_normalise_dist(dist), ep.name)] = ep.value
     return plugins, declarations
 
@@ -234,9 +274,7 @@ def _examine(selection: Selection) -> tuple[list[_Candidate], list[str]]:
     """Metadata-only verdicts for every installed plugin, in a stable order."""
     plugins, declarations = _read_metadata()
     candidates: list[_Candidate] = []
-    for ep in plugins:
-        dist = ep.dist.name if ep.dist is not None else "<unknown>"
-        version = ep.dist.version if ep.dist is not None else "<unknown>"
+    for ep, dist, version in plugins:
         reason = selection.blocked_reason(ep.name, dist)
         status: PluginStatus = "loaded" if reason is None else "blocked"
         info = PluginInfo(ep.name, dist, version, status, reason, value=ep.value)
@@ -257,7 +295,7 @@ def _examine(selection: Selection) -> tuple[list[_Candidate], list[str]]:
                 " or block one with -p no:DISTRIBUTION"
             )
             for cand in claimants:
-                cand.info = dataclasses.replace(cand.info, status="error", error=message)
+                cand.info = cand.info._replace(status="error", error=message)
 
     for cand in candidates:
         if cand.info.status != "loaded":
@@ -265,7 +303,7 @@ def _examine(selection: Selection) -> tuple[list[_Candidate], list[str]]:
         key = (_normalise_dist(cand.info.distribution), cand.info.name)
         problem = _api_error(cand.info.name, declarations.get(key))
         if problem is not None:
-            cand.info = dataclasses.replace(cand.info, status="error", error=problem)
+            cand.info = cand.info._replace(status="error", error=problem)
     return candidates, selection.missing(c.info for c in candidates)
 
 
@@ -315,7 +353,7 @@ class Registry:
 
     def _record(self, name: str, error: str) -> None:
         self.infos = [
-            dataclasses.replace(i, status="error", error=error) if i.name == name else i
+            i._replace(status="error", error=error) if i.name == name else i
             for i in self.infos
         ]
 
@@ -334,7 +372,7 @@ class Registry:
             return cls(config)
         except Exception as exc:
             error = f"constructor raised {type(exc).__name__}: {exc}"
-            log.error("plugin %r: %s", plugin_name, error, exc_info=exc)
+            _log().error("plugin %r: %s", plugin_name, error, exc_info=exc)
             self._record(plugin_name, error)
             raise PluginError(f"plugin {plugin_name!r}: {error}") from exc
 
@@ -389,9 +427,9 @@ def _load(cand: _Candidate) -> tuple[object | None, PluginInfo]:
     try:
         obj = cand.ep.load()
     except (Exception, SystemExit) as exc:
-        log.debug("plugin %r failed to import", cand.info.name, exc_info=exc)
-        return None, dataclasses.replace(
-            cand.info, status="error", error=f"import failed: {type(exc).__name__}: {exc}"
+        _log().debug("plugin %r failed to import", cand.info.name, exc_info=exc)
+        return None, cand.info._replace(
+            status="error", error=f"import failed: {type(exc).__name__}: {exc}"
         )
     try:
         kind = _validate(obj)
@@ -402,8 +440,8 @@ def _load(cand: _Candidate) -> tuple[object | None, PluginInfo]:
     except Exception as exc:
         error = f"validation failed: {type(exc).__name__}: {exc}"
     else:
-        return obj, dataclasses.replace(cand.info, kind=kind)
-    return None, dataclasses.replace(cand.info, status="error", error=" ".join(error.split()))
+        return obj, cand.info._replace(kind=kind)
+    return None, cand.info._replace(status="error", error=" ".join(error.split()))
 
 
 def load_plugins(
@@ -426,7 +464,7 @@ def load_plugins(
             elif obj is not None:
                 cross_cutting.append(obj)
         if info.status == "error":
-            log.warning("plugin %r (%s) is broken: %s", info.name, info.distribution, info.error)
+            _log().warning("plugin %r (%s) is broken: %s", info.name, info.distribution, info.error)
         infos.append(info)
     registry = Registry(device_classes, cross_cutting, infos, missing)
     if strict and (registry.errors or registry.missing):
