@@ -15,7 +15,8 @@ Rules this module keeps (facts §3):
   page when it is created, so a restored ring continues where it was) and re-reads only the
   peer's index, validating it every time.
 - A reader's packets are not released to the writer until :meth:`IncomingRing.commit`; payload
-  views handed out by :meth:`IncomingRing.read` are valid until then.
+  views handed out by :meth:`IncomingRing.read` are valid until then (a payload that wraps
+  around the end of contiguous memory is a view of a copy the ring reuses a lap later).
 
 Decisions on ambiguous upstream behaviour:
 
@@ -35,7 +36,10 @@ Decisions on ambiguous upstream behaviour:
 Speed: the hot paths (in-band packets that do not wrap, over contiguous memory) are inlined, each
 in-band packet is written by one ``struct.pack_into`` (descriptor, payload, padding, footer), and
 payloads are read as zero-copy views. ``write_inband_batch`` / ``read_batch`` amortise the control
-page accesses and the signalling decision over many packets. Every check stays on every path.
+page accesses and the signalling decision over many packets. ``reserve_inband`` /
+``publish_inband`` let a writer build a payload (or read a file) right in the ring's free space.
+Any other packet, wrapping or scattered, is written with one copy of each part, and a wrapping
+payload is read with one copy. Every check stays on every path.
 
 Memory ordering: in one process every access is ordered (one thread, the GIL). Across processes
 CPython issues no fences; x86 keeps stores ordered (payload before ``in``) but may let the
