@@ -195,6 +195,13 @@ def test_registration_rules() -> None:
     with pytest.raises(TypeError, match=re.escape("'save_restore.NoSavedState' is taken by")):
         saved_state("save_restore.NoSavedState", 1)(Impostor)
 
+    @attrs.frozen
+    class Derived(NoSavedState):
+        pass
+
+    with pytest.raises(SavedStateError, match="Derived is not a registered saved-state type"):
+        entry_for("d", "p", Derived())
+
 
 def envelope(**changes: Any) -> bytes:
     document: dict[str, Any] = {

@@ -113,7 +113,8 @@ def saved_state(name: str, version: int) -> Callable[[type[T]], type[T]]:
 
 
 def _identity(cls: type) -> tuple[str, int]:
-    ident = getattr(cls, "__devicehost_saved_state__", None)
+    # Read from the class itself: a subclass of a saved-state type is not that type.
+    ident = vars(cls).get("__devicehost_saved_state__")
     if ident is None:
         raise SavedStateError(f"{cls.__qualname__} is not a registered saved-state type")
     name, version = ident
