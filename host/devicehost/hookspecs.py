@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "close",
-    "hookimpl",
     "hookspec",
     "inspect",
     "offer",
@@ -50,7 +49,8 @@ __all__ = [
 ]
 
 hookspec = pluggy.HookspecMarker("devicehost")
-#: Marker for device hook implementations; public as ``devicehost.hookimpl``.
+#: Marker for device hook implementations; public as ``devicehost.hookimpl`` (not listed in
+#: ``__all__`` here, which names the specs).
 hookimpl = pluggy.HookimplMarker("devicehost")
 
 
