@@ -14,6 +14,7 @@ device, opened the way its guest would open it, on asyncio and on trio.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import anyio
 import pytest
 
+from devicehost.context import DeviceContext
 from devicehost.host import Host
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
 from devicehost.testing.guest import guest_session
@@ -110,6 +112,34 @@ class DeviceConformance:
                     await device.start()
             assert device.failure is None
 
+    async def test_transport_close_and_reopen(self) -> None:
+        """The transport's own contract: the guest closes the device and opens it again."""
+        instance = self.device_class(self.make_config())
+        pm = new_device_manager(instance, self.plugin_name)
+        kind = type(pm.hook.offer(ctx=_bare_ctx(self.plugin_name, self.make_config()),
+                                  incoming=None)).__qualname__
+        if kind == "OfferParams":
+            from devicehost.testing.vmbus import check_vmbus_device
+
+            await check_vmbus_device(self.device_class, self.make_config())
+            return
+        async with self.opened() as (host, device, guest):
+            if kind == "DeviceTraits":
+                from devicehost.virtio.transport import VirtioTransport
+
+                with anyio.fail_after(STEP_TIMEOUT):
+                    await guest.reset()
+                assert _state(device) is DeviceState.CLOSED and device.runner is None
+                with anyio.fail_after(STEP_TIMEOUT):
+                    driver = await host.transport(VirtioTransport).connect_driver(device.name)
+                    await _wait_for(lambda: _state(device) is DeviceState.RUNNING)
+                    await driver.reset()
+                assert _state(device) is DeviceState.CLOSED
+            else:
+                with anyio.fail_after(STEP_TIMEOUT):
+                    await host.remove_device(device.name)
+                assert _state(device) is DeviceState.REVOKED and device.runner is None
+
     async def test_save_restore_round_trip(self) -> None:
         supported = True
         async with self.opened() as (host, device, _guest):
@@ -145,6 +175,11 @@ class DeviceConformance:
             await device.restore(restored, resources)
             assert await device.start()
         assert _state(device) is DeviceState.RUNNING
+
+
+def _bare_ctx(name: str, config: Any) -> DeviceContext:
+    return DeviceContext(name=name, plugin=name, config=config,
+                         logger=logging.getLogger(f"devicehost.device.{name}"))
 
 
 async def _wait_for(predicate: Any, interval: float = 0.005) -> None:
