@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import json
 import pathlib
 import re
 from typing import Any, Literal
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devicehost.config import (
     MAX_CONFIG_BYTES,
@@ -253,3 +257,62 @@ def test_any_field_accepts_anything() -> None:
         blob: Any = None
 
     assert structure(Loose, {"blob": {"a": [1]}}, "w") == Loose({"a": [1]})
+
+
+toml_scalars = (
+    st.integers(-(2**63), 2**63 - 1)
+    | st.booleans()
+    | st.text(max_size=12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(["kind", "limit", "x"]), inner, max_size=2),
+    max_leaves=6,
+)
+keys = st.sampled_from(
+    ["name", "root", "read_only", "ratio", "names", "ports", "label", "mode", "backing", "extra",
+     "bogus"]
+)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["files", "plain", "broken", "nope"]),
+                  st.dictionaries(keys, toml_values, max_size=4)),
+        max_size=3,
+    )
+)
+def test_fuzz_device_tables_only_raise_config_error(
+    devices: list[tuple[str, dict[str, Any]]],
+) -> None:
+    text = ""
+    for plugin, table in devices:
+        text += f"[[device]]\nplugin = {json.dumps(plugin)}\n"
+        text += "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items())
+    try:
+        config = parse_config(text, registry(), source="fuzz.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.toml: ")
+        return
+    names = [d.name for d in config.devices]
+    assert len(set(names)) == len(names) == len(devices)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_arbitrary_text_only_raises_config_error(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        parse_config(text, registry(), source="fuzz.toml")
