@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from devicehost.demo import DemoResult, run_demos
+from devicehost.demo import DemoResult, _failing, run_demos
 
 
 async def _good() -> DemoResult:
@@ -47,3 +47,25 @@ async def test_a_failing_or_raising_demo_fails_the_run() -> None:
 async def test_nothing_ran_is_a_failure() -> None:
     out = io.StringIO()
     assert await run_demos({"vmbfs": "not installed"}, out) == 1
+
+
+@pytest.mark.anyio
+async def test_a_demo_that_cannot_load_fails_rather_than_skips() -> None:
+    out = io.StringIO()
+    status = await run_demos({"vsock": _failing("cannot load its demo: ImportError: x")}, out)
+    assert status == 1
+    assert "error: RuntimeError: cannot load its demo: ImportError: x" in out.getvalue()
+    assert "result: FAIL" in out.getvalue()
+
+
+def test_the_demos_import_no_test_tools() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib_metadata\n"
+        "for ep in importlib_metadata.entry_points(group='devicehost.demo'): ep.load()\n"
+        "print(sorted(m for m in ('pytest', 'hypothesis') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", "a demo must run where only the runtime is installed"

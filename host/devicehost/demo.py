@@ -48,10 +48,18 @@ def _demo_functions(loaded: set[str]) -> dict[str, Callable[[], Awaitable[Any]] 
         try:
             found[ep.name] = ep.load()
         except Exception as exc:
-            found[ep.name] = f"cannot load its demo: {type(exc).__name__}: {exc}"
+            # An installed plugin whose demo cannot load is broken, not skipped: it fails.
+            found[ep.name] = _failing(f"cannot load its demo: {type(exc).__name__}: {exc}")
     for name in SHIPPED_DEVICES:
         found.setdefault(name, f"not installed (pip install ./plugins/{name})")
     return found
+
+
+def _failing(why: str) -> Callable[[], Awaitable[Any]]:
+    async def fail() -> Any:
+        raise RuntimeError(why)
+
+    return fail
 
 
 def _rate(result: Any) -> str:
