@@ -54,16 +54,13 @@ class Backing(Protocol):
 
     def file_info(self, path: str) -> FileInfo:
         """Describe ``path``; raise :class:`FileError`."""
-        ...
 
     def read_file(self, path: str, offset: int, buf: bytearray | memoryview) -> None:
         """Fill all of ``buf`` from ``path`` at ``offset``; raise :class:`FileError`
         (END_OF_FILE if the range passes the end of the file, even partly)."""
-        ...
 
     def describe(self) -> dict[str, object]:
         """A JSON-able description for ``inspect`` and logs."""
-        ...
 
 
 # ENOTDIR: a path through a regular file names nothing, as far as the guest is concerned.
