@@ -170,6 +170,31 @@ class _Pipe:
         self._streak = 0
         await checkpoint()
 
+    async def _receive(self, attempt: Callable[[], _T]) -> _T:
+        """Run the non-blocking receive ``attempt`` until it succeeds, sleeping on the signal in
+        between. Cancel-safe: ``attempt`` takes a message without yielding, and every await
+        here happens while nothing has been taken."""
+        self._streak += 1
+        if self._streak >= FAIR_EVERY:
+            await self._fair()
+        ring = self._in
+        while True:
+            ring.set_interrupt_mask(True)
+            try:
+                return attempt()
+            except anyio.WouldBlock:
+                pass
+            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
+            try:
+                ring.set_interrupt_mask(False)
+                empty = ring.is_empty()
+            except RingError as exc:
+                raise _ring_error(exc) from exc
+            if not empty:
+                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
+                continue
+            await self._wait_signal()
+
     async def _wait_signal(self) -> None:
         self._streak = 0
         try:
@@ -376,59 +401,13 @@ class MessagePipe(_Pipe):
     async def recv(self, max_len: int | None = None) -> bytes:
         """Receive one message, waiting for it; :class:`ConnectionReset` if the channel closes.
         Cancel-safe: a cancelled receive leaves the message in the ring."""
-        self._streak += 1
-        if self._streak >= FAIR_EVERY:
-            await self._fair()
-        ring = self._in
-        while True:
-            ring.set_interrupt_mask(True)
-            try:
-                return self.try_recv(max_len)
-            except anyio.WouldBlock:
-                pass
-            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
-            try:
-                ring.set_interrupt_mask(False)
-                empty = ring.is_empty()
-            except RingError as exc:
-                raise _ring_error(exc) from exc
-            if not empty:
-                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
-                continue
-            self._streak = 0
-            try:
-                await self._signal.wait()
-            except ChannelClosed:
-                raise ConnectionReset() from None
+        return await self._receive(lambda: self.try_recv(max_len))
 
     async def recv_parsed(self, parse: Callable[[memoryview | bytes], _T],
                           max_len: int | None = None) -> _T:
         """:meth:`try_recv_parsed`, waiting for the message (cancel-safe as :meth:`recv`: a
         cancelled call has not called ``parse`` and left the message in the ring)."""
-        self._streak += 1
-        if self._streak >= FAIR_EVERY:
-            await self._fair()
-        ring = self._in
-        while True:
-            ring.set_interrupt_mask(True)
-            try:
-                return self.try_recv_parsed(parse, max_len)
-            except anyio.WouldBlock:
-                pass
-            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
-            try:
-                ring.set_interrupt_mask(False)
-                empty = ring.is_empty()
-            except RingError as exc:
-                raise _ring_error(exc) from exc
-            if not empty:
-                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
-                continue
-            self._streak = 0
-            try:
-                await self._signal.wait()
-            except ChannelClosed:
-                raise ConnectionReset() from None
+        return await self._receive(lambda: self.try_recv_parsed(parse, max_len))
 
 
 class BytePipe(_Pipe):
@@ -545,27 +524,4 @@ class BytePipe(_Pipe):
         """Read up to ``max_len`` bytes, waiting for at least one (b"" at end-of-file);
         :class:`ConnectionReset` if the channel closes first. Cancel-safe: a cancelled read
         consumed nothing."""
-        self._streak += 1
-        if self._streak >= FAIR_EVERY:
-            await self._fair()
-        ring = self._in
-        while True:
-            ring.set_interrupt_mask(True)
-            try:
-                return self.try_recv(max_len)
-            except anyio.WouldBlock:
-                pass
-            # Unmask, then re-check before sleeping, so that a signal cannot be missed.
-            try:
-                ring.set_interrupt_mask(False)
-                empty = ring.is_empty()
-            except RingError as exc:
-                raise _ring_error(exc) from exc
-            if not empty:
-                await checkpoint()  # the peer wrote in between (or lies): retry, yielding once
-                continue
-            self._streak = 0
-            try:
-                await self._signal.wait()
-            except ChannelClosed:
-                raise ConnectionReset() from None
+        return await self._receive(lambda: self.try_recv(max_len))
