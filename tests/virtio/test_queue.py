@@ -309,3 +309,46 @@ def test_indirect_table_size_is_bounded() -> None:
     assert chain is not None and len(chain.readable) == count and chain.readable_len == count
     with pytest.raises(QueueError, match=f"invalid length {16 * (count + 1)}"):
         q.pop()
+
+
+def test_batched_used_entries_with_one_interrupt_decision() -> None:
+    g = Guest()
+    q = g.queue(event_idx=True)
+    for i in range(4):
+        g.desc(i, DATA, 1)
+        g.publish(i)
+    # The driver wants an interrupt once used idx passes 1: a batch that crosses it signals once.
+    g.memory.write(AVAIL + 4 + 2 * SIZE, struct.pack("<H", 1))
+    assert q.needs_interrupt() is False  # nothing added yet
+    for written in (5, 6, 7):
+        chain = q.pop()
+        assert chain is not None
+        q.add_used(chain.head, written)
+    assert g.used() == (3, [(0, 5), (1, 6), (2, 7)])
+    assert q.needs_interrupt() is True
+    assert q.needs_interrupt() is False  # decided already; nothing new
+    chain = q.pop()
+    assert chain is not None
+    q.add_used(chain.head, 0)
+    assert q.needs_interrupt() is False  # used_event 1 was passed before this batch
+    with pytest.raises(ValueError):
+        q.add_used(SIZE, 0)
+
+
+def test_batched_used_entries_without_event_idx_follow_the_ring_flag() -> None:
+    g = Guest()
+    q = g.queue()
+    for i in range(2):
+        g.desc(i, DATA, 1)
+        g.publish(i)
+    g.memory.write(AVAIL, struct.pack("<H", RING_F_NO_INTERRUPT))
+    chain = q.pop()
+    assert chain is not None
+    q.add_used(chain.head, 0)
+    assert q.needs_interrupt() is False
+    g.memory.write(AVAIL, struct.pack("<H", 0))
+    chain = q.pop()
+    assert chain is not None
+    q.add_used(chain.head, 3)
+    assert q.needs_interrupt() is True
+    assert g.used() == (2, [(0, 0), (1, 3)])

@@ -145,3 +145,30 @@ async def test_event_doorbell_with_two_waiters() -> None:
             assert len(woken) == 1  # one ring, one return
             bell.ring()
     assert sorted(woken) == [1, 2] and bell.rings == 2
+
+
+def test_deferred_pushes_ring_the_call_doorbell_once() -> None:
+    from devicehost.memory import GuestMemory
+    from devicehost.virtio import VirtQueue
+    from devicehost.virtio.queue import QueueLayout, SplitQueue
+
+    memory = GuestMemory.anonymous(1 << 16)
+    size, desc, avail, used = 4, 0x1000, 0x2000, 0x3000
+    for i in range(3):
+        memory.write(desc + 16 * i, struct.pack("<QIHH", 0x8000, 1, 0, 0))
+        memory.write(avail + 4 + 2 * i, struct.pack("<H", i))
+    memory.write(avail + 2, struct.pack("<H", 3))
+    call = EventDoorbell()
+    queue = VirtQueue(1, SplitQueue(memory, QueueLayout(size, desc, avail, used)),
+                      EventDoorbell(), call)
+    queue.signal_used()
+    assert call.rings == 0  # nothing returned yet
+    while (chain := queue.pop()) is not None:
+        queue.push_deferred(chain, chain.head + 1)
+        assert call.rings == 0
+    queue.signal_used()
+    queue.signal_used()
+    assert call.rings == 1 and queue.interrupts == 1
+    elems = [struct.unpack("<II", memory.read(used + 4 + 8 * i, 8)) for i in range(3)]
+    assert struct.unpack("<H", memory.read(used + 2, 2))[0] == 3
+    assert elems == [(0, 1), (1, 2), (2, 3)]

@@ -433,6 +433,13 @@ class SplitQueue:
     def push(self, head: int, written: int) -> bool:
         """Return chain ``head`` with ``written`` bytes written; True if the driver wants an
         interrupt now (used ring flags, or EVENT_IDX's used_event)."""
+        self.add_used(head, written)
+        return self._should_interrupt()
+
+    def add_used(self, head: int, written: int) -> None:
+        """Return chain ``head`` with ``written`` bytes written without deciding on an interrupt
+        (a batch of these is followed by one :meth:`needs_interrupt`, as the virtio spec allows:
+        the event index comparison covers every entry added since the last decision)."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} is not a descriptor of this {self.size}-entry queue")
         if not 0 <= written <= _MAX_CHAIN_BYTES:
@@ -442,6 +449,12 @@ class SplitQueue:
         new = (old + 1) & 0xFFFF
         U16.pack_into(self._used, 2, new)
         self.used_idx = new
+
+    def needs_interrupt(self) -> bool:
+        """True if the used entries added since the last decision need an interrupt now (used
+        ring flags, or EVENT_IDX's used_event); False when nothing was added since."""
+        if self.used_idx == self._signalled_used:
+            return False
         return self._should_interrupt()
 
     def _should_interrupt(self) -> bool:

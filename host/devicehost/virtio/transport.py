@@ -114,6 +114,17 @@ class VirtQueue:
             self.interrupts += 1
             self.call.ring()
 
+    def push_deferred(self, chain: DescriptorChain, written: int = 0) -> None:
+        """Return a chain without interrupting yet: a batch of these ends with one
+        :meth:`signal_used` (one barrier and at most one interrupt for the whole batch)."""
+        self.queue.add_used(chain.head, written)
+
+    def signal_used(self) -> None:
+        """Interrupt the driver if the chains returned since the last decision need it."""
+        if self.queue.needs_interrupt():
+            self.interrupts += 1
+            self.call.ring()
+
     def notify(self) -> None:
         """Interrupt the driver unconditionally (e.g. after restoring)."""
         self.interrupts += 1

@@ -46,15 +46,27 @@ class VsockWorker:
         self._wake_event = anyio.Event()
         #: False while the rx loop waits for the guest to post rx buffers (then only it serves).
         self._rx_ready = True
+        #: The deadline the rx loop sleeps until while it waits for a wake-up (``math.inf``: no
+        #: deadline), None while it runs or waits for rx buffers.
+        self._rx_sleep_until: float | None = None
         self._bounce = memoryview(bytearray(_BOUNCE_SIZE))
         self.packets_in = 0
         self.packets_out = 0
 
     def wake(self) -> None:
         """Something changed in the table: serve rx work now, as far as rx buffers allow, and
-        let the rx loop take over what is left (it waits for buffers or deadlines)."""
-        if self._rx_ready:
-            self.service_rx()
+        let the rx loop take over what is left (it waits for buffers or deadlines).
+
+        The rx loop is only woken when it has something to do: rx buffers ran out (it must wait
+        for the guest's kick instead), or a deadline earlier than the one it sleeps until."""
+        if (
+            self._rx_ready
+            and self.service_rx()
+            and (sleep_until := self._rx_sleep_until) is not None
+        ):
+            deadline = self.manager.next_deadline()
+            if deadline is None or deadline >= sleep_until:
+                return
         self._wake_event.set()
 
     async def run(self) -> None:
@@ -76,18 +88,24 @@ class VsockWorker:
         """Handle every available tx chain; returns how many."""
         count = 0
         now = anyio.current_time()
-        while (chain := self.tx.pop()) is not None:
-            parts = chain.readable
-            if parts and len(parts[0]) >= HEADER_SIZE:
-                first = parts[0]
-                header: memoryview | bytes = first[:HEADER_SIZE]
-                payload = [first[HEADER_SIZE:], *parts[1:]]
-            else:
-                header = chain.peek(0, HEADER_SIZE)
-                payload = _views_after(parts, HEADER_SIZE)
-            self.manager.handle_tx(header, payload, now)
-            self.tx.push(chain, 0)
-            count += 1
+        tx = self.tx
+        handle_tx = self.manager.handle_tx
+        try:
+            while (chain := tx.pop()) is not None:
+                parts = chain.readable
+                if parts and len(parts[0]) >= HEADER_SIZE:
+                    first = parts[0]
+                    header: memoryview | bytes = first[:HEADER_SIZE]
+                    payload = [first[HEADER_SIZE:], *parts[1:]]
+                else:
+                    header = chain.peek(0, HEADER_SIZE)
+                    payload = _views_after(parts, HEADER_SIZE)
+                handle_tx(header, payload, now)
+                tx.push_deferred(chain, 0)
+                count += 1
+        finally:
+            # One barrier and at most one interrupt for the whole batch.
+            tx.signal_used()
         if count:
             self.packets_in += count
             self.wake()
@@ -99,21 +117,29 @@ class VsockWorker:
         """Fill rx buffers while the table has work for them. Returns False when work is left
         but the guest has no rx buffer posted."""
         manager = self.manager
+        rx = self.rx
         now = anyio.current_time()
-        while manager.has_rx_work(now):
-            chain = self._held or self.rx.pop()
-            if chain is None:
-                self._rx_ready = False
-                return False
-            self._held = None
-            size = self._fill(chain, now)
-            if size is None:
-                self._held = chain
-                break
-            self.rx.push(chain, size)
-            self.packets_out += 1
-        self._rx_ready = True
-        return True
+        ready = True
+        produced = 0
+        try:
+            while manager.has_rx_work(now):
+                chain = self._held or rx.pop()
+                if chain is None:
+                    ready = False
+                    break
+                self._held = None
+                size = self._fill(chain, now)
+                if size is None:
+                    self._held = chain
+                    break
+                rx.push_deferred(chain, size)
+                produced += 1
+        finally:
+            # Every buffer filled in this pass is signalled with at most one interrupt.
+            self.packets_out += produced
+            rx.signal_used()
+        self._rx_ready = ready
+        return ready
 
     async def _rx_loop(self) -> None:
         manager = self.manager
@@ -123,9 +149,19 @@ class VsockWorker:
                 continue
             event = self._wake_event = anyio.Event()
             deadline = manager.next_deadline()
-            timeout = math.inf if deadline is None else max(0.0, deadline - anyio.current_time())
-            with anyio.move_on_after(timeout):
-                await event.wait()
+            if deadline is None:
+                self._rx_sleep_until = math.inf
+                try:
+                    await event.wait()
+                finally:
+                    self._rx_sleep_until = None
+                continue
+            self._rx_sleep_until = deadline
+            try:
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await event.wait()
+            finally:
+                self._rx_sleep_until = None
 
     def _fill(self, chain: DescriptorChain, now: float) -> int | None:
         parts = chain.writable
