@@ -6,14 +6,17 @@ the command (``devicehost list -p no:vsock``).
 - ``list [--json] [--load]``: installed plugins and their status. Reads metadata only (imports no
   plugin code) unless ``--load``, which imports the selected plugins as ``doctor`` does.
 - ``doctor``: imports every selected plugin; exits 1 naming each broken one, else 0.
-- ``run [--config FILE]``: serves the configured devices (default: one device of each loaded
-  device plugin) until SIGINT/SIGTERM; the exit code is the host's.
+- ``run [--config FILE] [--state FILE]``: serves the configured devices (default: one device of
+  each loaded device plugin) until SIGINT/SIGTERM; the exit code is the host's. ``--state``
+  restores from FILE if it exists and saves to it (atomically) on the graceful stop; what is
+  restored across processes is described in :mod:`devicehost.host`.
 - ``demo``: the host plus an embedded guest exercising every installed device.
 
 ``DEVICEHOST_TRACE=1`` adds the tracing plugin (:mod:`devicehost.tracing`) to ``run``: every hook
 call of every device is logged with the device's name and its duration.
 
-Exit codes: 0 success, 1 a plugin/config/host failure (the message says which), 2 usage error.
+Exit codes: 0 success, 1 a plugin/config/host failure (the message says which), 2 usage error or
+a ``--state`` file that cannot be restored (nothing was served).
 Heavy modules (anyio, the host, config) are imported only by the commands that need them.
 """
 
@@ -23,10 +26,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devicehost import __version__
-from devicehost.errors import DeviceHostError
+from devicehost.errors import DeviceHostError, SavedStateError
 
 if TYPE_CHECKING:
     from devicehost.plugins import PluginInfo, Registry
@@ -70,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="serve the configured devices until SIGINT/SIGTERM")
     p_run.add_argument("--config", metavar="FILE", help="TOML config file (default: one device"
                        " of each installed plugin)")
+    p_run.add_argument("--state", metavar="FILE", help="restore from FILE if it exists; save to"
+                       " it on SIGINT/SIGTERM")
     p_demo = sub.add_parser("demo", help="run the host with an embedded guest and report")
     for p in (p_list, p_doctor, p_run, p_demo):
         _plugin_options(p, "sub_plugins")
@@ -146,8 +151,15 @@ def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> 
     config = default_config(registry) if args.config is None else load_config(
         args.config, registry
     )
-    serve = functools.partial(run_host, cross_cutting=tracing_plugins())
-    return anyio.run(serve, registry, config)
+    options: dict[str, Any] = {"cross_cutting": tracing_plugins()}
+    if args.state is not None:
+        options["state_file"] = args.state
+    serve = functools.partial(run_host, **options)
+    try:
+        return anyio.run(serve, registry, config)
+    except SavedStateError as exc:
+        print(f"devicehost: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_demo(plugin_args: list[str], strict: bool) -> int:

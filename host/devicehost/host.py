@@ -4,35 +4,186 @@ One :class:`Host` owns an anyio task group (where device ``run`` tasks and trans
 the devices built from the config, and one instance of each transport in use. Adding a device
 never fails the host: a device whose plugin cannot build it, or whose ``offer`` raises, is logged
 and left out (or marked failed); the other devices keep serving.
+
+Save and restore
+----------------
+
+:meth:`Host.save` stops every running device (last added first) and returns ONE saved-state
+envelope (:mod:`devicehost.savedstate`). Its entries, in this order:
+
+==================  ==========  ================================================================
+``device``          ``plugin``  ``type`` and payload
+==================  ==========  ================================================================
+``"@vmbus"``        ``"host"``  ``vmbus.ServerSavedState``: the VMBus server's channel ids,
+                                GPADLs and open requests (only when the host serves VMBus)
+each device's name  its plugin  the value its ``save_open`` returned, or ``host.NotSaved``
+                                (``reason``) when there is nothing to restore
+==================  ==========  ================================================================
+
+A device is recorded as ``host.NotSaved`` when its ``save_open`` returns None (save not
+supported), when it has no open runner (a closed VMBus channel, a failed device), when its hook or
+its value fails to save (logged; the other devices are still saved), and for every device of a
+transport that keeps no state (virtio, intercepted client devices: the intercept relay device
+saves their progress itself). On restore such a device is offered fresh, as facts §5.2 asks of a
+device that cannot save. Device names cannot begin with ``@`` (config rule), so ``@vmbus`` never
+collides with a device.
+
+``open_host(..., saved=DATA)`` restores. ``DATA`` is hostile input: the envelope and every
+device's state are decoded (:func:`devicehost.savedstate.decode_envelope_untrusted`,
+:func:`~devicehost.savedstate.decode_state_untrusted`) and checked against the config *before*
+anything is served; any problem raises :class:`SavedStateError` and the host does not start.
+Then the transports get their state before their devices are added (the VMBus transport's
+``restore``), every device is offered, local devices are rebuilt with ``restore_open`` and all
+are started. Decisions:
+
+- A saved device the config does not have, or has under another plugin, is an error: dropping a
+  device's state silently would lose what its guest relies on. Remove it from the state file (or
+  start without one) deliberately.
+- A configured device the saved state does not name is new: it is offered fresh.
+- A device whose ``restore_open`` fails is offered (local devices: opened) fresh, and the failure
+  logged, as the VMBus transport does for its devices.
+
+What survives where: a VMBus channel's rings and GPADLs live in guest memory. Channel state
+(``@vmbus`` and the VMBus devices' states) is restored only into guest memory that survived,
+handed to :func:`open_host` as ``guest_memory`` (in process: the memory of the guest that keeps
+running across the host's restart, which then calls ``VmbusClient.reconnect``). Without it (a new
+process, whose in-process guest did not survive) the VMBus devices are offered fresh, and the
+saved channel state is checked but not applied. Local devices' states need no guest memory and
+are restored in both cases. :attr:`Host.restore_report` says, per device, what happened.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import anyio.abc
+import attrs
 
 from devicehost.context import DeviceContext
-from devicehost.errors import DeviceHostError
+from devicehost.errors import DeviceHostError, SavedStateError
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
-from devicehost.transport import transport_class_for
+from devicehost.savedstate import (
+    MAX_ENVELOPE_BYTES,
+    SavedEntry,
+    decode_envelope_untrusted,
+    decode_state_untrusted,
+    encode_envelope,
+    entry_for,
+    saved_state,
+)
+from devicehost.transport import LocalTransport, transport_class_for
 
 if TYPE_CHECKING:
     from devicehost.memory import GuestMemory
+    from devicehost.vmbus.server import ServerSavedState
 
-__all__ = ["DEFAULT_GUEST_MEMORY", "Host", "open_host", "run_host"]
+__all__ = [
+    "DEFAULT_GUEST_MEMORY",
+    "VMBUS_ENTRY",
+    "Host",
+    "NotSaved",
+    "open_host",
+    "read_state_file",
+    "run_host",
+    "write_state_file",
+]
 
 log = logging.getLogger("devicehost.host")
 
 #: Size of the in-process guest memory shared by the VMBus server and client.
 DEFAULT_GUEST_MEMORY: Final = 64 * 1024 * 1024
+#: The envelope entry (device name) that holds the VMBus server's state.
+VMBUS_ENTRY: Final = "@vmbus"
+_HOST_PLUGIN: Final = "host"
+_MAX_REASON: Final = 200
 
 T = TypeVar("T")
+
+
+@saved_state("host.NotSaved", 1)
+@attrs.frozen
+class NotSaved:
+    """The envelope entry of a device that saved nothing: it is offered fresh on restore."""
+
+    reason: str
+
+
+@attrs.frozen
+class _RestorePlan:
+    """A decoded, checked saved state: per device its state (None: offer fresh) and why not."""
+
+    states: dict[str, Any]
+    not_saved: dict[str, str]
+    vmbus: ServerSavedState | None
+
+
+def _short(text: str) -> str:
+    return repr(text[:_MAX_REASON])
+
+
+def _plan(data: bytes, devices: Iterable[Any], source: str) -> _RestorePlan:
+    """Decode ``data`` against the configured ``devices``; SavedStateError naming ``source``."""
+    try:
+        return _plan_untrusted(data, {d.name: d.plugin for d in devices})
+    except SavedStateError as exc:
+        raise SavedStateError(f"{source}: {exc}; the host does not start") from exc
+
+
+def _plan_untrusted(data: bytes, configured: dict[str, str]) -> _RestorePlan:
+    states: dict[str, Any] = {}
+    not_saved: dict[str, str] = {}
+    vmbus: ServerSavedState | None = None
+    for entry in decode_envelope_untrusted(data):
+        if entry.device.startswith("@"):
+            vmbus = _decode_vmbus_entry(entry)
+            continue
+        plugin = configured.get(entry.device)
+        if plugin is None:
+            raise SavedStateError(
+                f"it holds device {entry.device!r} (plugin {entry.plugin!r}), which the config"
+                " does not have; add the device back, or start without this saved state"
+            )
+        if plugin != entry.plugin:
+            raise SavedStateError(
+                f"device {entry.device!r} was saved by plugin {entry.plugin!r}, but the config"
+                f" serves it with plugin {plugin!r}"
+            )
+        if entry.type_name == "host.NotSaved":
+            not_saved[entry.device] = decode_state_untrusted(entry, NotSaved).reason
+            states[entry.device] = None
+        else:
+            states[entry.device] = decode_state_untrusted(entry)
+    return _RestorePlan(states, not_saved, vmbus)
+
+
+def _decode_vmbus_entry(entry: SavedEntry) -> ServerSavedState:
+    if entry.device != VMBUS_ENTRY or entry.plugin != _HOST_PLUGIN:
+        raise SavedStateError(f"unknown host entry {entry.device!r} (plugin {entry.plugin!r})")
+    from devicehost.vmbus.server import ServerSavedState
+
+    state: ServerSavedState = decode_state_untrusted(entry, ServerSavedState)
+    keys, ids = set(), set()
+    for channel in state.channels:
+        try:
+            key = channel.key
+        except ValueError as exc:
+            raise SavedStateError(f"device '@vmbus': a channel's GUID is invalid: {exc}") from exc
+        if key in keys or channel.channel_id in ids or channel.channel_id <= 0:
+            raise SavedStateError(
+                f"device '@vmbus': channel {channel.channel_id} repeats an offer or a channel id"
+            )
+        keys.add(key)
+        ids.add(channel.channel_id)
+    return state
 
 
 class Host:
@@ -45,21 +196,26 @@ class Host:
         *,
         guest_memory_size: int = DEFAULT_GUEST_MEMORY,
         cross_cutting: Iterable[object] = (),
+        guest_memory: GuestMemory | None = None,
     ) -> None:
         self.registry = registry
         self.task_group = task_group
         self.logger = log
         self.devices: dict[str, Device] = {}
         self.failures: dict[str, str] = {}
+        #: After a restore: per configured device, "restored", "new", "fresh: <why>" or
+        #: "failed: <why>".
+        self.restore_report: dict[str, str] = {}
         self._transports: dict[Callable[[Host], Any], Any] = {}
         self._device_transport: dict[str, Any] = {}
-        self._guest_memory: GuestMemory | None = None
+        self._guest_memory: GuestMemory | None = guest_memory
+        self._owns_memory = guest_memory is None
         self._guest_memory_size = guest_memory_size
         self._cross_cutting = list(cross_cutting)
 
     @property
     def guest_memory(self) -> GuestMemory:
-        """The in-process guest memory (memfd-backed), made on first use."""
+        """The in-process guest memory (memfd-backed), made on first use unless handed in."""
         if self._guest_memory is None:
             from devicehost.memory import GuestMemory
 
@@ -79,6 +235,12 @@ class Host:
 
     async def add_device(self, name: str, plugin: str, config: Any) -> Device | None:
         """Build, offer and attach one device. Returns None (and records why) on failure."""
+        device = self._build(name, plugin, config)
+        if device is not None:
+            await self._offer_and_attach(device, hold_local=False)
+        return device
+
+    def _build(self, name: str, plugin: str, config: Any) -> Device | None:
         if name in self.devices or name in self.failures:
             raise DeviceHostError(f"a device named {name!r} already exists")
         try:
@@ -98,17 +260,23 @@ class Host:
         )
         device = Device(ctx, pm, self.task_group)
         self.devices[name] = device
+        return device
+
+    async def _offer_and_attach(self, device: Device, *, hold_local: bool) -> bool:
+        """Offer ``device`` and hand it to its transport; a local device is left offered (not
+        opened) if ``hold_local``, for a restore. False if the device failed."""
         try:
             offer = await device.offer()
             transport = self.transport(transport_class_for(offer))
-            await transport.add(device, offer)
+            if not (hold_local and isinstance(transport, LocalTransport)):
+                await transport.add(device, offer)
         except Exception as exc:
             device.failure = device.failure or str(exc)
             device.state = DeviceState.FAILED
-            self._record_failure(name, str(exc))
-            return device
-        self._device_transport[name] = transport
-        return device
+            self._record_failure(device.name, str(exc))
+            return False
+        self._device_transport[device.name] = transport
+        return True
 
     def _record_failure(self, name: str, why: str) -> None:
         self.failures[name] = why
@@ -133,6 +301,116 @@ class Host:
             "failures": dict(self.failures),
         }
 
+    # -- save / restore ---------------------------------------------------------------------------
+
+    def _vmbus_transport(self) -> Any:
+        # The VMBus transport exists only if its module was imported: never import it here.
+        module = sys.modules.get("devicehost.vmbus.transport")
+        return None if module is None else self._transports.get(module.VmbusTransport)
+
+    async def save(self) -> bytes:
+        """Stop every device and return the saved-state envelope (layout: module docstring).
+
+        The devices stay stopped: close the host next (a guest request that opens a VMBus
+        channel meanwhile still runs its device, but that is not in the returned state).
+        """
+        for device in reversed(list(self.devices.values())):
+            await device.stop()
+        entries: list[SavedEntry] = []
+        vmbus = self._vmbus_transport()
+        if vmbus is not None:
+            entries.append(entry_for(VMBUS_ENTRY, _HOST_PLUGIN, vmbus.server.save()))
+        for name, device in self.devices.items():
+            transport = self._device_transport.get(name)
+            if transport is None:
+                why = device.failure or "not served"
+                entries.append(entry_for(name, device.ctx.plugin, NotSaved(f"failed: {why}")))
+            elif transport is vmbus and not vmbus.handle_of(device).is_open:
+                entries.append(entry_for(name, device.ctx.plugin, NotSaved("channel closed")))
+            elif transport is vmbus or isinstance(transport, LocalTransport):
+                entries.append(await self._save_device(device))
+            else:
+                reason = f"{type(transport).__name__} keeps no saved state"
+                entries.append(entry_for(name, device.ctx.plugin, NotSaved(reason)))
+        return encode_envelope(entries)
+
+    async def _save_device(self, device: Device) -> SavedEntry:
+        plugin = device.ctx.plugin
+        try:
+            state = await device.save()
+            if state is None:
+                reason = "not open" if device.runner is None else "save not supported"
+                return entry_for(device.name, plugin, NotSaved(reason))
+            return entry_for(device.name, plugin, state)
+        except DeviceHostError as exc:
+            # One device's failure to save never stops the others from being saved.
+            log.error("device %r could not be saved (it will be offered fresh): %s",
+                      device.name, exc)
+            return entry_for(device.name, plugin, NotSaved(f"save failed: {exc}"))
+
+    async def _restore(self, plan: _RestorePlan, devices: Iterable[Any]) -> None:
+        configured = list(devices)
+        vmbus_restored = False
+        if plan.vmbus is not None:
+            if self._owns_memory:
+                log.warning("VMBus channels are not restored: they lived in guest memory that "
+                            "did not survive; VMBus devices are offered fresh")
+            else:
+                from devicehost.vmbus.transport import VmbusSavedState, VmbusTransport
+
+                transport = self.transport(VmbusTransport)
+                names = {d.name: plan.states.get(d.name) for d in configured}
+                try:
+                    transport.restore(VmbusSavedState(plan.vmbus, names))
+                except ValueError as exc:
+                    raise SavedStateError(f"device '@vmbus': {exc}") from exc
+                vmbus_restored = True
+        held: list[tuple[Device, Any]] = []
+        for spec in configured:
+            device = self._build(spec.name, spec.plugin, spec.config)
+            state = plan.states.get(spec.name)
+            if device is None or not await self._offer_and_attach(
+                device, hold_local=state is not None
+            ):
+                failure = self.failures.get(spec.name, "failed")
+                self.restore_report[spec.name] = f"failed: {failure}"
+                continue
+            transport = self._device_transport[spec.name]
+            if spec.name not in plan.states:
+                self.restore_report[spec.name] = "new"
+            elif state is None:
+                why = plan.not_saved.get(spec.name, "not saved")
+                self.restore_report[spec.name] = f"fresh: not saved ({_short(why)})"
+            elif isinstance(transport, LocalTransport):
+                held.append((device, state))
+            elif transport is self._vmbus_transport() and vmbus_restored:
+                restored = device.runner is not None
+                self.restore_report[spec.name] = (
+                    "restored" if restored else "fresh: its channel could not be restored")
+            elif transport is self._vmbus_transport():
+                self.restore_report[spec.name] = "fresh: its VMBus channel did not survive"
+            else:
+                self.restore_report[spec.name] = (
+                    f"fresh: {type(transport).__name__} restores nothing")
+        for device, state in held:
+            await self._restore_local(device, state)
+        for device, _ in held:
+            await device.start()
+
+    async def _restore_local(self, device: Device, state: Any) -> None:
+        transport: LocalTransport = self._device_transport[device.name]
+        try:
+            await device.restore(state, transport.resources_for_restore(device))
+        except DeviceHostError as exc:
+            log.warning("device %r failed to restore (%s); opening it fresh", device.name, exc)
+            self.restore_report[device.name] = f"fresh: restore failed ({_short(str(exc))})"
+            try:
+                await device.open(device.offer_value, start=False)
+            except DeviceHostError as open_exc:
+                self._record_failure(device.name, str(open_exc))
+            return
+        self.restore_report[device.name] = "restored"
+
     async def aclose(self) -> None:
         """Remove every device (last added first), then close the transports."""
         with anyio.CancelScope(shield=True):
@@ -144,9 +422,9 @@ class Host:
                 except Exception:
                     log.exception("closing transport %s failed", type(transport).__name__)
             self._transports.clear()
-            if self._guest_memory is not None:
+            if self._guest_memory is not None and self._owns_memory:
                 self._guest_memory.close()
-                self._guest_memory = None
+            self._guest_memory = None
 
 
 @asynccontextmanager
@@ -156,20 +434,64 @@ async def open_host(
     *,
     guest_memory_size: int = DEFAULT_GUEST_MEMORY,
     cross_cutting: Iterable[object] = (),
+    saved: bytes | None = None,
+    saved_source: str = "saved state",
+    guest_memory: GuestMemory | None = None,
 ) -> AsyncIterator[Host]:
-    """Run a host with the devices of ``config`` (a HostConfig) until the block exits."""
+    """Run a host with the devices of ``config`` (a HostConfig) until the block exits.
+
+    ``saved``: an envelope from :meth:`Host.save` to restore (see the module docstring);
+    :class:`SavedStateError`, whose message starts with ``saved_source``, if it cannot be used —
+    raised before any device is served. ``guest_memory``: guest memory that survived the saving
+    host (the host uses it and does not close it); VMBus channels are restored only into it.
+    """
+    plan = None if saved is None else _plan(saved, config.devices, saved_source)
     async with anyio.create_task_group() as tg:
-        host = Host(
-            registry, tg, guest_memory_size=guest_memory_size, cross_cutting=cross_cutting
-        )
+        host = Host(registry, tg, guest_memory_size=guest_memory_size,
+                    cross_cutting=cross_cutting, guest_memory=guest_memory)
         try:
-            for device_config in config.devices:
-                await host.add_device(device_config.name, device_config.plugin,
-                                      device_config.config)
+            if plan is None:
+                for device_config in config.devices:
+                    await host.add_device(device_config.name, device_config.plugin,
+                                          device_config.config)
+            else:
+                try:
+                    await host._restore(plan, config.devices)
+                except SavedStateError as exc:
+                    raise SavedStateError(f"{saved_source}: {exc}") from exc
             yield host
         finally:
             await host.aclose()
             tg.cancel_scope.cancel()
+
+
+def read_state_file(path: str | os.PathLike[str]) -> bytes | None:
+    """The bytes of saved-state file ``path`` (None if there is none); SavedStateError naming
+    the file if it cannot be read. At most one byte over the size limit is read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(MAX_ENVELOPE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SavedStateError(f"{os.fspath(path)}: cannot read the saved state: {exc}") from exc
+
+
+def write_state_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file beside it, synced, then renamed
+    over it (a crash leaves the old file or the new one, never a mix). Raises OSError."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                               dir=target.parent or Path("."))
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 async def run_host(
@@ -178,13 +500,25 @@ async def run_host(
     *,
     ready: Callable[[Host], None] | None = None,
     cross_cutting: Iterable[object] = (),
+    state_file: str | os.PathLike[str] | None = None,
 ) -> int:
     """Serve ``config``'s devices until SIGINT or SIGTERM, then stop them gracefully.
 
-    Returns the process exit status: 0 after a graceful stop, 1 if no device could be served.
+    With ``state_file``: restore from it at start if it exists (:class:`SavedStateError`, naming
+    the file, if it cannot be used: nothing is served), and save to it atomically on the stop.
+
+    Returns the process exit status: 0 after a graceful stop, 1 if no device could be served or
+    the state could not be written.
     """
+    saved = None if state_file is None else read_state_file(state_file)
+    if state_file is not None and saved is None:
+        log.info("no saved state at %s: starting fresh", os.fspath(state_file))
+    source = "saved state" if state_file is None else os.fspath(state_file)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_host(registry, config, cross_cutting=cross_cutting) as host:
+        async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
+                             saved_source=source) as host:
+            for name, outcome in host.restore_report.items():
+                log.info("restore of %s: %s", name, outcome)
             for name, device in host.devices.items():
                 log.info("serving %s (%s): %s", name, device.ctx.plugin, device.state.value)
             if config.devices and not any(
@@ -197,4 +531,12 @@ async def run_host(
             async for signum in signals:
                 log.info("received %s, stopping devices", signal.Signals(signum).name)
                 break
+            if state_file is not None:
+                data = await host.save()
+                try:
+                    write_state_file(state_file, data)
+                except OSError as exc:
+                    log.error("cannot write the saved state to %s: %s", source, exc)
+                    return 1
+                log.info("saved state written to %s", source)
     return 0
