@@ -186,3 +186,26 @@ def test_every_chain_round_trips(
         data, wlen = expected.pop(used.head)
         assert used.data == (data[::-1] * 3)[:wlen].ljust(wlen, b".")
     assert expected == {} and dq.in_flight == 0 and dq.free_descriptors == 64
+
+
+def test_receive_buffers_fill_the_queue_and_recycle() -> None:
+    dq, q = _pair(size=4)
+    heads = [dq.add(writable=[100 + i], token=i) for i in range(4)]
+    with pytest.raises(QueueFull):
+        dq.add(writable=[1])
+    chains = []
+    while (chain := q.pop()) is not None:
+        assert chain.readable == () and [len(p) for p in chain.writable] == [chain.writable_len]
+        chains.append(chain)
+    assert [c.head for c in chains] == heads
+    assert [c.writable_len for c in chains] == [100, 101, 102, 103]
+    for chain in chains:
+        chain.write_at(0, bytes([chain.head]) * 50)
+        q.push(chain.head, 50)
+    for i in range(4):
+        used = dq.get_used()
+        assert used is not None and used.token == i and used.data == bytes([heads[i]]) * 50
+    # Recycled blocks are handed out again for the next buffers.
+    dq.add(writable=[100])
+    chain = q.pop()
+    assert chain is not None and chain.writable_len == 100 and dq.free_descriptors == 3

@@ -189,6 +189,8 @@ class DriverQueue:
         buffers of the given sizes. ``fragment`` splits every buffer into pieces of at most that
         many bytes, never adjacent in guest memory; ``indirect`` puts the chain in an
         indirect table. Returns the head index. Raises :class:`QueueFull`."""
+        if not readable and len(writable) == 1 and fragment is None and not indirect:
+            return self._add_writable(writable[0], token)
         sizes: list[int] = []
         datas: list[_BufferLike | None] = []  # None: device-writable
         for buf in readable:
@@ -265,6 +267,22 @@ class DriverQueue:
         U16.pack_into(self._avail, 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         U16.pack_into(self._avail, 2, self.avail_idx)
+        return head
+
+    def _add_writable(self, size: int, token: Any) -> int:
+        # The common receive buffer (one device-writable descriptor), laid out as ``add`` would.
+        free = self._free
+        if not free:
+            raise QueueFull(f"queue {self.index}: 1 descriptors needed, 0 free")
+        end = ((size + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+        block = self._alloc((end + PAGE_SIZE - 1) // PAGE_SIZE)
+        head = free.pop()
+        DESCRIPTOR.pack_into(self._desc, 16 * head, block.gpa, size, DESC_F_WRITE, 0)
+        self._in_flight[head] = _InFlight(block, [head], [block.view[:size]], size, token)
+        avail_idx = self.avail_idx
+        U16.pack_into(self._avail, 4 + 2 * (avail_idx % self.size), head)
+        self.avail_idx = avail_idx = (avail_idx + 1) & 0xFFFF
+        U16.pack_into(self._avail, 2, avail_idx)
         return head
 
     def kick(self) -> bool:
