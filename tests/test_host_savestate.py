@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 from collections.abc import Sequence
@@ -196,7 +197,7 @@ async def test_hostile_saved_state_is_refused_before_anything_is_served(
     data: bytes, message: str
 ) -> None:
     CALLS.clear()
-    with pytest.raises(SavedStateError, match="^state.bin: ") as info:
+    with pytest.raises(SavedStateError, match=r"^state\.bin: ") as info:
         async with open_host(REGISTRY, config(("a", "counter")), saved=data,
                              saved_source="state.bin"):
             pytest.fail("the host started")
@@ -322,7 +323,8 @@ def test_state_file_reads_are_bounded_and_errors_name_the_file(tmp_path: Path) -
     big.write_bytes(b" " * (MAX_ENVELOPE_BYTES + 100))
     data = read_state_file(big)
     assert data is not None and len(data) == MAX_ENVELOPE_BYTES + 1
-    with pytest.raises(SavedStateError, match=f"^{tmp_path}: cannot read the saved state"):
+    expected = re.escape(f"{tmp_path}: cannot read the saved state")
+    with pytest.raises(SavedStateError, match=f"^{expected}"):
         read_state_file(tmp_path)
 
 
@@ -349,6 +351,7 @@ async def test_run_host_restores_from_and_saves_to_the_state_file(tmp_path: Path
     assert decode_state_untrusted(entry, CounterState) == CounterState(0, 2)
     state.write_text(json.dumps({"format": "devicehost-saved-state"}))
     CALLS.clear()
-    with pytest.raises(SavedStateError, match=f"^{state}: saved state: envelope version"):
+    expected = re.escape(f"{state}: saved state: envelope version")
+    with pytest.raises(SavedStateError, match=f"^{expected}"):
         await _serve_until_sigterm(cfg, state)
     assert CALLS == []
