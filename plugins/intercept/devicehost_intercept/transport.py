@@ -7,6 +7,10 @@ VMBus client of the host's VMBus server that sees hidden offers and shares the h
 allocator, so ring pages never collide with other clients') and starts it unless the relay is
 stopped. :meth:`InterceptTransport.remove` is the device's revoke: the wrapper closes its channel
 without saving, forgets the offer, and the device is revoked.
+
+The transport offers no ``resources_for_restore``: an intercepted channel is never restored in
+place. Its device's saved state is stashed on stop and used by ``restore_open`` over the next,
+freshly opened channel (so the test kit's save/restore check stops at the encoding round trip).
 """
 
 from __future__ import annotations

@@ -288,3 +288,37 @@ async def test_failing_save_open_still_closes_and_reopens_fresh() -> None:
         runner = await _echoing(host)
         assert runner.restored_from is None
         assert host.devices["client"].state is DeviceState.RUNNING
+
+
+@pytest.mark.parametrize("refused", [GpadlChannelRequest, OpenChannelRequest])
+async def test_a_refused_gpadl_or_open_is_logged_and_frees_the_pages(
+    caplog: pytest.LogCaptureFixture, refused: type,
+) -> None:
+    async with intercept_host([ECHO]) as (host, recorder):
+        recorder.refuse = lambda r: isinstance(r, refused)
+        with caplog.at_level(logging.ERROR):
+            await host.add_device("client", "echo-client", EchoClientConfig())
+            wrapper = wrapper_of(host, "client")
+            await until(lambda: recorder.of(refused))
+            await until(lambda: any("refused by the server" in r.getMessage()
+                                    for r in caplog.records))
+        assert wrapper.channel is None and host.devices["client"].runner is None
+        allocator = host.transport(VmbusTransport).allocator
+        assert allocator.free_pages == host.guest_memory.size // 4096
+        assert _server_device(host, "client").closes == []  # never opened
+        recorder.refuse = lambda r: False
+        await wrapper.stop()
+        await wrapper.start()
+        await _echoing(host)
+
+
+async def test_inspect_shows_the_wrapper_and_its_channel() -> None:
+    async with intercept_host([DeviceSpec("relay", "intercept", None), ECHO, CLIENT]) as (
+        host, _recorder):
+        wrapper = wrapper_of(host, "client")
+        await _echoing(host)
+        tree = await host.devices["relay"].inspect()
+        (shown,) = tree["device"]["wrappers"]
+        assert shown["device"] == "client" and shown["started"] is True
+        assert shown["channel"]["gpadl_id"] == wrapper.channel.gpadl_id
+        assert shown["channel"]["pages"] == [f"{p:#x}" for p in wrapper.channel.block.pfns]
