@@ -247,3 +247,79 @@ def test_run_serves_until_signalled_then_stops_gracefully(
         assert proc.stderr is not None
         proc.stderr.close()
     assert journal.read_text().splitlines() == ["offer good", "open", "run hello", "close"]
+
+
+STATE_CONFIG = """\
+[[device]]
+plugin = "vmbfs"
+name = "fs"
+file = "{hive}"
+
+[[device]]
+plugin = "intercept"
+name = "relay"
+"""
+
+
+def run_until_sigterm(command: list[str], env: dict[str, str], wait_for: str) -> str:
+    """Start ``devicehost run``, wait for ``wait_for`` on stderr, SIGTERM it; its stderr."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        output = wait_for_output(proc, wait_for, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr is not None
+        return output + proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_run_state_saves_on_sigterm_and_restores_at_start(tmp_path: Path) -> None:
+    from devicehost.savedstate import decode_envelope_untrusted
+
+    hive = tmp_path / "hive"
+    hive.write_bytes(b"hive")
+    config = tmp_path / "host.toml"
+    config.write_text(STATE_CONFIG.format(hive=hive))
+    state = tmp_path / "state.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEHOST_")}
+    env["DEVICEHOST_LOAD_PLUGINS"] = "vmbfs,intercept"
+    command = [*devicehost_command(), "run", "--config", str(config), "--state", str(state)]
+
+    first = run_until_sigterm(command, env, "serving relay")
+    assert f"no saved state at {state}: starting fresh" in first
+    assert f"saved state written to {state}" in first
+    entries = [(e.device, e.plugin, e.type_name)
+               for e in decode_envelope_untrusted(state.read_bytes())]
+    assert entries == [("@vmbus", "host", "vmbus.ServerSavedState"),
+                       ("fs", "vmbfs", "host.NotSaved"),
+                       ("relay", "intercept", "intercept.RelaySavedState")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hive", "host.toml", "state.json"]
+
+    second = run_until_sigterm(command, env, "serving relay")
+    assert "restore of relay: restored" in second
+    assert "restore of fs: fresh: not saved ('channel closed')" in second
+    assert f"saved state written to {state}" in second
+    assert len(decode_envelope_untrusted(state.read_bytes())) == 3
+
+
+def test_run_refuses_a_bad_state_file_and_serves_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "host.toml"
+    config.write_text('[[device]]\nplugin = "intercept"\nname = "relay"\n')
+    state = tmp_path / "state.json"
+    state.write_bytes(b'{"format": "devicehost-saved-state", "version": 1, "devices": [1]}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEHOST_")}
+    env["DEVICEHOST_LOAD_PLUGINS"] = "intercept"
+    proc = subprocess.run(
+        [*devicehost_command(), "run", "--config", str(config), "--state", str(state)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert proc.returncode == 2
+    assert (f"devicehost: error: {state}: saved state: devices[0]: expected an object, got int;"
+            " the host does not start") in proc.stderr
+    assert "serving" not in proc.stderr
+    assert state.read_bytes().startswith(b'{"format"')  # left as it was
