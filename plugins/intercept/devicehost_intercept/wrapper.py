@@ -49,6 +49,10 @@ Decisions where upstream differs or is silent:
   logged, the channel closed, and the next Start opens afresh.
 - Restore of a ``NoSavedState`` blob (what Save returns with nothing stashed) clears the stash
   and is logged at info level; any other type mismatch is logged as an error.
+- Restore that arrives after the wrapper already opened its channel fresh (the host adds client
+  devices before it restores the relay device, a local one) closes that channel without saving
+  and reopens it with ``restore_open``: the restored progress wins. Upstream restores the relay
+  before anything starts, so it never meets this case.
 - Every failure is logged and contained here: a device's hook failing moves only that device to
   the failed state (:mod:`devicehost.lifecycle`), and no wrapper method raises into the relay.
 """
@@ -214,6 +218,13 @@ class InterceptWrapper:
                 else:
                     self.logger.error("intercept: saved state of device %r rejected: %s",
                                       self.device.name, exc)
+                return
+            if self.channel is not None and self.started:
+                # Opened fresh before the restore arrived: the restored progress wins.
+                self.logger.info("intercept: device %r restored while open; reopening it with "
+                                 "restore_open", self.device.name)
+                await self._close(save=False)
+                await self._open()
 
     # -- channel setup and teardown ---------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import anyio
 import pytest
 
@@ -109,3 +112,47 @@ def test_saved_open_is_a_saved_state_error() -> None:
     bad = RelaySavedState((InterceptedChannel(str(ECHO_INSTANCE), b"", is_open=True),))
     with pytest.raises(SavedStateError, match="saved open"):
         anyio.run(runner.restore, bad)
+
+
+async def test_host_save_and_restore_resume_the_client_from_the_relay_state(
+    tmp_path: Path,
+) -> None:
+    import attrs
+
+    from devicehost.host import open_host
+    from devicehost.testing import StaticRegistry
+    from devicehost_vmbfs import VmbfsConfig, VmbfsDevice
+    from devicehost_vmbfs.client_device import VmbfsClientConfig, VmbfsClientDevice
+
+    @attrs.frozen
+    class Config:
+        devices: tuple[DeviceSpec, ...]
+
+    content = os.urandom(120_000)
+    (tmp_path / "hive").write_bytes(content)
+    chunk = 2048
+    config = Config((
+        DeviceSpec("relay", "intercept", InterceptConfig()),
+        DeviceSpec("imc", "vmbfs", VmbfsConfig(file=str(tmp_path / "hive"))),
+        DeviceSpec("reader", "vmbfs-client", VmbfsClientConfig(chunk=chunk)),
+    ))
+    registry = StaticRegistry({"intercept": InterceptRelay, "vmbfs": VmbfsDevice,
+                               "vmbfs-client": VmbfsClientDevice})
+    async with open_host(registry, config, guest_memory_size=4 << 20) as host:
+        reader = host.devices["reader"]
+        await until(lambda: reader.runner is not None
+                    and len(reader.runner.reader.received) >= 10 * chunk)
+        await host.devices["imc"].stop()  # hold the server back: the read is mid-file
+        with anyio.fail_after(10):
+            data = await host.save()
+        stash = wrapper_of(host, "reader").stash
+        kept = len(stash.received)
+        assert 0 < kept < len(content)
+
+    async with open_host(registry, config, saved=data, guest_memory_size=4 << 20) as host:
+        assert host.restore_report["relay"] == "restored"
+        reader, server = host.devices["reader"], host.devices["imc"]
+        await until(lambda: reader.runner is not None and reader.runner.finished.is_set())
+        assert reader.runner.files[0].data == content
+        # The server saw the resumed client: version, file info, then only the missing reads.
+        assert server.runner.core.messages == 2 + -(-(len(content) - kept) // chunk)
