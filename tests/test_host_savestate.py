@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devicehost import DeviceContext, DeviceState, LocalOffer, hookimpl
-from devicehost.errors import SavedStateError
+from devicehost.errors import ConfigError, SavedStateError
 from devicehost.host import (
     VMBUS_ENTRY,
     Host,
@@ -40,7 +40,8 @@ from devicehost.savedstate import (
 from devicehost.testing import StaticRegistry
 from devicehost.testing.registry import DeviceSpec
 from devicehost.vmbus.client import VmbusClient
-from devicehost.vmbus.server import ServerSavedState
+from devicehost.vmbus.guid import Guid
+from devicehost.vmbus.server import SavedChannel, ServerSavedState, VmbusServer
 from devicehost.vmbus.transport import VmbusTransport
 from devicehost_vmbfs.client import VmbfsClient
 from devicehost_vmbfs.core import ProtocolState
@@ -48,6 +49,9 @@ from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
 from devicehost_vmbfs.protocol import MAX_MESSAGE_SIZE, encode_get_file_info_request
 
 pytestmark = pytest.mark.anyio
+
+IFACE = Guid.parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+INST = Guid.parse("12345678-9abc-4def-8123-456789abcdef")
 
 
 @saved_state("hosttest.CounterState", 1)
@@ -192,6 +196,9 @@ async def test_new_device_is_offered_fresh_and_a_failed_restore_opens_fresh() ->
         b'"channels":[]', b'"channels":[{"interface_id":"nope","instance_id":"x",'
         b'"subchannel_index":0,"channel_id":1,"gpadls":[],"open":null}]'),
      "a channel's GUID is invalid"),
+    (encode_envelope([entry_for(VMBUS_ENTRY, "host", ServerSavedState(tuple(
+        SavedChannel(str(IFACE), str(inst), 0, 5, ()) for inst in (IFACE, INST))))]),
+     "channel 5 repeats an offer or a channel id"),
 ])
 async def test_hostile_saved_state_is_refused_before_anything_is_served(
     data: bytes, message: str
@@ -202,6 +209,28 @@ async def test_hostile_saved_state_is_refused_before_anything_is_served(
                              saved_source="state.bin"):
             pytest.fail("the host started")
     assert message in str(info.value) and "the host does not start" in str(info.value)
+    assert CALLS == []
+
+
+async def test_a_vmbus_state_the_server_refuses_stops_the_host_before_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(self: VmbusServer, state: ServerSavedState) -> None:
+        raise ValueError("saved state repeats an offer")
+
+    monkeypatch.setattr(VmbusServer, "restore", refuse)
+    data = encode_envelope([entry_for(VMBUS_ENTRY, "host", ServerSavedState(()))])
+    memory = GuestMemory.memfd(1024 * 1024)
+    CALLS.clear()
+    try:
+        with pytest.raises(SavedStateError) as info:
+            async with open_host(REGISTRY, config(("a", "counter")), saved=data,
+                                 saved_source="state.bin", guest_memory=memory):
+                pytest.fail("the host started")
+    finally:
+        memory.close()
+    assert str(info.value) == ("state.bin: device '@vmbus': saved state repeats an offer;"
+                               " the host does not start")
     assert CALLS == []
 
 
@@ -355,3 +384,23 @@ async def test_run_host_restores_from_and_saves_to_the_state_file(tmp_path: Path
     with pytest.raises(SavedStateError, match=f"^{expected}"):
         await _serve_until_sigterm(cfg, state)
     assert CALLS == []
+
+
+async def test_run_host_refuses_a_state_file_it_could_not_write(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "state.json"
+    CALLS.clear()
+    with pytest.raises(ConfigError, match="is not a writable directory"):
+        await _serve_until_sigterm(config(("a", "counter")), missing)
+    assert CALLS == []
+
+
+async def test_run_host_fails_when_the_state_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    state = tmp_path / "state.json"
+    assert await _serve_until_sigterm(config(("a", "counter")), state) == 1
+    assert list(tmp_path.iterdir()) == []

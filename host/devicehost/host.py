@@ -43,6 +43,10 @@ are started. Decisions:
 - A device whose ``restore_open`` fails is offered (local devices: opened) fresh, and the failure
   logged, as the VMBus transport does for its devices.
 
+VMBus devices are saved by the host (the server's state, then each open channel's device with
+``Device.save``) rather than by ``VmbusTransport.save``, so that one device whose ``save_open``
+fails is recorded as not saved instead of failing the whole save.
+
 What survives where: a VMBus channel's rings and GPADLs live in guest memory. Channel state
 (``@vmbus`` and the VMBus devices' states) is restored only into guest memory that survived,
 handed to :func:`open_host` as ``guest_memory`` (in process: the memory of the guest that keeps
@@ -50,6 +54,9 @@ running across the host's restart, which then calls ``VmbusClient.reconnect``). 
 process, whose in-process guest did not survive) the VMBus devices are offered fresh, and the
 saved channel state is checked but not applied. Local devices' states need no guest memory and
 are restored in both cases. :attr:`Host.restore_report` says, per device, what happened.
+Closing the saved host revokes its offers on its own server, as any host does when it goes away;
+a guest that survived continues on the restored host with ``VmbusClient.reconnect``, which keeps
+every channel the restored server offers again under the same channel id and rings.
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ import anyio.abc
 import attrs
 
 from devicehost.context import DeviceContext
-from devicehost.errors import DeviceHostError, SavedStateError
+from devicehost.errors import ConfigError, DeviceHostError, SavedStateError
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
 from devicehost.savedstate import (
     MAX_ENVELOPE_BYTES,
@@ -446,6 +453,7 @@ async def open_host(
     host (the host uses it and does not close it); VMBus channels are restored only into it.
     """
     plan = None if saved is None else _plan(saved, config.devices, saved_source)
+    refused: SavedStateError | None = None
     async with anyio.create_task_group() as tg:
         host = Host(registry, tg, guest_memory_size=guest_memory_size,
                     cross_cutting=cross_cutting, guest_memory=guest_memory)
@@ -458,11 +466,16 @@ async def open_host(
                 try:
                     await host._restore(plan, config.devices)
                 except SavedStateError as exc:
-                    raise SavedStateError(f"{saved_source}: {exc}") from exc
-            yield host
+                    # Raised once the task group is gone, so that it is not an ExceptionGroup.
+                    refused = SavedStateError(f"{saved_source}: {exc}; the host does not start")
+                    refused.__cause__ = exc
+            if refused is None:
+                yield host
         finally:
             await host.aclose()
             tg.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
 
 
 def read_state_file(path: str | os.PathLike[str]) -> bytes | None:
@@ -481,8 +494,7 @@ def write_state_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file beside it, synced, then renamed
     over it (a crash leaves the old file or the new one, never a mix). Raises OSError."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                               dir=target.parent or Path("."))
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -508,8 +520,15 @@ async def run_host(
     the file, if it cannot be used: nothing is served), and save to it atomically on the stop.
 
     Returns the process exit status: 0 after a graceful stop, 1 if no device could be served or
-    the state could not be written.
+    the state could not be written. :class:`ConfigError` if the state file's directory is not
+    writable.
     """
+    if state_file is not None:
+        parent = Path(state_file).parent
+        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            # Found now rather than when the state is saved at the stop.
+            raise ConfigError(f"{os.fspath(state_file)}: the state file's directory {parent} is"
+                              " not a writable directory")
     saved = None if state_file is None else read_state_file(state_file)
     if state_file is not None and saved is None:
         log.info("no saved state at %s: starting fresh", os.fspath(state_file))
@@ -532,10 +551,9 @@ async def run_host(
                 log.info("received %s, stopping devices", signal.Signals(signum).name)
                 break
             if state_file is not None:
-                data = await host.save()
                 try:
-                    write_state_file(state_file, data)
-                except OSError as exc:
+                    write_state_file(state_file, await host.save())
+                except (OSError, DeviceHostError) as exc:
                     log.error("cannot write the saved state to %s: %s", source, exc)
                     return 1
                 log.info("saved state written to %s", source)
