@@ -40,6 +40,8 @@ are started. Decisions:
   device's state silently would lose what its guest relies on. Remove it from the state file (or
   start without one) deliberately.
 - A configured device the saved state does not name is new: it is offered fresh.
+- A device's state type is looked up among the registered saved-state types, so a plugin must
+  register its types in the modules its entry point imports (an unknown type is refused).
 - A device whose ``restore_open`` fails is offered (local devices: opened) fresh, and the failure
   logged, as the VMBus transport does for its devices.
 
