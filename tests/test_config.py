@@ -128,6 +128,17 @@ def test_default_config_has_one_device_per_loaded_plugin() -> None:
     )
 
 
+def test_default_config_leaves_out_devices_that_opt_out() -> None:
+    class OnlyWhenConfigured(PlainDevice):
+        default_device = False
+
+    reg = registry()
+    reg.device_classes["client"] = OnlyWhenConfigured
+    assert [d.name for d in default_config(reg).devices] == ["files", "plain"]
+    explicit = parse_config('[[device]]\nplugin = "client"\n', reg)
+    assert [d.name for d in explicit.devices] == ["client"]
+
+
 def error(text: str, reg: Registry | None = None) -> str:
     with pytest.raises(ConfigError) as info:
         parse_config(text, reg or registry(), source="host.toml")

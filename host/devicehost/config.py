@@ -354,9 +354,15 @@ def load_config(path: str | pathlib.Path, registry: Registry) -> HostConfig:
 
 
 def default_config(registry: Registry) -> HostConfig:
-    """One device of each loaded device plugin, named after the plugin, with default settings."""
+    """One device of each loaded device plugin, named after the plugin, with default settings.
+
+    A device class that sets ``default_device = False`` (one that only makes sense when
+    configured, such as a VMBus client device reading chosen files) is left out.
+    """
     devices = []
     for plugin in sorted(registry.device_classes):
+        if getattr(registry.device_classes[plugin], "default_device", True) is False:
+            continue
         where = f"<defaults>: device {plugin!r}"
         devices.append(_device_config(registry, plugin, plugin, {}, where, None))
     return HostConfig(tuple(devices), "<defaults>")

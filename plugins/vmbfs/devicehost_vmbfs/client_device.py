@@ -269,6 +269,9 @@ class VmbfsClientDevice:
     #: What the intercept wrapper reads: ring size, and the type a saved blob must have.
     intercept_ring_pages: ClassVar[int] = RING_PAGES
     saved_state_class: ClassVar[type] = VmbfsClientSavedState
+    #: Not part of ``devicehost run``'s default config: which files to read is the operator's
+    #: choice, and the default vmbfs device serves an empty directory.
+    default_device: ClassVar[bool] = False
 
     def __init__(self, config: VmbfsClientConfig | None = None) -> None:
         self.config = config if config is not None else VmbfsClientConfig()
