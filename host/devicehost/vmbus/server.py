@@ -52,15 +52,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Final, Protocol
 
 import anyio
-import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
-from devicehost.savedstate import saved_state
 from devicehost.vmbus.channel import RawChannel, Signal, connected_signals, raw_channel_from_rings
 from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, decode_gpa_ranges_untrusted
 from devicehost.vmbus.guid import Guid
@@ -91,6 +89,7 @@ from devicehost.vmbus.protocol import (
     TeardownGpadlRequest,
 )
 from devicehost.vmbus.ring import RingError, RingMemory
+from devicehost.vmbus.serverstate import SavedChannel, SavedGpadl, SavedOpen, ServerSavedState
 
 __all__ = [
     "ChannelDevice",
@@ -136,69 +135,6 @@ class ChannelDevice(Protocol):
 
     async def modify(self, request: ModifyRequest) -> int:
         """The guest retargets the interrupt; return a status (0 = success)."""
-
-
-# -- saved state ----------------------------------------------------------------------------------
-
-
-def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
-    return tuple(values)
-
-
-def _saved_gpadl_tuple(values: Iterable[SavedGpadl]) -> tuple[SavedGpadl, ...]:
-    return tuple(values)
-
-
-def _saved_channel_tuple(values: Iterable[SavedChannel]) -> tuple[SavedChannel, ...]:
-    return tuple(values)
-
-
-@attrs.frozen
-class SavedGpadl:
-    """A GPADL that existed: its id, range count and range buffer."""
-
-    id: int
-    count: int
-    buf: tuple[int, ...] = attrs.field(converter=_int_tuple)
-
-
-@attrs.frozen
-class SavedOpen:
-    """The open data of a channel that was open."""
-
-    ring_gpadl_id: int
-    ring_offset: int
-    target_vp: int | None
-    event_flag: int
-    connection_id: int
-    user_data: bytes
-
-
-@attrs.frozen
-class SavedChannel:
-    """One offer's server state: its key (as text), channel id, GPADLs and open data."""
-
-    interface_id: str
-    instance_id: str
-    subchannel_index: int
-    channel_id: int
-    gpadls: tuple[SavedGpadl, ...] = attrs.field(converter=_saved_gpadl_tuple)
-    open: SavedOpen | None = None
-
-    @property
-    def key(self) -> OfferKey:
-        return OfferKey(
-            Guid.parse(self.interface_id), Guid.parse(self.instance_id), self.subchannel_index
-        )
-
-
-@saved_state("vmbus.ServerSavedState", 1)
-@attrs.frozen
-class ServerSavedState:
-    """What :meth:`VmbusServer.save` records."""
-
-    channels: tuple[SavedChannel, ...] = attrs.field(converter=_saved_channel_tuple)
-    next_channel_id: int = 1
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------
