@@ -43,6 +43,10 @@ class HostStream(Protocol):
     def recv_into(self, buf: memoryview) -> int | None:
         """Read into ``buf``: the byte count, 0 at end of stream, ``None`` if it would block."""
 
+    def recv_into_many(self, bufs: Sequence[memoryview]) -> int | None:
+        """Read into ``bufs`` in order, each filled before the next (one scatter read): the byte
+        count, 0 at end of stream, ``None`` if it would block."""
+
     def peek(self, max_len: int) -> bytes | None:
         """Return up to ``max_len`` queued bytes without consuming them (``b""`` at end of
         stream, ``None`` if nothing is queued yet)."""

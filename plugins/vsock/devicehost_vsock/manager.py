@@ -72,16 +72,20 @@ from devicehost_vsock.protocol import (
 )
 from devicehost_vsock.txbuffer import TxBuffer
 
-__all__ = ["ConnectionManager", "Connector"]
+__all__ = ["ConnectionManager", "Connector", "MoreBuffers"]
 
 #: Opens the host socket for a guest connection to port P; raises OSError when it cannot.
 Connector = Callable[[int], HostStream]
+#: Hands out the next posted rx buffer (one writable range longer than a header), or None.
+MoreBuffers = Callable[[], memoryview | None]
 
 Buffer = bytes | bytearray | memoryview
 Key = tuple[int, int]
 
 _U32: Final = 0xFFFF_FFFF
 _ZERO_HEADER: Final = bytes(HEADER_SIZE)
+#: Most rx buffers one host read fills (one scatter read, one ``recvmsg`` iovec list).
+_MAX_RUN: Final = 64
 
 
 def _prefix(parts: Sequence[memoryview], length: int) -> list[memoryview]:
@@ -127,6 +131,9 @@ class ConnectionManager:
         self._rsts: deque[Key] = deque()
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._deadline_seq = 0
+        #: Packet lengths written into the buffers ``more`` handed to the last ``produce_rx``,
+        #: in order (the buffers after these were not used).
+        self.extra_sizes: list[int] = []
 
     # ----------------------------------------------------------------- inspection
 
@@ -399,12 +406,22 @@ class ConnectionManager:
 
     # ----------------------------------------------------------------- rx production
 
-    def produce_rx(self, packet: memoryview, now: float) -> int | None:
+    def produce_rx(
+        self, packet: memoryview, now: float, more: MoreBuffers | None = None
+    ) -> int | None:
         """Fill one rx buffer (``packet``: header then payload space, writable).
 
         Returns the packet length, 0 if the buffer was too small for a header (it must then be
         completed with length 0), or ``None`` if there was nothing to send (the buffer is unused).
+
+        ``more``, if given, lends further rx buffers for a run of RW packets: when ``packet`` gets
+        host data, its connection is the only one with rx work and its credit reaches past
+        ``packet``, one scatter read fills ``packet`` and as many lent buffers as the data and
+        the credit cover, exactly as successive calls would (each buffer a full RW packet, the
+        last one capped by the credit). Their packet lengths are left in :attr:`extra_sizes`;
+        lent buffers past those are unused.
         """
+        self.extra_sizes = []
         self._expire(now)
         if len(packet) < HEADER_SIZE:
             return 0
@@ -421,7 +438,10 @@ class ConnectionManager:
                 del self._work[conn]
                 if not self._is_live(conn):
                     continue
-                size = self._produce_for(conn, packet, now)
+                # A run of RW packets only where successive calls would serve this connection
+                # alone (no other connection or RST is waiting for a buffer).
+                solo = more if not self._work and not idle and not self._rsts else None
+                size = self._produce_for(conn, packet, now, solo)
                 if size is not None:
                     if self._is_live(conn) and self._may_have_work(conn):
                         self._work[conn] = None
@@ -441,7 +461,9 @@ class ConnectionManager:
             for conn in idle:
                 self._work[conn] = None
 
-    def _produce_for(self, conn: Connection, packet: memoryview, now: float) -> int | None:
+    def _produce_for(
+        self, conn: Connection, packet: memoryview, now: float, more: MoreBuffers | None = None
+    ) -> int | None:
         if conn.deadline is not None and now >= conn.deadline:
             self._log.info("vsock: timeout on %s", conn.key)
             sent_request = conn.key is not None and not conn.request_pending
@@ -479,8 +501,21 @@ class ConnectionManager:
         space = len(packet) - HEADER_SIZE
         if space <= 0:
             return None
+        first = min(credit, space)
+        extras: list[memoryview] = []
         try:
-            n = conn.stream.recv_into(packet[HEADER_SIZE : HEADER_SIZE + min(credit, space)])
+            if more is not None and first < credit:
+                views = [packet[HEADER_SIZE : HEADER_SIZE + first]]
+                left = credit - first
+                while left > 0 and len(extras) < _MAX_RUN and (extra := more()) is not None:
+                    cap = min(len(extra) - HEADER_SIZE, left)
+                    extras.append(extra)
+                    views.append(extra[HEADER_SIZE : HEADER_SIZE + cap])
+                    left -= cap
+                stream = conn.stream
+                n = stream.recv_into_many(views) if extras else stream.recv_into(views[0])
+            else:
+                n = conn.stream.recv_into(packet[HEADER_SIZE : HEADER_SIZE + first])
         except OSError as exc:
             self._log.info("vsock: host socket read failed on %s: %s", key, exc)
             self._remove(conn, rst=True)
@@ -499,8 +534,22 @@ class ConnectionManager:
             else:
                 conn.stream.want_close()
             return self._control(packet, conn, Op.SHUTDOWN, flags)
-        conn.add_tx(n)
-        return self._emit(packet, key[0], key[1], Op.RW, n, 0, TX_BUF_SIZE, conn.fwd_cnt)
+        if n <= first:
+            conn.add_tx(n)
+            return self._emit(packet, key[0], key[1], Op.RW, n, 0, TX_BUF_SIZE, conn.fwd_cnt)
+        # The scatter read went on into lent buffers: each is one more RW packet.
+        conn.add_tx(first)
+        size = self._emit(packet, key[0], key[1], Op.RW, first, 0, TX_BUF_SIZE, conn.fwd_cnt)
+        rest = n - first
+        sizes = self.extra_sizes
+        for extra in extras:
+            if rest <= 0:
+                break
+            k = min(rest, len(extra) - HEADER_SIZE)
+            conn.add_tx(k)
+            sizes.append(self._emit(extra, key[0], key[1], Op.RW, k, 0, TX_BUF_SIZE, conn.fwd_cnt))
+            rest -= k
+        return size
 
     def _read_connect_line(self, conn: Connection, packet: memoryview) -> int | None:
         stream = conn.stream

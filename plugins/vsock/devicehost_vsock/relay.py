@@ -76,6 +76,12 @@ class UnixStream:
         except BlockingIOError:
             return None
 
+    def recv_into_many(self, bufs: Sequence[memoryview]) -> int | None:
+        try:
+            return self.sock.recvmsg_into(bufs)[0]
+        except BlockingIOError:
+            return None
+
     def peek(self, max_len: int) -> bytes | None:
         try:
             return self.sock.recv(max_len, socket.MSG_PEEK)

@@ -10,6 +10,9 @@ Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.C
 - rx: only while the table has rx work *and* the guest has an rx buffer posted, fills that buffer
   (reading host data straight into guest memory when the buffer is one range, else through a
   bounce buffer) and completes it. A popped buffer that got no packet is kept for the next one.
+  When one connection alone has rx work, the table may fill a run of further posted buffers
+  with one scatter read (see ``ConnectionManager.produce_rx``); all of a pass's buffers are
+  completed with at most one interrupt.
 
 Timeouts are served by the rx loop only, so with no rx buffers posted nothing times out and no
 CONNECT line is read (facts section 9.8).
@@ -18,10 +21,11 @@ CONNECT line is read (facts section 9.8).
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import anyio
 
-from devicehost.virtio import DescriptorChain, VirtQueue
+from devicehost.virtio import DescriptorChain, QueueError, VirtQueue
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import HEADER_SIZE, TX_BUF_SIZE
 from devicehost_vsock.relay import Relay
@@ -42,7 +46,10 @@ class VsockWorker:
         self.tx = tx
         self.manager = manager
         self.relay = relay
-        self._held: DescriptorChain | None = None
+        #: Popped rx buffers that got no packet yet, in the guest's order (used first).
+        self._held: deque[DescriptorChain] = deque()
+        #: Buffers lent to the table for one ``produce_rx`` (a run of RW packets).
+        self._lent: list[DescriptorChain] = []
         self._wake_event = anyio.Event()
         #: False while the rx loop waits for the guest to post rx buffers (then only it serves).
         self._rx_ready = True
@@ -121,19 +128,31 @@ class VsockWorker:
         now = anyio.current_time()
         ready = True
         produced = 0
+        held = self._held
+        lent = self._lent
         try:
             while manager.has_rx_work(now):
-                chain = self._held or rx.pop()
+                chain = held.popleft() if held else rx.pop()
                 if chain is None:
                     ready = False
                     break
-                self._held = None
                 size = self._fill(chain, now)
+                if lent:
+                    # Lent buffers the table filled follow this one; the rest go back in front,
+                    # in the guest's order.
+                    filled = manager.extra_sizes if size is not None else []
+                    held.extendleft(reversed(lent[len(filled) :]))
+                    del lent[len(filled) :]
                 if size is None:
-                    self._held = chain
+                    held.appendleft(chain)
                     break
                 rx.push_deferred(chain, size)
                 produced += 1
+                if lent:
+                    for extra, extra_size in zip(lent, manager.extra_sizes, strict=True):
+                        rx.push_deferred(extra, extra_size)
+                    produced += len(lent)
+                    lent.clear()
         finally:
             # Every buffer filled in this pass is signalled with at most one interrupt.
             self.packets_out += produced
@@ -166,12 +185,33 @@ class VsockWorker:
     def _fill(self, chain: DescriptorChain, now: float) -> int | None:
         parts = chain.writable
         if len(parts) == 1:
-            return self.manager.produce_rx(parts[0], now)
+            return self.manager.produce_rx(parts[0], now, self._lend)
         bounce = self._bounce[: min(chain.writable_len, _BOUNCE_SIZE)]
         size = self.manager.produce_rx(bounce, now)
         if size:
             chain.write_at(0, bounce[:size])
         return size
+
+
+    def _lend(self) -> memoryview | None:
+        """The next posted rx buffer for a run of RW packets: one writable range with room after
+        the header; anything else stays held for the ordinary path."""
+        held = self._held
+        if held:
+            chain: DescriptorChain | None = held.popleft()
+        else:
+            try:
+                chain = self.rx.pop()
+            except QueueError:
+                return None  # raised again by the next ordinary pop
+        if chain is None:
+            return None
+        parts = chain.writable
+        if len(parts) != 1 or len(parts[0]) <= HEADER_SIZE:
+            held.appendleft(chain)
+            return None
+        self._lent.append(chain)
+        return parts[0]
 
 
 def _views_after(parts: tuple[memoryview, ...], offset: int) -> list[memoryview]:

@@ -23,6 +23,7 @@ class FakeStream:
         self.fail_send = False
         self.fail_shutdown = False
         self.wants: set[str] = set()
+        self.scatter_reads = 0
 
     def recv_into(self, buf: memoryview) -> int | None:
         if self.closed:
@@ -33,6 +34,18 @@ class FakeStream:
         buf[:n] = self.inbound[:n]
         del self.inbound[:n]
         return n
+
+    def recv_into_many(self, bufs: Sequence[memoryview]) -> int | None:
+        self.scatter_reads += 1
+        total = 0
+        for buf in bufs:
+            n = self.recv_into(buf)
+            if n is None or n == 0:
+                return total if total else n
+            total += n
+            if n < len(buf):
+                break
+        return total
 
     def peek(self, max_len: int) -> bytes | None:
         if not self.inbound:

@@ -519,3 +519,94 @@ def test_interleaved_traffic_delivers_every_byte_in_order(
         assert bytes(host_got[c.local]) == c.to_host
         assert bytes(c.received) == c.to_guest
     assert len(h.manager) == len(conns)
+
+
+# ----------------------------------------------------------------------- runs of rx buffers
+
+
+def _packets_one_by_one(h: Harness, sizes: list[int]) -> list[bytes]:
+    out = []
+    for size in sizes:
+        buf = memoryview(bytearray(size))
+        n = h.manager.produce_rx(buf, h.now)
+        if n is None:
+            break
+        out.append(bytes(buf[:n]))
+    return out
+
+
+def _packets_in_runs(h: Harness, sizes: list[int]) -> tuple[list[bytes], int]:
+    """Like the worker: the first buffer of each call, then the lent ones it filled; lent
+    buffers that were not filled are offered again. Returns the packets and how many calls."""
+    queue = [memoryview(bytearray(size)) for size in sizes]
+    out: list[bytes] = []
+    calls = 0
+    lent: list[memoryview] = []
+
+    def more() -> memoryview | None:
+        if not queue or len(queue[0]) <= HEADER_SIZE:
+            return None
+        lent.append(queue.pop(0))
+        return lent[-1]
+
+    while queue:
+        first = queue.pop(0)
+        lent.clear()
+        n = h.manager.produce_rx(first, h.now, more)
+        calls += 1
+        filled = h.manager.extra_sizes
+        queue[:0] = lent[len(filled) :]
+        if n is None:
+            assert filled == []
+            break
+        out.append(bytes(first[:n]))
+        out.extend(bytes(buf[:size]) for buf, size in zip(lent, filled, strict=False))
+    return out, calls
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data_len=st.integers(0, 20000),
+    credit=st.integers(0, 12000),
+    sizes=st.lists(st.integers(HEADER_SIZE, HEADER_SIZE + 3000), min_size=1, max_size=40),
+    eof=st.booleans(),
+)
+def test_a_run_of_buffers_gets_exactly_the_packets_of_successive_calls(
+    data_len: int, credit: int, sizes: list[int], eof: bool
+) -> None:
+    payload = bytes(i % 251 for i in range(data_len))
+    results = []
+    for runs in (False, True):
+        h = Harness()
+        h.listening.add(5000)
+        h.tx(Op.REQUEST, 1024, 5000, buf_alloc=credit)
+        response = h.rx()
+        assert response is not None and response[0].op == Op.RESPONSE
+        stream = h.streams[5000][-1]
+        stream.inbound += payload
+        stream.host_eof = eof
+        packets = _packets_in_runs(h, sizes)[0] if runs else _packets_one_by_one(h, sizes)
+        conn = h.manager.connection((5000, 1024))
+        results.append((packets, bytes(stream.inbound), conn and conn.tx_cnt))
+    assert results[0] == results[1]
+
+
+def test_runs_use_one_scatter_read_and_only_for_a_lone_connection() -> None:
+    h = Harness()
+    stream = h.connect(1024, 5000)
+    stream.inbound += b"a" * 5000
+    packets, calls = _packets_in_runs(h, [HEADER_SIZE + 1000] * 8)
+    assert [len(p) - HEADER_SIZE for p in packets] == [1000] * 5 and calls == 2
+    assert stream.scatter_reads == 2  # the second finds nothing more (would block)
+    assert b"".join(p[HEADER_SIZE:] for p in packets) == b"a" * 5000
+    # Two connections with data: served round robin, one buffer each, no runs.
+    other = h.connect(1025, 5000)
+    stream.inbound += b"b" * 3000
+    other.inbound += b"c" * 3000
+    h.manager.on_readable(stream)
+    h.manager.on_readable(other)
+    packets, calls = _packets_in_runs(h, [HEADER_SIZE + 1000] * 4)
+    assert stream.scatter_reads == 2 and other.scatter_reads == 0
+    assert [(HEADER.unpack_from(p)[3], p[HEADER_SIZE:HEADER_SIZE + 1]) for p in packets] == [
+        (1025, b"c"), (1024, b"b"), (1025, b"c"), (1024, b"b")
+    ]

@@ -46,7 +46,13 @@ def test_stream_reports(sock_dir: str) -> None:
     assert stream.recv_into(memoryview(buf)) == 3 and buf[:3] == b"abc"
     assert stream.send([b"x", b"yz"]) == 3 and peer.recv(3) == b"xyz"
     assert not stream.is_closed()
+    parts = [bytearray(2), bytearray(3), bytearray(4)]
+    assert stream.recv_into_many([memoryview(p) for p in parts]) is None
+    peer.sendall(b"scatter")
+    assert stream.recv_into_many([memoryview(p) for p in parts]) == 7
+    assert parts == [b"sc", b"att", b"er\0\0"]
     peer.shutdown(socket.SHUT_WR)
+    assert stream.recv_into_many([memoryview(p) for p in parts]) == 0
     assert stream.recv_into(memoryview(buf)) == 0 and not stream.is_closed()
     peer.close()
     assert stream.is_closed()
