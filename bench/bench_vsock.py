@@ -8,12 +8,15 @@ as a guest kernel would); the host side is a real Unix socket read/written with 
 Rows:
 
 - ``vsock_guest_to_host_{64k,1k}``: the guest sends RW packets of that payload size to a host
-  Unix listener (``<base>_5000``), which reads everything; Gbit/s of payload.
+  Unix listener (``<base>_5000``) in a separate process (as a host application would be), which
+  reads everything with ``recv_into`` like the baseline's reader; Gbit/s of payload, timed from
+  the guest's first packet to the host holding the last byte.
 - ``vsock_host_to_guest_{64k,1k}``: a host process (a separate Python process, as a host
   application would be; it writes with blocking ``sendall`` like the baseline's writer) connects
   with ``CONNECT 1234``, writes the bytes; the guest posts rx buffers of that payload size (+ 44
   header bytes) and consumes them; Gbit/s of payload, timed from the host's first write to the
-  guest holding the last byte. The guest advertises buf_alloc = 256 KiB and tells its fwd_cnt every 128 KiB.
+  guest holding the last byte. The guest advertises buf_alloc = 256 KiB and tells its fwd_cnt
+  every 128 KiB.
 - ``vsock_host_to_guest_1k_packets_64k_writes``: the same 1 KiB rx buffers (so 1 KiB packets),
   but the host writes 64 KiB at a time, so one readiness report fills many rx buffers.
 - ``vsock_1024_echo_connections``: 1024 host connections at once (``CONNECT``, ``OK``, 1 KiB
@@ -83,41 +86,61 @@ def _row(name: str, value: float, unit: str, base_name: str, base: float) -> dic
             "baseline_value": round(base, 3), "ratio": round(value / base, 4) if base else 0.0}
 
 
+#: The host application of the guest->host rows, a separate process: listens at the path given,
+#: prints ``ready``, accepts one connection, reads ``total`` bytes with ``recv_into`` (as the
+#: socketpair baseline's reader does), prints the byte count and the ``time.perf_counter()``
+#: (CLOCK_MONOTONIC, shared with this process) at which the last byte arrived, and keeps the
+#: connection open until its stdin closes.
+_HOST_READER = """
+import socket, sys, time
+path, total = sys.argv[1], int(sys.argv[2])
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+listener.listen(1)
+print("ready", flush=True)
+sock, _ = listener.accept()
+buf = memoryview(bytearray(1 << 20))
+got = 0
+while got < total:
+    n = sock.recv_into(buf)
+    if n == 0:
+        break
+    got += n
+print(got, repr(time.perf_counter()), flush=True)
+sys.stdin.read()
+"""
+
+
+async def _lines(stream: anyio.abc.ByteReceiveStream, buffered: bytearray, count: int) -> None:
+    while buffered.count(b"\n") < count:
+        buffered += await stream.receive()
+
+
 async def _guest_to_host(sockets: GuestSockets, base: str, total: int, chunk: int,
                          port: int) -> float:
-    listener = await anyio.create_unix_listener(f"{base}_{port}")
     data = os.urandom(chunk) * (total // chunk)
-    received = 0
-    async with listener, anyio.create_task_group() as tg:
-        done = anyio.Event()
-
-        async def reader() -> None:
-            nonlocal received
-            sock = await listener.accept()
-            raw: socket.socket = sock.extra(anyio.abc.SocketAttribute.raw_socket)
-            buf = memoryview(bytearray(1 << 20))
-            while received < total:
-                await anyio.wait_readable(raw)
-                try:
-                    n = raw.recv_into(buf)
-                except BlockingIOError:
-                    continue
-                if n == 0:
-                    break
-                received += n
-            done.set()
-            await sock.aclose()
-
-        tg.start_soon(reader)
-        conn = await sockets.connect(port, 40000 + port)
-        start = time.perf_counter()
-        await conn.send_all(data, chunk=chunk)
-        await done.wait()
-        seconds = time.perf_counter() - start
-        await conn.shutdown()
-    if received != total:
-        raise RuntimeError(f"host received {received} of {total} bytes")
-    return seconds
+    process = await anyio.open_process(
+        [sys.executable, "-c", _HOST_READER, f"{base}_{port}", str(total)])
+    async with process:
+        try:
+            assert process.stdout is not None and process.stdin is not None
+            out = bytearray()
+            with anyio.fail_after(60):
+                await _lines(process.stdout, out, 1)
+                conn = await sockets.connect(port, 40000 + port)
+                start = time.perf_counter()
+                await conn.send_all(data, chunk=chunk)
+                await _lines(process.stdout, out, 2)
+                await conn.shutdown()
+                await process.stdin.aclose()
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+    received, end = out.split(b"\n")[1].split()
+    if int(received) != total:
+        raise RuntimeError(f"host received {int(received)} of {total} bytes")
+    return float(end) - start
 
 
 #: The host application of the host->guest rows, a separate process (as it would be in real use):
