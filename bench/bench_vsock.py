@@ -86,14 +86,17 @@ def _row(name: str, value: float, unit: str, base_name: str, base: float) -> dic
             "baseline_value": round(base, 3), "ratio": round(value / base, 4) if base else 0.0}
 
 
-#: The host application of the guest->host rows, a separate process: listens at the path given,
+#: The host application of the guest->host rows, a separate process: listens at the path given
+#: (replacing the socket file of an earlier round),
 #: prints ``ready``, accepts one connection, reads ``total`` bytes with ``recv_into`` (as the
 #: socketpair baseline's reader does), prints the byte count and the ``time.perf_counter()``
 #: (CLOCK_MONOTONIC, shared with this process) at which the last byte arrived, and keeps the
 #: connection open until its stdin closes.
 _HOST_READER = """
-import socket, sys, time
+import os, socket, sys, time
 path, total = sys.argv[1], int(sys.argv[2])
+if os.path.exists(path):
+    os.unlink(path)  # left by an earlier round
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(path)
 listener.listen(1)
