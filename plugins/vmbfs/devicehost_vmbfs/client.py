@@ -8,7 +8,6 @@ waits for their replies over a message pipe (one at a time, or a window of reads
 from __future__ import annotations
 
 import collections
-import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
@@ -26,9 +25,11 @@ from devicehost_vmbfs.protocol import (
     Status,
     VersionResponse,
     VersionStatus,
+    decode_read_file_success_untrusted,
     decode_response_untrusted,
     encode_get_file_info_request,
-    encode_read_file_request,
+    encode_path,
+    encode_read_file_request_wire,
     encode_version_request,
 )
 
@@ -125,6 +126,15 @@ def data_from_reply(reply: bytes | bytearray | memoryview, path: str, count: int
     return response.data
 
 
+def _data_view(reply: bytes | bytearray | memoryview, path: str, count: int) -> memoryview:
+    """:func:`data_from_reply` as a view of ``reply`` (the hot path: the one successful shape is
+    checked with a single unpack; anything else goes through the full check, which raises)."""
+    data = decode_read_file_success_untrusted(reply)
+    if data is None or len(data) != count:
+        return memoryview(data_from_reply(reply, path, count))
+    return data
+
+
 class VmbfsClient:
     """Talks vmbfs over ``pipe``, one request at a time (or ``window`` reads in flight).
 
@@ -136,6 +146,13 @@ class VmbfsClient:
     def __init__(self, pipe: MessagePipeLike) -> None:
         self.pipe = pipe
         self._broken: str | None = None
+        # The last path read and its wire form: a file is read with one path many times.
+        self._wire_path: tuple[str, bytes] = ("", b"")
+
+    def _encode_read(self, count: int, offset: int, path: str) -> bytes:
+        if self._wire_path[0] != path:
+            self._wire_path = (path, encode_path(path))
+        return encode_read_file_request_wire(count, offset, self._wire_path[1])
 
     @asynccontextmanager
     async def _exchange(self) -> AsyncIterator[None]:
@@ -164,10 +181,10 @@ class VmbfsClient:
         if not 0 <= count <= MAX_READ_SIZE:
             raise ValueError(f"a vmbfs read is 0..{MAX_READ_SIZE} bytes, not {count}")
         async with self._exchange():
-            await self.pipe.send(encode_read_file_request(count, offset, path))
+            await self.pipe.send(self._encode_read(count, offset, path))
             # The reply is checked in the ring and only its data copied out.
             return await self.pipe.recv_parsed(
-                lambda reply: data_from_reply(reply, path, count), MAX_MESSAGE_SIZE
+                lambda reply: bytes(_data_view(reply, path, count)), MAX_MESSAGE_SIZE
             )
 
     async def read_file(self, path: str, *, window: int = 1) -> bytes:
@@ -177,27 +194,58 @@ class VmbfsClient:
         request/reply. More saves round trips, and the device serves queued requests as fast as
         its host-to-guest ring has room for their replies.
         """
+        chunks: list[bytes] = []  # replies arrive in request order
+        await self._read_whole(
+            path, window, lambda size: None, lambda offset, data: chunks.append(bytes(data))
+        )
+        return b"".join(chunks)
+
+    async def read_file_into(self, path: str, *, window: int = 1) -> bytearray:
+        """:meth:`read_file`, returning the file in a new bytearray of its size: each reply's
+        data is copied from the ring straight into place (one copy, no join)."""
+        buffer = bytearray()
+
+        def allocate(size: int) -> None:
+            nonlocal buffer
+            buffer = bytearray(size)
+
+        def store(offset: int, data: memoryview) -> None:
+            buffer[offset : offset + len(data)] = data
+
+        await self._read_whole(path, window, allocate, store)
+        return buffer
+
+    async def _read_whole(
+        self,
+        path: str,
+        window: int,
+        allocate: Callable[[int], None],
+        store: Callable[[int, memoryview], None],
+    ) -> None:
+        """GET_FILE_INFO, ``allocate(size)``, then READ_FILE requests (``window`` in flight),
+        calling ``store(offset, data)`` for each reply in file order, ``data`` a view of the
+        checked reply in the ring (valid during the call only)."""
         if window < 1:
             raise ValueError("window must be at least 1")
         info = await self.file_info(path)
         if info.directory:
             raise VmbfsClientError(f"{path!r} is a directory")
         size = info.file_size
-        chunks: list[bytes] = []  # replies arrive in request order
-        in_flight: collections.deque[int] = collections.deque()
+        allocate(size)
+        in_flight: collections.deque[tuple[int, int]] = collections.deque()
         offset = 0
+        pipe = self.pipe
+
+        def take(reply: bytes | memoryview) -> None:
+            at, count = in_flight[0]
+            store(at, _data_view(reply, path, count))
+
         async with self._exchange():
             while offset < size or in_flight:
                 while offset < size and len(in_flight) < window:
                     count = min(MAX_READ_SIZE, size - offset)
-                    await self.pipe.send(encode_read_file_request(count, offset, path))
-                    in_flight.append(count)
+                    await pipe.send(self._encode_read(count, offset, path))
+                    in_flight.append((offset, count))
                     offset += count
-                chunks.append(
-                    await self.pipe.recv_parsed(
-                        functools.partial(data_from_reply, path=path, count=in_flight[0]),
-                        MAX_MESSAGE_SIZE,
-                    )
-                )
+                await pipe.recv_parsed(take, MAX_MESSAGE_SIZE)
                 in_flight.popleft()
-        return b"".join(chunks)

@@ -42,10 +42,10 @@ from devicehost_vmbfs.protocol import (
     MessageType,
     ProtocolError,
     ProtocolErrorKind,
-    ReadFileRequest,
     Status,
     VersionRequest,
     VersionStatus,
+    decode_read_file_request_fields_untrusted,
     decode_request_untrusted,
     encode_get_file_info_response,
     encode_read_file_response,
@@ -124,7 +124,21 @@ class VmbfsCore:
         if self.fatal is not None:
             raise self.fatal
         try:
-            return self._handle(message, reply_buffer)
+            # The hot path: a READ_FILE_REQUEST, decoded without building a request value
+            # (same checks, same order: parse, then state, then size).
+            try:
+                fields = decode_read_file_request_fields_untrusted(message)
+            except ProtocolError as exc:
+                raise FatalError(_FROM_PROTOCOL[exc.kind], str(exc)) from None
+            if fields is None:
+                return self._handle(message, reply_buffer)
+            self.messages += 1
+            if self.state is not ProtocolState.READY:
+                raise FatalError(
+                    FatalErrorKind.UNEXPECTED_MESSAGE, "ReadFileRequest before the version"
+                )
+            count, offset, path = fields
+            return self._read_file(count, offset, path, reply_buffer)
         except FatalError as exc:
             self.fatal = exc
             raise
@@ -152,7 +166,7 @@ class VmbfsCore:
             )
         if isinstance(request, GetFileInfoRequest):
             return self._file_info(request)
-        return self._read_file(request, reply_buffer)
+        return self._read_file(request.byte_count, request.offset, request.path, reply_buffer)
 
     def _file_info(self, request: GetFileInfoRequest) -> bytes:
         try:
@@ -163,9 +177,12 @@ class VmbfsCore:
         return encode_get_file_info_response(Status.SUCCESS, flags, info.file_size)
 
     def _read_file(
-        self, request: ReadFileRequest, reply_buffer: Callable[[int], bytearray | memoryview]
+        self,
+        count: int,
+        offset: int,
+        path: str,
+        reply_buffer: Callable[[int], bytearray | memoryview],
     ) -> bytes | bytearray | memoryview:
-        count = request.byte_count
         if count > MAX_READ_SIZE:
             raise FatalError(
                 FatalErrorKind.READ_TOO_LARGE, f"read of {count} bytes > {MAX_READ_SIZE}"
@@ -174,9 +191,7 @@ class VmbfsCore:
         reply = reply_buffer(_READ_REPLY_PREFIX + count)
         _READ_REPLY_HEADER.pack_into(reply, 0, MessageType.READ_FILE_RESPONSE, 0, Status.SUCCESS)
         try:
-            self.backing.read_file(
-                request.path, request.offset, memoryview(reply)[_READ_REPLY_PREFIX:]
-            )
+            self.backing.read_file(path, offset, memoryview(reply)[_READ_REPLY_PREFIX:])
         except FileError as exc:
             # No data at all with a failure status, not even what was read before it failed.
             return encode_read_file_response(status_for_error(exc))

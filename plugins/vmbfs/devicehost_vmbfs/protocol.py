@@ -44,6 +44,8 @@ __all__ = [
     "VersionStatus",
     "decode_message_untrusted",
     "decode_path_untrusted",
+    "decode_read_file_request_fields_untrusted",
+    "decode_read_file_success_untrusted",
     "decode_request_untrusted",
     "decode_response_untrusted",
     "encode_get_file_info_request",
@@ -53,6 +55,7 @@ __all__ = [
     "encode_read_file_rdma_request",
     "encode_read_file_rdma_response",
     "encode_read_file_request",
+    "encode_read_file_request_wire",
     "encode_read_file_response",
     "encode_version_request",
     "encode_version_response",
@@ -121,6 +124,9 @@ _FILE_INFO_RESPONSE: Final = struct.Struct("<IIQ")
 _READ_FILE_FIXED: Final = struct.Struct("<IQ")  # 12 bytes: the packed fixed part
 _RDMA_REQUEST_FIXED: Final = struct.Struct("<IIQQ")
 _RDMA_RESPONSE: Final = struct.Struct("<II")
+# The hot paths: header + READ_FILE fixed part (20 bytes), header + status (12 bytes).
+_READ_FILE_REQUEST_PREFIX: Final = struct.Struct("<IIIQ")
+_STATUS_PREFIX: Final = struct.Struct("<III")
 
 HEADER_SIZE: Final = _HEADER.size
 
@@ -208,14 +214,25 @@ Response = VersionResponse | GetFileInfoResponse | ReadFileResponse
 # -- paths ----------------------------------------------------------------------------------------
 
 
-def decode_path_untrusted(data: bytes | memoryview) -> str:
+#: Paths decoded lately, by their raw wire bytes: a guest reading a file asks for the same path
+#: in every request. Only paths that passed every check are stored; the cache is emptied when it
+#: holds this many, so a guest sending ever new paths cannot grow it.
+_PATH_CACHE_SIZE: Final = 64
+_path_cache: dict[bytes, str] = {}
+
+
+def decode_path_untrusted(data: bytes | bytearray | memoryview) -> str:
     """Decode a wire path (§8.5): UTF-16LE units, no NUL anywhere, valid UTF-16, ``\\`` -> ``/``.
 
     The checks run in this order: odd length (UNALIGNED), any 0x0000 unit, even a trailing
     terminator (NULL_TERMINATOR_IN_PATH), unpaired surrogates (INVALID_UTF16_PATH). The empty path
-    is valid and decodes to ``""``.
+    is valid and decodes to ``""``. A path seen lately is answered from a small cache keyed by
+    its exact bytes (copied first, so the peer cannot change them between check and use).
     """
     raw = bytes(data)
+    text = _path_cache.get(raw)
+    if text is not None:
+        return text
     if len(raw) % 2:
         raise ProtocolError(ProtocolErrorKind.UNALIGNED, f"path of odd length {len(raw)}")
     # Native-order units: a zero unit is zero in either byte order.
@@ -225,7 +242,26 @@ def decode_path_untrusted(data: bytes | memoryview) -> str:
         text = raw.decode("utf-16-le")
     except UnicodeDecodeError as exc:
         raise ProtocolError(ProtocolErrorKind.INVALID_UTF16_PATH, str(exc)) from None
-    return text.replace("\\", "/")
+    text = text.replace("\\", "/")
+    if len(_path_cache) >= _PATH_CACHE_SIZE:
+        _path_cache.clear()
+    _path_cache[raw] = text
+    return text
+
+
+def decode_read_file_request_fields_untrusted(
+    data: bytes | bytearray | memoryview,
+) -> tuple[int, int, str] | None:
+    """``(byte_count, offset, path)`` of a READ_FILE_REQUEST, the device's hot path, or None if
+    ``data`` is not one with its whole fixed part (then :func:`decode_request_untrusted` tells
+    what it is, or why it is invalid). The path is checked as :func:`decode_path_untrusted`
+    does, raising :class:`ProtocolError` the same way."""
+    if len(data) < _READ_FILE_REQUEST_PREFIX.size:
+        return None
+    message_type, _reserved, count, offset = _READ_FILE_REQUEST_PREFIX.unpack_from(data)
+    if message_type != MessageType.READ_FILE_REQUEST:
+        return None
+    return count, offset, decode_path_untrusted(data[_READ_FILE_REQUEST_PREFIX.size :])
 
 
 def encode_path(path: str) -> bytes:
@@ -268,6 +304,14 @@ def encode_get_file_info_response(status: int, flags: int = 0, file_size: int = 
 def encode_read_file_request(byte_count: int, offset: int, path: str) -> bytes:
     return encode_message(
         MessageType.READ_FILE_REQUEST, _READ_FILE_FIXED.pack(byte_count, offset) + encode_path(path)
+    )
+
+
+def encode_read_file_request_wire(byte_count: int, offset: int, wire_path: bytes) -> bytes:
+    """:func:`encode_read_file_request` for a path already encoded by :func:`encode_path`."""
+    return (
+        _READ_FILE_REQUEST_PREFIX.pack(MessageType.READ_FILE_REQUEST, 0, byte_count, offset)
+        + wire_path
     )
 
 
@@ -403,6 +447,18 @@ def _decode_untrusted(
             ProtocolErrorKind.INVALID_MESSAGE_TYPE, f"message type {message_type} is not {what}"
         )
     return decoder(body)
+
+
+def decode_read_file_success_untrusted(data: bytes | bytearray | memoryview) -> memoryview | None:
+    """The data of a READ_FILE_RESPONSE with status SUCCESS, as a view of ``data`` (the client's
+    hot path), or None if ``data`` is anything else (then :func:`decode_response_untrusted`
+    tells what it is, or why it is invalid)."""
+    if len(data) < _STATUS_PREFIX.size:
+        return None
+    message_type, _reserved, status = _STATUS_PREFIX.unpack_from(data)
+    if message_type != MessageType.READ_FILE_RESPONSE or status != Status.SUCCESS:
+        return None
+    return memoryview(data)[_STATUS_PREFIX.size :]
 
 
 def decode_message_untrusted(data: bytes | bytearray | memoryview) -> Message:

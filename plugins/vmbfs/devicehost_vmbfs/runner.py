@@ -62,6 +62,14 @@ class VmbfsRunner:
             return
         pipe = self.pipe
         outgoing = pipe.channel.outgoing
+        core = self.core
+
+        def handle(message: bytes | memoryview) -> bytes | bytearray | memoryview:
+            # The request is parsed in the incoming ring, the READ_FILE reply built in the
+            # outgoing one (pipe.reserve): the file data is read straight into the ring and
+            # sending it copies nothing (unless it wraps).
+            return core.handle(message, pipe.reserve)
+
         budget = YIELD_EVERY
         try:
             while True:
@@ -69,10 +77,11 @@ class VmbfsRunner:
                 # small to ever hold it fails here, before any message is read).
                 if not outgoing.can_write(_REPLY_ROOM):
                     await pipe.wait_write_ready(MAX_MESSAGE_SIZE)
-                message = await pipe.recv(MAX_MESSAGE_SIZE)
-                # A READ_FILE reply is built right in the ring (pipe.reserve): the file data is
-                # read into the outgoing ring and sending it copies nothing (unless it wraps).
-                reply = self.core.handle(message, pipe.reserve)
+                # (b) a queued request is taken without awaiting; otherwise wait for one.
+                try:
+                    reply = pipe.try_recv_parsed(handle, MAX_MESSAGE_SIZE)
+                except anyio.WouldBlock:
+                    reply = await pipe.recv_parsed(handle, MAX_MESSAGE_SIZE)
                 pipe.try_send(reply)  # never blocks: the room was there before receiving
                 budget -= 1
                 if budget == 0:

@@ -174,3 +174,43 @@ def test_window_must_be_positive() -> None:
     client = VmbfsClient(MessagePipe(guest))
     with pytest.raises(ValueError):
         anyio.run(lambda: client.read_file("/f", window=0))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("ring_pages", "window"), [(4, 1), (8, 3), (32, 8)])
+async def test_read_file_into_returns_the_file_in_a_bytearray(
+    tmp_path: Path, ring_pages: int, window: int
+) -> None:
+    data = os.urandom(7 * MAX_READ_SIZE + 11)
+    (tmp_path / "hive").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    async with served(VmbfsConfig(root=str(tmp_path)), ring_size=ring_pages * 4096) as s:
+        with anyio.fail_after(10):
+            await s.client.negotiate()
+            got = await s.client.read_file_into("/hive", window=window)
+            assert type(got) is bytearray and got == data
+            assert await s.client.read_file_into("\\empty") == bytearray()
+            with pytest.raises(VmbfsClientError, match="is a directory"):
+                await s.client.read_file_into("/")
+            with pytest.raises(VmbfsClientError) as info:
+                await s.client.read_file_into("/missing")
+            assert info.value.status == 1
+
+
+@pytest.mark.anyio
+async def test_a_short_read_reply_fails_the_whole_file_read() -> None:
+    """Play a device that answers a read with fewer bytes than asked: a client error."""
+    host, guest = connected_channel_pair(16384)
+    device_pipe = MessagePipe(host)
+    client = VmbfsClient(MessagePipe(guest))
+
+    async def device() -> None:
+        await device_pipe.recv(MAX_MESSAGE_SIZE)
+        await device_pipe.send(encode_get_file_info_response(0, 0, 10))
+        await device_pipe.recv(MAX_MESSAGE_SIZE)
+        await device_pipe.send(encode_read_file_response(0, b"123456789"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(device)
+        with anyio.fail_after(5), pytest.raises(VmbfsClientError, match="9 bytes for a read of 10"):
+            await client.read_file_into("/f")

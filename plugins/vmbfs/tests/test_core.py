@@ -293,3 +293,28 @@ def test_directory_escapes_answer_not_found_on_the_wire(tmp_path: Path, path: st
         assert core.handle(encode_read_file_request(6, 0, path)) == struct.pack("<III", 6, 0, 1)
     finally:
         backing.close()
+
+
+def test_read_file_hot_path_checks_the_path_before_size_and_state(
+    backing: SingleFileBacking,
+) -> None:
+    bad_path = struct.pack("<IIIQ", 5, 0, MAX_READ_SIZE + 1, 0) + b"/\x00\x00\x00"
+    assert_fatal(VmbfsCore(backing), bad_path, FatalErrorKind.NULL_TERMINATOR_IN_PATH)
+    assert_fatal(ready(backing), bad_path, FatalErrorKind.NULL_TERMINATOR_IN_PATH)
+
+
+def test_reads_of_a_path_seen_before_are_answered_and_a_bad_variant_still_fails(
+    backing: SingleFileBacking,
+) -> None:
+    core = ready(backing)
+    for offset in (0, 100, 25000):
+        reply = core.handle(encode_read_file_request(600, offset, "/imc.hiv"))
+        assert bytes(reply) == bytes.fromhex("06000000 00000000 00000000") + (
+            CONTENT[offset : offset + 600]
+        )
+    assert core.messages == 4
+    assert_fatal(
+        core,
+        encode_read_file_request(600, 0, "/imc.hiv") + b"\x00\x00",
+        FatalErrorKind.NULL_TERMINATOR_IN_PATH,
+    )

@@ -28,6 +28,8 @@ from devicehost_vmbfs.protocol import (
     VersionResponse,
     decode_message_untrusted,
     decode_path_untrusted,
+    decode_read_file_request_fields_untrusted,
+    decode_read_file_success_untrusted,
     decode_request_untrusted,
     decode_response_untrusted,
     encode_get_file_info_request,
@@ -36,6 +38,7 @@ from devicehost_vmbfs.protocol import (
     encode_read_file_rdma_request,
     encode_read_file_rdma_response,
     encode_read_file_request,
+    encode_read_file_request_wire,
     encode_read_file_response,
     encode_version_request,
     encode_version_response,
@@ -200,6 +203,65 @@ def test_encode_path_refuses_what_the_device_would_reject() -> None:
         encode_path("\ud800")
 
 
+def test_a_decoded_path_is_decoded_again_the_same_and_bad_paths_always_fail() -> None:
+    good = "\\a\\b".encode("utf-16-le")
+    assert decode_path_untrusted(good) == "/a/b"
+    assert decode_path_untrusted(memoryview(good)) == "/a/b"
+    assert decode_path_untrusted(bytearray(good)) == "/a/b"
+    for _ in range(2):
+        with pytest.raises(ProtocolError) as info:
+            decode_path_untrusted(good + b"\x00\x00")
+        assert info.value.kind is ProtocolErrorKind.NULL_TERMINATOR_IN_PATH
+        with pytest.raises(ProtocolError) as info:
+            decode_path_untrusted(good[:-1])
+        assert info.value.kind is ProtocolErrorKind.UNALIGNED
+
+
+def test_many_distinct_paths_all_decode_right() -> None:
+    """The path cache is bounded: ever new paths evict old ones, and none is answered wrongly."""
+    for _ in range(2):
+        for i in range(300):
+            assert decode_path_untrusted(f"/f{i}".encode("utf-16-le")) == f"/f{i}"
+    assert decode_path_untrusted(b"") == ""
+
+
+def test_read_file_request_fields() -> None:
+    message = encode_read_file_request(MAX_READ_SIZE, 2**40 + 3, "\\dir\\imc.hiv")
+    assert decode_read_file_request_fields_untrusted(message) == (
+        MAX_READ_SIZE, 2**40 + 3, "/dir/imc.hiv"
+    )
+    assert decode_read_file_request_fields_untrusted(memoryview(message)) == (
+        MAX_READ_SIZE, 2**40 + 3, "/dir/imc.hiv"
+    )
+    # Not a READ_FILE_REQUEST with its whole fixed part: left to the full decoder.
+    assert decode_read_file_request_fields_untrusted(message[:19]) is None
+    assert decode_read_file_request_fields_untrusted(encode_get_file_info_request("/a" * 8)) is None
+    with pytest.raises(ProtocolError) as info:
+        decode_read_file_request_fields_untrusted(message + b"\x00")
+    assert info.value.kind is ProtocolErrorKind.UNALIGNED
+
+
+def test_read_file_request_wire_is_the_same_bytes() -> None:
+    assert encode_read_file_request_wire(7, 9, encode_path("/x")) == (
+        encode_read_file_request(7, 9, "/x")
+    )
+    assert encode_read_file_request_wire(7, 9, b"") == bytes.fromhex(
+        "05000000 00000000 07000000 0900000000000000"
+    )
+
+
+def test_read_file_success_data() -> None:
+    reply = encode_read_file_response(0, b"data")
+    view = decode_read_file_success_untrusted(reply)
+    assert view is not None and bytes(view) == b"data"
+    empty = decode_read_file_success_untrusted(encode_read_file_response(0))
+    assert empty is not None and bytes(empty) == b""
+    assert decode_read_file_success_untrusted(encode_read_file_response(2)) is None
+    assert decode_read_file_success_untrusted(encode_read_file_response(2) + b"x") is None
+    assert decode_read_file_success_untrusted(encode_version_response(0)) is None
+    assert decode_read_file_success_untrusted(reply[:11]) is None
+
+
 # -- fuzzing ----------------------------------------------------------------------------------
 
 
@@ -243,3 +305,45 @@ def test_read_file_request_round_trips(count: int, offset: int, path: str) -> No
     assert decode_request_untrusted(encode_read_file_request(count, offset, path)) == (
         ReadFileRequest(count, offset, path)
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=48),
+    st.builds(lambda body: struct.pack("<II", 5, 0) + body, st.binary(max_size=48)),
+))
+def test_read_file_fields_agree_with_the_full_decoder(data: bytes) -> None:
+    try:
+        expected: object = decode_request_untrusted(data)
+    except ProtocolError as exc:
+        expected = exc.kind
+    try:
+        fields = decode_read_file_request_fields_untrusted(data)
+    except ProtocolError as exc:
+        assert expected is exc.kind
+        return
+    if fields is None:
+        assert not isinstance(expected, ReadFileRequest)
+    else:
+        assert expected == ReadFileRequest(*fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        lambda status, body: struct.pack("<III", 6, 0, status) + body,
+        st.integers(0, 4),
+        st.binary(max_size=24),
+    ),
+))
+def test_read_file_success_data_agrees_with_the_full_decoder(data: bytes) -> None:
+    try:
+        expected: object = decode_response_untrusted(data)
+    except ProtocolError:
+        expected = None
+    view = decode_read_file_success_untrusted(data)
+    if view is None:
+        assert not (isinstance(expected, ReadFileResponse) and expected.status == 0)
+    else:
+        assert expected == ReadFileResponse(0, bytes(view))
