@@ -86,6 +86,8 @@ _U32: Final = 0xFFFF_FFFF
 _ZERO_HEADER: Final = bytes(HEADER_SIZE)
 #: Most rx buffers one host read fills (one scatter read, one ``recvmsg`` iovec list).
 _MAX_RUN: Final = 64
+#: Most payload pieces one coalesced host write gathers (well under the kernel's IOV_MAX).
+_MAX_GATHER: Final = 256
 
 
 def _prefix(parts: Sequence[memoryview], length: int) -> list[memoryview]:
@@ -134,6 +136,12 @@ class ConnectionManager:
         #: Packet lengths written into the buffers ``more`` handed to the last ``produce_rx``,
         #: in order (the buffers after these were not used).
         self.extra_sizes: list[int] = []
+        #: A run of guest RW packets on one connection whose payloads wait for one host write
+        #: (``handle_tx(..., coalesce=True)``; written by :meth:`flush_tx`).
+        self._run_conn: Connection | None = None
+        self._run_views: list[memoryview] = []
+        self._run_bytes = 0
+        self._run_packets = 0
 
     # ----------------------------------------------------------------- inspection
 
@@ -166,6 +174,7 @@ class ConnectionManager:
 
     def close_all(self) -> None:
         """Drop every connection (queues stopped): host sockets closed, no packet sent."""
+        self._drop_run()
         for conn in [*self._table.values(), *self._pending]:
             conn.stream.close()
         self._table.clear()
@@ -216,17 +225,33 @@ class ConnectionManager:
     # ----------------------------------------------------------------- guest tx
 
     def handle_tx(
-        self, header: Buffer, payload: Sequence[memoryview] = (), now: float = 0.0
+        self, header: Buffer, payload: Sequence[memoryview] = (), now: float = 0.0, *,
+        coalesce: bool = False,
     ) -> None:
         """Handle one guest tx packet: ``header`` is what the chain's readable part held before
-        the payload (zero-filled if shorter than 44 bytes), ``payload`` the readable bytes after."""
-        raw = bytes(header[:HEADER_SIZE])
-        if len(raw) < HEADER_SIZE:
-            raw += _ZERO_HEADER[len(raw) :]
+        the payload (zero-filled if shorter than 44 bytes), ``payload`` the readable bytes after.
+
+        With ``coalesce``, consecutive RW packets of one connection that the host socket would be
+        asked to take right away are gathered and written with one ``sendmsg`` by
+        :meth:`flush_tx` (or by the next packet that is not such an RW): the bytes, their order,
+        fwd_cnt and every packet the guest gets are those of packet-by-packet handling. The
+        caller must call :meth:`flush_tx` before the payload memory is given back to the guest.
+        """
+        if len(header) >= HEADER_SIZE:
+            fields = HEADER.unpack_from(header)
+        else:
+            fields = HEADER.unpack(bytes(header) + _ZERO_HEADER[len(header) :])
         (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc, fwd_cnt) = (
-            HEADER.unpack(raw)
+            fields
         )
-        if op == Op.RW:
+        key = (dst_port, src_port)
+        run = self._run_conn
+        if run is not None and (
+            op != _RW or run.key != key or type_ != TYPE_STREAM or src_cid != self.guest_cid
+            or dst_cid != CID_HOST
+        ):
+            self.flush_tx()
+        if op == _RW:
             if length > TX_BUF_SIZE:
                 self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
                 return
@@ -234,7 +259,6 @@ class ConnectionManager:
             if available < length:
                 self._log.info("vsock: guest RW data length mismatch, dropped")
                 return
-        key = (dst_port, src_port)
         if type_ != TYPE_STREAM or src_cid != self.guest_cid or dst_cid != CID_HOST:
             self._log.info("vsock: guest packet with bad type/cid for %s, sending RST", key)
             self._reset(key)
@@ -257,7 +281,10 @@ class ConnectionManager:
         elif op == Op.RW:
             if length:
                 parts = payload if available == length else _prefix(payload, length)
-                self._guest_rw(conn, parts, length)
+                if not (coalesce and self._gather(conn, parts, length)):
+                    self._guest_rw(conn, parts, length)
+            elif self._run_conn is conn:
+                self._run_packets += 1  # its fate (RST or nothing) is the run's
         elif op == Op.CREDIT_UPDATE:
             conn.set_peer_credit(buf_alloc, fwd_cnt)
             if conn.state is ConnectionState.CONNECTED:
@@ -342,6 +369,64 @@ class ConnectionManager:
             self._remove(conn, rst=True)
             return
         self._schedule(conn)
+
+    def _gather(self, conn: Connection, payload: Sequence[memoryview], total: int) -> bool:
+        """Add an RW packet to the run of ``conn`` if packet-by-packet handling would hand it to
+        the host socket at once and the run cannot overrun the credit (the host socket takes part
+        or all of it; the rest always fits in the empty tx buffer). False: handle it now."""
+        if self._run_conn is not None and (
+            self._run_bytes + total > conn.txbuf.available
+            or len(self._run_views) + len(payload) > _MAX_GATHER
+        ):
+            self.flush_tx()
+            key = conn.key
+            assert key is not None
+            if self._table.get(key) is not conn:
+                # The write failed: packet by packet, this one would have found no connection.
+                self._rsts.append(key)
+                return True
+        if (
+            conn.state is not ConnectionState.CONNECTED
+            or conn.peer_shut_send
+            or conn.buffered
+            or len(payload) > _MAX_GATHER
+        ):
+            return False
+        self._run_conn = conn
+        self._run_views.extend(payload)
+        self._run_bytes += total
+        self._run_packets += 1
+        return True
+
+    def flush_tx(self) -> None:
+        """Write the gathered run of RW packets (see ``handle_tx(..., coalesce=True)``)."""
+        conn = self._run_conn
+        if conn is None:
+            return
+        views, total, packets = self._run_views, self._run_bytes, self._run_packets
+        self._drop_run()
+        key = conn.key
+        assert key is not None and self._table.get(key) is conn
+        try:
+            written = conn.stream.send(views)
+        except OSError as exc:
+            self._log.info("vsock: host socket write failed on %s: %s", key, exc)
+            self._remove(conn, rst=True)
+            # Packet by packet, each later RW of the run would have found no connection.
+            self._rsts.extend([key] * (packets - 1))
+            return
+        if written:
+            conn.add_fwd(written)
+            self._schedule(conn)
+        if total - written:
+            conn.txbuf.write(views, written)
+            conn.stream.want_write()
+
+    def _drop_run(self) -> None:
+        self._run_conn = None
+        self._run_views = []
+        self._run_bytes = 0
+        self._run_packets = 0
 
     def _guest_rw(self, conn: Connection, payload: Sequence[memoryview], total: int) -> None:
         if conn.state is not ConnectionState.CONNECTED or conn.peer_shut_send:
@@ -679,3 +764,4 @@ class ConnectionManager:
 
 
 _EMPTY_TXBUF: Final = TxBuffer(0)
+_RW: Final = int(Op.RW)

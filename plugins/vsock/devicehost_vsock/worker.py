@@ -4,8 +4,9 @@ Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.C
 (they never interleave inside it: the table is only touched between awaits):
 
 - tx: pops every guest tx chain, hands header and payload (views straight into guest memory,
-  never copied unless the host socket back-pressures) to the table and completes the chain with
-  length 0; waits for the next kick.
+  never copied unless the host socket back-pressures) to the table, lets it write consecutive
+  RW payloads of one connection with one ``sendmsg``, then completes the chains with length 0;
+  waits for the next kick.
 - relay: accepts host connections and reports socket readiness (:mod:`devicehost_vsock.relay`).
 - rx: only while the table has rx work *and* the guest has an rx buffer posted, fills that buffer
   (reading host data straight into guest memory when the buffer is one range, else through a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 
 import anyio
 
@@ -93,26 +95,34 @@ class VsockWorker:
 
     def drain_tx(self) -> int:
         """Handle every available tx chain; returns how many."""
-        count = 0
         now = anyio.current_time()
         tx = self.tx
-        handle_tx = self.manager.handle_tx
+        manager = self.manager
+        handle_tx = manager.handle_tx
+        handled: list[DescriptorChain] = []
         try:
             while (chain := tx.pop()) is not None:
                 parts = chain.readable
                 if parts and len(parts[0]) >= HEADER_SIZE:
                     first = parts[0]
                     header: memoryview | bytes = first[:HEADER_SIZE]
-                    payload = [first[HEADER_SIZE:], *parts[1:]]
+                    payload: Sequence[memoryview] = (
+                        parts[1:] if len(first) == HEADER_SIZE
+                        else [first[HEADER_SIZE:], *parts[1:]]
+                    )
                 else:
                     header = chain.peek(0, HEADER_SIZE)
                     payload = _views_after(parts, HEADER_SIZE)
-                handle_tx(header, payload, now)
-                tx.push_deferred(chain, 0)
-                count += 1
+                handle_tx(header, payload, now, coalesce=True)
+                handled.append(chain)
         finally:
-            # One barrier and at most one interrupt for the whole batch.
+            # Gathered payloads are written before their chains go back to the guest; then one
+            # barrier and at most one interrupt for the whole batch.
+            manager.flush_tx()
+            for chain in handled:
+                tx.push_deferred(chain, 0)
             tx.signal_used()
+        count = len(handled)
         if count:
             self.packets_in += count
             self.wake()

@@ -610,3 +610,86 @@ def test_runs_use_one_scatter_read_and_only_for_a_lone_connection() -> None:
     assert [(HEADER.unpack_from(p)[3], p[HEADER_SIZE:HEADER_SIZE + 1]) for p in packets] == [
         (1025, b"c"), (1024, b"b"), (1025, b"c"), (1024, b"b")
     ]
+
+
+# ----------------------------------------------------------------------- coalesced host writes
+
+_TX_STEP = st.tuples(
+    st.sampled_from(["rw", "rw", "rw", "rw_long_len", "rw_bad_cid", "shutdown", "credit_request",
+                     "credit_update", "response", "rst", "request"]),
+    st.integers(0, 1),  # which connection
+    st.integers(0, 40000),  # payload length
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(_TX_STEP, max_size=30),
+    capacities=st.tuples(st.integers(0, 200000), st.integers(0, 200000)),
+    fail=st.tuples(st.booleans(), st.booleans()),
+    flush_every=st.integers(1, 40),
+)
+def test_coalesced_rw_packets_match_packet_by_packet_handling(
+    steps: list[tuple[str, int, int]], capacities: tuple[int, int], fail: tuple[bool, bool],
+    flush_every: int,
+) -> None:
+    results = []
+    for coalesce in (False, True):
+        h = Harness()
+        streams = [h.connect(1024, 5000), h.connect(1025, 5000)]
+        for stream, capacity, failing in zip(streams, capacities, fail, strict=True):
+            stream.capacity = capacity
+            stream.fail_send = failing
+        for i, (kind, which, length) in enumerate(steps):
+            local = 1024 + which
+            data = bytes([i % 256]) * length
+            if kind == "rw":
+                h.manager.handle_tx(
+                    HEADER.pack(CID, 2, local, 5000, length, 1, Op.RW, 0, 65536, 0),
+                    [memoryview(data)], h.now, coalesce=coalesce)
+            elif kind == "rw_long_len":
+                h.manager.handle_tx(
+                    HEADER.pack(CID, 2, local, 5000, length + 1, 1, Op.RW, 0, 65536, 0),
+                    [memoryview(data)], h.now, coalesce=coalesce)
+            elif kind == "rw_bad_cid":
+                h.manager.handle_tx(
+                    HEADER.pack(CID + 1, 2, local, 5000, length, 1, Op.RW, 0, 65536, 0),
+                    [memoryview(data)], h.now, coalesce=coalesce)
+            else:
+                op = {"shutdown": Op.SHUTDOWN, "credit_request": Op.CREDIT_REQUEST,
+                      "credit_update": Op.CREDIT_UPDATE, "response": Op.RESPONSE,
+                      "rst": Op.RST, "request": Op.REQUEST}[kind]
+                h.manager.handle_tx(
+                    HEADER.pack(CID, 2, local, 5000, 0, 1, op, SHUTDOWN_SEND, 65536, 0),
+                    [], h.now, coalesce=coalesce)
+            if (i + 1) % flush_every == 0:
+                h.manager.flush_tx()
+        h.manager.flush_tx()
+        conns = [h.manager.connection((5000, local)) for local in (1024, 1025)]
+        results.append((
+            [(bytes(s.outbound), s.closed, s.shut, s.wants) for s in streams],
+            [None if c is None else (c.fwd_cnt, c.buffered) for c in conns],
+            h.rx_all(),
+        ))
+    assert results[0] == results[1]
+
+
+def test_coalesced_rw_packets_go_out_in_one_write() -> None:
+    h = Harness()
+    stream = h.connect(1024, 5000)
+    sends: list[int] = []
+    real_send = stream.send
+
+    def counting_send(buffers: list[memoryview]) -> int:
+        sends.append(len(buffers))
+        return real_send(buffers)
+
+    stream.send = counting_send  # type: ignore[method-assign]
+    for i in range(10):
+        h.manager.handle_tx(HEADER.pack(CID, 2, 1024, 5000, 1000, 1, Op.RW, 0, 65536, 0),
+                            [memoryview(bytes([i]) * 1000)], h.now, coalesce=True)
+    assert stream.outbound == b"" and sends == []
+    h.manager.flush_tx()
+    assert sends == [10] and stream.outbound == b"".join(bytes([i]) * 1000 for i in range(10))
+    (update, _), = h.rx_all()
+    assert (update.op, update.fwd_cnt) == (Op.CREDIT_UPDATE, 10000)
