@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
+import anyio
+
 from devicehost_vmbfs.backing import FileInfo
 from devicehost_vmbfs.protocol import (
     MAX_MESSAGE_SIZE,
@@ -149,10 +151,10 @@ class VmbfsClient:
         # The last path read and its wire form: a file is read with one path many times.
         self._wire_path: tuple[str, bytes] = ("", b"")
 
-    def _encode_read(self, count: int, offset: int, path: str) -> bytes:
+    def _wire_path_of(self, path: str) -> bytes:
         if self._wire_path[0] != path:
             self._wire_path = (path, encode_path(path))
-        return encode_read_file_request_wire(count, offset, self._wire_path[1])
+        return self._wire_path[1]
 
     @asynccontextmanager
     async def _exchange(self) -> AsyncIterator[None]:
@@ -181,7 +183,8 @@ class VmbfsClient:
         if not 0 <= count <= MAX_READ_SIZE:
             raise ValueError(f"a vmbfs read is 0..{MAX_READ_SIZE} bytes, not {count}")
         async with self._exchange():
-            await self.pipe.send(self._encode_read(count, offset, path))
+            request = encode_read_file_request_wire(count, offset, self._wire_path_of(path))
+            await self.pipe.send(request)
             # The reply is checked in the ring and only its data copied out.
             return await self.pipe.recv_parsed(
                 lambda reply: bytes(_data_view(reply, path, count)), MAX_MESSAGE_SIZE
@@ -235,16 +238,24 @@ class VmbfsClient:
         in_flight: collections.deque[tuple[int, int]] = collections.deque()
         offset = 0
         pipe = self.pipe
+        wire_path = self._wire_path_of(path)
 
         def take(reply: bytes | memoryview) -> None:
             at, count = in_flight[0]
-            store(at, _data_view(reply, path, count))
+            data = decode_read_file_success_untrusted(reply)
+            if data is None or len(data) != count:
+                data = memoryview(data_from_reply(reply, path, count))  # raises
+            store(at, data)
 
         async with self._exchange():
             while offset < size or in_flight:
                 while offset < size and len(in_flight) < window:
                     count = min(MAX_READ_SIZE, size - offset)
-                    await pipe.send(self._encode_read(count, offset, path))
+                    request = encode_read_file_request_wire(count, offset, wire_path)
+                    try:
+                        pipe.try_send(request)  # no await while the ring has room
+                    except anyio.WouldBlock:
+                        await pipe.send(request)
                     in_flight.append((offset, count))
                     offset += count
                 await pipe.recv_parsed(take, MAX_MESSAGE_SIZE)

@@ -77,11 +77,8 @@ class VmbfsRunner:
                 # small to ever hold it fails here, before any message is read).
                 if not outgoing.can_write(_REPLY_ROOM):
                     await pipe.wait_write_ready(MAX_MESSAGE_SIZE)
-                # (b) a queued request is taken without awaiting; otherwise wait for one.
-                try:
-                    reply = pipe.try_recv_parsed(handle, MAX_MESSAGE_SIZE)
-                except anyio.WouldBlock:
-                    reply = await pipe.recv_parsed(handle, MAX_MESSAGE_SIZE)
+                # (b) one request (taken at once if queued), parsed and answered in the ring.
+                reply = await pipe.recv_parsed(handle, MAX_MESSAGE_SIZE)
                 pipe.try_send(reply)  # never blocks: the room was there before receiving
                 budget -= 1
                 if budget == 0:
