@@ -96,6 +96,10 @@ _FROM_PROTOCOL: Final = {
 # READ_FILE_RESPONSE: type u32 @0, reserved u32 @4, status u32 @8, data @12.
 _READ_REPLY_HEADER: Final = struct.Struct("<III")
 _READ_REPLY_PREFIX: Final = _READ_REPLY_HEADER.size
+# Plain values for the hot path (an enum member lookup costs more than the compare).
+_READ_FILE_RESPONSE_TYPE: Final = int(MessageType.READ_FILE_RESPONSE)
+_SUCCESS: Final = int(Status.SUCCESS)
+_READY: Final = ProtocolState.READY
 
 
 class VmbfsCore:
@@ -133,7 +137,7 @@ class VmbfsCore:
             if fields is None:
                 return self._handle(message, reply_buffer)
             self.messages += 1
-            if self.state is not ProtocolState.READY:
+            if self.state is not _READY:
                 raise FatalError(
                     FatalErrorKind.UNEXPECTED_MESSAGE, "ReadFileRequest before the version"
                 )
@@ -189,7 +193,7 @@ class VmbfsCore:
             )
         # Build the reply in place: header, status 0 (SUCCESS), then the data read into it.
         reply = reply_buffer(_READ_REPLY_PREFIX + count)
-        _READ_REPLY_HEADER.pack_into(reply, 0, MessageType.READ_FILE_RESPONSE, 0, Status.SUCCESS)
+        _READ_REPLY_HEADER.pack_into(reply, 0, _READ_FILE_RESPONSE_TYPE, 0, _SUCCESS)
         try:
             self.backing.read_file(path, offset, memoryview(reply)[_READ_REPLY_PREFIX:])
         except FileError as exc:

@@ -107,6 +107,12 @@ class FileInfoFlags(enum.IntFlag):
     RDMA_CAPABLE = 1 << 1
 
 
+# Plain ints for the hot paths (an enum member lookup costs more than the compare).
+_READ_FILE_REQUEST_TYPE: Final = int(MessageType.READ_FILE_REQUEST)
+_READ_FILE_RESPONSE_TYPE: Final = int(MessageType.READ_FILE_RESPONSE)
+_SUCCESS: Final = int(Status.SUCCESS)
+
+
 # Byte layouts (little-endian; offsets from the start of the message).
 #   header                      0 message_type u32 | 4 reserved u32 (sent 0, ignored)
 #   VERSION_REQUEST body        8 requested_version u32
@@ -259,7 +265,7 @@ def decode_read_file_request_fields_untrusted(
     if len(data) < _READ_FILE_REQUEST_PREFIX.size:
         return None
     message_type, _reserved, count, offset = _READ_FILE_REQUEST_PREFIX.unpack_from(data)
-    if message_type != MessageType.READ_FILE_REQUEST:
+    if message_type != _READ_FILE_REQUEST_TYPE:
         return None
     return count, offset, decode_path_untrusted(data[_READ_FILE_REQUEST_PREFIX.size :])
 
@@ -310,7 +316,7 @@ def encode_read_file_request(byte_count: int, offset: int, path: str) -> bytes:
 def encode_read_file_request_wire(byte_count: int, offset: int, wire_path: bytes) -> bytes:
     """:func:`encode_read_file_request` for a path already encoded by :func:`encode_path`."""
     return (
-        _READ_FILE_REQUEST_PREFIX.pack(MessageType.READ_FILE_REQUEST, 0, byte_count, offset)
+        _READ_FILE_REQUEST_PREFIX.pack(_READ_FILE_REQUEST_TYPE, 0, byte_count, offset)
         + wire_path
     )
 
@@ -456,7 +462,7 @@ def decode_read_file_success_untrusted(data: bytes | bytearray | memoryview) -> 
     if len(data) < _STATUS_PREFIX.size:
         return None
     message_type, _reserved, status = _STATUS_PREFIX.unpack_from(data)
-    if message_type != MessageType.READ_FILE_RESPONSE or status != Status.SUCCESS:
+    if message_type != _READ_FILE_RESPONSE_TYPE or status != _SUCCESS:
         return None
     return memoryview(data)[_STATUS_PREFIX.size :]
 

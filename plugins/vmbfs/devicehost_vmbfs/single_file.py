@@ -33,10 +33,11 @@ def read_exact_at(fd: int, offset: int, buf: bytearray | memoryview, what: str) 
     if offset > _MAX_OFFSET:
         raise FileError(FileErrorKind.ERROR, f"{what}: offset {offset} cannot be seeked to")
     view = memoryview(buf).cast("B")
+    size = len(view)
     done = 0
-    while done < len(view):
+    while done < size:
         try:
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = os.preadv(fd, [view[done:] if done else view], offset + done)
         except OverflowError:
             raise FileError(FileErrorKind.ERROR, f"{what}: offset out of range") from None
         except OSError as exc:
@@ -44,7 +45,7 @@ def read_exact_at(fd: int, offset: int, buf: bytearray | memoryview, what: str) 
         if n == 0:
             raise FileError(
                 FileErrorKind.END_OF_FILE,
-                f"{what}: {len(view)} bytes at {offset} pass the end of the file",
+                f"{what}: {size} bytes at {offset} pass the end of the file",
             )
         done += n
 
@@ -90,7 +91,8 @@ class SingleFileBacking:
         return FileInfo(directory=False, file_size=size)
 
     def read_file(self, path: str, offset: int, buf: bytearray | memoryview) -> None:
-        self._check(path)
+        if path != self._path:
+            self._check(path)  # raises NOT_FOUND
         read_exact_at(self._fd, offset, buf, self._path)
 
     def describe(self) -> dict[str, object]:
