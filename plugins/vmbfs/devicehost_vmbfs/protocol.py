@@ -221,9 +221,12 @@ Response = VersionResponse | GetFileInfoResponse | ReadFileResponse
 
 
 #: Paths decoded lately, by their raw wire bytes: a guest reading a file asks for the same path
-#: in every request. Only paths that passed every check are stored; the cache is emptied when it
-#: holds this many, so a guest sending ever new paths cannot grow it.
+#: in every request. Only paths that passed every check are stored, and only short ones; the
+#: cache is emptied when it holds _PATH_CACHE_SIZE, so a guest sending ever new paths cannot grow
+#: it past ~64 KiB. A hit returns exactly what decoding those bytes again would (the value is a
+#: function of the key alone), so sharing it between channels leaks nothing and changes nothing.
 _PATH_CACHE_SIZE: Final = 64
+_PATH_CACHE_MAX_BYTES: Final = 512
 _path_cache: dict[bytes, str] = {}
 
 
@@ -249,9 +252,10 @@ def decode_path_untrusted(data: bytes | bytearray | memoryview) -> str:
     except UnicodeDecodeError as exc:
         raise ProtocolError(ProtocolErrorKind.INVALID_UTF16_PATH, str(exc)) from None
     text = text.replace("\\", "/")
-    if len(_path_cache) >= _PATH_CACHE_SIZE:
-        _path_cache.clear()
-    _path_cache[raw] = text
+    if len(raw) <= _PATH_CACHE_MAX_BYTES:
+        if len(_path_cache) >= _PATH_CACHE_SIZE:
+            _path_cache.clear()
+        _path_cache[raw] = text
     return text
 
 

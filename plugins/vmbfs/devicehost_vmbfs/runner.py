@@ -9,6 +9,9 @@ buffer that is copied into the ring once. Decision: if a read into the ring then
 failure reply is sent instead and the bytes already read stay in the ring's unpublished free
 space, which the guest can see; they are bytes of a file served to this guest, at offsets it may
 read, so nothing leaks that a smaller read would not return.
+Requests are parsed where they lie in the incoming ring (``MessagePipe.recv_parsed``), which is
+guest memory: the core reads each fixed field once and copies the path before checking it, so a
+guest changing the bytes meanwhile only changes which valid or invalid request it sent.
 A fatal error (the guest broke the protocol, or its pipe failed) is logged and the loop returns:
 the device is then *done* until the channel is closed and opened again.
 
@@ -22,6 +25,7 @@ it yields every :data:`YIELD_EVERY` messages so a busy channel cannot starve oth
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -62,13 +66,10 @@ class VmbfsRunner:
             return
         pipe = self.pipe
         outgoing = pipe.channel.outgoing
-        core = self.core
-
-        def handle(message: bytes | memoryview) -> bytes | bytearray | memoryview:
-            # The request is parsed in the incoming ring, the READ_FILE reply built in the
-            # outgoing one (pipe.reserve): the file data is read straight into the ring and
-            # sending it copies nothing (unless it wraps).
-            return core.handle(message, pipe.reserve)
+        # The request is parsed in the incoming ring, the READ_FILE reply built in the outgoing
+        # one (pipe.reserve): the file data is read straight into the ring and sending it copies
+        # nothing (unless it wraps).
+        handle = functools.partial(self.core.handle, reply_buffer=pipe.reserve)
 
         budget = YIELD_EVERY
         try:

@@ -225,6 +225,15 @@ def test_many_distinct_paths_all_decode_right() -> None:
     assert decode_path_untrusted(b"") == ""
 
 
+def test_long_paths_decode_right_every_time() -> None:
+    path = "\\" + "x" * 600
+    for _ in range(2):
+        assert decode_path_untrusted(path.encode("utf-16-le")) == "/" + "x" * 600
+        with pytest.raises(ProtocolError) as info:
+            decode_path_untrusted(path.encode("utf-16-le") + b"\x00\xdc")
+        assert info.value.kind is ProtocolErrorKind.INVALID_UTF16_PATH
+
+
 def test_read_file_request_fields() -> None:
     message = encode_read_file_request(MAX_READ_SIZE, 2**40 + 3, "\\dir\\imc.hiv")
     assert decode_read_file_request_fields_untrusted(message) == (
