@@ -209,3 +209,28 @@ def test_receive_buffers_fill_the_queue_and_recycle() -> None:
     dq.add(writable=[100])
     chain = q.pop()
     assert chain is not None and chain.writable_len == 100 and dq.free_descriptors == 3
+
+
+def test_used_buffers_as_views() -> None:
+    dq, q = _pair()
+    dq.add(writable=[8], token="one")
+    dq.add(writable=[3, 4], token="two")  # two writable descriptors: joined
+    assert dq.get_used_view() is None
+    for written in (5, 6):
+        chain = q.pop()
+        assert chain is not None
+        chain.write_at(0, b"abcdefg"[:written])
+        q.push(chain.head, written)
+    used = dq.get_used_view()
+    assert used is not None and isinstance(used[2], memoryview)
+    assert (used[1], bytes(used[2]), used[3]) == (5, b"abcde", "one")
+    used = dq.get_used_view()
+    assert used is not None and (used[1], bytes(used[2]), used[3]) == (6, b"abcdef", "two")
+    assert dq.in_flight == 0 and dq.free_descriptors == 16
+    # The device is checked as for get_used.
+    dq.add(writable=[2])
+    chain = q.pop()
+    assert chain is not None
+    q.push(chain.head, 3)
+    with pytest.raises(DriverError, match="wrote 3 bytes"):
+        dq.get_used_view()

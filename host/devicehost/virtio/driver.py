@@ -303,6 +303,36 @@ class DriverQueue:
 
     def get_used(self) -> UsedBuffer | None:
         """The next chain the device returned, or None."""
+        taken = self._take_used()
+        if taken is None:
+            return None
+        head, written, flight = taken
+        parts = flight.writable
+        if written == 0:
+            data = b""
+        elif len(parts) == 1:
+            data = bytes(parts[0][:written])
+        else:
+            data = _joined(parts, written)
+        self._recycle(flight.block)
+        self._free.extend(reversed(flight.descriptors))
+        return UsedBuffer(head, written, data, flight.token)
+
+    def get_used_view(self) -> tuple[int, int, memoryview, Any] | None:
+        """Like :meth:`get_used` without copying the written bytes: ``(head, written, data,
+        token)`` where ``data`` views the buffer itself. The view is valid only until the next
+        ``add`` on this queue (which may reuse the buffer)."""
+        taken = self._take_used()
+        if taken is None:
+            return None
+        head, written, flight = taken
+        parts = flight.writable
+        data = parts[0][:written] if len(parts) == 1 else memoryview(_joined(parts, written))
+        self._recycle(flight.block)
+        self._free.extend(reversed(flight.descriptors))
+        return head, written, data, flight.token
+
+    def _take_used(self) -> tuple[int, int, _InFlight] | None:
         used_idx = U16.unpack_from(self._used, 2)[0]
         if used_idx == self.last_used:
             return None
@@ -318,23 +348,7 @@ class DriverQueue:
                 f"device wrote {written} bytes into chain {head} of queue {self.index}, which has"
                 f" {flight.writable_len} writable bytes"
             )
-        parts = flight.writable
-        if written == 0:
-            data = b""
-        elif len(parts) == 1:
-            data = bytes(parts[0][:written])
-        else:
-            chunks = []
-            need = written
-            for view in parts:
-                if need == 0:
-                    break
-                chunks.append(view[:need])
-                need -= len(chunks[-1])
-            data = b"".join(chunks)
-        self._recycle(flight.block)
-        self._free.extend(reversed(flight.descriptors))
-        return UsedBuffer(head, written, data, flight.token)
+        return head, written, flight
 
     async def wait_used(self) -> UsedBuffer:
         """Wait for the next used chain."""
@@ -355,6 +369,17 @@ class DriverQueue:
         self._spare.clear()
         self._spare_pages = 0
         self.allocator.free(self._ring_block)
+
+
+def _joined(parts: Sequence[memoryview], written: int) -> bytes:
+    chunks = []
+    need = written
+    for view in parts:
+        if need == 0:
+            break
+        chunks.append(view[:need])
+        need -= len(chunks[-1])
+    return b"".join(chunks)
 
 
 class VirtioDriver:

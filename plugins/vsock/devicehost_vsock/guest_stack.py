@@ -257,18 +257,19 @@ class GuestSockets:
                     rxq.add(writable=[self.rx_size])
                 rxq.kick()
             changed: dict[GuestConnection, None] = {}
-            used = rxq.get_used()
+            used = rxq.get_used_view()
             if used is None:
                 await rxq.call_doorbell.wait()
                 continue
             while used is not None:
-                data = used.data
-                if used.written >= HEADER_SIZE:
+                # A view of the buffer itself (copied out below, before any buffer is reposted).
+                _, written, data, _ = used
+                if written >= HEADER_SIZE:
                     _, _, src_port, dst_port, length, _, op, _, buf_alloc, fwd_cnt = unpack(data)
                     conn = connections.get((dst_port, src_port)) if op == Op.RW else None
                     if conn is not None and not conn.echo:
                         # An RW packet on an established receiving connection.
-                        payload = memoryview(data)[HEADER_SIZE : HEADER_SIZE + length]
+                        payload = data[HEADER_SIZE : HEADER_SIZE + length]
                         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
                         conn.rx_cnt = (conn.rx_cnt + len(payload)) & _U32
                         conn.received += payload
@@ -280,11 +281,11 @@ class GuestSockets:
                         await self._dispatch(header, data[HEADER_SIZE : HEADER_SIZE + header.len])
                 else:
                     await self._dispatch(Header(0, 0, 0, 0, Op.INVALID), b"")
-                used = rxq.get_used()
+                used = rxq.get_used_view()
             for conn in changed:
                 conn._notify()
 
-    async def _dispatch(self, h: Header, data: bytes) -> None:
+    async def _dispatch(self, h: Header, data: bytes | memoryview) -> None:
         key = (h.dst_port, h.src_port)
         conn = self.connections.get(key)
         if h.op == Op.REQUEST:
