@@ -11,10 +11,10 @@ run loop started by the VMBus transport, all in one anyio event loop on asyncio)
   4-page rings, the smallest vmbfs allows;
 - ``vmbfs_sequential_read_pipelined``: 8 reads in flight, 32-page rings (the device then serves
   queued requests back to back, several per wake-up);
-- ``vmbfs_sequential_read_into`` / ``vmbfs_sequential_read_into_pipelined``: the same with
-  ``VmbfsClient.read_file_into``, which copies each reply's data from the ring straight into one
-  bytearray of the file's size (``read_file`` keeps the replies' data and joins it into bytes: a
-  second pass over 64 MiB of fresh memory, which costs about as much as the copy out of the ring).
+- ``vmbfs_sequential_read_bytearray`` / ``vmbfs_sequential_read_bytearray_pipelined``: the same
+  with ``VmbfsClient.read_file_bytearray``, which appends each reply's data from the ring to one
+  bytearray (``read_file`` keeps each reply's data and joins it into bytes: a second pass over
+  64 MiB of fresh memory, whose page faults cost about as much as the copy out of the ring).
 
 Baseline ``plain_file_read``: the same file read with ``os.pread`` in 12276-byte chunks in the
 same run (warm page cache for both). The target is 400 MB/s through the full stack; it is
@@ -41,12 +41,12 @@ from devicehost_vmbfs.protocol import MAX_READ_SIZE
 __all__ = ["run"]
 
 SIZE = 64 << 20
-# (row name, ring data pages per direction, reads in flight, into a bytearray)
+# (row name, ring data pages per direction, reads in flight, read_file_bytearray)
 VARIANTS = (
     ("vmbfs_sequential_read", 4, 1, False),
     ("vmbfs_sequential_read_pipelined", 32, 8, False),
-    ("vmbfs_sequential_read_into", 4, 1, True),
-    ("vmbfs_sequential_read_into_pipelined", 32, 8, True),
+    ("vmbfs_sequential_read_bytearray", 4, 1, True),
+    ("vmbfs_sequential_read_bytearray_pipelined", 32, 8, True),
 )
 MB = 1e6
 
@@ -87,7 +87,7 @@ class _Registry:
 
 
 async def _vmbfs_read_mb_s(
-    path: Path, expected: bytes, ring_pages: int, window: int, into: bool
+    path: Path, expected: bytes, ring_pages: int, window: int, bytearray_: bool
 ) -> float:
     spec = _DeviceSpec("vmbfs", "vmbfs", VmbfsConfig(file=str(path)))
     async with open_host(_Registry(), _HostConfig((spec,)), guest_memory_size=4 << 20) as host:
@@ -99,7 +99,7 @@ async def _vmbfs_read_mb_s(
             client = VmbfsClient(channel.message_pipe())
             await client.negotiate()
             started = time.perf_counter()
-            read = client.read_file_into if into else client.read_file
+            read = client.read_file_bytearray if bytearray_ else client.read_file
             data = await read("/imc.hiv", window=window)
             elapsed = time.perf_counter() - started
         await bus.aclose()
@@ -116,8 +116,8 @@ def run() -> list[dict[str, Any]]:
         path.write_bytes(content)
         _plain_read_mb_s(path)  # warm the page cache
         baseline, _ = _plain_read_mb_s(path)
-        for name, ring_pages, window, into in VARIANTS:
-            value = anyio.run(_vmbfs_read_mb_s, path, content, ring_pages, window, into)
+        for name, ring_pages, window, bytearray_ in VARIANTS:
+            value = anyio.run(_vmbfs_read_mb_s, path, content, ring_pages, window, bytearray_)
             rows.append(
                 {
                     "name": name,

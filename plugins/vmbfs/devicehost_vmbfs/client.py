@@ -198,35 +198,24 @@ class VmbfsClient:
         its host-to-guest ring has room for their replies.
         """
         chunks: list[bytes] = []  # replies arrive in request order
-        await self._read_whole(
-            path, window, lambda size: None, lambda offset, data: chunks.append(bytes(data))
-        )
+        await self._read_whole(path, window, lambda data: chunks.append(bytes(data)))
         return b"".join(chunks)
 
-    async def read_file_into(self, path: str, *, window: int = 1) -> bytearray:
-        """:meth:`read_file`, returning the file in a new bytearray of its size: each reply's
-        data is copied from the ring straight into place (one copy, no join)."""
+    async def read_file_bytearray(self, path: str, *, window: int = 1) -> bytearray:
+        """:meth:`read_file`, returning the file in a new bytearray: each reply's data is
+        copied from the ring straight onto its end (one copy, no join). Faster than
+        :meth:`read_file` for large files: 64 MiB of fresh memory are written once, not twice."""
         buffer = bytearray()
-
-        def allocate(size: int) -> None:
-            nonlocal buffer
-            buffer = bytearray(size)
-
-        def store(offset: int, data: memoryview) -> None:
-            buffer[offset : offset + len(data)] = data
-
-        await self._read_whole(path, window, allocate, store)
+        # Appending (rather than allocating the file's size up front) writes each fresh page
+        # once: bytearray(size) would zero every page first. Growth reallocates in place.
+        await self._read_whole(path, window, buffer.extend)
         return buffer
 
     async def _read_whole(
-        self,
-        path: str,
-        window: int,
-        allocate: Callable[[int], None],
-        store: Callable[[int, memoryview], None],
+        self, path: str, window: int, store: Callable[[memoryview], object]
     ) -> None:
-        """GET_FILE_INFO, ``allocate(size)``, then READ_FILE requests (``window`` in flight),
-        calling ``store(offset, data)`` for each reply in file order, ``data`` a view of the
+        """GET_FILE_INFO, then READ_FILE requests (``window`` in flight) over the size it
+        reports, calling ``store(data)`` for each reply in file order, ``data`` a view of the
         checked reply in the ring (valid during the call only)."""
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -234,18 +223,17 @@ class VmbfsClient:
         if info.directory:
             raise VmbfsClientError(f"{path!r} is a directory")
         size = info.file_size
-        allocate(size)
-        in_flight: collections.deque[tuple[int, int]] = collections.deque()
+        in_flight: collections.deque[int] = collections.deque()  # byte counts, in file order
         offset = 0
         pipe = self.pipe
         wire_path = self._wire_path_of(path)
 
         def take(reply: bytes | memoryview) -> None:
-            at, count = in_flight[0]
+            count = in_flight[0]
             data = decode_read_file_success_untrusted(reply)
             if data is None or len(data) != count:
                 data = memoryview(data_from_reply(reply, path, count))  # raises
-            store(at, data)
+            store(data)
 
         async with self._exchange():
             while offset < size or in_flight:
@@ -256,7 +244,7 @@ class VmbfsClient:
                         pipe.try_send(request)  # no await while the ring has room
                     except anyio.WouldBlock:
                         await pipe.send(request)
-                    in_flight.append((offset, count))
+                    in_flight.append(count)
                     offset += count
                 await pipe.recv_parsed(take, MAX_MESSAGE_SIZE)
                 in_flight.popleft()

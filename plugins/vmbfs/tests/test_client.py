@@ -178,7 +178,7 @@ def test_window_must_be_positive() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("ring_pages", "window"), [(4, 1), (8, 3), (32, 8)])
-async def test_read_file_into_returns_the_file_in_a_bytearray(
+async def test_read_file_bytearray_returns_the_file_in_a_bytearray(
     tmp_path: Path, ring_pages: int, window: int
 ) -> None:
     data = os.urandom(7 * MAX_READ_SIZE + 11)
@@ -187,13 +187,13 @@ async def test_read_file_into_returns_the_file_in_a_bytearray(
     async with served(VmbfsConfig(root=str(tmp_path)), ring_size=ring_pages * 4096) as s:
         with anyio.fail_after(10):
             await s.client.negotiate()
-            got = await s.client.read_file_into("/hive", window=window)
+            got = await s.client.read_file_bytearray("/hive", window=window)
             assert type(got) is bytearray and got == data
-            assert await s.client.read_file_into("\\empty") == bytearray()
+            assert await s.client.read_file_bytearray("\\empty") == bytearray()
             with pytest.raises(VmbfsClientError, match="is a directory"):
-                await s.client.read_file_into("/")
+                await s.client.read_file_bytearray("/")
             with pytest.raises(VmbfsClientError) as info:
-                await s.client.read_file_into("/missing")
+                await s.client.read_file_bytearray("/missing")
             assert info.value.status == 1
 
 
@@ -213,4 +213,4 @@ async def test_a_short_read_reply_fails_the_whole_file_read() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(device)
         with anyio.fail_after(5), pytest.raises(VmbfsClientError, match="9 bytes for a read of 10"):
-            await client.read_file_into("/f")
+            await client.read_file_bytearray("/f")
