@@ -37,6 +37,8 @@ from devicehost_vsock.protocol import (
 __all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet", "QueueOwner"]
 
 _U32 = 0xFFFF_FFFF
+_RW = int(Op.RW)
+_CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
 
 
 class QueueOwner(Protocol):
@@ -266,16 +268,21 @@ class GuestSockets:
                 _, written, data, _ = used
                 if written >= HEADER_SIZE:
                     _, _, src_port, dst_port, length, _, op, _, buf_alloc, fwd_cnt = unpack(data)
-                    conn = connections.get((dst_port, src_port)) if op == Op.RW else None
+                    conn = (
+                        connections.get((dst_port, src_port))
+                        if op in (_RW, _CREDIT_UPDATE)
+                        else None
+                    )
                     if conn is not None and not conn.echo:
-                        # An RW packet on an established receiving connection.
-                        payload = data[HEADER_SIZE : HEADER_SIZE + length]
+                        # RW or CREDIT_UPDATE on an established, non-echoing connection.
                         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
-                        conn.rx_cnt = (conn.rx_cnt + len(payload)) & _U32
-                        conn.received += payload
                         changed[conn] = None
-                        if (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= half:
-                            await self.send_control(conn, Op.CREDIT_UPDATE)
+                        if op == _RW:
+                            payload = data[HEADER_SIZE : HEADER_SIZE + length]
+                            conn.rx_cnt = (conn.rx_cnt + len(payload)) & _U32
+                            conn.received += payload
+                            if (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= half:
+                                await self.send_control(conn, Op.CREDIT_UPDATE)
                     else:
                         header = decode_header_untrusted(data)
                         await self._dispatch(header, data[HEADER_SIZE : HEADER_SIZE + header.len])
