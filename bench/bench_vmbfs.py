@@ -13,8 +13,8 @@ run loop started by the VMBus transport, all in one anyio event loop on asyncio)
   queued requests back to back, several per wake-up);
 - ``vmbfs_sequential_read_bytearray`` / ``vmbfs_sequential_read_bytearray_pipelined``: the same
   with ``VmbfsClient.read_file_bytearray``, which appends each reply's data from the ring to one
-  bytearray (``read_file`` keeps each reply's data and joins it into bytes: a second pass over
-  64 MiB of fresh memory, whose page faults cost about as much as the copy out of the ring).
+  bytearray (``read_file`` then copies that into bytes: a second pass over 64 MiB of fresh
+  memory, whose page faults cost about as much as the copy out of the ring).
 
 Baseline ``plain_file_read``: the same file read with ``os.pread`` in 12276-byte chunks in the
 same run (warm page cache for both). The target is 400 MB/s through the full stack; it is

@@ -195,19 +195,19 @@ class VmbfsClient:
 
         ``window`` is how many READ_FILE requests may be in flight at once; 1 is strict
         request/reply. More saves round trips, and the device serves queued requests as fast as
-        its host-to-guest ring has room for their replies.
+        its host-to-guest ring has room for their replies. :meth:`read_file_bytearray` saves
+        the final copy into bytes.
         """
-        chunks: list[bytes] = []  # replies arrive in request order
-        await self._read_whole(path, window, lambda data: chunks.append(bytes(data)))
-        return b"".join(chunks)
+        return bytes(await self.read_file_bytearray(path, window=window))
 
     async def read_file_bytearray(self, path: str, *, window: int = 1) -> bytearray:
         """:meth:`read_file`, returning the file in a new bytearray: each reply's data is
-        copied from the ring straight onto its end (one copy, no join). Faster than
-        :meth:`read_file` for large files: 64 MiB of fresh memory are written once, not twice."""
+        copied from the ring straight onto its end, and that is the only copy (for a large
+        file, fresh memory is written once, not twice)."""
         buffer = bytearray()
         # Appending (rather than allocating the file's size up front) writes each fresh page
-        # once: bytearray(size) would zero every page first. Growth reallocates in place.
+        # once: bytearray(size) would zero every page first; growing a large buffer remaps its
+        # pages rather than copying them.
         await self._read_whole(path, window, buffer.extend)
         return buffer
 
