@@ -40,6 +40,7 @@ from devicehost_vmbfs.protocol import (
     FileInfoFlags,
     GetFileInfoRequest,
     MessageType,
+    PathCache,
     ProtocolError,
     ProtocolErrorKind,
     Status,
@@ -113,6 +114,8 @@ class VmbfsCore:
         #: The fatal error that stopped the channel, or None while it is processing.
         self.fatal: FatalError | None = None
         self.messages = 0
+        # READ_FILE requests of one file repeat one path: decode each path once per channel.
+        self._paths = PathCache()
 
     def handle(
         self,
@@ -131,7 +134,7 @@ class VmbfsCore:
             # The hot path: a READ_FILE_REQUEST, decoded without building a request value
             # (same checks, same order: parse, then state, then size).
             try:
-                fields = decode_read_file_request_fields_untrusted(message)
+                fields = decode_read_file_request_fields_untrusted(message, self._paths)
             except ProtocolError as exc:
                 raise FatalError(_FROM_PROTOCOL[exc.kind], str(exc)) from None
             if fields is None:

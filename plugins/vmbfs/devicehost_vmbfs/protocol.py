@@ -30,6 +30,7 @@ __all__ = [
     "GetFileInfoResponse",
     "Message",
     "MessageType",
+    "PathCache",
     "ProtocolError",
     "ProtocolErrorKind",
     "ReadFileRdmaRequest",
@@ -220,28 +221,17 @@ Response = VersionResponse | GetFileInfoResponse | ReadFileResponse
 # -- paths ----------------------------------------------------------------------------------------
 
 
-#: Paths decoded lately, by their raw wire bytes: a guest reading a file asks for the same path
-#: in every request. Only paths that passed every check are stored, and only short ones; the
-#: cache is emptied when it holds _PATH_CACHE_SIZE, so a guest sending ever new paths cannot grow
-#: it past ~64 KiB. A hit returns exactly what decoding those bytes again would (the value is a
-#: function of the key alone), so sharing it between channels leaks nothing and changes nothing.
-_PATH_CACHE_SIZE: Final = 64
-_PATH_CACHE_MAX_BYTES: Final = 512
-_path_cache: dict[bytes, str] = {}
-
-
 def decode_path_untrusted(data: bytes | bytearray | memoryview) -> str:
     """Decode a wire path (§8.5): UTF-16LE units, no NUL anywhere, valid UTF-16, ``\\`` -> ``/``.
 
     The checks run in this order: odd length (UNALIGNED), any 0x0000 unit, even a trailing
     terminator (NULL_TERMINATOR_IN_PATH), unpaired surrogates (INVALID_UTF16_PATH). The empty path
-    is valid and decodes to ``""``. A path seen lately is answered from a small cache keyed by
-    its exact bytes (copied first, so the peer cannot change them between check and use).
+    is valid and decodes to ``""``.
     """
-    raw = bytes(data)
-    text = _path_cache.get(raw)
-    if text is not None:
-        return text
+    return _decode_path(bytes(data))
+
+
+def _decode_path(raw: bytes) -> str:
     if len(raw) % 2:
         raise ProtocolError(ProtocolErrorKind.UNALIGNED, f"path of odd length {len(raw)}")
     # Native-order units: a zero unit is zero in either byte order.
@@ -251,27 +241,53 @@ def decode_path_untrusted(data: bytes | bytearray | memoryview) -> str:
         text = raw.decode("utf-16-le")
     except UnicodeDecodeError as exc:
         raise ProtocolError(ProtocolErrorKind.INVALID_UTF16_PATH, str(exc)) from None
-    text = text.replace("\\", "/")
-    if len(raw) <= _PATH_CACHE_MAX_BYTES:
-        if len(_path_cache) >= _PATH_CACHE_SIZE:
-            _path_cache.clear()
-        _path_cache[raw] = text
-    return text
+    return text.replace("\\", "/")
+
+
+class PathCache:
+    """:func:`decode_path_untrusted` with a memory of the paths it decoded lately, by their exact
+    wire bytes: a guest reading a file sends the same path in every request.
+
+    The bytes are copied before anything else, so the peer cannot change them between check and
+    use. Only paths that passed every check are remembered, and only short ones; the memory is
+    emptied when it holds ``size`` paths, so a guest sending ever new paths cannot grow it. A hit
+    returns exactly what decoding the bytes again would (the text is a function of the bytes).
+    """
+
+    def __init__(self, size: int = 64, max_bytes: int = 512) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        self._paths: dict[bytes, str] = {}
+
+    def decode_untrusted(self, data: bytes | bytearray | memoryview) -> str:
+        raw = bytes(data)
+        text = self._paths.get(raw)
+        if text is not None:
+            return text
+        text = _decode_path(raw)
+        if len(raw) <= self.max_bytes:
+            if len(self._paths) >= self.size:
+                self._paths.clear()
+            self._paths[raw] = text
+        return text
 
 
 def decode_read_file_request_fields_untrusted(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview, paths: PathCache | None = None
 ) -> tuple[int, int, str] | None:
     """``(byte_count, offset, path)`` of a READ_FILE_REQUEST, the device's hot path, or None if
     ``data`` is not one with its whole fixed part (then :func:`decode_request_untrusted` tells
     what it is, or why it is invalid). The path is checked as :func:`decode_path_untrusted`
-    does, raising :class:`ProtocolError` the same way."""
+    does (through ``paths`` if given), raising :class:`ProtocolError` the same way."""
     if len(data) < _READ_FILE_REQUEST_PREFIX.size:
         return None
     message_type, _reserved, count, offset = _READ_FILE_REQUEST_PREFIX.unpack_from(data)
     if message_type != _READ_FILE_REQUEST_TYPE:
         return None
-    return count, offset, decode_path_untrusted(data[_READ_FILE_REQUEST_PREFIX.size :])
+    path = data[_READ_FILE_REQUEST_PREFIX.size :]
+    if paths is None:
+        return count, offset, decode_path_untrusted(path)
+    return count, offset, paths.decode_untrusted(path)
 
 
 def encode_path(path: str) -> bytes:

@@ -18,6 +18,7 @@ from devicehost_vmbfs.protocol import (
     GetFileInfoRequest,
     GetFileInfoResponse,
     MessageType,
+    PathCache,
     ProtocolError,
     ProtocolErrorKind,
     ReadFileRdmaRequest,
@@ -203,35 +204,44 @@ def test_encode_path_refuses_what_the_device_would_reject() -> None:
         encode_path("\ud800")
 
 
-def test_a_decoded_path_is_decoded_again_the_same_and_bad_paths_always_fail() -> None:
+def test_path_cache_decodes_as_the_function_and_bad_paths_always_fail() -> None:
+    cache = PathCache()
     good = "\\a\\b".encode("utf-16-le")
-    assert decode_path_untrusted(good) == "/a/b"
-    assert decode_path_untrusted(memoryview(good)) == "/a/b"
-    assert decode_path_untrusted(bytearray(good)) == "/a/b"
     for _ in range(2):
+        assert cache.decode_untrusted(good) == "/a/b"
+        assert cache.decode_untrusted(memoryview(good)) == "/a/b"
         with pytest.raises(ProtocolError) as info:
-            decode_path_untrusted(good + b"\x00\x00")
+            cache.decode_untrusted(good + b"\x00\x00")
         assert info.value.kind is ProtocolErrorKind.NULL_TERMINATOR_IN_PATH
         with pytest.raises(ProtocolError) as info:
-            decode_path_untrusted(good[:-1])
+            cache.decode_untrusted(good[:-1])
         assert info.value.kind is ProtocolErrorKind.UNALIGNED
 
 
-def test_many_distinct_paths_all_decode_right() -> None:
-    """The path cache is bounded: ever new paths evict old ones, and none is answered wrongly."""
-    for _ in range(2):
-        for i in range(300):
-            assert decode_path_untrusted(f"/f{i}".encode("utf-16-le")) == f"/f{i}"
-    assert decode_path_untrusted(b"") == ""
+def test_path_cache_sees_the_bytes_as_they_are_now() -> None:
+    cache = PathCache()
+    raw = bytearray("/a".encode("utf-16-le"))
+    assert cache.decode_untrusted(raw) == "/a"
+    raw[2] = ord("b")  # the peer rewrites the path in place
+    assert cache.decode_untrusted(raw) == "/b"
+    raw[2] = 0
+    with pytest.raises(ProtocolError) as info:
+        cache.decode_untrusted(raw)
+    assert info.value.kind is ProtocolErrorKind.NULL_TERMINATOR_IN_PATH
 
 
-def test_long_paths_decode_right_every_time() -> None:
-    path = "\\" + "x" * 600
+def test_path_cache_is_right_for_many_distinct_and_long_paths() -> None:
+    """The cache is bounded: ever new paths evict old ones, and none is answered wrongly."""
+    cache = PathCache(size=8, max_bytes=16)
     for _ in range(2):
-        assert decode_path_untrusted(path.encode("utf-16-le")) == "/" + "x" * 600
+        for i in range(50):
+            assert cache.decode_untrusted(f"/f{i}".encode("utf-16-le")) == f"/f{i}"
+        long = "\\" + "x" * 600
+        assert cache.decode_untrusted(long.encode("utf-16-le")) == "/" + "x" * 600
         with pytest.raises(ProtocolError) as info:
-            decode_path_untrusted(path.encode("utf-16-le") + b"\x00\xdc")
+            cache.decode_untrusted(long.encode("utf-16-le") + b"\x00\xdc")
         assert info.value.kind is ProtocolErrorKind.INVALID_UTF16_PATH
+    assert cache.decode_untrusted(b"") == ""
 
 
 def test_read_file_request_fields() -> None:
@@ -239,7 +249,7 @@ def test_read_file_request_fields() -> None:
     assert decode_read_file_request_fields_untrusted(message) == (
         MAX_READ_SIZE, 2**40 + 3, "/dir/imc.hiv"
     )
-    assert decode_read_file_request_fields_untrusted(memoryview(message)) == (
+    assert decode_read_file_request_fields_untrusted(memoryview(message), PathCache()) == (
         MAX_READ_SIZE, 2**40 + 3, "/dir/imc.hiv"
     )
     # Not a READ_FILE_REQUEST with its whole fixed part: left to the full decoder.
@@ -356,3 +366,19 @@ def test_read_file_success_data_agrees_with_the_full_decoder(data: bytes) -> Non
         assert not (isinstance(expected, ReadFileResponse) and expected.status == 0)
     else:
         assert expected == ReadFileResponse(0, bytes(view))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=12), max_size=6))
+def test_path_cache_agrees_with_the_function(raws: list[bytes]) -> None:
+    cache = PathCache(size=3)
+    for raw in raws + raws:
+        try:
+            expected: object = decode_path_untrusted(raw)
+        except ProtocolError as exc:
+            expected = exc.kind
+        try:
+            got: object = cache.decode_untrusted(raw)
+        except ProtocolError as exc:
+            got = exc.kind
+        assert got == expected
