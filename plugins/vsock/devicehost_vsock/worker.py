@@ -202,7 +202,6 @@ class VsockWorker:
             chain.write_at(0, bounce[:size])
         return size
 
-
     def _lend(self) -> memoryview | None:
         """The next posted rx buffer for a run of RW packets: one writable range with room after
         the header; anything else stays held for the ordinary path."""
