@@ -42,7 +42,6 @@ Decisions on the items the facts mark:
 
 from __future__ import annotations
 
-import heapq
 import logging
 import socket
 from collections import deque
@@ -50,8 +49,10 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from devicehost_vsock.connection import Connection, ConnectionState, HostStream
+from devicehost_vsock.connectline import read_connect_line
+from devicehost_vsock.deadlines import Deadlines
+from devicehost_vsock.hostwrite import HostWriter
 from devicehost_vsock.hybrid import (
-    CONNECT_LINE_MAX,
     ConnectLineError,
     decode_connect_untrusted,
     encode_ok,
@@ -86,8 +87,6 @@ _U32: Final = 0xFFFF_FFFF
 _ZERO_HEADER: Final = bytes(HEADER_SIZE)
 #: Most rx buffers one host read fills (one scatter read, one ``recvmsg`` iovec list).
 _MAX_RUN: Final = 64
-#: Most payload pieces one coalesced host write gathers (well under the kernel's IOV_MAX).
-_MAX_GATHER: Final = 256
 
 
 def _prefix(parts: Sequence[memoryview], length: int) -> list[memoryview]:
@@ -131,17 +130,17 @@ class ConnectionManager:
         self._work: dict[Connection, None] = {}
         #: RSTs owed to the guest for keys that have no connection (any more).
         self._rsts: deque[Key] = deque()
-        self._deadlines: list[tuple[float, int, Connection]] = []
-        self._deadline_seq = 0
+        self._deadlines = Deadlines(self._is_live)
         #: Packet lengths written into the buffers ``more`` handed to the last ``produce_rx``,
         #: in order (the buffers after these were not used).
         self.extra_sizes: list[int] = []
-        #: A run of guest RW packets on one connection whose payloads wait for one host write
+        #: Writes to host sockets, including runs of RW packets gathered for one write
         #: (``handle_tx(..., coalesce=True)``; written by :meth:`flush_tx`).
-        self._run_conn: Connection | None = None
-        self._run_views: list[memoryview] = []
-        self._run_bytes = 0
-        self._run_packets = 0
+        self._writer = HostWriter(
+            self._table, self._rsts, self._schedule,
+            lambda conn, rst: self._remove(conn, rst=rst), self._log,
+        )
+        self._flush = self._writer.flush
 
     # ----------------------------------------------------------------- inspection
 
@@ -161,20 +160,15 @@ class ConnectionManager:
         :meth:`produce_rx` returns ``None`` and the work set is empty)."""
         if self._rsts or self._work:
             return True
-        return bool(self._deadlines) and self._deadlines[0][0] <= now
+        return self._deadlines.due(now)
 
     def next_deadline(self) -> float | None:
         """The earliest pending timeout, for the worker's wait."""
-        while self._deadlines:
-            deadline, _, conn = self._deadlines[0]
-            if conn.deadline == deadline and self._is_live(conn):
-                return deadline
-            heapq.heappop(self._deadlines)
-        return None
+        return self._deadlines.next()
 
     def close_all(self) -> None:
         """Drop every connection (queues stopped): host sockets closed, no packet sent."""
-        self._drop_run()
+        self._writer.drop_run()
         for conn in [*self._table.values(), *self._pending]:
             conn.stream.close()
         self._table.clear()
@@ -197,7 +191,7 @@ class ConnectionManager:
         conn = Connection(stream, host_initiated=True)
         self._pending.add(conn)
         self._by_stream[id(stream)] = conn
-        self._set_deadline(conn, now + self._connection_timeout)
+        self._deadlines.set(conn, now + self._connection_timeout)
         self._schedule(conn)
         return True
 
@@ -219,7 +213,7 @@ class ConnectionManager:
         conn.host_closed = True
         conn.readable = True
         if conn.shutdown_sent and conn.deadline is None:
-            self._set_deadline(conn, now + self._graceful_timeout)
+            self._deadlines.set(conn, now + self._graceful_timeout)
         self._schedule(conn)
 
     # ----------------------------------------------------------------- guest tx
@@ -245,12 +239,12 @@ class ConnectionManager:
             fields
         )
         key = (dst_port, src_port)
-        run = self._run_conn
+        run = self._writer.run_conn
         if run is not None and (
             op != _RW or run.key != key or type_ != TYPE_STREAM or src_cid != self.guest_cid
             or dst_cid != CID_HOST
         ):
-            self.flush_tx()
+            self._writer.flush_run()
         if op == _RW:
             if length > TX_BUF_SIZE:
                 self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
@@ -281,10 +275,10 @@ class ConnectionManager:
         elif op == Op.RW:
             if length:
                 parts = payload if available == length else _prefix(payload, length)
-                if not (coalesce and self._gather(conn, parts, length)):
-                    self._guest_rw(conn, parts, length)
-            elif self._run_conn is conn:
-                self._run_packets += 1  # its fate (RST or nothing) is the run's
+                if not (coalesce and self._writer.gather(conn, parts, length)):
+                    self._writer.guest_rw(conn, parts, length)
+            elif self._writer.run_conn is conn:
+                self._writer.run_packets += 1  # its fate (RST or nothing) is the run's
         elif op == Op.CREDIT_UPDATE:
             conn.set_peer_credit(buf_alloc, fwd_cnt)
             if conn.state is ConnectionState.CONNECTED:
@@ -301,6 +295,10 @@ class ConnectionManager:
         else:
             self._log.info("vsock: guest sent unknown op %d on %s, sending RST", op, key)
             self._remove(conn, rst=True)
+
+    def flush_tx(self) -> None:
+        """Write the gathered run of RW packets (see ``handle_tx(..., coalesce=True)``)."""
+        self._writer.flush_run()
 
     def _guest_request(self, key: Key, buf_alloc: int, fwd_cnt: int) -> None:
         if len(self) >= self._max_connections:
@@ -369,125 +367,6 @@ class ConnectionManager:
             self._remove(conn, rst=True)
             return
         self._schedule(conn)
-
-    def _gather(self, conn: Connection, payload: Sequence[memoryview], total: int) -> bool:
-        """Add an RW packet to the run of ``conn`` if packet-by-packet handling would hand it to
-        the host socket at once and the run cannot overrun the credit (the host socket takes part
-        or all of it; the rest always fits in the empty tx buffer). False: handle it now."""
-        if self._run_conn is not None and (
-            self._run_bytes + total > conn.txbuf.available
-            or len(self._run_views) + len(payload) > _MAX_GATHER
-        ):
-            self.flush_tx()
-            key = conn.key
-            assert key is not None
-            if self._table.get(key) is not conn:
-                # The write failed: packet by packet, this one would have found no connection.
-                self._rsts.append(key)
-                return True
-        if (
-            conn.state is not ConnectionState.CONNECTED
-            or conn.peer_shut_send
-            or conn.buffered
-            or len(payload) > _MAX_GATHER
-        ):
-            return False
-        self._run_conn = conn
-        self._run_views.extend(payload)
-        self._run_bytes += total
-        self._run_packets += 1
-        return True
-
-    def flush_tx(self) -> None:
-        """Write the gathered run of RW packets (see ``handle_tx(..., coalesce=True)``)."""
-        conn = self._run_conn
-        if conn is None:
-            return
-        views, total, packets = self._run_views, self._run_bytes, self._run_packets
-        self._drop_run()
-        key = conn.key
-        assert key is not None and self._table.get(key) is conn
-        try:
-            written = conn.stream.send(views)
-        except OSError as exc:
-            self._log.info("vsock: host socket write failed on %s: %s", key, exc)
-            self._remove(conn, rst=True)
-            # Packet by packet, each later RW of the run would have found no connection.
-            self._rsts.extend([key] * (packets - 1))
-            return
-        if written:
-            conn.add_fwd(written)
-            self._schedule(conn)
-        if total - written:
-            conn.txbuf.write(views, written)
-            conn.stream.want_write()
-
-    def _drop_run(self) -> None:
-        self._run_conn = None
-        self._run_views = []
-        self._run_bytes = 0
-        self._run_packets = 0
-
-    def _guest_rw(self, conn: Connection, payload: Sequence[memoryview], total: int) -> None:
-        if conn.state is not ConnectionState.CONNECTED or conn.peer_shut_send:
-            self._log.info("vsock: RW on %s in the wrong state, sending RST", conn.key)
-            self._remove(conn, rst=True)
-            return
-        written = 0
-        if conn.buffered == 0:
-            try:
-                written = conn.stream.send(payload)
-            except OSError as exc:
-                self._log.info("vsock: host socket write failed on %s: %s", conn.key, exc)
-                self._remove(conn, rst=True)
-                return
-            if written:
-                conn.add_fwd(written)
-                self._schedule(conn)
-        rest = total - written
-        if rest:
-            if rest > conn.txbuf.available:
-                self._log.info("vsock: guest overran its credit on %s, sending RST", conn.key)
-                self._remove(conn, rst=True)
-                return
-            conn.txbuf.write(payload, written)
-            conn.stream.want_write()
-
-    # ----------------------------------------------------------------- host-bound flushing
-
-    def _flush(self, conn: Connection) -> bool:
-        """Write buffered host-bound bytes. Returns False if the connection was removed."""
-        before = conn.fwd_cnt
-        try:
-            while conn.ok_pending:
-                n = conn.stream.send((conn.ok_pending,))
-                if n <= 0:
-                    break
-                conn.ok_pending = conn.ok_pending[n:]
-            if not conn.ok_pending and len(conn.txbuf):
-                conn.add_fwd(conn.txbuf.drain(lambda view: conn.stream.send((view,))))
-        except OSError as exc:
-            self._log.info("vsock: flushing to the host socket failed on %s: %s", conn.key, exc)
-            self._remove(conn, rst=True)
-            return False
-        if conn.buffered:
-            conn.stream.want_write()
-        else:
-            conn.txbuf.release()
-            if conn.peer_shut_send and not conn.write_shut:
-                try:
-                    conn.stream.shutdown(socket.SHUT_WR)
-                except OSError as exc:
-                    self._log.info("vsock: host socket shutdown failed on %s: %s", conn.key, exc)
-                    self._remove(conn, rst=True)
-                    return False
-                conn.write_shut = True
-            if conn.peer_shut_send and conn.peer_shut_recv:
-                self._remove(conn, rst=True)
-                return False
-        if conn.fwd_cnt != before:
-            self._schedule(conn)
-        return True
 
     # ----------------------------------------------------------------- rx production
 
@@ -615,7 +494,7 @@ class ConnectionManager:
             conn.host_closed = conn.host_closed or conn.stream.is_closed()
             flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
             if conn.host_closed:
-                self._set_deadline(conn, now + self._graceful_timeout)
+                self._deadlines.set(conn, now + self._graceful_timeout)
             else:
                 conn.stream.want_close()
             return self._control(packet, conn, Op.SHUTDOWN, flags)
@@ -637,32 +516,14 @@ class ConnectionManager:
         return size
 
     def _read_connect_line(self, conn: Connection, packet: memoryview) -> int | None:
-        stream = conn.stream
-        try:
-            peeked = stream.peek(CONNECT_LINE_MAX - len(conn.connect_line))
-            if peeked is None:
-                conn.readable = False
-                stream.want_read()
-                return None
-            if not peeked:
-                self._log.info("vsock: host connection closed before its CONNECT line")
-                self._remove(conn, rst=False)
-                return None
-            end = peeked.find(b"\n")
-            take = len(peeked) if end < 0 else end + 1
-            got = stream.recv_into(memoryview(bytearray(take)))
-        except OSError as exc:
-            self._log.info("vsock: reading a CONNECT line failed: %s", exc)
+        progress = read_connect_line(conn.stream, conn.connect_line)
+        if progress.failure is not None:
+            self._log.info("vsock: %s, closing", progress.failure)
             self._remove(conn, rst=False)
             return None
-        conn.connect_line += peeked[: got or 0]
-        if end < 0 or got != take:
-            if len(conn.connect_line) >= CONNECT_LINE_MAX:
-                self._log.info("vsock: host CONNECT line too long, closing")
-                self._remove(conn, rst=False)
-            else:
-                conn.readable = False
-                stream.want_read()
+        if not progress.complete:
+            conn.readable = False
+            conn.stream.want_read()
             return None
         try:
             request = decode_connect_untrusted(conn.connect_line)
@@ -730,17 +591,10 @@ class ConnectionManager:
             return conn in self._pending
         return self._table.get(conn.key) is conn
 
-    def _set_deadline(self, conn: Connection, deadline: float) -> None:
-        conn.deadline = deadline
-        self._deadline_seq += 1
-        heapq.heappush(self._deadlines, (deadline, self._deadline_seq, conn))
-
     def _expire(self, now: float) -> None:
-        while self._deadlines and self._deadlines[0][0] <= now:
-            deadline, _, conn = heapq.heappop(self._deadlines)
-            if conn.deadline == deadline and self._is_live(conn):
-                # Expired connections are served first.
-                self._work = {conn: None, **self._work}
+        for conn in self._deadlines.expired(now):
+            # Expired connections are served first.
+            self._work = {conn: None, **self._work}
 
     def _reset(self, key: Key) -> None:
         conn = self._table.get(key)
