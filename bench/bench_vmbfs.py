@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import attrs
 
-from devicehost.host import open_host
+from devicehost.testing import host_with
+from devicehost.testing.registry import DeviceSpec
 from devicehost.vmbus import VmbusTransport
 from devicehost_vmbfs.client import VmbfsClient
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
@@ -67,30 +67,11 @@ def _plain_read_mb_s(path: Path) -> tuple[float, int]:
     return total / elapsed / MB, total
 
 
-@attrs.frozen
-class _DeviceSpec:
-    name: str
-    plugin: str
-    config: VmbfsConfig
-
-
-@attrs.frozen
-class _HostConfig:
-    devices: tuple[_DeviceSpec, ...]
-
-
-class _Registry:
-    cross_cutting: tuple[object, ...] = ()
-
-    def create_device(self, plugin: str, config: Any) -> object:
-        return VmbfsDevice(config)
-
-
 async def _vmbfs_read_mb_s(
     path: Path, expected: bytes, ring_pages: int, window: int, bytearray_: bool
 ) -> float:
-    spec = _DeviceSpec("vmbfs", "vmbfs", VmbfsConfig(file=str(path)))
-    async with open_host(_Registry(), _HostConfig((spec,)), guest_memory_size=4 << 20) as host:
+    spec = DeviceSpec("vmbfs", "vmbfs", VmbfsConfig(file=str(path)))
+    async with host_with({"vmbfs": VmbfsDevice}, [spec], guest_memory_size=4 << 20) as host:
         transport = host.transport(VmbusTransport)
         key = transport.handle_of(host.devices["vmbfs"]).key
         bus = transport.client()

@@ -16,9 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
-
-import attrs
 
 from devicehost.demo import DemoResult
 from devicehost_vmbfs.client import VmbfsClient, VmbfsClientError
@@ -39,35 +36,15 @@ def _tree() -> dict[str, bytes]:
     }
 
 
-@attrs.frozen
-class _DeviceSpec:
-    name: str
-    plugin: str
-    config: VmbfsConfig
-
-
-@attrs.frozen
-class _HostConfig:
-    devices: tuple[_DeviceSpec, ...]
-
-
-class _Registry:
-    """The one device class the demo's host needs, given directly."""
-
-    cross_cutting: tuple[object, ...] = ()
-
-    def create_device(self, plugin: str, config: Any) -> object:
-        return VmbfsDevice(config)
-
-
 @asynccontextmanager
 async def _guest_client(config: VmbfsConfig) -> AsyncIterator[VmbfsClient]:
     """A host serving one vmbfs device, and a vmbfs client on the channel its guest opened."""
-    from devicehost.host import open_host
+    from devicehost.testing import host_with
+    from devicehost.testing.registry import DeviceSpec
     from devicehost.vmbus import VmbusTransport
 
-    spec = _DeviceSpec("vmbfs", "vmbfs", config)
-    async with open_host(_Registry(), _HostConfig((spec,)), guest_memory_size=4 << 20) as host:
+    spec = DeviceSpec("vmbfs", "vmbfs", config)
+    async with host_with({"vmbfs": VmbfsDevice}, [spec], guest_memory_size=4 << 20) as host:
         if "vmbfs" in host.failures:
             raise RuntimeError(f"the host could not serve vmbfs: {host.failures['vmbfs']}")
         transport = host.transport(VmbusTransport)
