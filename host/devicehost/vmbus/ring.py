@@ -52,8 +52,10 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from types import MethodType
+from typing import TYPE_CHECKING, Any, Final
 
+from devicehost import accel
 from devicehost.vmbus.packet import (
     DESCRIPTOR,
     FLAG_COMPLETION_REQUESTED,
@@ -144,6 +146,22 @@ class RingFull(Exception):
         super().__init__(f"the ring needs {needed} free bytes")
 
 
+# The optional C fast paths (devicehost/vmbus/_ringc.c): in-band packets that need no wrapping,
+# over contiguous memory. Whatever they do not handle comes back here unchanged.
+_ringc = accel.load("devicehost.vmbus._ringc")
+
+
+def _accelerator(mem: RingMemory) -> Any:
+    """The C fast paths over ``mem``, or None (not built, turned off, or scattered memory)."""
+    data = mem.data
+    if _ringc is None or data is None or data.format != "B" or data.readonly:
+        return None
+    try:
+        return _ringc.Ring(mem.control, data, IncomingPacket)
+    except (BufferError, TypeError, ValueError):
+        return None
+
+
 _new_packet: Final = tuple.__new__
 _unpack_descriptor: Final = DESCRIPTOR.unpack_from
 
@@ -174,6 +192,14 @@ class IncomingRing:
         self._cursor = self._out
         self._words[_MASK] = 1
         self._wrapped = bytearray()
+        self._fast = _accelerator(mem)
+        if self._fast is not None:
+            # The C read and commit, as this object's own attributes (no Python frame per
+            # packet); what they decline goes to the methods below.
+            self._fast.bind(self.__dict__, MethodType(IncomingRing.read, self),
+                            self._signal_after_commit)
+            self.__dict__["read"] = self._fast.bound_read
+            self.__dict__["commit"] = self._fast.bound_commit
 
     @property
     def data_len(self) -> int:
@@ -264,13 +290,20 @@ class IncomingRing:
         start = self._cursor
         if inp == start:
             raise RingEmpty
-        packets: list[IncomingPacket] = []
+        packets: list[IncomingPacket]
+        if self._fast is not None:
+            packets, start = self._fast.read_batch(start, inp, max_packets)
+            self._cursor = start
+            if len(packets) == max_packets or start == inp:
+                return packets
+        else:
+            packets = []
         append = packets.append
         parse = self._parse
         data = self._data
         unpack = DESCRIPTOR.unpack_from
         new, cls = _new_packet, IncomingPacket
-        count = 0
+        count = len(packets)
         try:
             while count < max_packets and start != inp:
                 count += 1
@@ -384,11 +417,16 @@ class IncomingRing:
             return False
         words[_OUT] = new
         self._out = new
-        pss = words[_PSS] & ~7
-        if not pss:
+        if not words[_PSS] & ~7:
             return False
-        inp = _check_index(words[_IN], self._size, "in")
-        return self._free(inp, old) < pss <= self._free(inp, new)
+        return self._signal_after_commit(old)
+
+    def _signal_after_commit(self, old: int) -> bool:
+        """Whether the commit that moved ``out`` from ``old`` to ``_out`` must signal the writer
+        (its pending_send_size is set)."""
+        pss = self._words[_PSS] & ~7
+        inp = _check_index(self._words[_IN], self._size, "in")
+        return self._free(inp, old) < pss <= self._free(inp, self._out)
 
     def rollback(self) -> None:
         """Forget the packets read since the last commit: they will be read again."""
@@ -411,6 +449,11 @@ class OutgoingRing:
         self._scratch_at = -1
         self._words[_FEATURES] = FEATURE_SUPPORTS_PENDING_SEND_SIZE
         self._words[_PSS] = 0
+        self._fast = _accelerator(mem)
+        if self._fast is not None:
+            # The C write_inband as this object's own attribute (see IncomingRing.__init__).
+            self._fast.bind(self.__dict__, MethodType(OutgoingRing.write_inband, self), None)
+            self.__dict__["write_inband"] = self._fast.bound_write_inband
 
     @property
     def data_len(self) -> int:
@@ -574,6 +617,18 @@ class OutgoingRing:
         pos = start
         free = (out - pos - 8) if out > pos else size - (pos - out) - 8
         written = 0
+        if self._fast is not None:
+            pos, written = self._fast.write_inband_batch(pos, payloads)
+            if written == len(payloads):
+                self._in = pos
+                return written, self._commit(start)
+            # The C loop may have seen a later ``out`` than ours: take a fresh snapshot.
+            out = words[1]
+            if out >= size or out & 7:  # all or nothing, as when _put finds it below
+                self._in = start
+                raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
+            free = (out - pos - 8) if out > pos else size - (pos - out) - 8
+            payloads = payloads[written:]
         structs = _INBAND_STRUCTS
         for payload in payloads:
             if data is not None and type(payload) is bytes:
