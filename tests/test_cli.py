@@ -108,7 +108,21 @@ def test_doctor_healthy_after_blocking_the_broken_ones(
     blocks = [arg for name in names for arg in ("-p", f"no:{name}")]
     code, out, _ = run_cli(capsys, "doctor", *blocks)
     assert code == 0
-    assert out.splitlines()[-1] == "all 1 loaded plugins are healthy"
+    assert "all 1 loaded plugins are healthy" in out.splitlines()
+
+
+def test_doctor_reports_each_accelerator(
+    fake_site: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from devicehost import accel
+
+    fake_site.install_catalog("good")
+    monkeypatch.setenv(accel.PURE_PYTHON_ENV, "1")
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 0
+    assert out.splitlines()[-len(accel.ACCELERATORS):] == [
+        f"accelerator {name} ({what}): turned off" for name, what in accel.ACCELERATORS.items()
+    ]
 
 
 def test_doctor_fails_on_a_requested_plugin_that_is_missing(

@@ -126,7 +126,16 @@ def _cmd_doctor(plugin_args: list[str]) -> int:
         return 1
     loaded = sum(1 for i in registry.infos if i.status == "loaded")
     print(f"all {loaded} loaded plugins are healthy")
+    _print_accelerators()
     return 0
+
+
+def _print_accelerators() -> None:
+    # Informational: a missing accelerator makes devicehost slower, never wrong.
+    from devicehost import accel
+
+    for name, state in accel.status().items():
+        print(f"accelerator {name} ({accel.ACCELERATORS[name]}): {state}")
 
 
 def _load_registry(plugin_args: list[str], strict: bool) -> Registry:

@@ -41,6 +41,16 @@ page accesses and the signalling decision over many packets. ``reserve_inband`` 
 Any other packet, wrapping or scattered, is written with one copy of each part, and a wrapping
 payload is read with one copy. Every check stays on every path.
 
+C accelerator (optional, :mod:`devicehost.accel`): when ``devicehost.vmbus._ringc`` is built and
+the data area is one writable view, each ring end gets a ``_ringc.Ring`` over its memory. The
+writer's ``write_inband`` and the reader's ``read`` and ``commit`` are then that object's bound
+methods, installed as instance attributes (no Python frame per packet; the C object keeps the
+index in this object's ``__dict__``), and ``write_inband_batch`` / ``read_batch`` start with a C
+loop. The C code takes only in-band packets that need no wrapping; anything else it declines, and
+the methods of this class run unchanged, so every error and every unusual packet is decided here.
+The C stores of ``in`` / ``out`` are release stores followed by a full fence before the
+signalling check, which also makes the cross-process handshake exact on that path.
+
 Memory ordering: in one process every access is ordered (one thread, the GIL). Across processes
 CPython issues no fences; x86 keeps stores ordered (payload before ``in``) but may let the
 mask/index check of the signalling handshake pass a store, so cross-process waiters
