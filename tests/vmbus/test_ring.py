@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from devicehost.memory import GuestMemory
 from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, PagedRange
 from devicehost.vmbus.ring import (
+    MAX_PACKET_SIZE,
     IncomingRing,
     OutgoingPacket,
     OutgoingRing,
@@ -162,6 +163,36 @@ def test_message_length_limits() -> None:
         w.write_inband(b"m" * (4088 - 23))
     assert info.value.kind is RingErrorKind.INVALID_MESSAGE_LENGTH
     assert "caller's fault" in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["write_inband", "bytearray", "batch", "reserve", "write"])
+def test_packet_length_is_bounded_by_the_u16_length8_on_large_rings(how: str) -> None:
+    # On a 1 MiB ring the ring's size allows more than length8 (u16, 8-byte units) can describe:
+    # the largest packet is 0xFFFF * 8 + 8 bytes, one unit more is the caller's error, on every
+    # write path, and nothing reaches the ring.
+    buf, w, r = ring_pair(1 << 20)
+    assert w.maximum_packet_size == r.maximum_packet_size == MAX_PACKET_SIZE == 0xFFFF * 8 + 8
+    largest = MAX_PACKET_SIZE - 24
+    w.write_inband(b"x" * largest)
+    packet = r.read()
+    assert len(packet.payload) == largest
+    assert DESC.unpack_from(buf, 4096)[2] == 0xFFFF
+    r.commit()
+    before = bytes(buf)
+    payload = b"y" * (largest + 1)
+    with pytest.raises(RingError) as info:
+        if how == "write_inband":
+            w.write_inband(payload)
+        elif how == "bytearray":
+            w.write_inband(bytearray(payload))
+        elif how == "batch":
+            w.write_inband_batch([payload])
+        elif how == "reserve":
+            w.reserve_inband(len(payload))
+        else:
+            w.write(OutgoingPacket(PacketType.IN_BAND, payload))
+    assert info.value.kind is RingErrorKind.INVALID_MESSAGE_LENGTH
+    assert bytes(buf) == before
 
 
 def test_empty_and_full() -> None:

@@ -150,7 +150,8 @@ put_inband(RingObject *self, Py_ssize_t start, const void *payload, Py_ssize_t n
 {
     Py_ssize_t size = self->size;
     Py_ssize_t msg_len = (n + 23) & ~(Py_ssize_t)7;
-    if (n < 0 || msg_len + 8 > free_bytes || start + msg_len + 8 > size)
+    /* length8 is a u16: a longer packet cannot be described (ring.py raises for it). */
+    if (n < 0 || msg_len > 0xFFFF * 8 || msg_len + 8 > free_bytes || start + msg_len + 8 > size)
         return -1;
     unsigned char *p = (unsigned char *)self->data.buf + start;
     put_u16(p, TYPE_IN_BAND);
@@ -163,6 +164,15 @@ put_inband(RingObject *self, Py_ssize_t start, const void *payload, Py_ssize_t n
     put_u64(p + msg_len, (uint64_t)start << 32);
     Py_ssize_t end = start + msg_len + 8;
     return end == size ? 0 : end;
+}
+
+/* Whether ring.py takes `payload` as one buffer: exactly a bytearray or a memoryview (bytes are
+ * handled before). ring.py treats any other object, even one with the buffer protocol, as a
+ * sequence of parts, so it is declined here and ring.py decides. */
+static inline int
+ring_py_buffer(PyObject *payload)
+{
+    return PyByteArray_CheckExact(payload) || PyMemoryView_Check(payload);
 }
 
 /* Free bytes for the writer whose index is `start`, or -1 if the peer's `out` is invalid. */
@@ -207,7 +217,7 @@ Ring_write_inband(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyBytes_CheckExact(payload)) {
         end = put_inband(self, start, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
                          (unsigned)flags, tid, free_bytes);
-    } else if (PyObject_CheckBuffer(payload)) {
+    } else if (ring_py_buffer(payload)) {
         Py_buffer view;
         if (PyObject_GetBuffer(payload, &view, PyBUF_C_CONTIGUOUS) < 0) {
             PyErr_Clear(); /* not one contiguous buffer: ring.py handles it */
@@ -482,7 +492,7 @@ Ring_bound_write_inband(RingObject *self, PyObject *const *args, Py_ssize_t narg
                          flags, tid, free_bytes);
     } else {
         Py_buffer view;
-        if (!PyObject_CheckBuffer(payload)
+        if (!ring_py_buffer(payload)
             || PyObject_GetBuffer(payload, &view, PyBUF_C_CONTIGUOUS) < 0)
             goto decline;
         end = put_inband(self, start, view.buf, view.len, flags, tid, free_bytes);

@@ -93,6 +93,7 @@ __all__ = [
     "CONTROL_SIZE",
     "FEATURE_SUPPORTS_PENDING_SEND_SIZE",
     "FLAG_COMPLETION_REQUESTED",
+    "MAX_PACKET_SIZE",
     "IncomingPacket",
     "IncomingRing",
     "OutgoingPacket",
@@ -128,6 +129,11 @@ _PSS: Final = 3
 _FEATURES: Final = 16
 
 _ZEROS: Final = bytes(8)
+
+#: The largest packet the format can describe: length8 is a u16 count of 8-byte units, so
+#: descriptor + payload + padding is at most 0xFFFF * 8 bytes, plus the 8-byte footer. On rings
+#: over 512 KiB this, not the ring's size, bounds a packet.
+MAX_PACKET_SIZE: Final = 0xFFFF * 8 + 8
 
 # A whole in-band packet with an n-byte payload, written by one pack_into: descriptor, payload,
 # zero padding to 8, footer (packet.py has the layout). Cached per payload size, up to a bound.
@@ -218,7 +224,7 @@ class IncomingRing:
     @property
     def maximum_packet_size(self) -> int:
         """The largest packet (descriptor + payload + footer) the ring can ever hold."""
-        return self._size - 8
+        return min(self._size - 8, MAX_PACKET_SIZE)
 
     @property
     def peer_supports_pending_send_size(self) -> bool:
@@ -472,7 +478,7 @@ class OutgoingRing:
     @property
     def maximum_packet_size(self) -> int:
         """The largest packet (descriptor + payload + footer) the ring can ever hold."""
-        return self._size - 8
+        return min(self._size - 8, MAX_PACKET_SIZE)
 
     def free_bytes(self) -> int:
         """Bytes free for packets now (validates the reader's ``out``)."""
@@ -510,7 +516,7 @@ class OutgoingRing:
             msg_len = (n + 23) & ~7
             end = start + msg_len
             size = self._size
-            if msg_len + 8 > size - 8:
+            if msg_len + 8 > size - 8 or msg_len + 8 > MAX_PACKET_SIZE:
                 raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
                                 f"a {msg_len + 8}-byte packet can never fit in a {size}-byte ring")
             words = self._words
@@ -545,7 +551,7 @@ class OutgoingRing:
         size = self._size
         start = self._in
         total = ((n + 23) & ~7) + 8
-        if total > size - 8:
+        if total > size - 8 or total > MAX_PACKET_SIZE:
             raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
                             f"a {total}-byte packet can never fit in a {size}-byte ring")
         out = self._words[1]
@@ -645,8 +651,8 @@ class OutgoingRing:
                 n = len(payload)
                 msg_len = (n + 23) & ~7
                 end = pos + msg_len
-                # Fast path: it fits (so it is not too large either) and does not wrap.
-                if msg_len + 8 <= free and end + 8 <= size:
+                # Fast path: it fits and is not too large for the format, and does not wrap.
+                if msg_len + 8 <= free and end + 8 <= size and msg_len + 8 <= MAX_PACKET_SIZE:
                     st = structs.get(n) or _inband_struct(n)
                     st.pack_into(data, pos, 6, 2, msg_len >> 3, 0, 0, payload, pos << 32)
                     pos = end + 8 if end + 8 < size else 0
@@ -710,7 +716,7 @@ class OutgoingRing:
         msg_len = (header + n + 7) & ~7
         total = msg_len + 8
         size = self._size
-        if total > size - 8:
+        if total > size - 8 or total > MAX_PACKET_SIZE:
             raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
                             f"a {total}-byte packet can never fit in a {size}-byte ring")
         out = self._words[_OUT]
