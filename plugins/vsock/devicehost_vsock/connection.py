@@ -112,7 +112,9 @@ class Connection:
         "write_shut",
     )
 
-    def __init__(self, stream: HostStream, *, host_initiated: bool) -> None:
+    def __init__(
+        self, stream: HostStream, *, host_initiated: bool, tx_buffer_size: int = TX_BUF_SIZE
+    ) -> None:
         self.stream = stream
         self.host_initiated = host_initiated
         #: (local_port, peer_port); None while a host connection has not sent its CONNECT line.
@@ -134,7 +136,9 @@ class Connection:
         self.credit_update_requested = False
         self.credit_request_pending = False
         self.waiting_for_credit = False
-        self.txbuf = TxBuffer(TX_BUF_SIZE)
+        #: Host-bound bytes the socket did not take yet; capacity = the buf_alloc the device
+        #: advertises, storage allocated on first use only.
+        self.txbuf = TxBuffer(tx_buffer_size)
         #: The host socket may have data or end of stream queued.
         self.readable = True
         self.host_eof = False

@@ -5,6 +5,16 @@ Config (TOML table of the device, every key optional)::
     guest_cid = 3            # the guest's CID, read by the guest from config space (3..2**32-2)
     base_path = ""           # hybrid vsock base path; "" = a fresh temporary directory's "vsock"
     vhost_user_socket = ""   # serve to a VMM over vhost-user at this path ("" = in process)
+    tx_buffer_size = 65536   # buf_alloc advertised to the guest (power of two, 4 KiB..16 MiB)
+
+``tx_buffer_size`` is a deliberate devicehost extension; its default is upstream's fixed 65536
+(``TX_BUF_SIZE``, facts section 9.3). It sets, together, the buf_alloc in every non-RST packet
+to the guest, the capacity of each connection's host-bound buffer (allocated only while the host
+socket back-pressures, so idle connections cost nothing more) and the longest RW accepted from
+the guest (longer ones are dropped without RST). A larger window lets a guest keep several large
+packets in flight instead of waiting a credit round trip per 64 KiB. It must be a power of two
+from 4096 to 16 MiB: the guest's credit arithmetic is u32 and the buffer is per connection, so
+the upper bound keeps 1024 back-pressured connections within 16 GiB.
 
 Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, queues
 rx, tx and event (the event queue is never used). Over vhost-user the VMM keeps the event queue
@@ -42,8 +52,11 @@ from devicehost_vsock.protocol import (
     DEVICE_ID,
     FEATURE_NO_IMPLIED_STREAM,
     FEATURE_STREAM,
+    MAX_TX_BUF_SIZE,
+    MIN_TX_BUF_SIZE,
     QUEUE_RX,
     QUEUE_TX,
+    TX_BUF_SIZE,
 )
 from devicehost_vsock.relay import Relay, bind_listener
 from devicehost_vsock.worker import VsockWorker
@@ -58,6 +71,21 @@ def _check_cid(instance: VsockConfig, attribute: attrs.Attribute[int], value: in
         )
 
 
+def _check_tx_buffer_size(
+    instance: VsockConfig, attribute: attrs.Attribute[int], value: int
+) -> None:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not MIN_TX_BUF_SIZE <= value <= MAX_TX_BUF_SIZE
+        or value & (value - 1)
+    ):
+        raise ValueError(
+            f"tx_buffer_size must be a power of two from {MIN_TX_BUF_SIZE} to {MAX_TX_BUF_SIZE}"
+            f" bytes, not {value!r}"
+        )
+
+
 @attrs.frozen
 class VsockConfig:
     """The device's configuration."""
@@ -65,6 +93,9 @@ class VsockConfig:
     guest_cid: int = attrs.field(default=3, validator=_check_cid)
     base_path: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     vhost_user_socket: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    #: buf_alloc advertised to the guest = per-connection host-bound buffer = longest guest RW
+    #: (an extension; the default is upstream's fixed value).
+    tx_buffer_size: int = attrs.field(default=TX_BUF_SIZE, validator=_check_tx_buffer_size)
 
 
 @attrs.define
@@ -150,7 +181,10 @@ class VsockDevice:
                 f"device {ctx.name!r}: cannot listen at base_path {base_path!r}: {exc}"
             ) from exc
         relay = Relay(base_path, listener)
-        manager = ConnectionManager(self.config.guest_cid, relay.connect, logger=ctx.logger)
+        manager = ConnectionManager(
+            self.config.guest_cid, relay.connect, tx_buffer_size=self.config.tx_buffer_size,
+            logger=ctx.logger,
+        )
         relay.manager = manager
         worker = VsockWorker(
             resources.queues[QUEUE_RX], resources.queues[QUEUE_TX], manager, relay
@@ -175,6 +209,7 @@ class VsockDevice:
     def inspect(self, ctx: DeviceContext, runner: VsockRunner | None) -> dict[str, Any]:
         info: dict[str, Any] = {
             "guest_cid": self.config.guest_cid,
+            "tx_buffer_size": self.config.tx_buffer_size,
             "vhost_user_socket": self.config.vhost_user_socket,
             "open": runner is not None,
         }

@@ -8,11 +8,13 @@ sockets are :class:`~devicehost_vsock.connection.HostStream` values, so tests dr
 
 Rules (facts sections 9.4-9.8, 9.10, 9.13):
 
-- Device packets carry src_cid 2, dst_cid = guest CID, type STREAM, buf_alloc 65536 and the
-  current fwd_cnt; RST carries buf_alloc 0 and fwd_cnt 0.
+- Device packets carry src_cid 2, dst_cid = guest CID, type STREAM, buf_alloc = ``tx_buffer_size``
+  (65536 as upstream unless configured) and the current fwd_cnt; RST carries buf_alloc 0 and
+  fwd_cnt 0.
 - Guest packets with type != STREAM, a foreign src_cid or dst_cid != 2 get RST (and drop any
-  connection with that key). An RW longer than 65536 bytes or with fewer payload bytes than its len
-  is dropped without RST. Unknown ops get RST and drop the connection. RST is never answered.
+  connection with that key). An RW longer than ``tx_buffer_size`` or with fewer payload bytes
+  than its len is dropped without RST. Unknown ops get RST and drop the connection. RST is
+  never answered.
 - Peer credit is taken only from REQUEST, RESPONSE and CREDIT_UPDATE.
 - One rx buffer gets, per connection, in order: an expired timeout (remove + RST), a pending
   REQUEST or RESPONSE, a CREDIT_UPDATE (fwd_cnt changed or requested), a CREDIT_REQUEST, host data
@@ -113,9 +115,13 @@ class ConnectionManager:
         connection_timeout: float = CONNECTION_TIMEOUT,
         graceful_timeout: float = GRACEFUL_SHUTDOWN_TIMEOUT,
         max_connections: int = MAX_ACTIVE_CONNECTIONS,
+        tx_buffer_size: int = TX_BUF_SIZE,
         logger: logging.Logger | None = None,
     ) -> None:
         self.guest_cid = guest_cid
+        #: The buf_alloc advertised to the guest, each connection's host-bound buffer capacity
+        #: and the longest RW accepted from the guest (upstream: always 65536).
+        self.tx_buffer_size = tx_buffer_size
         self._connect = connect
         self._connection_timeout = connection_timeout
         self._graceful_timeout = graceful_timeout
@@ -188,7 +194,9 @@ class ConnectionManager:
             self._log.info("vsock: connection limit reached, closing accepted host connection")
             stream.close()
             return False
-        conn = Connection(stream, host_initiated=True)
+        conn = Connection(
+            stream, host_initiated=True, tx_buffer_size=self.tx_buffer_size
+        )
         self._pending.add(conn)
         self._by_stream[id(stream)] = conn
         self._deadlines.set(conn, now + self._connection_timeout)
@@ -246,7 +254,7 @@ class ConnectionManager:
         ):
             self._writer.flush_run()
         if op == _RW:
-            if length > TX_BUF_SIZE:
+            if length > self.tx_buffer_size:
                 self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
                 return
             available = sum(len(p) for p in payload)
@@ -317,7 +325,9 @@ class ConnectionManager:
             stream.close()
             self._remove(old, rst=True)
             return
-        conn = Connection(stream, host_initiated=False)
+        conn = Connection(
+            stream, host_initiated=False, tx_buffer_size=self.tx_buffer_size
+        )
         conn.key = key
         conn.state = ConnectionState.GUEST_CONNECTING
         conn.response_pending = True
@@ -439,7 +449,7 @@ class ConnectionManager:
         assert key is not None
         if conn.request_pending:
             conn.request_pending = False
-            return self._emit(packet, key[0], key[1], Op.REQUEST, 0, 0, TX_BUF_SIZE, 0)
+            return self._emit(packet, key[0], key[1], Op.REQUEST, 0, 0, self.tx_buffer_size, 0)
         if conn.response_pending:
             conn.response_pending = False
             conn.state = ConnectionState.CONNECTED
@@ -498,12 +508,13 @@ class ConnectionManager:
             else:
                 conn.stream.want_close()
             return self._control(packet, conn, Op.SHUTDOWN, flags)
+        buf_alloc = self.tx_buffer_size
         if n <= first:
             conn.add_tx(n)
-            return self._emit(packet, key[0], key[1], Op.RW, n, 0, TX_BUF_SIZE, conn.fwd_cnt)
+            return self._emit(packet, key[0], key[1], Op.RW, n, 0, buf_alloc, conn.fwd_cnt)
         # The scatter read went on into lent buffers: each is one more RW packet.
         conn.add_tx(first)
-        size = self._emit(packet, key[0], key[1], Op.RW, first, 0, TX_BUF_SIZE, conn.fwd_cnt)
+        size = self._emit(packet, key[0], key[1], Op.RW, first, 0, buf_alloc, conn.fwd_cnt)
         rest = n - first
         sizes = self.extra_sizes
         for extra in extras:
@@ -511,7 +522,7 @@ class ConnectionManager:
                 break
             k = min(rest, len(extra) - HEADER_SIZE)
             conn.add_tx(k)
-            sizes.append(self._emit(extra, key[0], key[1], Op.RW, k, 0, TX_BUF_SIZE, conn.fwd_cnt))
+            sizes.append(self._emit(extra, key[0], key[1], Op.RW, k, 0, buf_alloc, conn.fwd_cnt))
             rest -= k
         return size
 
@@ -544,14 +555,14 @@ class ConnectionManager:
         conn.connect_request = request
         conn.state = ConnectionState.HOST_CONNECTING
         self._table[key] = conn
-        return self._emit(packet, local, request.port, Op.REQUEST, 0, 0, TX_BUF_SIZE, 0)
+        return self._emit(packet, local, request.port, Op.REQUEST, 0, 0, self.tx_buffer_size, 0)
 
     # ----------------------------------------------------------------- helpers
 
     def _control(self, packet: memoryview, conn: Connection, op: Op, flags: int = 0) -> int:
         key = conn.key
         assert key is not None
-        return self._emit(packet, key[0], key[1], op, 0, flags, TX_BUF_SIZE, conn.fwd_cnt)
+        return self._emit(packet, key[0], key[1], op, 0, flags, self.tx_buffer_size, conn.fwd_cnt)
 
     def _emit(
         self,

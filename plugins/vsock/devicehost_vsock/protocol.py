@@ -25,6 +25,8 @@ __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "MAX_ACTIVE_CONNECTIONS",
+    "MAX_TX_BUF_SIZE",
+    "MIN_TX_BUF_SIZE",
     "QUEUE_EVENT",
     "QUEUE_RX",
     "QUEUE_TX",
@@ -62,8 +64,12 @@ SHUTDOWN_RECEIVE: Final = 1 << 0
 SHUTDOWN_SEND: Final = 1 << 1
 
 #: Advertised buf_alloc in every non-RST packet to the guest, capacity of the per-connection
-#: host-bound buffer, and the largest RW payload accepted from the guest.
+#: host-bound buffer, and the largest RW payload accepted from the guest: upstream's value and the
+#: default of the device's ``tx_buffer_size`` (a devicehost extension, see ``VsockConfig``).
 TX_BUF_SIZE: Final = 65536
+#: Smallest and largest ``tx_buffer_size`` a device accepts (it must be a power of two).
+MIN_TX_BUF_SIZE: Final = 4096
+MAX_TX_BUF_SIZE: Final = 16 << 20
 #: Seconds from accepting a host connection to reading its CONNECT line and finishing the handshake.
 CONNECTION_TIMEOUT: Final = 2.0
 #: Seconds after the host socket closed (and SHUTDOWN was sent) before the device sends RST.

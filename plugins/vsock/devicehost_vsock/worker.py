@@ -29,13 +29,15 @@ import anyio
 
 from devicehost.virtio import DescriptorChain, QueueError, VirtQueue
 from devicehost_vsock.manager import ConnectionManager
-from devicehost_vsock.protocol import HEADER_SIZE, TX_BUF_SIZE
+from devicehost_vsock.protocol import HEADER_SIZE
 from devicehost_vsock.relay import Relay
 
 __all__ = ["VsockWorker"]
 
-#: Largest rx packet assembled in the bounce buffer (a header plus 256 KiB of data).
-_BOUNCE_SIZE = HEADER_SIZE + 4 * TX_BUF_SIZE
+#: Largest rx packet assembled in the bounce buffer (a header plus 256 KiB of data). Host -> guest
+#: packets are bounded by the guest's rx buffers and credit, not by the device's
+#: ``tx_buffer_size`` (which bounds guest -> host data), so this does not follow that setting.
+_BOUNCE_SIZE = HEADER_SIZE + 256 * 1024
 
 
 class VsockWorker:

@@ -344,6 +344,45 @@ def test_offer_config_space_and_config_validation() -> None:
     for bad in (0, 1, 2, 2**32 - 1, -3):
         with pytest.raises(ValueError, match="guest_cid"):
             VsockConfig(guest_cid=bad)
+    assert VsockConfig().tx_buffer_size == 65536  # upstream's TX_BUF_SIZE
+    for good in (4096, 262144, 16 << 20):
+        assert VsockConfig(tx_buffer_size=good).tx_buffer_size == good
+    for bad_size in (0, 2048, 65535, 65536 + 4096, 32 << 20, True, "65536"):
+        with pytest.raises(ValueError, match="tx_buffer_size"):
+            VsockConfig(tx_buffer_size=bad_size)  # type: ignore[arg-type]
+
+
+async def test_configured_tx_buffer_size_through_the_device(sock_dir: str) -> None:
+    from devicehost.testing import host_with
+    from devicehost.testing.registry import DeviceSpec
+    from devicehost.virtio import VirtioTransport
+    from devicehost_vsock import VsockConfig, VsockDevice
+
+    size = 256 * 1024
+    config = VsockConfig(base_path=f"{sock_dir}/vsock", tx_buffer_size=size)
+    async with host_with({"vsock": VsockDevice}, [DeviceSpec("vsock", "vsock", config)]) as host:
+        driver = await host.transport(VirtioTransport).connect_driver("vsock", queue_size=256)
+        guest = GuestStack(driver)
+        listener = await listen(f"{sock_dir}/vsock", 5000)
+        guest.post_rx(1)
+        guest.send(Op.REQUEST, 1024, 5000)
+        response = (await guest.recv()).header
+        assert (response.op, response.buf_alloc) == (Op.RESPONSE, size)
+        host_side = await listener.accept()
+        payload = os.urandom(size)  # one RW as long as the configured window
+        guest.post_rx(4)
+        guest.send(Op.RW, 1024, 5000, payload)
+        assert await read_exactly(host_side, size) == payload
+        update = (await guest.recv_op(Op.CREDIT_UPDATE)).header
+        while update.fwd_cnt != size:  # the socket may have taken the payload in two writes
+            assert update.buf_alloc == size
+            update = (await guest.recv_op(Op.CREDIT_UPDATE)).header
+        assert update.buf_alloc == size
+        info = await host.devices["vsock"].inspect()
+        assert info["device"]["tx_buffer_size"] == size
+        await host_side.aclose()
+        await listener.aclose()
+        await driver.reset()
 
 
 async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:

@@ -238,6 +238,51 @@ def test_credit_update_after_forwarding_and_overrun() -> None:
     assert ops(h.rx_all()) == [Op.RST] and stream.closed
 
 
+@pytest.mark.parametrize("size", [4096, 262144])
+def test_configured_tx_buffer_size_sets_buf_alloc_buffer_and_rw_limit(size: int) -> None:
+    h = Harness(tx_buffer_size=size)
+    h.listening.add(5000)
+    h.tx(Op.REQUEST, 1024, 5000)
+    (resp, _), = h.rx_all()
+    assert (resp.op, resp.buf_alloc) == (Op.RESPONSE, size)
+    stream = h.streams[5000][-1]
+    h.tx(Op.RW, 1024, 5000, b"x" * (size + 1))  # longer than the configured limit: dropped
+    assert h.rx_all() == [] and stream.outbound == b"" and len(h.manager) == 1
+    stream.capacity = 0
+    h.tx(Op.RW, 1024, 5000, b"x" * size)  # exactly the advertised window: buffered
+    conn = h.manager.connection((5000, 1024))
+    assert h.rx_all() == [] and conn is not None and conn.buffered == size
+    stream.capacity = 1 << 30
+    h.manager.on_writable(stream)
+    (upd, _), = h.rx_all()
+    assert (upd.op, upd.fwd_cnt, upd.buf_alloc) == (Op.CREDIT_UPDATE, size, size)
+    assert stream.outbound == b"x" * size
+    stream.capacity = 0
+    h.tx(Op.RW, 1024, 5000, b"y" * size)
+    h.tx(Op.RW, 1024, 5000, b"z")  # beyond the configured window: credit violated
+    assert ops(h.rx_all()) == [Op.RST] and stream.closed
+
+
+def test_large_tx_buffer_stays_unallocated_on_idle_connections() -> None:
+    import tracemalloc
+
+    h = Harness(tx_buffer_size=16 << 20)
+    h.listening.add(5000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for local in range(1024):
+            h.tx(Op.REQUEST, local, 5000)
+            h.rx_all()  # RESPONSE (and the previous connection's CREDIT_UPDATE)
+            h.tx(Op.RW, local, 5000, b"hello")
+        assert len(h.manager) == 1024
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown / 1024 < 8192, grown
+    assert all(s.outbound == b"hello" for s in h.streams[5000])
+
+
 def test_host_data_respects_credit_and_requests_once() -> None:
     h = Harness()
     h.listening.add(5000)
