@@ -17,6 +17,12 @@ Rows:
   header bytes) and consumes them; Gbit/s of payload, timed from the host's first write to the
   guest holding the last byte. The guest advertises buf_alloc = 256 KiB and tells its fwd_cnt
   every 128 KiB.
+- ``vsock_guest_to_host_64k_window256k``, ``vsock_host_to_guest_64k_window256k``: the 64 KiB
+  rows through a second device configured with ``tx_buffer_size = 262144`` (a devicehost
+  extension; the rows above use upstream's 65536). With the upstream window the guest can have
+  only one 64 KiB packet in flight, so guest -> host waits a credit round trip per packet; with
+  256 KiB it keeps up to four in flight. Host -> guest is bounded by the guest's own buf_alloc
+  (256 KiB in every row), so it is shown only for comparison.
 - ``vsock_host_to_guest_1k_packets_64k_writes``: the same 1 KiB rx buffers (so 1 KiB packets),
   but the host writes 64 KiB at a time, so one readiness report fills many rx buffers.
 - ``vsock_1024_echo_connections``: 1024 host connections at once (``CONNECT``, ``OK``, 1 KiB
@@ -56,6 +62,8 @@ from devicehost_vsock.protocol import HEADER_SIZE
 __all__ = ["run"]
 
 _GUEST_BUF = 256 * 1024
+#: The device's ``tx_buffer_size`` for the ``_window256k`` rows.
+_WIDE_WINDOW = 256 * 1024
 _CONNECTIONS = 1024
 
 
@@ -205,8 +213,9 @@ async def _host_to_guest(sockets: GuestSockets, base: str, total: int, chunk: in
     return end - float(out)
 
 
-async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any) -> None:
-    for label, chunk, total in (("64k", 65536, 64 << 20), ("1k", 1024, 4 << 20)):
+async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any,
+                      sizes: tuple[tuple[str, int, int], ...], suffix: str = "") -> None:
+    for label, chunk, total in sizes:
         driver = await driver_factory()
         stack = GuestStack(driver, cid=3, buf_alloc=_GUEST_BUF)
         sockets = GuestSockets(stack, rx_buffers=128, rx_size=HEADER_SIZE + chunk)
@@ -215,14 +224,17 @@ async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any
             tg.start_soon(sockets.pump)
             up = await _guest_to_host(sockets, base, total, chunk, 5000)
             down = await _host_to_guest(sockets, base, total, chunk)
-            batched = await _host_to_guest(sockets, base, total, 65536) if chunk < 65536 else 0
+            batched = (
+                await _host_to_guest(sockets, base, total, 65536)
+                if chunk < 65536 and not suffix else 0
+            )
             tg.cancel_scope.cancel()
         await driver.reset()
         pair = _socketpair_seconds(total, chunk)
         gbit = total * 8 / 1e9
-        rows.append(_row(f"vsock_guest_to_host_{label}", gbit / up, "Gbit/s",
+        rows.append(_row(f"vsock_guest_to_host_{label}{suffix}", gbit / up, "Gbit/s",
                          f"socketpair_{label}", gbit / pair))
-        rows.append(_row(f"vsock_host_to_guest_{label}", gbit / down, "Gbit/s",
+        rows.append(_row(f"vsock_host_to_guest_{label}{suffix}", gbit / down, "Gbit/s",
                          f"socketpair_{label}", gbit / pair))
         if batched:
             rows.append(_row(f"vsock_host_to_guest_{label}_packets_64k_writes", gbit / batched,
@@ -292,16 +304,27 @@ async def _connections(rows: list[dict[str, Any]], base: str, driver_factory: An
 async def _main() -> list[dict[str, Any]]:
     workdir = tempfile.mkdtemp(prefix="dh-bv-")
     base = os.path.join(workdir, "vsock")
+    wide_base = os.path.join(workdir, "wide")
     rows: list[dict[str, Any]] = []
     try:
-        spec = DeviceSpec("vsock", "vsock", VsockConfig(guest_cid=3, base_path=base))
-        async with host_with({"vsock": VsockDevice}, [spec]) as host:
+        specs = [
+            DeviceSpec("vsock", "vsock", VsockConfig(guest_cid=3, base_path=base)),
+            DeviceSpec("vsock-wide", "vsock", VsockConfig(
+                guest_cid=3, base_path=wide_base, tx_buffer_size=_WIDE_WINDOW)),
+        ]
+        async with host_with({"vsock": VsockDevice}, specs) as host:
             transport = host.transport(VirtioTransport)
 
             async def driver_factory() -> Any:
                 return await transport.connect_driver("vsock", queue_size=256)
 
-            await _throughput(rows, base, driver_factory)
+            async def wide_driver_factory() -> Any:
+                return await transport.connect_driver("vsock-wide", queue_size=256)
+
+            await _throughput(rows, base, driver_factory,
+                              (("64k", 65536, 64 << 20), ("1k", 1024, 4 << 20)))
+            await _throughput(rows, wide_base, wide_driver_factory, (("64k", 65536, 64 << 20),),
+                              suffix=f"_window{_WIDE_WINDOW // 1024}k")
             await _connections(rows, base, driver_factory)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
