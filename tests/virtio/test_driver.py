@@ -234,3 +234,42 @@ def test_used_buffers_as_views() -> None:
     q.push(chain.head, 3)
     with pytest.raises(DriverError, match="wrote 3 bytes"):
         dq.get_used_view()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_add_readable_chains_pop_intact_and_reap_frees_them(event_idx: bool) -> None:
+    dq, q = _pair(size=8, event_idx=event_idx)
+    heads = [dq.add_readable(b"h" * 44, b"p" * 1024), dq.add_readable(b"only"),
+             dq.add_readable(b"hdr", b"")]  # an empty second buffer: a one-buffer chain
+    assert dq.free_descriptors == 8 - 4 and dq.in_flight == 3
+    chains = [q.pop() for _ in heads]
+    assert [c.head for c in chains if c is not None] == heads
+    expected = [[b"h" * 44, b"p" * 1024], [b"only"], [b"hdr"]]
+    assert [[bytes(p) for p in c.readable] for c in chains if c is not None] == expected
+    assert dq.reap() == 0
+    for c in chains:
+        assert c is not None and c.writable_len == 0
+        q.add_used(c.head, 0)
+    assert dq.reap() == 3
+    assert dq.free_descriptors == 8 and dq.in_flight == 0 and dq.reap() == 0
+    if event_idx:  # the driver asks for an interrupt at the next completion
+        assert struct.unpack_from("<H", dq._avail, 4 + 2 * 8)[0] == 3
+
+
+def test_add_readable_when_full_and_reap_of_lies() -> None:
+    dq, q = _pair(size=2)
+    dq.add_readable(b"a")
+    with pytest.raises(QueueFull, match="2 descriptors needed, 1 free"):
+        dq.add_readable(b"a", b"b")
+    dq.add_readable(b"b")
+    with pytest.raises(QueueFull, match="1 descriptors needed, 0 free"):
+        dq.add_readable(b"c")
+    chain = q.pop()
+    assert chain is not None
+    q.push(chain.head, 1)  # a readable-only chain has no room to write into
+    with pytest.raises(DriverError, match="wrote 1 bytes into chain 0 of queue 0, which has 0"):
+        dq.reap()
+    dq2, q2 = _pair()
+    q2.push(5, 0)
+    with pytest.raises(DriverError, match="head 5 on queue 0, not in flight"):
+        dq2.reap()

@@ -107,6 +107,7 @@ class _InFlight:
 
 
 _PIECE_ALIGN = 64
+_NO_VIEWS: list[memoryview] = []  # the writable parts of a chain that has none (never changed)
 _SPARE_PAGES = 1024  # 4 MiB of recycled buffers per queue at most
 
 
@@ -285,6 +286,48 @@ class DriverQueue:
         U16.pack_into(self._avail, 2, avail_idx)
         return head
 
+    def add_readable(
+        self, first: _BufferLike, second: _BufferLike | None = None, token: Any = None
+    ) -> int:
+        """Post a device-readable chain of one or two buffers (e.g. a packet header and its
+        payload), copied into guest memory and laid out as ``add`` would lay them out; the lean
+        path of the common transmit chain. Does not kick. Raises :class:`QueueFull`."""
+        free = self._free
+        n1 = len(first)
+        if second is None or not len(second):
+            if not free:
+                raise QueueFull(f"queue {self.index}: 1 descriptors needed, 0 free")
+            end = ((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+            block = self._alloc((end + PAGE_SIZE - 1) // PAGE_SIZE)
+            block.view[:n1] = first
+            head = free.pop()
+            DESCRIPTOR.pack_into(self._desc, 16 * head, block.gpa, n1, 0, 0)
+            descriptors = [head]
+        else:
+            if len(free) < 2:
+                raise QueueFull(f"queue {self.index}: 2 descriptors needed, {len(free)} free")
+            n2 = len(second)
+            # Back to front, as ``add`` does: the second buffer first, then a gap, then the first.
+            off1 = ((n2 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+            end = off1 + ((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+            block = self._alloc((end + PAGE_SIZE - 1) // PAGE_SIZE)
+            view = block.view
+            view[:n2] = second
+            view[off1 : off1 + n1] = first
+            head = free.pop()
+            nxt = free.pop()
+            gpa = block.gpa
+            pack = DESCRIPTOR.pack_into
+            pack(self._desc, 16 * head, gpa + off1, n1, DESC_F_NEXT, nxt)
+            pack(self._desc, 16 * nxt, gpa, n2, 0, 0)
+            descriptors = [head, nxt]
+        self._in_flight[head] = _InFlight(block, descriptors, _NO_VIEWS, 0, token)
+        avail_idx = self.avail_idx
+        U16.pack_into(self._avail, 4 + 2 * (avail_idx % self.size), head)
+        self.avail_idx = avail_idx = (avail_idx + 1) & 0xFFFF
+        U16.pack_into(self._avail, 2, avail_idx)
+        return head
+
     def kick(self) -> bool:
         """Notify the device of new buffers if it asked for notifications; True if rung."""
         full_barrier()
@@ -317,6 +360,46 @@ class DriverQueue:
         self._recycle(flight.block)
         self._free.extend(reversed(flight.descriptors))
         return UsedBuffer(head, written, data, flight.token)
+
+    def reap(self) -> int:
+        """Collect every chain the device returned without looking at what it wrote (transmit
+        completions); returns how many. The same checks as :meth:`get_used` apply."""
+        used_view = self._used
+        used_idx = U16.unpack_from(used_view, 2)[0]
+        last = self.last_used
+        if used_idx == last:
+            return 0
+        size = self.size
+        in_flight = self._in_flight
+        free = self._free
+        unpack = USED_ELEM.unpack_from
+        count = 0
+        try:
+            while last != used_idx:
+                head, written = unpack(used_view, 4 + 8 * (last % size))
+                flight = in_flight.pop(head, None)
+                if flight is None:
+                    raise DriverError(
+                        f"device returned head {head} on queue {self.index}, not in flight"
+                    )
+                last = (last + 1) & 0xFFFF
+                if written > flight.writable_len:
+                    raise DriverError(
+                        f"device wrote {written} bytes into chain {head} of queue {self.index},"
+                        f" which has {flight.writable_len} writable bytes"
+                    )
+                self._recycle(flight.block)
+                descriptors = flight.descriptors
+                if len(descriptors) == 1:
+                    free.append(descriptors[0])
+                else:
+                    free.extend(reversed(descriptors))
+                count += 1
+        finally:
+            self.last_used = last
+            if self.event_idx:
+                U16.pack_into(self._avail, 4 + 2 * size, last)
+        return count
 
     def get_used_view(self) -> tuple[int, int, memoryview, Any] | None:
         """Like :meth:`get_used` without copying the written bytes: ``(head, written, data,

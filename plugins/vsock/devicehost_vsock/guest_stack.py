@@ -84,10 +84,7 @@ class GuestStack:
 
     def reap_tx(self) -> int:
         """Collect completed tx chains; returns how many."""
-        n = 0
-        while self.txq.get_used() is not None:
-            n += 1
-        return n
+        return self.txq.reap()
 
     def send_raw(self, parts: Sequence[bytes | memoryview], *, fragment: int | None = None) -> None:
         """Post one tx chain of ``parts`` (raw bytes) and kick."""
@@ -103,6 +100,32 @@ class GuestStack:
                 return
             except QueueFull:
                 await self.txq.wait_used()
+
+    def send_rw_batch(self, conn: GuestConnection, data: memoryview, chunk: int) -> int:
+        """Post RW packets of ``conn`` carrying a prefix of ``data`` (at most ``chunk`` bytes
+        each, within its credit, while tx descriptors last) and kick once; returns the bytes
+        posted (0 if the credit or the descriptors allowed none)."""
+        txq = self.txq
+        txq.reap()
+        credit = conn.credit
+        total = min(len(data), credit)
+        pack = HEADER.pack
+        add = txq.add_readable
+        cid, local, peer, buf_alloc = self.cid, conn.local_port, conn.peer_port, self.buf_alloc
+        fwd_cnt = conn.rx_cnt
+        offset = 0
+        try:
+            while offset < total:
+                n = min(total - offset, chunk)
+                add(pack(cid, CID_HOST, local, peer, n, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt),
+                    data[offset : offset + n])
+                offset += n
+        except QueueFull:
+            pass
+        if offset:
+            conn.tx_cnt = (conn.tx_cnt + offset) & _U32
+            txq.kick()
+        return offset
 
     def send(self, op: int, src_port: int, dst_port: int, data: bytes = b"", *,
              fragment: int | None = None, **fields: int) -> None:
@@ -180,17 +203,23 @@ class GuestConnection:
         await self.changed.wait()
 
     async def send_all(self, data: bytes | memoryview, chunk: int = 65536) -> None:
-        """Send ``data`` as RW packets, waiting for credit."""
-        view = memoryview(data)
+        """Send ``data`` as RW packets of at most ``chunk`` bytes, waiting for credit.
+
+        Like a guest kernel's socket send: every pass posts as many packets as the credit and
+        the free tx descriptors allow, then kicks once."""
+        view = memoryview(data).cast("B")
+        stack = self.sockets.stack
         while len(view):
             if self.reset:
                 raise ConnectionResetError(f"guest connection {self.local_port} was reset")
-            n = min(len(view), chunk, self.credit)
-            if n == 0:
+            if self.credit == 0:
                 await self.wait_changed()
                 continue
-            await self.sockets.send_rw(self, view[:n])
-            view = view[n:]
+            sent = stack.send_rw_batch(self, view, chunk)
+            if sent == 0:  # no free tx descriptors: wait for the device to complete some
+                await stack.txq.call_doorbell.wait()
+                continue
+            view = view[sent:]
 
     async def recv_exactly(self, n: int) -> bytes:
         """Wait until ``n`` bytes arrived and return them."""
