@@ -273,6 +273,9 @@ class SplitQueue:
             (regions[0].gpa, regions[0].end, regions[0].view) if len(regions) == 1 else None
         )
         self.last_avail_idx = state.last_avail_idx & 0xFFFF
+        #: The guest's avail idx as last read and validated; ``pop`` reads it again only once
+        #: every entry up to it was popped.
+        self._avail_shadow = self.last_avail_idx
         self.used_idx = state.used_idx & 0xFFFF
         self._signalled_used = self.used_idx
         self._notify = True
@@ -315,24 +318,28 @@ class SplitQueue:
         return self.broken
 
     def pop(self) -> DescriptorChain | None:
-        """The next available descriptor chain, or None; QueueError if the guest lied."""
+        """The next available chain, or None; QueueError if the guest lied."""
         if self.broken is not None:
             raise self.broken
-        avail_idx = U16.unpack_from(self._avail, 2)[0]
-        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > self.size:
-            raise self._fail(
-                f"guest moved avail idx to {avail_idx}, {pending} entries past the device's"
-                f" {self.last_avail_idx}, more than the queue size {self.size}"
-            )
-        slot = self.last_avail_idx % self.size
-        head = U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        last = self.last_avail_idx
+        if last == self._avail_shadow:
+            # Everything seen so far is popped: read the guest's index again (a real device
+            # keeps the same shadow copy and validates each new value once).
+            avail_idx = U16.unpack_from(self._avail, 2)[0]
+            pending = (avail_idx - last) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > self.size:
+                raise self._fail(
+                    f"guest moved avail idx to {avail_idx}, {pending} entries past the device's"
+                    f" {last}, more than the queue size {self.size}"
+                )
+            self._avail_shadow = avail_idx
+        head = U16.unpack_from(self._avail, 4 + 2 * (last % self.size))[0]
         chain = self._walk(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx and self._notify:
-            U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+            U16.pack_into(self._used, 4 + 8 * self.size, last)
         return chain
 
     def _buffer(self, addr: int, length: int) -> memoryview:
@@ -345,6 +352,48 @@ class SplitQueue:
         return self.memory.view(addr, length)
 
     def _walk(self, head: int) -> DescriptorChain:
+        flat = self._flat
+        if flat is None or head >= self.size:
+            return self._walk_general(head)
+        # The common chain: direct descriptors in single-region memory. Anything else (an
+        # indirect descriptor, a range outside memory) is handed to the general walk, which
+        # starts over and raises the precise error; every check of the general walk is made
+        # here or there.
+        start, end, memory = flat
+        unpack = DESCRIPTOR.unpack_from
+        table = self._desc
+        size = self.size
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_len = writable_len = 0
+        index = head
+        count = 0
+        while True:
+            count += 1
+            if count > size:
+                return self._walk_general(head)
+            addr, length, flags, nxt = unpack(table, 16 * index)
+            if flags & DESC_F_INDIRECT or addr < start or addr + length > end:
+                return self._walk_general(head)
+            offset = addr - start
+            if flags & DESC_F_WRITE:
+                writable.append(memory[offset : offset + length])
+                writable_len += length
+            elif writable:
+                return self._walk_general(head)
+            else:
+                readable.append(memory[offset : offset + length])
+                readable_len += length
+            if not flags & DESC_F_NEXT:
+                break
+            if nxt >= size:
+                return self._walk_general(head)
+            index = nxt
+        if readable_len + writable_len > _MAX_CHAIN_BYTES:
+            return self._walk_general(head)
+        return DescriptorChain._of(head, readable, writable, readable_len, writable_len)
+
+    def _walk_general(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise self._fail(
                 f"guest put head {head} on the avail ring of a {self.size}-entry queue"
@@ -449,6 +498,23 @@ class SplitQueue:
         new = (old + 1) & 0xFFFF
         U16.pack_into(self._used, 2, new)
         self.used_idx = new
+
+    def add_used_many(self, heads: Sequence[int], written: int = 0) -> None:
+        """:meth:`add_used` for each of ``heads`` in order, all with ``written`` bytes, publishing
+        the used index once at the end."""
+        size = self.size
+        if not 0 <= written <= _MAX_CHAIN_BYTES:
+            raise ValueError(f"written length {written} does not fit in le32")
+        used = self._used
+        pack = USED_ELEM.pack_into
+        idx = self.used_idx
+        for head in heads:
+            if not 0 <= head < size:
+                raise ValueError(f"head {head} is not a descriptor of this {size}-entry queue")
+            pack(used, 4 + 8 * (idx % size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        U16.pack_into(used, 2, idx)
+        self.used_idx = idx
 
     def needs_interrupt(self) -> bool:
         """True if the used entries added since the last decision need an interrupt now (used

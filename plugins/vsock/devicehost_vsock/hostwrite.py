@@ -52,6 +52,9 @@ class HostWriter:
         self._views: list[memoryview] = []
         self._bytes = 0
         self.run_packets = 0
+        #: What the run may hold: the free space of its connection's tx buffer (empty when the
+        #: run began, and untouched until it is written).
+        self._room = 0
 
     def gather(self, conn: Connection, payload: Sequence[memoryview], total: int) -> bool:
         """Add an RW packet to the run of ``conn`` if packet-by-packet handling would hand it to
@@ -75,8 +78,24 @@ class HostWriter:
             or len(payload) > MAX_GATHER
         ):
             return False
+        if self.run_conn is None:
+            self._room = conn.txbuf.available
         self.run_conn = conn
         self._views.extend(payload)
+        self._bytes += total
+        self.run_packets += 1
+        return True
+
+    def extend_run(self, payload: Sequence[memoryview], total: int) -> bool:
+        """Add the next RW packet of the run's own connection, whose header was checked by the
+        caller; False if it does not fit (then :meth:`gather` decides)."""
+        if not total:
+            self.run_packets += 1  # its fate (RST or nothing) is the run's
+            return True
+        views = self._views
+        if self._bytes + total > self._room or len(views) + len(payload) > MAX_GATHER:
+            return False
+        views.extend(payload)
         self._bytes += total
         self.run_packets += 1
         return True

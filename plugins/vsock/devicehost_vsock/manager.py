@@ -227,7 +227,7 @@ class ConnectionManager:
     # ----------------------------------------------------------------- guest tx
 
     def handle_tx(
-        self, header: Buffer, payload: Sequence[memoryview] = (), now: float = 0.0, *,
+        self, header: Buffer, payload: Sequence[memoryview] = (), now: float = 0.0,
         coalesce: bool = False,
     ) -> None:
         """Handle one guest tx packet: ``header`` is what the chain's readable part held before
@@ -248,16 +248,25 @@ class ConnectionManager:
         )
         key = (dst_port, src_port)
         run = self._writer.run_conn
-        if run is not None and (
-            op != _RW or run.key != key or type_ != TYPE_STREAM or src_cid != self.guest_cid
-            or dst_cid != CID_HOST
-        ):
-            self._writer.flush_run()
+        if run is not None:
+            if (
+                op != _RW or run.key != key or type_ != TYPE_STREAM or src_cid != self.guest_cid
+                or dst_cid != CID_HOST
+            ):
+                self._writer.flush_run()
+            elif length <= self.tx_buffer_size:
+                # The next RW of the run being gathered (the common case): the connection and
+                # its state were checked when the run began and cannot have changed since.
+                available = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
+                if available >= length and self._writer.extend_run(
+                    payload if available == length else _prefix(payload, length), length
+                ):
+                    return
         if op == _RW:
             if length > self.tx_buffer_size:
                 self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
                 return
-            available = sum(len(p) for p in payload)
+            available = sum(map(len, payload))
             if available < length:
                 self._log.info("vsock: guest RW data length mismatch, dropped")
                 return

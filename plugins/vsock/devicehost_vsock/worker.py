@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
 
 import anyio
 
@@ -99,32 +98,29 @@ class VsockWorker:
         """Handle every available tx chain; returns how many."""
         now = anyio.current_time()
         tx = self.tx
-        manager = self.manager
-        handle_tx = manager.handle_tx
-        handled: list[DescriptorChain] = []
+        pop = tx.pop
+        handle_tx = self.manager.handle_tx
+        heads: list[int] = []
         try:
-            while (chain := tx.pop()) is not None:
+            while (chain := pop()) is not None:
                 parts = chain.readable
-                if parts and len(parts[0]) >= HEADER_SIZE:
-                    first = parts[0]
-                    header: memoryview | bytes = first[:HEADER_SIZE]
-                    payload: Sequence[memoryview] = (
-                        parts[1:] if len(first) == HEADER_SIZE
-                        else [first[HEADER_SIZE:], *parts[1:]]
-                    )
+                if parts and len(first := parts[0]) >= HEADER_SIZE:
+                    if len(first) == HEADER_SIZE:
+                        handle_tx(first, parts[1:], now, True)
+                    else:
+                        handle_tx(first[:HEADER_SIZE], [first[HEADER_SIZE:], *parts[1:]], now, True)
                 else:
                     header = chain.peek(0, HEADER_SIZE)
-                    payload = _views_after(parts, HEADER_SIZE)
-                handle_tx(header, payload, now, coalesce=True)
-                handled.append(chain)
+                    handle_tx(header, _views_after(parts, HEADER_SIZE), now, True)
+                heads.append(chain.head)
         finally:
             # Gathered payloads are written before their chains go back to the guest; then one
             # barrier and at most one interrupt for the whole batch.
-            manager.flush_tx()
-            for chain in handled:
-                tx.push_deferred(chain, 0)
+            self.manager.flush_tx()
+            if heads:
+                tx.queue.add_used_many(heads, 0)
             tx.signal_used()
-        count = len(handled)
+        count = len(heads)
         if count:
             self.packets_in += count
             self.wake()
