@@ -352,3 +352,42 @@ def test_batched_used_entries_without_event_idx_follow_the_ring_flag() -> None:
     q.add_used(chain.head, 3)
     assert q.needs_interrupt() is True
     assert g.used() == (2, [(0, 0), (1, 3)])
+
+
+def test_add_used_many_writes_entries_in_order_and_publishes_once() -> None:
+    g = Guest()
+    q = g.queue(event_idx=True)
+    heads = []
+    for i in range(3):
+        g.desc(i, DATA, 1)
+        g.publish(i)
+        chain = q.pop()
+        assert chain is not None
+        heads.append(chain.head)
+    q.add_used_many(heads, 0)
+    assert g.used() == (3, [(0, 0), (1, 0), (2, 0)])
+    assert q.needs_interrupt() is True  # used_event 0 was passed by the batch
+    q.add_used_many([], 0)
+    assert g.used()[0] == 3 and q.needs_interrupt() is False
+    with pytest.raises(ValueError, match="head 8 is not a descriptor"):
+        q.add_used_many([SIZE], 0)
+    with pytest.raises(ValueError, match="does not fit in le32"):
+        q.add_used_many([0], 1 << 32)
+    assert g.used()[0] == 3  # nothing published by a failed batch
+
+
+def test_avail_index_is_read_again_once_everything_seen_was_popped() -> None:
+    g = Guest()
+    q = g.queue()
+    for i in range(SIZE):
+        g.desc(i, DATA + 16 * i, 1)
+    g.publish(0)
+    g.publish(1)
+    assert [q.pop().head, q.pop().head] == [0, 1]  # type: ignore[union-attr]
+    assert q.pop() is None
+    g.publish(2)  # published after the device caught up: seen by the next pop
+    chain = q.pop()
+    assert chain is not None and chain.head == 2 and q.pop() is None
+    g.publish(3, idx=(3 + SIZE + 1) & 0xFFFF)  # a jump past the queue size is still caught
+    with pytest.raises(QueueError, match="9 entries past the device's 3"):
+        q.pop()
