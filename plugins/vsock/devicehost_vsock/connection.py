@@ -47,6 +47,10 @@ class HostStream(Protocol):
         """Read into ``bufs`` in order, each filled before the next (one scatter read): the byte
         count, 0 at end of stream, ``None`` if it would block."""
 
+    def queued(self) -> int:
+        """Bytes queued for reading right now (0 when none, also at end of stream); a hint that
+        sizes scatter reads (more may arrive before the read)."""
+
     def peek(self, max_len: int) -> bytes | None:
         """Return up to ``max_len`` queued bytes without consuming them (``b""`` at end of
         stream, ``None`` if nothing is queued yet)."""

@@ -487,9 +487,12 @@ class ConnectionManager:
         first = min(credit, space)
         extras: list[memoryview] = []
         try:
-            if more is not None and first < credit:
+            # Lend further buffers only for the bytes already queued (and within credit):
+            # what arrives later is read by the next call, as successive calls would.
+            if more is not None and first < credit and (
+                (left := min(credit, conn.stream.queued()) - first) > 0
+            ):
                 views = [packet[HEADER_SIZE : HEADER_SIZE + first]]
-                left = credit - first
                 while left > 0 and len(extras) < _MAX_RUN and (extra := more()) is not None:
                     cap = min(len(extra) - HEADER_SIZE, left)
                     extras.append(extra)

@@ -14,10 +14,12 @@ relayed to ``<base_path>_<P>`` or ``<base_path>_<guid>``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import socket
 import stat
+import termios
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -33,6 +35,8 @@ Buffer = bytes | bytearray | memoryview
 _IN: Final = select.EPOLLIN | select.EPOLLRDHUP
 _OUT: Final = select.EPOLLOUT
 _GONE: Final = select.EPOLLHUP | select.EPOLLERR
+#: The argument of the FIONREAD ioctl (a C int, filled in by the kernel in the returned copy).
+_INT_ZERO: Final = bytes(4)
 
 
 def bind_listener(path: str) -> socket.socket:
@@ -81,6 +85,9 @@ class UnixStream:
             return self.sock.recvmsg_into(bufs)[0]
         except BlockingIOError:
             return None
+
+    def queued(self) -> int:
+        return int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, _INT_ZERO), "little")
 
     def peek(self, max_len: int) -> bytes | None:
         try:

@@ -47,6 +47,11 @@ class FakeStream:
                 break
         return total
 
+    def queued(self) -> int:
+        if self.closed:
+            raise OSError("ioctl on a closed fake stream")
+        return len(self.inbound)
+
     def peek(self, max_len: int) -> bytes | None:
         if not self.inbound:
             return b"" if self.host_eof else None

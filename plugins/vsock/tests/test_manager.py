@@ -642,7 +642,7 @@ def test_runs_use_one_scatter_read_and_only_for_a_lone_connection() -> None:
     stream.inbound += b"a" * 5000
     packets, calls = _packets_in_runs(h, [HEADER_SIZE + 1000] * 8)
     assert [len(p) - HEADER_SIZE for p in packets] == [1000] * 5 and calls == 2
-    assert stream.scatter_reads == 2  # the second finds nothing more (would block)
+    assert stream.scatter_reads == 1  # the second sees nothing queued: a plain read (would block)
     assert b"".join(p[HEADER_SIZE:] for p in packets) == b"a" * 5000
     # Two connections with data: served round robin, one buffer each, no runs.
     other = h.connect(1025, 5000)
@@ -651,10 +651,35 @@ def test_runs_use_one_scatter_read_and_only_for_a_lone_connection() -> None:
     h.manager.on_readable(stream)
     h.manager.on_readable(other)
     packets, calls = _packets_in_runs(h, [HEADER_SIZE + 1000] * 4)
-    assert stream.scatter_reads == 2 and other.scatter_reads == 0
+    assert stream.scatter_reads == 1 and other.scatter_reads == 0
     assert [(HEADER.unpack_from(p)[3], p[HEADER_SIZE:HEADER_SIZE + 1]) for p in packets] == [
         (1025, b"c"), (1024, b"b"), (1025, b"c"), (1024, b"b")
     ]
+
+
+def test_runs_borrow_only_the_buffers_the_queued_bytes_need() -> None:
+    h = Harness()
+    h.listening.add(5000)
+    h.tx(Op.REQUEST, 1024, 5000, buf_alloc=4500)
+    h.rx()
+    stream = h.streams[5000][-1]
+    stream.inbound += b"a" * 3500
+    borrowed = []
+
+    def more() -> memoryview:
+        borrowed.append(memoryview(bytearray(HEADER_SIZE + 1000)))
+        return borrowed[-1]
+
+    first = memoryview(bytearray(HEADER_SIZE + 1000))
+    assert h.manager.produce_rx(first, h.now, more) == HEADER_SIZE + 1000
+    assert len(borrowed) == 3 and h.manager.extra_sizes == [HEADER_SIZE + 1000] * 2 + [
+        HEADER_SIZE + 500
+    ]
+    stream.inbound += b"b" * 3000  # queued beyond the credit left (1000): one buffer's worth
+    borrowed.clear()
+    assert h.manager.produce_rx(first, h.now, more) == HEADER_SIZE + 1000
+    assert borrowed == [] and h.manager.extra_sizes == []
+    assert bytes(first[HEADER_SIZE:]) == b"b" * 1000
 
 
 # ----------------------------------------------------------------------- coalesced host writes
