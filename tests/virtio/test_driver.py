@@ -273,3 +273,35 @@ def test_add_readable_when_full_and_reap_of_lies() -> None:
     q2.push(5, 0)
     with pytest.raises(DriverError, match="head 5 on queue 0, not in flight"):
         dq2.reap()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_add_writable_many_and_take_used_views(event_idx: bool) -> None:
+    dq, q = _pair(size=4, event_idx=event_idx)
+    assert dq.add_writable_many(6, 100) == 4  # as many as there are descriptors
+    assert dq.add_writable_many(1, 100) == 0 and dq.in_flight == 4
+    chains = [q.pop() for _ in range(4)]
+    assert q.pop() is None
+    for i, chain in enumerate(chains):
+        assert chain is not None and chain.readable_len == 0 and chain.writable_len == 100
+        chain.write_at(0, bytes([i]) * (10 * i))
+        q.add_used(chain.head, 10 * i)
+    views = dq.take_used_views()
+    assert [(n, bytes(v)) for n, v in views] == [(10 * i, bytes([i]) * (10 * i)) for i in range(4)]
+    assert dq.take_used_views() == [] and dq.free_descriptors == 4 and dq.in_flight == 0
+    if event_idx:
+        assert struct.unpack_from("<H", dq._avail, 4 + 2 * 4)[0] == 4
+
+
+def test_take_used_views_rejects_device_lies() -> None:
+    dq, q = _pair()
+    dq.add_writable_many(1, 8)
+    chain = q.pop()
+    assert chain is not None
+    q.push(chain.head, 9)
+    with pytest.raises(DriverError, match="wrote 9 bytes into chain 0 of queue 0, which has 8"):
+        dq.take_used_views()
+    dq2, q2 = _pair()
+    q2.push(3, 0)
+    with pytest.raises(DriverError, match="head 3 on queue 0, not in flight"):
+        dq2.take_used_views()

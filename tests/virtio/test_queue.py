@@ -391,3 +391,15 @@ def test_avail_index_is_read_again_once_everything_seen_was_popped() -> None:
     g.publish(3, idx=(3 + SIZE + 1) & 0xFFFF)  # a jump past the queue size is still caught
     with pytest.raises(QueueError, match="9 entries past the device's 3"):
         q.pop()
+
+
+def test_add_used_many_with_a_length_per_head() -> None:
+    g = Guest()
+    q = g.queue()
+    q.add_used_many([2, 0, 1], [30, 0, 7])
+    assert g.used() == (3, [(2, 30), (0, 0), (1, 7)])
+    with pytest.raises(ValueError, match="2 heads but 1 written lengths"):
+        q.add_used_many([0, 1], [5])
+    with pytest.raises(ValueError, match="does not fit in le32"):
+        q.add_used_many([0], [-1])
+    assert g.used()[0] == 3

@@ -270,6 +270,35 @@ class DriverQueue:
         U16.pack_into(self._avail, 2, self.avail_idx)
         return head
 
+    def add_writable_many(self, count: int, size: int) -> int:
+        """Post up to ``count`` receive buffers of ``size`` device-writable bytes each (one
+        descriptor apiece, laid out as ``add`` would), as many as there are free descriptors,
+        publishing the avail index once; returns how many were posted. Does not kick."""
+        free = self._free
+        count = min(count, len(free))
+        if count <= 0:
+            return 0
+        pages = (((size + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN + PAGE_SIZE - 1) // (
+            PAGE_SIZE
+        )
+        alloc = self._alloc
+        pack = DESCRIPTOR.pack_into
+        desc = self._desc
+        avail = self._avail
+        in_flight = self._in_flight
+        ring_size = self.size
+        avail_idx = self.avail_idx
+        for _ in range(count):
+            block = alloc(pages)
+            head = free.pop()
+            pack(desc, 16 * head, block.gpa, size, DESC_F_WRITE, 0)
+            in_flight[head] = _InFlight(block, [head], [block.view[:size]], size, None)
+            U16.pack_into(avail, 4 + 2 * (avail_idx % ring_size), head)
+            avail_idx = (avail_idx + 1) & 0xFFFF
+        self.avail_idx = avail_idx
+        U16.pack_into(avail, 2, avail_idx)
+        return count
+
     def _add_writable(self, size: int, token: Any) -> int:
         # The common receive buffer (one device-writable descriptor), laid out as ``add`` would.
         free = self._free
@@ -360,6 +389,52 @@ class DriverQueue:
         self._recycle(flight.block)
         self._free.extend(reversed(flight.descriptors))
         return UsedBuffer(head, written, data, flight.token)
+
+    def take_used_views(self) -> list[tuple[int, memoryview]]:
+        """Every chain the device returned so far, as ``(written, data)`` like
+        :meth:`get_used_view` gives them (views valid until the next ``add`` on this queue), with
+        the same checks; the driver's used_event is written once for the batch."""
+        used_view = self._used
+        used_idx = U16.unpack_from(used_view, 2)[0]
+        last = self.last_used
+        out: list[tuple[int, memoryview]] = []
+        if used_idx == last:
+            return out
+        size = self.size
+        in_flight = self._in_flight
+        free = self._free
+        unpack = USED_ELEM.unpack_from
+        recycle = self._recycle
+        try:
+            while last != used_idx:
+                head, written = unpack(used_view, 4 + 8 * (last % size))
+                flight = in_flight.pop(head, None)
+                if flight is None:
+                    raise DriverError(
+                        f"device returned head {head} on queue {self.index}, not in flight"
+                    )
+                last = (last + 1) & 0xFFFF
+                if written > flight.writable_len:
+                    raise DriverError(
+                        f"device wrote {written} bytes into chain {head} of queue {self.index},"
+                        f" which has {flight.writable_len} writable bytes"
+                    )
+                parts = flight.writable
+                out.append((
+                    written,
+                    parts[0][:written] if len(parts) == 1 else memoryview(_joined(parts, written)),
+                ))
+                recycle(flight.block)
+                descriptors = flight.descriptors
+                if len(descriptors) == 1:
+                    free.append(descriptors[0])
+                else:
+                    free.extend(reversed(descriptors))
+        finally:
+            self.last_used = last
+            if self.event_idx:
+                U16.pack_into(self._avail, 4 + 2 * size, last)
+        return out
 
     def reap(self) -> int:
         """Collect every chain the device returned without looking at what it wrote (transmit

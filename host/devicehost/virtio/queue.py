@@ -499,19 +499,22 @@ class SplitQueue:
         U16.pack_into(self._used, 2, new)
         self.used_idx = new
 
-    def add_used_many(self, heads: Sequence[int], written: int = 0) -> None:
-        """:meth:`add_used` for each of ``heads`` in order, all with ``written`` bytes, publishing
-        the used index once at the end."""
+    def add_used_many(self, heads: Sequence[int], written: int | Sequence[int] = 0) -> None:
+        """:meth:`add_used` for each of ``heads`` in order, publishing the used index once at
+        the end; ``written`` is one length for all or one per head."""
         size = self.size
-        if not 0 <= written <= _MAX_CHAIN_BYTES:
-            raise ValueError(f"written length {written} does not fit in le32")
+        lengths = [written] * len(heads) if isinstance(written, int) else written
+        if len(lengths) != len(heads):
+            raise ValueError(f"{len(heads)} heads but {len(lengths)} written lengths")
         used = self._used
         pack = USED_ELEM.pack_into
         idx = self.used_idx
-        for head in heads:
+        for head, length in zip(heads, lengths, strict=True):
             if not 0 <= head < size:
                 raise ValueError(f"head {head} is not a descriptor of this {size}-entry queue")
-            pack(used, 4 + 8 * (idx % size), head, written)
+            if not 0 <= length <= _MAX_CHAIN_BYTES:
+                raise ValueError(f"written length {length} does not fit in le32")
+            pack(used, 4 + 8 * (idx % size), head, length)
             idx = (idx + 1) & 0xFFFF
         U16.pack_into(used, 2, idx)
         self.used_idx = idx

@@ -275,26 +275,25 @@ class GuestSockets:
 
         Like a guest kernel's receive poll: every completed buffer is handled in one pass, data
         of established connections is appended straight from the buffer, the connections that
-        changed are told once per pass, and the buffers are then reposted with one kick."""
+        changed are told once per pass, and the buffers are then reposted with one kick. The
+        pump owns the rx queue: nothing else may post rx buffers while it runs (a pass reads the
+        completed buffers in place)."""
         stack = self.stack
         rxq = stack.rxq
         connections = self.connections
         half = stack.buf_alloc // 2
         unpack = HEADER.unpack_from
         while True:
-            missing = min(self.rx_buffers - rxq.in_flight, rxq.free_descriptors)
-            if missing > 0:
-                for _ in range(missing):
-                    rxq.add(writable=[self.rx_size])
+            missing = self.rx_buffers - rxq.in_flight
+            if missing > 0 and rxq.add_writable_many(missing, self.rx_size):
                 rxq.kick()
             changed: dict[GuestConnection, None] = {}
-            used = rxq.get_used_view()
-            if used is None:
+            used = rxq.take_used_views()
+            if not used:
                 await rxq.call_doorbell.wait()
                 continue
-            while used is not None:
-                # A view of the buffer itself (copied out below, before any buffer is reposted).
-                _, written, data, _ = used
+            # Views of the buffers themselves (copied out below, before any buffer is reposted).
+            for written, data in used:
                 if written >= HEADER_SIZE:
                     _, _, src_port, dst_port, length, _, op, _, buf_alloc, fwd_cnt = unpack(data)
                     conn = (
@@ -317,7 +316,6 @@ class GuestSockets:
                         await self._dispatch(header, data[HEADER_SIZE : HEADER_SIZE + header.len])
                 else:
                     await self._dispatch(Header(0, 0, 0, 0, Op.INVALID), b"")
-                used = rxq.get_used_view()
             for conn in changed:
                 conn._notify()
 

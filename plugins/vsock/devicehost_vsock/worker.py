@@ -132,15 +132,18 @@ class VsockWorker:
         """Fill rx buffers while the table has work for them. Returns False when work is left
         but the guest has no rx buffer posted."""
         manager = self.manager
+        has_work = manager.has_rx_work
         rx = self.rx
+        pop = rx.pop
         now = anyio.current_time()
         ready = True
-        produced = 0
         held = self._held
         lent = self._lent
+        heads: list[int] = []
+        sizes: list[int] = []
         try:
-            while manager.has_rx_work(now):
-                chain = held.popleft() if held else rx.pop()
+            while has_work(now):
+                chain = held.popleft() if held else pop()
                 if chain is None:
                     ready = False
                     break
@@ -154,16 +157,18 @@ class VsockWorker:
                 if size is None:
                     held.appendleft(chain)
                     break
-                rx.push_deferred(chain, size)
-                produced += 1
+                heads.append(chain.head)
+                sizes.append(size)
                 if lent:
-                    for extra, extra_size in zip(lent, manager.extra_sizes, strict=True):
-                        rx.push_deferred(extra, extra_size)
-                    produced += len(lent)
+                    heads.extend([extra.head for extra in lent])
+                    sizes.extend(manager.extra_sizes)
                     lent.clear()
         finally:
-            # Every buffer filled in this pass is signalled with at most one interrupt.
-            self.packets_out += produced
+            # Every buffer filled in this pass is published at once and signalled with at most
+            # one interrupt.
+            if heads:
+                rx.queue.add_used_many(heads, sizes)
+                self.packets_out += len(heads)
             rx.signal_used()
         self._rx_ready = ready
         return ready
