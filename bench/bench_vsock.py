@@ -3,7 +3,9 @@
 
 The device runs in a real host; the guest is the in-process virtio driver with the vsock guest
 stack of ``devicehost_vsock.guest_stack`` (it copies every payload into and out of guest memory,
-as a guest kernel would); the host side is a real Unix socket read/written with anyio.
+and batches as a guest kernel would: every RW packet the credit and free descriptors allow, then
+one kick; tx completions reaped and rx buffers reposted in bulk); the host side is a real Unix
+socket in a separate process.
 
 Rows:
 
