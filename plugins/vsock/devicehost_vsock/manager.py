@@ -525,16 +525,18 @@ class ConnectionManager:
             conn.add_tx(n)
             return self._emit(packet, key[0], key[1], Op.RW, n, 0, buf_alloc, conn.fwd_cnt)
         # The scatter read went on into lent buffers: each is one more RW packet.
-        conn.add_tx(first)
+        conn.add_tx(n)
         size = self._emit(packet, key[0], key[1], Op.RW, first, 0, buf_alloc, conn.fwd_cnt)
         rest = n - first
         sizes = self.extra_sizes
+        pack = HEADER.pack_into
+        local, peer, cid, fwd_cnt = key[0], key[1], self.guest_cid, conn.fwd_cnt
         for extra in extras:
             if rest <= 0:
                 break
             k = min(rest, len(extra) - HEADER_SIZE)
-            conn.add_tx(k)
-            sizes.append(self._emit(extra, key[0], key[1], Op.RW, k, 0, buf_alloc, conn.fwd_cnt))
+            pack(extra, 0, CID_HOST, cid, local, peer, k, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt)
+            sizes.append(HEADER_SIZE + k)
             rest -= k
         return size
 
