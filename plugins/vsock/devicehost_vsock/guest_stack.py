@@ -39,6 +39,9 @@ __all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet", "QueueOwne
 _U32 = 0xFFFF_FFFF
 _RW = int(Op.RW)
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
+_CREDIT_REQUEST = int(Op.CREDIT_REQUEST)
+#: Ops the pump handles inline for established connections.
+_FAST_OPS = frozenset((_RW, _CREDIT_UPDATE, _CREDIT_REQUEST))
 
 
 class QueueOwner(Protocol):
@@ -89,7 +92,10 @@ class GuestStack:
     def send_raw(self, parts: Sequence[bytes | memoryview], *, fragment: int | None = None) -> None:
         """Post one tx chain of ``parts`` (raw bytes) and kick."""
         self.reap_tx()
-        self.txq.add(list(parts), fragment=fragment)
+        if fragment is None and 1 <= len(parts) <= 2:
+            self.txq.add_readable(*parts)
+        else:
+            self.txq.add(list(parts), fragment=fragment)
         self.txq.kick()
 
     async def send_raw_wait(self, parts: Sequence[bytes | memoryview]) -> None:
@@ -274,8 +280,10 @@ class GuestSockets:
         """Keep rx buffers posted and dispatch every packet, forever.
 
         Like a guest kernel's receive poll: every completed buffer is handled in one pass, data
-        of established connections is appended straight from the buffer, the connections that
-        changed are told once per pass, and the buffers are then reposted with one kick. The
+        of established connections is appended straight from the buffer, each connection that
+        received half its buf_alloc or was asked for credit sends one CREDIT_UPDATE at the end
+        of the pass, the connections that changed are told once per pass, and the buffers are
+        then reposted with one kick. The
         pump owns the rx queue: nothing else may post rx buffers while it runs (a pass reads the
         completed buffers in place)."""
         stack = self.stack
@@ -288,6 +296,7 @@ class GuestSockets:
             if missing > 0 and rxq.add_writable_many(missing, self.rx_size):
                 rxq.kick()
             changed: dict[GuestConnection, None] = {}
+            asked: set[GuestConnection] = set()
             used = rxq.take_used_views()
             if not used:
                 await rxq.call_doorbell.wait()
@@ -296,27 +305,28 @@ class GuestSockets:
             for written, data in used:
                 if written >= HEADER_SIZE:
                     _, _, src_port, dst_port, length, _, op, _, buf_alloc, fwd_cnt = unpack(data)
-                    conn = (
-                        connections.get((dst_port, src_port))
-                        if op in (_RW, _CREDIT_UPDATE)
-                        else None
-                    )
+                    conn = connections.get((dst_port, src_port)) if op in _FAST_OPS else None
                     if conn is not None and not conn.echo:
-                        # RW or CREDIT_UPDATE on an established, non-echoing connection.
+                        # RW, CREDIT_UPDATE or CREDIT_REQUEST on an established, non-echoing
+                        # connection; credit is told once per pass, below.
                         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
                         changed[conn] = None
                         if op == _RW:
                             payload = data[HEADER_SIZE : HEADER_SIZE + length]
                             conn.rx_cnt = (conn.rx_cnt + len(payload)) & _U32
                             conn.received += payload
-                            if (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= half:
-                                await self.send_control(conn, Op.CREDIT_UPDATE)
+                        elif op == _CREDIT_REQUEST:
+                            asked.add(conn)
                     else:
                         header = decode_header_untrusted(data)
                         await self._dispatch(header, data[HEADER_SIZE : HEADER_SIZE + header.len])
                 else:
                     await self._dispatch(Header(0, 0, 0, 0, Op.INVALID), b"")
             for conn in changed:
+                if not conn.reset and (
+                    conn in asked or (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= half
+                ):
+                    await self.send_control(conn, Op.CREDIT_UPDATE)
                 conn._notify()
 
     async def _dispatch(self, h: Header, data: bytes | memoryview) -> None:
