@@ -397,7 +397,7 @@ def test_venv_each_broken_plugin_alone_fails_doctor(
     assert "loaded   good (dh-good 1.2.0)" in proc.stdout
     healed = venv_cli(plugin_venv, "-p", block, "doctor", DEVICEHOST_LOAD_PLUGINS=allow)
     assert healed.returncode == 0, healed.stdout
-    assert healed.stdout.splitlines()[-1] == "all 2 loaded plugins are healthy"
+    assert "all 2 loaded plugins are healthy" in healed.stdout.splitlines()
 
 
 @pytest.mark.slow
