@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import devicehost.vmbus.ring as ring_module
 from devicehost.memory import GuestMemory
 from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, PagedRange
 from devicehost.vmbus.ring import (
@@ -28,6 +30,17 @@ from devicehost.vmbus.ring import (
 )
 
 DESC = struct.Struct("<HHHHQ")
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
+def ring_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on the C ring accelerator and on the pure-Python ring."""
+    if request.param == "c" and ring_module._ringc is None:
+        pytest.skip("the C ring accelerator is not built (or is turned off)")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "python":
+            patch.setattr(ring_module, "_ringc", None)
+        yield str(request.param)
 
 
 def ring_pair(data_len: int = 4096) -> tuple[bytearray, OutgoingRing, IncomingRing]:
