@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import devicehost.vmbus.ring as ring_module
 from devicehost.memory import GuestMemory
 from devicehost.vmbus.ring import (
+    MAX_PACKET_SIZE,
     IncomingPacket,
     IncomingRing,
     OutgoingRing,
@@ -82,7 +83,7 @@ class Side:
 
 # ---- payloads: described by a spec, built separately for each side ----------------------------
 
-_PATTERN = bytes(range(256)) * 260  # longer than 255 + the largest payload
+_PATTERN = bytes(range(256)) * 2100  # longer than 255 + the largest payload
 
 
 def content(n: int, seed: int) -> bytes:
@@ -255,9 +256,11 @@ COMPLETIONS = st.one_of(st.just(OMIT), st.sampled_from([False, True, 0, 1, 2, ""
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[Any, ...]]]:
-    data_len = draw(st.sampled_from([4096, 8192, 16384, 65536]))
+    # 1 MiB: larger than the largest packet the u16 length8 can describe (MAX_PACKET_SIZE).
+    data_len = draw(st.sampled_from([4096, 8192, 16384, 65536, 1 << 20]))
+    largest = min(data_len, MAX_PACKET_SIZE + 8)
     lengths = st.one_of(st.integers(0, 40), st.integers(0, 40), st.integers(0, 1500),
-                        st.integers(data_len - 48, data_len))  # around the largest packet
+                        st.integers(largest - 48, largest))  # around the largest packet
     seeds = st.integers(0, 255)
     simple = st.tuples(st.sampled_from(SIMPLE_KINDS[:-1]), st.integers(0, 300), seeds)
     ring_view = st.integers(0, data_len - 1).flatmap(
