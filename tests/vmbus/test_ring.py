@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import struct
 from collections.abc import Iterator
@@ -206,6 +207,22 @@ def test_packet_length_is_bounded_by_the_u16_length8_on_large_rings(how: str) ->
             w.write(OutgoingPacket(PacketType.IN_BAND, payload))
     assert info.value.kind is RingErrorKind.INVALID_MESSAGE_LENGTH
     assert bytes(buf) == before
+
+
+def test_any_buffer_is_one_payload_and_any_iterable_a_batch() -> None:
+    # array.array, a bytes subclass and mmap-like objects are one buffer; only a tuple or list
+    # is a sequence of parts; write_inband_batch takes any iterable of payloads.
+    class Tagged(bytes):
+        pass
+
+    _, w, r = ring_pair(4096)
+    w.write_inband(array.array("B", b"abc"))
+    w.write_inband(Tagged(b"tagged"))
+    w.write_inband((b"pa", bytearray(b"rt"), memoryview(b"s!")))
+    assert w.write_inband_batch(b"g%d" % i for i in range(3)) == (3, False)
+    got = [bytes(r.read().payload) for _ in range(6)]
+    assert got == [b"abc" + bytes(5), b"tagged" + bytes(2), b"parts!" + bytes(2),
+                   b"g0" + bytes(6), b"g1" + bytes(6), b"g2" + bytes(6)]
 
 
 def test_empty_and_full() -> None:

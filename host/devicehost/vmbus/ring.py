@@ -505,7 +505,7 @@ class OutgoingRing:
                      completion_requested: bool = False) -> bool:
         """Write one in-band packet and commit it. Returns whether to signal the reader.
 
-        ``payload`` is one bytes-like object or a sequence of them written back to back.
+        ``payload`` is one bytes-like object, or a tuple or list of them written back to back.
         """
         start = self._in
         flags = 1 if completion_requested else 0
@@ -622,6 +622,8 @@ class OutgoingRing:
         """Write in-band packets (no completion requested, transaction id 0) while they fit,
         then commit them together. Returns (packets written, whether to signal the reader);
         raises :class:`RingFull` if not even the first one fits."""
+        if type(payloads) is not list and type(payloads) is not tuple:
+            payloads = list(payloads)
         start = self._in
         size = self._size
         words = self._words
@@ -704,14 +706,15 @@ class OutgoingRing:
         if t is bytes or t is bytearray:
             parts: Sequence[Buffer] = (payload,)  # type: ignore[assignment]
             n = len(payload)  # type: ignore[arg-type]
-        elif t is memoryview:
-            parts = (payload,)  # type: ignore[assignment]
-            n = payload.nbytes  # type: ignore[union-attr]
-        else:
+        elif t is tuple or t is list:
             parts = payload  # type: ignore[assignment]
             n = 0
             for p in parts:
                 n += len(p) if type(p) is bytes else memoryview(p).nbytes
+        else:
+            # Any other object is one buffer (memoryview, array, mmap, a bytes subclass...).
+            parts = (payload,)  # type: ignore[assignment]
+            n = memoryview(payload).nbytes  # type: ignore[arg-type]
         header = doff8 << 3
         msg_len = (header + n + 7) & ~7
         total = msg_len + 8
