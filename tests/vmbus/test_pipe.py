@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import devicehost.vmbus.ring as ring_module
 from devicehost.vmbus.channel import RawChannel, connected_channel_pair
 from devicehost.vmbus.pipe import (
     FAIR_EVERY,
@@ -28,15 +26,8 @@ from devicehost.vmbus.ring import OutgoingPacket, PacketType, RingErrorKind
 HEADER = struct.Struct("<II")
 
 
-@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
-def ring_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs on the C ring accelerator and on the pure-Python ring."""
-    if request.param == "c" and ring_module._ringc is None:
-        pytest.skip("the C ring accelerator is not built (or is turned off)")
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "python":
-            patch.setattr(ring_module, "_ringc", None)
-        yield str(request.param)
+# Every test here runs on the C ring accelerator and on the pure-Python ring (conftest.py).
+pytestmark = pytest.mark.usefixtures("ring_implementation")
 
 
 @pytest.fixture(params=["asyncio", "trio"])

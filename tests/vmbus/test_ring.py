@@ -5,13 +5,11 @@ from __future__ import annotations
 import array
 import contextlib
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import devicehost.vmbus.ring as ring_module
 from devicehost.memory import GuestMemory
 from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, PagedRange
 from devicehost.vmbus.ring import (
@@ -33,15 +31,8 @@ from devicehost.vmbus.ring import (
 DESC = struct.Struct("<HHHHQ")
 
 
-@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
-def ring_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test here runs on the C ring accelerator and on the pure-Python ring."""
-    if request.param == "c" and ring_module._ringc is None:
-        pytest.skip("the C ring accelerator is not built (or is turned off)")
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "python":
-            patch.setattr(ring_module, "_ringc", None)
-        yield str(request.param)
+# Every test here runs on the C ring accelerator and on the pure-Python ring (conftest.py).
+pytestmark = pytest.mark.usefixtures("ring_implementation")
 
 
 def ring_pair(data_len: int = 4096) -> tuple[bytearray, OutgoingRing, IncomingRing]:
