@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from devicehost.vmbus import ring as ring_module
+from devicehost.vmbus import ringcontrol as ring_module
 
 
 @pytest.fixture(scope="module", params=["c", "python"])

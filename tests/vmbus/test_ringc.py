@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import devicehost.vmbus.ring as ring_module
+import devicehost.vmbus.ringcontrol as ring_module
 from devicehost.memory import GuestMemory
 from devicehost.vmbus.ring import (
     MAX_PACKET_SIZE,
@@ -492,13 +492,17 @@ def test_ring_refuses_bad_constructor_arguments() -> None:
     fast = _ringc.Ring(control, data, IncomingPacket)
     with pytest.raises(RuntimeError, match="once"):
         fast.__init__(control, data, IncomingPacket)
-    calls: list[Callable[[], object]] = [fast.bound_read, fast.bound_commit,
-                                         lambda: fast.bound_write_inband(b"x")]
+    calls: list[Callable[[], object]] = [
+        fast.read, fast.commit, fast.read_batch, lambda: fast.write_inband(b"x"),
+        lambda: fast.write_inband_batch([b"x"]),
+    ]
     for call in calls:
         with pytest.raises(RuntimeError, match="not bound"):
             call()
     with pytest.raises(TypeError, match="bind"):
-        fast.bind({}, 1, None)
+        fast.bind(print, 1, None)
+    with pytest.raises(TypeError, match="bind"):
+        fast.bind(print, print)
 
 
 def _packet_image(payload: bytes) -> bytearray:

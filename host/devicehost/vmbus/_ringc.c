@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT
  *
- * devicehost.vmbus._ringc: the hot paths of the Hyper-V ring (devicehost/vmbus/ring.py) in C.
+ * devicehost.vmbus._ringc: the hot paths of the Hyper-V ring (devicehost/vmbus/ring.py and
+ * ringwriter.py) in C.
  *
  * This module is an optional accelerator. It implements only the common case of each operation:
  * in-band packets written and read in contiguous ring memory without wrapping. Whenever anything
@@ -20,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -40,25 +42,30 @@ typedef struct {
     Py_buffer data;      /* the data area (writable, contiguous) */
     PyObject *data_view; /* the memoryview that payload views are sliced from */
     PyObject *packet_cls;/* IncomingPacket: a tuple subclass with 8 fields */
-    PyObject *state;     /* bound: the ring object's __dict__ (holds _in / _cursor / _out) */
+    Py_ssize_t w_in;     /* bound writer: its `in` (ring.py's OutgoingRing._in) */
+    Py_ssize_t r_cursor; /* bound reader: how far it has read (IncomingRing._cursor) */
+    Py_ssize_t r_out;    /* bound reader: what it has released (IncomingRing._out) */
     PyObject *fallback;  /* bound: the pure-Python method for what the fast path declines */
-    PyObject *fallback2; /* bound: a second one (the reader's commit) */
+    PyObject *fallback2; /* bound: a second one (commit's signal decision / write_inband_batch) */
+    PyObject *fallback3; /* bound: a third one (read_batch) */
     Py_ssize_t size;     /* data_len */
     int has_control;
     int has_data;
 } RingObject;
 
 static PyObject *empty_bytes;
-static PyObject *key_in, *key_cursor, *key_out, *key_transaction_id, *key_completion_requested;
+static PyObject *key_transaction_id, *key_completion_requested;
 
 static inline uint32_t load_word(RingObject *self, int index)
 {
     return __atomic_load_n(((uint32_t *)self->control.buf) + index, __ATOMIC_ACQUIRE);
 }
 
-static inline void store_word(RingObject *self, int index, uint32_t value)
+/* Store a word the peer reads, ordered before every later load (the signalling handshake:
+ * publish the index, then look at the peer's mask and index). */
+static inline void publish_word(RingObject *self, int index, uint32_t value)
 {
-    __atomic_store_n(((uint32_t *)self->control.buf) + index, value, __ATOMIC_RELEASE);
+    __atomic_store_n(((uint32_t *)self->control.buf) + index, value, __ATOMIC_SEQ_CST);
 }
 
 static int
@@ -107,18 +114,18 @@ Ring_traverse(RingObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->data_view);
     Py_VISIT(self->packet_cls);
-    Py_VISIT(self->state);
     Py_VISIT(self->fallback);
     Py_VISIT(self->fallback2);
+    Py_VISIT(self->fallback3);
     return 0;
 }
 
 static int
 Ring_clear(RingObject *self)
 {
-    Py_CLEAR(self->state);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->fallback2);
+    Py_CLEAR(self->fallback3);
     return 0;
 }
 
@@ -166,9 +173,9 @@ put_inband(RingObject *self, Py_ssize_t start, const void *payload, Py_ssize_t n
     return end == size ? 0 : end;
 }
 
-/* Whether ring.py takes `payload` as one buffer: exactly a bytearray or a memoryview (bytes are
- * handled before). ring.py treats any other object, even one with the buffer protocol, as a
- * sequence of parts, so it is declined here and ring.py decides. */
+/* The buffer types taken here besides bytes (handled before): exactly a bytearray or a
+ * memoryview. Any other object (an array, a bytes subclass, a tuple or list of parts, or no
+ * buffer at all) is declined, and the Python writer decides what it is. */
 static inline int
 ring_py_buffer(PyObject *payload)
 {
@@ -192,51 +199,29 @@ valid_own_index(RingObject *self, Py_ssize_t index)
     return index >= 0 && index < self->size && !(index & 7);
 }
 
-/* write_inband(start, payload, flags, transaction_id) -> int
- * Writes one in-band packet and publishes it (stores `in`). Returns new_in * 2 + signal, or -1
- * if not handled (nothing was written). */
-static PyObject *
-Ring_write_inband(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Write in-band packets (flags 0, transaction id 0) from `items` at *pos while each is a bytes
+ * object that fits without wrapping; returns how many, *pos is the offset after them. */
+static Py_ssize_t
+write_loop(RingObject *self, Py_ssize_t *pos, PyObject **items, Py_ssize_t count)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "write_inband(start, payload, flags, transaction_id)");
-        return NULL;
+    Py_ssize_t at = *pos, written = 0;
+    Py_ssize_t free_bytes = valid_own_index(self, at) ? writer_free(self, at) : -1;
+    /* `out` only ever moves forward, freeing space: one snapshot is a safe bound. */
+    while (free_bytes >= 0 && written < count && PyBytes_CheckExact(items[written])) {
+        PyObject *payload = items[written];
+        Py_ssize_t end = put_inband(self, at, PyBytes_AS_STRING(payload),
+                                    PyBytes_GET_SIZE(payload), 0, 0, free_bytes);
+        if (end < 0)
+            break;
+        free_bytes -= (end == 0 ? self->size : end) - at;
+        at = end;
+        written++;
     }
-    Py_ssize_t start = PyLong_AsSsize_t(args[0]);
-    long flags = PyLong_AsLong(args[2]);
-    unsigned long long tid = PyLong_AsUnsignedLongLong(args[3]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!valid_own_index(self, start) || flags < 0 || flags > 1)
-        return PyLong_FromLong(-1);
-    Py_ssize_t free_bytes = writer_free(self, start);
-    if (free_bytes < 0)
-        return PyLong_FromLong(-1);
-    PyObject *payload = args[1];
-    Py_ssize_t end;
-    if (PyBytes_CheckExact(payload)) {
-        end = put_inband(self, start, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
-                         (unsigned)flags, tid, free_bytes);
-    } else if (ring_py_buffer(payload)) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(payload, &view, PyBUF_C_CONTIGUOUS) < 0) {
-            PyErr_Clear(); /* not one contiguous buffer: ring.py handles it */
-            return PyLong_FromLong(-1);
-        }
-        end = put_inband(self, start, view.buf, view.len, (unsigned)flags, tid, free_bytes);
-        PyBuffer_Release(&view);
-    } else {
-        return PyLong_FromLong(-1);
-    }
-    if (end < 0)
-        return PyLong_FromLong(-1);
-    store_word(self, W_IN, (uint32_t)end);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    int signal = load_word(self, W_MASK) == 0 && (Py_ssize_t)load_word(self, W_OUT) == start;
-    return PyLong_FromSsize_t(end * 2 + signal);
+    *pos = at;
+    return written;
 }
 
-/* write_inband_batch(start, payloads) -> (position, written)
+/* write_inband_from(start, payloads) -> (position, written)
  * Writes in-band packets (flags 0, transaction id 0) from the sequence while each is a bytes
  * object that fits without wrapping; stops at the first that is not. Does not publish: the
  * caller stores `in` (ring.py's _commit) once it has written the rest. */
@@ -244,7 +229,7 @@ static PyObject *
 Ring_write_inband_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "write_inband_batch(start, payloads)");
+        PyErr_SetString(PyExc_TypeError, "write_inband_from(start, payloads)");
         return NULL;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(args[0]);
@@ -253,21 +238,8 @@ Ring_write_inband_batch(RingObject *self, PyObject *const *args, Py_ssize_t narg
     PyObject *seq = PySequence_Fast(args[1], "payloads must be a sequence");
     if (seq == NULL)
         return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    Py_ssize_t written = 0;
-    Py_ssize_t free_bytes = valid_own_index(self, pos) ? writer_free(self, pos) : -1;
-    /* `out` only ever moves forward, freeing space: one snapshot is a safe bound. */
-    while (free_bytes >= 0 && written < count && PyBytes_CheckExact(items[written])) {
-        PyObject *payload = items[written];
-        Py_ssize_t end = put_inband(self, pos, PyBytes_AS_STRING(payload),
-                                    PyBytes_GET_SIZE(payload), 0, 0, free_bytes);
-        if (end < 0)
-            break;
-        free_bytes -= (end == 0 ? self->size : end) - pos;
-        pos = end;
-        written++;
-    }
+    Py_ssize_t written = write_loop(self, &pos, PySequence_Fast_ITEMS(seq),
+                                    PySequence_Fast_GET_SIZE(seq));
     Py_DECREF(seq);
     return Py_BuildValue("(nn)", pos, written);
 }
@@ -337,32 +309,42 @@ reader_in(RingObject *self)
     return (Py_ssize_t)inp;
 }
 
-/* read(cursor) -> IncomingPacket | None
- * The next packet if it takes the fast path (its next_offset is the new cursor), else None. */
-static PyObject *
-Ring_read(RingObject *self, PyObject *arg)
+/* Append to `packets` the fast-path packets from *start up to `in` (validated by the caller),
+ * until the list holds max_packets; stops at the first packet that does not take the fast path.
+ * *start is the offset after the last one. -1 with an error set on failure to allocate. */
+static int
+read_loop(RingObject *self, Py_ssize_t *start, Py_ssize_t inp, Py_ssize_t max_packets,
+          PyObject *packets)
 {
-    Py_ssize_t start = PyLong_AsSsize_t(arg);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t inp = reader_in(self);
-    if (inp < 0 || inp == start || !valid_own_index(self, start))
-        Py_RETURN_NONE;
-    Py_ssize_t nxt;
-    PyObject *packet = parse_fast(self, start, inp > start ? inp : self->size, &nxt);
-    if (packet == NULL && !PyErr_Occurred())
-        Py_RETURN_NONE;
-    return packet;
+    Py_ssize_t at = *start;
+    if (!valid_own_index(self, at) || !valid_own_index(self, inp))
+        return 0;
+    while (PyList_GET_SIZE(packets) < max_packets && at != inp) {
+        Py_ssize_t nxt;
+        PyObject *packet = parse_fast(self, at, inp > at ? inp : self->size, &nxt);
+        if (packet == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            break;
+        }
+        int rc = PyList_Append(packets, packet);
+        Py_DECREF(packet);
+        if (rc < 0)
+            return -1;
+        at = nxt;
+        *start = at;
+    }
+    return 0;
 }
 
-/* read_batch(cursor, in, max_packets) -> (packets, cursor)
+/* read_from(cursor, in, max_packets) -> (packets, cursor)
  * Fast-path packets from `cursor` up to `in` (which the caller read and validated), at most
  * max_packets; stops at the first packet that does not take the fast path. */
 static PyObject *
 Ring_read_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "read_batch(cursor, in, max_packets)");
+        PyErr_SetString(PyExc_TypeError, "read_from(cursor, in, max_packets)");
         return NULL;
     }
     Py_ssize_t start = PyLong_AsSsize_t(args[0]);
@@ -371,79 +353,44 @@ Ring_read_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred())
         return NULL;
     PyObject *packets = PyList_New(0);
-    if (packets == NULL)
+    if (packets == NULL || read_loop(self, &start, inp, max_packets, packets) < 0) {
+        Py_XDECREF(packets);
         return NULL;
-    if (valid_own_index(self, start) && valid_own_index(self, inp)) {
-        while (PyList_GET_SIZE(packets) < max_packets && start != inp) {
-            Py_ssize_t nxt;
-            PyObject *packet = parse_fast(self, start, inp > start ? inp : self->size, &nxt);
-            if (packet == NULL) {
-                if (PyErr_Occurred()) {
-                    Py_DECREF(packets);
-                    return NULL;
-                }
-                break;
-            }
-            int rc = PyList_Append(packets, packet);
-            Py_DECREF(packet);
-            if (rc < 0) {
-                Py_DECREF(packets);
-                return NULL;
-            }
-            start = nxt;
-        }
     }
-    PyObject *result = Py_BuildValue("(Nn)", packets, start);
-    return result;
+    return Py_BuildValue("(Nn)", packets, start);
 }
 
 /* ---- Bound mode: the fast paths as methods of one ring object ------------------------------
  *
- * bind(state, fallback, fallback2) attaches this Ring to a ring object of ring.py: `state` is
- * that object's __dict__, where its own index lives (`_in` for a writer; `_cursor` and `_out`
- * for a reader), and the fallbacks are its pure-Python methods. ring.py then installs the bound
- * methods below as instance attributes, so a packet costs no Python frame; whatever they decline
- * is passed, arguments unchanged, to the pure-Python method. */
+ * bind(fallback, fallback2, fallback3) attaches this Ring to a ring object of ring.py, whose index then
+ * lives here (members in_index for a writer; cursor and out_index for a reader; ring.py's
+ * accelerated ring classes make their `_in` / `_cursor` / `_out` properties over them), and whose
+ * pure-Python methods are the fallbacks. ring.py installs the bound methods below as instance
+ * attributes, so a packet costs no Python frame; whatever they decline is passed, arguments
+ * unchanged, to the pure-Python method. */
 
 static PyObject *
 Ring_bind(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyCallable_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "bind(state: dict, fallback, fallback2)");
+    if (nargs != 3 || !PyCallable_Check(args[0]) || !PyCallable_Check(args[1])
+        || (args[2] != Py_None && !PyCallable_Check(args[2]))) {
+        PyErr_SetString(PyExc_TypeError, "bind(fallback, fallback2, fallback3)");
         return NULL;
     }
-    Py_XSETREF(self->state, Py_NewRef(args[0]));
-    Py_XSETREF(self->fallback, Py_NewRef(args[1]));
-    Py_XSETREF(self->fallback2, Py_NewRef(args[2]));
+    Py_XSETREF(self->fallback, Py_NewRef(args[0]));
+    Py_XSETREF(self->fallback2, Py_NewRef(args[1]));
+    Py_XSETREF(self->fallback3, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
 
 static int
-get_index(RingObject *self, PyObject *key, Py_ssize_t *value)
+check_bound(RingObject *self)
 {
-    if (self->state == NULL) {
+    if (self->fallback == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "this Ring is not bound to a ring object");
         return -1;
     }
-    PyObject *v = PyDict_GetItemWithError(self->state, key); /* borrowed */
-    if (v == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetObject(PyExc_AttributeError, key);
-        return -1;
-    }
-    *value = PyLong_AsSsize_t(v);
-    return (*value == -1 && PyErr_Occurred()) ? -1 : 0;
-}
-
-static int
-set_index(RingObject *self, PyObject *key, Py_ssize_t value)
-{
-    PyObject *v = PyLong_FromSsize_t(value);
-    if (v == NULL)
-        return -1;
-    int rc = PyDict_SetItem(self->state, key, v);
-    Py_DECREF(v);
-    return rc;
+    return 0;
 }
 
 static int
@@ -461,7 +408,10 @@ Ring_bound_write_inband(RingObject *self, PyObject *const *args, Py_ssize_t narg
     unsigned long long tid = 0;
     unsigned flags = 0;
     Py_ssize_t start;
-    if (nargs != 1 || get_index(self, key_in, &start) < 0)
+    if (check_bound(self) < 0)
+        return NULL;
+    start = self->w_in;
+    if (nargs != 1)
         goto decline;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
@@ -498,19 +448,15 @@ Ring_bound_write_inband(RingObject *self, PyObject *const *args, Py_ssize_t narg
         end = put_inband(self, start, view.buf, view.len, flags, tid, free_bytes);
         PyBuffer_Release(&view);
     }
-    if (end < 0 || set_index(self, key_in, end) < 0)
+    if (end < 0)
         goto decline;
-    store_word(self, W_IN, (uint32_t)end);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    self->w_in = end;
+    publish_word(self, W_IN, (uint32_t)end);
     if (load_word(self, W_MASK) == 0 && (Py_ssize_t)load_word(self, W_OUT) == start)
         Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 decline:
     PyErr_Clear(); /* the pure-Python method decides, and raises what it raises */
-    if (self->fallback == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "this Ring is not bound to a ring object");
-        return NULL;
-    }
     return PyObject_Vectorcall(self->fallback, args, nargs, kwnames);
 }
 
@@ -518,18 +464,15 @@ decline:
 static PyObject *
 Ring_bound_read(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_ssize_t start;
-    if (get_index(self, key_cursor, &start) < 0)
+    if (check_bound(self) < 0)
         return NULL;
+    Py_ssize_t start = self->r_cursor;
     Py_ssize_t inp = reader_in(self);
     if (inp >= 0 && inp != start && valid_own_index(self, start)) {
         Py_ssize_t nxt;
         PyObject *packet = parse_fast(self, start, inp > start ? inp : self->size, &nxt);
         if (packet != NULL) {
-            if (PyDict_SetItem(self->state, key_cursor, PyTuple_GET_ITEM(packet, 7)) < 0) {
-                Py_DECREF(packet);
-                return NULL;
-            }
+            self->r_cursor = nxt;
             return packet;
         }
         if (PyErr_Occurred())
@@ -542,15 +485,13 @@ Ring_bound_read(RingObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Ring_bound_commit(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_ssize_t old, cursor;
-    if (get_index(self, key_out, &old) < 0 || get_index(self, key_cursor, &cursor) < 0)
+    if (check_bound(self) < 0)
         return NULL;
+    Py_ssize_t old = self->r_out, cursor = self->r_cursor;
     if (cursor == old)
         Py_RETURN_FALSE;
-    if (set_index(self, key_out, cursor) < 0)
-        return NULL;
-    store_word(self, W_OUT, (uint32_t)cursor);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    self->r_out = cursor;
+    publish_word(self, W_OUT, (uint32_t)cursor);
     if ((load_word(self, 3) & ~(uint32_t)7) == 0)
         Py_RETURN_FALSE;
     /* The writer waits for room: whether this commit made enough is decided in ring.py. */
@@ -562,22 +503,96 @@ Ring_bound_commit(RingObject *self, PyObject *Py_UNUSED(ignored))
     return result;
 }
 
+/* write_inband_batch(payloads) -> (written, signal): all of a list or tuple of bytes payloads
+ * that fit without wrapping, published at once; anything else goes to the Python method. */
+static PyObject *
+Ring_bound_write_inband_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    if (check_bound(self) < 0)
+        return NULL;
+    if (nargs == 1 && kwnames == NULL
+        && (PyList_CheckExact(args[0]) || PyTuple_CheckExact(args[0]))) {
+        PyObject *seq = args[0];
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+        Py_ssize_t start = self->w_in, pos = start;
+        if (count > 0 && write_loop(self, &pos, PySequence_Fast_ITEMS(seq), count) == count) {
+            self->w_in = pos;
+            publish_word(self, W_IN, (uint32_t)pos);
+            int signal = load_word(self, W_MASK) == 0 && (Py_ssize_t)load_word(self, W_OUT) == start;
+            return Py_BuildValue("(nO)", count, signal ? Py_True : Py_False);
+        }
+        /* Not all of them: nothing was published; the Python method writes them its way. */
+    }
+    return PyObject_Vectorcall(self->fallback2, args, nargs, kwnames);
+}
+
+/* read_batch(max_packets=64) -> list: fast-path packets, then the Python method for the rest. */
+static PyObject *
+Ring_bound_read_batch(RingObject *self, PyObject *const *args, Py_ssize_t nargs,
+                      PyObject *kwnames)
+{
+    if (check_bound(self) < 0)
+        return NULL;
+    Py_ssize_t max_packets = 64;
+    if (kwnames != NULL || nargs > 1 || (nargs == 1 && !PyLong_CheckExact(args[0])))
+        return PyObject_Vectorcall(self->fallback3, args, nargs, kwnames);
+    if (nargs == 1) {
+        max_packets = PyLong_AsSsize_t(args[0]);
+        if (max_packets == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return PyObject_Vectorcall(self->fallback3, args, nargs, kwnames);
+        }
+    }
+    Py_ssize_t inp = reader_in(self);
+    if (inp < 0 || inp == self->r_cursor || max_packets < 1)
+        return PyObject_Vectorcall(self->fallback3, args, nargs, kwnames);
+    PyObject *packets = PyList_New(0);
+    if (packets == NULL || read_loop(self, &self->r_cursor, inp, max_packets, packets) < 0) {
+        Py_XDECREF(packets);
+        return NULL;
+    }
+    Py_ssize_t got = PyList_GET_SIZE(packets);
+    if (got == max_packets || self->r_cursor == inp)
+        return packets;
+    /* A packet the fast path does not take: the Python method reads on from here (and raises
+     * for a corrupt one, the packets before it staying read, as it does on its own). */
+    PyObject *rest_max = PyLong_FromSsize_t(max_packets - got);
+    PyObject *rest = rest_max ? PyObject_CallOneArg(self->fallback3, rest_max) : NULL;
+    Py_XDECREF(rest_max);
+    if (rest == NULL || PyList_SetSlice(packets, got, got, rest) < 0) {
+        Py_XDECREF(rest);
+        Py_DECREF(packets);
+        return NULL;
+    }
+    Py_DECREF(rest);
+    return packets;
+}
+
 static PyMethodDef Ring_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))Ring_bind, METH_FASTCALL,
-     "bind(state, fallback, fallback2): attach to a ring object (see the module comment)"},
-    {"bound_write_inband", (PyCFunction)(void (*)(void))Ring_bound_write_inband,
+     "bind(fallback, fallback2, fallback3): attach to a ring object (see the comment above bind)"},
+    {"write_inband", (PyCFunction)(void (*)(void))Ring_bound_write_inband,
      METH_FASTCALL | METH_KEYWORDS,
-     "bound_write_inband(payload, *, transaction_id=0, completion_requested=False) -> bool"},
-    {"bound_read", (PyCFunction)Ring_bound_read, METH_NOARGS, "bound_read() -> IncomingPacket"},
-    {"bound_commit", (PyCFunction)Ring_bound_commit, METH_NOARGS, "bound_commit() -> bool"},
-    {"write_inband", (PyCFunction)(void (*)(void))Ring_write_inband, METH_FASTCALL,
-     "write_inband(start, payload, flags, transaction_id) -> new_in * 2 + signal, or -1"},
-    {"write_inband_batch", (PyCFunction)(void (*)(void))Ring_write_inband_batch, METH_FASTCALL,
+     "write_inband(payload, *, transaction_id=0, completion_requested=False) -> bool"},
+    {"read", (PyCFunction)Ring_bound_read, METH_NOARGS, "read() -> IncomingPacket"},
+    {"commit", (PyCFunction)Ring_bound_commit, METH_NOARGS, "commit() -> bool"},
+    {"write_inband_batch", (PyCFunction)(void (*)(void))Ring_bound_write_inband_batch,
+     METH_FASTCALL | METH_KEYWORDS, "write_inband_batch(payloads) -> (written, signal)"},
+    {"read_batch", (PyCFunction)(void (*)(void))Ring_bound_read_batch,
+     METH_FASTCALL | METH_KEYWORDS, "read_batch(max_packets=64) -> list"},
+    {"write_inband_from", (PyCFunction)(void (*)(void))Ring_write_inband_batch, METH_FASTCALL,
      "write_inband_batch(start, payloads) -> (position, written)"},
-    {"read", (PyCFunction)Ring_read, METH_O, "read(cursor) -> IncomingPacket | None"},
-    {"read_batch", (PyCFunction)(void (*)(void))Ring_read_batch, METH_FASTCALL,
+    {"read_from", (PyCFunction)(void (*)(void))Ring_read_batch, METH_FASTCALL,
      "read_batch(cursor, in, max_packets) -> (packets, cursor)"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Ring_members[] = {
+    {"in_index", T_PYSSIZET, offsetof(RingObject, w_in), 0, "a bound writer's `in`"},
+    {"cursor", T_PYSSIZET, offsetof(RingObject, r_cursor), 0, "a bound reader's read position"},
+    {"out_index", T_PYSSIZET, offsetof(RingObject, r_out), 0, "a bound reader's released `out`"},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject RingType = {
@@ -592,6 +607,7 @@ static PyTypeObject RingType = {
     .tp_init = (initproc)Ring_init,
     .tp_dealloc = (destructor)Ring_dealloc,
     .tp_methods = Ring_methods,
+    .tp_members = Ring_members,
 };
 
 static struct PyModuleDef ringc_module = {
@@ -607,12 +623,9 @@ PyInit__ringc(void)
     if (PyType_Ready(&RingType) < 0)
         return NULL;
     empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
-    key_in = PyUnicode_InternFromString("_in");
-    key_cursor = PyUnicode_InternFromString("_cursor");
-    key_out = PyUnicode_InternFromString("_out");
     key_transaction_id = PyUnicode_InternFromString("transaction_id");
     key_completion_requested = PyUnicode_InternFromString("completion_requested");
-    if (!empty_bytes || !key_in || !key_cursor || !key_out || !key_transaction_id
+    if (!empty_bytes || !key_transaction_id
         || !key_completion_requested)
         return NULL;
     PyObject *module = PyModule_Create(&ringc_module);

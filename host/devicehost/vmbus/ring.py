@@ -59,17 +59,12 @@ mask/index check of the signalling handshake pass a store, so cross-process wait
 
 from __future__ import annotations
 
-import struct
-import sys
-from collections.abc import Sequence
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Final
 
-from devicehost import accel
 from devicehost.vmbus.packet import (
     DESCRIPTOR,
     FLAG_COMPLETION_REQUESTED,
-    FOOTER,
     GPA_DIRECT_HEADER,
     TRANSFER_PAGE_HEADER,
     IncomingPacket,
@@ -79,12 +74,27 @@ from devicehost.vmbus.packet import (
     TransferPages,
     in_band_size,
 )
+from devicehost.vmbus.ringcontrol import (
+    FEATURE_SUPPORTS_PENDING_SEND_SIZE,
+    MAX_PACKET_SIZE,
+    WORD_FEATURES,
+    WORD_IN,
+    WORD_MASK,
+    WORD_OUT,
+    WORD_PSS,
+    RingEmpty,
+    RingFull,
+    accelerator,
+    check_index,
+    validate_size,
+)
 from devicehost.vmbus.ringmemory import (
     CONTROL_SIZE,
     RingError,
     RingErrorKind,
     RingMemory,
 )
+from devicehost.vmbus.ringwriter import OutgoingRing
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -109,113 +119,38 @@ __all__ = [
     "in_band_size",
 ]
 
-if sys.byteorder != "little":  # pragma: no cover - every VMBus host is little-endian
-    raise ImportError("devicehost.vmbus.ring needs a little-endian machine")
-
-FEATURE_SUPPORTS_PENDING_SEND_SIZE: Final = 1
-
-# The packet types and values are defined in devicehost.vmbus.packet and re-exported here.
-
-# Control page, as u32 words (little-endian; we index a native "I" cast of the page):
-#   word 0  in (write index)          written by the writer
-#   word 1  out (read index)          written by the reader
-#   word 2  interrupt_mask            written by the reader (non-zero: do not signal me)
-#   word 3  pending_send_size         written by the writer (signal me when this much is free)
-#   word 16 feature_bits              written by the writer (bit 0: pending_send_size supported)
-_IN: Final = 0
-_OUT: Final = 1
-_MASK: Final = 2
-_PSS: Final = 3
-_FEATURES: Final = 16
-
-_ZEROS: Final = bytes(8)
-
-#: The largest packet the format can describe: length8 is a u16 count of 8-byte units, so
-#: descriptor + payload + padding is at most 0xFFFF * 8 bytes, plus the 8-byte footer. On rings
-#: over 512 KiB this, not the ring's size, bounds a packet.
-MAX_PACKET_SIZE: Final = 0xFFFF * 8 + 8
-
-# A whole in-band packet with an n-byte payload, written by one pack_into: descriptor, payload,
-# zero padding to 8, footer (packet.py has the layout). Cached per payload size, up to a bound.
-_INBAND_STRUCTS: dict[int, struct.Struct] = {}
-_INBAND_STRUCTS_MAX: Final = 1024
-
-
-def _inband_struct(n: int) -> struct.Struct:
-    st = _INBAND_STRUCTS.get(n)
-    if st is None:
-        st = struct.Struct(f"<HHHHQ{n}s{-n & 7}xQ")
-        if len(_INBAND_STRUCTS) < _INBAND_STRUCTS_MAX:
-            _INBAND_STRUCTS[n] = st
-    return st
-
-
-class RingEmpty(Exception):
-    """Raised when the reader finds no packet in the ring."""
-
-
-class RingFull(Exception):
-    """Raised when the writer finds less than ``needed`` free bytes in the ring."""
-
-    def __init__(self, needed: int) -> None:
-        self.needed = needed
-        super().__init__(f"the ring needs {needed} free bytes")
-
-
-# The optional C fast paths (devicehost/vmbus/_ringc.c): in-band packets that need no wrapping,
-# over contiguous memory. Whatever they do not handle comes back here unchanged.
-_ringc = accel.load("devicehost.vmbus._ringc")
-
-
-def _accelerator(mem: RingMemory) -> Any:
-    """The C fast paths over ``mem``, or None (not built, turned off, or scattered memory)."""
-    data = mem.data
-    if _ringc is None or data is None or data.format != "B" or data.readonly:
-        return None
-    try:
-        return _ringc.Ring(mem.control, data, IncomingPacket)
-    except (BufferError, TypeError, ValueError):
-        return None
-
-
 _new_packet: Final = tuple.__new__
 _unpack_descriptor: Final = DESCRIPTOR.unpack_from
-
-
-def _check_index(value: int, size: int, what: str) -> int:
-    if value >= size or value & 7:
-        raise RingError(RingErrorKind.INVALID_RING_POINTER, f"{what} index {value:#x}")
-    return value
-
-
-def _validate_size(mem: RingMemory) -> None:
-    # Packet lengths are u16 counts of 8-byte units and offsets u32: a ring larger than the
-    # format can address is refused up front.
-    if mem.data_len > 1 << 31:
-        raise RingError(RingErrorKind.INVALID_RING_MEMORY, "the data area is too large")
 
 
 class IncomingRing:
     """The reading end of a ring. Creating it masks interrupts (interrupt_mask = 1)."""
 
     def __init__(self, mem: RingMemory) -> None:
-        _validate_size(mem)
+        validate_size(mem)
         self.mem = mem
         self._words = mem.words
         self._data = mem.data
         self._size = mem.data_len
-        self._out = _check_index(self._words[_OUT], self._size, "out")
+        self._out = check_index(self._words[WORD_OUT], self._size, "out")
         self._cursor = self._out
-        self._words[_MASK] = 1
+        self._words[WORD_MASK] = 1
         self._wrapped = bytearray()
-        self._fast = _accelerator(mem)
-        if self._fast is not None:
-            # The C read and commit, as this object's own attributes (no Python frame per
-            # packet); what they decline goes to the methods below.
-            self._fast.bind(self.__dict__, MethodType(IncomingRing.read, self),
-                            self._signal_after_commit)
-            self.__dict__["read"] = self._fast.bound_read
-            self.__dict__["commit"] = self._fast.bound_commit
+        fast = accelerator(mem) if type(self) is IncomingRing else None
+        self._fast: Any = fast
+        if fast is not None:
+            # The C read, commit and read_batch, as this object's own attributes (no Python
+            # frame per packet), over indices the C object keeps; what they decline goes to the
+            # methods below, which see those indices through _AcceleratedIncomingRing's
+            # properties.
+            fast.out_index = self.__dict__.pop("_out")
+            fast.cursor = self.__dict__.pop("_cursor")
+            self.__class__ = _AcceleratedIncomingRing
+            fast.bind(MethodType(IncomingRing.read, self), self._signal_after_commit,
+                      MethodType(IncomingRing.read_batch, self))
+            self.__dict__["read"] = fast.read
+            self.__dict__["commit"] = fast.commit
+            self.__dict__["read_batch"] = fast.read_batch
 
     @property
     def data_len(self) -> int:
@@ -228,19 +163,19 @@ class IncomingRing:
 
     @property
     def peer_supports_pending_send_size(self) -> bool:
-        return bool(self._words[_FEATURES] & FEATURE_SUPPORTS_PENDING_SEND_SIZE)
+        return bool(self._words[WORD_FEATURES] & FEATURE_SUPPORTS_PENDING_SEND_SIZE)
 
     @property
     def interrupt_mask(self) -> bool:
-        return self._words[_MASK] != 0
+        return self._words[WORD_MASK] != 0
 
     def set_interrupt_mask(self, masked: bool) -> None:
         """Ask the writer (not) to signal when it makes the ring non-empty."""
-        self._words[_MASK] = 1 if masked else 0
+        self._words[WORD_MASK] = 1 if masked else 0
 
     def is_empty(self) -> bool:
         """Whether there is nothing to read past the packets already read (validates ``in``)."""
-        return _check_index(self._words[_IN], self._size, "in") == self._cursor
+        return check_index(self._words[WORD_IN], self._size, "in") == self._cursor
 
     def read(self) -> IncomingPacket:
         """Read the next packet and move past it (released to the writer on :meth:`commit`).
@@ -308,7 +243,7 @@ class IncomingRing:
             raise RingEmpty
         packets: list[IncomingPacket]
         if self._fast is not None:
-            packets, start = self._fast.read_batch(start, inp, max_packets)
+            packets, start = self._fast.read_from(start, inp, max_packets)
             self._cursor = start
             if len(packets) == max_packets or start == inp:
                 return packets
@@ -431,17 +366,17 @@ class IncomingRing:
         new = self._cursor
         if new == old:
             return False
-        words[_OUT] = new
+        words[WORD_OUT] = new
         self._out = new
-        if not words[_PSS] & ~7:
+        if not words[WORD_PSS] & ~7:
             return False
         return self._signal_after_commit(old)
 
     def _signal_after_commit(self, old: int) -> bool:
         """Whether the commit that moved ``out`` from ``old`` to ``_out`` must signal the writer
         (its pending_send_size is set)."""
-        pss = self._words[_PSS] & ~7
-        inp = _check_index(self._words[_IN], self._size, "in")
+        pss = self._words[WORD_PSS] & ~7
+        inp = check_index(self._words[WORD_IN], self._size, "in")
         return self._free(inp, old) < pss <= self._free(inp, self._out)
 
     def rollback(self) -> None:
@@ -449,321 +384,21 @@ class IncomingRing:
         self._cursor = self._out
 
 
-class OutgoingRing:
-    """The writing end of a ring. Creating it advertises pending_send_size support and clears
-    pending_send_size."""
-
-    def __init__(self, mem: RingMemory) -> None:
-        _validate_size(mem)
-        self.mem = mem
-        self._words = mem.words
-        self._data = mem.data
-        self._size = mem.data_len
-        self._in = _check_index(self._words[_IN], self._size, "in")
-        #: Where reserve_inband began a packet in ``_scratch`` (-1: none).
-        self._scratch = bytearray()
-        self._scratch_at = -1
-        self._words[_FEATURES] = FEATURE_SUPPORTS_PENDING_SEND_SIZE
-        self._words[_PSS] = 0
-        self._fast = _accelerator(mem)
-        if self._fast is not None:
-            # The C write_inband as this object's own attribute (see IncomingRing.__init__).
-            self._fast.bind(self.__dict__, MethodType(OutgoingRing.write_inband, self), None)
-            self.__dict__["write_inband"] = self._fast.bound_write_inband
+class _AcceleratedIncomingRing(IncomingRing):
+    """An :class:`IncomingRing` whose indices live in its C accelerator (see ``__init__``)."""
 
     @property
-    def data_len(self) -> int:
-        return self._size
+    def _cursor(self) -> int:
+        return self._fast.cursor  # type: ignore[no-any-return]
+
+    @_cursor.setter
+    def _cursor(self, value: int) -> None:
+        self._fast.cursor = value
 
     @property
-    def maximum_packet_size(self) -> int:
-        """The largest packet (descriptor + payload + footer) the ring can ever hold."""
-        return min(self._size - 8, MAX_PACKET_SIZE)
+    def _out(self) -> int:
+        return self._fast.out_index  # type: ignore[no-any-return]
 
-    def free_bytes(self) -> int:
-        """Bytes free for packets now (validates the reader's ``out``)."""
-        out = _check_index(self._words[_OUT], self._size, "out")
-        inp = self._in
-        return (out - inp - 8) if out > inp else self._size - (inp - out) - 8
-
-    def can_write(self, total: int) -> bool:
-        """Whether a packet of ``total`` bytes fits now."""
-        return self.free_bytes() >= total
-
-    @property
-    def pending_send_size(self) -> int:
-        return int(self._words[_PSS])
-
-    def set_pending_send_size(self, size: int) -> None:
-        """Ask the reader to signal once ``size`` bytes are free (0: don't)."""
-        if size < 0 or size > self._size - 8:
-            raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
-                            f"pending send size {size} exceeds {self._size - 8}")
-        self._words[_PSS] = (size + 7) & ~7
-
-    def write_inband(self, payload: Buffer | Sequence[Buffer], *, transaction_id: int = 0,
-                     completion_requested: bool = False) -> bool:
-        """Write one in-band packet and commit it. Returns whether to signal the reader.
-
-        ``payload`` is one bytes-like object, or a tuple or list of them written back to back.
-        """
-        start = self._in
-        flags = 1 if completion_requested else 0
-        data = self._data
-        if data is not None and type(payload) is bytes:
-            # Fast path: one bytes payload that does not wrap (same checks as _put).
-            n = len(payload)
-            msg_len = (n + 23) & ~7
-            end = start + msg_len
-            size = self._size
-            if msg_len + 8 > size - 8 or msg_len + 8 > MAX_PACKET_SIZE:
-                raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
-                                f"a {msg_len + 8}-byte packet can never fit in a {size}-byte ring")
-            words = self._words
-            out = words[1]
-            if out >= size or out & 7:
-                raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
-            free = (out - start - 8) if out > start else size - (start - out) - 8
-            if free < msg_len + 8:
-                raise RingFull(msg_len + 8)
-            if end + 8 <= size:
-                st = _INBAND_STRUCTS.get(n) or _inband_struct(n)
-                st.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id, payload,
-                             start << 32)
-                end += 8
-                self._in = end - size if end >= size else end
-                words[0] = self._in
-                return words[2] == 0 and words[1] == start
-        self._put(6, 2, b"", payload, flags, transaction_id)
-        return self._commit(start)
-
-    def reserve_inband(self, n: int) -> memoryview:
-        """A writable view of the payload of the next in-band packet, ``n`` bytes, for the
-        caller to build (or read data) into; :meth:`publish_inband` then sends it.
-
-        The view is right in the ring's free space when the packet lies in contiguous memory
-        without wrapping (publishing copies nothing); otherwise it is in a buffer the ring
-        reuses, and publishing writes the packet with one copy, wrapping it as needed.
-        Raises :class:`RingFull` / :class:`RingError` as :meth:`write_inband` would. Nothing is
-        visible to the reader until :meth:`publish_inband`, which must be the next write.
-        """
-        data = self._data
-        size = self._size
-        start = self._in
-        total = ((n + 23) & ~7) + 8
-        if total > size - 8 or total > MAX_PACKET_SIZE:
-            raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
-                            f"a {total}-byte packet can never fit in a {size}-byte ring")
-        out = self._words[1]
-        if out >= size or out & 7:
-            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
-        if ((out - start - 8) if out > start else size - (start - out) - 8) < total:
-            raise RingFull(total)
-        if data is None or start + total > size:
-            # The whole packet is built in the scratch buffer and written at publish.
-            if len(self._scratch) < total:
-                self._scratch = bytearray(total)
-            self._scratch_at = start
-            return memoryview(self._scratch)[16 : 16 + n]
-        self._scratch_at = -1
-        return data[start + 16 : start + 16 + n]
-
-    def publish_inband(self, n: int, *, transaction_id: int = 0,
-                       completion_requested: bool = False) -> bool:
-        """Complete the packet whose ``n`` payload bytes were written into the view
-        :meth:`reserve_inband` (``n``) returned: write its descriptor, padding and footer around
-        them and commit it. Returns whether to signal the reader.
-
-        Raises :class:`RingError` (InvalidRingPointer, the reader's fault) if the reader's ``out``
-        moved backwards since the reservation, so that the packet no longer fits.
-        """
-        size = self._size
-        start = self._in
-        msg_len = (n + 23) & ~7
-        end = start + msg_len
-        words = self._words
-        out = words[1]
-        if out >= size or out & 7:
-            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
-        free = (out - start - 8) if out > start else size - (start - out) - 8
-        if free < msg_len + 8:
-            raise RingError(RingErrorKind.INVALID_RING_POINTER,
-                            f"out index {out:#x} took back space reserved for a packet")
-        flags = 1 if completion_requested else 0
-        pad = msg_len - 16 - n
-        if self._scratch_at == start:
-            self._scratch_at = -1
-            image = self._scratch
-            DESCRIPTOR.pack_into(image, 0, 6, 2, msg_len >> 3, flags, transaction_id)
-            if pad:
-                image[msg_len - pad : msg_len] = _ZEROS[:pad]
-            FOOTER.pack_into(image, msg_len, start << 32)
-            self.mem.write(start, memoryview(image)[: msg_len + 8])
-        else:
-            data = self._data
-            if data is None or end + 8 > size:
-                raise ValueError("publish_inband() completes the packet reserve_inband() began")
-            DESCRIPTOR.pack_into(data, start, 6, 2, msg_len >> 3, flags, transaction_id)
-            if pad:
-                data[end - pad : end] = _ZEROS[:pad]
-            FOOTER.pack_into(data, end, start << 32)
-        end += 8
-        self._in = end - size if end >= size else end
-        words[0] = self._in
-        return words[2] == 0 and words[1] == start
-
-    def write_completion(self, transaction_id: int, payload: Buffer = b"") -> bool:
-        """Write one completion packet and commit it. Returns whether to signal the reader."""
-        start = self._in
-        self._put(11, 2, b"", payload, 0, transaction_id)
-        return self._commit(start)
-
-    def write_inband_batch(self, payloads: Sequence[Buffer]) -> tuple[int, bool]:
-        """Write in-band packets (no completion requested, transaction id 0) while they fit,
-        then commit them together. Returns (packets written, whether to signal the reader);
-        raises :class:`RingFull` if not even the first one fits."""
-        if type(payloads) is not list and type(payloads) is not tuple:
-            payloads = list(payloads)
-        start = self._in
-        size = self._size
-        words = self._words
-        data = self._data
-        # The reader only ever frees space, so one snapshot of ``out`` is a safe bound.
-        out = words[1]
-        if out >= size or out & 7:
-            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
-        pos = start
-        free = (out - pos - 8) if out > pos else size - (pos - out) - 8
-        written = 0
-        if self._fast is not None:
-            pos, written = self._fast.write_inband_batch(pos, payloads)
-            if written == len(payloads):
-                self._in = pos
-                return written, self._commit(start)
-            # The C loop may have seen a later ``out`` than ours: take a fresh snapshot.
-            out = words[1]
-            if out >= size or out & 7:  # all or nothing, as when _put finds it below
-                self._in = start
-                raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
-            free = (out - pos - 8) if out > pos else size - (pos - out) - 8
-            payloads = payloads[written:]
-        structs = _INBAND_STRUCTS
-        for payload in payloads:
-            if data is not None and type(payload) is bytes:
-                n = len(payload)
-                msg_len = (n + 23) & ~7
-                end = pos + msg_len
-                # Fast path: it fits and is not too large for the format, and does not wrap.
-                if msg_len + 8 <= free and end + 8 <= size and msg_len + 8 <= MAX_PACKET_SIZE:
-                    st = structs.get(n) or _inband_struct(n)
-                    st.pack_into(data, pos, 6, 2, msg_len >> 3, 0, 0, payload, pos << 32)
-                    pos = end + 8 if end + 8 < size else 0
-                    free -= msg_len + 8
-                    written += 1
-                    continue
-            self._in = pos
-            try:
-                self._put(6, 2, b"", payload, 0, 0)
-            except RingFull:
-                self._in = pos
-                if written:
-                    break
-                raise
-            except BaseException:
-                self._in = start
-                raise
-            written += 1
-            free -= (self._in - pos) % size
-            pos = self._in
-        self._in = pos
-        return written, self._commit(start)
-
-    def write(self, packet: OutgoingPacket) -> bool:
-        """Write any packet and commit it. Returns whether to signal the reader."""
-        return self.write_batch((packet,))
-
-    def write_batch(self, packets: Sequence[OutgoingPacket]) -> bool:
-        """Write packets back to back and commit them together; all or none are written.
-
-        Returns whether to signal the reader (it was unmasked and the ring was empty).
-        """
-        start = self._in
-        try:
-            for p in packets:
-                ext = p.extension()
-                flags = FLAG_COMPLETION_REQUESTED if (
-                    p.completion_requested or p.kind in (PacketType.GPA_DIRECT,
-                                                         PacketType.TRANSFER_PAGES)) else 0
-                self._put(int(p.kind), 2 + len(ext) // 8, ext, p.payload, flags, p.transaction_id)
-        except BaseException:
-            self._in = start
-            raise
-        return self._commit(start)
-
-    def _put(self, kind: int, doff8: int, ext: bytes, payload: Buffer | Sequence[Buffer],
-             flags: int, tid: int) -> None:
-        t = type(payload)
-        if t is bytes or t is bytearray:
-            parts: Sequence[Buffer] = (payload,)  # type: ignore[assignment]
-            n = len(payload)  # type: ignore[arg-type]
-        elif t is tuple or t is list:
-            parts = payload  # type: ignore[assignment]
-            n = 0
-            for p in parts:
-                n += len(p) if type(p) is bytes else memoryview(p).nbytes
-        else:
-            # Any other object is one buffer (memoryview, array, mmap, a bytes subclass...).
-            parts = (payload,)  # type: ignore[assignment]
-            n = memoryview(payload).nbytes  # type: ignore[arg-type]
-        header = doff8 << 3
-        msg_len = (header + n + 7) & ~7
-        total = msg_len + 8
-        size = self._size
-        if total > size - 8 or total > MAX_PACKET_SIZE:
-            raise RingError(RingErrorKind.INVALID_MESSAGE_LENGTH,
-                            f"a {total}-byte packet can never fit in a {size}-byte ring")
-        out = self._words[_OUT]
-        if out >= size or out & 7:
-            raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
-        start = self._in
-        free = (out - start - 8) if out > start else size - (start - out) - 8
-        if free < total:
-            raise RingFull(total)
-        data = self._data
-        end = start + msg_len
-        pad = msg_len - header - n
-        if data is not None and end + 8 <= size:
-            # One copy of each part straight into the ring.
-            DESCRIPTOR.pack_into(data, start, kind, doff8, msg_len >> 3, flags, tid)
-            if ext:
-                data[start + 16 : start + header] = ext
-            pos = start + header
-            for part in parts:
-                if type(part) is not bytes:
-                    part = memoryview(part).cast("B")
-                k = len(part)
-                data[pos : pos + k] = part
-                pos += k
-            if pad:
-                data[pos : pos + pad] = _ZEROS[:pad]
-            FOOTER.pack_into(data, end, start << 32)
-        else:
-            # Wrapping or scattered: each piece is written where it lands (still one copy).
-            write = self.mem.write
-            write(start, DESCRIPTOR.pack(kind, doff8, msg_len >> 3, flags, tid) + ext)
-            pos = start + header
-            for part in parts:
-                if pos >= size:
-                    pos -= size
-                write(pos, part)
-                pos += memoryview(part).nbytes
-            if pos >= size:
-                pos -= size
-            write(pos, _ZEROS[:pad] + FOOTER.pack(start << 32))
-        end += 8
-        self._in = end - size if end >= size else end
-
-    def _commit(self, start: int) -> bool:
-        words = self._words
-        words[_IN] = self._in
-        return words[_MASK] == 0 and words[_OUT] == start
+    @_out.setter
+    def _out(self, value: int) -> None:
+        self._fast.out_index = value
