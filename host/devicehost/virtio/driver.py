@@ -394,51 +394,18 @@ class DriverQueue:
         """Every chain the device returned so far, as ``(written, data)`` like
         :meth:`get_used_view` gives them (views valid until the next ``add`` on this queue), with
         the same checks; the driver's used_event is written once for the batch."""
-        used_view = self._used
-        used_idx = U16.unpack_from(used_view, 2)[0]
-        last = self.last_used
         out: list[tuple[int, memoryview]] = []
-        if used_idx == last:
-            return out
-        size = self.size
-        in_flight = self._in_flight
-        free = self._free
-        unpack = USED_ELEM.unpack_from
-        recycle = self._recycle
-        try:
-            while last != used_idx:
-                head, written = unpack(used_view, 4 + 8 * (last % size))
-                flight = in_flight.pop(head, None)
-                if flight is None:
-                    raise DriverError(
-                        f"device returned head {head} on queue {self.index}, not in flight"
-                    )
-                last = (last + 1) & 0xFFFF
-                if written > flight.writable_len:
-                    raise DriverError(
-                        f"device wrote {written} bytes into chain {head} of queue {self.index},"
-                        f" which has {flight.writable_len} writable bytes"
-                    )
-                parts = flight.writable
-                out.append((
-                    written,
-                    parts[0][:written] if len(parts) == 1 else memoryview(_joined(parts, written)),
-                ))
-                recycle(flight.block)
-                descriptors = flight.descriptors
-                if len(descriptors) == 1:
-                    free.append(descriptors[0])
-                else:
-                    free.extend(reversed(descriptors))
-        finally:
-            self.last_used = last
-            if self.event_idx:
-                U16.pack_into(self._avail, 4 + 2 * size, last)
+        self._collect(out)
         return out
 
     def reap(self) -> int:
         """Collect every chain the device returned without looking at what it wrote (transmit
         completions); returns how many. The same checks as :meth:`get_used` apply."""
+        return self._collect(None)
+
+    def _collect(self, views: list[tuple[int, memoryview]] | None) -> int:
+        # Take every used entry (appending (written, data) to ``views`` unless it is None),
+        # recycle the chains, and write used_event once; returns how many were taken.
         used_view = self._used
         used_idx = U16.unpack_from(used_view, 2)[0]
         last = self.last_used
@@ -448,6 +415,7 @@ class DriverQueue:
         in_flight = self._in_flight
         free = self._free
         unpack = USED_ELEM.unpack_from
+        recycle = self._recycle
         count = 0
         try:
             while last != used_idx:
@@ -463,7 +431,14 @@ class DriverQueue:
                         f"device wrote {written} bytes into chain {head} of queue {self.index},"
                         f" which has {flight.writable_len} writable bytes"
                     )
-                self._recycle(flight.block)
+                if views is not None:
+                    parts = flight.writable
+                    views.append((
+                        written,
+                        parts[0][:written] if len(parts) == 1
+                        else memoryview(_joined(parts, written)),
+                    ))
+                recycle(flight.block)
                 descriptors = flight.descriptors
                 if len(descriptors) == 1:
                     free.append(descriptors[0])
