@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import pytest
@@ -15,6 +16,7 @@ from devicehost.virtio.queue import (
     DESC_F_WRITE,
     RING_F_NO_INTERRUPT,
     RING_F_NO_NOTIFY,
+    DescriptorChain,
     QueueError,
     QueueLayout,
     QueueState,
@@ -403,3 +405,111 @@ def test_add_used_many_with_a_length_per_head() -> None:
     with pytest.raises(ValueError, match="does not fit in le32"):
         q.add_used_many([0], [-1])
     assert g.used()[0] == 3
+
+
+def _offsets(chain: DescriptorChain) -> list[tuple[int, int]]:
+    """(offset in the memory region, length) of every part of a chain, readable parts first."""
+    return [(_address(part) - _address(memoryview(part.obj)), len(part))
+            for part in (*chain.readable, *chain.writable)]
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof((ctypes.c_char * 0).from_buffer(view))
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_pop_many_returns_what_repeated_pops_return(event_idx: bool) -> None:
+    states = []
+    results = []
+    for many in (False, True):
+        g = Guest()
+        for i in range(6):
+            g.desc(i, DATA + 0x100 * i, 10 + i, DESC_F_WRITE if i % 2 else 0)
+        g.desc(6, DATA, 32, DESC_F_INDIRECT)
+        g.desc(0, DATA + 0x800, 3, DESC_F_NEXT, 1, table=DATA)
+        g.desc(1, DATA + 0x900, 4, DESC_F_WRITE, table=DATA)
+        for head in (0, 1, 6, 2, 3):
+            g.publish(head)
+        q = g.queue(event_idx=event_idx)
+        if many:
+            chains = q.pop_many()
+            assert q.pop_many() == []
+        else:
+            chains = []
+            while (chain := q.pop()) is not None:
+                chains.append(chain)
+        results.append([(c.head, c.readable_len, c.writable_len, _offsets(c)) for c in chains])
+        states.append((q.state(), g.memory.read(0, 0x4000)))
+    assert results[0] == results[1]
+    assert [r[0] for r in results[1]] == [0, 1, 6, 2, 3]
+    assert results[1][2] == (6, 3, 4, [(DATA + 0x800, 3), (DATA + 0x900, 4)])
+    assert states[0] == states[1]
+    assert states[1][0] == QueueState(5, 0)
+    if event_idx:
+        assert g.u16(USED + 4 + 8 * SIZE) == 5
+
+
+def test_pop_many_limit_and_queue_size_bound() -> None:
+    g = Guest()
+    for i in range(SIZE):
+        g.desc(i, DATA, 1)
+        g.publish(i)
+    q = g.queue(event_idx=True)
+    assert q.pop_many(0) == []
+    assert g.u16(USED + 4 + 8 * SIZE) == 0  # nothing popped, nothing written
+    assert [c.head for c in q.pop_many(3)] == [0, 1, 2]
+    assert g.u16(USED + 4 + 8 * SIZE) == 3
+    assert [c.head for c in q.pop_many(100)] == [3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="negative"):
+        q.pop_many(-1)
+    # A guest that keeps publishing: one call never takes more than the queue size.
+    q.add_used_many(list(range(SIZE)), 0)
+    for i in range(SIZE):
+        g.publish(i)
+    assert len(q.pop_many()) == SIZE
+    for i in range(3):
+        g.publish(i)
+    assert [c.head for c in q.pop_many()] == [0, 1, 2]
+
+
+def test_pop_many_returns_the_chains_before_a_lie_then_raises() -> None:
+    g = Guest()
+    g.desc(0, DATA, 4)
+    g.desc(1, DATA, 4)
+    g.desc(2, DATA, 1, DESC_F_NEXT, 2)  # a loop
+    for head in (0, 1, 2, 0):
+        g.publish(head)
+    q = g.queue(event_idx=True)
+    assert [c.head for c in q.pop_many()] == [0, 1]
+    assert q.broken is not None and q.last_avail_idx == 2
+    assert g.u16(USED + 4 + 8 * SIZE) == 2
+    with pytest.raises(QueueError, match="descriptor loop"):
+        q.pop_many()
+    with pytest.raises(QueueError, match="descriptor loop"):
+        q.pop()
+    assert q.last_avail_idx == 2
+
+
+def test_pop_many_raises_when_the_first_chain_is_bad() -> None:
+    g = Guest()
+    g.publish(9)
+    q = g.queue()
+    with pytest.raises(QueueError, match="head 9 on the avail ring"):
+        q.pop_many()
+    g2 = Guest()
+    g2.publish(0, idx=SIZE + 2)
+    with pytest.raises(QueueError, match="10 entries past the device's 0"):
+        g2.queue().pop_many()
+
+
+def test_pop_many_reads_the_avail_index_again_after_the_seen_entries() -> None:
+    g = Guest()
+    for i in range(4):
+        g.desc(i, DATA, 1)
+    g.publish(0)
+    g.publish(1)
+    q = g.queue()
+    assert q.pop() is not None  # reads avail idx 2, pops one
+    g.publish(2)
+    g.publish(3)
+    assert [c.head for c in q.pop_many()] == [1, 2, 3]

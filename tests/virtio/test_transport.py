@@ -17,8 +17,10 @@ from devicehost.virtio import (
     DriverQueue,
     EventDoorbell,
     FeatureError,
+    QueueError,
     QueueState,
     VirtioTransport,
+    VirtQueue,
 )
 
 from .echo_device import MAGIC, EchoConfig, EchoDevice, EchoSaved
@@ -172,3 +174,48 @@ def test_deferred_pushes_ring_the_call_doorbell_once() -> None:
     elems = [struct.unpack("<II", memory.read(used + 4 + 8 * i, 8)) for i in range(3)]
     assert struct.unpack("<H", memory.read(used + 2, 2))[0] == 3
     assert elems == [(0, 1), (1, 2), (2, 3)]
+
+
+def _queue_with(heads: list[int], error: EventDoorbell | None) -> VirtQueue:
+    from devicehost.memory import GuestMemory
+    from devicehost.virtio.queue import DESC_F_NEXT, QueueLayout, SplitQueue
+
+    memory = GuestMemory.anonymous(1 << 16)
+    size, desc, avail, used = 4, 0x1000, 0x2000, 0x3000
+    for i in range(3):
+        memory.write(desc + 16 * i, struct.pack("<QIHH", 0x8000, 1, 0, 0))
+    memory.write(desc + 16 * 3, struct.pack("<QIHH", 0x8000, 1, DESC_F_NEXT, 3))  # a loop
+    for i, head in enumerate(heads):
+        memory.write(avail + 4 + 2 * i, struct.pack("<H", head))
+    memory.write(avail + 2, struct.pack("<H", len(heads)))
+    queue = VirtQueue(0, SplitQueue(memory, QueueLayout(size, desc, avail, used)),
+                      EventDoorbell(), EventDoorbell(), error)
+    return queue
+
+
+def test_pop_many_rings_the_error_doorbell_when_the_queue_breaks() -> None:
+    error = EventDoorbell()
+    queue = _queue_with([0, 1, 3], error)
+    chains = queue.pop_many()
+    assert [c.head for c in chains] == [0, 1]
+    assert error.rings == 1  # broken during the call, although chains came back
+    with pytest.raises(QueueError, match="descriptor loop"):
+        queue.pop_many()
+    with pytest.raises(QueueError, match="descriptor loop"):
+        queue.pop()
+    assert error.rings == 1  # rung once, when it broke
+
+    error = EventDoorbell()
+    queue = _queue_with([3, 0], error)
+    with pytest.raises(QueueError, match="descriptor loop"):
+        queue.pop_many(5)
+    assert error.rings == 1
+
+    error = EventDoorbell()
+    queue = _queue_with([0, 1, 2], error)
+    assert [c.head for c in queue.pop_many(2)] == [0, 1]
+    assert [c.head for c in queue.pop_many()] == [2]
+    assert queue.pop_many() == [] and error.rings == 0
+    queue = _queue_with([3], None)  # no error doorbell: raises all the same
+    with pytest.raises(QueueError, match="descriptor loop"):
+        queue.pop_many()

@@ -342,6 +342,52 @@ class SplitQueue:
             U16.pack_into(self._used, 4 + 8 * self.size, last)
         return chain
 
+    def pop_many(self, limit: int | None = None) -> list[DescriptorChain]:
+        """Every available chain in order, as repeated :meth:`pop` calls would return them.
+
+        At most ``limit`` chains, and never more than the queue size in one call (an honest
+        driver cannot have more outstanding; a guest in another process that keeps publishing
+        cannot keep the device here). The state afterwards (indices, ``avail_event``) is the one
+        the same number of ``pop`` calls leaves. If the guest broke the queue after some chains
+        were popped, those are returned and the queue is broken: the next ``pop`` or
+        ``pop_many`` raises the QueueError. If the first chain is already bad, it is raised.
+        """
+        if self.broken is not None:
+            raise self.broken
+        size = self.size
+        if limit is None:
+            limit = size
+        elif limit < 0:
+            raise ValueError(f"negative pop_many limit {limit}")
+        else:
+            limit = min(limit, size)
+        chains: list[DescriptorChain] = []
+        last = start = self.last_avail_idx
+        avail = self._avail
+        unpack = U16.unpack_from
+        walk = self._walk
+        try:
+            while len(chains) < limit:
+                if last == self._avail_shadow:
+                    avail_idx = unpack(avail, 2)[0]
+                    pending = (avail_idx - last) & 0xFFFF
+                    if pending == 0:
+                        break
+                    if pending > size:
+                        raise self._fail(
+                            f"guest moved avail idx to {avail_idx}, {pending} entries past the"
+                            f" device's {last}, more than the queue size {size}"
+                        )
+                    self._avail_shadow = avail_idx
+                chains.append(walk(unpack(avail, 4 + 2 * (last % size))[0]))
+                self.last_avail_idx = last = (last + 1) & 0xFFFF
+        except QueueError:
+            if not chains:
+                raise
+        if last != start and self.event_idx and self._notify:
+            U16.pack_into(self._used, 4 + 8 * size, last)
+        return chains
+
     def _buffer(self, addr: int, length: int) -> memoryview:
         flat = self._flat
         if flat is not None:

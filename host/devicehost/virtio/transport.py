@@ -106,6 +106,24 @@ class VirtQueue:
                 raise
         raise queue.broken
 
+    def pop_many(self, limit: int | None = None) -> list[DescriptorChain]:
+        """Every available chain (at most ``limit``; see :meth:`SplitQueue.pop_many`). If the
+        guest broke the queue during the call, the chains popped before are returned, the
+        ``error`` doorbell is rung, and the next call raises; QueueError if none could be."""
+        queue = self.queue
+        already = queue.broken
+        if already is not None:
+            raise already
+        try:
+            chains = queue.pop_many(limit)
+        except QueueError:
+            if self.error is not None:
+                self.error.ring()
+            raise
+        if queue.broken is not None and self.error is not None:
+            self.error.ring()
+        return chains
+
     def push(self, chain: DescriptorChain | int, written: int = 0) -> None:
         """Return a chain (or head index) with ``written`` bytes; interrupts the driver when it
         asked for it."""
