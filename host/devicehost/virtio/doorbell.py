@@ -1,13 +1,14 @@
 """Doorbells: the notifications of a virtqueue, both ways (driver kick, device interrupt).
 
 A doorbell is rung by one side and waited on by the other. Rings coalesce: any number of rings
-before a wait wakes that wait once. :class:`EventDoorbell` stays inside one process (anyio
-events); :class:`EventfdDoorbell` rings and waits on a Linux eventfd, as vhost-user's kick and call
-file descriptors are.
+before a wait wakes that wait once. :class:`EventDoorbell` stays inside one process (asyncio
+futures, or anyio events under other backends); :class:`EventfdDoorbell` rings and waits on a
+Linux eventfd, as vhost-user's kick and call file descriptors are.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from typing import Protocol
@@ -30,27 +31,56 @@ class Doorbell(Protocol):
 class EventDoorbell:
     """An in-process doorbell. ``rings`` counts every ring (for tests and statistics).
 
-    Any number of tasks may wait; each ring wakes them all and lets exactly one return.
+    Any number of tasks may wait; each ring wakes them all and lets exactly one return (the
+    first to run consumes the ring; the others wait again). A waiter cancelled after a ring
+    never consumed it, so the ring stays pending for the next wait.
+
+    Under asyncio each waiter parks on a future of its own (no event object per wait: this is
+    on every virtqueue notification); under other anyio backends the waiters share one anyio
+    event.
     """
+
+    __slots__ = ("_event", "_futures", "_pending", "rings")
 
     def __init__(self) -> None:
         self._pending = False
+        #: The asyncio waiters parked now, one future each (cancelled ones remove their own).
+        self._futures: list[asyncio.Future[None]] = []
+        #: The event the waiters of another backend share, if any waits.
         self._event: anyio.Event | None = None
         self.rings = 0
 
     def ring(self) -> None:
         self.rings += 1
         self._pending = True
-        event, self._event = self._event, None
+        futures = self._futures
+        if futures:
+            self._futures = []
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        event = self._event
         if event is not None:
+            self._event = None
             event.set()
 
     async def wait(self) -> None:
-        # Several tasks may wait: they share one event; the first to run consumes the ring.
         while not self._pending:
-            if self._event is None:
-                self._event = anyio.Event()
-            await self._event.wait()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not asyncio (e.g. trio): a shared anyio event
+                if self._event is None:
+                    self._event = anyio.Event()
+                await self._event.wait()
+                continue
+            future: asyncio.Future[None] = loop.create_future()
+            self._futures.append(future)
+            try:
+                await future
+            except BaseException:
+                with contextlib.suppress(ValueError):  # already taken by a ring
+                    self._futures.remove(future)
+                raise
         self._pending = False
 
 

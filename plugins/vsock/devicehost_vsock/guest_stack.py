@@ -113,19 +113,26 @@ class GuestStack:
         posted (0 if the credit or the descriptors allowed none)."""
         txq = self.txq
         txq.reap()
-        credit = conn.credit
-        total = min(len(data), credit)
+        total = min(len(data), conn.credit)
         pack = HEADER.pack
         add = txq.add_readable
         cid, local, peer, buf_alloc = self.cid, conn.local_port, conn.peer_port, self.buf_alloc
         fwd_cnt = conn.rx_cnt
         offset = 0
         try:
-            while offset < total:
-                n = min(total - offset, chunk)
+            if total >= chunk:
+                # Every full packet of the batch has the same header.
+                header = pack(cid, CID_HOST, local, peer, chunk, TYPE_STREAM, _RW, 0, buf_alloc,
+                              fwd_cnt)
+                last = total - chunk
+                while offset <= last:
+                    add(header, data[offset : offset + chunk])
+                    offset += chunk
+            if offset < total:
+                n = total - offset
                 add(pack(cid, CID_HOST, local, peer, n, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt),
-                    data[offset : offset + n])
-                offset += n
+                    data[offset:total])
+                offset = total
         except QueueFull:
             pass
         if offset:
@@ -195,31 +202,72 @@ class GuestConnection:
     peer_fwd_cnt: int = 0
     echo: bool = False
     pending: bytearray = attrs.field(factory=bytearray)
-    changed: anyio.Event = attrs.field(factory=anyio.Event)
+    #: The event of the tasks waiting in :meth:`wait_changed` (made by the first of them).
+    _changed: anyio.Event | None = attrs.field(default=None, init=False)
+    #: What a :meth:`send_all` waiting for credit has left to send (the pump posts it as
+    #: credit arrives, see :meth:`_advance`), its packet size, and the event that wakes it.
+    _unsent: memoryview | None = attrs.field(default=None, init=False)
+    _chunk: int = attrs.field(default=65536, init=False)
+    _sender: anyio.Event | None = attrs.field(default=None, init=False)
 
     @property
     def credit(self) -> int:
         return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
 
     def _notify(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+        event = self._changed
+        if event is not None:
+            self._changed = None
+            event.set()
 
     async def wait_changed(self) -> None:
-        await self.changed.wait()
+        """Wait until the pump next handles a packet of this connection."""
+        event = self._changed
+        if event is None:
+            event = self._changed = anyio.Event()
+        await event.wait()
+
+    def _advance(self) -> None:
+        """The pump saw a packet of this connection: post what a waiting :meth:`send_all`
+        holds, as far as the credit and the tx descriptors allow, and wake it when everything
+        is posted, when descriptors ran out or when the connection was reset (it keeps waiting
+        while only credit is missing). A guest kernel's socket does the same from its receive
+        path: the sender is not scheduled once per credit update."""
+        view = self._unsent
+        if view is None:
+            return
+        if not self.reset:
+            if not self.credit:
+                return
+            sent = self.sockets.stack.send_rw_batch(self, view, self._chunk)
+            if sent:
+                self._unsent = view = view[sent:]
+                if len(view) and not self.credit:
+                    return
+        sender = self._sender
+        if sender is not None:
+            self._sender = None
+            sender.set()
 
     async def send_all(self, data: bytes | memoryview, chunk: int = 65536) -> None:
         """Send ``data`` as RW packets of at most ``chunk`` bytes, waiting for credit.
 
         Like a guest kernel's socket send: every pass posts as many packets as the credit and
-        the free tx descriptors allow, then kicks once."""
+        the free tx descriptors allow, then kicks once. While credit is missing the rest is
+        left to the pump, which posts it as the device's CREDIT_UPDATEs arrive."""
         view = memoryview(data).cast("B")
         stack = self.sockets.stack
         while len(view):
             if self.reset:
                 raise ConnectionResetError(f"guest connection {self.local_port} was reset")
             if self.credit == 0:
-                await self.wait_changed()
+                self._unsent, self._chunk = view, chunk
+                self._sender = sender = anyio.Event()
+                try:
+                    await sender.wait()
+                finally:
+                    rest, self._unsent, self._sender = self._unsent, None, None
+                view = rest if rest is not None else view
                 continue
             sent = stack.send_rw_batch(self, view, chunk)
             if sent == 0:  # no free tx descriptors: wait for the device to complete some
@@ -327,6 +375,7 @@ class GuestSockets:
                     conn in asked or (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= half
                 ):
                     await self.send_control(conn, Op.CREDIT_UPDATE)
+                conn._advance()
                 conn._notify()
 
     async def _dispatch(self, h: Header, data: bytes | memoryview) -> None:
@@ -380,4 +429,5 @@ class GuestSockets:
                 chunk = bytes(conn.pending[:n])
                 del conn.pending[:n]
                 await self.send_rw(conn, chunk)
+        conn._advance()
         conn._notify()
