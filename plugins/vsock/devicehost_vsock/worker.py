@@ -3,10 +3,10 @@
 Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.ConnectionManager`
 (they never interleave inside it: the table is only touched between awaits):
 
-- tx: pops every guest tx chain, hands header and payload (views straight into guest memory,
-  never copied unless the host socket back-pressures) to the table, lets it write consecutive
-  RW payloads of one connection with one ``sendmsg``, then completes the chains with length 0;
-  waits for the next kick.
+- tx: pops every guest tx chain (a batch per call), hands header and payload (views straight
+  into guest memory, never copied unless the host socket back-pressures) to the table, lets it
+  write consecutive RW payloads of one connection with one ``sendmsg``, then completes the
+  chains with length 0; waits for the next kick.
 - relay: accepts host connections and reports socket readiness (:mod:`devicehost_vsock.relay`).
 - rx: only while the table has rx work *and* the guest has an rx buffer posted, fills that buffer
   (reading host data straight into guest memory when the buffer is one range, else through a
@@ -21,8 +21,10 @@ CONNECT line is read (facts section 9.8).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 
@@ -60,6 +62,10 @@ class VsockWorker:
         #: deadline), None while it runs or waits for rx buffers.
         self._rx_sleep_until: float | None = None
         self._bounce = memoryview(bytearray(_BOUNCE_SIZE))
+        #: The clock of the timeouts: ``anyio.current_time``, or under asyncio the loop's own
+        #: ``time`` (what ``anyio.current_time`` returns there, without looking up the backend on
+        #: every pass); set when :meth:`run` starts.
+        self._clock: Callable[[], float] = anyio.current_time
         self.packets_in = 0
         self.packets_out = 0
 
@@ -81,6 +87,10 @@ class VsockWorker:
 
     async def run(self) -> None:
         """Process until cancelled (cancel-safe: state lives on the worker)."""
+        try:
+            self._clock = asyncio.get_running_loop().time
+        except RuntimeError:  # another anyio backend
+            self._clock = anyio.current_time
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.relay.serve_listener)
             tg.start_soon(self.relay.serve_epoll)
@@ -96,23 +106,25 @@ class VsockWorker:
 
     def drain_tx(self) -> int:
         """Handle every available tx chain; returns how many."""
-        now = anyio.current_time()
+        now = self._clock()
         tx = self.tx
-        pop = tx.pop
+        pop_many = tx.pop_many
         handle_tx = self.manager.handle_tx
         heads: list[int] = []
         try:
-            while (chain := pop()) is not None:
-                parts = chain.readable
-                if parts and len(first := parts[0]) >= HEADER_SIZE:
-                    if len(first) == HEADER_SIZE:
-                        handle_tx(first, parts[1:], now, True)
+            while chains := pop_many():
+                for chain in chains:
+                    parts = chain.readable
+                    if parts and len(first := parts[0]) >= HEADER_SIZE:
+                        if len(first) == HEADER_SIZE:
+                            handle_tx(first, parts[1:], now, True)
+                        else:
+                            handle_tx(first[:HEADER_SIZE], [first[HEADER_SIZE:], *parts[1:]], now,
+                                      True)
                     else:
-                        handle_tx(first[:HEADER_SIZE], [first[HEADER_SIZE:], *parts[1:]], now, True)
-                else:
-                    header = chain.peek(0, HEADER_SIZE)
-                    handle_tx(header, _views_after(parts, HEADER_SIZE), now, True)
-                heads.append(chain.head)
+                        header = chain.peek(0, HEADER_SIZE)
+                        handle_tx(header, _views_after(parts, HEADER_SIZE), now, True)
+                    heads.append(chain.head)
         finally:
             # Gathered payloads are written before their chains go back to the guest; then one
             # barrier and at most one interrupt for the whole batch.
@@ -135,7 +147,7 @@ class VsockWorker:
         has_work = manager.has_rx_work
         rx = self.rx
         pop = rx.pop
-        now = anyio.current_time()
+        now = self._clock()
         ready = True
         held = self._held
         lent = self._lent
@@ -190,7 +202,7 @@ class VsockWorker:
                 continue
             self._rx_sleep_until = deadline
             try:
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                with anyio.move_on_after(max(0.0, deadline - self._clock())):
                     await event.wait()
             finally:
                 self._rx_sleep_until = None
