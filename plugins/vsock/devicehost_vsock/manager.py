@@ -3,7 +3,8 @@
 Pure and synchronous. The worker hands it guest tx packets (:meth:`ConnectionManager.handle_tx`),
 accepted host sockets (:meth:`~ConnectionManager.accept_host`) and readiness reports
 (``on_readable``/``on_writable``/``on_closed``), and asks it to fill one rx buffer at a time
-(:meth:`~ConnectionManager.produce_rx`). Time is an explicit ``now`` (monotonic seconds); host
+(:meth:`~ConnectionManager.produce_rx`, from its base :class:`~devicehost_vsock.rxproducer.
+RxProducer`, the rx half of the table). Time is an explicit ``now`` (monotonic seconds); host
 sockets are :class:`~devicehost_vsock.connection.HostStream` values, so tests drive it with fakes.
 
 Rules (facts sections 9.4-9.8, 9.10, 9.13):
@@ -51,14 +52,9 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from devicehost_vsock.connection import Connection, ConnectionState, HostStream
-from devicehost_vsock.connectline import read_connect_line
 from devicehost_vsock.deadlines import Deadlines
 from devicehost_vsock.hostwrite import HostWriter
-from devicehost_vsock.hybrid import (
-    ConnectLineError,
-    decode_connect_untrusted,
-    encode_ok,
-)
+from devicehost_vsock.hybrid import encode_ok
 from devicehost_vsock.ports import PortAllocator
 from devicehost_vsock.protocol import (
     CID_HOST,
@@ -73,22 +69,18 @@ from devicehost_vsock.protocol import (
     TYPE_STREAM,
     Op,
 )
+from devicehost_vsock.rxproducer import MoreBuffers, RxProducer
 from devicehost_vsock.txbuffer import TxBuffer
 
 __all__ = ["ConnectionManager", "Connector", "MoreBuffers"]
 
 #: Opens the host socket for a guest connection to port P; raises OSError when it cannot.
 Connector = Callable[[int], HostStream]
-#: Hands out the next posted rx buffer (one writable range longer than a header), or None.
-MoreBuffers = Callable[[], memoryview | None]
 
 Buffer = bytes | bytearray | memoryview
 Key = tuple[int, int]
 
-_U32: Final = 0xFFFF_FFFF
 _ZERO_HEADER: Final = bytes(HEADER_SIZE)
-#: Most rx buffers one host read fills (one scatter read, one ``recvmsg`` iovec list).
-_MAX_RUN: Final = 64
 
 
 def _prefix(parts: Sequence[memoryview], length: int) -> list[memoryview]:
@@ -104,7 +96,7 @@ def _prefix(parts: Sequence[memoryview], length: int) -> list[memoryview]:
     return out
 
 
-class ConnectionManager:
+class ConnectionManager(RxProducer):
     """The connection table of one started vsock device."""
 
     def __init__(
@@ -266,9 +258,22 @@ class ConnectionManager:
             if length > self.tx_buffer_size:
                 self._log.info("vsock: guest RW of %d bytes is too long, dropped", length)
                 return
-            available = sum(map(len, payload))
+            available = len(payload[0]) if len(payload) == 1 else sum(map(len, payload))
             if available < length:
                 self._log.info("vsock: guest RW data length mismatch, dropped")
+                return
+            if (
+                length
+                and type_ == TYPE_STREAM
+                and src_cid == self.guest_cid
+                and dst_cid == CID_HOST
+                and (conn := self._table.get(key)) is not None
+            ):
+                # Data for an existing connection (the common case): what the op dispatch
+                # below does for it, without the dispatch.
+                parts = payload if available == length else _prefix(payload, length)
+                if not (coalesce and self._writer.gather(conn, parts, length)):
+                    self._writer.guest_rw(conn, parts, length)
                 return
         if type_ != TYPE_STREAM or src_cid != self.guest_cid or dst_cid != CID_HOST:
             self._log.info("vsock: guest packet with bad type/cid for %s, sending RST", key)
@@ -387,226 +392,7 @@ class ConnectionManager:
             return
         self._schedule(conn)
 
-    # ----------------------------------------------------------------- rx production
-
-    def produce_rx(
-        self, packet: memoryview, now: float, more: MoreBuffers | None = None
-    ) -> int | None:
-        """Fill one rx buffer (``packet``: header then payload space, writable).
-
-        Returns the packet length, 0 if the buffer was too small for a header (it must then be
-        completed with length 0), or ``None`` if there was nothing to send (the buffer is unused).
-
-        ``more``, if given, lends further rx buffers for a run of RW packets: when ``packet`` gets
-        host data, its connection is the only one with rx work and its credit reaches past
-        ``packet``, one scatter read fills ``packet`` and as many lent buffers as the data and
-        the credit cover, exactly as successive calls would (each buffer a full RW packet, the
-        last one capped by the credit). Their packet lengths are left in :attr:`extra_sizes`;
-        lent buffers past those are unused.
-        """
-        self.extra_sizes = []
-        self._expire(now)
-        if len(packet) < HEADER_SIZE:
-            return 0
-        if self._rsts:
-            local, peer = self._rsts.popleft()
-            self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
-            return HEADER_SIZE
-        # Connections that produced nothing but may still have work (e.g. data waiting for a
-        # bigger buffer) are put back after the loop, so one call visits each at most once.
-        idle: list[Connection] = []
-        try:
-            while self._work:
-                conn = next(iter(self._work))
-                del self._work[conn]
-                if not self._is_live(conn):
-                    continue
-                # A run of RW packets only where successive calls would serve this connection
-                # alone (no other connection or RST is waiting for a buffer).
-                solo = more if not self._work and not idle and not self._rsts else None
-                size = self._produce_for(conn, packet, now, solo)
-                if size is not None:
-                    if self._is_live(conn) and self._may_have_work(conn):
-                        self._work[conn] = None
-                    return size
-                if self._is_live(conn) and self._may_have_work(conn):
-                    idle.append(conn)
-                if self._rsts:
-                    local, peer = self._rsts.popleft()
-                    self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
-                    return HEADER_SIZE
-            if idle and len(packet) == HEADER_SIZE:
-                # Only host data is waiting and this buffer has no room for any: hand it back
-                # empty rather than holding it forever in front of usable buffers.
-                return 0
-            return None
-        finally:
-            for conn in idle:
-                self._work[conn] = None
-
-    def _produce_for(
-        self, conn: Connection, packet: memoryview, now: float, more: MoreBuffers | None = None
-    ) -> int | None:
-        if conn.deadline is not None and now >= conn.deadline:
-            self._log.info("vsock: timeout on %s", conn.key)
-            sent_request = conn.key is not None and not conn.request_pending
-            self._remove(conn, rst=sent_request)
-            return None
-        if conn.state is ConnectionState.PENDING_CONNECT:
-            return self._read_connect_line(conn, packet)
-        key = conn.key
-        assert key is not None
-        if conn.request_pending:
-            conn.request_pending = False
-            return self._emit(packet, key[0], key[1], Op.REQUEST, 0, 0, self.tx_buffer_size, 0)
-        if conn.response_pending:
-            conn.response_pending = False
-            conn.state = ConnectionState.CONNECTED
-            conn.last_told_fwd_cnt = conn.fwd_cnt
-            return self._control(packet, conn, Op.RESPONSE)
-        if conn.state is not ConnectionState.CONNECTED:
-            return None
-        if conn.credit_update_due:
-            conn.credit_update_requested = False
-            conn.last_told_fwd_cnt = conn.fwd_cnt
-            return self._control(packet, conn, Op.CREDIT_UPDATE)
-        if conn.credit_request_pending:
-            conn.credit_request_pending = False
-            return self._control(packet, conn, Op.CREDIT_REQUEST)
-        if conn.host_eof or not conn.readable:
-            return None
-        credit = conn.peer_credit
-        if credit == 0:
-            if conn.waiting_for_credit:
-                return None
-            conn.waiting_for_credit = True
-            return self._control(packet, conn, Op.CREDIT_REQUEST)
-        space = len(packet) - HEADER_SIZE
-        if space <= 0:
-            return None
-        first = min(credit, space)
-        extras: list[memoryview] = []
-        try:
-            # Lend further buffers only for the bytes already queued (and within credit):
-            # what arrives later is read by the next call, as successive calls would.
-            if more is not None and first < credit and (
-                (left := min(credit, conn.stream.queued()) - first) > 0
-            ):
-                views = [packet[HEADER_SIZE : HEADER_SIZE + first]]
-                while left > 0 and len(extras) < _MAX_RUN and (extra := more()) is not None:
-                    cap = min(len(extra) - HEADER_SIZE, left)
-                    extras.append(extra)
-                    views.append(extra[HEADER_SIZE : HEADER_SIZE + cap])
-                    left -= cap
-                stream = conn.stream
-                n = stream.recv_into_many(views) if extras else stream.recv_into(views[0])
-            else:
-                n = conn.stream.recv_into(packet[HEADER_SIZE : HEADER_SIZE + first])
-        except OSError as exc:
-            self._log.info("vsock: host socket read failed on %s: %s", key, exc)
-            self._remove(conn, rst=True)
-            return None
-        if n is None:
-            conn.readable = False
-            conn.stream.want_read()
-            return None
-        if n == 0:
-            conn.host_eof = True
-            conn.shutdown_sent = True
-            conn.host_closed = conn.host_closed or conn.stream.is_closed()
-            flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
-            if conn.host_closed:
-                self._deadlines.set(conn, now + self._graceful_timeout)
-            else:
-                conn.stream.want_close()
-            return self._control(packet, conn, Op.SHUTDOWN, flags)
-        buf_alloc = self.tx_buffer_size
-        if n <= first:
-            conn.add_tx(n)
-            return self._emit(packet, key[0], key[1], Op.RW, n, 0, buf_alloc, conn.fwd_cnt)
-        # The scatter read went on into lent buffers: each is one more RW packet.
-        conn.add_tx(n)
-        size = self._emit(packet, key[0], key[1], Op.RW, first, 0, buf_alloc, conn.fwd_cnt)
-        rest = n - first
-        sizes = self.extra_sizes
-        pack = HEADER.pack_into
-        local, peer, cid, fwd_cnt = key[0], key[1], self.guest_cid, conn.fwd_cnt
-        for extra in extras:
-            if rest <= 0:
-                break
-            k = min(rest, len(extra) - HEADER_SIZE)
-            pack(extra, 0, CID_HOST, cid, local, peer, k, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt)
-            sizes.append(HEADER_SIZE + k)
-            rest -= k
-        return size
-
-    def _read_connect_line(self, conn: Connection, packet: memoryview) -> int | None:
-        progress = read_connect_line(conn.stream, conn.connect_line)
-        if progress.failure is not None:
-            self._log.info("vsock: %s, closing", progress.failure)
-            self._remove(conn, rst=False)
-            return None
-        if not progress.complete:
-            conn.readable = False
-            conn.stream.want_read()
-            return None
-        try:
-            request = decode_connect_untrusted(conn.connect_line)
-        except ConnectLineError as exc:
-            self._log.info("vsock: %s; closing", exc)
-            self._remove(conn, rst=False)
-            return None
-        if request.port is None:
-            self._log.info("vsock: host CONNECT names a GUID without a vsock port; closing")
-            self._remove(conn, rst=False)
-            return None
-        local = self._ports.allocate()
-        while (local, request.port) in self._table:
-            local = self._ports.allocate()
-        key = (local, request.port)
-        self._pending.discard(conn)
-        conn.key = key
-        conn.connect_request = request
-        conn.state = ConnectionState.HOST_CONNECTING
-        self._table[key] = conn
-        return self._emit(packet, local, request.port, Op.REQUEST, 0, 0, self.tx_buffer_size, 0)
-
     # ----------------------------------------------------------------- helpers
-
-    def _control(self, packet: memoryview, conn: Connection, op: Op, flags: int = 0) -> int:
-        key = conn.key
-        assert key is not None
-        return self._emit(packet, key[0], key[1], op, 0, flags, self.tx_buffer_size, conn.fwd_cnt)
-
-    def _emit(
-        self,
-        packet: memoryview,
-        local: int,
-        peer: int,
-        op: Op,
-        length: int,
-        flags: int,
-        buf_alloc: int,
-        fwd_cnt: int,
-    ) -> int:
-        HEADER.pack_into(
-            packet, 0, CID_HOST, self.guest_cid, local, peer, length, TYPE_STREAM, op, flags,
-            buf_alloc, fwd_cnt,
-        )  # fmt: skip
-        return HEADER_SIZE + length
-
-    def _may_have_work(self, conn: Connection) -> bool:
-        if conn.state is ConnectionState.PENDING_CONNECT:
-            return conn.readable
-        if conn.request_pending or conn.response_pending:
-            return True
-        if conn.state is not ConnectionState.CONNECTED:
-            return False
-        if conn.credit_update_due or conn.credit_request_pending:
-            return True
-        if conn.host_eof or not conn.readable:
-            return False
-        return conn.peer_credit > 0 or not conn.waiting_for_credit
 
     def _schedule(self, conn: Connection) -> None:
         self._work[conn] = None
@@ -615,11 +401,6 @@ class ConnectionManager:
         if conn.key is None:
             return conn in self._pending
         return self._table.get(conn.key) is conn
-
-    def _expire(self, now: float) -> None:
-        for conn in self._deadlines.expired(now):
-            # Expired connections are served first.
-            self._work = {conn: None, **self._work}
 
     def _reset(self, key: Key) -> None:
         conn = self._table.get(key)
