@@ -5,9 +5,10 @@
  *
  * This module is an optional accelerator. It covers only the common case:
  *
- * - pop_many: popping direct descriptor chains whose buffers all lie in the one region of a
- *   single-region guest memory, building the DescriptorChain objects itself;
- * - used_many: writing a batch of valid used elements and publishing the used index.
+ * - pop / pop_many: popping direct descriptor chains whose buffers all lie in the one region of
+ *   a single-region guest memory, building the DescriptorChain objects itself;
+ * - used_many: writing a batch of valid used elements and publishing the used index;
+ * - should_interrupt: the barrier and the look at the driver's used_event / avail.flags.
  *
  * It DECLINES (returns "not handled" to queue.py, which takes its pure-Python path, checks
  * everything again and raises the precise QueueError / ValueError) on anything unusual: a head
@@ -29,7 +30,10 @@
  *   buffers themselves are handed out as views; their contents are the device's to interpret.
  * - used elements are written with plain stores, then used.idx is published with a release
  *   store, so the driver never sees the index before the elements. The full barrier between that
- *   store and reading the driver's used_event stays in queue.py (needs_interrupt).
+ *   store and the load of the driver's used_event / avail.flags is a seq_cst fence
+ *   (should_interrupt), so neither side can miss the other's notification.
+ * - pop stores avail_event (EVENT_IDX, notifications on) with a release store after the chain was
+ *   read; pop_many leaves that single store to queue.py, after the batch.
  * Everything is little-endian; this module refuses to compile on a big-endian machine.
  *
  * Chains are built without running Python code: the DescriptorChain class is checked when a
@@ -571,7 +575,41 @@ Queue_used_many(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLong(idx);
 }
 
+/* should_interrupt(new, old, event_idx) -> bool
+ *
+ * SplitQueue._should_interrupt after its bookkeeping: a full fence between the used idx already
+ * published and the load of the driver's word (x86 may reorder a store with a later load; without
+ * the fence both sides can miss each other's notification), then one load of used_event (with
+ * EVENT_IDX: did the used idx move from `old` to `new` past it?) or of avail.flags (is
+ * NO_INTERRUPT clear?). */
+static PyObject *
+Queue_should_interrupt(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "should_interrupt(new, old, event_idx)");
+        return NULL;
+    }
+    unsigned long new_idx = PyLong_AsUnsignedLong(args[0]);
+    unsigned long old_idx = PyLong_AsUnsignedLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    int event_idx = PyObject_IsTrue(args[2]);
+    if (event_idx < 0)
+        return NULL;
+    const uint16_t *avail = self->avail.buf;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (event_idx) {
+        uint16_t used_event = __atomic_load_n(&avail[2 + self->size], __ATOMIC_RELAXED);
+        return PyBool_FromLong(((new_idx - used_event - 1) & 0xFFFF)
+                               < ((new_idx - old_idx) & 0xFFFF));
+    }
+    uint16_t flags = __atomic_load_n(&avail[0], __ATOMIC_RELAXED);
+    return PyBool_FromLong(!(flags & 1));
+}
+
 static PyMethodDef Queue_methods[] = {
+    {"should_interrupt", (PyCFunction)(void (*)(void))Queue_should_interrupt, METH_FASTCALL,
+     "should_interrupt(new, old, event_idx) -> bool (fence, then used_event / avail.flags)"},
     {"pop_many", (PyCFunction)(void (*)(void))Queue_pop_many, METH_FASTCALL,
      "pop_many(out, last, shadow, limit) -> last | shadow << 16 | declined << 32"},
     {"pop", (PyCFunction)Queue_pop, METH_O,

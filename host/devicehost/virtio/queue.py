@@ -32,14 +32,17 @@ Decisions (AMBIGUOUS in the spec):
 
 C accelerator (optional, :mod:`devicehost.accel`): when ``devicehost.virtio._queuec`` is built
 and guest memory is one region, each queue binds a ``_queuec.Queue`` to its rings. It serves
-``pop_many`` (and so ``pop``): direct chains of at most 64 descriptors inside the region, built
-into DescriptorChain objects without Python code; and ``add_used_many`` with valid heads and
-lengths in lists or tuples. It declines, and this module then does the work and raises the
-precise error, on everything else: a head outside the table, an avail index jumping more than
-the queue size, indirect descriptors, ranges outside memory, loops, a readable descriptor after
-a writable one, a next index out of range, a chain of more than 2**32 - 1 bytes, a released
-memory region, an invalid used head or length, a length count mismatch. Results, errors, state
-and guest memory are the same with and without it (``tests/virtio/test_queuec.py``).
+``pop`` and ``pop_many``: direct chains of at most 64 descriptors inside the region, built into
+DescriptorChain objects without Python code; ``add_used_many`` with valid heads and lengths in
+lists or tuples; and the fence plus used_event / flags look of ``push`` / ``needs_interrupt``
+(the memory ordering rules are in the C file's header). It declines, and this module then does
+the work and raises the precise error, on everything else: a head outside the table, an avail
+index jumping more than the queue size, indirect descriptors, ranges outside memory, loops, a
+readable descriptor after a writable one, a next index out of range, longer chains, a chain of
+more than 2**32 - 1 bytes, a released memory region, an invalid used head or length, a length
+count mismatch. Results, errors, state and guest memory are the same with and without it
+(``tests/virtio/test_queuec.py``); ``_queuec`` is looked up at each call, so tests can switch it
+off.
 """
 
 from __future__ import annotations
@@ -616,8 +619,13 @@ class SplitQueue:
         return self._should_interrupt()
 
     def _should_interrupt(self) -> bool:
-        full_barrier()
         new = self.used_idx
+        fast = self._fast
+        if fast is not None and _queuec is not None:
+            old = self._signalled_used
+            self._signalled_used = new
+            return fast.should_interrupt(new, old, self.event_idx)  # type: ignore[no-any-return]
+        full_barrier()
         if self.event_idx:
             used_event = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
             old = self._signalled_used
