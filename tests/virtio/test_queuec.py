@@ -141,6 +141,7 @@ def _operations(size: int, honest: bool) -> st.SearchStrategy[tuple[Any, ...]]:
                   st.one_of(st.integers(0, 1 << 16), st.integers(-1, 1 << 33),
                             st.lists(st.integers(-1, 1 << 33), max_size=5))),
         st.tuples(st.just("needs_interrupt")),
+        st.tuples(st.just("push"), st.integers(-1, MAX_SIZE), st.integers(0, 1 << 33)),
         st.tuples(st.just("enable_notifications")),
         st.tuples(st.just("disable_notifications")),
     )
@@ -193,6 +194,8 @@ def _run_op(op: tuple[Any, ...], size: int) -> Callable[[SplitQueue], Any]:
         return lambda q: q.add_used(op[1], op[2])
     if kind == "add_used_many":
         return lambda q: q.add_used_many(op[1], op[2])
+    if kind == "push":
+        return lambda q: q.push(op[1], op[2])
     if kind == "needs_interrupt":
         return lambda q: q.needs_interrupt()
     if kind == "enable_notifications":
@@ -329,6 +332,22 @@ def test_a_released_region_is_declined() -> None:
         memory.regions[0].view.release()
     assert twin.apply(lambda q: q.pop_many(), memory=False)[0] == "error"
     assert twin.apply(lambda q: q.pop(), memory=False)[0] == "error"
+
+
+def test_multi_region_memory_and_unusual_regions_are_not_bound() -> None:
+    from devicehost.memory import MemoryRegion
+
+    memory = GuestMemory([MemoryRegion.anonymous(0, MEM), MemoryRegion.anonymous(MEM, MEM)])
+    memory.write(DESC, struct.pack("<QIHH", MEM + 0x100, 8, 0, 0))
+    memory.write(AVAIL + 2, struct.pack("<HH", 1, 0))
+    queue = SplitQueue(memory, QueueLayout(8, DESC, AVAIL, USED))
+    assert queue._fast is None
+    chain = queue.pop()
+    assert chain is not None and chain.readable_len == 8 and queue.pop() is None
+    single = GuestMemory.anonymous(MEM)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(single.regions[0], "view", single.regions[0].view.cast("c"))
+        assert SplitQueue(single, QueueLayout(8, DESC, AVAIL, USED))._fast is None
 
 
 def test_chain_classes_that_cannot_be_built_directly_are_refused() -> None:

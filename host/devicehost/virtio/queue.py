@@ -47,6 +47,7 @@ off.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from collections.abc import Sequence
@@ -302,10 +303,12 @@ class SplitQueue:
         self._fast: Any = None
         if _queuec is not None and self._flat is not None:
             region = regions[0]
-            self._fast = _queuec.Queue(
-                self._desc, self._avail, self._used, region.view, region.gpa, size,
-                DescriptorChain,
-            )
+            # An unusual region (format, alignment) is refused: the pure-Python paths serve it.
+            with contextlib.suppress(TypeError, ValueError):
+                self._fast = _queuec.Queue(
+                    self._desc, self._avail, self._used, region.view, region.gpa, size,
+                    DescriptorChain,
+                )
 
     # -- state -----------------------------------------------------------------------------------
 
