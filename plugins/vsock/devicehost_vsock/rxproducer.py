@@ -235,13 +235,18 @@ class RxProducer:
         size = self._emit(packet, key[0], key[1], Op.RW, first, 0, buf_alloc, conn.fwd_cnt)
         rest = n - first
         sizes = self.extra_sizes
-        pack = HEADER.pack_into
         local, peer, cid, fwd_cnt = key[0], key[1], self.guest_cid, conn.fwd_cnt
+        # Packets of one length share their header bytes (packed once, copied into each).
+        header, header_len = b"", -1
         for extra in extras:
             if rest <= 0:
                 break
             k = min(rest, len(extra) - HEADER_SIZE)
-            pack(extra, 0, CID_HOST, cid, local, peer, k, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt)
+            if k != header_len:
+                header, header_len = HEADER.pack(
+                    CID_HOST, cid, local, peer, k, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt
+                ), k
+            extra[:HEADER_SIZE] = header
             sizes.append(HEADER_SIZE + k)
             rest -= k
         return size
