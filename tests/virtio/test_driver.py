@@ -323,3 +323,23 @@ def test_take_used_views_rejects_device_lies() -> None:
     q2.push(3, 0)
     with pytest.raises(DriverError, match="head 3 on queue 0, not in flight"):
         dq2.take_used_views()
+
+
+def test_a_queue_gives_its_spare_blocks_back_when_memory_runs_out() -> None:
+    memory = GuestMemory.anonymous(64 * PAGE_SIZE)
+    alloc = DmaAllocator(memory)
+    dq = DriverQueue(0, memory, alloc, 16, event_idx=False)
+    q = SplitQueue(memory, dq.layout, event_idx=False)
+    ring_pages = 64 - alloc.free_pages
+    assert dq.add_writable_many(16, 100) == 16
+    while (chain := q.pop()) is not None:
+        q.push(chain.head, 0)
+    assert len(dq.take_used_views()) == 16
+    assert alloc.free_pages == 64 - ring_pages - 16  # kept for reuse
+    # 50 contiguous pages exist only once the spare blocks are given back.
+    head = dq.add(writable=[50 * PAGE_SIZE - 128])
+    assert alloc.free_pages == 64 - ring_pages - 50
+    chain = q.pop()
+    assert chain is not None and chain.head == head and chain.writable_len == 50 * PAGE_SIZE - 128
+    with pytest.raises(MemoryError):
+        dq.add(writable=[20 * PAGE_SIZE])

@@ -93,7 +93,10 @@ _Flight = tuple[_Buffer, tuple[int, ...], list[memoryview] | memoryview, int, An
 
 _PIECE_ALIGN = 64
 _NO_VIEWS: list[memoryview] = []  # the writable parts of a chain that has none (never changed)
-_SPARE_PAGES = 1024  # 4 MiB of recycled buffers per queue at most
+# Recycled buffers kept per queue at most: 16 MiB, enough for a queue of 128 buffers of 64 KiB
+# and a header (17 pages each) to run without the allocator. A queue that cannot allocate gives
+# its spare blocks back and tries again (see _alloc).
+_SPARE_PAGES = 4096
 
 
 def _pages(n: int) -> int:
@@ -181,7 +184,20 @@ class DriverQueue:
         if spare:
             self._spare_pages -= pages
             return spare.pop()
+        try:
+            return _new_buffer(self.allocator.alloc(pages))
+        except MemoryError:
+            if not self._spare_pages:
+                raise
+        self._free_spare()
         return _new_buffer(self.allocator.alloc(pages))
+
+    def _free_spare(self) -> None:
+        for buffers in self._spare.values():
+            for buffer in buffers:
+                self.allocator.free(buffer[0])
+        self._spare.clear()
+        self._spare_pages = 0
 
     def _recycle(self, buf: _Buffer) -> None:
         # Keep freed chain buffers for reuse (no allocator search, no zeroing) up to a bound.
@@ -564,11 +580,7 @@ class DriverQueue:
         for flight in self._in_flight.values():
             self.allocator.free(flight[0][0])
         self._in_flight.clear()
-        for buffers in self._spare.values():
-            for buffer in buffers:
-                self.allocator.free(buffer[0])
-        self._spare.clear()
-        self._spare_pages = 0
+        self._free_spare()
         self.allocator.free(self._ring_block)
 
 
