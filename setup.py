@@ -16,5 +16,17 @@ setup(
             extra_compile_args=["-O2", "-std=c11"],
             optional=True,
         ),
+        Extension(
+            "devicehost.virtio._queuec",
+            ["host/devicehost/virtio/_queuec.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        ),
+        Extension(
+            "devicehost.virtio._driverc",
+            ["host/devicehost/virtio/_driverc.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        ),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -64,16 +65,25 @@ def test_an_accelerator_that_fails_to_import_is_not_built(
     assert accel.load(missing) is None
     status = accel.status()
     assert status[missing] == "not built"
-    assert set(status) == {RING, missing}
+    assert set(status) == {*accel.ACCELERATORS}
+    assert missing in status
     assert set(status.values()) <= {"in use", "not built"}
 
 
-def test_the_ring_accelerator_is_built_wherever_a_compiler_is() -> None:
-    """Fails when a C compiler exists but the optional build failed silently (setup.py)."""
-    if accel.status()[RING] == "turned off":
+@pytest.mark.parametrize("name", sorted(accel.ACCELERATORS))
+def test_every_accelerator_is_built_wherever_a_compiler_is(name: str) -> None:
+    """Fails when a C compiler exists but an optional build failed silently (setup.py)."""
+    if accel.status()[name] == "turned off":
         pytest.skip(f"{accel.PURE_PYTHON_ENV} turns the accelerators off")
     if shutil.which("cc") is None:
-        pytest.skip("no C compiler: the pure-Python ring is expected")
-    assert accel.status()[RING] == "in use", (
-        "a C compiler exists but devicehost.vmbus._ringc is not built: see the output of "
-        "`pip install -e .`")
+        pytest.skip("no C compiler: the pure-Python paths are expected")
+    assert accel.status()[name] == "in use", (
+        f"a C compiler exists but {name} is not built: see the output of `pip install -e .`")
+
+
+def test_every_registered_accelerator_has_a_source_file_built_by_setup_py() -> None:
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    for name in accel.ACCELERATORS:
+        source = "host/" + name.replace(".", "/") + ".c"
+        assert (Path(__file__).parents[1] / source).is_file(), source
+        assert f'"{name}"' in setup and f'"{source}"' in setup, name

@@ -22,6 +22,8 @@ PURE_PYTHON_ENV = "DEVICEHOST_PURE_PYTHON"
 #: Every accelerator devicehost knows, by module name, with what it speeds up.
 ACCELERATORS: dict[str, str] = {
     "devicehost.vmbus._ringc": "VMBus ring in-band packets",
+    "devicehost.virtio._queuec": "virtqueue device side: popping chains, returning used buffers",
+    "devicehost.virtio._driverc": "virtqueue driver side: posting buffers, collecting used ones",
 }
 
 
