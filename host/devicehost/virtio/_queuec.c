@@ -349,6 +349,28 @@ fail:
     return NULL;
 }
 
+#define NOTHING_AVAILABLE (-1)
+#define DECLINE_INDEX (-2)
+
+/* The head at avail ring position `last`; when *shadow (the avail idx as last validated) was
+ * reached, avail.idx is loaded once (acquire) and validated first. NOTHING_AVAILABLE, or
+ * DECLINE_INDEX when the index is more than the queue size ahead (queue.py raises). */
+static inline long
+next_head(QueueObject *self, uint32_t last, uint32_t *shadow)
+{
+    const uint16_t *avail = self->avail.buf;
+    if (last == *shadow) {
+        uint16_t idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
+        uint32_t pending = (uint32_t)(idx - last) & 0xFFFF;
+        if (pending == 0)
+            return NOTHING_AVAILABLE;
+        if (pending > self->size)
+            return DECLINE_INDEX;
+        *shadow = idx;
+    }
+    return __atomic_load_n(&avail[2 + (last & (self->size - 1))], __ATOMIC_RELAXED);
+}
+
 /* pop_many(out, last, shadow, limit) -> int
  *
  * Appends chains to the list `out` until it holds `limit`, as SplitQueue.pop_many does, starting
@@ -372,40 +394,26 @@ Queue_pop_many(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "indices are 16-bit");
         return NULL;
     }
-    long long declined = 0;
-    if (region_released(self)) {
-        declined = DECLINED;
-    }
-    else {
-        const uint16_t *avail = self->avail.buf;
-        uint32_t size = self->size;
-        while (PyList_GET_SIZE(out) < limit) {
-            if (last == shadow) {
-                uint16_t idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
-                uint32_t pending = (uint32_t)(idx - last) & 0xFFFF;
-                if (pending == 0)
-                    break;
-                if (pending > size) {
-                    declined = DECLINED;
-                    break;
-                }
-                shadow = idx;
-            }
-            uint16_t head = __atomic_load_n(&avail[2 + (last & (size - 1))], __ATOMIC_RELAXED);
-            PyObject *chain = walk(self, head);
-            if (chain == NULL) {
-                if (PyErr_Occurred())
-                    return NULL;
-                declined = DECLINED;
-                break;
-            }
-            int rc = PyList_Append(out, chain);
-            Py_DECREF(chain);
-            if (rc < 0)
+    long long declined = region_released(self) ? DECLINED : 0;
+    uint32_t shadow32 = (uint32_t)shadow;
+    while (!declined && PyList_GET_SIZE(out) < limit) {
+        long head = next_head(self, (uint32_t)last, &shadow32);
+        if (head == NOTHING_AVAILABLE)
+            break;
+        PyObject *chain = head == DECLINE_INDEX ? NULL : walk(self, (uint32_t)head);
+        if (chain == NULL) {
+            if (PyErr_Occurred())
                 return NULL;
-            last = (last + 1) & 0xFFFF;
+            declined = DECLINED;
+            break;
         }
+        int rc = PyList_Append(out, chain);
+        Py_DECREF(chain);
+        if (rc < 0)
+            return NULL;
+        last = (last + 1) & 0xFFFF;
     }
+    shadow = shadow32;
     return PyLong_FromLongLong((long long)last | ((long long)shadow << 16) | declined);
 }
 
@@ -456,27 +464,18 @@ Queue_pop(QueueObject *self, PyObject *queue)
         return NULL;
     if (region_released(self))
         Py_RETURN_FALSE;
-    const uint16_t *avail = self->avail.buf;
-    uint32_t size = self->size;
-    long new_shadow = shadow;
-    if (last == shadow) {
-        uint16_t idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
-        uint32_t pending = (uint32_t)(idx - last) & 0xFFFF;
-        if (pending == 0)
-            Py_RETURN_NONE;
-        if (pending > size)
-            Py_RETURN_FALSE;
-        new_shadow = idx;
-    }
-    uint16_t head = __atomic_load_n(&avail[2 + ((uint32_t)last & (size - 1))], __ATOMIC_RELAXED);
-    PyObject *chain = walk(self, head);
+    uint32_t new_shadow = (uint32_t)shadow;
+    long head = next_head(self, (uint32_t)last, &new_shadow);
+    if (head == NOTHING_AVAILABLE)
+        Py_RETURN_NONE;
+    PyObject *chain = head == DECLINE_INDEX ? NULL : walk(self, (uint32_t)head);
     if (chain == NULL) {
         if (PyErr_Occurred())
             return NULL;
         Py_RETURN_FALSE;
     }
     last = (last + 1) & 0xFFFF;
-    if ((new_shadow != shadow && set_index_attr(queue, str_avail_shadow, new_shadow) < 0)
+    if ((new_shadow != (uint32_t)shadow && set_index_attr(queue, str_avail_shadow, new_shadow) < 0)
         || set_index_attr(queue, str_last_avail_idx, last) < 0)
         goto fail;
     PyObject *flag = PyObject_GetAttr(queue, str_event_idx);
@@ -491,7 +490,7 @@ Queue_pop(QueueObject *self, PyObject *queue)
         if (notify < 0)
             goto fail;
         if (notify) {
-            uint16_t *event = (uint16_t *)((char *)self->used.buf + 4 + 8 * (size_t)size);
+            uint16_t *event = (uint16_t *)((char *)self->used.buf + 4 + 8 * (size_t)self->size);
             __atomic_store_n(event, (uint16_t)last, __ATOMIC_RELEASE);
         }
     }
