@@ -173,6 +173,8 @@ class Relay:
         self.streams: dict[int, UnixStream] = {}
         #: Called after events changed the table (the worker sets it to its own ``wake``).
         self.wake = wake
+        #: The clock of the table's timeouts (the worker sets it to its own when it starts).
+        self.clock: Callable[[], float] = anyio.current_time
         #: The table fed by the serve loops (set before they start).
         self.manager: ConnectionManager | None = None
 
@@ -203,7 +205,7 @@ class Relay:
                     # e.g. EMFILE: the host is out of descriptors; retry on the next readiness.
                     await anyio.sleep(0.05)
                     break
-                manager.accept_host(UnixStream(sock, self), anyio.current_time())
+                manager.accept_host(UnixStream(sock, self), self.clock())
                 self.wake()
 
     async def serve_epoll(self) -> None:
@@ -213,7 +215,7 @@ class Relay:
         while True:
             await anyio.wait_readable(self.epoll.fileno())
             events = self.epoll.poll(0, 1024)
-            now = anyio.current_time()
+            now = self.clock()
             for fd, ev in events:
                 stream = self.streams.get(fd)
                 if stream is None:

@@ -91,6 +91,7 @@ class VsockWorker:
             self._clock = asyncio.get_running_loop().time
         except RuntimeError:  # another anyio backend
             self._clock = anyio.current_time
+        self.relay.clock = self._clock
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.relay.serve_listener)
             tg.start_soon(self.relay.serve_epoll)
