@@ -330,8 +330,9 @@ class GuestSockets:
         Like a guest kernel's receive poll: every completed buffer is handled in one pass, data
         of established connections is appended straight from the buffer, each connection that
         received half its buf_alloc or was asked for credit sends one CREDIT_UPDATE at the end
-        of the pass, the connections that changed are told once per pass, and the buffers are
-        then reposted with one kick. The
+        of the pass, the connections that changed are told once per pass (a ``send_all``
+        waiting for credit has its data posted right then, see ``GuestConnection._advance``),
+        and the buffers are then reposted with one kick. The
         pump owns the rx queue: nothing else may post rx buffers while it runs (a pass reads the
         completed buffers in place)."""
         stack = self.stack
