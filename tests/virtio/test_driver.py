@@ -343,3 +343,42 @@ def test_a_queue_gives_its_spare_blocks_back_when_memory_runs_out() -> None:
     assert chain is not None and chain.head == head and chain.writable_len == 50 * PAGE_SIZE - 128
     with pytest.raises(MemoryError):
         dq.add(writable=[20 * PAGE_SIZE])
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_add_segments_posts_header_and_piece_chains_until_descriptors_run_out(warm: bool) -> None:
+    dq, q = _pair(size=8)
+    if warm:  # blocks in the spare lists (the accelerator's path)
+        dq.add_writable_many(8, 2000)
+        while (chain := q.pop()) is not None:
+            q.push(chain.head, 0)
+        assert dq.reap() == 8
+    header = bytes(range(44))
+    data = bytes(range(256)) * 40  # 10240 bytes: six pieces of 1800, the queue takes four
+    assert dq.add_segments(header, memoryview(data), 1800, 24) == 4 * 1800
+    assert dq.free_descriptors == 0 and dq.in_flight == 4
+    assert dq.add_segments(header, data, 1800, 24) == 0
+    for i in range(4):
+        chain = q.pop()
+        assert chain is not None and chain.writable_len == 0
+        first, second = (bytes(p) for p in chain.readable)
+        assert first == header[:24] + struct.pack("<I", 1800) + header[28:]
+        assert second == data[1800 * i : 1800 * (i + 1)]
+        q.push(chain.head, 0)
+    assert dq.reap() == 4
+    # The last piece is shorter; an empty buffer posts nothing.
+    assert dq.add_segments(header, data[:2500], 2000, 40) == 2500
+    assert dq.add_segments(header, b"", 2000, 40) == 0
+    lengths = []
+    while (chain := q.pop()) is not None:
+        lengths.append(struct.unpack_from("<I", bytes(chain.readable[0]), 40)[0])
+    assert lengths == [2000, 500]
+
+
+def test_add_segments_refuses_a_bad_segment_or_length_field() -> None:
+    dq, _ = _pair()
+    with pytest.raises(ValueError, match="segment must be positive"):
+        dq.add_segments(bytes(44), b"x", 0, 24)
+    with pytest.raises(ValueError, match="a le32 at 41 is not inside a 44-byte header"):
+        dq.add_segments(bytes(44), b"x", 10, 41)
+    assert dq.in_flight == 0

@@ -171,6 +171,9 @@ def apply(side: Side, op: tuple[Any, ...]) -> object:
         if style == "one":
             return outcome(q.add_readable, a)
         return outcome(q.add_readable, a, b, token, "extra")
+    if name == "add_segments":
+        _, header, data, segment, length_at = op
+        return outcome(q.add_segments, make_buffer(header), make_buffer(data), segment, length_at)
     if name == "add":
         _, readable, writable, fragment, indirect = op
         return outcome(q.add, [make_buffer(s) for s in readable], writable, fragment=fragment,
@@ -233,6 +236,12 @@ ops = st.one_of(
     st.tuples(st.just("add"), st.lists(buffers.filter(lambda b: b[0] != "str"), max_size=2),
               st.lists(st.integers(1, 3000), max_size=2), st.sampled_from([None, 700]),
               st.booleans()),
+    st.tuples(st.just("add_segments"),
+              st.tuples(st.sampled_from(["bytes", "bytes", "bytearray", "memoryview", "strided",
+                                         "str"]),
+                        st.sampled_from([44, 44, 44, 3]), st.integers(0, 9)),
+              buffers, st.sampled_from([100, 1024, 1024, 3000, 1, 0, -5, True]),
+              st.sampled_from([24, 24, 0, 40, 41, -1])),
     st.tuples(st.just("add_writable_many"),
               st.sampled_from([0, 1, 3, 8, 100, -1, True]),
               st.sampled_from([0, 1, 100, 1068, 4033, 9000, -1, 2**32])),
@@ -263,6 +272,39 @@ def test_both_implementations_give_the_same_results_bytes_and_state(
     size: int, event_idx: bool, start: int, spare_max: int, warm: bool,
     steps: list[tuple[Any, ...]],
 ) -> None:
+    run_both(size, event_idx, start, spare_max, warm, steps)
+
+
+# The hot paths with valid arguments on warm queues, so most calls take the C path (and the rest
+# of a batch falls back when the spare blocks of a size run out).
+_GOOD = st.tuples(st.sampled_from(["bytes", "bytearray", "memoryview", "memoryview_slice"]),
+                  st.sampled_from([1, 44, 1024, 3000, 5000, 9000]), st.integers(0, 255))
+hot_ops = st.one_of(
+    st.tuples(st.just("add_readable"), _GOOD, st.none() | _GOOD, st.sampled_from([None, 7]),
+              st.just("positional")),
+    st.tuples(st.just("add_segments"), st.tuples(st.just("bytes"), st.just(44), st.just(1)),
+              _GOOD, st.sampled_from([100, 1024, 4000]), st.just(24)),
+    st.tuples(st.just("add_writable_many"), st.sampled_from([1, 4, 100]),
+              st.sampled_from([100, 1068, 5000, 12000])),
+    st.tuples(st.just("complete_all"), st.integers(0, 15),
+              st.sampled_from(["zero", "all", "half"]), st.integers(0, 255)),
+    st.tuples(st.just("complete"), st.integers(0, 15), st.sampled_from(["all", "over"]),
+              st.integers(0, 255)),
+    st.tuples(st.sampled_from(["take_used_views", "reap", "kick"])),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.sampled_from([8, 16]), event_idx=st.booleans(),
+       steps=st.lists(hot_ops, min_size=1, max_size=40))
+def test_both_implementations_agree_on_the_hot_paths(
+    size: int, event_idx: bool, steps: list[tuple[Any, ...]]
+) -> None:
+    run_both(size, event_idx, 0xFFF8, 1024, True, steps)
+
+
+def run_both(size: int, event_idx: bool, start: int, spare_max: int, warm: bool,
+             steps: list[tuple[Any, ...]]) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dq_module, "_SPARE_PAGES", spare_max)
         c = Side(True, size, event_idx, start, warm)
@@ -289,7 +331,7 @@ def _side(accelerated: bool = True, size: int = 16) -> Side:
 
 def test_the_common_case_never_reaches_python(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: dict[str, int] = {}
-    for name in ("add_readable", "add_writable_many", "reap", "take_used_views", "kick"):
+    for name in dq_module._ACCELERATED:
         original = getattr(DriverQueue, name)
 
         def counted(self: DriverQueue, *args: Any, _name: str = name, _f: Any = original,
@@ -302,8 +344,9 @@ def test_the_common_case_never_reaches_python(monkeypatch: pytest.MonkeyPatch) -
     q = side.q
     for _ in range(2):  # the first round allocates (Python); the second reuses blocks (C)
         calls.clear()
-        for i in range(8):
+        for i in range(4):
             q.add_readable(b"h" * 44, b"p" * 1024, token=i)
+        assert q.add_segments(b"h" * 44, memoryview(b"p" * 4000), 1024, 24) == 4000
         q.kick()
         side.take_avail()
         for head in list(side.pending):
@@ -397,11 +440,13 @@ def test_accelerated_queues_are_garbage_collected_and_release_detaches() -> None
 def test_queue_refuses_bad_constructor_arguments() -> None:
     state: dict[str, Any] = {"_free": [], "_in_flight": {}, "_spare": {}}
     ring = memoryview(bytearray(4096))
-    fallbacks = (print,) * 5
+    fallbacks = (print,) * 6
     with pytest.raises(TypeError):
-        _driverc.Queue(state, ring, ring, ring, 4, True, 8, [], (1,) * 5)
+        _driverc.Queue(state, ring, ring, ring, 4, True, 8, [], (1,) * 6)
     with pytest.raises(ValueError):
         _driverc.Queue(state, ring, ring, ring, 0, True, 8, [], fallbacks)
+    with pytest.raises(ValueError):
+        _driverc.Queue(state, ring, ring, ring, 4, True, 8, [], fallbacks[:5])
     with pytest.raises(ValueError):
         _driverc.Queue(state, ring[:10], ring, ring, 4, True, 8, [], fallbacks)
     with pytest.raises(ValueError):

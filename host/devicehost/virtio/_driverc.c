@@ -12,6 +12,9 @@
  *       memoryviews of format "B"; enough free descriptors; a spare block of the right page
  *       count. The buffers are copied into the block, the descriptors and the avail entry are
  *       written, and the avail idx is published.
+ *   add_segments(header, data, segment, length_at): the same buffer types and exact ints; one
+ *       chain (header with the piece's length patched in, piece) per piece while two
+ *       descriptors and a spare block are free, the avail idx published once.
  *   add_writable_many(count, size): exact ints; as many buffers as the spare lists hold blocks
  *       for (the rest is passed to Python, which allocates).
  *   reap() / take_used_views(): used entries whose head is in flight, whose written length is
@@ -54,8 +57,9 @@
 #define RING_F_NO_NOTIFY 1
 #define PIECE_ALIGN 64
 #define PAGE_SIZE 4096
-#define N_FALLBACKS 5
-enum { FB_ADD_READABLE, FB_ADD_WRITABLE_MANY, FB_REAP, FB_TAKE_USED_VIEWS, FB_KICK };
+#define N_FALLBACKS 6
+enum { FB_ADD_READABLE, FB_ADD_WRITABLE_MANY, FB_REAP, FB_TAKE_USED_VIEWS, FB_KICK,
+       FB_ADD_SEGMENTS };
 
 typedef struct {
     PyObject_HEAD
@@ -240,14 +244,114 @@ call_fallback(QueueObject *self, int which, PyObject *const *args, size_t nargsf
     return PyObject_Vectorcall(fallback, args, nargsf, kwnames);
 }
 
+/* Post one device-readable chain of `first` (n1 bytes) and, if n2, `second` into a spare block,
+ * laid out as driverqueue.py lays it out (second at offset 0, first after it, 64-byte aligned
+ * with a gap; first alone at 0), with a le32 `patch` stored at byte `patch_at` of the copy of
+ * `first` when patch_at >= 0. Writes the descriptors and the avail entry at *avail_idx but does
+ * not publish; updates *avail_idx and *spare_pages (the caller stores them in the state).
+ * Returns 0 when posted (*head set to a new reference), 1 when declined (nothing changed, no
+ * error set), -1 on error. */
+static int
+post_readable(QueueObject *self, const char *p1, Py_ssize_t n1, const char *p2, Py_ssize_t n2,
+              Py_ssize_t patch_at, uint32_t patch, PyObject *token, Py_ssize_t *avail_idx,
+              Py_ssize_t *spare_pages, PyObject **head)
+{
+    Py_buffer dst;
+    if (n1 > (Py_ssize_t)UINT32_MAX || n2 > (Py_ssize_t)UINT32_MAX)
+        return 1;
+    Py_ssize_t ndesc = n2 ? 2 : 1;
+    Py_ssize_t free_n = PyList_GET_SIZE(self->free);
+    if (free_n < ndesc)
+        return 1; /* QueueFull is Python's */
+    Py_ssize_t off1 = n2 ? align_piece(n2) : 0;
+    Py_ssize_t end = off1 + align_piece(n1);
+    Py_ssize_t pages = (end + PAGE_SIZE - 1) / PAGE_SIZE;
+    if (*spare_pages < pages)
+        return 1;
+    PyObject *spare = spare_list(self, pages);
+    if (spare == NULL)
+        return 1; /* the allocator is Python's */
+    PyObject *buf = PyList_GET_ITEM(spare, PyList_GET_SIZE(spare) - 1);
+    uint64_t gpa;
+    Py_ssize_t head_i, nxt_i = 0;
+    PyObject *head_obj = free_head(self, free_n - 1, &head_i);
+    PyObject *nxt_obj = ndesc == 2 ? free_head(self, free_n - 2, &nxt_i) : Py_None;
+    if (head_obj == NULL || nxt_obj == NULL || buffer_gpa(buf, pages, &gpa) < 0)
+        return 1;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(buf, 2), &dst,
+                           PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    if (dst.len < end) {
+        PyBuffer_Release(&dst);
+        return 1;
+    }
+    /* Everything checked: from here on the chain is posted. The borrowed references (buf,
+     * head_obj, nxt_obj) are owned by the new tuples before the lists drop them; the in-flight
+     * dict is written last, as replacing an entry may run arbitrary code. */
+    PyObject *descriptors = ndesc == 2 ? PyTuple_Pack(2, head_obj, nxt_obj)
+                                       : PyTuple_Pack(1, head_obj);
+    PyObject *flight = descriptors
+        ? PyTuple_Pack(5, buf, descriptors, self->no_views, int_zero, token) : NULL;
+    Py_XDECREF(descriptors);
+    if (flight == NULL) {
+        PyBuffer_Release(&dst);
+        return -1;
+    }
+    PyObject *result = Py_NewRef(head_obj);
+    if (list_drop(spare, 1) < 0 || list_drop(self->free, ndesc) < 0) {
+        PyBuffer_Release(&dst);
+        Py_DECREF(flight);
+        Py_DECREF(result);
+        return -1;
+    }
+    unsigned char *base = (unsigned char *)dst.buf;
+    /* memmove: a source may view guest memory, even this block */
+    if (ndesc == 2) {
+        memmove(base, p2, (size_t)n2);
+        memmove(base + off1, p1, (size_t)n1);
+        put_desc(self, head_i, gpa + (uint64_t)off1, (uint32_t)n1, DESC_F_NEXT, (uint16_t)nxt_i);
+        put_desc(self, nxt_i, gpa, (uint32_t)n2, 0, 0);
+    } else {
+        memmove(base, p1, (size_t)n1);
+        put_desc(self, head_i, gpa, (uint32_t)n1, 0, 0);
+    }
+    if (patch_at >= 0)
+        memcpy(base + off1 + patch_at, &patch, 4);
+    PyBuffer_Release(&dst);
+    *avail_word(self, 2 + *avail_idx % self->size) = (uint16_t)head_i;
+    *avail_idx = (*avail_idx + 1) & 0xFFFF;
+    *spare_pages -= pages;
+    int rc = PyDict_SetItem(self->in_flight, result, flight);
+    Py_DECREF(flight);
+    if (rc < 0) {
+        Py_DECREF(result);
+        return -1;
+    }
+    *head = result;
+    return 0;
+}
+
+/* Publish *avail_idx and store it and spare_pages in the state. */
+static int
+finish_posting(QueueObject *self, Py_ssize_t avail_idx, Py_ssize_t spare_pages)
+{
+    publish_avail(self, avail_idx);
+    if (state_set(self, k_spare_pages, spare_pages) < 0
+        || state_set(self, k_avail_idx, avail_idx) < 0)
+        return -1;
+    return 0;
+}
+
 /* add_readable(first, second=None, token=None) -> head */
 static PyObject *
 Queue_add_readable(QueueObject *self, PyObject *const *args, Py_ssize_t nargs,
                    PyObject *kwnames)
 {
     PyObject *first, *second = Py_None, *token = Py_None, *result = NULL;
-    Py_buffer b1, b2, dst;
-    int held1 = 0, held2 = 0, held_dst = 0;
+    Py_buffer b1, b2;
+    int held1 = 0, held2 = 0;
     const char *p1 = NULL, *p2 = NULL;
     Py_ssize_t n1 = 0, n2 = 0, nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
 
@@ -271,70 +375,15 @@ Queue_add_readable(QueueObject *self, PyObject *const *args, Py_ssize_t nargs,
         goto decline;
     if (second != Py_None && source_bytes(second, &b2, &held2, &p2, &n2) < 0)
         goto decline;
-    if (n1 > (Py_ssize_t)UINT32_MAX || n2 > (Py_ssize_t)UINT32_MAX)
-        goto decline;
-    Py_ssize_t ndesc = n2 ? 2 : 1;
-    Py_ssize_t free_n = PyList_GET_SIZE(self->free);
-    if (free_n < ndesc)
-        goto decline; /* QueueFull is Python's */
-    Py_ssize_t off1 = n2 ? align_piece(n2) : 0;
-    Py_ssize_t end = off1 + align_piece(n1);
-    Py_ssize_t pages = (end + PAGE_SIZE - 1) / PAGE_SIZE;
-    PyObject *spare = spare_list(self, pages);
-    if (spare == NULL)
-        goto decline; /* the allocator is Python's */
-    PyObject *buf = PyList_GET_ITEM(spare, PyList_GET_SIZE(spare) - 1);
-    uint64_t gpa;
-    if (buffer_gpa(buf, pages, &gpa) < 0)
-        goto decline;
-    if (PyObject_GetBuffer(PyTuple_GET_ITEM(buf, 2), &dst,
-                           PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        goto decline;
-    }
-    held_dst = 1;
-    if (dst.len < end)
-        goto decline;
     Py_ssize_t spare_pages = state_index(self, k_spare_pages, PY_SSIZE_T_MAX);
     Py_ssize_t avail_idx = state_index(self, k_avail_idx, 0xFFFF);
-    Py_ssize_t head, nxt = 0;
-    PyObject *head_obj = free_head(self, free_n - 1, &head);
-    PyObject *nxt_obj = ndesc == 2 ? free_head(self, free_n - 2, &nxt) : Py_None;
-    if (spare_pages < pages || avail_idx < 0 || head_obj == NULL || nxt_obj == NULL)
+    if (spare_pages < 0 || avail_idx < 0)
         goto decline;
-
-    /* Everything checked: from here on the chain is posted. */
-    PyObject *descriptors = ndesc == 2 ? PyTuple_Pack(2, head_obj, nxt_obj)
-                                       : PyTuple_Pack(1, head_obj);
-    PyObject *flight = descriptors
-        ? PyTuple_Pack(5, buf, descriptors, self->no_views, int_zero, token) : NULL;
-    Py_XDECREF(descriptors);
-    if (flight == NULL)
-        goto done;
-    int rc = PyDict_SetItem(self->in_flight, head_obj, flight);
-    Py_DECREF(flight);
-    if (rc < 0)
-        goto done;
-    unsigned char *base = (unsigned char *)dst.buf;
-    if (ndesc == 2) {
-        memmove(base, p2, (size_t)n2); /* a source may view guest memory */
-        memmove(base + off1, p1, (size_t)n1);
-        put_desc(self, head, gpa + (uint64_t)off1, (uint32_t)n1, DESC_F_NEXT, (uint16_t)nxt);
-        put_desc(self, nxt, gpa, (uint32_t)n2, 0, 0);
-    } else {
-        memmove(base, p1, (size_t)n1);
-        put_desc(self, head, gpa, (uint32_t)n1, 0, 0);
-    }
-    result = Py_NewRef(head_obj);
-    if (list_drop(spare, 1) < 0 || list_drop(self->free, ndesc) < 0
-        || state_set(self, k_spare_pages, spare_pages - pages) < 0) {
-        Py_CLEAR(result);
-        goto done;
-    }
-    *avail_word(self, 2 + avail_idx % self->size) = (uint16_t)head;
-    avail_idx = (avail_idx + 1) & 0xFFFF;
-    publish_avail(self, avail_idx);
-    if (state_set(self, k_avail_idx, avail_idx) < 0)
+    int rc = post_readable(self, p1, n1, p2, n2, -1, 0, token, &avail_idx, &spare_pages,
+                           &result);
+    if (rc > 0)
+        goto decline;
+    if (rc == 0 && finish_posting(self, avail_idx, spare_pages) < 0)
         Py_CLEAR(result);
     goto done;
 
@@ -346,8 +395,79 @@ done:
         PyBuffer_Release(&b1);
     if (held2)
         PyBuffer_Release(&b2);
-    if (held_dst)
-        PyBuffer_Release(&dst);
+    return result;
+}
+
+/* add_segments(header, data, segment, length_at) -> bytes posted */
+static PyObject *
+Queue_add_segments(QueueObject *self, PyObject *const *args, Py_ssize_t nargs,
+                   PyObject *kwnames)
+{
+    Py_buffer hb, db;
+    int held_h = 0, held_d = 0;
+    const char *ph = NULL, *pd = NULL;
+    Py_ssize_t nh = 0, nd = 0, offset = 0;
+    PyObject *result = NULL;
+
+    if (self->closed || nargs != 4 || kwnames != NULL || !PyLong_CheckExact(args[2])
+        || !PyLong_CheckExact(args[3]))
+        goto decline;
+    Py_ssize_t segment = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t length_at = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred() || segment <= 0)
+        goto decline;
+    if (source_bytes(args[0], &hb, &held_h, &ph, &nh) < 0
+        || source_bytes(args[1], &db, &held_d, &pd, &nd) < 0)
+        goto decline;
+    if (length_at < 0 || length_at > nh - 4)
+        goto decline; /* the ValueError is Python's */
+    Py_ssize_t spare_pages = state_index(self, k_spare_pages, PY_SSIZE_T_MAX);
+    Py_ssize_t avail_idx = state_index(self, k_avail_idx, 0xFFFF);
+    if (spare_pages < 0 || avail_idx < 0)
+        goto decline;
+    int rc = 0;
+    while (offset < nd && PyList_GET_SIZE(self->free) >= 2) {
+        Py_ssize_t n = nd - offset < segment ? nd - offset : segment;
+        PyObject *head = NULL;
+        rc = post_readable(self, ph, nh, pd + offset, n, length_at, (uint32_t)n, Py_None,
+                           &avail_idx, &spare_pages, &head);
+        if (rc != 0)
+            break;
+        Py_DECREF(head);
+        offset += n;
+    }
+    if (offset && finish_posting(self, avail_idx, spare_pages) < 0)
+        goto done;
+    if (rc < 0)
+        goto done;
+    if (rc == 0) { /* all posted, or out of descriptors */
+        result = PyLong_FromSsize_t(offset);
+        goto done;
+    }
+    if (offset) { /* no spare block for the next piece (or another decline): Python goes on */
+        PyObject *rest_data = PySequence_GetSlice(args[1], offset, nd);
+        if (rest_data == NULL)
+            goto done;
+        PyObject *rest_args[4] = {args[0], rest_data, args[2], args[3]};
+        PyObject *rest = call_fallback(self, FB_ADD_SEGMENTS, rest_args, 4, NULL);
+        Py_DECREF(rest_data);
+        if (rest == NULL)
+            goto done;
+        Py_ssize_t more = PyLong_AsSsize_t(rest);
+        Py_DECREF(rest);
+        if (more == -1 && PyErr_Occurred())
+            goto done;
+        result = PyLong_FromSsize_t(offset + more);
+        goto done;
+    }
+decline:
+    PyErr_Clear();
+    result = call_fallback(self, FB_ADD_SEGMENTS, args, (size_t)nargs, kwnames);
+done:
+    if (held_h)
+        PyBuffer_Release(&hb);
+    if (held_d)
+        PyBuffer_Release(&db);
     return result;
 }
 
@@ -383,23 +503,31 @@ Queue_add_writable_many(QueueObject *self, PyObject *const *args, Py_ssize_t nar
         PyObject *head_obj = free_head(self, PyList_GET_SIZE(self->free) - 1, &head);
         if (head_obj == NULL || buffer_gpa(buf, pages, &gpa) < 0)
             break;
+        /* The new tuples own buf and head_obj before the lists drop them; the in-flight dict
+         * is written last (replacing an entry may run arbitrary code). */
         PyObject *descriptors = PyTuple_Pack(1, head_obj);
         PyObject *flight = descriptors ? PyTuple_Pack(5, buf, descriptors,
                                                       PyTuple_GET_ITEM(buf, 2), size_obj,
                                                       Py_None) : NULL;
         Py_XDECREF(descriptors);
-        if (flight == NULL || PyDict_SetItem(self->in_flight, head_obj, flight) < 0) {
-            Py_XDECREF(flight);
+        if (flight == NULL) {
             failed = 1;
             break;
         }
-        Py_DECREF(flight);
+        PyObject *key = PyTuple_GET_ITEM(descriptors, 0);
+        if (list_drop(spare, 1) < 0 || list_drop(self->free, 1) < 0) {
+            Py_DECREF(flight);
+            failed = 1;
+            break;
+        }
         put_desc(self, head, gpa, (uint32_t)size, DESC_F_WRITE, 0);
         *avail_word(self, 2 + avail_idx % self->size) = (uint16_t)head;
         avail_idx = (avail_idx + 1) & 0xFFFF;
         spare_pages -= pages;
         posted++;
-        if (list_drop(spare, 1) < 0 || list_drop(self->free, 1) < 0) {
+        int rc = PyDict_SetItem(self->in_flight, key, flight);
+        Py_DECREF(flight);
+        if (rc < 0) {
             failed = 1;
             break;
         }
@@ -489,7 +617,8 @@ collect(QueueObject *self, int which)
                 && PyLong_CheckExact(PyTuple_GET_ITEM(buf, 3)))
                 pages = PyLong_AsSsize_t(PyTuple_GET_ITEM(buf, 3));
             take = writable_len >= 0 && (Py_ssize_t)written <= writable_len && pages > 0
-                && spare_pages + pages <= self->spare_max && PyTuple_CheckExact(descs)
+                && pages <= self->spare_max && spare_pages <= self->spare_max - pages
+                && PyTuple_CheckExact(descs)
                 && PyTuple_GET_SIZE(descs) >= 1;
             for (Py_ssize_t i = 0; take && i < PyTuple_GET_SIZE(descs); i++)
                 take = PyLong_CheckExact(PyTuple_GET_ITEM(descs, i));
@@ -767,6 +896,8 @@ Queue_dealloc(QueueObject *self)
 static PyMethodDef Queue_methods[] = {
     {"add_readable", (PyCFunction)(void (*)(void))Queue_add_readable,
      METH_FASTCALL | METH_KEYWORDS, "add_readable(first, second=None, token=None) -> head"},
+    {"add_segments", (PyCFunction)(void (*)(void))Queue_add_segments,
+     METH_FASTCALL | METH_KEYWORDS, "add_segments(header, data, segment, length_at) -> posted"},
     {"add_writable_many", (PyCFunction)(void (*)(void))Queue_add_writable_many,
      METH_FASTCALL | METH_KEYWORDS, "add_writable_many(count, size) -> posted"},
     {"reap", (PyCFunction)Queue_reap, METH_NOARGS, "reap() -> count"},

@@ -11,8 +11,8 @@ buffers (with the bytes the device wrote).
 The device is not trusted by the driver either: a used element naming a head that is not in
 flight, or a written length beyond the chain's writable space, raises :class:`DriverError`.
 
-C accelerator: the hot paths of :class:`DriverQueue` (``add_readable``, ``add_writable_many``,
-``reap``, ``take_used_views``, ``kick``) have optional C versions in
+C accelerator: the hot paths of :class:`DriverQueue` (``add_readable``, ``add_segments``,
+``add_writable_many``, ``reap``, ``take_used_views``, ``kick``) have optional C versions in
 ``devicehost.virtio._driverc``, which take the common case and decline everything else to the
 pure-Python methods (see :mod:`devicehost.virtio.driverqueue` for what they cover); behaviour,
 bytes and errors are the same either way.

@@ -9,20 +9,22 @@ not in flight, or a written length beyond the chain's writable space, raises
 :class:`DriverError`.
 
 C accelerator (optional, :mod:`devicehost.accel`): when ``devicehost.virtio._driverc`` is built
-and not turned off, a queue installs the C versions of ``add_readable``, ``add_writable_many``,
-``reap``, ``take_used_views`` and ``kick`` as instance attributes. They work on this object's
-own state (its ``__dict__``, free list, in-flight and spare dicts) and cover the common case:
-bytes / bytearray / byte-format contiguous memoryview buffers, chains whose block is in the spare
-lists, used entries whose chain is in flight, within its writable space, with a single writable
-part (or none) and whose block goes back to the spare lists. They decline everything else -- a
-full queue, no spare block (the allocator is Python's), a lying device, a multi-part chain,
-unusual arguments or state -- by handing the call (or the rest of a batch) to the pure-Python
-method, which decides every error. Return values, bytes in guest memory, state and errors are
-the same with and without it (tests/virtio/test_driverc.py compares them).
+and not turned off, a queue installs the C versions of ``add_readable``, ``add_segments``,
+``add_writable_many``, ``reap``, ``take_used_views`` and ``kick`` as instance attributes. They
+work on this object's own state (its ``__dict__``, free list, in-flight and spare dicts) and
+cover the common case: exact bytes / bytearray / byte-format C-contiguous memoryview buffers,
+chains whose block is in the spare lists, used entries whose chain is in flight, within its
+writable space, with a single writable part (or none) and whose block goes back to the spare
+lists. They decline everything else -- a full queue, no spare block (the allocator is
+Python's), a lying device, a multi-part chain, unusual arguments or state -- by handing the call
+(or the rest of a batch) to the pure-Python method, which decides every error. Return values,
+bytes in guest memory, state and errors are the same with and without it
+(tests/virtio/test_driverc.py compares them).
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Sequence
 from types import MethodType
@@ -91,6 +93,8 @@ _Buffer = tuple[DmaBlock, int, memoryview, int]
 # writable piece starts the buffer (a receive buffer: the device's bytes are view[:written]).
 _Flight = tuple[_Buffer, tuple[int, ...], list[memoryview] | memoryview, int, Any]
 
+# byte layout: the le32 length field add_segments stores into each header
+_LE32 = struct.Struct("<I")
 _PIECE_ALIGN = 64
 _NO_VIEWS: list[memoryview] = []  # the writable parts of a chain that has none (never changed)
 # Recycled buffers kept per queue at most: 16 MiB, enough for a queue of 128 buffers of 64 KiB
@@ -115,6 +119,10 @@ def _part_view(parts: list[memoryview] | memoryview, written: int) -> memoryview
     return memoryview(_joined(parts, written))
 
 
+# The methods the C accelerator replaces on an accelerated queue.
+_ACCELERATED = (
+    "add_readable", "add_segments", "add_writable_many", "reap", "take_used_views", "kick"
+)
 # The optional C fast paths (devicehost/virtio/_driverc.c); looked up when a queue is made, so
 # tests can switch them off by setting this to None.
 _driverc = accel.load("devicehost.virtio._driverc")
@@ -171,12 +179,13 @@ class DriverQueue:
                  MethodType(DriverQueue.add_writable_many, self),
                  MethodType(DriverQueue.reap, self),
                  MethodType(DriverQueue.take_used_views, self),
-                 MethodType(DriverQueue.kick, self)),
+                 MethodType(DriverQueue.kick, self),
+                 MethodType(DriverQueue.add_segments, self)),
             )
         except (BufferError, TypeError, ValueError):
             return
         self._fast = fast
-        for name in ("add_readable", "add_writable_many", "reap", "take_used_views", "kick"):
+        for name in _ACCELERATED:
             self.__dict__[name] = getattr(fast, name)
 
     def _alloc(self, pages: int) -> _Buffer:
@@ -425,6 +434,30 @@ class DriverQueue:
         self.avail_idx = words[1] = (avail_idx + 1) & 0xFFFF
         return head
 
+    def add_segments(
+        self, header: _BufferLike, data: _BufferLike, segment: int, length_at: int
+    ) -> int:
+        """Post ``data`` cut into consecutive pieces of at most ``segment`` bytes, each as the
+        two-buffer chain ``add_readable(header', piece)`` where ``header'`` is ``header`` with
+        the piece's length stored as a le32 at byte ``length_at`` (e.g. a vsock RW header), while
+        two descriptors are free. Returns how many bytes of ``data`` were posted (the pieces
+        not posted are the caller's to send later). Does not kick; raises no QueueFull."""
+        if segment <= 0:
+            raise ValueError(f"segment must be positive, not {segment}")
+        template = bytearray(header)
+        if not 0 <= length_at <= len(template) - 4:
+            raise ValueError(f"a le32 at {length_at} is not inside a {len(template)}-byte header")
+        view = data if type(data) is bytes else memoryview(data).cast("B")
+        total = len(view)
+        free = self._free
+        offset = 0
+        while offset < total and len(free) >= 2:
+            n = min(total - offset, segment)
+            _LE32.pack_into(template, length_at, n)
+            DriverQueue.add_readable(self, template, view[offset : offset + n])
+            offset += n
+        return offset
+
     def kick(self) -> bool:
         """Notify the device of new buffers if it asked for notifications; True if rung."""
         full_barrier()
@@ -574,7 +607,7 @@ class DriverQueue:
         """Give back every page of this queue (the device must be stopped)."""
         fast, self._fast = self._fast, None
         if fast is not None:
-            for name in ("add_readable", "add_writable_many", "reap", "take_used_views", "kick"):
+            for name in _ACCELERATED:
                 del self.__dict__[name]
             fast.close()
         for flight in self._in_flight.values():
