@@ -24,7 +24,9 @@ Rows (chains/s):
   every head (not timed), one ``reap``; only the driver's calls are timed.
 - ``virtqueue_driver_1k_rx_chains``: the receive path: ``add_writable_many(128, 1068)``, the bare
   device returns each buffer full (not timed), one ``take_used_views``.
-- ``..._pure``: the same two with the C driver accelerator switched off (pure Python).
+- ``virtqueue_driver_1k_tx_segments_chains``: the transmit path with one
+  ``add_segments(header, 64 KiB, 1024, 24)`` per batch instead of 64 ``add_readable`` calls.
+- ``..._pure``: the same three with the C driver accelerator switched off (pure Python).
 - ``virtqueue_device_1k_tx_chains``: the device side alone on the vsock transmit path: a bare
   driver (not timed) makes 64 chains of a 44-byte header + 1 KiB payload available, the device
   takes them with one ``pop_many``, one ``add_used_many`` and one ``needs_interrupt``.
@@ -163,8 +165,8 @@ def _bare_device(dq: DriverQueue, written: int) -> None:
     used_words[1] = idx
 
 
-def _driver_only(alloc: DmaAllocator, count: int, *, rx: bool, pure: bool
-                 ) -> Callable[[], float]:
+def _driver_only(alloc: DmaAllocator, count: int, *, rx: bool, pure: bool,
+                 segments: bool = False) -> Callable[[], float]:
     saved = driverqueue_module._driverc
     if pure:
         driverqueue_module._driverc = None
@@ -184,6 +186,13 @@ def _driver_only(alloc: DmaAllocator, count: int, *, rx: bool, pure: bool
                 _bare_device(dq, 1068)
                 started = time.perf_counter()
                 taken = len(dq.take_used_views())
+            elif segments:
+                started = time.perf_counter()
+                posted = dq.add_segments(header, payload, 1024, 24) // 1024
+                elapsed += time.perf_counter() - started
+                _bare_device(dq, 0)
+                started = time.perf_counter()
+                taken = dq.reap()
             else:
                 started = time.perf_counter()
                 add = dq.add_readable
@@ -295,11 +304,11 @@ def run() -> list[dict[str, Any]]:
                 runs.append((f"virtqueue_device_1k_{kind}_chains{'_pure' if pure else ''}", 1024,
                              128 * 100, _device_only(alloc, 128 * 100, rx=kind == "rx",
                                                      pure=pure)))
-        for kind in ("tx", "rx"):
+        for kind in ("tx", "rx", "tx_segments"):
             for pure in (False, True):
                 runs.append((f"virtqueue_driver_1k_{kind}_chains{'_pure' if pure else ''}", 1024,
                              128 * 100, _driver_only(alloc, 128 * 100, rx=kind == "rx",
-                                                     pure=pure)))
+                                                     pure=pure, segments=kind == "tx_segments")))
         for name, size, count, fn in runs:
             elapsed, base = _best(fn, _copy(size, count))
             value, baseline = count / elapsed, count / base
