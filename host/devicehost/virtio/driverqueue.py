@@ -447,15 +447,46 @@ class DriverQueue:
         template = bytearray(header)
         if not 0 <= length_at <= len(template) - 4:
             raise ValueError(f"a le32 at {length_at} is not inside a {len(template)}-byte header")
-        view = data if type(data) is bytes else memoryview(data).cast("B")
+        view = memoryview(data).cast("B")
         total = len(view)
         free = self._free
+        # Each chain as add_readable(template, piece) lays it out, the avail index published once.
+        n1 = len(template)
+        header_end = ((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+        spare = self._spare
+        in_flight = self._in_flight
+        desc = self._desc
+        pack = DESCRIPTOR.pack_into
+        words = self._avail_words
+        ring_size = self.size
+        avail_idx = self.avail_idx
         offset = 0
-        while offset < total and len(free) >= 2:
-            n = min(total - offset, segment)
-            _LE32.pack_into(template, length_at, n)
-            DriverQueue.add_readable(self, template, view[offset : offset + n])
-            offset += n
+        try:
+            while offset < total and len(free) >= 2:
+                n = min(total - offset, segment)
+                off1 = ((n + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+                pages = (off1 + header_end + PAGE_SIZE - 1) // PAGE_SIZE
+                kept = spare.get(pages)
+                if kept:
+                    buffer = kept.pop()
+                    self._spare_pages -= pages
+                else:
+                    buffer = self._alloc(pages)
+                _, gpa, block, _ = buffer
+                block[:n] = view[offset : offset + n]
+                block[off1 : off1 + n1] = template
+                _LE32.pack_into(block, off1 + length_at, n)
+                head = free.pop()
+                nxt = free.pop()
+                pack(desc, 16 * head, gpa + off1, n1, DESC_F_NEXT, nxt)
+                pack(desc, 16 * nxt, gpa, n, 0, 0)
+                in_flight[head] = (buffer, (head, nxt), _NO_VIEWS, 0, None)
+                words[2 + avail_idx % ring_size] = head
+                avail_idx = (avail_idx + 1) & 0xFFFF
+                offset += n
+        finally:
+            if offset:
+                self.avail_idx = words[1] = avail_idx
         return offset
 
     def kick(self) -> bool:
