@@ -385,8 +385,9 @@ def test_no_references_are_kept_or_leaked() -> None:
     before = (sys.getrefcount(token), sys.getrefcount(header), sys.getrefcount(payload))
 
     def cycle() -> None:
-        for _ in range(8):
+        for _ in range(6):
             q.add_readable(header, payload, token)
+        assert q.add_segments(header, payload, 512, 0) == 1024
         side.take_avail()
         for head in side.pending:
             side.push_used(head, 0)
@@ -435,6 +436,21 @@ def test_accelerated_queues_are_garbage_collected_and_release_detaches() -> None
     # A stale bound method passes its calls to Python (whose state was released too).
     assert fast.reap() == 0
     other.memory.close()
+
+
+def test_a_subclass_keeps_its_own_methods() -> None:
+    class Counting(DriverQueue):
+        def add_readable(self, first: Any, second: Any = None, token: Any = None) -> int:
+            self.counted = True
+            return super().add_readable(first, second, token)
+
+    memory = GuestMemory.anonymous(MEMORY)
+    with implementation(True):
+        q = Counting(0, memory, DmaAllocator(memory), 8, event_idx=False)
+    assert not q.accelerated
+    q.add_readable(b"x")
+    assert q.counted
+    memory.close()
 
 
 def test_queue_refuses_bad_constructor_arguments() -> None:

@@ -164,7 +164,7 @@ class DriverQueue:
         self._spare: dict[int, list[_Buffer]] = {}
         self._spare_pages = 0
         self._fast: Any = None
-        if _driverc is not None:
+        if _driverc is not None and type(self) is DriverQueue:  # a subclass keeps its methods
             self._accelerate(_driverc)
 
     def _accelerate(self, driverc: Any) -> None:
