@@ -119,9 +119,10 @@ def _part_view(parts: list[memoryview] | memoryview, written: int) -> memoryview
     return memoryview(_joined(parts, written))
 
 
-# The methods the C accelerator replaces on an accelerated queue.
+# The methods the C accelerator replaces on an accelerated queue (in the order it takes them
+# as fallbacks).
 _ACCELERATED = (
-    "add_readable", "add_segments", "add_writable_many", "reap", "take_used_views", "kick"
+    "add_readable", "add_writable_many", "reap", "take_used_views", "kick", "add_segments"
 )
 # The optional C fast paths (devicehost/virtio/_driverc.c); looked up when a queue is made, so
 # tests can switch them off by setting this to None.
@@ -175,12 +176,7 @@ class DriverQueue:
             fast = driverc.Queue(
                 self.__dict__, self._desc, self._avail, self._used, self.size, self.event_idx,
                 _SPARE_PAGES, _NO_VIEWS,
-                (MethodType(DriverQueue.add_readable, self),
-                 MethodType(DriverQueue.add_writable_many, self),
-                 MethodType(DriverQueue.reap, self),
-                 MethodType(DriverQueue.take_used_views, self),
-                 MethodType(DriverQueue.kick, self),
-                 MethodType(DriverQueue.add_segments, self)),
+                tuple(MethodType(getattr(DriverQueue, name), self) for name in _ACCELERATED),
             )
         except (BufferError, TypeError, ValueError):
             return
@@ -511,15 +507,7 @@ class DriverQueue:
         if taken is None:
             return None
         head, written, flight = taken
-        parts = flight[2]
-        if written == 0:
-            data = b""
-        elif type(parts) is memoryview:
-            data = bytes(parts[:written])
-        elif len(parts) == 1:
-            data = bytes(parts[0][:written])
-        else:
-            data = _joined(parts, written)
+        data = bytes(_part_view(flight[2], written)) if written else b""
         self._recycle(flight[0])
         self._free.extend(reversed(flight[1]))
         return UsedBuffer(head, written, data, flight[4])
