@@ -38,6 +38,8 @@ __all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet", "QueueOwne
 
 _U32 = 0xFFFF_FFFF
 _RW = int(Op.RW)
+#: Where the le32 ``len`` field sits in the vsock header (facts section 9.2).
+_LEN_AT = 24
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
 _CREDIT_REQUEST = int(Op.CREDIT_REQUEST)
 #: Ops the pump handles inline for established connections.
@@ -114,27 +116,12 @@ class GuestStack:
         txq = self.txq
         txq.reap()
         total = min(len(data), conn.credit)
-        pack = HEADER.pack
-        add = txq.add_readable
-        cid, local, peer, buf_alloc = self.cid, conn.local_port, conn.peer_port, self.buf_alloc
-        fwd_cnt = conn.rx_cnt
-        offset = 0
-        try:
-            if total >= chunk:
-                # Every full packet of the batch has the same header.
-                header = pack(cid, CID_HOST, local, peer, chunk, TYPE_STREAM, _RW, 0, buf_alloc,
-                              fwd_cnt)
-                last = total - chunk
-                while offset <= last:
-                    add(header, data[offset : offset + chunk])
-                    offset += chunk
-            if offset < total:
-                n = total - offset
-                add(pack(cid, CID_HOST, local, peer, n, TYPE_STREAM, _RW, 0, buf_alloc, fwd_cnt),
-                    data[offset:total])
-                offset = total
-        except QueueFull:
-            pass
+        if total <= 0:
+            return 0
+        # One header for the batch; each packet gets its own length (byte 24 of the header).
+        header = HEADER.pack(self.cid, CID_HOST, conn.local_port, conn.peer_port, 0, TYPE_STREAM,
+                             _RW, 0, self.buf_alloc, conn.rx_cnt)
+        offset = txq.add_segments(header, data[:total], chunk, _LEN_AT)
         if offset:
             conn.tx_cnt = (conn.tx_cnt + offset) & _U32
             txq.kick()
