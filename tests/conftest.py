@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 import sysconfig
@@ -40,6 +41,34 @@ def _load_builder() -> ModuleType:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _implementations(name: str, module: str, attr: str, what: str) -> Any:
+    """A module-scoped fixture ``name`` that runs a test module twice: on the C accelerator
+    ``module.attr`` (skipped when it is not built or turned off) and on pure Python (the
+    attribute patched to None). Use it with ``pytestmark = pytest.mark.usefixtures(name)``."""
+
+    @pytest.fixture(name=name, scope="module", params=["c", "python"])
+    def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+        target = importlib.import_module(module)
+        if request.param == "c" and getattr(target, attr) is None:
+            pytest.skip(f"{what} is not built (or is turned off)")
+        with pytest.MonkeyPatch.context() as patch:
+            if request.param == "python":
+                patch.setattr(target, attr, None)
+            yield str(request.param)
+
+    return implementation
+
+
+ring_implementation = _implementations(
+    "ring_implementation", "devicehost.vmbus.ringcontrol", "_ringc", "the C ring accelerator")
+queue_implementation = _implementations(
+    "queue_implementation", "devicehost.virtio.queue", "_queuec",
+    "the C virtqueue accelerator")
+driver_implementation = _implementations(
+    "driver_implementation", "devicehost.virtio.driverqueue", "_driverc",
+    "the C driver accelerator")
 
 
 @pytest.fixture(scope="session")

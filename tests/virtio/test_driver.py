@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import devicehost.virtio.driverqueue as dq_module
 from devicehost.memory import PAGE_SIZE, DmaAllocator, GuestMemory
 from devicehost.virtio.driver import DriverError, DriverQueue, QueueFull, QueueSetup, VirtioDriver
 from devicehost.virtio.queue import SplitQueue
 from devicehost.virtio.traits import RING_EVENT_IDX, TRANSPORT_FEATURES, VERSION_1
 
-
-@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
-def driver_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Queues made by this module's tests use the C accelerator, then pure Python."""
-    if request.param == "c" and dq_module._driverc is None:
-        pytest.skip("the C driver accelerator is not built (or is turned off)")
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "python":
-            patch.setattr(dq_module, "_driverc", None)
-        yield str(request.param)
+pytestmark = pytest.mark.usefixtures("driver_implementation")
 
 
 def test_queues_use_the_implementation_under_test(driver_implementation: str) -> None:

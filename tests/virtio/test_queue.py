@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devicehost.memory import GuestMemory
-from devicehost.virtio import queue as queue_module
 from devicehost.virtio.queue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -29,15 +27,7 @@ from devicehost.virtio.queue import (
 MEM = 1 << 20
 
 
-@pytest.fixture(scope="module", autouse=True, params=["c", "python"])
-def queue_implementation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test of this module runs on the C accelerator and on the pure-Python queue."""
-    if request.param == "c" and queue_module._queuec is None:
-        pytest.skip("the C virtqueue accelerator is not built (or is turned off)")
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "python":
-            patch.setattr(queue_module, "_queuec", None)
-        yield str(request.param)
+pytestmark = pytest.mark.usefixtures("queue_implementation")
 
 
 SIZE = 8

@@ -327,10 +327,14 @@ class DriverQueue:
         return head
 
     def _publish(self, head: int) -> None:
-        words = self._avail_words
+        self._enter(head)
+        self._avail_words[1] = self.avail_idx
+
+    def _enter(self, head: int) -> None:
+        # The avail ring entry for ``head``; the avail index is the caller's to publish.
         avail_idx = self.avail_idx
-        words[2 + avail_idx % self.size] = head
-        self.avail_idx = words[1] = (avail_idx + 1) & 0xFFFF
+        self._avail_words[2 + avail_idx % self.size] = head
+        self.avail_idx = (avail_idx + 1) & 0xFFFF
 
     def add_writable_many(self, count: int, size: int) -> int:
         """Post up to ``count`` receive buffers of ``size`` device-writable bytes each (one
@@ -343,25 +347,15 @@ class DriverQueue:
         pages = (((size + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN + PAGE_SIZE - 1) // (
             PAGE_SIZE
         )
-        spare = self._spare.get(pages) or []
-        pack = DESCRIPTOR.pack_into
-        desc = self._desc
-        words = self._avail_words
-        in_flight = self._in_flight
-        ring_size = self.size
-        avail_idx = self.avail_idx
-        for _ in range(count):
-            if spare:
-                buffer = spare.pop()
-                self._spare_pages -= pages
-            else:
+        try:
+            for _ in range(count):
                 buffer = self._alloc(pages)
-            head = free.pop()
-            pack(desc, 16 * head, buffer[1], size, DESC_F_WRITE, 0)
-            in_flight[head] = (buffer, (head,), buffer[2], size, None)
-            words[2 + avail_idx % ring_size] = head
-            avail_idx = (avail_idx + 1) & 0xFFFF
-        self.avail_idx = words[1] = avail_idx
+                head = free.pop()
+                DESCRIPTOR.pack_into(self._desc, 16 * head, buffer[1], size, DESC_F_WRITE, 0)
+                self._in_flight[head] = (buffer, (head,), buffer[2], size, None)
+                self._enter(head)
+        finally:
+            self._avail_words[1] = self.avail_idx
         return count
 
     def _add_writable(self, size: int, token: Any) -> int:
@@ -391,43 +385,40 @@ class DriverQueue:
             pages = (((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN + PAGE_SIZE - 1) // (
                 PAGE_SIZE
             )
-            spare = self._spare.get(pages)
-            if spare:
-                buffer = spare.pop()
-                self._spare_pages -= pages
-            else:
-                buffer = self._alloc(pages)
+            buffer = self._alloc(pages)
             buffer[2][:n1] = first
             head = free.pop()
             DESCRIPTOR.pack_into(self._desc, 16 * head, buffer[1], n1, 0, 0)
-            descriptors: tuple[int, ...] = (head,)
-        else:
-            if len(free) < 2:
-                raise QueueFull(f"queue {self.index}: 2 descriptors needed, {len(free)} free")
-            # Back to front, as ``add`` does: the second buffer first, then a gap, then the first.
-            off1 = ((n2 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
-            pages = (off1 + ((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
-                     + PAGE_SIZE - 1) // PAGE_SIZE
-            spare = self._spare.get(pages)
-            if spare:
-                buffer = spare.pop()
-                self._spare_pages -= pages
-            else:
-                buffer = self._alloc(pages)
-            _, gpa, view, _ = buffer
-            view[:n2] = second
-            view[off1 : off1 + n1] = first
-            head = free.pop()
-            nxt = free.pop()
-            pack = DESCRIPTOR.pack_into
-            pack(self._desc, 16 * head, gpa + off1, n1, DESC_F_NEXT, nxt)
-            pack(self._desc, 16 * nxt, gpa, n2, 0, 0)
-            descriptors = (head, nxt)
-        self._in_flight[head] = (buffer, descriptors, _NO_VIEWS, 0, token)
-        words = self._avail_words
-        avail_idx = self.avail_idx
-        words[2 + avail_idx % self.size] = head
-        self.avail_idx = words[1] = (avail_idx + 1) & 0xFFFF
+            self._in_flight[head] = (buffer, (head,), _NO_VIEWS, 0, token)
+            self._publish(head)
+            return head
+        if len(free) < 2:
+            raise QueueFull(f"queue {self.index}: 2 descriptors needed, {len(free)} free")
+        head = self._enter_pair(first, n1, second, n2, token)
+        self._avail_words[1] = self.avail_idx
+        return head
+
+    def _enter_pair(
+        self, first: _BufferLike, n1: int, second: _BufferLike, n2: int, token: Any
+    ) -> int:
+        # A chain of two device-readable buffers (two free descriptors are the caller's to
+        # check), laid out back to front as ``add`` does: the second buffer, a gap, the first.
+        # The avail entry is written; the avail index is the caller's to publish.
+        off1 = ((n2 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+        pages = (off1 + ((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
+                 + PAGE_SIZE - 1) // PAGE_SIZE
+        buffer = self._alloc(pages)
+        _, gpa, view, _ = buffer
+        view[:n2] = second
+        view[off1 : off1 + n1] = first
+        free = self._free
+        head = free.pop()
+        nxt = free.pop()
+        pack = DESCRIPTOR.pack_into
+        pack(self._desc, 16 * head, gpa + off1, n1, DESC_F_NEXT, nxt)
+        pack(self._desc, 16 * nxt, gpa, n2, 0, 0)
+        self._in_flight[head] = (buffer, (head, nxt), _NO_VIEWS, 0, token)
+        self._enter(head)
         return head
 
     def add_segments(
@@ -441,48 +432,22 @@ class DriverQueue:
         if segment <= 0:
             raise ValueError(f"segment must be positive, not {segment}")
         template = bytearray(header)
-        if not 0 <= length_at <= len(template) - 4:
-            raise ValueError(f"a le32 at {length_at} is not inside a {len(template)}-byte header")
+        n1 = len(template)
+        if not 0 <= length_at <= n1 - 4:
+            raise ValueError(f"a le32 at {length_at} is not inside a {n1}-byte header")
         view = memoryview(data).cast("B")
         total = len(view)
         free = self._free
-        # Each chain as add_readable(template, piece) lays it out, the avail index published once.
-        n1 = len(template)
-        header_end = ((n1 + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
-        spare = self._spare
-        in_flight = self._in_flight
-        desc = self._desc
-        pack = DESCRIPTOR.pack_into
-        words = self._avail_words
-        ring_size = self.size
-        avail_idx = self.avail_idx
         offset = 0
         try:
             while offset < total and len(free) >= 2:
                 n = min(total - offset, segment)
-                off1 = ((n + _PIECE_ALIGN - 1) & -_PIECE_ALIGN) + _PIECE_ALIGN
-                pages = (off1 + header_end + PAGE_SIZE - 1) // PAGE_SIZE
-                kept = spare.get(pages)
-                if kept:
-                    buffer = kept.pop()
-                    self._spare_pages -= pages
-                else:
-                    buffer = self._alloc(pages)
-                _, gpa, block, _ = buffer
-                block[:n] = view[offset : offset + n]
-                block[off1 : off1 + n1] = template
-                _LE32.pack_into(block, off1 + length_at, n)
-                head = free.pop()
-                nxt = free.pop()
-                pack(desc, 16 * head, gpa + off1, n1, DESC_F_NEXT, nxt)
-                pack(desc, 16 * nxt, gpa, n, 0, 0)
-                in_flight[head] = (buffer, (head, nxt), _NO_VIEWS, 0, None)
-                words[2 + avail_idx % ring_size] = head
-                avail_idx = (avail_idx + 1) & 0xFFFF
+                _LE32.pack_into(template, length_at, n)
+                self._enter_pair(template, n1, view[offset : offset + n], n, None)
                 offset += n
         finally:
             if offset:
-                self.avail_idx = words[1] = avail_idx
+                self._avail_words[1] = self.avail_idx
         return offset
 
     def kick(self) -> bool:
