@@ -4,8 +4,11 @@
 The device runs in a real host; the guest is the in-process virtio driver with the vsock guest
 stack of ``devicehost_vsock.guest_stack`` (it copies every payload into and out of guest memory,
 and batches as a guest kernel would: every RW packet the credit and free descriptors allow, then
-one kick; tx completions reaped and rx buffers reposted in bulk); the host side is a real Unix
-socket in a separate process.
+one kick; tx completions reaped and rx buffers reposted in bulk; a sender that ran out of credit
+has its data posted by the receive pass that brings the CREDIT_UPDATE, as a kernel's receive path
+wakes a blocked sender); the host side is a real Unix socket in a separate process. The C
+accelerators (virtqueue device side, driver side) are used when built, as ``devicehost doctor``
+reports; ``DEVICEHOST_PURE_PYTHON=1`` measures the pure-Python paths.
 
 Rows:
 
