@@ -41,12 +41,14 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "qemu"))
+# The guest support modules live in tests/qemu (shared with the QEMU tests), imported as the
+# package ``tests.qemu`` from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devicehostrun import DevicehostRun, VsockLayout
-from guestimage import GuestSetupError, GuestSetupUnavailable, prepare_guest_image
-from guestvm import GuestVm
-from hostpeer import PortListener, connect_to_guest, pattern, send_to_sink
+from tests.qemu.devicehostrun import DevicehostRun, VsockLayout
+from tests.qemu.guestimage import GuestSetupError, GuestSetupUnavailable, prepare_guest_image
+from tests.qemu.guestvm import GuestVm
+from tests.qemu.hostpeer import PortListener, connect_to_guest, pattern, send_to_sink
 
 __all__ = ["run"]
 

@@ -1,24 +1,23 @@
 # SPDX-License-Identifier: MIT
 """Fixtures of the QEMU tests: the cached guest image and a short temporary directory.
 
-The support modules beside this file (guestimage, guestvm, devicehostrun) are shared with
-``bench/bench_qemu.py``; they are imported by file location because the test suite runs with
-``--import-mode=importlib``, which puts no test directory on ``sys.path``.
+The support modules beside this file (guestimage, guestvm, devicehostrun, hostpeer) are shared
+with ``bench/bench_qemu.py``. They are imported relatively: under ``--import-mode=importlib``
+pytest names this directory's modules ``tests.qemu.*`` (as mypy, run with
+``--explicit-package-bases``, does), and the benchmark imports them as ``tests.qemu.*`` from the
+repository root.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from guestimage import (
+from .guestimage import (
     GuestImage,
     GuestSetupError,
     GuestSetupUnavailable,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from guestimage import GuestImage
+from .guestimage import GuestImage
 
 __all__ = ["GuestFailure", "GuestVm", "qemu_command"]
 

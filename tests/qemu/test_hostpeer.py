@@ -10,8 +10,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from guestimage import GUEST_SOURCE
-from hostpeer import pattern
+
+from .guestimage import GUEST_SOURCE
+from .hostpeer import pattern
 
 
 def test_pattern_is_consecutive_little_endian_words() -> None:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from devicehostrun import DevicehostRun, VsockLayout
-from guestimage import GuestImage
-from guestvm import GuestFailure, GuestVm
-from hostpeer import (
+
+from .devicehostrun import DevicehostRun, VsockLayout
+from .guestimage import GuestImage
+from .guestvm import GuestFailure, GuestVm
+from .hostpeer import (
     EchoResult,
     PortListener,
     ReceivedData,
