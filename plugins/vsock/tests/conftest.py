@@ -17,7 +17,8 @@ from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
 from devicehost.virtio import VirtioTransport
 from devicehost_vsock import VsockConfig, VsockDevice
-from devicehost_vsock.guest_stack import GuestStack
+
+from .hosted import HostedGuest
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -34,13 +35,12 @@ def sock_dir() -> Iterator[str]:
 
 
 @pytest.fixture
-async def guest(sock_dir: str) -> AsyncIterator[GuestStack]:
+async def guest(sock_dir: str) -> AsyncIterator[HostedGuest]:
     config = VsockConfig(guest_cid=3, base_path=f"{sock_dir}/vsock")
     async with host_with(
         {"vsock": VsockDevice}, [DeviceSpec("vsock", "vsock", config)]
     ) as host:
         driver = await host.transport(VirtioTransport).connect_driver("vsock", queue_size=256)
-        stack = GuestStack(driver, cid=3, buf_alloc=65536)
-        stack.host = host  # type: ignore[attr-defined]
+        stack = HostedGuest(driver, host, cid=3, buf_alloc=65536)
         yield stack
         await driver.reset()

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import (
+    CONNECTION_TIMEOUT,
+    GRACEFUL_SHUTDOWN_TIMEOUT,
     HEADER,
     HEADER_SIZE,
+    MAX_ACTIVE_CONNECTIONS,
+    TX_BUF_SIZE,
     Header,
     Op,
     decode_header_untrusted,
@@ -22,11 +26,21 @@ CID = 3
 class Harness:
     """A connection table with fake host sockets: ports with a listener connect, others fail."""
 
-    def __init__(self, **kwargs: float) -> None:
+    def __init__(
+        self,
+        *,
+        connection_timeout: float = CONNECTION_TIMEOUT,
+        graceful_timeout: float = GRACEFUL_SHUTDOWN_TIMEOUT,
+        max_connections: int = MAX_ACTIVE_CONNECTIONS,
+        tx_buffer_size: int = TX_BUF_SIZE,
+    ) -> None:
         self.listening: set[int] = set()
         self.streams: dict[int, list[FakeStream]] = {}
         self.now = 0.0
-        self.manager = ConnectionManager(CID, self._connect, **kwargs)  # type: ignore[arg-type]
+        self.manager = ConnectionManager(
+            CID, self._connect, connection_timeout=connection_timeout,
+            graceful_timeout=graceful_timeout, max_connections=max_connections,
+            tx_buffer_size=tx_buffer_size)
 
     def _connect(self, port: int) -> FakeStream:
         if port not in self.listening:
@@ -62,7 +76,9 @@ class Harness:
     def connect(self, local: int = 1024, port: int = 5000) -> FakeStream:
         self.listening.add(port)
         self.tx(Op.REQUEST, local, port)
-        h, _ = self.rx()  # type: ignore[misc]
+        packet = self.rx()
+        assert packet is not None
+        h, _ = packet
         assert (h.op, h.src_port, h.dst_port) == (Op.RESPONSE, port, local)
         return self.streams[port][-1]
 

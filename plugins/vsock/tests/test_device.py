@@ -11,22 +11,24 @@ import struct
 
 import anyio
 import pytest
+from anyio.abc import UNIXSocketStream
 
 from devicehost_vsock.guest_stack import GuestSockets, GuestStack
 from devicehost_vsock.hybrid import TEMPLATE_GUID
 from devicehost_vsock.protocol import HEADER_SIZE, SHUTDOWN_RECEIVE, SHUTDOWN_SEND, Op
 
+from .hosted import HostedGuest
 from .hostside import listen, raw, read_exactly, read_line, read_to_eof
 
 pytestmark = pytest.mark.anyio
 
 
-def base(guest: GuestStack) -> str:
-    runner = guest.host.devices["vsock"].runner  # type: ignore[attr-defined]
+def base(guest: HostedGuest) -> str:
+    runner = guest.host.devices["vsock"].runner
     return str(runner.base_path)
 
 
-async def guest_connect(guest: GuestStack, local: int, port: int) -> None:
+async def guest_connect(guest: HostedGuest, local: int, port: int) -> None:
     guest.post_rx(1)
     guest.send(Op.REQUEST, local, port)
     packet = await guest.recv()
@@ -34,13 +36,13 @@ async def guest_connect(guest: GuestStack, local: int, port: int) -> None:
     assert (packet.header.src_port, packet.header.dst_port) == (port, local)
 
 
-async def test_config_returns_guest_cid(guest: GuestStack) -> None:
+async def test_config_returns_guest_cid(guest: HostedGuest) -> None:
     config = guest.driver.read_config(0, 4) + guest.driver.read_config(4, 4)
     low, high = struct.unpack("<II", config)
     assert low | high << 32 == 3
 
 
-async def test_guest_connect_handshake(guest: GuestStack) -> None:
+async def test_guest_connect_handshake(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5000)
     guest.post_rx(1)
     guest.send(Op.REQUEST, 1024, 5000)
@@ -54,7 +56,7 @@ async def test_guest_connect_handshake(guest: GuestStack) -> None:
     await listener.aclose()
 
 
-async def test_guest_to_host_data(guest: GuestStack) -> None:
+async def test_guest_to_host_data(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5001)
     await guest_connect(guest, 1024, 5001)
     host = await listener.accept()
@@ -62,7 +64,7 @@ async def test_guest_to_host_data(guest: GuestStack) -> None:
     assert await read_exactly(host, 16) == b"hello from guest"
 
 
-async def test_host_to_guest_data(guest: GuestStack) -> None:
+async def test_host_to_guest_data(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5002)
     await guest_connect(guest, 1024, 5002)
     host = await listener.accept()
@@ -74,7 +76,7 @@ async def test_host_to_guest_data(guest: GuestStack) -> None:
     assert packet.written == HEADER_SIZE + 15
 
 
-async def test_bidirectional_echo(guest: GuestStack) -> None:
+async def test_bidirectional_echo(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5003)
     await guest_connect(guest, 1024, 5003)
     host = await listener.accept()
@@ -85,7 +87,7 @@ async def test_bidirectional_echo(guest: GuestStack) -> None:
     assert packet.data == b"ping"
 
 
-async def test_connect_to_nonexistent_port_gets_rst(guest: GuestStack) -> None:
+async def test_connect_to_nonexistent_port_gets_rst(guest: HostedGuest) -> None:
     guest.post_rx(1)
     guest.send(Op.REQUEST, 1024, 9999)
     packet = await guest.recv()
@@ -93,7 +95,7 @@ async def test_connect_to_nonexistent_port_gets_rst(guest: GuestStack) -> None:
     assert (h.op, h.src_port, h.dst_port, h.buf_alloc, h.fwd_cnt) == (Op.RST, 9999, 1024, 0, 0)
 
 
-async def test_guest_connect_falls_back_to_guid_path(guest: GuestStack) -> None:
+async def test_guest_connect_falls_back_to_guid_path(guest: HostedGuest) -> None:
     guid = "00001389-facb-11e6-bd58-64006a7986d3"  # port 5001
     listener = await anyio.create_unix_listener(f"{base(guest)}_{guid}")
     await guest_connect(guest, 1024, 5001)
@@ -102,7 +104,7 @@ async def test_guest_connect_falls_back_to_guid_path(guest: GuestStack) -> None:
     assert await read_exactly(host, 8) == b"via guid"
 
 
-async def test_multiple_simultaneous_connections(guest: GuestStack) -> None:
+async def test_multiple_simultaneous_connections(guest: HostedGuest) -> None:
     la, lb = await listen(base(guest), 6000), await listen(base(guest), 6001)
     await guest_connect(guest, 1100, 6000)
     host_a = await la.accept()
@@ -118,7 +120,7 @@ async def test_multiple_simultaneous_connections(guest: GuestStack) -> None:
     assert (packet.header.src_port, packet.header.dst_port, packet.data) == (6001, 1101, b"from B")
 
 
-async def test_multiple_connections_same_host_port(guest: GuestStack) -> None:
+async def test_multiple_connections_same_host_port(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 7000)
     await guest_connect(guest, 2000, 7000)
     first = await listener.accept()
@@ -135,7 +137,7 @@ async def test_multiple_connections_same_host_port(guest: GuestStack) -> None:
     [(SHUTDOWN_SEND | SHUTDOWN_RECEIVE, True), (SHUTDOWN_SEND, True), (SHUTDOWN_RECEIVE, False)],
     ids=["guest_shutdown", "guest_shutdown_send_only", "guest_shutdown_receive_only"],
 )
-async def test_guest_shutdown(guest: GuestStack, flags: int, eof: bool) -> None:
+async def test_guest_shutdown(guest: HostedGuest, flags: int, eof: bool) -> None:
     listener = await listen(base(guest), 5010)
     await guest_connect(guest, 1024, 5010)
     host = await listener.accept()
@@ -147,7 +149,7 @@ async def test_guest_shutdown(guest: GuestStack, flags: int, eof: bool) -> None:
         assert await read_exactly(host, 10) == b"still open"
 
 
-async def test_large_payload_guest_to_host(guest: GuestStack) -> None:
+async def test_large_payload_guest_to_host(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5011)
     await guest_connect(guest, 1024, 5011)
     host = await listener.accept()
@@ -156,7 +158,7 @@ async def test_large_payload_guest_to_host(guest: GuestStack) -> None:
     assert await read_exactly(host, 4096) == payload
 
 
-async def host_connect(guest: GuestStack, line: bytes, port: int) -> tuple[object, int]:
+async def host_connect(guest: HostedGuest, line: bytes, port: int) -> tuple[UNIXSocketStream, int]:
     stream = await anyio.connect_unix(base(guest))
     await stream.send(line)
     guest.post_rx(1)
@@ -168,38 +170,38 @@ async def host_connect(guest: GuestStack, line: bytes, port: int) -> tuple[objec
     return stream, h.src_port
 
 
-async def test_host_connect_to_guest(guest: GuestStack) -> None:
+async def test_host_connect_to_guest(guest: HostedGuest) -> None:
     stream, local = await host_connect(guest, b"CONNECT 8080\n", 8080)
-    ok = await read_line(stream)  # type: ignore[arg-type]
+    ok = await read_line(stream)
     match = re.fullmatch(rb"OK (\d+)\n", ok)
     assert match and int(match[1]) == local > 0
-    await stream.send(b"host says hi")  # type: ignore[attr-defined]
+    await stream.send(b"host says hi")
     guest.post_rx(1)
     packet = await guest.recv()
     assert (packet.header.op, packet.data) == (Op.RW, b"host says hi")
     guest.send(Op.RW, 8080, local, b"guest says hi")
-    assert await read_exactly(stream, 13) == b"guest says hi"  # type: ignore[arg-type]
+    assert await read_exactly(stream, 13) == b"guest says hi"
 
 
-async def test_host_connect_to_guest_with_guid(guest: GuestStack) -> None:
+async def test_host_connect_to_guest_with_guid(guest: HostedGuest) -> None:
     stream, local = await host_connect(
         guest, b"CONNECT 00001f90-facb-11e6-bd58-64006a7986d3\n", 8080
     )
-    ok = await read_line(stream)  # type: ignore[arg-type]
+    ok = await read_line(stream)
     match = re.fullmatch(rb"OK ([0-9a-f]{8})(-[0-9a-f-]{27})\n", ok)
     assert match and match[2].decode() == TEMPLATE_GUID[8:]
     assert int(match[1], 16) == local != 0
 
 
-async def test_host_connect_two_connections_get_different_ports(guest: GuestStack) -> None:
+async def test_host_connect_two_connections_get_different_ports(guest: HostedGuest) -> None:
     first, port_a = await host_connect(guest, b"CONNECT 9001\n", 9001)
     second, port_b = await host_connect(guest, b"connect 9002\n", 9002)
-    ok_a, ok_b = await read_line(first), await read_line(second)  # type: ignore[arg-type]
+    ok_a, ok_b = await read_line(first), await read_line(second)
     assert ok_a == f"OK {port_a}\n".encode() and ok_b == f"OK {port_b}\n".encode()
     assert port_a != port_b and {port_a, port_b} == {0x4000_0000, 0x4000_0001}
 
 
-async def test_guest_send_exercises_ring_buffer(guest: GuestStack) -> None:
+async def test_guest_send_exercises_ring_buffer(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5020)
     await guest_connect(guest, 1024, 5020)
     host = await listener.accept()
@@ -225,7 +227,7 @@ async def test_guest_send_exercises_ring_buffer(guest: GuestStack) -> None:
             assert last.header.op == Op.CREDIT_UPDATE
 
 
-async def test_host_send_respects_credit(guest: GuestStack) -> None:
+async def test_host_send_respects_credit(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5030)
     await guest_connect(guest, 1024, 5030)
     host = await listener.accept()
@@ -258,7 +260,7 @@ async def test_host_send_respects_credit(guest: GuestStack) -> None:
     await guest.expect_silence(0.1)
 
 
-async def test_bounce_buffer_rx_fragmented_descriptor(guest: GuestStack) -> None:
+async def test_bounce_buffer_rx_fragmented_descriptor(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5040)
     await guest_connect(guest, 1024, 5040)
     host = await listener.accept()
@@ -270,7 +272,7 @@ async def test_bounce_buffer_rx_fragmented_descriptor(guest: GuestStack) -> None
     assert packet.header.op == Op.RW and packet.data == payload
 
 
-async def test_bounce_buffer_tx_fragmented_descriptor(guest: GuestStack) -> None:
+async def test_bounce_buffer_tx_fragmented_descriptor(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5041)
     await guest_connect(guest, 1024, 5041)
     host = await listener.accept()
@@ -280,7 +282,7 @@ async def test_bounce_buffer_tx_fragmented_descriptor(guest: GuestStack) -> None
     assert await read_exactly(host, 512) == payload + payload
 
 
-async def test_host_shutdown(guest: GuestStack) -> None:
+async def test_host_shutdown(guest: HostedGuest) -> None:
     listener = await listen(base(guest), 5030)
     await guest_connect(guest, 1024, 5030)
     host = await listener.accept()
@@ -299,7 +301,7 @@ async def test_host_shutdown(guest: GuestStack) -> None:
     assert anyio.current_time() - start >= 1.9
 
 
-async def test_stress_echo(guest: GuestStack) -> None:
+async def test_stress_echo(guest: HostedGuest) -> None:
     sockets = GuestSockets(guest, rx_buffers=64)
     sockets.listen(1234, echo=True)
     rng = random.Random(7)
@@ -324,7 +326,7 @@ async def test_stress_echo(guest: GuestStack) -> None:
     assert len(sockets.accepted) == 10
 
 
-async def test_guest_sockets_receive_many_windows_with_batched_credit(guest: GuestStack) -> None:
+async def test_guest_sockets_receive_many_windows_with_batched_credit(guest: HostedGuest) -> None:
     # The guest advertises 64 KiB and tells its fwd_cnt once per receive pass: 1 MiB must still
     # arrive intact, every window reopened by a CREDIT_UPDATE (asked for or not).
     listener = await listen(base(guest), 5020)
@@ -375,7 +377,7 @@ def test_offer_config_space_and_config_validation() -> None:
         assert VsockConfig(tx_buffer_size=good).tx_buffer_size == good
     for bad_size in (0, 2048, 65535, 65536 + 4096, 32 << 20, True, "65536"):
         with pytest.raises(ValueError, match="tx_buffer_size"):
-            VsockConfig(tx_buffer_size=bad_size)  # type: ignore[arg-type]
+            VsockConfig(tx_buffer_size=bad_size)  # type: ignore[arg-type]  # wrong types rejected at runtime
 
 
 async def test_configured_tx_buffer_size_through_the_device(sock_dir: str) -> None:

@@ -11,21 +11,22 @@ import os
 import anyio
 import pytest
 
-from devicehost_vsock.guest_stack import GuestSockets, GuestStack
+from devicehost_vsock.guest_stack import GuestSockets
 from devicehost_vsock.protocol import HEADER_SIZE
 
+from .hosted import HostedGuest
 from .hostside import listen, read_exactly
 
 pytestmark = pytest.mark.anyio
 
 
-def base(guest: GuestStack) -> str:
-    runner = guest.host.devices["vsock"].runner  # type: ignore[attr-defined]
+def base(guest: HostedGuest) -> str:
+    runner = guest.host.devices["vsock"].runner
     return str(runner.base_path)
 
 
 @pytest.mark.parametrize("chunk", [65536, 1000, 4096])
-async def test_send_all_delivers_many_windows_in_order(guest: GuestStack, chunk: int) -> None:
+async def test_send_all_delivers_many_windows_in_order(guest: HostedGuest, chunk: int) -> None:
     # 640 KiB through the device's 64 KiB window: ten credit stalls at least, each resumed by
     # the pump; 1000-byte packets leave a short last packet in most batches.
     listener = await listen(base(guest), 5030)
@@ -51,7 +52,7 @@ async def test_send_all_delivers_many_windows_in_order(guest: GuestStack, chunk:
     await listener.aclose()
 
 
-async def test_a_sender_waiting_for_credit_is_told_of_a_reset(guest: GuestStack) -> None:
+async def test_a_sender_waiting_for_credit_is_told_of_a_reset(guest: HostedGuest) -> None:
     # The host reads nothing, so the window closes and send_all waits; then the host closes:
     # the device's write fails, it resets the connection and the waiting send_all raises.
     listener = await listen(base(guest), 5031)

@@ -130,7 +130,7 @@ def test_failing_flush_removes_and_resets() -> None:  # UPSTREAM-BUG path 3
     h.tx(Op.RW, 1024, 5000, b"hello")
     assert "write" in stream.wants
     stream.fail_send = True
-    h.manager.on_writable(stream)  # type: ignore[arg-type]
+    h.manager.on_writable(stream)
     assert ops(h.rx_all()) == [Op.CREDIT_UPDATE, Op.RST] or ops(h.rx_all()) == []
     assert stream.closed and len(h.manager) == 0
 
@@ -153,7 +153,7 @@ def test_shutdown_flags() -> None:
     h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_SEND)
     stream.drain()
     stream.capacity = 100
-    h.manager.on_writable(stream)  # type: ignore[arg-type]
+    h.manager.on_writable(stream)
     assert stream.shut == [socket.SHUT_WR] and stream.outbound == b"fered"
     h.tx(Op.SHUTDOWN, 1024, 5000, flags=SHUTDOWN_RECEIVE)
     assert stream.shut == [socket.SHUT_WR, socket.SHUT_RD]
@@ -251,7 +251,7 @@ def test_priority_response_then_credit_update_then_data() -> None:
     stream.inbound += b"data"
     assert ops(h.rx_all()) == [Op.RESPONSE, Op.RW]
     stream.inbound += b"more"
-    h.manager.on_readable(stream)  # type: ignore[arg-type]
+    h.manager.on_readable(stream)
     h.tx(Op.RW, 1024, 5000, b"guest")
     assert ops(h.rx_all()) == [Op.CREDIT_UPDATE, Op.RW]
 
@@ -280,7 +280,7 @@ def test_host_eof_shutdown_and_graceful_timeout() -> None:
     h.now = 100.0
     assert h.rx_all() == []  # no timer before the socket is fully closed
     stream.fully_closed = True
-    h.manager.on_closed(stream, h.now)  # type: ignore[arg-type]
+    h.manager.on_closed(stream, h.now)
     assert h.manager.next_deadline() == 102.0
     h.now = 101.9
     assert h.rx_all() == []
@@ -300,10 +300,10 @@ def test_eof_on_fully_closed_socket_sets_receive_flag() -> None:
 def test_host_initiated_connect_ok_and_timeouts() -> None:
     h = Harness()
     stream = FakeStream(b"connect 80")
-    assert h.manager.accept_host(stream, 0.0)  # type: ignore[arg-type]
+    assert h.manager.accept_host(stream, 0.0)
     assert h.rx_all() == [] and "read" in stream.wants  # incomplete line
     stream.inbound += b"80\nearly data"
-    h.manager.on_readable(stream)  # type: ignore[arg-type]
+    h.manager.on_readable(stream)
     (req, _), = h.rx_all()
     assert (req.op, req.src_port, req.dst_port) == (Op.REQUEST, 0x4000_0000, 8080)
     assert stream.inbound == b"early data"  # nothing after the newline was consumed
@@ -315,12 +315,12 @@ def test_host_initiated_connect_ok_and_timeouts() -> None:
     assert len(h.manager) == 1 and h.rx_all() == []  # deadline cleared by RESPONSE
     # A host connection that never sends CONNECT is closed silently after 2 s.
     quiet = FakeStream()
-    h.manager.accept_host(quiet, 50.0)  # type: ignore[arg-type]
+    h.manager.accept_host(quiet, 50.0)
     h.now = 52.0
     assert h.rx_all() == [] and quiet.closed
     # One whose guest never answers gets RST after 2 s, and its port is freed.
     slow = FakeStream(b"CONNECT 9\n")
-    h.manager.accept_host(slow, 52.0)  # type: ignore[arg-type]
+    h.manager.accept_host(slow, 52.0)
     (req, _), = h.rx_all()
     h.now = 54.5
     (rst, _), = h.rx_all()
@@ -332,21 +332,21 @@ def test_host_initiated_connect_ok_and_timeouts() -> None:
 def test_bad_connect_lines_close_silently(line: bytes) -> None:
     h = Harness()
     stream = FakeStream(line)
-    h.manager.accept_host(stream, 0.0)  # type: ignore[arg-type]
+    h.manager.accept_host(stream, 0.0)
     assert h.rx_all() == [] and stream.closed and len(h.manager) == 0
 
 
 def test_accept_limit_and_port_reuse() -> None:
     h = Harness(max_connections=1)
     first = FakeStream(b"CONNECT 1\n")
-    assert h.manager.accept_host(first, 0.0)  # type: ignore[arg-type]
+    assert h.manager.accept_host(first, 0.0)
     second = FakeStream()
-    assert not h.manager.accept_host(second, 0.0)  # type: ignore[arg-type]
+    assert not h.manager.accept_host(second, 0.0)
     assert second.closed
     (req, _), = h.rx_all()
     h.tx(Op.RST, 1, req.src_port)
     third = FakeStream(b"CONNECT 1\n")
-    h.manager.accept_host(third, 0.0)  # type: ignore[arg-type]
+    h.manager.accept_host(third, 0.0)
     (req2, _), = h.rx_all()
     assert req2.src_port == 0x4000_0001
 
@@ -386,11 +386,11 @@ def test_arbitrary_connect_lines_never_crash(line: bytes) -> None:
     h = Harness()
     stream = FakeStream(line)
     stream.host_eof = True
-    h.manager.accept_host(stream, 0.0)  # type: ignore[arg-type]
+    h.manager.accept_host(stream, 0.0)
     packets = h.rx_all()
     while not packets and "read" in stream.wants and not stream.closed:
         stream.wants.clear()  # the relay reports the end of stream as readable
-        h.manager.on_readable(stream)  # type: ignore[arg-type]
+        h.manager.on_readable(stream)
         packets = h.rx_all()
     assert ops(packets) in ([], [Op.REQUEST])
     assert stream.closed == (packets == [])
@@ -461,12 +461,12 @@ def test_interleaved_traffic_delivers_every_byte_in_order(
 
     def host_step(c: GuestModel, n: int) -> None:
         host_got[c.local] += c.stream.drain(n)
-        h.manager.on_writable(c.stream)  # type: ignore[arg-type]
+        h.manager.on_writable(c.stream)
         chunk = c.to_guest[c.host_written : c.host_written + n]
         if chunk:
             c.stream.inbound += chunk
             c.host_written += len(chunk)
-            h.manager.on_readable(c.stream)  # type: ignore[arg-type]
+            h.manager.on_readable(c.stream)
 
     for kind, which, n in steps:
         c = conns[which % len(conns)]

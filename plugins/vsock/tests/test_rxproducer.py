@@ -40,7 +40,7 @@ def test_a_served_credit_update_goes_to_the_back_of_the_line() -> None:
     h, _, second = _two_connections()
     h.tx(Op.RW, 1025, 5000, b"xy")
     second.inbound += b"host data"
-    h.manager.on_readable(second)  # type: ignore[arg-type]
+    h.manager.on_readable(second)
     h.tx(Op.RW, 1024, 5000, b"abc")
     packets = h.rx_all()
     # The second connection's update comes before its data, and the first connection, next in

@@ -104,19 +104,22 @@ class MiniFrontend:
         assert await self.reply(Request.SET_MEM_TABLE) == encode_u64(0)
         self.queues = [DriverQueue(i, self.memory, self.allocator, 128, event_idx=False)
                        for i in range(2)]
+        call_fds: list[int] = []
         for q in self.queues:
-            q.kick_doorbell = EventfdDoorbell(self.eventfd())
-            q.call_doorbell = EventfdDoorbell(self.eventfd())
+            kick_fd, call_fd = self.eventfd(), self.eventfd()
+            q.kick_doorbell = EventfdDoorbell(kick_fd)
+            q.call_doorbell = EventfdDoorbell(call_fd)
+            call_fds.append(call_fd)
             lay = q.layout
             await self.send(Request.SET_VRING_NUM, encode_vring_state(VringState(q.index, 128)))
             await self.send(Request.SET_VRING_BASE, encode_vring_state(VringState(q.index, 0)))
             await self.send(Request.SET_VRING_ADDR, encode_vring_addr(VringAddr(
                 q.index, 0, USER_BASE + lay.desc_gpa, USER_BASE + lay.used_gpa,
                 USER_BASE + lay.avail_gpa, 0)))
-            await self.send(Request.SET_VRING_KICK, encode_u64(q.index), [q.kick_doorbell.fd])
-        for q in self.queues:
+            await self.send(Request.SET_VRING_KICK, encode_u64(q.index), [kick_fd])
+        for q, call_fd in zip(self.queues, call_fds, strict=True):
             await self.send(Request.SET_VRING_ENABLE, encode_vring_state(VringState(q.index, 1)))
-            await self.send(Request.SET_VRING_CALL, encode_u64(q.index), [q.call_doorbell.fd])
+            await self.send(Request.SET_VRING_CALL, encode_u64(q.index), [call_fd])
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -5,17 +5,18 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from devicehost_vsock.guest_stack import GuestStack
 from devicehost_vsock.protocol import Op
+
+from .hosted import HostedGuest
 
 pytestmark = pytest.mark.anyio
 
 
-def base(guest: GuestStack) -> str:
-    return str(guest.host.devices["vsock"].runner.base_path)  # type: ignore[attr-defined]
+def base(guest: HostedGuest) -> str:
+    return str(guest.host.devices["vsock"].runner.base_path)
 
 
-async def test_nothing_is_read_or_sent_without_rx_buffers(guest: GuestStack) -> None:
+async def test_nothing_is_read_or_sent_without_rx_buffers(guest: HostedGuest) -> None:
     stream = await anyio.connect_unix(base(guest))
     await stream.send(b"CONNECT 77\n")
     guest.send(Op.RW, 1, 2, b"x")  # unknown key: an RST is owed
@@ -27,7 +28,7 @@ async def test_nothing_is_read_or_sent_without_rx_buffers(guest: GuestStack) -> 
     await stream.aclose()
 
 
-async def test_small_rx_buffers_do_not_block_big_ones(guest: GuestStack) -> None:
+async def test_small_rx_buffers_do_not_block_big_ones(guest: HostedGuest) -> None:
     listener = await anyio.create_unix_listener(f"{base(guest)}_5000")
     guest.post_rx(1)
     guest.send(Op.REQUEST, 1024, 5000)
@@ -42,7 +43,7 @@ async def test_small_rx_buffers_do_not_block_big_ones(guest: GuestStack) -> None
     assert (data.header.op, data.data) == (Op.RW, b"payload")
 
 
-async def test_garbage_tx_chains_leave_the_device_working(guest: GuestStack) -> None:
+async def test_garbage_tx_chains_leave_the_device_working(guest: HostedGuest) -> None:
     import random
     import struct
 
@@ -81,7 +82,7 @@ async def test_garbage_tx_chains_leave_the_device_working(guest: GuestStack) -> 
                 except TimeoutError:
                     quiet = True
                     break
-    assert guest.host.devices["vsock"].state is DeviceState.RUNNING  # type: ignore[attr-defined]
+    assert guest.host.devices["vsock"].state is DeviceState.RUNNING
     listener = await anyio.create_unix_listener(f"{base(guest)}_6000")
     guest.post_rx(8)
     guest.send(Op.REQUEST, 4242, 6000)
