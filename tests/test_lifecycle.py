@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -82,9 +82,13 @@ class Fake:
             raise
 
     @hookimpl
-    def close(self, ctx: DeviceContext, runner: Runner, subchannel_index: int) -> None:
+    def close(
+        self, ctx: DeviceContext, runner: Runner, subchannel_index: int
+    ) -> Awaitable[None] | None:
+        """Synchronous here; the host also awaits a ``close`` that returns an awaitable."""
         self._maybe_fail("close")
         self.events.append(f"close {runner.serial} sub{subchannel_index}")
+        return None
 
     @hookimpl
     def save_open(self, ctx: DeviceContext, runner: Runner) -> dict[str, int]:
@@ -112,6 +116,12 @@ def make(tg: anyio.abc.TaskGroup, fake: Fake, name: str = "dev") -> Device:
     return Device(ctx, new_device_manager(fake, name), tg)
 
 
+def state_of(device: Device) -> DeviceState:
+    """The device's state as of now: a call, so that mypy does not carry an earlier narrowing
+    of ``device.state`` past the awaits that change it."""
+    return device.state
+
+
 @asynccontextmanager
 async def group() -> AsyncIterator[anyio.abc.TaskGroup]:
     with anyio.fail_after(10):
@@ -127,20 +137,20 @@ async def test_stop_during_run_and_restart_on_the_same_runner() -> None:
         device = make(tg, fake)
         assert device.state is DeviceState.NEW
         assert await device.offer() == LocalOffer({"name": "dev"})
-        assert device.state is DeviceState.OFFERED
+        assert state_of(device) is DeviceState.OFFERED
         runner = await device.open(LocalOffer())
         await fake.wait_started()
-        assert device.state is DeviceState.RUNNING
+        assert state_of(device) is DeviceState.RUNNING
         assert await device.start() is True  # already running
         assert await device.stop() is True
-        assert device.state is DeviceState.OPEN
+        assert state_of(device) is DeviceState.OPEN
         assert await device.stop() is False  # not running any more
         assert await device.start() is True
         await fake.wait_started()
         assert device.runner is runner and runner.runs == 2
         assert device.run_count == 2
         await device.close()
-        assert device.state is DeviceState.CLOSED and device.runner is None
+        assert state_of(device) is DeviceState.CLOSED and device.runner is None
     assert fake.events == [
         "offer", "open 1", "run 1.1", "cancelled 1.1", "run 1.2", "cancelled 1.2", "close 1 sub0"
     ]
@@ -161,7 +171,7 @@ async def test_run_returning_means_done_until_reopened() -> None:
         assert await device.stop() is False
         assert await device.start() is False
         await device.close()
-        assert device.state is DeviceState.CLOSED
+        assert state_of(device) is DeviceState.CLOSED
         await device.open(LocalOffer(), subchannel_index=2)
         await fake.wait_started()
         await device.close()
@@ -189,7 +199,7 @@ async def test_run_exception_fails_only_that_device(caplog: pytest.LogCaptureFix
         assert good_device.state is DeviceState.RUNNING
         assert await good_device.stop() is True
         await bad_device.close()
-        assert bad_device.state is DeviceState.CLOSED
+        assert state_of(bad_device) is DeviceState.CLOSED
         await bad_device.open(LocalOffer())  # a failed device can be opened afresh
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in failures] == ["device 'bad' failed in run: run exploded"]
@@ -208,7 +218,7 @@ async def test_open_failure_is_reported_and_the_device_can_open_again() -> None:
         fake.fail.clear()
         await device.open(LocalOffer())
         await fake.wait_started()
-        assert device.state is DeviceState.RUNNING
+        assert state_of(device) is DeviceState.RUNNING
         with pytest.raises(LifecycleError, match="already open"):
             await device.open(LocalOffer())
         await device.close()
@@ -251,7 +261,7 @@ async def test_revoke_closes_and_forgets_the_offer() -> None:
         with pytest.raises(LifecycleError, match="cannot open while revoked"):
             await device.open(LocalOffer())
         await device.offer()
-        assert device.state is DeviceState.OFFERED
+        assert state_of(device) is DeviceState.OFFERED
         await device.open(LocalOffer())
         await fake.wait_started()
         await device.revoke()
@@ -318,7 +328,9 @@ async def test_run_hook_that_returns_no_awaitable_fails_the_device() -> None:
 async def test_async_close_hook_is_awaited() -> None:
     class AsyncClose(Fake):
         @hookimpl
-        def close(self, ctx: DeviceContext, runner: Runner) -> Any:
+        def close(
+            self, ctx: DeviceContext, runner: Runner, subchannel_index: int
+        ) -> Awaitable[None]:
             return self._close(runner)
 
         async def _close(self, runner: Runner) -> None:
