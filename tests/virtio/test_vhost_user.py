@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devicehost import DeviceContext, DeviceState, hookimpl
+from devicehost import Device, DeviceContext, DeviceState, hookimpl
 from devicehost.memory import DmaAllocator, GuestMemory, MemoryRegion
 from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
@@ -43,6 +43,12 @@ from devicehost.virtio.vhost_user import BackendSession
 
 from .echo_device import MAGIC, EchoConfig, EchoDevice
 from .vhost_frontend import MEMORY_SIZE, USER_BASE, Frontend
+
+
+def state_of(device: Device) -> DeviceState:
+    """The device's state as of now: a call, so that mypy does not carry an earlier narrowing
+    of ``device.state`` past the awaits that change it."""
+    return device.state
 
 
 async def _disconnected(backend: Any, connections: int) -> None:
@@ -79,11 +85,11 @@ async def test_qemu_sequence_moves_data_then_reconnects(tmp_path: Path) -> None:
                 assert device.state is DeviceState.OFFERED
                 await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES)
                 assert await _echo(frontend, b"over vhost-user") == b"resu-tsohv revo"
-                assert device.state is DeviceState.RUNNING
+                assert state_of(device) is DeviceState.RUNNING
                 big = os.urandom(20000)
                 assert await _echo(frontend, big) == big[::-1]
                 assert await frontend.stop() == (2, 2)
-                assert device.state is DeviceState.CLOSED
+                assert state_of(device) is DeviceState.CLOSED
                 session = backend.session
                 assert session is not None and Request.SET_MEM_TABLE in session.received
                 await frontend.stream.aclose()
@@ -96,7 +102,7 @@ async def test_qemu_sequence_moves_data_then_reconnects(tmp_path: Path) -> None:
                 assert await _echo(frontend, b"again") == b"niaga"
                 await frontend.aclose()
                 await _disconnected(backend, 2)
-            assert device.state is DeviceState.CLOSED
+            assert state_of(device) is DeviceState.CLOSED
             assert backend.errors == []
     finally:
         memory.close()
@@ -263,6 +269,7 @@ async def test_host_shutdown_with_a_running_vmm(tmp_path: Path) -> None:
             async with host_with({"echo": EchoDevice}, specs) as host:
                 device = host.devices["echo"]
                 obj = device.pm.get_plugin("echo")
+                assert isinstance(obj, EchoDevice)
                 frontend = await Frontend.connect(sock, memory)
                 features, _ = await frontend.realize()
                 await frontend.start(features)
@@ -327,7 +334,7 @@ async def test_lying_guest_fails_the_device_and_signals_the_err_fd(tmp_path: Pat
                 assert "head 500" in tree["queues"][0]["broken"]
                 # The VMM stops the rings: the failed device is closed, ready for a new start.
                 assert await frontend.stop() == (0, 0)
-                assert device.state is DeviceState.CLOSED
+                assert state_of(device) is DeviceState.CLOSED
                 await frontend.aclose()
                 await _disconnected(backend, 1)
             assert backend.errors == []
