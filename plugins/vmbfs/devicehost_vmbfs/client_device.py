@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, ClassVar, Final
 
 import anyio
@@ -76,6 +76,10 @@ def _check_chunk(_inst: object, _attr: attrs.Attribute[int], value: int) -> None
         raise ConfigError(f"vmbfs-client: 'chunk' must be 1..{MAX_READ_SIZE}, not {value}")
 
 
+def _to_paths(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 def _check_paths(_inst: object, _attr: attrs.Attribute[tuple[str, ...]],
                  value: tuple[str, ...]) -> None:
     if not value:
@@ -94,7 +98,7 @@ def _check_max_bytes(_inst: object, _attr: attrs.Attribute[int], value: int) -> 
 class VmbfsClientConfig:
     """Which files to read, in what chunk size, keeping at most ``max_bytes``."""
 
-    paths: tuple[str, ...] = attrs.field(default=("/imc.hiv",), converter=tuple,
+    paths: tuple[str, ...] = attrs.field(default=("/imc.hiv",), converter=_to_paths,
                                          validator=_check_paths)
     chunk: int = attrs.field(default=MAX_READ_SIZE, validator=_check_chunk)
     max_bytes: int = attrs.field(default=_DEFAULT_MAX_BYTES, validator=_check_max_bytes)

@@ -26,6 +26,7 @@ from devicehost_vmbfs.device import VmbfsConfig
 from devicehost_vmbfs.protocol import (
     MAX_MESSAGE_SIZE,
     MAX_READ_SIZE,
+    ReadFileRequest,
     decode_request_untrusted,
     encode_get_file_info_response,
     encode_read_file_request,
@@ -103,7 +104,8 @@ async def test_read_file_uses_max_read_size_chunks() -> None:
         for _ in range(3):
             request = decode_request_untrusted(await device_pipe.recv(MAX_MESSAGE_SIZE))
             seen.append(request)
-            offset, count = request.offset, request.byte_count  # type: ignore[union-attr]
+            assert isinstance(request, ReadFileRequest)
+            offset, count = request.offset, request.byte_count
             await device_pipe.send(encode_read_file_response(0, data[offset : offset + count]))
 
     async with anyio.create_task_group() as tg:

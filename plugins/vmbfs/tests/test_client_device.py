@@ -4,22 +4,23 @@ read across a stop taken while a request was in flight, conformance, discovery, 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devicehost import ConfigError
+from devicehost import ConfigError, DeviceContext
 from devicehost.host import Host
-from devicehost.lifecycle import DeviceState
+from devicehost.lifecycle import Device, DeviceState
 from devicehost.plugins import list_plugins, load_plugins
 from devicehost.testing import DeviceConformance
 from devicehost.testing.registry import DeviceSpec, host_with
@@ -33,6 +34,7 @@ from devicehost_vmbfs.client_device import (
     VmbfsClientDevice,
     VmbfsClientSavedState,
     VmbfsReader,
+    VmbfsReadRunner,
 )
 from devicehost_vmbfs.protocol import (
     IMC_INSTANCE_ID,
@@ -46,6 +48,9 @@ from devicehost_vmbfs.protocol import (
     encode_version_request,
     encode_version_response,
 )
+
+if TYPE_CHECKING:
+    from devicehost_intercept import InterceptWrapper
 
 STEP = 10.0
 
@@ -174,14 +179,25 @@ async def _served(hive: Path, client: VmbfsClientConfig) -> AsyncIterator[Host]:
         yield host
 
 
-async def _until(predicate: Any) -> None:
+async def _until(predicate: Callable[[], object]) -> None:
     with anyio.fail_after(STEP):
         while not predicate():
             await anyio.sleep(0.002)
 
 
-def _wrapper(host: Host) -> Any:
-    return host.transport_of("reader").wrapper_of(host.devices["reader"])
+def _wrapper(host: Host) -> InterceptWrapper:
+    from devicehost_intercept import InterceptTransport
+
+    transport = host.transport_of("reader")
+    assert isinstance(transport, InterceptTransport)
+    return transport.wrapper_of(host.devices["reader"])
+
+
+def _reader_runner(device: Device) -> VmbfsReadRunner | None:
+    """The runner of a vmbfs-client device (None while it is not open)."""
+    runner = device.runner
+    assert runner is None or isinstance(runner, VmbfsReadRunner)
+    return runner
 
 
 @pytest.mark.anyio
@@ -197,6 +213,7 @@ async def test_reads_the_imc_file_through_an_intercepted_channel(tmp_path: Path)
         assert read.data == content
         # 10 pages: 4 data pages per ring, so the vmbfs server's largest reply fits.
         channel = wrapper.channel
+        assert channel is not None
         assert len(channel.block.pfns) == 10 and channel.ring_offset == 5
         assert channel.gpadl_id == channel.block.pfns[1]
         assert host.devices["reader"].state is DeviceState.RUNNING  # idles, channel open
@@ -222,13 +239,13 @@ async def test_stop_with_a_read_in_flight_then_start_resumes_via_restore_open(
         assert 0 < in_flight_at < len(content)
         with anyio.fail_after(STEP):
             await wrapper.stop()
-        assert wrapper.channel is None and reader.runner is None
+        assert wrapper.channel is None and _reader_runner(reader) is None
         assert wrapper.stash == VmbfsClientSavedState((), 0, content[:in_flight_at])
         assert server.state is DeviceState.CLOSED  # the server's side was closed too
 
         with anyio.fail_after(STEP):
             await wrapper.start()
-        resumed = reader.runner
+        resumed = _reader_runner(reader)
         assert resumed is not None and resumed is not first
         await _until(lambda: resumed.finished.is_set())
         (read,) = resumed.files
@@ -256,8 +273,11 @@ class TestVmbfsClientConformance(DeviceConformance):
 def test_the_transport_is_the_intercept_one() -> None:
     from devicehost_intercept import InterceptTransport
 
-    assert VmbusTransport is not InterceptTransport
-    claim = VmbfsClientDevice().offer(None, None)  # type: ignore[arg-type]
+    vmbus_transport: type[object] = VmbusTransport
+    assert vmbus_transport is not InterceptTransport
+    config = VmbfsClientConfig()
+    ctx = DeviceContext("reader", "vmbfs-client", config, logging.getLogger("test.vmbfs-client"))
+    claim = VmbfsClientDevice().offer(ctx, None)
     from devicehost.transport import transport_class_for
 
     assert transport_class_for(claim) is InterceptTransport

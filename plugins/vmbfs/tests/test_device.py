@@ -41,7 +41,8 @@ def test_the_host_discovers_the_plugin() -> None:
     assert info.status == "loaded"
     registry = load_plugins(["vmbfs"], environ={"DEVICEHOST_LOAD_PLUGINS": "vmbfs"})
     assert registry.device_classes["vmbfs"] is VmbfsDevice
-    assert registry.info("vmbfs") is not None and registry.info("vmbfs").kind == "device"
+    loaded = registry.info("vmbfs")
+    assert loaded is not None and loaded.kind == "device"
 
 
 @pytest.fixture
