@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def _readme_demo_command() -> str:
-    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.DOTALL)
+    blocks: list[str] = re.findall(r"```sh\n(.*?)```", README.read_text(), re.DOTALL)
     for block in blocks:
         for line in block.splitlines():
             if line.strip().endswith("devicehost demo"):

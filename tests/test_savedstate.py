@@ -171,7 +171,8 @@ def test_missing_field_and_validator_failures() -> None:
 
 
 def test_encoding_checks_the_value_against_its_schema() -> None:
-    bad = attrs.evolve(sample(), counter="many")
+    # Deliberately the wrong type (hence the ignore): encoding must reject it.
+    bad = attrs.evolve(sample(), counter="many")  # type: ignore[arg-type]
     with pytest.raises(SavedStateError, match=r"tests\.SavedState\.counter: expected int, got str"):
         entry_for("files", "vmbfs", bad)
     with pytest.raises(SavedStateError, match="out of the 64-bit range"):
