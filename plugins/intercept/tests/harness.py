@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import attrs
+import pytest
 
 from devicehost import DeviceContext, hookimpl
 from devicehost.host import Host
@@ -16,6 +17,7 @@ from devicehost.savedstate import saved_state
 from devicehost.testing.registry import DeviceSpec, host_with
 from devicehost.vmbus import (
     ChannelRequest,
+    ClientChannel,
     DeviceChannel,
     Guid,
     InterceptClaim,
@@ -26,12 +28,15 @@ from devicehost.vmbus import (
     VmbusServer,
     VmbusTransport,
 )
+from devicehost.vmbus.channel import Signal
 from devicehost_intercept import InterceptRelay, InterceptTransport, InterceptWrapper
 
 ECHO_INTERFACE = Guid.parse("4a8c4b9e-36f1-4e55-9d2b-1f0e5e0c7a11")
 ECHO_INSTANCE = Guid.parse("9b0f5c2d-0f5e-4c38-8d63-3f4f4d8e2b22")
 OTHER_INSTANCE = Guid.parse("2f6b1a77-5d1c-4a0e-b6a8-0c1d2e3f4a33")
 STEP = 10.0
+
+_R = TypeVar("_R")
 
 
 @attrs.frozen
@@ -168,14 +173,15 @@ class EchoClient:
 
 
 class Recorder:
-    """Records every guest request the VMBus server receives (channel id, request)."""
+    """Records every guest request the VMBus server receives (channel id, request); ``patch``
+    replaces the server's ``request`` method until it is undone."""
 
-    def __init__(self, server: VmbusServer) -> None:
+    def __init__(self, server: VmbusServer, patch: pytest.MonkeyPatch) -> None:
         self.requests: list[tuple[int, ChannelRequest]] = []
         self.refuse: Callable[[ChannelRequest], bool] = lambda _r: False
         original = server.request
 
-        async def request(channel_id: int, req: ChannelRequest) -> Any:
+        async def request(channel_id: int, req: ChannelRequest) -> Signal | None:
             from devicehost.vmbus.server import ChannelRequestError
 
             self.requests.append((channel_id, req))
@@ -183,9 +189,9 @@ class Recorder:
                 raise ChannelRequestError(f"refused by the test: {type(req).__name__}")
             return await original(channel_id, req)
 
-        server.request = request  # type: ignore[method-assign]
+        patch.setattr(server, "request", request)
 
-    def of(self, kind: type) -> list[Any]:
+    def of(self, kind: type[_R]) -> list[_R]:
         return [r for _c, r in self.requests if isinstance(r, kind)]
 
     def clear(self) -> None:
@@ -205,18 +211,30 @@ async def intercept_host(
     all_classes = dict(CLASSES)
     all_classes.update(classes or {})
     # Build the VMBus transport first so the recorder sees the very first GPADL.
-    async with host_with(all_classes, []) as host:
-        recorder = Recorder(host.transport(VmbusTransport).server)
-        for spec in devices:
-            await host.add_device(spec.name, spec.plugin, spec.config)
-        yield host, recorder
+    with pytest.MonkeyPatch.context() as patch:
+        async with host_with(all_classes, []) as host:
+            recorder = Recorder(host.transport(VmbusTransport).server, patch)
+            for spec in devices:
+                await host.add_device(spec.name, spec.plugin, spec.config)
+            yield host, recorder
 
 
 def wrapper_of(host: Host, name: str) -> InterceptWrapper:
     return host.transport(InterceptTransport).wrapper_of(host.devices[name])
 
 
-async def until(predicate: Callable[[], bool]) -> None:
+def channel_of(wrapper: InterceptWrapper) -> ClientChannel | None:
+    """The wrapper's channel as it is now: read through a call, so that a check made before a
+    stop or start does not narrow the checks made after it."""
+    return wrapper.channel
+
+
+def stash_of(wrapper: InterceptWrapper) -> object:
+    """The wrapper's stash as it is now (read through a call, as :func:`channel_of`)."""
+    return wrapper.stash
+
+
+async def until(predicate: Callable[[], object]) -> None:
     with anyio.fail_after(STEP):
         while not predicate():
             await anyio.sleep(0.002)

@@ -108,7 +108,7 @@ async def test_relay_restore_refuses_a_channel_saved_open() -> None:
 def test_saved_open_is_a_saved_state_error() -> None:
     from devicehost_intercept.device import RelayRunner
 
-    runner = RelayRunner(relay=None)  # type: ignore[arg-type]
+    runner = RelayRunner(relay=None)  # type: ignore[arg-type]  # no relay: the check comes first
     bad = RelaySavedState((InterceptedChannel(str(ECHO_INSTANCE), b"", is_open=True),))
     with pytest.raises(SavedStateError, match="saved open"):
         anyio.run(runner.restore, bad)

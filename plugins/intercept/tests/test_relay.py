@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from devicehost.testing.registry import DeviceSpec
-from devicehost.vmbus import VmbusTransport
+from devicehost.vmbus import IncomingOffer, VmbusTransport
 from devicehost_intercept import InterceptTransport
 
 from .harness import (
     ECHO_INSTANCE,
     OTHER_INSTANCE,
+    EchoClient,
     EchoClientConfig,
     EchoServerConfig,
+    channel_of,
     intercept_host,
     until,
     wrapper_of,
@@ -22,11 +25,11 @@ from .harness import (
 pytestmark = pytest.mark.anyio
 
 
-async def _drain(stream: anyio.abc.ObjectReceiveStream) -> list:  # type: ignore[type-arg]
+async def _drain(stream: MemoryObjectReceiveStream[IncomingOffer]) -> list[IncomingOffer]:
     got = []
     while True:
         try:
-            got.append(stream.receive_nowait())  # type: ignore[attr-defined]
+            got.append(stream.receive_nowait())
         except anyio.WouldBlock:
             return got
 
@@ -50,6 +53,7 @@ async def test_claimed_offers_reach_only_their_wrapper_and_are_hidden_from_other
         assert [o.offer.instance_id for o in forwarded] == [OTHER_INSTANCE]
         # The client device was offered only its own instance.
         device = host.devices["client"].pm.get_plugin("client")
+        assert isinstance(device, EchoClient)
         assert [o.offer.instance_id for o in device.offers_seen] == [
             wrapper_of(host, "client").instance_id]
         # Once the claim goes, the instance's offers are announced to everyone again.
@@ -93,5 +97,5 @@ async def test_relay_stop_and_start_reach_every_wrapper() -> None:
         assert set(await relay.save()) == {w1.instance_id, w2.instance_id}
         with anyio.fail_after(10):
             await relay.start()
-        assert w1.channel is not None and w2.channel is not None
+        assert channel_of(w1) is not None and channel_of(w2) is not None
         assert await relay.restore(OTHER_INSTANCE, await w2.save())

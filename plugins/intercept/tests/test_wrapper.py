@@ -4,11 +4,13 @@ revoke, leaked pages, extra offers, save/restore blobs (facts §10.3, §10.4).""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import attrs
 import pytest
 
+from devicehost.host import Host
 from devicehost.lifecycle import DeviceState
 from devicehost.savedstate import NoSavedState, entry_for
 from devicehost.testing.registry import DeviceSpec
@@ -16,6 +18,8 @@ from devicehost.vmbus import (
     GpadlRequest,
     IncomingOffer,
     OpenData,
+    RawChannel,
+    RingMemory,
     VmbusTransport,
 )
 from devicehost.vmbus.protocol import (
@@ -24,27 +28,38 @@ from devicehost.vmbus.protocol import (
     OpenChannelRequest,
     TeardownGpadlRequest,
 )
+from devicehost_intercept import InterceptWrapper
 from devicehost_intercept.state import blob_for
 
 from .harness import (
+    EchoClient,
     EchoClientConfig,
+    EchoClientRunner,
+    EchoServer,
     EchoServerConfig,
     EchoState,
     OtherState,
     Recorder,
+    channel_of,
     intercept_host,
+    stash_of,
     until,
     wrapper_of,
 )
 
 pytestmark = pytest.mark.anyio
 
+_P = TypeVar("_P")
+
 ECHO = DeviceSpec("echo", "echo", EchoServerConfig())
 CLIENT = DeviceSpec("client", "echo-client", EchoClientConfig())
 
 
-def _server_device(host: Any, name: str) -> Any:
-    return host.devices[name].pm.get_plugin(name)
+def _plugin(host: Host, name: str, kind: type[_P]) -> _P:
+    """The device object (``kind``) of device ``name``."""
+    plugin = host.devices[name].pm.get_plugin(name)
+    assert isinstance(plugin, kind)
+    return plugin
 
 
 def _expect_setup(recorder: Recorder, channel_id: int, pfns: tuple[int, ...]) -> None:
@@ -59,29 +74,46 @@ def _expect_setup(recorder: Recorder, channel_id: int, pfns: tuple[int, ...]) ->
         connection_id=0xFFFFFFFF, user_data=bytes(120))
 
 
-def _expect_ring_split(host: Any, wrapper: Any, server_channel: Any) -> None:
+def _data(mem: RingMemory) -> memoryview:
+    """The data area of a ring of one data page (one view: it is contiguous)."""
+    assert mem.data is not None
+    return mem.data
+
+
+def _expect_ring_split(host: Host, wrapper: InterceptWrapper, server_channel: RawChannel) -> None:
     """Outgoing ring = pages 0-1, incoming = pages 2-3, as both ends map them."""
     memory = host.guest_memory
-    pfns = wrapper.channel.block.pfns
+    channel = wrapper.channel
+    assert channel is not None
+    pfns = channel.block.pfns
     assert pfns == tuple(range(pfns[0], pfns[0] + 4))
     for i, pfn in enumerate(pfns):
         memory.write(pfn * 4096 + 2048, bytes([0xA0 + i]) * 4)
-    client = wrapper.channel.channel
+    client = channel.channel
     # The control page of each ring is its first page; the data page follows.
     assert bytes(client.outgoing.mem.control[2048:2052]) == b"\xa0" * 4
-    assert bytes(client.outgoing.mem.data[2048:2052]) == b"\xa1" * 4
+    assert bytes(_data(client.outgoing.mem)[2048:2052]) == b"\xa1" * 4
     assert bytes(client.incoming.mem.control[2048:2052]) == b"\xa2" * 4
-    assert bytes(client.incoming.mem.data[2048:2052]) == b"\xa3" * 4
+    assert bytes(_data(client.incoming.mem)[2048:2052]) == b"\xa3" * 4
     assert bytes(server_channel.incoming.mem.control[2048:2052]) == b"\xa0" * 4
-    assert bytes(server_channel.incoming.mem.data[2048:2052]) == b"\xa1" * 4
+    assert bytes(_data(server_channel.incoming.mem)[2048:2052]) == b"\xa1" * 4
     assert bytes(server_channel.outgoing.mem.control[2048:2052]) == b"\xa2" * 4
-    assert bytes(server_channel.outgoing.mem.data[2048:2052]) == b"\xa3" * 4
+    assert bytes(_data(server_channel.outgoing.mem)[2048:2052]) == b"\xa3" * 4
 
 
-async def _echoing(host: Any, name: str = "client") -> Any:
+def _client_runner(host: Host, name: str = "client") -> EchoClientRunner | None:
+    """The runner of echo client ``name`` (None while it is not open)."""
+    runner = host.devices[name].runner
+    assert runner is None or isinstance(runner, EchoClientRunner)
+    return runner
+
+
+async def _echoing(host: Host, name: str = "client") -> EchoClientRunner:
     await until(lambda: host.devices[name].runner is not None
                 and host.devices[name].runner.rounds >= 2)
-    return host.devices[name].runner
+    runner = _client_runner(host, name)
+    assert runner is not None
+    return runner
 
 
 async def test_first_offer_gpadl_open_and_ring_split() -> None:
@@ -92,7 +124,7 @@ async def test_first_offer_gpadl_open_and_ring_split() -> None:
         assert channel is not None
         handle = host.transport(VmbusTransport).handle_of(host.devices["echo"])
         _expect_setup(recorder, handle.channel_id, channel.block.pfns)
-        server = _server_device(host, "echo")
+        server = _plugin(host, "echo", EchoServer)
         (resources,) = server.opens
         assert resources.request.open_data.ring_offset == 2
         _expect_ring_split(host, wrapper, resources.channel)
@@ -115,7 +147,7 @@ async def test_stop_then_start_closes_tears_down_stashes_and_reopens() -> None:
         assert recorder.of(TeardownGpadlRequest)[0].id == first.block.pfns[1]
         assert wrapper.channel is None and wrapper.offer is not None
         assert wrapper.stash == EchoState(runner.rounds)
-        client = _server_device(host, "client")
+        client = _plugin(host, "client", EchoClient)
         assert client.closes == [0] and host.devices["client"].runner is None
         allocator = host.transport(VmbusTransport).allocator
         assert not any(allocator.in_use(pfn) for pfn in first.block.pfns)
@@ -124,13 +156,14 @@ async def test_stop_then_start_closes_tears_down_stashes_and_reopens() -> None:
         recorder.clear()
         with anyio.fail_after(10):
             await wrapper.start()
-        second = wrapper.channel
+        second = channel_of(wrapper)
         assert second is not None
         _expect_setup(recorder, handle.channel_id, second.block.pfns)
-        server = _server_device(host, "echo")
+        server = _plugin(host, "echo", EchoServer)
         assert len(server.opens) == 2
         _expect_ring_split(host, wrapper, server.opens[-1].channel)
-        restored = host.devices["client"].runner
+        restored = _client_runner(host)
+        assert restored is not None
         assert restored is not runner and restored.restored_from == runner.rounds
         assert wrapper.stash is None  # consumed by restore_open
         await until(lambda: restored.rounds >= runner.rounds + 2)
@@ -153,7 +186,7 @@ async def test_revoke_closes_and_forgets_the_offer() -> None:
         assert recorder.requests == [(handle.channel_id, TeardownGpadlRequest(channel.gpadl_id))]
         assert wrapper.channel is None and wrapper.stash is None
         assert host.devices["client"].runner is None
-        assert _server_device(host, "client").closes == [0]
+        assert _plugin(host, "client", EchoClient).closes == [0]
         assert not any(transport.allocator.in_use(pfn) for pfn in channel.block.pfns)
         assert not handle.is_open
         # Start has no offer to open any more.
@@ -168,7 +201,9 @@ async def test_revoke_closes_and_forgets_the_offer() -> None:
         await until(lambda: wrapper.channel is not None)
         again = transport.handle_of(host.devices["echo2"])
         assert again.channel_id != handle.channel_id
-        _expect_setup(recorder, again.channel_id, wrapper.channel.block.pfns)
+        reopened = channel_of(wrapper)
+        assert reopened is not None
+        _expect_setup(recorder, again.channel_id, reopened.block.pfns)
 
 
 async def test_failed_gpadl_teardown_leaks_pages_and_later_opens_get_new_ones(
@@ -210,7 +245,7 @@ async def test_extra_offer_while_open_is_ignored_and_undedicated_offer_warns(
         await _echoing(host)
         current = wrapper.channel
         assert current is not None and wrapper.offer is not None
-        client = _server_device(host, "client")
+        client = _plugin(host, "client", EchoClient)
         seen = len(client.offers_seen)
         extra = IncomingOffer(wrapper.offer.offer, "echo", anyio.Event())
         recorder.clear()
@@ -225,21 +260,19 @@ async def test_extra_offer_while_open_is_ignored_and_undedicated_offer_warns(
         with caplog.at_level(logging.WARNING):
             await wrapper.handle_offer(undedicated)
         assert any("not dedicated" in r.getMessage() for r in caplog.records)
-        assert wrapper.offer is undedicated and wrapper.channel is None  # stopped: remembered
+        assert wrapper.offer is undedicated and channel_of(wrapper) is None  # stopped: remembered
         await wrapper.start()
         assert wrapper.channel is not None
 
 
-def _fields(value: Any) -> dict[str, Any]:
-    import attrs
-
+def _fields(value: attrs.AttrsInstance) -> dict[str, Any]:
     return attrs.asdict(value, recurse=False)
 
 
 async def test_device_answering_ignore_gets_no_channel() -> None:
     ignoring = DeviceSpec("client", "echo-client", EchoClientConfig(answer="ignore"))
     async with intercept_host([ECHO, ignoring]) as (host, recorder):
-        client = _server_device(host, "client")
+        client = _plugin(host, "client", EchoClient)
         await until(lambda: len(client.offers_seen) == 1)
         await anyio.sleep(0.01)
         assert wrapper_of(host, "client").channel is None and recorder.requests == []
@@ -262,7 +295,7 @@ async def test_save_returns_the_stash_and_restore_checks_its_type(
 
         with caplog.at_level(logging.ERROR):
             await wrapper.restore(blob_for("client", "echo-client", OtherState(3)))
-        assert wrapper.stash is None
+        assert stash_of(wrapper) is None
         assert any("rejected" in r.getMessage() and r.levelno == logging.ERROR
                    for r in caplog.records)
 
@@ -305,7 +338,7 @@ async def test_a_refused_gpadl_or_open_is_logged_and_frees_the_pages(
         assert wrapper.channel is None and host.devices["client"].runner is None
         allocator = host.transport(VmbusTransport).allocator
         assert allocator.free_pages == host.guest_memory.size // 4096
-        assert _server_device(host, "client").closes == []  # never opened
+        assert _plugin(host, "client", EchoClient).closes == []  # never opened
         recorder.refuse = lambda r: False
         await wrapper.stop()
         await wrapper.start()
@@ -320,5 +353,7 @@ async def test_inspect_shows_the_wrapper_and_its_channel() -> None:
         tree = await host.devices["relay"].inspect()
         (shown,) = tree["device"]["wrappers"]
         assert shown["device"] == "client" and shown["started"] is True
-        assert shown["channel"]["gpadl_id"] == wrapper.channel.gpadl_id
-        assert shown["channel"]["pages"] == [f"{p:#x}" for p in wrapper.channel.block.pfns]
+        channel = wrapper.channel
+        assert channel is not None
+        assert shown["channel"]["gpadl_id"] == channel.gpadl_id
+        assert shown["channel"]["pages"] == [f"{p:#x}" for p in channel.block.pfns]
