@@ -3,9 +3,9 @@ and its decisions; this module is re-exported there)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from devicehost.vmbus.packet import (
     DESCRIPTOR,
@@ -213,12 +213,16 @@ class OutgoingRing:
         self._put(11, 2, b"", payload, 0, transaction_id)
         return self._commit(start)
 
-    def write_inband_batch(self, payloads: Sequence[Buffer]) -> tuple[int, bool]:
+    def write_inband_batch(self, payloads: Iterable[Buffer]) -> tuple[int, bool]:
         """Write in-band packets (no completion requested, transaction id 0) while they fit,
-        then commit them together. Returns (packets written, whether to signal the reader);
-        raises :class:`RingFull` if not even the first one fits."""
-        if type(payloads) is not list and type(payloads) is not tuple:
-            payloads = list(payloads)
+        then commit them together; ``payloads`` is any iterable. Returns (packets written,
+        whether to signal the reader); raises :class:`RingFull` if not even the first one
+        fits."""
+        batch: Sequence[Buffer] = (
+            cast("Sequence[Buffer]", payloads)
+            if type(payloads) is list or type(payloads) is tuple
+            else list(payloads)
+        )
         start = self._in
         size = self._size
         words = self._words
@@ -231,8 +235,8 @@ class OutgoingRing:
         free = (out - pos - 8) if out > pos else size - (pos - out) - 8
         written = 0
         if self._fast is not None:
-            pos, written = self._fast.write_inband_from(pos, payloads)
-            if written == len(payloads):
+            pos, written = self._fast.write_inband_from(pos, batch)
+            if written == len(batch):
                 self._in = pos
                 return written, self._commit(start)
             # The C loop may have seen a later ``out`` than ours: take a fresh snapshot.
@@ -241,9 +245,9 @@ class OutgoingRing:
                 self._in = start
                 raise RingError(RingErrorKind.INVALID_RING_POINTER, f"out index {out:#x}")
             free = (out - pos - 8) if out > pos else size - (pos - out) - 8
-            payloads = payloads[written:]
+            batch = batch[written:]
         structs = INBAND_STRUCTS
-        for payload in payloads:
+        for payload in batch:
             if data is not None and type(payload) is bytes:
                 n = len(payload)
                 msg_len = (n + 23) & ~7
