@@ -223,8 +223,8 @@ async def test_cancel_ends_an_endless_run_without_intercept() -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_concurrent_runs_on_every_cpu_of_both_nodes(anyio_backend: str) -> None:
     sim = SimulatedSidecar(2, 2)
-    for cpu, vp in sim.vps.items():
-        vp.script = VpScript(intercept_after=10 * (cpu + 1), port=0x60 + cpu)
+    for cpu, sim_vp in sim.vps.items():
+        sim_vp.script = VpScript(intercept_after=10 * (cpu + 1), port=0x60 + cpu)
     sim.vps[2].script = VpScript(intercept_after=None)  # one run is cancelled instead
     results: dict[int, tuple[bool, int | None]] = {}
     async with running(sim) as (_sim, client):

@@ -28,7 +28,8 @@ def test_page_sizes_and_offsets_match_the_facts() -> None:
 
 def test_command_numbers_and_cpu_statuses() -> None:
     assert [int(c) for c in p.SidecarCommand] == [0, 1, 2, 3, 4]
-    assert p.SidecarCommand.TRANSLATE_GVA == 4
+    translate_gva: int = p.SidecarCommand.TRANSLATE_GVA  # an int enum: compares with ints
+    assert translate_gva == 4
     assert [(s.name, int(s)) for s in p.CpuStatus] == [
         ("REMOVED", 0),
         ("IDLE", 1),
