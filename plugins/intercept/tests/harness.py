@@ -3,7 +3,7 @@ recorder of the requests the VMBus server receives, and a host serving them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -18,8 +18,10 @@ from devicehost.testing.registry import DeviceSpec, host_with
 from devicehost.vmbus import (
     ChannelRequest,
     ClientChannel,
+    ClientOpenResources,
     DeviceChannel,
     Guid,
+    IncomingOffer,
     InterceptClaim,
     MessagePipe,
     OfferAction,
@@ -78,7 +80,7 @@ class EchoServer:
         return EchoServerRunner(resources)
 
     @hookimpl
-    def run(self, ctx: DeviceContext, runner: EchoServerRunner) -> Any:
+    def run(self, ctx: DeviceContext, runner: EchoServerRunner) -> Awaitable[None]:
         return runner.run()
 
 
@@ -131,7 +133,7 @@ class EchoClient:
 
     def __init__(self, config: EchoClientConfig | None = None) -> None:
         self.config = config or EchoClientConfig()
-        self.offers_seen: list[Any] = []
+        self.offers_seen: list[IncomingOffer] = []
         self.closes: list[int] = []
 
     def _maybe_fail(self, hook: str) -> None:
@@ -139,7 +141,8 @@ class EchoClient:
             raise RuntimeError(f"echo client fails in {hook} on purpose")
 
     @hookimpl
-    def offer(self, ctx: DeviceContext, incoming: Any) -> Any:
+    def offer(self, ctx: DeviceContext, incoming: IncomingOffer | None
+              ) -> InterceptClaim | OfferAction:
         if incoming is None:
             return InterceptClaim(Guid.parse(self.config.instance_id))
         self.offers_seen.append(incoming)
@@ -147,12 +150,12 @@ class EchoClient:
         return OfferAction.OPEN if self.config.answer == "open" else OfferAction.IGNORE
 
     @hookimpl
-    def open(self, ctx: DeviceContext, resources: Any) -> EchoClientRunner:
+    def open(self, ctx: DeviceContext, resources: ClientOpenResources) -> EchoClientRunner:
         self._maybe_fail("open")
         return EchoClientRunner(MessagePipe(resources.channel), 0)
 
     @hookimpl
-    def run(self, ctx: DeviceContext, runner: EchoClientRunner) -> Any:
+    def run(self, ctx: DeviceContext, runner: EchoClientRunner) -> Awaitable[None]:
         return runner.run(self.config.fail_in == "run")
 
     @hookimpl
@@ -165,8 +168,8 @@ class EchoClient:
         return EchoState(runner.rounds)
 
     @hookimpl
-    def restore_open(self, ctx: DeviceContext, state: EchoState, resources: Any
-                     ) -> EchoClientRunner:
+    def restore_open(self, ctx: DeviceContext, state: EchoState,
+                     resources: ClientOpenResources) -> EchoClientRunner:
         runner = EchoClientRunner(MessagePipe(resources.channel), state.rounds)
         runner.restored_from = state.rounds
         return runner

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import UNIXSocketStream
 
 from devicehost import DeviceState
 from devicehost.memory import DmaAllocator, GuestMemory
@@ -46,7 +46,7 @@ USER_BASE = 0x7F00_0000_0000
 class MiniFrontend:
     """Just enough of a VMM: realize, start two vrings, stop."""
 
-    def __init__(self, stream: Any, memory: GuestMemory) -> None:
+    def __init__(self, stream: UNIXSocketStream, memory: GuestMemory) -> None:
         self.stream = stream
         self.memory = memory
         self.allocator = DmaAllocator(memory)
