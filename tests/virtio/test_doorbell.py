@@ -131,7 +131,7 @@ async def test_waits_that_time_out_leave_nothing_behind() -> None:
     for _ in range(50):
         with anyio.move_on_after(0):
             await bell.wait()
-    assert not bell._futures  # no parked future per abandoned wait
+    assert bell._waiters.parked == 0  # no parked future per abandoned wait
     bell.ring()
     with anyio.fail_after(5):
         await bell.wait()

@@ -190,7 +190,7 @@ async def test_cancelled_waits_leave_no_waiter_behind_and_a_later_ring_still_wak
         with anyio.move_on_after(0):
             await host.wait_for_signal()  # cancelled while waiting
     doorbell = host.signal._local  # type: ignore[attr-defined]
-    assert doorbell._futures == []  # (other backends share at most one event)
+    assert doorbell._waiters.parked == 0  # (other backends share at most one event)
     async with anyio.create_task_group() as tg:
         woken = anyio.Event()
 

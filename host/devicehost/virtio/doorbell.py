@@ -8,12 +8,13 @@ Linux eventfd, as vhost-user's kick and call file descriptors are.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from typing import Protocol
 
 import anyio
+
+from devicehost.waiters import Waiters
 
 __all__ = ["Doorbell", "EventDoorbell", "EventfdDoorbell"]
 
@@ -33,54 +34,26 @@ class EventDoorbell:
 
     Any number of tasks may wait; each ring wakes them all and lets exactly one return (the
     first to run consumes the ring; the others wait again). A waiter cancelled after a ring
-    never consumed it, so the ring stays pending for the next wait.
-
-    Under asyncio each waiter parks on a future of its own (no event object per wait: this is
-    on every virtqueue notification); under other anyio backends the waiters share one anyio
-    event.
+    never consumed it, so the ring stays pending for the next wait. The wake-up is
+    :class:`devicehost.waiters.Waiters` (no event object per wait on asyncio: this is on every
+    virtqueue notification).
     """
 
-    __slots__ = ("_event", "_futures", "_pending", "rings")
+    __slots__ = ("_pending", "_waiters", "rings")
 
     def __init__(self) -> None:
         self._pending = False
-        #: The asyncio waiters parked now, one future each (cancelled ones remove their own).
-        self._futures: list[asyncio.Future[None]] = []
-        #: The event the waiters of another backend share, if any waits.
-        self._event: anyio.Event | None = None
+        self._waiters = Waiters()
         self.rings = 0
 
     def ring(self) -> None:
         self.rings += 1
         self._pending = True
-        futures = self._futures
-        if futures:
-            self._futures = []
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
-        event = self._event
-        if event is not None:
-            self._event = None
-            event.set()
+        self._waiters.wake()
 
     async def wait(self) -> None:
         while not self._pending:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not asyncio (e.g. trio): a shared anyio event
-                if self._event is None:
-                    self._event = anyio.Event()
-                await self._event.wait()
-                continue
-            future: asyncio.Future[None] = loop.create_future()
-            self._futures.append(future)
-            try:
-                await future
-            except BaseException:
-                with contextlib.suppress(ValueError):  # already taken by a ring
-                    self._futures.remove(future)
-                raise
+            await self._waiters.park()
         self._pending = False
 
 

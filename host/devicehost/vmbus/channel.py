@@ -15,7 +15,6 @@ Two kinds of signal:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Final, Protocol
 import anyio
 
 from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory
+from devicehost.waiters import Waiters
 
 __all__ = [
     "EVENTFD_BACKSTOP",
@@ -62,41 +62,23 @@ class Signal(Protocol):
 
 
 class _Doorbell:
-    """A notification flag plus a wake-up for every current waiter.
+    """A notification flag plus a wake-up for every current waiter (:class:`Waiters`: a wake-up
+    is most of a small message's round trip)."""
 
-    Speed: a wake-up is most of a small message's round trip, so on asyncio each waiter sleeps
-    on its own bare future of the running loop (what ``anyio.Event`` ends up awaiting, without
-    its two wrapping layers: half the cost). Cancellation works as for any awaited future (the
-    task is cancelled, its future with it). On other backends waiters share an
-    ``anyio.Event``, whose class is remembered from the first one (``anyio.Event()`` looks the
-    backend up each time).
-    """
+    __slots__ = ("_waiters", "closed", "pending")
 
     def __init__(self) -> None:
         self.pending = False
         self.closed = False
-        self._futures: list[asyncio.Future[None]] = []
-        self._event: anyio.Event | None = None
-        self._event_type: type[anyio.Event] | None = None
+        self._waiters = Waiters()
 
     def ring(self) -> None:
         self.pending = True
-        self._wake()
+        self._waiters.wake()
 
     def close(self) -> None:
         self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        futures = self._futures
-        if futures:
-            self._futures = []
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
+        self._waiters.wake()
 
     async def wait(self) -> None:
         if self.closed:
@@ -105,35 +87,10 @@ class _Doorbell:
             self.pending = False
             await anyio.lowlevel.checkpoint()
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on asyncio
-            await self._wait_event()
-        else:
-            future = loop.create_future()
-            self._futures.append(future)
-            try:
-                await future
-            finally:
-                # Woken: the list was already replaced. Cancelled: drop this future from it.
-                if future.cancelled() or not future.done():
-                    with contextlib.suppress(ValueError):
-                        self._futures.remove(future)
+        await self._waiters.park()
         self.pending = False
         if self.closed:
             raise ChannelClosed("the channel is closed")
-
-    async def _wait_event(self) -> None:
-        event = self._event
-        if event is None:
-            make = self._event_type
-            if make is None:
-                event = anyio.Event()
-                self._event_type = type(event)
-            else:
-                event = make()
-            self._event = event
-        await event.wait()
 
 
 class InProcessSignal:
