@@ -135,27 +135,6 @@ async def test_restore_without_device_state_reoffers() -> None:
         assert state_of(host.devices["echo"]) is DeviceState.RUNNING
 
 
-@pytest.mark.anyio
-async def test_event_doorbell_with_two_waiters() -> None:
-    bell = EventDoorbell()
-    woken: list[int] = []
-
-    async def waiter(n: int) -> None:
-        await bell.wait()
-        woken.append(n)
-
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(waiter, 1)
-            tg.start_soon(waiter, 2)
-            await anyio.wait_all_tasks_blocked()
-            bell.ring()
-            await anyio.wait_all_tasks_blocked()
-            assert len(woken) == 1  # one ring, one return
-            bell.ring()
-    assert sorted(woken) == [1, 2] and bell.rings == 2
-
-
 def test_deferred_pushes_ring_the_call_doorbell_once() -> None:
     from devicehost.memory import GuestMemory
     from devicehost.virtio import VirtQueue
