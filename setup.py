@@ -24,7 +24,12 @@ setup(
         ),
         Extension(
             "devicehost.virtio._driverc",
-            ["host/devicehost/virtio/_driverc.c"],
+            [
+                "host/devicehost/virtio/_driverc.c",
+                "host/devicehost/virtio/_driverc_post.c",
+                "host/devicehost/virtio/_driverc_collect.c",
+            ],
+            depends=["host/devicehost/virtio/_driverc.h"],
             extra_compile_args=["-O2", "-std=c11"],
             optional=True,
         ),
