@@ -20,6 +20,7 @@ from devicehost import Device, DeviceContext, DeviceState, hookimpl
 from devicehost.memory import DmaAllocator, GuestMemory, MemoryRegion
 from devicehost.testing import host_with
 from devicehost.testing.registry import DeviceSpec
+from devicehost.testing.vhost_user import USER_BASE, VhostUserFrontend
 from devicehost.virtio import VERSION_1, DeviceTraits, VirtioTransport
 from devicehost.virtio.vhost_message import (
     F_NEED_REPLY,
@@ -42,7 +43,8 @@ from devicehost.virtio.vhost_message import (
 from devicehost.virtio.vhost_user import BackendSession
 
 from .echo_device import MAGIC, EchoConfig, EchoDevice
-from .vhost_frontend import MEMORY_SIZE, USER_BASE, Frontend
+
+MEMORY_SIZE = 8 * 1024 * 1024
 
 
 def state_of(device: Device) -> DeviceState:
@@ -57,7 +59,7 @@ async def _disconnected(backend: Any, connections: int) -> None:
     assert backend.connections == connections
 
 
-async def _echo(frontend: Frontend, payload: bytes) -> bytes:
+async def _echo(frontend: VhostUserFrontend, payload: bytes) -> bytes:
     requests, replies = frontend.queues
     replies.add(writable=[len(payload)])
     replies.kick()
@@ -78,8 +80,9 @@ async def test_qemu_sequence_moves_data_then_reconnects(tmp_path: Path) -> None:
             device = host.devices["echo"]
             backend = host.transport(VirtioTransport).vhost_user_backend("echo")
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 features, config = await frontend.realize()
+                assert frontend.queue_count == 2
                 assert features >> VERSION_1 & 1 and features >> USER_F_PROTOCOL_FEATURES & 1
                 assert struct.unpack("<II", config) == (MAGIC, 0)
                 assert device.state is DeviceState.OFFERED
@@ -117,7 +120,7 @@ async def test_event_idx_and_disconnect_without_stop(tmp_path: Path) -> None:
         async with host_with({"echo": EchoDevice}, specs) as host:
             device = host.devices["echo"]
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 features, _ = await frontend.realize()
                 await frontend.start(features, event_idx=True)
                 for i in range(20):
@@ -164,7 +167,7 @@ async def test_hostile_frontend_is_dropped_and_backend_keeps_serving(tmp_path: P
             cases = _bad_messages()
             with anyio.fail_after(10):
                 for n, (_, request, payload, nfds, expected) in enumerate(cases):
-                    frontend = await Frontend.connect(sock, memory)
+                    frontend = await VhostUserFrontend.connect(sock, memory)
                     fds = [os.eventfd(0) for _ in range(nfds)]
                     await frontend.send(request, payload, fds)
                     for fd in fds:
@@ -176,7 +179,7 @@ async def test_hostile_frontend_is_dropped_and_backend_keeps_serving(tmp_path: P
                     await _disconnected(backend, n + 1)
                     assert expected in backend.errors[n]
                 # A well-behaved VMM is still served.
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 await frontend.realize()
                 await frontend.aclose()
                 await _disconnected(backend, len(cases) + 1)
@@ -194,7 +197,7 @@ async def test_reply_ack_only_when_negotiated(tmp_path: Path) -> None:
         async with host_with({"echo": EchoDevice}, specs) as host:
             backend = host.transport(VirtioTransport).vhost_user_backend("echo")
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 protocol = await frontend.get_u64(Request.GET_PROTOCOL_FEATURES)
                 assert protocol >> PROTOCOL_F_CONFIG & 1 and protocol >> PROTOCOL_F_REPLY_ACK & 1
                 # Without REPLY_ACK negotiated, need_reply gets no answer: the next reply we read
@@ -270,7 +273,7 @@ async def test_host_shutdown_with_a_running_vmm(tmp_path: Path) -> None:
                 device = host.devices["echo"]
                 obj = device.pm.get_plugin("echo")
                 assert isinstance(obj, EchoDevice)
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 features, _ = await frontend.realize()
                 await frontend.start(features)
                 assert await _echo(frontend, b"ab") == b"ba"
@@ -314,7 +317,7 @@ async def test_lying_guest_fails_the_device_and_signals_the_err_fd(tmp_path: Pat
             device = host.devices["echo"]
             backend = host.transport(VirtioTransport).vhost_user_backend("echo")
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 features, _ = await frontend.realize()
                 err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 frontend.own_fds.append(err)
@@ -357,7 +360,7 @@ async def test_two_regions_of_one_memfd_with_offsets(tmp_path: Path) -> None:
         async with host_with({"echo": EchoDevice}, specs) as host:
             backend = host.transport(VirtioTransport).vhost_user_backend("echo")
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(
+                frontend = await VhostUserFrontend.connect(
                     sock, memory, DmaAllocator(memory, gpa=high, size=4 << 20)
                 )
                 features, _ = await frontend.realize()
@@ -400,7 +403,7 @@ async def test_hostile_memory_tables(
         async with host_with({"echo": EchoDevice}, specs) as host:
             backend = host.transport(VirtioTransport).vhost_user_backend("echo")
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 table = encode_mem_table(
                     [MemRegion(gpa, size, USER_BASE + off, off) for gpa, size, off in regions]
                 )
@@ -437,7 +440,7 @@ async def test_socket_path_in_use_or_unusable(tmp_path: Path) -> None:
             assert "stale" not in host.failures
             with anyio.fail_after(5):
                 memory = GuestMemory.memfd(4096)
-                frontend = await Frontend.connect(stale, memory)
+                frontend = await VhostUserFrontend.connect(stale, memory)
                 assert await frontend.get_u64(Request.GET_QUEUE_NUM) == 2
                 await frontend.aclose()
                 memory.close()
@@ -456,7 +459,7 @@ async def test_file_descriptors_spread_over_one_message_are_bounded(tmp_path: Pa
         async with host_with({"echo": EchoDevice}, specs) as host:
             backend = host.transport(VirtioTransport).vhost_user_backend("echo")
             with anyio.fail_after(10):
-                frontend = await Frontend.connect(sock, memory)
+                frontend = await VhostUserFrontend.connect(sock, memory)
                 table = encode_mem_table([MemRegion(0, 4096, USER_BASE, 0)])
                 stream: Any = frontend.stream
                 await stream.send_fds(HEADER.pack(Request.SET_MEM_TABLE, 1, len(table)), fds)

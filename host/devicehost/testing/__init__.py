@@ -6,6 +6,8 @@
 - :class:`DeviceConformance`: a pytest base class; subclass it in your plugin's tests, set
   ``device_class`` (and ``config`` if the defaults won't do), and pytest runs the device contract
   checks against your device. Importing it imports pytest.
+- :mod:`devicehost.testing.vhost_user`: ``VhostUserFrontend``, QEMU 7.2's vhost-user message
+  sequence over a real Unix socket, for testing a virtio device served over vhost-user.
 
 The pytest plugin (entry point ``pytest11``) provides the ``devicehost_host`` fixture.
 """
