@@ -83,10 +83,10 @@ from devicehost.vmbus.ringcontrol import (
     WORD_OUT,
     WORD_PSS,
     RingEmpty,
+    RingEnd,
     RingFull,
     accelerator,
     check_index,
-    validate_size,
 )
 from devicehost.vmbus.ringmemory import (
     CONTROL_SIZE,
@@ -123,15 +123,11 @@ _new_packet: Final = tuple.__new__
 _unpack_descriptor: Final = DESCRIPTOR.unpack_from
 
 
-class IncomingRing:
+class IncomingRing(RingEnd):
     """The reading end of a ring. Creating it masks interrupts (interrupt_mask = 1)."""
 
     def __init__(self, mem: RingMemory) -> None:
-        validate_size(mem)
-        self.mem = mem
-        self._words = mem.words
-        self._data = mem.data
-        self._size = mem.data_len
+        super().__init__(mem)
         self._out = check_index(self._words[WORD_OUT], self._size, "out")
         self._cursor = self._out
         self._words[WORD_MASK] = 1
@@ -151,15 +147,6 @@ class IncomingRing:
             self.__dict__["read"] = fast.read
             self.__dict__["commit"] = fast.commit
             self.__dict__["read_batch"] = fast.read_batch
-
-    @property
-    def data_len(self) -> int:
-        return self._size
-
-    @property
-    def maximum_packet_size(self) -> int:
-        """The largest packet (descriptor + payload + footer) the ring can ever hold."""
-        return min(self._size - 8, MAX_PACKET_SIZE)
 
     @property
     def peer_supports_pending_send_size(self) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "WORD_PSS",
     "ZEROS",
     "RingEmpty",
+    "RingEnd",
     "RingFull",
     "accelerator",
     "check_index",
@@ -114,3 +115,24 @@ def validate_size(mem: RingMemory) -> None:
     # format can address is refused up front.
     if mem.data_len > 1 << 31:
         raise RingError(RingErrorKind.INVALID_RING_MEMORY, "the data area is too large")
+
+
+class RingEnd:
+    """What both ends of a ring hold: the ring memory (checked by :func:`validate_size`), its
+    control words and data area, and the sizes that follow from it."""
+
+    def __init__(self, mem: RingMemory) -> None:
+        validate_size(mem)
+        self.mem = mem
+        self._words = mem.words
+        self._data = mem.data
+        self._size = mem.data_len
+
+    @property
+    def data_len(self) -> int:
+        return self._size
+
+    @property
+    def maximum_packet_size(self) -> int:
+        """The largest packet (descriptor + payload + footer) the ring can ever hold."""
+        return min(self._size - 8, MAX_PACKET_SIZE)

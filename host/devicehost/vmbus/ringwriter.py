@@ -24,11 +24,11 @@ from devicehost.vmbus.ringcontrol import (
     WORD_OUT,
     WORD_PSS,
     ZEROS,
+    RingEnd,
     RingFull,
     accelerator,
     check_index,
     inband_struct,
-    validate_size,
 )
 from devicehost.vmbus.ringmemory import RingError, RingErrorKind, RingMemory
 
@@ -38,16 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["OutgoingRing"]
 
 
-class OutgoingRing:
+class OutgoingRing(RingEnd):
     """The writing end of a ring. Creating it advertises pending_send_size support and clears
     pending_send_size."""
 
     def __init__(self, mem: RingMemory) -> None:
-        validate_size(mem)
-        self.mem = mem
-        self._words = mem.words
-        self._data = mem.data
-        self._size = mem.data_len
+        super().__init__(mem)
         self._in = check_index(self._words[WORD_IN], self._size, "in")
         #: Where reserve_inband began a packet in ``_scratch`` (-1: none).
         self._scratch = bytearray()
@@ -65,15 +61,6 @@ class OutgoingRing:
                       MethodType(OutgoingRing.write_inband_batch, self), None)
             self.__dict__["write_inband"] = fast.write_inband
             self.__dict__["write_inband_batch"] = fast.write_inband_batch
-
-    @property
-    def data_len(self) -> int:
-        return self._size
-
-    @property
-    def maximum_packet_size(self) -> int:
-        """The largest packet (descriptor + payload + footer) the ring can ever hold."""
-        return min(self._size - 8, MAX_PACKET_SIZE)
 
     def free_bytes(self) -> int:
         """Bytes free for packets now (validates the reader's ``out``)."""
