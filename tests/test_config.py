@@ -193,7 +193,8 @@ def test_errors_name_file_device_and_key(body: str, message: str) -> None:
          " expected a name matching"),
         ("[[device]]\nplugin = 'plain'\nspeed = 1\n", "host.toml: device 'plain': key 'speed':"
          " plugin 'plain' takes no settings"),
-        ("[host]\nx = 1\n", "host.toml: key 'host': unknown top-level key"),
+        ("[hosts]\nx = 1\n", "host.toml: key 'hosts': unknown top-level key"),
+        ("[host]\nx = 1\n", "host.toml: [host]: key 'x': unknown key"),
         ("[device]\nplugin = 'files'\n", "host.toml: key 'device': write each device as a"
          " [[device]] table"),
         ("[[device]\n", "host.toml: not valid TOML"),
@@ -327,3 +328,22 @@ def test_fuzz_device_tables_only_raise_config_error(
 def test_fuzz_arbitrary_text_only_raises_config_error(text: str) -> None:
     with contextlib.suppress(ConfigError):
         parse_config(text, registry(), source="fuzz.toml")
+
+
+def test_host_table_is_structured_with_precise_errors(tmp_path: pathlib.Path) -> None:
+    from devicehost.config import HostSettings
+
+    registry_ = registry()
+    config = parse_config(
+        '[host]\nstrict = true\nvmbus_socket = "vm.sock"\n', registry_, "h.toml", base=tmp_path
+    )
+    assert config.host == HostSettings(strict=True, vmbus_socket=tmp_path / "vm.sock")
+    assert parse_config("", registry_).host == HostSettings()
+    with pytest.raises(ConfigError, match=r"h.toml: \[host\]: key 'stict': unknown key \(did you"
+                       r" mean 'strict'\?\)"):
+        parse_config("[host]\nstict = true\n", registry_, "h.toml")
+    with pytest.raises(ConfigError, match=r"h.toml: \[host\]: key 'allow_unsealed_memory': "
+                       "expected true or false"):
+        parse_config("[host]\nallow_unsealed_memory = 1\n", registry_, "h.toml")
+    with pytest.raises(ConfigError, match=r"h.toml: key 'host': write the host's settings as a"):
+        parse_config("host = 3\n", registry_, "h.toml")

@@ -11,6 +11,9 @@ Format::
     [device.backing]          # a nested attrs class is a sub-table
     kind = "memory"
 
+    [host]                    # optional: settings of the host itself (:class:`HostSettings`)
+    strict = true
+
 The remaining keys of a device table are validated against the plugin's ``config_class`` (a frozen
 attrs class with a default for every field): unknown keys and wrong types are errors, and the
 class's attrs validators run. Supported field types: ``str``, ``int``, ``float`` (accepts TOML
@@ -50,6 +53,7 @@ __all__ = [
     "MAX_CONFIG_BYTES",
     "DeviceConfig",
     "HostConfig",
+    "HostSettings",
     "default_config",
     "load_config",
     "parse_config",
@@ -74,11 +78,32 @@ class DeviceConfig:
 
 
 @attrs.frozen
+class HostSettings:
+    """The ``[host]`` table: settings of the host itself, each optional.
+
+    ``strict``: any device that cannot be served at start is fatal (``--strict`` does the same).
+    ``vmbus_socket``: serve the host's VMBus devices to a guest in another process on this Unix
+    SOCK_SEQPACKET socket (``docs/vmbus-socket.md``); unset: VMBus devices are served in process.
+    ``control_socket``: the running host's control socket (``devicehost inspect``); unset: none.
+    ``allow_unsealed_memory``: accept guest memory that a peer (a vhost-user VMM, a VMBus socket
+    guest) could shrink under the host: a memfd without ``F_SEAL_SHRINK`` or a plain file. The
+    peer can then kill the whole process with SIGBUS; see ``docs/security.md``.
+    """
+
+    strict: bool = False
+    vmbus_socket: pathlib.Path | None = None
+    control_socket: pathlib.Path | None = None
+    allow_unsealed_memory: bool = False
+
+
+@attrs.frozen
 class HostConfig:
-    """The devices to serve, in file order; ``source`` names where the config came from."""
+    """The devices to serve, in file order, and the ``[host]`` settings; ``source`` names where
+    the config came from."""
 
     devices: tuple[DeviceConfig, ...]
     source: str = "<defaults>"
+    host: HostSettings = HostSettings()
 
     def device(self, name: str) -> DeviceConfig:
         """The device called ``name``; :class:`KeyError` if there is none."""
@@ -289,10 +314,15 @@ def parse_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     for key in document:
-        if key != "device":
+        if key not in ("device", "host"):
             raise ConfigError(
-                f"{source}: key {key!r}: unknown top-level key; use [[device]] tables"
+                f"{source}: key {key!r}: unknown top-level key; use [[device]] tables and an"
+                " optional [host] table"
             )
+    host_table = document.get("host", {})
+    if not isinstance(host_table, dict):
+        raise ConfigError(f"{source}: key 'host': write the host's settings as a [host] table")
+    host_settings = _Structurer(base).instance(HostSettings, host_table, f"{source}: [host]")
     tables = document.get("device", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{source}: key 'device': write each device as a [[device]] table")
@@ -333,7 +363,7 @@ def parse_config(
         settings = {k: v for k, v in table.items() if k not in _RESERVED_KEYS}
         where = f"{source}: device {name!r}"
         devices.append(_device_config(registry, plugin, name, settings, where, base))
-    return HostConfig(tuple(devices), source)
+    return HostConfig(tuple(devices), source, host_settings)
 
 
 def load_config(path: str | pathlib.Path, registry: Registry) -> HostConfig:

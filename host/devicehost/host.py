@@ -77,6 +77,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
 from devicehost.errors import ConfigError, DeviceHostError, SavedStateError
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
@@ -206,8 +207,11 @@ class Host:
         guest_memory_size: int = DEFAULT_GUEST_MEMORY,
         cross_cutting: Iterable[object] = (),
         guest_memory: GuestMemory | None = None,
+        settings: HostSettings | None = None,
     ) -> None:
         self.registry = registry
+        #: The config's ``[host]`` table (defaults when the host was built without one).
+        self.settings = settings if settings is not None else HostSettings()
         self.task_group = task_group
         self.logger = log
         self.devices: dict[str, Device] = {}
@@ -458,7 +462,8 @@ async def open_host(
     refused: SavedStateError | None = None
     async with anyio.create_task_group() as tg:
         host = Host(registry, tg, guest_memory_size=guest_memory_size,
-                    cross_cutting=cross_cutting, guest_memory=guest_memory)
+                    cross_cutting=cross_cutting, guest_memory=guest_memory,
+                    settings=getattr(config, "host", None))
         try:
             if plan is None:
                 for device_config in config.devices:
