@@ -350,8 +350,9 @@ def test_state_file_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Mo
 def test_state_file_reads_are_bounded_and_errors_name_the_file(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(b" " * (MAX_ENVELOPE_BYTES + 100))
-    data = read_state_file(big)
-    assert data is not None and len(data) == MAX_ENVELOPE_BYTES + 1
+    with pytest.raises(SavedStateError, match=f"^{re.escape(str(big))}: cannot read the saved"
+                       f" state: larger than {MAX_ENVELOPE_BYTES} bytes"):
+        read_state_file(big)
     expected = re.escape(f"{tmp_path}: cannot read the saved state")
     with pytest.raises(SavedStateError, match=f"^{expected}"):
         read_state_file(tmp_path)

@@ -23,11 +23,16 @@ file's directory when the config comes from a file), ``list[T]``, ``tuple[T, ...
 ``Literal[...]``, enums (by value) and nested attrs classes. A field with an attrs converter gets
 the raw TOML value. A plugin without ``config_class`` takes no keys and is built with ``None``.
 
-Device names must match ``[A-Za-z0-9][A-Za-z0-9_.-]*``: they appear in logs, socket and file names.
+Device names must match ``[A-Za-z0-9][A-Za-z0-9_.-]*`` and have at most :data:`MAX_NAME_LENGTH`
+characters: they appear in logs, socket and file names.
 
 Every error is a :class:`~devicehost.errors.ConfigError` whose message names the file, the device
 and the key, e.g. ``host.toml: device 'files': key 'root': expected a path string, got 3``.
-The file is untrusted input: it is size-limited and parsed with :mod:`tomllib`.
+The file is untrusted input: it must be a regular file (a FIFO or a device is refused without
+being opened for reading, :mod:`devicehost.files`), it is size-limited (:data:`MAX_CONFIG_BYTES`)
+and parsed with :mod:`tomllib`; nesting deeper than :data:`MAX_CONFIG_DEPTH` levels, or too deep
+for the parser, and integers too long to convert are refused. Every value an error message quotes
+is shortened (:func:`devicehost.excerpt.excerpt`), so one message stays one readable line.
 """
 
 from __future__ import annotations
@@ -45,12 +50,16 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from devicehost.errors import ConfigError
+from devicehost.excerpt import bounded_message, excerpt
+from devicehost.files import FileRefusedError, read_regular_file
 
 if TYPE_CHECKING:
     from devicehost.plugins import Registry
 
 __all__ = [
     "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
+    "MAX_NAME_LENGTH",
     "DeviceConfig",
     "HostConfig",
     "HostSettings",
@@ -62,8 +71,12 @@ __all__ = [
 
 #: A config file larger than this is refused before parsing.
 MAX_CONFIG_BYTES: Final = 1 << 20
+#: Deepest nesting of arrays and tables accepted anywhere in a config file.
+MAX_CONFIG_DEPTH: Final = 32
 
-_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: Longest device name: names appear in socket paths (at most 108 bytes) and log lines.
+MAX_NAME_LENGTH: Final = 64
+_NAME: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
 _RESERVED_KEYS: Final = ("plugin", "name")
 
 
@@ -114,10 +127,19 @@ class HostConfig:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {excerpt(value)}"
+
+
+def _check_depth(document: Any, source: str) -> None:
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: nesting deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 class _Structurer:
@@ -127,7 +149,7 @@ class _Structurer:
         self.base = base
 
     def fail(self, where: str, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{where}: key {key!r}: {message}")
+        return ConfigError(f"{where}: key {excerpt(key)}: {message}")
 
     def value(self, tp: Any, value: Any, where: str, key: str) -> Any:
         if tp is Any or tp is object:
@@ -141,7 +163,7 @@ class _Structurer:
                 if type(option) is type(value) and option == value:
                     return option
             raise self.fail(
-                where, key, f"expected one of {list(options)!r}, got {_describe(value)}"
+                where, key, f"expected one of {excerpt(list(options))}, got {_describe(value)}"
             )
         if origin in (list, tuple) or tp in (list, tuple):
             return self._sequence(tp, origin or tp, value, where, key)
@@ -175,7 +197,9 @@ class _Structurer:
                 if type(member.value) is type(value) and member.value == value:
                     return member
             values = [m.value for m in tp]
-            raise self.fail(where, key, f"expected one of {values!r}, got {_describe(value)}")
+            raise self.fail(
+                where, key, f"expected one of {excerpt(values)}, got {_describe(value)}"
+            )
         if isinstance(tp, type) and attrs.has(tp):
             if not isinstance(value, dict):
                 raise self.fail(where, key, f"expected a table, got {_describe(value)}")
@@ -232,7 +256,7 @@ class _Structurer:
         for key, raw in table.items():
             field = fields.get(key)
             if field is None:
-                close = difflib.get_close_matches(key, list(fields), n=1)
+                close = difflib.get_close_matches(key[:100], list(fields), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 known = ", ".join(sorted(fields)) or "none"
                 raise self.fail(
@@ -251,7 +275,7 @@ class _Structurer:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             what = prefix.rstrip(".") or "settings"
-            raise ConfigError(f"{where}: invalid {what}: {exc}") from exc
+            raise ConfigError(f"{where}: invalid {what}: {bounded_message(str(exc))}") from exc
 
     def _check_validators(
         self,
@@ -273,7 +297,7 @@ class _Structurer:
             try:
                 field.validator(defaults, field, kwargs[arg])
             except (TypeError, ValueError) as exc:
-                raise self.fail(where, prefix + name, f"invalid value: {exc}") from exc
+                raise self.fail(where, prefix + name, f"invalid value: {bounded_message(str(exc))}") from exc
 
 
 def structure(config_class: type, table: Mapping[str, Any], where: str) -> Any:
@@ -286,7 +310,9 @@ def _plugin_problem(registry: Registry, plugin: str) -> str:
     if info is not None:
         return f"plugin {plugin!r} is not loaded ({info.status}: {info.error})"
     installed = ", ".join(sorted(registry.device_classes)) or "none"
-    return f"no device plugin {plugin!r} is installed (loaded device plugins: {installed})"
+    return (
+        f"no device plugin {excerpt(plugin)} is installed (loaded device plugins: {installed})"
+    )
 
 
 def _device_config(
@@ -300,7 +326,9 @@ def _device_config(
     if config_class is None:
         if settings:
             key = next(iter(settings))
-            raise ConfigError(f"{where}: key {key!r}: plugin {plugin!r} takes no settings")
+            raise ConfigError(
+                f"{where}: key {excerpt(key)}: plugin {excerpt(plugin)} takes no settings"
+            )
         return DeviceConfig(name, plugin, None)
     return DeviceConfig(name, plugin, _Structurer(base).instance(config_class, settings, where))
 
@@ -313,11 +341,16 @@ def parse_config(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{source}: nesting deeper than {MAX_CONFIG_DEPTH} levels") from exc
+    except ValueError as exc:  # an integer beyond the interpreter's digit limit
+        raise ConfigError(f"{source}: not valid TOML: {bounded_message(str(exc))}") from exc
+    _check_depth(document, source)
     for key in document:
         if key not in ("device", "host"):
             raise ConfigError(
-                f"{source}: key {key!r}: unknown top-level key; use [[device]] tables and an"
-                " optional [host] table"
+                f"{source}: key {excerpt(key)}: unknown top-level key; use [[device]] tables and"
+                " an optional [host] table"
             )
     host_table = document.get("host", {})
     if not isinstance(host_table, dict):
@@ -345,14 +378,15 @@ def parse_config(
         if name is None:
             if plugin_counts[plugin] > 1:
                 raise ConfigError(
-                    f"{source}: device #{index} (plugin {plugin!r}): key 'name': required, as"
-                    f" the file has {plugin_counts[plugin]} {plugin!r} devices"
+                    f"{source}: device #{index} (plugin {excerpt(plugin)}): key 'name': required,"
+                    f" as the file has {plugin_counts[plugin]} {excerpt(plugin)} devices"
                 )
             name = plugin
         if not isinstance(name, str) or _NAME.fullmatch(name) is None:
             raise ConfigError(
                 f"{source}: device #{index}: key 'name': expected a name matching"
-                f" [A-Za-z0-9][A-Za-z0-9_.-]*, got {_describe(name)}"
+                f" [A-Za-z0-9][A-Za-z0-9_.-]* of at most {MAX_NAME_LENGTH} characters, got"
+                f" {_describe(name)}"
             )
         if name in seen:
             raise ConfigError(
@@ -367,15 +401,14 @@ def parse_config(
 
 
 def load_config(path: str | pathlib.Path, registry: Registry) -> HostConfig:
-    """Read and parse a config file (at most :data:`MAX_CONFIG_BYTES`)."""
+    """Read and parse a config file: a regular file of at most :data:`MAX_CONFIG_BYTES`."""
     path = pathlib.Path(path)
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
+    except FileRefusedError as exc:
+        raise ConfigError(f"{path}: config file is {exc.strerror}") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

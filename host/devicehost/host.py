@@ -65,9 +65,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import signal
+import stat
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -80,6 +82,9 @@ import attrs
 from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
 from devicehost.errors import ConfigError, DeviceHostError, SavedStateError
+from devicehost.excerpt import excerpt
+from devicehost.files import FileRefusedError, read_regular_file
+from devicehost.gate import GuestGate
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
 from devicehost.savedstate import (
     MAX_ENVELOPE_BYTES,
@@ -103,6 +108,7 @@ __all__ = [
     "NotSaved",
     "open_host",
     "read_state_file",
+    "remove_stale_temporaries",
     "run_host",
     "write_state_file",
 ]
@@ -137,7 +143,7 @@ class _RestorePlan:
 
 
 def _short(text: str) -> str:
-    return repr(text[:_MAX_REASON])
+    return excerpt(text, _MAX_REASON)
 
 
 def _plan(data: bytes, devices: Iterable[Any], source: str) -> _RestorePlan:
@@ -159,13 +165,14 @@ def _plan_untrusted(data: bytes, configured: dict[str, str]) -> _RestorePlan:
         plugin = configured.get(entry.device)
         if plugin is None:
             raise SavedStateError(
-                f"it holds device {entry.device!r} (plugin {entry.plugin!r}), which the config"
-                " does not have; add the device back, or start without this saved state"
+                f"it holds device {excerpt(entry.device)} (plugin {excerpt(entry.plugin)}), which"
+                " the config does not have; add the device back, or start without this saved"
+                " state"
             )
         if plugin != entry.plugin:
             raise SavedStateError(
-                f"device {entry.device!r} was saved by plugin {entry.plugin!r}, but the config"
-                f" serves it with plugin {plugin!r}"
+                f"device {entry.device!r} was saved by plugin {excerpt(entry.plugin)}, but the"
+                f" config serves it with plugin {plugin!r}"
             )
         if entry.type_name == "host.NotSaved":
             not_saved[entry.device] = decode_state_untrusted(entry, NotSaved).reason
@@ -177,7 +184,9 @@ def _plan_untrusted(data: bytes, configured: dict[str, str]) -> _RestorePlan:
 
 def _decode_vmbus_entry(entry: SavedEntry) -> ServerSavedState:
     if entry.device != VMBUS_ENTRY or entry.plugin != _HOST_PLUGIN:
-        raise SavedStateError(f"unknown host entry {entry.device!r} (plugin {entry.plugin!r})")
+        raise SavedStateError(
+            f"unknown host entry {excerpt(entry.device)} (plugin {excerpt(entry.plugin)})"
+        )
     from devicehost.vmbus.server import ServerSavedState
 
     state: ServerSavedState = decode_state_untrusted(entry, ServerSavedState)
@@ -225,6 +234,9 @@ class Host:
         self._owns_memory = guest_memory is None
         self._guest_memory_size = guest_memory_size
         self._cross_cutting = list(cross_cutting)
+        #: Guest requests wait here while the host is saved (:meth:`save`, :meth:`resume`).
+        self.gate = GuestGate()
+        self._stopped_by_save: list[Device] = []
 
     @property
     def guest_memory(self) -> GuestMemory:
@@ -322,13 +334,18 @@ class Host:
         return None if module is None else self._transports.get(module.VmbusTransport)
 
     async def save(self) -> bytes:
-        """Stop every device and return the saved-state envelope (layout: module docstring).
+        """Quiesce the host, stop every device and return the saved-state envelope (layout:
+        module docstring).
 
-        The devices stay stopped: close the host next (a guest request that opens a VMBus
-        channel meanwhile still runs its device, but that is not in the returned state).
+        The host stays quiesced: no device runs, and a guest request that would run one (a
+        VMBus guest opening a channel) waits at :attr:`gate` until :meth:`resume` (the devices
+        run again, the request goes on) or until the host is closed (the request fails). So
+        nothing happens between the save and the restore that the returned state misses.
         """
+        await self.gate.quiesce()
         for device in reversed(list(self.devices.values())):
-            await device.stop()
+            if await device.stop():
+                self._stopped_by_save.append(device)
         entries: list[SavedEntry] = []
         vmbus = self._vmbus_transport()
         if vmbus is not None:
@@ -346,6 +363,15 @@ class Host:
                 reason = f"{type(transport).__name__} keeps no saved state"
                 entries.append(entry_for(name, device.ctx.plugin, NotSaved(reason)))
         return encode_envelope(entries)
+
+    async def resume(self) -> None:
+        """Undo a :meth:`save` that is not followed by a close: start again every device the
+        save stopped (first added first), then let the waiting guest requests through."""
+        stopped, self._stopped_by_save = self._stopped_by_save, []
+        for device in reversed(stopped):
+            if device.name in self.devices:
+                await device.start()
+        self.gate.resume()
 
     async def _save_device(self, device: Device) -> SavedEntry:
         plugin = device.ctx.plugin
@@ -425,8 +451,10 @@ class Host:
         self.restore_report[device.name] = "restored"
 
     async def aclose(self) -> None:
-        """Remove every device (last added first), then close the transports."""
-        with anyio.CancelScope(shield=True):
+        """Remove every device (last added first), then close the transports. Guest requests
+        waiting at the gate of a saved host fail."""
+        self.gate.shut()
+        with anyio.CancelScope(shield=True), self.gate.bypass():
             for name in reversed(list(self.devices)):
                 await self.remove_device(name)
             for transport in reversed(list(self._transports.values())):
@@ -487,21 +515,76 @@ async def open_host(
 
 def read_state_file(path: str | os.PathLike[str]) -> bytes | None:
     """The bytes of saved-state file ``path`` (None if there is none); SavedStateError naming
-    the file if it cannot be read. At most one byte over the size limit is read."""
+    the file if it cannot be read, is not a regular file (a FIFO is refused without being opened
+    for reading) or is larger than :data:`~devicehost.savedstate.MAX_ENVELOPE_BYTES`."""
     try:
-        with open(path, "rb") as file:
-            return file.read(MAX_ENVELOPE_BYTES + 1)
+        return read_regular_file(path, MAX_ENVELOPE_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise SavedStateError(f"{os.fspath(path)}: cannot read the saved state: {exc}") from exc
+        why = exc.strerror if isinstance(exc, FileRefusedError) else exc
+        raise SavedStateError(f"{os.fspath(path)}: cannot read the saved state: {why}") from exc
+
+
+def _temporary_pattern(target: Path) -> re.Pattern[str]:
+    # ".<name>.<pid of the writer>.<16 hex digits>.tmp": write_state_file's names, nothing else.
+    return re.compile(rf"\.{re.escape(target.name)}\.([1-9][0-9]{{0,9}})\.[0-9a-f]{{16}}\.tmp")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a number no process can have: leave its file
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that interrupted saves of state file ``path`` left (a save
+    killed between creating its temporary and renaming it, e.g. by SIGKILL); returns them.
+
+    Only what is certainly such a file is removed: a regular file (not a symlink) beside ``path``,
+    owned by this user, whose name is exactly :func:`write_state_file`'s temporary name for
+    ``path``, and whose writer (the process id in the name) no longer runs. So two hosts saving
+    the same file never remove each other's temporaries, and no other file is touched.
+    """
+    target = Path(path)
+    pattern = _temporary_pattern(target)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        stale = target.parent / name
+        try:
+            st = os.lstat(stale)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            os.unlink(stale)
+        except OSError:
+            continue  # gone already, or not ours to remove
+        log.warning("removed %s (%d bytes), left by an interrupted save", stale, st.st_size)
+        removed.append(stale)
+    return removed
 
 
 def write_state_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file beside it, synced, then renamed
-    over it (a crash leaves the old file or the new one, never a mix). Raises OSError."""
+    over it (a crash leaves the old file or the new one, never a mix). Temporaries that earlier,
+    interrupted saves left are removed first (:func:`remove_stale_temporaries`). Raises OSError."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -509,7 +592,7 @@ def write_state_file(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(file.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -525,6 +608,7 @@ async def run_host(
 
     With ``state_file``: restore from it at start if it exists (:class:`SavedStateError`, naming
     the file, if it cannot be used: nothing is served), and save to it atomically on the stop.
+    Temporaries that an interrupted save of it left are removed at start.
 
     Returns the process exit status: 0 after a graceful stop, 1 if no device could be served or
     the state could not be written. :class:`ConfigError` if the state file's directory is not
@@ -536,6 +620,7 @@ async def run_host(
             # Found now rather than when the state is saved at the stop.
             raise ConfigError(f"{os.fspath(state_file)}: the state file's directory {parent} is"
                               " not a writable directory")
+        remove_stale_temporaries(state_file)
     saved = None if state_file is None else read_state_file(state_file)
     if state_file is not None and saved is None:
         log.info("no saved state at %s: starting fresh", os.fspath(state_file))

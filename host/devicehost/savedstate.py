@@ -25,7 +25,8 @@ Decoding treats the file as hostile. :func:`decode_envelope_untrusted` and
 gives the JSON path of the offending value: size limit (:data:`MAX_ENVELOPE_BYTES`), nesting limit
 (:data:`MAX_DEPTH`), device-count limit, strict UTF-8, no NaN/Infinity, no duplicate keys, no
 unknown or missing keys, a type check on every field, and precise errors for an unknown format,
-envelope version, type name or type version. Encoding checks the value against the same schema,
+envelope version, type name or type version. Every value a message quotes is shortened
+(:func:`devicehost.excerpt.excerpt`). Encoding checks the value against the same schema,
 so a device that saves a value that does not match its declared types is told so at save time.
 """
 
@@ -44,6 +45,7 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from devicehost.errors import SavedStateError
+from devicehost.excerpt import bounded_message, excerpt
 
 __all__ = [
     "ENVELOPE_FORMAT",
@@ -273,7 +275,7 @@ def _from_json(tp: Any, data: Any, path: str) -> Any:
             for member in tp:
                 if type(member.value) is type(data) and member.value == data:
                     return member
-            raise SavedStateError(f"{path}: {data!r} is not a {tp.__qualname__} value")
+            raise SavedStateError(f"{path}: {excerpt(data)} is not a {tp.__qualname__} value")
     elif isinstance(tp, type) and attrs.has(tp):
         if isinstance(data, dict):
             return _instance(tp, data, path)
@@ -287,7 +289,7 @@ def _instance(cls: type, data: dict[str, Any], path: str) -> Any:
     fields = {f.name: f for f in attrs.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise SavedStateError(f"{path}: unknown field {key[:64]!r} for {cls.__qualname__}")
+            raise SavedStateError(f"{path}: unknown field {excerpt(key)} for {cls.__qualname__}")
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         if name not in data:
@@ -296,7 +298,9 @@ def _instance(cls: type, data: dict[str, Any], path: str) -> Any:
     try:
         return cls(**kwargs)
     except Exception as exc:
-        raise SavedStateError(f"{path}: {cls.__qualname__} rejected the value: {exc}") from exc
+        raise SavedStateError(
+            f"{path}: {cls.__qualname__} rejected the value: {bounded_message(str(exc))}"
+        ) from exc
 
 
 def _check_text(text: str, path: str) -> None:
@@ -331,21 +335,24 @@ def decode_state_untrusted(entry: SavedEntry, expected_type: type[T] | None = No
     it, the type is looked up among the registered saved-state types (its module must have been
     imported). Raises only :class:`SavedStateError`.
     """
-    where = f"device {entry.device!r}"
+    where = f"device {excerpt(entry.device)}"
     if expected_type is None:
         cls = _TYPES.get(entry.type_name)
         if cls is None:
-            raise SavedStateError(f"{where}: unknown saved-state type {entry.type_name!r}")
+            raise SavedStateError(
+                f"{where}: unknown saved-state type {excerpt(entry.type_name)}"
+            )
     else:
         cls = expected_type
     name, version = _identity(cls)
     if entry.type_name != name:
         raise SavedStateError(
-            f"{where}: saved state has type {entry.type_name!r}, expected {name!r}"
+            f"{where}: saved state has type {excerpt(entry.type_name)}, expected {name!r}"
         )
     if entry.type_version != version:
         raise SavedStateError(
-            f"{where}: saved state {name!r} has version {entry.type_version}, this plugin reads"
+            f"{where}: saved state {name!r} has version {excerpt(entry.type_version)}, this"
+            f" plugin reads"
             f" version {version}"
         )
     try:
@@ -388,7 +395,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise SavedStateError(f"saved state: duplicate key {key[:64]!r}")
+            raise SavedStateError(f"saved state: duplicate key {excerpt(key)}")
         result[key] = value
     return result
 
@@ -421,16 +428,16 @@ def _entry(raw: Any, index: int, seen: set[str]) -> SavedEntry:
     keys = set(raw)
     if keys != _ENTRY_KEYS:
         extra, missing = sorted(keys - _ENTRY_KEYS), sorted(_ENTRY_KEYS - keys)
-        detail = f"unknown keys {[k[:64] for k in extra]}" if extra else f"missing keys {missing}"
+        detail = f"unknown keys {excerpt(extra)}" if extra else f"missing keys {missing}"
         raise SavedStateError(f"{path}: {detail}")
     device = _text(raw, "device", path)
     if device in seen:
-        raise SavedStateError(f"{path}.device: device {device!r} appears twice")
+        raise SavedStateError(f"{path}.device: device {excerpt(device)} appears twice")
     seen.add(device)
     plugin = _text(raw, "plugin", path)
     type_name = _text(raw, "type", path)
     if _TYPE_NAME.fullmatch(type_name) is None:
-        raise SavedStateError(f"{path}.type: {type_name!r} is not a saved-state type name")
+        raise SavedStateError(f"{path}.type: {excerpt(type_name)} is not a saved-state type name")
     type_version = raw["type_version"]
     if isinstance(type_version, bool) or not isinstance(type_version, int) or not (
         1 <= type_version <= _INT_MAX
@@ -464,18 +471,18 @@ def decode_envelope_untrusted(data: bytes) -> list[SavedEntry]:
     fmt = document.get("format")
     if fmt != ENVELOPE_FORMAT:
         raise SavedStateError(
-            f"saved state: not a devicehost saved-state file (format {fmt!r}, expected"
+            f"saved state: not a devicehost saved-state file (format {excerpt(fmt)}, expected"
             f" {ENVELOPE_FORMAT!r})"
         )
     version = document.get("version")
     if type(version) is not int or version != ENVELOPE_VERSION:
         raise SavedStateError(
-            f"saved state: envelope version {version!r} is not supported (this host reads"
+            f"saved state: envelope version {excerpt(version)} is not supported (this host reads"
             f" version {ENVELOPE_VERSION})"
         )
     if set(document) != _ENVELOPE_KEYS:
-        extra = sorted(k[:64] for k in set(document) - _ENVELOPE_KEYS)
-        raise SavedStateError(f"saved state: unknown keys {extra} or missing 'devices'")
+        extra = sorted(set(document) - _ENVELOPE_KEYS)
+        raise SavedStateError(f"saved state: unknown keys {excerpt(extra)} or missing 'devices'")
     devices = document["devices"]
     if not isinstance(devices, list):
         raise SavedStateError(f"saved state: devices: expected an array, got {_kind(devices)}")

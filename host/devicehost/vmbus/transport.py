@@ -13,6 +13,9 @@ guest opens                 ``await device.open(OpenResources(channel, memory, r
 guest closes                ``await device.close()`` (stop ``run``, ``close`` hook, drop runner)
 guest retargets interrupt   nothing to do in process: signalling is part of the channel
 host removes the device     revoke the offer (subchannels first), then ``device.revoke()``
+host saved (quiesced)       the guest's open, close and modify wait at the host's
+                            :class:`~devicehost.gate.GuestGate` until the host resumes; if
+                            it closes instead they fail (open: status 0x8000FFFF)
 save                        stop, ``device.save()`` (None = not supported), start again
 restore                     ``device.restore(state, resources)``, or revoke and offer anew
 ==========================  ================================================================
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from devicehost.errors import ConfigError, LifecycleError
+from devicehost.gate import GuestGate
 from devicehost.memory import DmaAllocator
 from devicehost.vmbus.client import VmbusClient
 from devicehost.vmbus.protocol import (
@@ -61,22 +65,30 @@ class VmbusSavedState:
 
 
 class _ChannelDevice:
-    """The server's view of one served device (a :class:`devicehost.vmbus.server.ChannelDevice`)."""
+    """The server's view of one served device (a :class:`devicehost.vmbus.server.ChannelDevice`).
 
-    def __init__(self, device: Device, params: OfferParams) -> None:
+    The server calls it for the guest's requests, so each call passes the host's guest gate:
+    while the host is saved, the guest's request waits there instead of running the device.
+    """
+
+    def __init__(self, device: Device, params: OfferParams, gate: GuestGate) -> None:
         self.device = device
         self.params = params
+        self.gate = gate
 
     async def open(self, resources: OpenResources) -> None:
-        await self.device.open(resources, subchannel_index=self.params.subchannel_index)
+        async with self.gate.passage(f"open of device {self.device.name!r}"):
+            await self.device.open(resources, subchannel_index=self.params.subchannel_index)
 
     async def close(self) -> None:
-        await self.device.close()
+        async with self.gate.passage(f"close of device {self.device.name!r}"):
+            await self.device.close()
 
     async def modify(self, request: ModifyRequest) -> int:
-        log.debug("device %r: interrupt retargeted to VP %d", self.device.name,
-                  request.target_vp)
-        return STATUS_SUCCESS
+        async with self.gate.passage(f"modify of device {self.device.name!r}"):
+            log.debug("device %r: interrupt retargeted to VP %d", self.device.name,
+                      request.target_vp)
+            return STATUS_SUCCESS
 
 
 class VmbusTransport:
@@ -90,6 +102,8 @@ class VmbusTransport:
         self._devices: dict[str, Device] = {}
         self._clients: list[VmbusClient] = []
         self._restoring: dict[str, Any] = {}
+        #: The host's guest gate (a host built without one, as some tests do, gets its own).
+        self.gate: GuestGate = getattr(host, "gate", None) or GuestGate()
 
     @property
     def allocator(self) -> DmaAllocator:
@@ -117,7 +131,7 @@ class VmbusTransport:
                               f"not {type(offer).__name__}")
         if device.name in self._handles:
             raise ConfigError(f"device {device.name!r} is already offered on VMBus")
-        handle = self.server.add_child(offer, _ChannelDevice(device, offer))
+        handle = self.server.add_child(offer, _ChannelDevice(device, offer, self.gate))
         self._handles[device.name] = handle
         self._devices[device.name] = device
         if device.name in self._restoring:
@@ -127,15 +141,17 @@ class VmbusTransport:
         """Revoke the device's offer (closing it if open), then mark the device revoked."""
         handle = self._handles.pop(device.name, None)
         self._devices.pop(device.name, None)
-        if handle is not None:
-            await handle.revoke()
-        await device.revoke()
+        with self.gate.bypass():  # the host's own close of the channel never waits at the gate
+            if handle is not None:
+                await handle.revoke()
+            await device.revoke()
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
-        self._clients.clear()
-        await self.server.aclose()
+        with self.gate.bypass():
+            for client in self._clients:
+                await client.aclose()
+            self._clients.clear()
+            await self.server.aclose()
         self._handles.clear()
         self._devices.clear()
 

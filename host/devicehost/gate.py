@@ -1,0 +1,110 @@
+"""The host's guest gate: nothing a guest asks for runs a device between save and restore.
+
+The servicing contract (``DESIGN.md``, "Quiesce") is that once the host has saved, no device
+code runs until the host is resumed or closed: whatever the guest does meanwhile waits. Every
+transport's guest-facing path that reaches a device (a VMBus guest opening, closing or
+retargeting a channel) runs inside :meth:`GuestGate.passage`:
+
+- while the gate is **open** a passage enters at once (and is counted);
+- :meth:`GuestGate.quiesce` **closes** it: new passages wait, and it returns once every passage
+  already inside has left, so that the host can stop and save its devices with none of their
+  hooks half-run;
+- :meth:`GuestGate.resume` opens it again: the waiting requests go on;
+- :meth:`GuestGate.shut` ends it for good (the host is closing): waiting and later passages raise
+  :class:`GateShutError`, which the transport reports to the guest as a failed request.
+
+A passage entered inside another (closing a primary channel closes its subchannels), and the
+host's own operations run inside :meth:`GuestGate.bypass` (revoking an offer while closing), never
+wait: only a request that comes from a guest does.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import anyio
+
+from devicehost.errors import LifecycleError
+
+__all__ = ["GateShutError", "GuestGate"]
+
+
+class GateShutError(LifecycleError):
+    """Raised to a guest request that waited at (or reached) the gate of a host that is closing."""
+
+
+class GuestGate:
+    """Holds guest requests while the host is quiesced; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._opened = anyio.Event()
+        self._opened.set()
+        self._shut = False
+        self._inside = 0
+        self._idle: anyio.Event | None = None
+        # Set in the task (and its children) that holds a passage or a bypass.
+        self._holder: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            "devicehost_gate_holder", default=False
+        )
+
+    @property
+    def is_open(self) -> bool:
+        """True while guest requests go through at once."""
+        return self._opened.is_set() and not self._shut
+
+    @property
+    def inside(self) -> int:
+        """How many guest requests are inside the gate now."""
+        return self._inside
+
+    @asynccontextmanager
+    async def passage(self, what: str) -> AsyncIterator[None]:
+        """Enter for guest request ``what`` (waits while the gate is closed); raises
+        :class:`GateShutError` if the host is closing."""
+        if self._holder.get():
+            yield
+            return
+        while not self._opened.is_set():
+            await self._opened.wait()
+        if self._shut:
+            raise GateShutError(f"{what}: the host is closing")
+        self._inside += 1
+        token = self._holder.set(True)
+        try:
+            yield
+        finally:
+            self._holder.reset(token)
+            self._inside -= 1
+            if self._inside == 0 and self._idle is not None:
+                self._idle.set()
+
+    @contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Run a host operation that may call through a guest-facing path (it never waits)."""
+        token = self._holder.set(True)
+        try:
+            yield
+        finally:
+            self._holder.reset(token)
+
+    async def quiesce(self) -> None:
+        """Close the gate and wait until no guest request is inside."""
+        if self._shut:
+            return
+        if self._opened.is_set():
+            self._opened = anyio.Event()
+        while self._inside:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+        self._idle = None
+
+    def resume(self) -> None:
+        """Open the gate: the waiting guest requests go on."""
+        self._opened.set()
+
+    def shut(self) -> None:
+        """End the gate: every waiting and later guest request fails with GateShutError."""
+        self._shut = True
+        self._opened.set()
