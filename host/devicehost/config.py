@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from devicehost.errors import ConfigError
+from devicehost.errors import ConfigError, ends_the_host
 from devicehost.excerpt import bounded_message, excerpt
 from devicehost.files import FileRefusedError, read_regular_file
 
@@ -273,9 +273,11 @@ class _Structurer:
         self._check_validators(cls, fields, kwargs, where, prefix)
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
+        except BaseException as exc:  # the plugin's own code (validators, converters) ran here
+            if ends_the_host(exc):
+                raise
             what = prefix.rstrip(".") or "settings"
-            raise ConfigError(f"{where}: invalid {what}: {bounded_message(str(exc))}") from exc
+            raise ConfigError(f"{where}: invalid {what}: {_why(exc)}") from exc
 
     def _check_validators(
         self,
@@ -288,16 +290,26 @@ class _Structurer:
         """Run each given key's validator on its own, so a failure names its key."""
         try:
             defaults = cls()
-        except (TypeError, ValueError):
-            return
+        except BaseException as exc:
+            if ends_the_host(exc):
+                raise
+            return  # cls(**kwargs) reports it
         for name, field in fields.items():
             arg = field.alias or field.name
             if field.validator is None or arg not in kwargs or field.converter is not None:
                 continue
             try:
                 field.validator(defaults, field, kwargs[arg])
-            except (TypeError, ValueError) as exc:
-                raise self.fail(where, prefix + name, f"invalid value: {bounded_message(str(exc))}") from exc
+            except BaseException as exc:
+                if ends_the_host(exc):
+                    raise
+                raise self.fail(where, prefix + name, f"invalid value: {_why(exc)}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    """What a plugin's validator said (shortened: it may quote the whole refused value)."""
+    text = bounded_message(str(exc))
+    return text if isinstance(exc, TypeError | ValueError) else f"{type(exc).__name__}: {text}"
 
 
 def structure(config_class: type, table: Mapping[str, Any], where: str) -> Any:

@@ -9,6 +9,7 @@ __all__ = [
     "LifecycleError",
     "PluginError",
     "SavedStateError",
+    "ends_the_host",
 ]
 
 
@@ -35,3 +36,22 @@ class LifecycleError(DeviceHostError):
 
 class DeviceError(DeviceHostError):
     """Raised when a device's own hook failed; the device is marked failed, nothing else is."""
+
+
+def ends_the_host(exc: BaseException) -> bool:
+    """True if ``exc``, raised out of a plugin's code, must end the host rather than fail one
+    device: the cancellation of the host's own task (asyncio's or trio's), ``KeyboardInterrupt``
+    and ``GeneratorExit``, alone or inside an exception group. Anything else a plugin raises,
+    ``SystemExit`` included (a plugin calling ``sys.exit``), fails that plugin's device only."""
+    import asyncio
+    import sys
+
+    exits: tuple[type[BaseException], ...] = (
+        KeyboardInterrupt, GeneratorExit, asyncio.CancelledError
+    )
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        exits = (*exits, trio.Cancelled)
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(lambda e: isinstance(e, exits)) is not None
+    return isinstance(exc, exits)

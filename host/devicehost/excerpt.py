@@ -6,10 +6,9 @@ hostile input must not turn into a 100 KB log line (or, for the integer, into a 
 from ``repr`` itself). :func:`excerpt` is the one way such a value is quoted; it says how much it
 left out::
 
-    >>> excerpt("a" * 100_000)
-    "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa…' (100000 characters, 99940 not shown)"
-    >>> excerpt("short")
-    "'short'"
+    excerpt("a" * 100_000) == "'aaaa…aaaa…' (100000 characters, 99940 not shown)"
+                               (the first 60 characters between the quotes)
+    excerpt("short") == "'short'"
 
 :func:`bounded_message` does the same for a message that is not itself a value but may quote
 one (an exception raised by a plugin's validator).

@@ -43,6 +43,8 @@ class GuestGate:
         self._opened.set()
         self._shut = False
         self._inside = 0
+        self._waiting = 0
+        self._arrived = anyio.Event()
         self._idle: anyio.Event | None = None
         # Set in the task (and its children) that holds a passage or a bypass.
         self._holder: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -59,6 +61,17 @@ class GuestGate:
         """How many guest requests are inside the gate now."""
         return self._inside
 
+    @property
+    def waiting(self) -> int:
+        """How many guest requests wait at the closed gate now."""
+        return self._waiting
+
+    async def until_waiting(self, count: int) -> None:
+        """Return once at least ``count`` guest requests wait at the gate (for ``inspect``
+        and for tests that hold a guest at the gate)."""
+        while self._waiting < count:
+            await self._arrived.wait()
+
     @asynccontextmanager
     async def passage(self, what: str) -> AsyncIterator[None]:
         """Enter for guest request ``what`` (waits while the gate is closed); raises
@@ -66,8 +79,15 @@ class GuestGate:
         if self._holder.get():
             yield
             return
-        while not self._opened.is_set():
-            await self._opened.wait()
+        if not self._opened.is_set():
+            self._waiting += 1
+            self._arrived.set()
+            self._arrived = anyio.Event()
+            try:
+                while not self._opened.is_set():
+                    await self._opened.wait()
+            finally:
+                self._waiting -= 1
         if self._shut:
             raise GateShutError(f"{what}: the host is closing")
         self._inside += 1

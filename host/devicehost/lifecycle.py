@@ -16,7 +16,10 @@ Rules (OpenVMM task_control semantics, facts §6):
   closed and opened again.
 - An exception from any hook of one device is logged with the device's name and moves only that
   device to ``FAILED``; it never propagates into the host loop or another device. Callers that must
-  report a failure to a peer (a failed open) get a :class:`DeviceError`.
+  report a failure to a peer (a failed open) get a :class:`DeviceError`. That holds for every
+  ``BaseException`` a plugin raises, ``SystemExit`` included (a plugin calling ``sys.exit``), but
+  not for the host's own cancellation, ``KeyboardInterrupt`` or ``GeneratorExit``
+  (:func:`devicehost.errors.ends_the_host`), which pass through.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import pluggy
 
 from devicehost import hookspecs
 from devicehost.context import DeviceContext
-from devicehost.errors import DeviceError, LifecycleError
+from devicehost.errors import DeviceError, LifecycleError, ends_the_host
 
 __all__ = ["Device", "DeviceState", "new_device_manager"]
 
@@ -127,7 +130,9 @@ class Device:
         caller = getattr(self.pm.hook, hook)
         try:
             return await _await_maybe(caller(ctx=self.ctx, **kwargs))
-        except Exception as exc:
+        except BaseException as exc:
+            if ends_the_host(exc):
+                raise
             raise self._fail(hook, exc) from exc
 
     # -- transitions -----------------------------------------------------------------------------
@@ -198,7 +203,9 @@ class Device:
     async def _call_run_hook(self) -> Any:
         try:
             awaitable = self.pm.hook.run(ctx=self.ctx, runner=self.runner)
-        except Exception as exc:
+        except BaseException as exc:
+            if ends_the_host(exc):
+                raise
             self._fail("run", exc)
             return None
         if awaitable is None or not _inspect.isawaitable(awaitable):
@@ -218,7 +225,9 @@ class Device:
                     # The run returned by itself: the device is done until closed and reopened.
                     self.state = DeviceState.DONE
                     log.info("device %r finished running", self.name)
-        except Exception as exc:
+        except BaseException as exc:
+            if ends_the_host(exc):
+                raise
             self._fail("run", exc)
         finally:
             if scope.cancel_called and self.state is DeviceState.RUNNING:
@@ -253,7 +262,9 @@ class Device:
             )
             for result in results:
                 await _await_maybe(result)
-        except Exception as exc:
+        except BaseException as exc:
+            if ends_the_host(exc):
+                raise
             self._fail("close", exc)
             return
         self.state = DeviceState.CLOSED
@@ -295,7 +306,9 @@ class Device:
             tree["failure"] = self.failure
         try:
             extra = await _await_maybe(self.pm.hook.inspect(ctx=self.ctx, runner=self.runner))
-        except Exception as exc:
+        except BaseException as exc:
+            if ends_the_host(exc):
+                raise
             tree["inspect_error"] = f"{type(exc).__name__}: {exc}"
         else:
             if extra:

@@ -55,7 +55,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from devicehost import HOST_API_VERSION, __version__
-from devicehost.errors import PluginError
+from devicehost.errors import PluginError, ends_the_host
 
 if TYPE_CHECKING:
     import logging
@@ -360,8 +360,9 @@ class Registry:
     def create_device(self, plugin_name: str, config: Any) -> object:
         """Construct one device of a loaded device plugin: ``DeviceClass(config)``.
 
-        A constructor exception is recorded against the plugin (status ``error``) and raised as
-        :class:`PluginError`. The class stays registered: another config may construct fine.
+        A constructor exception (``SystemExit`` too) is recorded against the plugin (status
+        ``error``) and raised as :class:`PluginError`. The class stays registered: another
+        config may construct fine.
         """
         cls = self.device_classes.get(plugin_name)
         if cls is None:
@@ -370,7 +371,10 @@ class Registry:
             raise PluginError(f"device plugin {plugin_name!r} is not loaded{why}")
         try:
             return cls(config)
-        except Exception as exc:
+        except BaseException as exc:
+            # A constructor calling sys.exit() fails its device, not the host (see ends_the_host).
+            if ends_the_host(exc):
+                raise
             error = f"constructor raised {type(exc).__name__}: {exc}"
             _log().error("plugin %r: %s", plugin_name, error, exc_info=exc)
             self._record(plugin_name, error)

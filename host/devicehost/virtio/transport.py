@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import attrs
 
-from devicehost.errors import ConfigError, LifecycleError
+from devicehost.errors import ConfigError, DeviceError, LifecycleError, ends_the_host
 from devicehost.memory import DmaAllocator, GuestMemory
 from devicehost.virtio.doorbell import Doorbell
 from devicehost.virtio.driver import QueueSetup, VirtioDriver
@@ -189,7 +189,7 @@ def device_config_read(device: Device, traits: DeviceTraits, offset: int, size: 
         raise ValueError(f"config range {offset}+{size} is outside the 256-byte config space")
     reader = getattr(_device_object(device), "virtio_config_read", None)
     if reader is not None:
-        data = bytes(reader(offset, size))
+        data = bytes(_plugin_call(device, "virtio_config_read", reader, offset, size))
     else:
         data = traits.config[offset : offset + size]
     return data[:size].ljust(size, b"\0")
@@ -200,7 +200,18 @@ def device_config_write(device: Device, offset: int, data: bytes) -> None:
     none (the config space is read-only)."""
     writer = getattr(_device_object(device), "virtio_config_write", None)
     if writer is not None:
-        writer(offset, bytes(data))
+        _plugin_call(device, "virtio_config_write", writer, offset, bytes(data))
+
+
+def _plugin_call(device: Device, what: str, method: Any, *args: Any) -> Any:
+    """Call a device's own method; anything it raises but the host's cancellation (SystemExit
+    too) becomes a DeviceError, which the caller contains to this device."""
+    try:
+        return method(*args)
+    except BaseException as exc:
+        if ends_the_host(exc):
+            raise
+        raise DeviceError(f"device {device.name!r} failed in {what}: {exc}") from exc
 
 
 def build_queues(

@@ -12,6 +12,7 @@ import os
 import stat
 from typing import Final
 
+from devicehost.files import open_regular_file
 from devicehost_vmbfs.backing import FileError, FileErrorKind, FileInfo, file_error_from_os
 
 __all__ = ["InvalidFileName", "SingleFileBacking", "read_exact_at"]
@@ -65,8 +66,10 @@ class SingleFileBacking:
 
     @classmethod
     def open(cls, name: str, file: str | os.PathLike[str]) -> SingleFileBacking:
-        """Open ``file`` read-only and serve it as ``/<name>``."""
-        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        """Open ``file`` read-only and serve it as ``/<name>``. Anything but a regular file (a
+        FIFO, a device) is refused with :class:`devicehost.files.FileRefusedError` (an OSError)
+        without being opened for reading, so it cannot block the host."""
+        fd = open_regular_file(file)
         try:
             return cls(name, fd)
         except BaseException:
