@@ -428,3 +428,25 @@ anyio.run(main)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["running", "g"]
     assert journal.read_text().splitlines() == ["offer g", "open", "run from the venv", "close"]
+
+
+def test_create_device_contains_a_constructor_that_calls_sys_exit() -> None:
+    from devicehost.plugins import PluginInfo, Registry
+
+    class Exiting:
+        def __init__(self, config: Any) -> None:
+            sys.exit(7)
+
+    class Interrupting:
+        def __init__(self, config: Any) -> None:
+            raise KeyboardInterrupt
+
+    infos = [PluginInfo("exiting", "dh-exiting", "1", "loaded"),
+             PluginInfo("interrupting", "dh-interrupting", "1", "loaded")]
+    registry = Registry({"exiting": Exiting, "interrupting": Interrupting}, [], infos)
+    with pytest.raises(PluginError, match="constructor raised SystemExit: 7"):
+        registry.create_device("exiting", None)
+    assert one(registry.infos, "exiting").status == "error"
+    # The user's Ctrl-C is not a plugin failure: it still ends the host.
+    with pytest.raises(KeyboardInterrupt):
+        registry.create_device("interrupting", None)

@@ -81,7 +81,7 @@ import attrs
 
 from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
-from devicehost.errors import ConfigError, DeviceHostError, SavedStateError
+from devicehost.errors import ConfigError, DeviceHostError, SavedStateError, ends_the_host
 from devicehost.excerpt import excerpt
 from devicehost.files import FileRefusedError, read_regular_file
 from devicehost.gate import GuestGate
@@ -273,8 +273,11 @@ class Host:
             pm = new_device_manager(
                 instance, name, [*self.registry.cross_cutting, *self._cross_cutting]
             )
-        except Exception as exc:
-            self._record_failure(name, f"cannot build device: {exc}")
+        except BaseException as exc:  # a constructor's sys.exit() too: only this device fails
+            if ends_the_host(exc):
+                raise
+            why = str(exc) if isinstance(exc, DeviceHostError) else f"{type(exc).__name__}: {exc}"
+            self._record_failure(name, f"cannot build device: {why}")
             return None
         ctx = DeviceContext(
             name=name,

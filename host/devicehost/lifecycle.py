@@ -74,6 +74,22 @@ def new_device_manager(
     return pm
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message``; for an exception group, also what it holds (its first three leaves)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [exc]
+        while stack and len(leaves) < 3:
+            node = stack.pop(0)
+            if isinstance(node, BaseExceptionGroup):
+                stack[:0] = list(node.exceptions)
+            else:
+                leaves.append(node)
+        text += " [" + "; ".join(f"{type(e).__name__}: {e}" for e in leaves) + "]"
+    return text
+
+
 async def _await_maybe(value: Any) -> Any:
     if _inspect.isawaitable(value):
         return await value
@@ -119,7 +135,7 @@ class Device:
     # -- hook calls ------------------------------------------------------------------------------
 
     def _fail(self, hook: str, exc: BaseException) -> DeviceError:
-        self.failure = f"{hook}: {type(exc).__name__}: {exc}"
+        self.failure = f"{hook}: {_describe(exc)}"
         self.state = DeviceState.FAILED
         self.ctx.logger.error(
             "device %r failed in %s: %s", self.name, hook, exc, exc_info=exc
