@@ -134,3 +134,42 @@ def plugin_venv(tmp_path_factory: pytest.TempPathFactory, thirdparty: ModuleType
     wheels = [thirdparty.build_wheel(d, root) for d in thirdparty.CATALOG.values()]
     thirdparty.install_wheels(python, wheels)
     return python
+
+
+class BoundedCall:
+    """Calls a function that must not block on a FIFO, in a thread bounded by ``timeout``.
+
+    Returns the exception it raised (or None). If the call is still blocked after ``timeout``
+    seconds (in ``open()`` of the FIFO, say), the FIFO is opened for writing to release it and
+    the test fails: the code under test blocked.
+    """
+
+    def __call__(self, func: Any, fifo: Path, timeout: float = 30.0) -> BaseException | None:
+        import os
+        import threading
+
+        outcome: list[BaseException | None] = []
+
+        def target() -> None:
+            try:
+                func()
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # releases a reader blocked in open
+            os.close(fd)
+            thread.join(timeout)
+            pytest.fail(f"the call blocked on the FIFO {fifo} for {timeout} seconds")
+        return outcome[0]
+
+
+@pytest.fixture
+def call_bounded() -> BoundedCall:
+    """See :class:`BoundedCall`."""
+    return BoundedCall()

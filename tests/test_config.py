@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import pathlib
 import re
+import sys
 from typing import Any, Literal
 
 import attrs
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 
 from devicehost.config import (
     MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
     DeviceConfig,
     HostConfig,
     default_config,
@@ -347,3 +350,96 @@ def test_host_table_is_structured_with_precise_errors(tmp_path: pathlib.Path) ->
         parse_config("[host]\nallow_unsealed_memory = 1\n", registry_, "h.toml")
     with pytest.raises(ConfigError, match=r"h.toml: key 'host': write the host's settings as a"):
         parse_config("host = 3\n", registry_, "h.toml")
+
+
+# -- hostile files: FIFOs, deep nesting, huge values (issue 14: 5, 6, 8) -----------------------
+
+
+def test_a_fifo_config_is_refused_without_being_opened(
+    tmp_path: pathlib.Path, call_bounded: Any
+) -> None:
+    fifo = tmp_path / "host.toml"
+    os.mkfifo(fifo)
+    error = call_bounded(lambda: load_config(fifo, registry()), fifo)
+    assert isinstance(error, ConfigError)
+    assert str(error) == f"{fifo}: config file is not a regular file (a FIFO)"
+
+
+@pytest.mark.parametrize("depth", [MAX_CONFIG_DEPTH + 1, 500, 5000])
+@pytest.mark.parametrize("kind", ["array", "table"])
+def test_deep_nesting_is_a_config_error_naming_the_file(
+    tmp_path: pathlib.Path, depth: int, kind: str
+) -> None:
+    opening, closing = ("[", "]") if kind == "array" else ("{a=", "}")
+    path = tmp_path / "deep.toml"
+    path.write_text(f"x = {opening * depth}1{closing * depth}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, registry())
+    assert str(info.value) == f"{path}: nesting deeper than {MAX_CONFIG_DEPTH} levels"
+
+
+def test_nesting_up_to_the_limit_is_parsed() -> None:
+    nested = "[" * (MAX_CONFIG_DEPTH - 1) + "1" + "]" * (MAX_CONFIG_DEPTH - 1)
+    # Parsed and checked: the only complaint is the unknown key, not the nesting.
+    assert "unknown top-level key" in error(f"x = {nested}\n")
+
+
+def test_an_integer_too_long_to_convert_is_a_config_error() -> None:
+    message = error(f"[[device]]\nplugin = 'files'\nratio = {'9' * 5000}\n")
+    assert message.startswith("host.toml: not valid TOML: Exceeds the limit")
+    assert len(message) < 300
+
+
+def test_a_huge_value_is_echoed_shortened_with_what_was_cut() -> None:
+    message = error(f"[[device]]\nplugin = 'files'\nread_only = '{'a' * 100_000}'\n")
+    assert message == (
+        "host.toml: device 'files': key 'read_only': expected true or false, got str"
+        f" '{'a' * 60}…' (100000 characters, 99940 not shown)"
+    )
+    message = error(f"[[device]]\nplugin = '{'p' * 100_000}'\n")
+    assert "(100000 characters, 99940 not shown)" in message and len(message) < 400
+    message = error(f"[[device]]\nplugin = 'files'\n{'k' * 100_000} = 1\n")
+    assert "(100000 characters, 99940 not shown)" in message and len(message) < 600
+    message = error(f"[[device]]\nplugin = 'files'\nname = '{'n' * 100_000}'\n")
+    assert "of at most 64 characters" in message and len(message) < 400
+
+
+def test_a_validator_that_calls_sys_exit_is_a_config_error() -> None:
+    def leave(instance: Any, attribute: Any, value: Any) -> None:
+        sys.exit(3)
+
+    @attrs.frozen
+    class Exiting:
+        size: int = attrs.field(default=1, validator=leave)
+
+    with pytest.raises(ConfigError, match=r"^w: invalid settings: SystemExit: 3$"):
+        structure(Exiting, {}, "w")
+
+
+def _nested(depth: int, leaf: str, table: bool) -> str:
+    return ("{a=" if table else "[") * depth + leaf + ("}" if table else "]") * depth
+
+
+hostile_values = st.one_of(
+    st.builds(_nested, st.integers(0, 700), st.sampled_from(["1", "'x'", "[]", "{}"]),
+              st.booleans()),
+    st.integers(1, 6000).map(lambda n: "9" * n),
+    st.integers(0, 20_000).map(lambda n: "'" + "a" * n + "'"),
+    st.text(max_size=40).map(json.dumps),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["x", "root", "read_only", "names", "extra", "backing", "plugin", "name",
+                        "k" * 500]),
+       hostile_values, st.booleans())
+def test_fuzz_hostile_values_only_raise_bounded_config_errors(
+    key: str, value: str, in_device: bool
+) -> None:
+    head = "[[device]]\nplugin = 'files'\n" if in_device and key != "plugin" else (
+        "[[device]]\n" if in_device else "")
+    try:
+        parse_config(f"{head}{key} = {value}\n", registry(), source="fuzz.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.toml: ")
+        assert len(str(exc)) < 1000
