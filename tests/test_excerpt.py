@@ -11,7 +11,7 @@ from devicehost.excerpt import DEFAULT_LIMIT, bounded_message, excerpt
 
 
 def test_short_values_are_their_repr() -> None:
-    for value in ("short", b"\x00b", 42, -1, 1.5, True, None, [1, "a"], {"k": 1}):
+    for value in ("short", b"\x00b", 42, -1, 1.5, True, None, [1, "a"], {"k": 1}, (1,), ()):
         assert excerpt(value) == repr(value)
 
 
@@ -31,10 +31,12 @@ def test_deep_and_wide_containers_are_bounded() -> None:
     deep: Any = 1
     for _ in range(100_000):
         deep = [deep]
-    assert excerpt(deep) == "[[[[...]]]]"
-    wide = {f"key{i}": "v" * 1000 for i in range(1000)}
+    assert excerpt(deep) == "[[[[…]]]]"
+    assert excerpt(["a" * 100_000, 2, 3, 4, 5, 6]) == (
+        f"['{'a' * 20}…' (100000 characters, 99980 not shown), 2, 3, 4, … 2 more]")
+    wide = {f"key{i}": ["v" * 1000] * 10 for i in range(1000)}
     text = excerpt(wide)
-    assert len(text) < DEFAULT_LIMIT + 80 and "characters in its shortened form" in text
+    assert len(text) <= 3 * DEFAULT_LIMIT + 130 and "characters in its shortened form" in text
 
 
 def test_bounded_message_keeps_short_messages_and_cuts_long_ones() -> None:
@@ -52,4 +54,4 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(json_values, st.integers(1, 200))
 def test_any_value_gives_a_bounded_excerpt(value: Any, limit: int) -> None:
-    assert len(excerpt(value, limit)) <= limit + 80
+    assert len(excerpt(value, limit)) <= 3 * limit + 130

@@ -313,3 +313,106 @@ states = st.builds(
 def test_fuzz_round_trip(state: State) -> None:
     (entry,) = decode_envelope_untrusted(envelope_of(("dev", "plug", state)))
     assert decode_state_untrusted(entry, State) == state
+
+
+# -- bounded echoes of hostile values (issue 14: 8) ---------------------------------------------
+
+HUGE = "a" * 100_000
+CUT = f"'{'a' * 60}…' (100000 characters, 99940 not shown)"
+NESTED_CUT = f"'{'a' * 20}…' (100000 characters, 99980 not shown)"
+
+
+def _error(data: bytes, expected: type | None = None) -> str:
+    with pytest.raises(SavedStateError) as info:
+        (entry,) = decode_envelope_untrusted(data)
+        decode_state_untrusted(entry, expected)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("where", "value", "message"), [
+    ("phase", HUGE, f"device 'files': tests.SavedState.phase: {CUT} is not a Phase value"),
+    ("format", HUGE, f"saved state: not a devicehost saved-state file (format {CUT}, expected"),
+    ("version", HUGE, f"saved state: envelope version {CUT} is not supported"),
+    ("field", HUGE, f"device 'files': tests.SavedState: unknown field {CUT} for State"),
+    ("envelope_key", HUGE, f"saved state: unknown keys [{NESTED_CUT}]"),
+    ("entry_key", HUGE, f"saved state: devices[0]: unknown keys [{NESTED_CUT}]"),
+    ("duplicate", HUGE, f"saved state: duplicate key {CUT}"),
+])
+def test_hostile_values_are_echoed_shortened(where: str, value: str, message: str) -> None:
+    document = json.loads(envelope_of(("files", "vmbfs", sample())))
+    entry = document["devices"][0]
+    if where == "phase":
+        entry["payload"]["phase"] = value
+    elif where in ("format", "version"):
+        document[where] = value
+    elif where == "field":
+        entry["payload"][value] = 1
+    elif where == "envelope_key":
+        document[value] = 1
+    elif where == "entry_key":
+        entry[value] = 1
+    data = json.dumps(document).encode()
+    if where == "duplicate":
+        data = b'{"' + value.encode() + b'": 1, "' + value.encode() + b'": 2}'
+    text = _error(data, State)
+    assert message in text
+    assert len(text) < 400
+
+
+def test_many_unknown_keys_are_listed_bounded() -> None:
+    document = json.loads(envelope(**{f"k{i:06}": 1 for i in range(10_000)}))
+    text = _error(json.dumps(document).encode())
+    assert text.startswith("saved state: unknown keys ['k000000', 'k000001'")
+    assert len(text) < 400
+
+
+def test_a_validator_quoting_the_whole_value_is_cut() -> None:
+    @saved_state("tests.Checked", 1)
+    @attrs.frozen
+    class Checked:
+        text: str = attrs.field(validator=attrs.validators.matches_re("^ok$"))
+
+    data = json.dumps({"format": "devicehost-saved-state", "version": 1, "devices": [
+        {"device": "d", "plugin": "p", "type": "tests.Checked", "type_version": 1,
+         "payload": {"text": HUGE}}]}).encode()
+    text = _error(data, Checked)
+    assert "Checked rejected the value: (\"'text' must match regex" in text
+    assert "not shown)" in text and len(text) < 400
+
+
+def test_deep_payload_handed_in_without_an_envelope_is_a_saved_state_error() -> None:
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    entry = SavedEntry("d", "p", "tests.SavedState", 3, {"inners": deep})
+    with pytest.raises(SavedStateError, match="tests.SavedState"):
+        decode_state_untrusted(entry, State)
+
+
+hostile_json = st.one_of(
+    json_values,
+    st.integers(0, 300_000).map(lambda n: "x" * n),
+    st.integers(0, 2000).map(lambda n: [[]] * n),
+    st.integers(0, 10**6).map(lambda n: {"k" * (n % 5000): n}),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hostile_json, st.sampled_from(["payload", "inners", "pairs", "phase", "note", "device",
+                                      "type", "format", "version", "type_version"]))
+def test_fuzz_hostile_values_only_raise_bounded_saved_state_errors(
+    value: Any, where: str
+) -> None:
+    document = json.loads(envelope_of(("files", "vmbfs", sample())))
+    entry = document["devices"][0]
+    if where in ("format", "version"):
+        document[where] = value
+    elif where in ("payload", "device", "type", "type_version"):
+        entry[where] = value
+    else:
+        entry["payload"][where] = value
+    try:
+        (decoded,) = decode_envelope_untrusted(json.dumps(document).encode())
+        decode_state_untrusted(decoded, State)
+    except SavedStateError as exc:
+        assert len(str(exc)) < 600
