@@ -92,16 +92,15 @@ async def test_shut_fails_waiting_and_later_requests() -> None:
 async def test_nested_passages_and_bypasses_never_wait() -> None:
     gate = GuestGate()
     with anyio.fail_after(30):
-        async with gate.passage("close primary"):
-            # A quiesce begun while a guest request is inside closes the gate; the request's own
-            # nested calls (closing its subchannels) still go through, so the quiesce can end.
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(gate.quiesce)
-                await anyio.wait_all_tasks_blocked()
-                assert not gate.is_open
-                async with gate.passage("close subchannel"):
-                    pass
-                tg.cancel_scope.cancel()
+        # A quiesce begun while a guest request is inside closes the gate; the request's own
+        # nested calls (closing its subchannels) still go through, so the quiesce can end.
+        async with gate.passage("close primary"), anyio.create_task_group() as tg:
+            tg.start_soon(gate.quiesce)
+            await anyio.wait_all_tasks_blocked()
+            assert not gate.is_open
+            async with gate.passage("close subchannel"):
+                pass
+            tg.cancel_scope.cancel()
         with gate.bypass():
             async with gate.passage("revoke by the host"):
                 assert gate.waiting == 0

@@ -112,21 +112,22 @@ async def test_a_guest_open_held_at_a_saved_host_fails_when_the_host_closes(
     HOOKS.clear()
     errors: list[BaseException] = []
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            async with open_host(REGISTRY, vmbfs_config(tmp_path)) as host:
-                client = VmbusClient(host.transport(VmbusTransport).server,
-                                     host.transport(VmbusTransport).allocator)
-                offer = await client.wait_offer(lambda o: True)
-                await host.save()
+        async with anyio.create_task_group() as tg, open_host(
+            REGISTRY, vmbfs_config(tmp_path)
+        ) as host:
+            client = VmbusClient(host.transport(VmbusTransport).server,
+                                 host.transport(VmbusTransport).allocator)
+            offer = await client.wait_offer(lambda o: True)
+            await host.save()
 
-                async def guest_open() -> None:
-                    try:
-                        await client.open(offer)
-                    except ChannelRequestError as exc:
-                        errors.append(exc)
+            async def guest_open() -> None:
+                try:
+                    await client.open(offer)
+                except ChannelRequestError as exc:
+                    errors.append(exc)
 
-                tg.start_soon(guest_open)
-                await host.gate.until_waiting(1)
-            # The host closed: the held open is refused, and the device never ran.
+            tg.start_soon(guest_open)
+            await host.gate.until_waiting(1)
+        # The host closed: the held open is refused, and the device never ran.
     assert len(errors) == 1
     assert HOOKS == []

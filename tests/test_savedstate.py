@@ -385,7 +385,7 @@ def test_deep_payload_handed_in_without_an_envelope_is_a_saved_state_error() -> 
     for _ in range(100_000):
         deep = [deep]
     entry = SavedEntry("d", "p", "tests.SavedState", 3, {"inners": deep})
-    with pytest.raises(SavedStateError, match="tests.SavedState"):
+    with pytest.raises(SavedStateError, match=r"tests\.SavedState"):
         decode_state_untrusted(entry, State)
 
 

@@ -60,7 +60,8 @@ def _render(value: object, limit: int, depth: int) -> str:
             return f"<{kind} integer of {value.bit_length()} bits, not shown>"
         return repr(value)
     if isinstance(value, list | tuple | dict):
-        opening, closing = {list: "[]", tuple: "()"}.get(type(value), "{}")
+        brackets = {list: "[]", tuple: "()"}.get(type(value), "{}")
+        opening, closing = brackets[0], brackets[1]
         if depth >= _MAX_DEPTH:
             return f"{opening}…{closing}"
         items = list(value.items()) if isinstance(value, dict) else list(value[:_MAX_ITEMS])
