@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from devicehost import files
 from devicehost.files import FileRefusedError, open_regular_file, read_regular_file
 
 
@@ -67,7 +66,7 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_without_blocking(
     def stat_says_regular(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
         return regular if Path(path) == fifo else real_stat(path, *args, **kwargs)
 
-    monkeypatch.setattr(files.os, "stat", stat_says_regular)
+    monkeypatch.setattr(os, "stat", stat_says_regular)
     fds_before = set(os.listdir("/proc/self/fd"))
     error = call_bounded(lambda: open_regular_file(fifo), fifo)
     assert isinstance(error, FileRefusedError) and "a FIFO" in str(error)
@@ -97,7 +96,7 @@ def test_a_file_that_grows_while_read_is_refused(
             path.write_bytes(b"x" * 1000)  # grows right after its size was read
         return result
 
-    monkeypatch.setattr(files.os, "fstat", fstat_before_growth)
+    monkeypatch.setattr(os, "fstat", fstat_before_growth)
     with pytest.raises(FileRefusedError, match="it grew while read"):
         read_regular_file(path, 100)
 
