@@ -337,3 +337,42 @@ def test_run_refuses_a_bad_state_file_and_serves_nothing(tmp_path: Path) -> None
             " the host does not start") in proc.stderr
     assert "serving" not in proc.stderr
     assert state.read_bytes().startswith(b'{"format"')  # left as it was
+
+
+def _run_bounded(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # A FIFO that were opened for reading would block the command for good: the timeout kills
+    # (and reaps) it, and the test fails with TimeoutExpired.
+    return subprocess.run([*devicehost_command(), *argv], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_run_refuses_a_fifo_config_or_state_file_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    config = tmp_path / "host.toml"
+    config.write_text('[[device]]\nplugin = "intercept"\nname = "relay"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEHOST_")}
+    env["DEVICEHOST_LOAD_PLUGINS"] = "intercept"
+
+    proc = _run_bounded(["run", "--config", str(fifo)], env)
+    assert proc.returncode == 1
+    assert f"devicehost: error: {fifo}: config file is not a regular file (a FIFO)" in proc.stderr
+
+    proc = _run_bounded(["run", "--config", str(config), "--state", str(fifo)], env)
+    assert proc.returncode == 2
+    assert (f"devicehost: error: {fifo}: cannot read the saved state: not a regular file"
+            " (a FIFO)") in proc.stderr
+    assert "serving" not in proc.stderr
+
+
+def test_run_serves_the_other_devices_beside_a_vmbfs_file_that_is_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "hive"
+    os.mkfifo(fifo)
+    config = tmp_path / "host.toml"
+    config.write_text(STATE_CONFIG.format(hive=fifo))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEHOST_")}
+    env["DEVICEHOST_LOAD_PLUGINS"] = "vmbfs,intercept"
+    output = run_until_sigterm([*devicehost_command(), "run", "--config", str(config)], env,
+                               "serving relay")
+    assert "not a regular file (a FIFO)" in output
+    assert "device 'fs' is not served" in output

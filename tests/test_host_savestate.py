@@ -25,6 +25,7 @@ from devicehost.host import (
     NotSaved,
     open_host,
     read_state_file,
+    remove_stale_temporaries,
     run_host,
     write_state_file,
 )
@@ -405,3 +406,86 @@ async def test_run_host_fails_when_the_state_cannot_be_written(
     state = tmp_path / "state.json"
     assert await _serve_until_sigterm(config(("a", "counter")), state) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- hostile state files: FIFOs, and temporaries left by a killed save (issue 14: 5, 9) ---------
+
+
+def test_a_fifo_state_file_is_refused_without_being_opened(
+    tmp_path: Path, call_bounded: Any
+) -> None:
+    fifo = tmp_path / "state.json"
+    os.mkfifo(fifo)
+    error = call_bounded(lambda: read_state_file(fifo), fifo)
+    assert isinstance(error, SavedStateError)
+    assert str(error) == f"{fifo}: cannot read the saved state: not a regular file (a FIFO)"
+
+
+_KILLED_WRITER = """
+import os, sys
+from devicehost.host import write_state_file
+real_fsync = os.fsync
+def fsync_then_wait(fd):
+    print("written", flush=True)
+    sys.stdin.read()  # the parent kills us here, between the write and the rename
+os.fsync = fsync_then_wait
+write_state_file(sys.argv[1], b"x" * (14 << 20))
+"""
+
+
+def _save_killed_midway(state: Path) -> Path:
+    """Run write_state_file in a child killed by SIGKILL after writing its temporary."""
+    import subprocess
+    import sys
+
+    before = set(state.parent.iterdir())
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(state)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"written\n"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+    (tmp,) = set(state.parent.iterdir()) - before
+    assert tmp.stat().st_size == 14 << 20
+    return tmp
+
+
+async def test_run_host_removes_the_temporary_of_a_save_killed_midway(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    write_state_file(state, encode_envelope([entry_for("a", "counter", CounterState(4, 1))]))
+    tmp = _save_killed_midway(state)
+    assert await _serve_until_sigterm(config(("a", "counter")), state) == 0
+    assert not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    (entry,) = decode_envelope_untrusted(state.read_bytes())
+    assert decode_state_untrusted(entry, CounterState) == CounterState(4, 2)
+
+
+def test_only_stale_temporaries_of_that_state_file_are_removed(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    dead = _save_killed_midway(state)
+    hex16 = "0123456789abcdef"
+    keep = [
+        f".state.json.{os.getpid()}.{hex16}.tmp",  # this process's own (a save in progress)
+        f".state.json.1.{hex16}.tmp",  # pid 1 runs: its writer may still be saving
+        f".other.json.{dead.name.split('.')[3]}.{hex16}.tmp",  # another state file's
+        f".state.json.x.{hex16}.tmp",  # not the pattern
+        f".state.json.99999999999.{hex16}.tmp",  # not a pid
+        "state.json.tmp",
+    ]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"keep")
+    link = tmp_path / dead.name.replace(dead.name.split(".")[4], "f" * 16)
+    link.symlink_to(tmp_path / "state.json.tmp")  # a symlink is never removed
+    removed = remove_stale_temporaries(state)
+    assert removed == [dead] and not dead.exists()
+    assert all((tmp_path / name).exists() for name in keep) and link.is_symlink()
+    # The next save removes them too.
+    dead = _save_killed_midway(state)
+    write_state_file(state, b"{}")
+    assert not dead.exists() and state.read_bytes() == b"{}"
