@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+import threading
 from pathlib import Path
 
 import anyio
@@ -91,6 +93,8 @@ def test_root_config(tmp_path: Path) -> None:
         (VmbfsConfig(file="/x", root="/y"), "not both"),
         (VmbfsConfig(file="/nonexistent/vmbfs-hive"), "'file'"),
         (VmbfsConfig(root="/nonexistent/vmbfs-root"), "'root'"),
+        (VmbfsConfig(file="/dev/zero"), r"'file'.*not a regular file \(a character device\)"),
+        (VmbfsConfig(root="/dev/null"), "'root'.*Not a directory"),
     ],
 )
 def test_bad_configs_are_config_errors(config: VmbfsConfig, words: str) -> None:
@@ -178,3 +182,34 @@ def test_the_docs_page_lists_every_config_key_with_its_default() -> None:
     page = (Path(__file__).resolve().parents[3] / "docs" / "plugins" / "vmbfs.md").read_text()
     for field in attrs.fields(VmbfsConfig):
         assert f'| `{field.name}` | `"{field.default}"` |' in page, field.name
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("file", "'file' .* cannot be served: .*not a regular file (a FIFO)"),
+    ("root", "'root' .* cannot be served: .*Not a directory"),
+])
+def test_a_fifo_file_or_root_is_a_config_error_at_once(
+    tmp_path: Path, key: str, message: str
+) -> None:
+    # A FIFO as 'root' is refused by O_DIRECTORY, as 'file' by its kind: neither is opened for
+    # reading, so neither blocks.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            VmbfsDevice(VmbfsConfig(**{key: str(fifo)}))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # blocked in open(): release it, and fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(30)
+        pytest.fail(f"a FIFO as vmbfs {key!r} blocked the device's construction")
+    (error,) = errors
+    assert isinstance(error, ConfigError)
+    assert re.search(message.replace("(", r"\(").replace(")", r"\)"), str(error)), error

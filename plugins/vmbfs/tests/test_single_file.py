@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from devicehost.files import FileRefusedError
 from devicehost_vmbfs.backing import FileError, FileErrorKind, FileInfo
 from devicehost_vmbfs.single_file import InvalidFileName, SingleFileBacking
 
@@ -30,8 +32,32 @@ def test_names_with_separators_are_refused(tmp_path: Path, name: str) -> None:
 
 
 def test_only_regular_files_are_served(tmp_path: Path) -> None:
-    with pytest.raises(InvalidFileName):
+    with pytest.raises(FileRefusedError, match=r"not a regular file \(a directory\)"):
         SingleFileBacking.open("d", tmp_path)
+    with pytest.raises(FileRefusedError, match=r"not a regular file \(a character device\)"):
+        SingleFileBacking.open("d", "/dev/zero")
+
+
+def test_a_fifo_is_refused_without_being_opened_for_reading(tmp_path: Path) -> None:
+    fifo = tmp_path / "hive"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            SingleFileBacking.open("imc.hiv", fifo)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # blocked in open(): release it, and fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(30)
+        pytest.fail("opening a FIFO as the vmbfs file blocked")
+    (error,) = errors
+    assert isinstance(error, FileRefusedError) and error.strerror == "not a regular file (a FIFO)"
 
 
 def test_file_info(backing: SingleFileBacking) -> None:
