@@ -26,6 +26,7 @@ import os
 import stat
 from typing import Final
 
+from devicehost.excerpt import excerpt
 from devicehost_vmbfs.backing import FileError, FileErrorKind, FileInfo, file_error_from_os
 from devicehost_vmbfs.single_file import read_exact_at
 
@@ -40,7 +41,7 @@ def _components(path: str) -> list[str]:
 
 
 def _not_found(path: str, why: str) -> FileError:
-    return FileError(FileErrorKind.NOT_FOUND, f"{path!r}: {why}")
+    return FileError(FileErrorKind.NOT_FOUND, f"{excerpt(path)}: {why}")
 
 
 class DirectoryBacking:

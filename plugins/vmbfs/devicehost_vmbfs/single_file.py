@@ -12,6 +12,7 @@ import os
 import stat
 from typing import Final
 
+from devicehost.excerpt import excerpt
 from devicehost.files import open_regular_file
 from devicehost_vmbfs.backing import FileError, FileErrorKind, FileInfo, file_error_from_os
 
@@ -83,7 +84,7 @@ class SingleFileBacking:
 
     def _check(self, path: str) -> None:
         if path != self._path:
-            raise FileError(FileErrorKind.NOT_FOUND, f"{path!r} is not {self._path!r}")
+            raise FileError(FileErrorKind.NOT_FOUND, f"{excerpt(path)} is not {self._path!r}")
 
     def file_info(self, path: str) -> FileInfo:
         self._check(path)

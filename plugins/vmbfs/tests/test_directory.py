@@ -193,3 +193,11 @@ def test_lookups_leak_no_file_descriptors(backing: DirectoryBacking) -> None:
             with contextlib.suppress(FileError):
                 read_all(backing, path)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_long_refused_guest_path_is_echoed_shortened(backing: DirectoryBacking) -> None:
+    with pytest.raises(FileError) as info:
+        backing.file_info("../" + "a" * 6000)
+    assert info.value.kind is FileErrorKind.NOT_FOUND
+    assert "(6003 characters, 5943 not shown)" in str(info.value)
+    assert len(str(info.value)) < 200

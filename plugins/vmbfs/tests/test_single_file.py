@@ -103,3 +103,10 @@ def test_empty_read_anywhere_seekable_succeeds(backing: SingleFileBacking) -> No
     with pytest.raises(FileError) as info:
         backing.read_file("/imc.hiv", 2**63, bytearray())
     assert info.value.kind is FileErrorKind.ERROR
+
+
+def test_a_long_guest_path_is_echoed_shortened(backing: SingleFileBacking) -> None:
+    with pytest.raises(FileError) as info:
+        backing.file_info("/" + "a" * 6000)
+    assert "(6001 characters, 5941 not shown)" in str(info.value)
+    assert len(str(info.value)) < 200
