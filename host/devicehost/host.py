@@ -8,8 +8,11 @@ and left out (or marked failed); the other devices keep serving.
 Save and restore
 ----------------
 
-:meth:`Host.save` stops every running device (last added first) and returns ONE saved-state
-envelope (:mod:`devicehost.savedstate`). Its entries, in this order:
+:meth:`Host.save` quiesces the host (guest requests wait at :attr:`Host.gate`, a
+:class:`~devicehost.gate.GuestGate`, so that nothing runs between the save and the restore), stops
+every running device (last added first) and returns ONE saved-state envelope
+(:mod:`devicehost.savedstate`). :meth:`Host.resume` undoes it; closing the host fails the held
+requests. Its entries, in this order:
 
 ==================  ==========  ================================================================
 ``device``          ``plugin``  ``type`` and payload
