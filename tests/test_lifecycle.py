@@ -361,3 +361,54 @@ async def test_run_that_swallows_cancellation_is_stopped_not_done() -> None:
         await fake.wait_started()
         await device.close()
     assert fake.events[2:5] == ["run 1.1", "cancelled 1.1", "run 1.2"]
+
+
+class Exiting(Fake):
+    """Fails the hooks in ``fail`` with SystemExit, as a plugin calling sys.exit() would."""
+
+    def _maybe_fail(self, hook: str) -> None:
+        if hook in self.fail:
+            raise SystemExit(f"{hook} called sys.exit")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hook", ["offer", "open", "close", "save_open", "inspect"])
+async def test_system_exit_from_any_hook_fails_only_the_device(hook: str) -> None:
+    async with group() as tg:
+        device = make(tg, Exiting(fail=frozenset({hook})))
+        if hook == "offer":
+            with pytest.raises(DeviceError, match=r"offer called sys\.exit"):
+                await device.offer()
+            assert device.failure == "offer: SystemExit: offer called sys.exit"
+            return
+        await device.offer()
+        if hook == "open":
+            with pytest.raises(DeviceError, match=r"open called sys\.exit"):
+                await device.open(device.offer_value)
+            assert state_of(device) is DeviceState.FAILED
+            return
+        await device.open(device.offer_value)
+        if hook == "close":
+            await device.close()
+            assert state_of(device) is DeviceState.FAILED
+            assert device.failure == "close: SystemExit: close called sys.exit"
+        elif hook == "save_open":
+            await device.stop()
+            with pytest.raises(DeviceError, match=r"save_open called sys\.exit"):
+                await device.save()
+        else:
+            tree = await device.inspect()
+            assert tree["inspect_error"] == "SystemExit: inspect called sys.exit"
+
+
+@pytest.mark.anyio
+async def test_keyboard_interrupt_from_a_hook_still_ends_the_caller() -> None:
+    class Interrupting(Fake):
+        def _maybe_fail(self, hook: str) -> None:
+            if hook in self.fail:
+                raise KeyboardInterrupt
+
+    async with group() as tg:
+        device = make(tg, Interrupting(fail=frozenset({"offer"})))
+        with pytest.raises(KeyboardInterrupt):
+            await device.offer()

@@ -205,3 +205,33 @@ def test_pop_many_rings_the_error_doorbell_when_the_queue_breaks() -> None:
     queue = _queue_with([3], None)  # no error doorbell: raises all the same
     with pytest.raises(QueueError, match="descriptor loop"):
         queue.pop_many()
+
+
+class _ExitingConfig(EchoDevice):
+    """Its config-space methods call sys.exit(), as a broken plugin might."""
+
+    def virtio_config_read(self, offset: int, size: int) -> bytes:
+        raise SystemExit(5)
+
+    def virtio_config_write(self, offset: int, data: bytes) -> None:
+        raise SystemExit(6)
+
+
+def test_a_config_method_that_calls_sys_exit_is_a_device_error() -> None:
+    import logging
+
+    from devicehost import DeviceContext, DeviceError, new_device_manager
+    from devicehost.virtio.transport import device_config_read, device_config_write
+
+    async def check() -> None:
+        async with anyio.create_task_group() as tg:
+            ctx = DeviceContext("cfg", "echo", None, logging.getLogger("test.cfg"))
+            plugin = _ExitingConfig(EchoConfig())
+            device = Device(ctx, new_device_manager(plugin, "cfg"), tg)
+            traits = plugin.offer(ctx)
+            with pytest.raises(DeviceError, match="failed in virtio_config_read: 5"):
+                device_config_read(device, traits, 0, 4)
+            with pytest.raises(DeviceError, match="failed in virtio_config_write: 6"):
+                device_config_write(device, 0, b"\0")
+
+    anyio.run(check)
