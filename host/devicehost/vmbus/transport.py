@@ -31,6 +31,7 @@ anew (its guest sees a rescind and a new offer).
 from __future__ import annotations
 
 import logging
+import typing
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -91,6 +92,24 @@ class _ChannelDevice:
             return STATUS_SUCCESS
 
 
+class _HostSideServer:
+    """The server as a client inside the host sees it (the intercept relay, a VMBus client
+    device of this host): its requests are the host's own, so they pass the guest gate. A relay
+    stopped by :meth:`devicehost.host.Host.save` closes the channels it opened; held at the gate
+    of the host saving it, that close would never end."""
+
+    def __init__(self, server: VmbusServer, gate: GuestGate) -> None:
+        self._server = server
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    async def request(self, channel_id: int, request: Any) -> Any:
+        with self._gate.bypass():
+            return await self._server.request(channel_id, request)
+
+
 class VmbusTransport:
     """Serves VMBus devices on the host's in-process VMBus server."""
 
@@ -117,6 +136,13 @@ class VmbusTransport:
         client = VmbusClient(self.server, self.allocator)
         self._clients.append(client)
         return client
+
+    def host_client(self, *, see_hidden: bool = False) -> VmbusClient:
+        """A client for a device of this host that is itself a VMBus client (the intercept
+        relay). Unlike a guest's, its requests are never held at the guest gate. Its owner closes
+        it."""
+        server = typing.cast(VmbusServer, _HostSideServer(self.server, self.gate))
+        return VmbusClient(server, self.allocator, see_hidden=see_hidden)
 
     def handle_of(self, device: Device) -> ChannelHandle:
         """The server handle of a served device (KeyError if it is not served here)."""

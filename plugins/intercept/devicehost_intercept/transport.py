@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from devicehost.errors import ConfigError
-from devicehost.vmbus.client import VmbusClient
 from devicehost.vmbus.protocol import InterceptClaim
 from devicehost.vmbus.transport import VmbusTransport
 from devicehost_intercept.relay import ChannelRelay
@@ -42,7 +41,7 @@ class InterceptTransport:
         """The host's relay, made and started on first use."""
         if self._relay is None:
             vmbus = self.host.transport(VmbusTransport)
-            client = VmbusClient(vmbus.server, vmbus.allocator, see_hidden=True)
+            client = vmbus.host_client(see_hidden=True)  # the host's own: not held at the gate
             relay = ChannelRelay(client)
             await self.host.task_group.start(relay.serve)
             self._relay = relay
