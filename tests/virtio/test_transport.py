@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import anyio
 import pytest
@@ -235,3 +236,26 @@ def test_a_config_method_that_calls_sys_exit_is_a_device_error() -> None:
                 device_config_write(device, 0, b"\0")
 
     anyio.run(check)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_driver_start_after_a_host_save_waits_until_resume() -> None:
+    with anyio.fail_after(30):
+        async with host_with({"echo": EchoDevice}) as host:
+            transport = host.transport(VirtioTransport)
+            device = host.devices["echo"]
+            await host.save()
+            drivers: list[Any] = []
+
+            async def start() -> None:
+                drivers.append(await transport.connect_driver("echo", queue_size=16))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(start)
+                await host.gate.until_waiting(1)
+                await anyio.wait_all_tasks_blocked()
+                assert drivers == [] and state_of(device) is DeviceState.OFFERED
+                await host.resume()
+            assert state_of(device) is DeviceState.RUNNING
+            await drivers[0].reset()

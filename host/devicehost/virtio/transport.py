@@ -31,6 +31,7 @@ import anyio
 import attrs
 
 from devicehost.errors import ConfigError, DeviceError, LifecycleError, ends_the_host
+from devicehost.gate import GuestGate
 from devicehost.memory import DmaAllocator, GuestMemory
 from devicehost.virtio.doorbell import Doorbell
 from devicehost.virtio.driver import QueueSetup, VirtioDriver
@@ -251,10 +252,13 @@ class VirtioSavedState:
 class _InProcessLink:
     """The device side of an in-process driver (implements ``driver.DeviceLink``)."""
 
-    def __init__(self, device: Device, traits: DeviceTraits, memory: GuestMemory) -> None:
+    def __init__(self, device: Device, traits: DeviceTraits, memory: GuestMemory,
+                 gate: GuestGate | None = None) -> None:
         self.device = device
         self.traits = traits
         self.memory = memory
+        #: The host's guest gate: the driver's start and reset wait there while the host is saved.
+        self.gate = gate if gate is not None else GuestGate()
         self.resources: QueueResources | None = None
         self.setups: tuple[QueueSetup, ...] = ()
 
@@ -282,13 +286,15 @@ class _InProcessLink:
             raise ValueError(f"the device has {self.traits.queue_count} queues, not {len(queues)}")
         resources = QueueResources(build_queues(self.memory, features, queues), features,
                                    self.memory)
-        await self.device.open(resources)
+        async with self.gate.passage(f"driver start of device {self.device.name!r}"):
+            await self.device.open(resources)
         self.resources = resources
         self.setups = tuple(queues)
 
     async def reset(self) -> None:
         self.resources = None
-        await self.device.close()
+        async with self.gate.passage(f"driver reset of device {self.device.name!r}"):
+            await self.device.close()
 
     async def save(self) -> VirtioSavedState:
         if self.resources is None:
@@ -446,7 +452,8 @@ class VirtioTransport:
             raise LifecycleError(f"no virtio device {device_name!r} is served in process")
         if served.scope is not None:
             raise LifecycleError(f"device {device_name!r} is served over vhost-user")
-        link = _InProcessLink(served.device, served.traits, self.memory)
+        link = _InProcessLink(served.device, served.traits, self.memory,
+                              getattr(self.host, "gate", None))
         driver = VirtioDriver(link, self.memory, self.allocator)
         await driver.start(queue_size=queue_size, features=features)
         served.link = link
