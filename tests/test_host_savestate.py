@@ -489,3 +489,17 @@ def test_only_stale_temporaries_of_that_state_file_are_removed(tmp_path: Path) -
     dead = _save_killed_midway(state)
     write_state_file(state, b"{}")
     assert not dead.exists() and state.read_bytes() == b"{}"
+
+
+def test_a_huge_guid_in_the_saved_vmbus_state_is_echoed_shortened() -> None:
+    saved = encode_envelope([entry_for(VMBUS_ENTRY, "host", ServerSavedState((
+        SavedChannel("a" * 100_000, str(INST), 0, 5, ()),)))])
+    with pytest.raises(SavedStateError) as info:
+        anyio.run(_open_or_refuse_strictly, saved)
+    assert "(100000 characters, 99940 not shown): a GUID has 36 characters" in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+async def _open_or_refuse_strictly(data: bytes) -> None:
+    async with open_host(REGISTRY, config(("a", "counter")), saved=data):
+        pass

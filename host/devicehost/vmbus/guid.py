@@ -23,6 +23,8 @@ from typing import ClassVar, Final
 
 import attrs
 
+from devicehost.excerpt import excerpt
+
 __all__ = ["Guid", "GuidError", "GuidErrorKind"]
 
 # Byte layout: data1 u32 LE @0, data2 u16 LE @4, data3 u16 LE @6, data4 8 bytes @8.
@@ -96,7 +98,7 @@ class Guid:
             body = text
         else:
             raise GuidError(
-                GuidErrorKind.LENGTH, f"{text!r}: a GUID has 36 characters (38 in braces)"
+                GuidErrorKind.LENGTH, f"{excerpt(text)}: a GUID has 36 characters (38 in braces)"
             )
         for i, ch in enumerate(body):
             if i in _HYPHENS:
