@@ -30,6 +30,11 @@ from devicehost.errors import LifecycleError
 
 __all__ = ["GateShutError", "GuestGate"]
 
+#: The gates the current task (and the tasks it starts) holds a passage or a bypass of.
+_HOLDING: contextvars.ContextVar[tuple[GuestGate, ...]] = contextvars.ContextVar(
+    "devicehost_gates_held", default=()
+)
+
 
 class GateShutError(LifecycleError):
     """Raised to a guest request that waited at (or reached) the gate of a host that is closing."""
@@ -46,10 +51,6 @@ class GuestGate:
         self._waiting = 0
         self._arrived = anyio.Event()
         self._idle: anyio.Event | None = None
-        # Set in the task (and its children) that holds a passage or a bypass.
-        self._holder: contextvars.ContextVar[bool] = contextvars.ContextVar(
-            "devicehost_gate_holder", default=False
-        )
 
     @property
     def is_open(self) -> bool:
@@ -76,7 +77,8 @@ class GuestGate:
     async def passage(self, what: str) -> AsyncIterator[None]:
         """Enter for guest request ``what`` (waits while the gate is closed); raises
         :class:`GateShutError` if the host is closing."""
-        if self._holder.get():
+        held = _HOLDING.get()
+        if self in held:
             yield
             return
         if not self._opened.is_set():
@@ -91,11 +93,11 @@ class GuestGate:
         if self._shut:
             raise GateShutError(f"{what}: the host is closing")
         self._inside += 1
-        token = self._holder.set(True)
+        token = _HOLDING.set((*held, self))
         try:
             yield
         finally:
-            self._holder.reset(token)
+            _HOLDING.reset(token)
             self._inside -= 1
             if self._inside == 0 and self._idle is not None:
                 self._idle.set()
@@ -103,11 +105,11 @@ class GuestGate:
     @contextmanager
     def bypass(self) -> Iterator[None]:
         """Run a host operation that may call through a guest-facing path (it never waits)."""
-        token = self._holder.set(True)
+        token = _HOLDING.set((*_HOLDING.get(), self))
         try:
             yield
         finally:
-            self._holder.reset(token)
+            _HOLDING.reset(token)
 
     async def quiesce(self) -> None:
         """Close the gate and wait until no guest request is inside."""
