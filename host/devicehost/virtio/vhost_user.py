@@ -569,6 +569,7 @@ class VhostUserBackend:
         target = HEADER.size
         header: Header | None = None
         deadline = anyio.current_time() + limit if handshake else math.inf
+        raw_socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         while True:
             if header is None and len(data) == HEADER.size:
                 header = decode_header_untrusted(data)
@@ -577,6 +578,9 @@ class VhostUserBackend:
                 assert header is not None
                 return header, data[HEADER.size :]
             with anyio.CancelScope(deadline=deadline) as scope:
+                # Wait here rather than inside receive_fds: anyio's own wait there does not
+                # survive a cancellation that coincides with the socket turning readable.
+                await anyio.wait_readable(raw_socket)
                 try:
                     chunk, new_fds = await stream.receive_fds(target - len(data), _MAX_FDS)  # type: ignore[attr-defined]
                 except anyio.EndOfStream:
