@@ -536,3 +536,47 @@ async def test_real_qemu_realizes_against_the_backend(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             await backend.wait_finished(1)  # QEMU's death is a disconnect
         assert backend.errors == []
+
+
+@settings(max_examples=20, deadline=None)
+@given(cuts=st.lists(st.integers(1, 60), max_size=12))
+def test_messages_split_anywhere_are_framed_the_same(tmp_path_factory: Any, cuts: list[int]
+                                                     ) -> None:
+    """However the front-end's byte stream is cut into writes (inside headers, inside payloads,
+    across messages), every message is framed and answered as if sent whole."""
+    stream = b"".join([
+        HEADER.pack(Request.GET_FEATURES, F_VERSION, 0),
+        HEADER.pack(Request.SET_PROTOCOL_FEATURES, F_VERSION, 8) +
+        encode_u64(1 << PROTOCOL_F_REPLY_ACK),
+        HEADER.pack(Request.SET_OWNER, F_VERSION | F_NEED_REPLY, 0),
+        HEADER.pack(Request.GET_QUEUE_NUM, F_VERSION, 0),
+    ])
+    pieces, rest = [], stream
+    for cut in cuts:
+        if rest:
+            pieces.append(rest[:cut])
+            rest = rest[cut:]
+    if rest:
+        pieces.append(rest)
+    sock = str(tmp_path_factory.mktemp("vu") / "vu.sock")
+
+    async def main() -> None:
+        specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            backend = host.transport(VirtioTransport).vhost_user_backend("echo")
+            memory = GuestMemory.memfd(4096)
+            with anyio.fail_after(10):
+                frontend = await VhostUserFrontend.connect(sock, memory)
+                for piece in pieces:
+                    await frontend.stream.send(piece)
+                    await anyio.lowlevel.checkpoint()
+                features = struct.unpack("<Q", await frontend.reply(Request.GET_FEATURES))[0]
+                assert features >> USER_F_PROTOCOL_FEATURES & 1
+                assert await frontend.reply(Request.SET_OWNER) == encode_u64(0)
+                assert await frontend.reply(Request.GET_QUEUE_NUM) == encode_u64(2)
+                await frontend.aclose()
+                await backend.wait_finished(1)
+            memory.close()
+            assert backend.errors == []
+
+    anyio.run(main)
