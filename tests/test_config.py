@@ -347,3 +347,13 @@ def test_host_table_is_structured_with_precise_errors(tmp_path: pathlib.Path) ->
         parse_config("[host]\nallow_unsealed_memory = 1\n", registry_, "h.toml")
     with pytest.raises(ConfigError, match=r"h.toml: key 'host': write the host's settings as a"):
         parse_config("host = 3\n", registry_, "h.toml")
+
+
+def test_host_vhost_user_deadline_is_a_positive_number_of_seconds() -> None:
+    registry_ = registry()
+    assert parse_config("[host]\nvhost_user_deadline = 2\n", registry_).host.vhost_user_deadline \
+        == 2.0
+    assert parse_config("", registry_).host.vhost_user_deadline == 10.0
+    with pytest.raises(ConfigError, match=r"h.toml: \[host\]: key 'vhost_user_deadline': invalid"
+                       r" value: 'vhost_user_deadline' must be > 0"):
+        parse_config("[host]\nvhost_user_deadline = 0\n", registry_, "h.toml")
