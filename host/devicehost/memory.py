@@ -56,6 +56,9 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long]
 _MAP_FIXED: Final = getattr(mmap, "MAP_FIXED", 0x10)
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
+#: Flags of the anonymous placeholder under a file mapping: private and not accounted as
+#: commit charge (a 256 GiB guest must not need 256 GiB of commit for pages it never uses).
+_PLACEHOLDER: Final = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _map_fixed(address: int, length: int, flags: int, fd: int, offset: int) -> None:
@@ -117,7 +120,7 @@ class MemoryRegion:
                 raise OverflowError("region size or file offset out of range")
             aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
             length = size + offset - aligned
-            self._map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+            self._map = mmap.mmap(-1, length, flags=_PLACEHOLDER)
             address = _address(self._map)
             try:
                 _map_fixed(address, length, mmap.MAP_SHARED, fd, aligned)
@@ -160,8 +163,7 @@ class MemoryRegion:
             # file is released now; the placeholder is unmapped when the last view goes.
             address, self._address = self._address, None
             if address is not None:
-                _map_fixed(address, len(self._map), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1,
-                           0)
+                _map_fixed(address, len(self._map), _PLACEHOLDER | mmap.MAP_ANONYMOUS, -1, 0)
         else:
             self._address = None
         if self._owns_fd and self.fd is not None:
