@@ -121,13 +121,8 @@ from devicehost.virtio.vhost_message import (
 if TYPE_CHECKING:
     from devicehost.lifecycle import Device
 
-__all__ = [
-    "DEFAULT_DEADLINE",
-    "PROTOCOL_FEATURES",
-    "BackendSession",
-    "VhostUserBackend",
-    "VhostUserError",
-]
+__all__ = ["DEFAULT_DEADLINE", "PROTOCOL_FEATURES", "BackendSession", "VhostUserBackend",
+           "VhostUserError"]
 
 log = logging.getLogger("devicehost.virtio.vhost_user")
 
@@ -292,9 +287,7 @@ class BackendSession:
         except OSError as exc:
             raise VhostUserError(f"{what}: the fd is unusable: {exc}") from None
         if st.st_size < r.mmap_offset + r.size:
-            raise VhostUserError(
-                f"{what} reaches beyond the end of its {st.st_size}-byte file"
-            )
+            raise VhostUserError(f"{what} reaches beyond the end of its {st.st_size}-byte file")
 
     def _mem_table(self, regions: tuple[MemRegion, ...], fds: list[int]) -> None:
         if len(fds) != len(regions):
@@ -586,9 +579,7 @@ class VhostUserBackend:
                 except anyio.EndOfStream:
                     chunk, new_fds = b"", []
                 except RuntimeError as exc:  # unexpected ancillary data
-                    raise VhostUserError(
-                        f"the VMM sent unexpected ancillary data: {exc}"
-                    ) from None
+                    raise VhostUserError(f"the VMM sent unexpected ancillary data: {exc}") from None
             if scope.cancelled_caught:
                 if not data:
                     raise VhostUserError(
