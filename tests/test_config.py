@@ -443,3 +443,13 @@ def test_fuzz_hostile_values_only_raise_bounded_config_errors(
     except ConfigError as exc:
         assert str(exc).startswith("fuzz.toml: ")
         assert len(str(exc)) < 1000
+
+
+def test_host_vhost_user_deadline_is_a_positive_number_of_seconds() -> None:
+    registry_ = registry()
+    assert parse_config("[host]\nvhost_user_deadline = 2\n", registry_).host.vhost_user_deadline \
+        == 2.0
+    assert parse_config("", registry_).host.vhost_user_deadline == 10.0
+    with pytest.raises(ConfigError, match=r"h.toml: \[host\]: key 'vhost_user_deadline': invalid"
+                       r" value: 'vhost_user_deadline' must be > 0"):
+        parse_config("[host]\nvhost_user_deadline = 0\n", registry_, "h.toml")

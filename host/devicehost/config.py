@@ -101,12 +101,15 @@ class HostSettings:
     ``allow_unsealed_memory``: accept guest memory that a peer (a vhost-user VMM, a VMBus socket
     guest) could shrink under the host: a memfd without ``F_SEAL_SHRINK`` or a plain file. The
     peer can then kill the whole process with SIGBUS; see ``docs/security.md``.
+    ``vhost_user_deadline``: seconds a vhost-user front-end has for its first message after
+    connecting and for the rest of any message it began (``devicehost.virtio.vhost_user``).
     """
 
     strict: bool = False
     vmbus_socket: pathlib.Path | None = None
     control_socket: pathlib.Path | None = None
     allow_unsealed_memory: bool = False
+    vhost_user_deadline: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
 
 
 @attrs.frozen

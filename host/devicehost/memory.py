@@ -7,12 +7,26 @@ one region; an access that does not raises :class:`GuestMemoryError`, which is t
 
 Pages are 4096 bytes; a page number (PFN) is ``gpa // 4096``.
 :class:`DmaAllocator` hands out page-aligned blocks of a memory's pages and takes them back.
+
+Memfds this module creates (:meth:`MemoryRegion.memfd`) are sealed against shrinking and growing
+(``F_SEAL_SHRINK | F_SEAL_GROW``), as QEMU's ``memory-backend-memfd`` seals its own: a peer that
+maps them (a vhost-user backend, a VMBus socket host) can rely on the size, and
+:func:`devicehost.fds.require_unshrinkable_memory` accepts them.
+
+Closing releases deterministically. A file-backed region's pages are mapped over an anonymous
+placeholder that Python's :class:`mmap.mmap` owns, so no duplicate of the fd hides inside the
+mmap object. :meth:`MemoryRegion.close` unmaps at once when no view of the region is left; when
+some are (a device still holding a chain, an exception's traceback keeping a frame alive), it
+maps zero pages over the range in place: the file's pages and fd are released now, those stale
+views read zeros and write nowhere (never into another session's memory), and the placeholder
+goes when the last view does. Nothing waits for the garbage collector.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
+import ctypes
+import fcntl
 import mmap
 import os
 from collections.abc import Iterable
@@ -30,6 +44,38 @@ __all__ = [
 ]
 
 PAGE_SIZE: Final = 4096
+
+#: The seals every memfd made here carries: its size is fixed for good.
+_SIZE_SEALS: Final = getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
+_F_ADD_SEALS: Final = getattr(fcntl, "F_ADD_SEALS", 1033)
+_MFD_ALLOW_SEALING: Final = getattr(os, "MFD_ALLOW_SEALING", 2)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_MAP_FIXED: Final = getattr(mmap, "MAP_FIXED", 0x10)
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+#: Flags of the anonymous placeholder under a file mapping: private and not accounted as
+#: commit charge (a 256 GiB guest must not need 256 GiB of commit for pages it never uses).
+_PLACEHOLDER: Final = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def _map_fixed(address: int, length: int, flags: int, fd: int, offset: int) -> None:
+    """mmap(2) with MAP_FIXED over ``address`` (a range this process already maps)."""
+    got = _libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags | _MAP_FIXED, fd,
+                     offset)
+    if got == _MAP_FAILED or got != address:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap over {address:#x}+{length:#x}: {os.strerror(err)}")
+
+
+def _address(mapping: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
 
 
 class GuestMemoryError(Exception):
@@ -62,14 +108,26 @@ class MemoryRegion:
         self.fd = fd
         self.offset = offset
         self._owns_fd = owns_fd
+        #: Where a file-backed mapping starts in this process (None: anonymous).
+        self._address: int | None = None
         if fd is None:
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
             self.view = memoryview(self._map)
         else:
-            # mmap offsets must be page aligned: map from the aligned start, then slice.
+            # mmap offsets must be page aligned: map from the aligned start, then slice. The
+            # file goes over an anonymous placeholder (module docstring: no hidden dup of fd).
+            if offset > 0x7FFF_FFFF_FFFF_FFFF or size > 0x7FFF_FFFF_FFFF_FFFF:
+                raise OverflowError("region size or file offset out of range")
             aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-            self._map = mmap.mmap(fd, size + offset - aligned, flags=mmap.MAP_SHARED,
-                                  offset=aligned)
+            length = size + offset - aligned
+            self._map = mmap.mmap(-1, length, flags=_PLACEHOLDER)
+            address = _address(self._map)
+            try:
+                _map_fixed(address, length, mmap.MAP_SHARED, fd, aligned)
+            except BaseException:
+                self._map.close()
+                raise
+            self._address = address
             self.view = memoryview(self._map)[offset - aligned : offset - aligned + size]
 
     @classmethod
@@ -79,10 +137,12 @@ class MemoryRegion:
 
     @classmethod
     def memfd(cls, gpa: int, size: int, name: str = "devicehost-guest") -> MemoryRegion:
-        """A region backed by a new memfd, so another process can map it (see ``fd``)."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        """A region backed by a new memfd, so another process can map it (see ``fd``); the memfd
+        is sealed against shrinking and growing (module docstring)."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | _MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, _F_ADD_SEALS, _SIZE_SEALS)
             return cls(gpa, size, fd=fd, owns_fd=True)
         except BaseException:
             os.close(fd)
@@ -93,10 +153,19 @@ class MemoryRegion:
         return self.gpa + self.size
 
     def close(self) -> None:
+        """Unmap the region and close its fd if it owns it, now (see the module docstring for
+        views still held elsewhere); closing twice is harmless."""
         self.view.release()
-        # If a view of this region is still exported, the mapping goes when that view does.
-        with contextlib.suppress(BufferError):
+        try:
             self._map.close()
+        except BufferError:
+            # Views of the region are still alive: put zero pages over the file's pages so the
+            # file is released now; the placeholder is unmapped when the last view goes.
+            address, self._address = self._address, None
+            if address is not None:
+                _map_fixed(address, len(self._map), _PLACEHOLDER | mmap.MAP_ANONYMOUS, -1, 0)
+        else:
+            self._address = None
         if self._owns_fd and self.fd is not None:
             os.close(self.fd)
             self.fd = None

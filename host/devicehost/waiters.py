@@ -10,6 +10,11 @@ backend up each time).
 
 A :class:`Waiters` holds no flag: a wake-up with nobody parked is lost. The doorbells built on it
 keep their own "rung" flag and park only while it is clear.
+
+Fairness: :meth:`Waiters.park` always suspends the task (it never returns without a turn of the
+event loop). A doorbell whose flag is already set does not park, so it must yield by itself
+(``anyio.lowlevel.checkpoint()``) before it returns: otherwise a peer ringing without pause would
+keep one task running and starve every other device. Every wait built on this module does.
 """
 
 from __future__ import annotations

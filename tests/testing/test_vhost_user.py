@@ -4,13 +4,15 @@ in tests/virtio/test_vhost_user.py and the vsock plugin's)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import anyio
 import pytest
 
+from devicehost.fds import require_unshrinkable_memory
 from devicehost.memory import GuestMemory
-from devicehost.testing.vhost_user import USER_BASE, VhostUserFrontend
+from devicehost.testing.vhost_user import USER_BASE, VhostUserFrontend, sealed_memfd
 from devicehost.virtio.vhost_message import F_REPLY, F_VERSION, HEADER, Request
 
 pytestmark = pytest.mark.anyio
@@ -81,3 +83,16 @@ async def test_start_needs_realize_and_addresses_must_be_guest_memory(tmp_path: 
                 await frontend.aclose()
     finally:
         memory.close()
+
+
+def test_sealed_memfd_is_what_the_backend_accepts_as_guest_memory() -> None:
+    fd = sealed_memfd(1 << 20)
+    try:
+        assert os.fstat(fd).st_size == 1 << 20
+        require_unshrinkable_memory(fd, "test kit memory")
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 2 << 20)
+    finally:
+        os.close(fd)

@@ -259,3 +259,40 @@ async def test_a_driver_start_after_a_host_save_waits_until_resume() -> None:
                 await host.resume()
             assert state_of(device) is DeviceState.RUNNING
             await drivers[0].reset()
+
+
+@pytest.mark.anyio
+async def test_pop_wait_yields_while_the_guest_keeps_the_queue_full() -> None:
+    """A queue that always has chains (a guest refilling as fast as the device pops) must not
+    keep the device's task running: pop_wait yields once every POP_BUDGET chains."""
+    from devicehost.memory import GuestMemory
+    from devicehost.virtio.queue import QueueLayout, SplitQueue
+    from devicehost.virtio.transport import POP_BUDGET
+
+    size, desc, avail, used = 256, 0x1000, 0x3000, 0x4000
+    memory = GuestMemory.anonymous(1 << 16)
+    for i in range(size):
+        memory.write(desc + 16 * i, struct.pack("<QIHH", 0x8000, 1, 0, 0))
+        memory.write(avail + 4 + 2 * i, struct.pack("<H", i))
+    memory.write(avail + 2, struct.pack("<H", size))
+    queue = VirtQueue(0, SplitQueue(memory, QueueLayout(size, desc, avail, used)),
+                      EventDoorbell(), EventDoorbell())
+    turns = 0
+    done = False
+
+    async def bystander() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bystander)
+            await anyio.lowlevel.checkpoint()
+            start = turns
+            heads = [(await queue.pop_wait()).head for _ in range(size)]
+            done = True
+    assert heads == list(range(size))
+    assert turns - start >= size // POP_BUDGET - 1
+    memory.close()

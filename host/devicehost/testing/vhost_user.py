@@ -11,6 +11,8 @@ rings are laid out by the guest-side :class:`~devicehost.virtio.DriverQueue`, on
 (``queue(i)``, so a guest stack written for the in-process driver runs over it unchanged); kicks
 and calls are real eventfds. The VMM's "virtual address" of guest memory is a made-up base
 (:data:`USER_BASE`), so the backend must translate SET_VRING_ADDR through the memory table.
+The backend refuses guest memory that could shrink: :meth:`GuestMemory.memfd` seals its memfd,
+and :func:`sealed_memfd` makes one for a test that lays out regions itself.
 
 A reply that is not what the vhost-user protocol prescribes raises AssertionError (this is a test
 tool); lower-level calls (:meth:`~VhostUserFrontend.send`, :meth:`~VhostUserFrontend.reply`) let a
@@ -19,6 +21,7 @@ test send anything, hostile messages included.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 
@@ -45,10 +48,23 @@ from devicehost.virtio.vhost_message import (
     encode_vring_state,
 )
 
-__all__ = ["USER_BASE", "VhostUserFrontend"]
+__all__ = ["USER_BASE", "VhostUserFrontend", "sealed_memfd"]
 
 #: Where the frontend claims to have mapped guest memory in its own address space.
 USER_BASE = 0x7F12_3400_0000
+
+
+def sealed_memfd(size: int, name: str = "guest") -> int:
+    """A new memfd of ``size`` bytes sealed against shrinking and growing (as QEMU's
+    ``memory-backend-memfd`` seals guest RAM); the caller closes it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _eventfd() -> int:

@@ -7,7 +7,7 @@ returns a runner; its ``run`` hook pops chains from the queues and pushes them b
 
 from __future__ import annotations
 
-from devicehost.virtio.doorbell import Doorbell, EventDoorbell, EventfdDoorbell
+from devicehost.virtio.doorbell import Doorbell, DoorbellError, EventDoorbell, EventfdDoorbell
 from devicehost.virtio.driver import (
     DeviceLink,
     DriverError,
@@ -48,6 +48,7 @@ __all__ = [
     "DeviceLink",
     "DeviceTraits",
     "Doorbell",
+    "DoorbellError",
     "DriverError",
     "DriverQueue",
     "EventDoorbell",

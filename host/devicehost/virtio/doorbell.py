@@ -4,6 +4,15 @@ A doorbell is rung by one side and waited on by the other. Rings coalesce: any n
 before a wait wakes that wait once. :class:`EventDoorbell` stays inside one process (asyncio
 futures, or anyio events under other backends); :class:`EventfdDoorbell` rings and waits on a
 Linux eventfd, as vhost-user's kick and call file descriptors are.
+
+Fairness: every :meth:`Doorbell.wait` yields to the event loop at least once, even when the
+doorbell was already rung, so a peer that rings without pause (a kick storm) costs its own
+device one loop turn per notification and never starves another device. An
+:class:`EventfdDoorbell` reads its fd once per wake-up (bounded work) and raises
+:class:`DoorbellError` when the fd does not behave like an eventfd (a read of other than 8 bytes,
+a zero count, an error other than "nothing to read"), instead of spinning or leaking a bare
+:class:`OSError`. Transports check a peer's fd kind before they hand it to a doorbell
+(:func:`devicehost.fds.require_eventfd`); this is the second line.
 """
 
 from __future__ import annotations
@@ -13,10 +22,16 @@ import os
 from typing import Protocol
 
 import anyio
+import anyio.lowlevel
 
 from devicehost.waiters import Waiters
 
-__all__ = ["Doorbell", "EventDoorbell", "EventfdDoorbell"]
+__all__ = ["Doorbell", "DoorbellError", "EventDoorbell", "EventfdDoorbell"]
+
+
+class DoorbellError(Exception):
+    """Raised by :meth:`EventfdDoorbell.wait` when its fd is not a working eventfd (the fault of
+    whoever supplied the fd)."""
 
 
 class Doorbell(Protocol):
@@ -34,7 +49,8 @@ class EventDoorbell:
 
     Any number of tasks may wait; each ring wakes them all and lets exactly one return (the
     first to run consumes the ring; the others wait again). A waiter cancelled after a ring
-    never consumed it, so the ring stays pending for the next wait. The wake-up is
+    never consumed it, so the ring stays pending for the next wait. A wait on a doorbell that is
+    already rung still yields once (module docstring: fairness). The wake-up is
     :class:`devicehost.waiters.Waiters` (no event object per wait on asyncio: this is on every
     virtqueue notification).
     """
@@ -52,6 +68,8 @@ class EventDoorbell:
         self._waiters.wake()
 
     async def wait(self) -> None:
+        if self._pending:
+            await anyio.lowlevel.checkpoint()  # fairness: one loop turn per wake-up
         while not self._pending:
             await self._waiters.park()
         self._pending = False
@@ -107,8 +125,27 @@ class EventfdDoorbell:
                 finally:
                     self._fd_set = None
                 continue
-            try:
-                os.eventfd_read(fd)
+            if self._read_once(fd):
+                # Already signalled: still give the loop one turn (a storm of kicks must not
+                # keep this task running).
+                await anyio.lowlevel.checkpoint()
                 return
-            except BlockingIOError:
-                await anyio.wait_readable(fd)
+            await anyio.wait_readable(fd)
+            if self._read_once(fd):
+                return
+
+    @staticmethod
+    def _read_once(fd: int) -> bool:
+        """Consume the eventfd's count: True if it was signalled, False if not (yet)."""
+        try:
+            data = os.read(fd, 8)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise DoorbellError(f"doorbell fd {fd} cannot be read: {exc}") from None
+        if len(data) != 8 or data == bytes(8):
+            raise DoorbellError(
+                f"doorbell fd {fd} is not an eventfd: a read returned {len(data)} bytes"
+                + (" of zeros" if data else "")
+            )
+        return True

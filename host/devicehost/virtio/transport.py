@@ -17,6 +17,13 @@ A device whose config has a non-empty ``vhost_user_socket`` attribute is served 
 Unix socket (:mod:`devicehost.virtio.vhost_user`); every other device waits for the in-process
 driver: ``await transport.connect_driver(name)`` returns a started :class:`VirtioDriver`.
 
+Fairness: a guest that keeps its queue full (or kicks without pause) must not starve the other
+devices of the event loop. :meth:`VirtQueue.wait_kick` always yields once (the doorbells' waits
+do, see :mod:`devicehost.virtio.doorbell`), and :meth:`VirtQueue.pop_wait`, which returns at
+once while chains are available, yields after every :data:`POP_BUDGET` chains it returned
+without waiting. A device that loops on ``pop``/``pop_many`` alone must call ``wait_kick`` (or
+another await) between batches, each batch bounded (e.g. by the queue size).
+
 In-process drivers use guest memory of the transport's own (a 64 MiB memfd at gpa 0 with its own
 DMA allocator), so they never collide with the pages the VMBus server and client allocate in
 ``host.guest_memory``.
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IN_PROCESS_MEMORY",
+    "POP_BUDGET",
     "QueueResources",
     "SavedQueue",
     "VirtQueue",
@@ -66,6 +74,9 @@ __all__ = [
 ]
 
 IN_PROCESS_MEMORY: Final = 64 * 1024 * 1024
+#: :meth:`VirtQueue.pop_wait` yields to the event loop after this many chains returned in a row
+#: without waiting (module docstring: fairness).
+POP_BUDGET: Final = 64
 
 
 class VirtQueue:
@@ -87,6 +98,7 @@ class VirtQueue:
         self.call = call
         self.error = error
         self.interrupts = 0
+        self._unyielded = 0  # chains pop_wait returned since it last yielded
 
     def __repr__(self) -> str:
         return f"<VirtQueue {self.index} size={self.queue.size} {self.queue.state()}>"
@@ -157,11 +169,18 @@ class VirtQueue:
         await self.kick.wait()
 
     async def pop_wait(self) -> DescriptorChain:
-        """The next available chain, waiting for kicks as needed."""
+        """The next available chain, waiting for kicks as needed (and yielding once every
+        :data:`POP_BUDGET` chains that needed no wait)."""
+        if self._unyielded >= POP_BUDGET:
+            # Before the pop, so that a cancellation here loses no chain.
+            self._unyielded = 0
+            await anyio.lowlevel.checkpoint()
         while True:
             chain = self.pop()
             if chain is not None:
+                self._unyielded += 1
                 return chain
+            self._unyielded = 0
             await self.wait_kick()
 
     def state(self) -> QueueState:

@@ -18,9 +18,35 @@ Lifecycle mapping:
 - A protocol violation raises :class:`VhostUserError`: it is logged, the connection is dropped,
   the device is closed, and the backend accepts the next connection. So does a disconnect.
 
+What is enforced on the front-end (everything it sends is untrusted; a violation ends only its
+own connection, with a :class:`VhostUserError` naming the message and the vring or region):
+
+- File descriptors are checked by kind, from the kernel (:mod:`devicehost.fds`), before any use:
+  SET_VRING_KICK/CALL/ERR fds must be eventfds (a ``/dev/zero`` "kick" would read forever, a
+  regular file stall the loop, ``/dev/null`` read nothing); SET_MEM_TABLE fds must be memfds or
+  regular files; at most 8 fds per message, and an fd no message uses is closed at once.
+- Guest memory must not be able to shrink under the mapping (SIGBUS would kill every device):
+  a region's file must be sealed with ``F_SEAL_SHRINK`` (QEMU's ``memory-backend-memfd`` seals by
+  default), checked on every SET_MEM_TABLE (ADD_MEM_REG is not implemented: its protocol
+  feature is not offered, so it is refused as unsupported). ``[host] allow_unsealed_memory =
+  true`` accepts unsealed memory knowingly, with a warning per region: the front-end can then
+  kill the process by truncating its file. A region must lie inside its file in every case; the
+  seals are read before the size, so a file sealed when checked cannot have shrunk since.
+- Deadlines (:data:`DEFAULT_DEADLINE`, ``[host] vhost_user_deadline``): the first message must
+  arrive within the deadline of connecting (handshake), and every message, once its first byte
+  arrived, must be complete (header and payload) within the deadline. A front-end that sends
+  half a header and stays connected is dropped after that time, and the next front-end is
+  served. Between complete messages a front-end may stay idle as long as it likes (a VMM with a
+  paused guest does): one front-end at a time owns the device, as in vhost-user; who may
+  connect is decided by the socket's file permissions.
+- Session resources are released when the connection ends, not by the garbage collector: the
+  device is closed, every fd received is closed, and the memory table's mappings are unmapped
+  (or, where a device still holds a view, replaced by zero pages: see :mod:`devicehost.memory`).
+- Fairness: the device's queues wait on :class:`EventfdDoorbell`, whose every wait yields to
+  the event loop (:mod:`devicehost.virtio.doorbell`), so a front-end kicking without pause
+  slows only its own device.
+
 Decisions:
-- A memory region must lie inside its file; otherwise the VMM could make the host touch pages
-  past EOF (SIGBUS kills the process).
 - A KICK without an fd (polling mode) is refused; CALL/ERR without an fd are accepted (those
   notifications are dropped).
 - Messages this backend does not implement are violations: QEMU sends them only after
@@ -33,8 +59,8 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
+import math
 import os
 import socket
 import stat
@@ -46,6 +72,13 @@ import anyio.abc
 import attrs
 
 from devicehost.errors import ConfigError, DeviceHostError
+from devicehost.fds import (
+    F_SEAL_SHRINK,
+    FdKindError,
+    memfd_seals,
+    require_eventfd,
+    require_unshrinkable_memory,
+)
 from devicehost.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from devicehost.virtio.doorbell import EventfdDoorbell
 from devicehost.virtio.driver import QueueSetup
@@ -88,9 +121,14 @@ from devicehost.virtio.vhost_message import (
 if TYPE_CHECKING:
     from devicehost.lifecycle import Device
 
-__all__ = ["PROTOCOL_FEATURES", "BackendSession", "VhostUserBackend", "VhostUserError"]
+__all__ = ["DEFAULT_DEADLINE", "PROTOCOL_FEATURES", "BackendSession", "VhostUserBackend",
+           "VhostUserError"]
 
 log = logging.getLogger("devicehost.virtio.vhost_user")
+
+#: Seconds a front-end has for its first message after connecting, and for the rest of any
+#: message once its first byte arrived (module docstring); ``[host] vhost_user_deadline``.
+DEFAULT_DEADLINE: Final = 10.0
 
 #: Protocol features offered: MQ (GET_QUEUE_NUM), REPLY_ACK, CONFIG (GET/SET_CONFIG).
 PROTOCOL_FEATURES: Final = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (
@@ -128,15 +166,24 @@ class _Vring:
 
 
 class BackendSession:
-    """The protocol state of one frontend connection (no I/O)."""
+    """The protocol state of one frontend connection (no I/O).
+
+    ``allow_unsealed`` accepts guest memory without ``F_SEAL_SHRINK`` (a warning per region on
+    ``logger``); see the module docstring.
+    """
 
     def __init__(
         self,
         traits: DeviceTraits,
         config_read: Callable[[int, int], bytes],
         config_write: Callable[[int, bytes], None],
+        *,
+        allow_unsealed: bool = False,
+        logger: logging.Logger | logging.LoggerAdapter[Any] = log,
     ) -> None:
         self.traits = traits
+        self.allow_unsealed = allow_unsealed
+        self.logger = logger
         self._config_read = config_read
         self._config_write = config_write
         self.features = 0
@@ -221,26 +268,26 @@ class BackendSession:
                 return gpa + (user_addr - start)
         raise VhostUserError(f"{what} address {user_addr:#x} is in no region of the memory table")
 
-    def _check_backing(self, r: MemRegion, fd: int) -> None:
-        # Touching a mapped page past the end of its file raises SIGBUS and kills the host: a
-        # region must lie inside its file. A memfd without F_SEAL_SHRINK could still be shrunk by
-        # the VMM later; QEMU's memory-backend-memfd seals by default, so only warn about that.
+    def _check_backing(self, index: int, r: MemRegion, fd: int) -> None:
+        # Touching a mapped page past the end of its file raises SIGBUS and kills the host: the
+        # file must be one that cannot shrink (sealed), and the region must lie inside it. The
+        # seals are read first: once F_SEAL_SHRINK is seen, the size read after it only grows.
+        what = f"SET_MEM_TABLE region {index} (guest address {r.guest_addr:#x})"
+        try:
+            require_unshrinkable_memory(fd, what, allow_unsealed=self.allow_unsealed)
+        except FdKindError as exc:
+            raise VhostUserError(str(exc)) from None
+        if not memfd_seals(fd) & F_SEAL_SHRINK:
+            self.logger.warning(
+                "%s: guest memory is not sealed against shrinking; accepted because [host]"
+                " allow_unsealed_memory is set (the VMM can kill this process with SIGBUS)", what
+            )
         try:
             st = os.fstat(fd)
         except OSError as exc:
-            raise VhostUserError(f"SET_MEM_TABLE fd for region {r} is unusable: {exc}") from None
-        if stat.S_ISREG(st.st_mode):
-            if st.st_size < r.mmap_offset + r.size:
-                raise VhostUserError(
-                    f"SET_MEM_TABLE region {r} reaches beyond the end of its {st.st_size}-byte"
-                    " file"
-                )
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:
-                seals = 0
-            if not seals & fcntl.F_SEAL_SHRINK:
-                log.warning("guest memory fd of region %s is not sealed against shrinking", r)
+            raise VhostUserError(f"{what}: the fd is unusable: {exc}") from None
+        if st.st_size < r.mmap_offset + r.size:
+            raise VhostUserError(f"{what} reaches beyond the end of its {st.st_size}-byte file")
 
     def _mem_table(self, regions: tuple[MemRegion, ...], fds: list[int]) -> None:
         if len(fds) != len(regions):
@@ -251,8 +298,8 @@ class BackendSession:
         fds.clear()
         memory = GuestMemory()
         try:
-            for r, fd in zip(regions, list(pending), strict=True):
-                self._check_backing(r, fd)
+            for index, (r, fd) in enumerate(zip(regions, list(pending), strict=True)):
+                self._check_backing(index, r, fd)
                 try:
                     region = MemoryRegion(r.guest_addr, r.size, fd=fd, offset=r.mmap_offset,
                                           owns_fd=True)
@@ -313,6 +360,10 @@ class BackendSession:
             return index, None
         if len(fds) != 1:
             raise VhostUserError(f"{what} for vring {index} carried {len(fds)} fds, not 1")
+        try:
+            require_eventfd(fds[0], f"{what} for vring {index}")
+        except FdKindError as exc:  # the fd stays in fds: handle() closes it
+            raise VhostUserError(str(exc)) from None
         return index, fds.pop()
 
     def _dispatch(self, request: Request, payload: bytes, fds: list[int]) -> bytes | None:
@@ -497,45 +548,82 @@ class VhostUserBackend:
             " running server"
         )
 
-    async def _receive(
-        self, stream: anyio.abc.SocketStream, size: int, fds: list[int], *, first: bool
-    ) -> bytes | None:
+    def _setting(self, name: str, default: Any) -> Any:
+        """A ``[host]`` setting of the host serving the device (``default`` without a host)."""
+        settings = getattr(getattr(self.device.ctx, "host", None), "settings", None)
+        return getattr(settings, name, default)
+
+    async def _read_message(
+        self, stream: anyio.abc.SocketStream, fds: list[int], *, limit: float, handshake: bool
+    ) -> tuple[Header, bytes] | None:
+        """The next message (header, payload), its fds added to ``fds``; None at a clean end of
+        stream. The deadlines of the module docstring apply (``limit`` seconds)."""
         data = b""
-        while len(data) < size:
-            try:
-                chunk, new_fds = await stream.receive_fds(size - len(data), _MAX_FDS)  # type: ignore[attr-defined]
-            except anyio.EndOfStream:
-                chunk, new_fds = b"", []
-            except RuntimeError as exc:  # unexpected ancillary data
-                raise VhostUserError(f"the VMM sent unexpected ancillary data: {exc}") from None
+        target = HEADER.size
+        header: Header | None = None
+        deadline = anyio.current_time() + limit if handshake else math.inf
+        raw_socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        while True:
+            if header is None and len(data) == HEADER.size:
+                header = decode_header_untrusted(data)
+                target += header.size
+            if len(data) == target:
+                assert header is not None
+                return header, data[HEADER.size :]
+            with anyio.CancelScope(deadline=deadline) as scope:
+                # Wait here rather than inside receive_fds: anyio's own wait there does not
+                # survive a cancellation that coincides with the socket turning readable.
+                await anyio.wait_readable(raw_socket)
+                try:
+                    chunk, new_fds = await stream.receive_fds(target - len(data), _MAX_FDS)  # type: ignore[attr-defined]
+                except anyio.EndOfStream:
+                    chunk, new_fds = b"", []
+                except RuntimeError as exc:  # unexpected ancillary data
+                    raise VhostUserError(f"the VMM sent unexpected ancillary data: {exc}") from None
+            if scope.cancelled_caught:
+                if not data:
+                    raise VhostUserError(
+                        f"the VMM sent no message within {limit:g} s of connecting (handshake"
+                        " deadline)"
+                    )
+                raise VhostUserError(
+                    f"the VMM sent {len(data)} of {target} bytes of a message and no more within"
+                    f" {limit:g} s (message deadline)"
+                )
             fds.extend(new_fds)
             if len(fds) > _MAX_FDS:
                 raise VhostUserError(
                     f"the VMM sent {len(fds)} file descriptors with one message (max {_MAX_FDS})"
                 )
             if not chunk:
-                if first and not data:
+                if not data:
                     return None
-                raise VhostUserError(f"the VMM disconnected in the middle of a {size}-byte read")
+                raise VhostUserError(
+                    f"the VMM disconnected after {len(data)} of {target} bytes of a message"
+                )
+            if not data:  # the message began: the rest is due within the deadline
+                deadline = min(deadline, anyio.current_time() + limit)
             data += chunk
-        return data
 
     async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
-        session = self.session = BackendSession(self.traits, self._config_read,
-                                                self._config_write)
+        session = self.session = BackendSession(
+            self.traits, self._config_read, self._config_write,
+            allow_unsealed=bool(self._setting("allow_unsealed_memory", False)),
+            logger=self.logger,
+        )
+        limit = float(self._setting("vhost_user_deadline", DEFAULT_DEADLINE))
         fds: list[int] = []
+        handshake = True
         try:
             async with stream:
                 while True:
-                    raw = await self._receive(stream, HEADER.size, fds, first=True)
-                    if raw is None:
+                    message = await self._read_message(stream, fds, limit=limit,
+                                                       handshake=handshake)
+                    handshake = False
+                    if message is None:
                         self.logger.info("vhost-user frontend disconnected from %s", self.path)
                         break
-                    header = decode_header_untrusted(raw)
-                    payload = b""
-                    if header.size:
-                        payload = await self._receive(stream, header.size, fds, first=False) \
-                            or b""
+                    header, payload = message
                     if header.request in _CLOSE_FIRST:
                         await self._close(session)
                     reply = session.handle(header, payload, fds)

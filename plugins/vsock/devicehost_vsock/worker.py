@@ -106,14 +106,16 @@ class VsockWorker:
             await self.tx.wait_kick()
 
     def drain_tx(self) -> int:
-        """Handle every available tx chain; returns how many."""
+        """Handle the available tx chains, at most a ring's worth; returns how many."""
         now = self._clock()
         tx = self.tx
         pop_many = tx.pop_many
         handle_tx = self.manager.handle_tx
         heads: list[int] = []
+        budget = tx.size  # one ring's worth per wake-up; the tx loop yields in wait_kick
         try:
-            while chains := pop_many():
+            while budget > 0 and (chains := pop_many(budget)):
+                budget -= len(chains)
                 for chain in chains:
                     parts = chain.readable
                     if parts and len(first := parts[0]) >= HEADER_SIZE:
