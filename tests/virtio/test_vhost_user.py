@@ -580,3 +580,39 @@ def test_messages_split_anywhere_are_framed_the_same(tmp_path_factory: Any, cuts
             assert backend.errors == []
 
     anyio.run(main)
+
+
+@pytest.mark.anyio
+async def test_a_saved_host_applies_no_frontend_message_until_resumed(tmp_path: Path) -> None:
+    """Between Host.save and Host.resume no device hook runs: a front-end's GET_VRING_BASE (which
+    closes the device) waits at the host's guest gate, unanswered, and is applied on resume."""
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            device = host.devices["echo"]
+            with anyio.fail_after(30):
+                frontend = await VhostUserFrontend.connect(sock, memory)
+                await frontend.realize()
+                await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES)
+                assert await _echo(frontend, b"before") == b"erofeb"
+                await host.save()
+                assert state_of(device) is DeviceState.OPEN
+                bases: list[tuple[int, ...]] = []
+
+                async def power_off() -> None:
+                    bases.append(await frontend.stop())
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(power_off)
+                    await host.gate.until_waiting(1)
+                    await anyio.wait_all_tasks_blocked()
+                    # Held: the device is neither closed nor answered while the host is saved.
+                    assert bases == [] and state_of(device) is DeviceState.OPEN
+                    await host.resume()
+                assert bases == [(1, 1)]
+                assert state_of(device) is DeviceState.CLOSED
+                await frontend.aclose()
+    finally:
+        memory.close()

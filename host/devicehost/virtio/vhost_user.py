@@ -17,6 +17,10 @@ Lifecycle mapping:
   continues where the queues were.
 - A protocol violation raises :class:`VhostUserError`: it is logged, the connection is dropped,
   the device is closed, and the backend accepts the next connection. So does a disconnect.
+- While the host is saved (:meth:`devicehost.host.Host.save` quiesces its guest gate), a
+  complete message waits at the gate before it is applied, so no device hook runs between the
+  save and the resume; later messages wait in the socket, kicks in their eventfds. A front-end
+  that disconnects meanwhile still has its device closed at once: the queues it served are gone.
 
 What is enforced on the front-end (everything it sends is untrusted; a violation ends only its
 own connection, with a :class:`VhostUserError` naming the message and the vring or region):
@@ -79,6 +83,7 @@ from devicehost.fds import (
     require_eventfd,
     require_unshrinkable_memory,
 )
+from devicehost.gate import GateShutError
 from devicehost.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from devicehost.virtio.doorbell import EventfdDoorbell
 from devicehost.virtio.driver import QueueSetup
@@ -553,6 +558,19 @@ class VhostUserBackend:
         settings = getattr(getattr(self.device.ctx, "host", None), "settings", None)
         return getattr(settings, name, default)
 
+    def _passage(self, request: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """The host's guest gate for one front-end message: while the host is saved (quiesced)
+        a complete message waits here, unapplied, so no device hook runs between a save and the
+        resume; the front-end's later messages wait in the socket. No host: no gate."""
+        gate = getattr(getattr(self.device.ctx, "host", None), "gate", None)
+        if gate is None:
+            return contextlib.nullcontext()
+        try:
+            name = Request(request).name
+        except ValueError:
+            name = f"request {request}"
+        return gate.passage(f"vhost-user {name} for device {self.device.name!r}")  # type: ignore[no-any-return]
+
     async def _read_message(
         self, stream: anyio.abc.SocketStream, fds: list[int], *, limit: float, handshake: bool
     ) -> tuple[Header, bytes] | None:
@@ -624,10 +642,11 @@ class VhostUserBackend:
                         self.logger.info("vhost-user frontend disconnected from %s", self.path)
                         break
                     header, payload = message
-                    if header.request in _CLOSE_FIRST:
-                        await self._close(session)
-                    reply = session.handle(header, payload, fds)
-                    await self._reconcile(session)
+                    async with self._passage(header.request):
+                        if header.request in _CLOSE_FIRST:
+                            await self._close(session)
+                        reply = session.handle(header, payload, fds)
+                        await self._reconcile(session)
                     if reply is not None:
                         await stream.send(reply)
         except VhostUserError as exc:
@@ -635,6 +654,8 @@ class VhostUserBackend:
             self.logger.error("vhost-user frontend on %s broke the protocol: %s", self.path, exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self.logger.info("vhost-user connection on %s lost: %s", self.path, exc)
+        except GateShutError:
+            self.logger.info("vhost-user connection on %s ends: the host is closing", self.path)
         except Exception as exc:  # a bug here must not take down the host: drop this VMM only
             self.errors.append(f"backend error: {exc!r}")
             self.logger.exception("vhost-user backend on %s failed; connection dropped", self.path)
