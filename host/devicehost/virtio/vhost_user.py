@@ -75,6 +75,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from devicehost.accepting import AcceptBackoff, accept_stream
 from devicehost.errors import ConfigError, DeviceHostError
 from devicehost.fds import (
     F_SEAL_SHRINK,
@@ -526,8 +527,9 @@ class VhostUserBackend:
             with anyio.CancelScope() as scope:
                 task_status.started(scope)
                 async with listener:
+                    backoff = AcceptBackoff(f"vhost-user socket {self.path}", self.logger)
                     while True:
-                        stream = await listener.accept()
+                        stream = await accept_stream(listener, backoff)
                         self.connections += 1
                         await self._serve_connection(stream)
         finally:

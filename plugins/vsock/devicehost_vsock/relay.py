@@ -25,6 +25,7 @@ from typing import Final
 
 import anyio
 
+from devicehost.accepting import AcceptBackoff, accept_socket
 from devicehost_vsock.hybrid import host_listener_path
 from devicehost_vsock.manager import ConnectionManager
 
@@ -191,22 +192,25 @@ class Relay:
         return UnixStream(sock, self)
 
     async def serve_listener(self) -> None:
-        """Accept host connections forever (they speak CONNECT next)."""
+        """Accept host connections forever (they speak CONNECT next). A shortage of descriptors
+        or kernel memory is waited out (:mod:`devicehost.accepting`); a connection that cannot
+        be watched (epoll out of memory or watches) is closed, and only it is lost."""
         manager = self.manager
         assert manager is not None
+        backoff = AcceptBackoff(f"vsock listener {self.base_path}", manager.logger)
         while True:
-            await anyio.wait_readable(self.listener)
-            while True:
-                try:
-                    sock, _ = self.listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    # e.g. EMFILE: the host is out of descriptors; retry on the next readiness.
-                    await anyio.sleep(0.05)
-                    break
-                manager.accept_host(UnixStream(sock, self), self.clock())
-                self.wake()
+            sock = await accept_socket(self.listener, backoff)
+            try:
+                stream = UnixStream(sock, self)
+            except OSError as exc:
+                sock.close()
+                manager.logger.warning(
+                    "vsock: cannot watch a host connection on %s, closed it: %s",
+                    self.base_path, exc,
+                )
+                continue
+            manager.accept_host(stream, self.clock())
+            self.wake()
 
     async def serve_epoll(self) -> None:
         """Report host socket readiness to the connection table forever."""
