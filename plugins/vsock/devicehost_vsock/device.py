@@ -6,6 +6,12 @@ Config (TOML table of the device, every key optional)::
     base_path = ""           # hybrid vsock base path; "" = a fresh temporary directory's "vsock"
     vhost_user_socket = ""   # serve to a VMM over vhost-user at this path ("" = in process)
     tx_buffer_size = 65536   # buf_alloc advertised to the guest (power of two, 4 KiB..16 MiB)
+    connect_timeout = 2.0    # seconds a host connection has to send CONNECT and be answered
+
+``connect_timeout`` (upstream's fixed 2 s, facts section 9.9) bounds how long a host connection to
+``base_path`` may take to send its CONNECT line and get the guest's answer; one that has sent no
+CONNECT line by then is closed even while the guest posts no rx buffers, so peers that connect
+and say nothing cannot hold the host's file descriptors (see ``docs/security.md``).
 
 ``tx_buffer_size`` is a deliberate devicehost extension; its default is upstream's fixed 65536
 (``TX_BUF_SIZE``, facts section 9.3). It sets, together, the buf_alloc in every non-RST packet
@@ -49,6 +55,7 @@ from devicehost import DeviceContext, DeviceError, hookimpl
 from devicehost.virtio import DeviceTraits, QueueResources
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import (
+    CONNECTION_TIMEOUT,
     DEVICE_ID,
     FEATURE_NO_IMPLIED_STREAM,
     FEATURE_STREAM,
@@ -86,6 +93,12 @@ def _check_tx_buffer_size(
         )
 
 
+def _check_timeout(instance: VsockConfig, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ValueError(f"{attribute.name} must be a number of seconds above 0 and at most 3600,"
+                         f" not {value!r}")
+
+
 @attrs.frozen
 class VsockConfig:
     """The device's configuration."""
@@ -96,6 +109,8 @@ class VsockConfig:
     #: buf_alloc advertised to the guest = per-connection host-bound buffer = longest guest RW
     #: (an extension; the default is upstream's fixed value).
     tx_buffer_size: int = attrs.field(default=TX_BUF_SIZE, validator=_check_tx_buffer_size)
+    #: Seconds from accepting a host connection to its CONNECT line and the guest's answer.
+    connect_timeout: float = attrs.field(default=CONNECTION_TIMEOUT, validator=_check_timeout)
 
 
 @attrs.define
@@ -183,7 +198,7 @@ class VsockDevice:
         relay = Relay(base_path, listener)
         manager = ConnectionManager(
             self.config.guest_cid, relay.connect, tx_buffer_size=self.config.tx_buffer_size,
-            logger=ctx.logger,
+            connection_timeout=self.config.connect_timeout, logger=ctx.logger,
         )
         relay.manager = manager
         worker = VsockWorker(

@@ -34,10 +34,14 @@ Decisions on the items the facts mark:
 - **[AMBIGUOUS]** Host reads are capped by the guest's credit whatever the rx buffer shape.
 - **[AMBIGUOUS]** After guest SHUTDOWN(RECEIVE) the host socket's read side is shut; once its
   queued bytes are relayed the device sees end of stream and sends SHUTDOWN(SEND), as upstream.
-- **[AMBIGUOUS]** The connect deadline (2 s from accept) covers reading CONNECT and the guest's
-  RESPONSE; it is cleared when the RESPONSE arrives and the OK line is queued, and a socket that
-  will not take those few bytes fails the connection on its next write.
-- Timeouts, like every rx-side action, are only acted on while the guest has an rx buffer posted.
+- **[AMBIGUOUS]** The connect deadline (``connection_timeout``, 2 s from accept) covers reading
+  CONNECT and the guest's RESPONSE; it is cleared when the RESPONSE arrives and the OK line is
+  queued, and a socket that will not take those few bytes fails the connection on its next write.
+- Timeouts, like every rx-side action, are only acted on while the guest has an rx buffer posted,
+  with one deliberate exception (upstream checks it lazily too): a host connection whose CONNECT
+  line was not read by its deadline is closed even without rx buffers (:meth:`drop_silent`;
+  the guest never heard of it, so nothing is owed to it). Otherwise host peers that connect and
+  say nothing would pile up, one descriptor each, for as long as the guest posts no buffer.
 - An rx buffer too small for a header is completed with length 0 before any packet is built for
   it, so nothing is lost and no connection is harmed (upstream builds the packet first, fails to
   write it and drops the connection it was meant for).
@@ -129,6 +133,9 @@ class ConnectionManager(RxProducer):
         #: RSTs owed to the guest for keys that have no connection (any more).
         self._rsts: deque[Key] = deque()
         self._deadlines = Deadlines(self._is_live)
+        #: The same connect deadlines of host connections whose CONNECT line was not read yet
+        #: (the guest has not heard of them), served without rx buffers (:meth:`drop_silent`).
+        self._connect_deadlines = Deadlines(self._pending.__contains__)
         #: Packet lengths written into the buffers ``more`` handed to the last ``produce_rx``,
         #: in order (the buffers after these were not used).
         self.extra_sizes: list[int] = []
@@ -164,6 +171,30 @@ class ConnectionManager(RxProducer):
         """The earliest pending timeout, for the worker's wait."""
         return self._deadlines.next()
 
+    @property
+    def logger(self) -> logging.Logger:
+        return self._log
+
+    def next_silent_deadline(self) -> float | None:
+        """When the earliest host connection still owing its CONNECT line times out."""
+        return self._connect_deadlines.next()
+
+    def drop_silent(self, now: float) -> int:
+        """Close the host connections whose connect deadline passed before their CONNECT line
+        was read; returns how many. Nothing is sent to the guest (it never heard of them), so
+        this needs no rx buffer: a guest that posts none cannot make idle host connections pile
+        up until the host runs out of descriptors."""
+        dropped = 0
+        for conn in self._connect_deadlines.expired(now):
+            self._remove(conn, rst=False)
+            dropped += 1
+        if dropped:
+            self._log.info(
+                "vsock: closed %d host connection(s) that sent no CONNECT line within %g s",
+                dropped, self._connection_timeout,
+            )
+        return dropped
+
     def close_all(self) -> None:
         """Drop every connection (queues stopped): host sockets closed, no packet sent."""
         self._writer.drop_run()
@@ -175,6 +206,7 @@ class ConnectionManager(RxProducer):
         self._work.clear()
         self._rsts.clear()
         self._deadlines.clear()
+        self._connect_deadlines.clear()
         self._ports = PortAllocator()
 
     # ----------------------------------------------------------------- host events
@@ -192,6 +224,7 @@ class ConnectionManager(RxProducer):
         self._pending.add(conn)
         self._by_stream[id(stream)] = conn
         self._deadlines.set(conn, now + self._connection_timeout)
+        self._connect_deadlines.set(conn, now + self._connection_timeout)
         self._schedule(conn)
         return True
 

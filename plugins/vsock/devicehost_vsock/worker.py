@@ -16,7 +16,9 @@ Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.C
   completed with at most one interrupt.
 
 Timeouts are served by the rx loop only, so with no rx buffers posted nothing times out and no
-CONNECT line is read (facts section 9.8).
+CONNECT line is read (facts section 9.8), except that host connections which did not send their
+CONNECT line by the connect deadline are closed by a fourth loop whatever the rx queue holds
+(``ConnectionManager.drop_silent``: nothing goes to the guest).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class VsockWorker:
         #: Buffers lent to the table for one ``produce_rx`` (a run of RW packets).
         self._lent: list[DescriptorChain] = []
         self._wake_event = anyio.Event()
+        #: Set to wake the silent-connection loop while it waits with no deadline.
+        self._silent_event: anyio.Event | None = None
         #: False while the rx loop waits for the guest to post rx buffers (then only it serves).
         self._rx_ready = True
         #: The deadline the rx loop sleeps until while it waits for a wake-up (``math.inf``: no
@@ -75,6 +79,8 @@ class VsockWorker:
 
         The rx loop is only woken when it has something to do: rx buffers ran out (it must wait
         for the guest's kick instead), or a deadline earlier than the one it sleeps until."""
+        if (silent := self._silent_event) is not None:
+            silent.set()  # a host connection may have been accepted: it has a deadline now
         if (
             self._rx_ready
             and self.service_rx()
@@ -96,7 +102,25 @@ class VsockWorker:
             tg.start_soon(self.relay.serve_listener)
             tg.start_soon(self.relay.serve_epoll)
             tg.start_soon(self._tx_loop)
+            tg.start_soon(self._silent_loop)
             await self._rx_loop()
+
+    async def _silent_loop(self) -> None:
+        """Close host connections that sent no CONNECT line by their deadline, rx buffers or
+        not. Connect deadlines only grow (accept time + one timeout), so this loop needs waking
+        only while it has none."""
+        manager = self.manager
+        while True:
+            deadline = manager.next_silent_deadline()
+            if deadline is None:
+                event = self._silent_event = anyio.Event()
+                try:
+                    await event.wait()
+                finally:
+                    self._silent_event = None
+                continue
+            await anyio.sleep(max(0.0, deadline - self._clock()))
+            manager.drop_silent(self._clock())
 
     # ----------------------------------------------------------------- tx
 

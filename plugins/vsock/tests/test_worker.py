@@ -94,3 +94,35 @@ async def test_garbage_tx_chains_leave_the_device_working(guest: HostedGuest) ->
         while len(got) < 10:
             got += await peer.receive()
     assert got == b"still fine"
+
+
+async def test_host_connections_that_say_nothing_time_out_without_rx_buffers(
+    sock_dir: str,
+) -> None:
+    from devicehost.testing import host_with
+    from devicehost.testing.registry import DeviceSpec
+    from devicehost.virtio import VirtioTransport
+    from devicehost_vsock import VsockConfig, VsockDevice
+
+    config = VsockConfig(base_path=f"{sock_dir}/vsock", connect_timeout=0.3)
+    async with host_with({"vsock": VsockDevice}, [DeviceSpec("vsock", "vsock", config)]) as host:
+        driver = await host.transport(VirtioTransport).connect_driver("vsock", queue_size=256)
+        guest = HostedGuest(driver, host, cid=3, buf_alloc=65536)
+        manager = host.devices["vsock"].runner.worker.manager
+        with anyio.fail_after(30):
+            silent = await anyio.connect_unix(config.base_path)
+            partial = await anyio.connect_unix(config.base_path)
+            await partial.send(b"CONNECT 12")  # no newline: still no CONNECT line
+            # The guest posts no rx buffer: the lines could not even be read, yet both are closed.
+            for stream in (silent, partial):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+                await stream.aclose()
+            assert len(manager) == 0
+            # A host connection that sends its line while the guest posts buffers is served.
+            talker = await anyio.connect_unix(config.base_path)
+            await talker.send(b"CONNECT 77\n")
+            guest.post_rx(1)
+            assert (await guest.recv()).header.op == Op.REQUEST
+            await talker.aclose()
+        await driver.reset()
