@@ -21,6 +21,7 @@ import pytest
 
 import devicehost
 import devicehost.context
+import devicehost.fdlimit  # before fake_site: doctor imports it, it imports resource
 import devicehost.hookspecs
 import devicehost.lifecycle
 

@@ -5,11 +5,14 @@ the command (``devicehost list -p no:vsock``).
 
 - ``list [--json] [--load]``: installed plugins and their status. Reads metadata only (imports no
   plugin code) unless ``--load``, which imports the selected plugins as ``doctor`` does.
-- ``doctor``: imports every selected plugin; exits 1 naming each broken one, else 0.
+- ``doctor [--config FILE]``: imports every selected plugin; exits 1 naming each broken one, else
+  0. Also reports the file descriptor limit against what the devices of FILE (default: one of
+  each plugin) can hold (:mod:`devicehost.fdlimit`); a low limit is a warning, not a failure.
 - ``run [--config FILE] [--state FILE]``: serves the configured devices (default: one device of
   each loaded device plugin) until SIGINT/SIGTERM; the exit code is the host's. ``--state``
   restores from FILE if it exists and saves to it (atomically) on the graceful stop; what is
-  restored across processes is described in :mod:`devicehost.host`.
+  restored across processes is described in :mod:`devicehost.host`. It first raises its soft file
+  descriptor limit to the hard one (logged).
 - ``demo``: the host plus an embedded guest exercising every installed device.
 
 ``DEVICEHOST_TRACE=1`` adds the tracing plugin (:mod:`devicehost.tracing`) to ``run``: every hook
@@ -70,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         "--load", action="store_true", help="import the plugins to report their real status"
     )
     p_doctor = sub.add_parser("doctor", help="import every plugin; exit 1 if any is broken")
+    p_doctor.add_argument("--config", metavar="FILE", help="also check the file descriptor"
+                          " limit against this config's devices (default: one of each plugin)")
     p_run = sub.add_parser("run", help="serve the configured devices until SIGINT/SIGTERM")
     p_run.add_argument("--config", metavar="FILE", help="TOML config file (default: one device"
                        " of each installed plugin)")
@@ -111,7 +116,7 @@ def _cmd_list(args: argparse.Namespace, plugin_args: list[str], strict: bool) ->
     return 0
 
 
-def _cmd_doctor(plugin_args: list[str]) -> int:
+def _cmd_doctor(plugin_args: list[str], config_path: str | None = None) -> int:
     from devicehost.plugins import load_plugins
 
     registry = load_plugins(plugin_args)
@@ -126,8 +131,21 @@ def _cmd_doctor(plugin_args: list[str]) -> int:
         return 1
     loaded = sum(1 for i in registry.infos if i.status == "loaded")
     print(f"all {loaded} loaded plugins are healthy")
+    _print_fd_budget(registry, config_path)
     _print_accelerators()
     return 0
+
+
+def _print_fd_budget(registry: Registry, config_path: str | None) -> None:
+    # Informational like the accelerators: a low limit makes connections wait, never fails one.
+    from devicehost.config import default_config, load_config
+    from devicehost.fdlimit import fd_budget
+
+    config = default_config(registry) if config_path is None else load_config(
+        config_path, registry
+    )
+    for line in fd_budget(registry, config).report():
+        print(line)
 
 
 def _print_accelerators() -> None:
@@ -153,9 +171,11 @@ def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> 
     import anyio
 
     from devicehost.config import default_config, load_config
+    from devicehost.fdlimit import log_raised_soft_limit
     from devicehost.host import run_host
     from devicehost.tracing import tracing_plugins
 
+    log_raised_soft_limit()
     registry = _load_registry(plugin_args, strict)
     config = default_config(registry) if args.config is None else load_config(
         args.config, registry
@@ -198,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _cmd_list(args, plugin_args, strict)
         if args.command == "doctor":
-            return _cmd_doctor(plugin_args)
+            return _cmd_doctor(plugin_args, args.config)
         if args.command == "run":
             return _cmd_run(args, plugin_args, strict)
         return _cmd_demo(plugin_args, strict)

@@ -59,6 +59,7 @@ from devicehost_vsock.protocol import (
     DEVICE_ID,
     FEATURE_NO_IMPLIED_STREAM,
     FEATURE_STREAM,
+    MAX_ACTIVE_CONNECTIONS,
     MAX_TX_BUF_SIZE,
     MIN_TX_BUF_SIZE,
     QUEUE_RX,
@@ -140,6 +141,12 @@ class VsockDevice:
 
     def __init__(self, config: VsockConfig | None = None) -> None:
         self.config = config if config is not None else VsockConfig()
+
+    @staticmethod
+    def max_fds(config: VsockConfig) -> int:
+        """Descriptors one device holds at most besides its transport's (read by ``devicehost
+        doctor``): one per connection, the listener and the epoll instance."""
+        return MAX_ACTIVE_CONNECTIONS + 2
 
     def traits(self) -> DeviceTraits:
         return DeviceTraits(
