@@ -3,8 +3,9 @@
 A backing answers two questions about a path already decoded from the wire (``/`` separators,
 no NUL, valid Unicode): what is it (:meth:`Backing.file_info`), and what are ``len(buf)`` bytes
 of it at ``offset`` (:meth:`Backing.read_file`, which fills the whole buffer or fails, never
-returning part of the range). Failures are :class:`FileError`; :func:`status_for_error` is the
-single place where they become a wire :class:`~devicehost_vmbfs.protocol.Status`.
+returning part of the range). Failures are :class:`FileError` (or an ``OSError`` the backing did
+not classify); :func:`status_for_error` is the single place where they become a wire
+:class:`~devicehost_vmbfs.protocol.Status`.
 """
 
 from __future__ import annotations
@@ -42,22 +43,27 @@ class FileErrorKind(enum.Enum):
 
 
 class FileError(Exception):
-    """Raised by a backing when a path cannot be described or read; the guest sees only the kind."""
+    """Raised by a backing when a path cannot be described or read; the guest sees only the kind.
+
+    ``str()`` is ``"<kind>: <detail>"``; ``detail`` alone is the message without its kind.
+    """
 
     def __init__(self, kind: FileErrorKind, message: str) -> None:
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
+        self.detail = message
 
 
 class Backing(Protocol):
     """What the device serves files from. Calls are synchronous and short (local files)."""
 
     def file_info(self, path: str) -> FileInfo:
-        """Describe ``path``; raise :class:`FileError`."""
+        """Describe ``path``; raise :class:`FileError` (an ``OSError`` is accepted too: the
+        request is answered by :func:`status_for_error` all the same)."""
 
     def read_file(self, path: str, offset: int, buf: bytearray | memoryview) -> None:
         """Fill all of ``buf`` from ``path`` at ``offset``; raise :class:`FileError`
-        (END_OF_FILE if the range passes the end of the file, even partly)."""
+        (END_OF_FILE if the range passes the end of the file, even partly) or ``OSError``."""
 
     def describe(self) -> dict[str, object]:
         """A JSON-able description for ``inspect`` and logs."""
@@ -80,6 +86,13 @@ _STATUS = {
 }
 
 
-def status_for_error(error: FileError) -> Status:
-    """The wire status for a backing error: NotFound -> 1, EndOfFile -> 2, Error -> 3."""
+def status_for_error(error: FileError | OSError) -> Status:
+    """The wire status for a backing error: NotFound -> 1, EndOfFile -> 2, Error -> 3.
+
+    The one mapping from backing errors to the wire: an ``OSError`` a backing let through (EMFILE
+    from a ``dup``, EIO from a disk, EACCES, a file removed while served) is classified as
+    :func:`file_error_from_os` does, so the guest gets NOT_FOUND or ERROR and the device goes on.
+    """
+    if isinstance(error, OSError):
+        error = file_error_from_os(error, "backing")
     return _STATUS[error.kind]

@@ -83,6 +83,13 @@ class FatalError(Exception):
     def __init__(self, kind: FatalErrorKind, message: str) -> None:
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
+        self.detail = message
+
+    @classmethod
+    def from_protocol(cls, exc: ProtocolError) -> FatalError:
+        """The fatal error of a request that failed to decode: same kind, same detail (the
+        kind is said once: ``"TooShort: message of 4 bytes ..."``)."""
+        return cls(_FROM_PROTOCOL[exc.kind], exc.detail)
 
 
 # The decode errors a request can raise, as fatal errors of the same name.
@@ -114,6 +121,10 @@ class VmbfsCore:
         #: The fatal error that stopped the channel, or None while it is processing.
         self.fatal: FatalError | None = None
         self.messages = 0
+        #: Requests answered ERROR because the backing failed (an OS error: EIO, EACCES, EMFILE
+        #: ...), and the last such failure; both shown by ``inspect``.
+        self.backing_errors = 0
+        self.last_backing_error: str | None = None
         # READ_FILE requests of one file repeat one path: decode each path once per channel.
         self._paths = PathCache()
 
@@ -136,7 +147,7 @@ class VmbfsCore:
             try:
                 fields = decode_read_file_request_fields_untrusted(message, self._paths)
             except ProtocolError as exc:
-                raise FatalError(_FROM_PROTOCOL[exc.kind], str(exc)) from None
+                raise FatalError.from_protocol(exc) from None
             if fields is None:
                 return self._handle(message, reply_buffer)
             self.messages += 1
@@ -158,7 +169,7 @@ class VmbfsCore:
         try:
             request = decode_request_untrusted(message)
         except ProtocolError as exc:
-            raise FatalError(_FROM_PROTOCOL[exc.kind], str(exc)) from None
+            raise FatalError.from_protocol(exc) from None
         self.messages += 1
         if isinstance(request, VersionRequest):
             if self.state is not ProtocolState.VERSION_REQUEST:
@@ -178,8 +189,8 @@ class VmbfsCore:
     def _file_info(self, request: GetFileInfoRequest) -> bytes:
         try:
             info = self.backing.file_info(request.path)
-        except FileError as exc:
-            return encode_get_file_info_response(status_for_error(exc))
+        except (FileError, OSError) as exc:
+            return encode_get_file_info_response(self._failed(exc))
         flags = FileInfoFlags.DIRECTORY if info.directory else FileInfoFlags(0)
         return encode_get_file_info_response(Status.SUCCESS, flags, info.file_size)
 
@@ -199,7 +210,15 @@ class VmbfsCore:
         _READ_REPLY_HEADER.pack_into(reply, 0, _READ_FILE_RESPONSE_TYPE, 0, _SUCCESS)
         try:
             self.backing.read_file(path, offset, memoryview(reply)[_READ_REPLY_PREFIX:])
-        except FileError as exc:
+        except (FileError, OSError) as exc:
             # No data at all with a failure status, not even what was read before it failed.
-            return encode_read_file_response(status_for_error(exc))
+            return encode_read_file_response(self._failed(exc))
         return reply
+
+    def _failed(self, exc: FileError | OSError) -> Status:
+        """A request the backing could not serve: its wire status (the channel goes on)."""
+        status = status_for_error(exc)
+        if status is Status.ERROR:
+            self.backing_errors += 1
+            self.last_backing_error = str(exc)
+        return status

@@ -81,9 +81,10 @@ class DirectoryBacking:
                 raise _not_found(path, "'..' is not allowed")
             if "\0" in part:
                 raise _not_found(path, "NUL in a component")
-        stack = [os.dup(self._root_fd)]  # stack[-1]: the directory being looked into
+        stack: list[int] = []  # stack[-1]: the directory being looked into
         links = 0
         try:
+            stack.append(os.dup(self._root_fd))  # EMFILE here is an OS error like any other
             while parts:
                 name = parts.popleft()
                 if name == "..":  # only from a symlink target: climb, never past the root
@@ -114,8 +115,8 @@ class DirectoryBacking:
                     os.close(fd)
                     raise _not_found(path, "not a regular file")
                 return fd, opened
-            fd = stack.pop()
-            return fd, os.fstat(fd)
+            st = os.fstat(stack[-1])
+            return stack.pop(), st
         except OSError as exc:
             raise file_error_from_os(exc, repr(path)) from exc
         finally:

@@ -155,6 +155,8 @@ class ProtocolError(Exception):
     def __init__(self, kind: ProtocolErrorKind, message: str) -> None:
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
+        #: The message without its kind (``str()`` is ``"<kind>: <detail>"``).
+        self.detail = message
 
 
 # -- values ---------------------------------------------------------------------------------------

@@ -99,4 +99,6 @@ class VmbfsRunner:
             "state": self.core.state.value,
             "messages": self.core.messages,
             "fatal": None if self.core.fatal is None else str(self.core.fatal),
+            "backing_errors": self.core.backing_errors,
+            "last_backing_error": self.core.last_backing_error,
         }

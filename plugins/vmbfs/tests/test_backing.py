@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -37,3 +38,24 @@ def test_file_error_from_os(code: int, kind: FileErrorKind) -> None:
     error = file_error_from_os(OSError(code, "boom"), "/p")
     assert error.kind is kind
     assert "/p" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (errno.ENOENT, Status.NOT_FOUND),
+        (errno.ENOTDIR, Status.NOT_FOUND),
+        (errno.EMFILE, Status.ERROR),
+        (errno.EIO, Status.ERROR),
+        (errno.EACCES, Status.ERROR),
+        (errno.ESTALE, Status.ERROR),
+    ],
+)
+def test_an_os_error_a_backing_let_through_maps_to_a_status_too(code: int, status: Status) -> None:
+    assert status_for_error(OSError(code, os.strerror(code))) is status
+
+
+def test_error_text_names_the_kind_once() -> None:
+    error = FileError(FileErrorKind.ERROR, "'/a': Input/output error")
+    assert (str(error), error.detail) == ("error: '/a': Input/output error",
+                                          "'/a': Input/output error")

@@ -3,6 +3,7 @@ or that there is no reply and a later valid request is not answered either."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Iterator
@@ -324,3 +325,68 @@ def test_reads_of_a_path_seen_before_are_answered_and_a_bad_variant_still_fails(
         encode_read_file_request(600, 0, "/imc.hiv") + b"\x00\x00",
         FatalErrorKind.NULL_TERMINATOR_IN_PATH,
     )
+
+
+# -- backing failures: an error status, and the channel goes on ---------------------------------
+
+
+class FailingBacking:
+    """A backing whose every call raises ``OSError(code)``, until ``healed``."""
+
+    def __init__(self, code: int, inner: SingleFileBacking) -> None:
+        self.code = code
+        self.inner = inner
+        self.healed = False
+
+    def _fail(self) -> None:
+        if not self.healed:
+            raise OSError(self.code, os.strerror(self.code), "/imc.hiv")
+
+    def file_info(self, path: str) -> FileInfo:
+        self._fail()
+        return self.inner.file_info(path)
+
+    def read_file(self, path: str, offset: int, buf: bytearray | memoryview) -> None:
+        self._fail()
+        self.inner.read_file(path, offset, buf)
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "failing"}
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(errno.EIO, 3), (errno.EACCES, 3), (errno.EMFILE, 3), (errno.ENFILE, 3),
+     (errno.ENOENT, 1), (errno.ESTALE, 3)],
+)
+def test_os_errors_of_a_backing_answer_an_error_status_and_the_channel_goes_on(
+    backing: SingleFileBacking, code: int, status: int
+) -> None:
+    failing = FailingBacking(code, backing)
+    core = VmbfsCore(failing)
+    assert core.handle(encode_version_request()) == VERSION_SUPPORTED
+    assert core.handle(encode_get_file_info_request("/imc.hiv")) == struct.pack(
+        "<IIIIQ", 4, 0, status, 0, 0
+    )
+    assert core.handle(encode_read_file_request(10, 0, "/imc.hiv")) == struct.pack(
+        "<III", 6, 0, status
+    )
+    assert core.fatal is None
+    assert core.backing_errors == (2 if status == 3 else 0)
+    if status == 3:
+        assert core.last_backing_error == f"[Errno {code}] {os.strerror(code)}: '/imc.hiv'"
+    failing.healed = True
+    assert core.handle(encode_read_file_request(4, 1, "/imc.hiv")) == (
+        struct.pack("<III", 6, 0, 0) + CONTENT[1:5]
+    )
+
+
+def test_fatal_error_text_names_its_kind_once(backing: SingleFileBacking) -> None:
+    with pytest.raises(FatalError) as info:
+        VmbfsCore(backing).handle(b"\x01\x00\x00\x00")
+    assert str(info.value) == "TooShort: message of 4 bytes has no 8-byte header"
+    assert info.value.detail == "message of 4 bytes has no 8-byte header"
+    with pytest.raises(FatalError) as info:
+        ready(backing).handle(struct.pack("<II", 9, 0))
+    assert str(info.value).startswith("InvalidMessageType: ")
+    assert "InvalidMessageType" not in info.value.detail

@@ -174,6 +174,8 @@ async def test_inspect(hive: VmbfsConfig) -> None:
             "state": "ready",
             "messages": 1,
             "fatal": None,
+            "backing_errors": 0,
+            "last_backing_error": None,
         }
         assert s.device.inspect(s.ctx, None) == {"backing": {"kind": "file", "name": "imc.hiv"}}
 

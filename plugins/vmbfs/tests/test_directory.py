@@ -201,3 +201,60 @@ def test_a_long_refused_guest_path_is_echoed_shortened(backing: DirectoryBacking
     assert info.value.kind is FileErrorKind.NOT_FOUND
     assert "(6003 characters, 5943 not shown)" in str(info.value)
     assert len(str(info.value)) < 200
+
+
+@contextlib.contextmanager
+def no_descriptor_left() -> Iterator[list[int]]:
+    """Fill this process's descriptor table (under a lowered soft limit, restored after)."""
+    import errno
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        highest = max(int(n) for n in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, limits[1]))
+        while True:
+            try:
+                held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield held
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_no_descriptor_left_answers_error_and_the_device_goes_on(backing: DirectoryBacking) -> None:
+    import struct
+
+    from devicehost_vmbfs.core import VmbfsCore
+    from devicehost_vmbfs.protocol import (
+        encode_get_file_info_request,
+        encode_read_file_request,
+        encode_version_request,
+    )
+
+    core = VmbfsCore(backing)
+    core.handle(encode_version_request())
+    requests = [encode_get_file_info_request("/a.txt"),
+                encode_read_file_request(5, 0, "/sub/b.bin")]
+    with no_descriptor_left():  # (the os.dup of the root fd fails first: EMFILE)
+        info, read = (bytes(core.handle(request)) for request in requests)
+    assert info == struct.pack("<IIIIQ", 4, 0, 3, 0, 0)  # ERROR, as for any OS error
+    assert read == struct.pack("<III", 6, 0, 3)
+    assert core.fatal is None and core.backing_errors == 2
+    assert "Too many open files" in str(core.last_backing_error)
+    assert bytes(core.handle(encode_read_file_request(5, 0, "/a.txt"))) == (
+        struct.pack("<III", 6, 0, 0) + b"hello"
+    )
+
+
+def test_a_file_removed_while_served_is_not_found(tree: Path, backing: DirectoryBacking) -> None:
+    assert backing.file_info("/a.txt") == FileInfo(directory=False, file_size=5)
+    (tree / "a.txt").unlink()
+    with pytest.raises(FileError) as info:
+        backing.read_file("/a.txt", 0, bytearray(5))
+    assert info.value.kind is FileErrorKind.NOT_FOUND

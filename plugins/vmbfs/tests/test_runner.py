@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -223,3 +225,52 @@ async def test_file_data_is_read_straight_into_the_outgoing_ring(
             await s.client.negotiate()
             assert await s.client.read("/imc.hiv", 7, 1000) == DATA[7:1007]
         assert targets == [ring_memory.obj]
+
+
+class EioBacking:
+    """A backing on a failing disk: every read fails with EIO; descriptions still work."""
+
+    def __init__(self, inner: SingleFileBacking) -> None:
+        self.inner = inner
+
+    def file_info(self, path: str) -> Any:
+        return self.inner.file_info(path)
+
+    def read_file(self, path: str, offset: int, buf: bytearray | memoryview) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "eio"}
+
+
+@pytest.mark.anyio
+async def test_a_failing_backing_gets_error_replies_and_the_device_goes_on(
+    hive: VmbfsConfig,
+) -> None:
+    async with served(hive) as s:
+        inner = s.runner.core.backing
+        assert isinstance(inner, SingleFileBacking)
+        s.runner.core.backing = EioBacking(inner)
+        with anyio.fail_after(5):
+            await s.client.negotiate()
+            for _ in range(3):
+                await s.pipe.send(encode_read_file_request(100, 0, "/imc.hiv"))
+                assert await s.pipe.recv(MAX_MESSAGE_SIZE) == struct.pack("<III", 6, 0, 3)
+            assert (await s.client.file_info("/imc.hiv")).file_size == len(DATA)
+        assert not s.done.is_set() and s.runner.core.fatal is None
+        assert s.runner.inspect()["backing_errors"] == 3
+        assert s.runner.inspect()["last_backing_error"] == "[Errno 5] Input/output error"
+
+
+@pytest.mark.anyio
+async def test_the_fatal_error_log_line_names_its_kind_once(
+    hive: VmbfsConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with served(hive) as s:
+        await s.pipe.send(b"\x01\x00\x00\x00")
+        with anyio.fail_after(5):
+            await s.done.wait()
+    assert [r.getMessage() for r in caplog.records if r.name == "test.vmbfs"] == [
+        "vmbfs: the guest broke the protocol, channel stopped:"
+        " TooShort: message of 4 bytes has no 8-byte header"
+    ]
