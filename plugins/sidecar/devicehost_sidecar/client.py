@@ -182,14 +182,17 @@ class _Node:
         self.failure = None
         fd = self.node.completion_fd
         while True:
-            await anyio.wait_readable(fd)
             try:
+                await anyio.wait_readable(fd)
                 data = os.read(fd, COMPLETION_RECORD.size)
             except BlockingIOError:
                 continue  # readiness was stale; wait again
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
+                # Waiting fails too (e.g. EPERM: the fd is a regular file, which epoll cannot
+                # watch; EBADF; a negative fd): the node is unusable, whatever the step.
                 error = SidecarDriverError(
-                    f"reading the completion fd of sidecar node {self.node.index} failed: {exc}"
+                    f"the completion fd {fd} of sidecar node {self.node.index} cannot be"
+                    f" waited on or read: {exc}"
                 )
                 self.fail(error)
                 raise error from exc

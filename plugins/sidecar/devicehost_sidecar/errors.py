@@ -62,7 +62,8 @@ class SidecarProtocolError(SidecarClientError):
 
 
 class SidecarDriverError(SidecarClientError):
-    """Raised when the operating system refuses an open, ioctl or mmap of a sidecar node."""
+    """Raised when the operating system refuses an open, ioctl or mmap of a sidecar node, or
+    waiting on or reading its completion fd; the message names the node."""
 
 
 class SidecarUnavailableError(SidecarDriverError):

@@ -9,6 +9,7 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -23,6 +24,7 @@ from devicehost_sidecar import (
     RunNotWaitedError,
     RunNotWaitedWarning,
     SidecarClient,
+    SidecarDriverError,
     SidecarError,
     SidecarProtocolError,
     SidecarUsageError,
@@ -509,5 +511,28 @@ def test_fuzz_completion_fd_data_never_crashes_the_host(data: bytes) -> None:
 
     try:
         anyio.run(scenario)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_completion_fd_that_cannot_be_polled_is_a_driver_error_naming_the_node(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    node = ScriptedNode(complete_starts=False)
+    os.close(node.read_fd)
+    # A regular file: epoll refuses to watch it (EPERM).
+    node.read_fd = os.open(tmp_path / "not-a-completion-fd", os.O_RDWR | os.O_CREAT)
+    client = SidecarClient([node])
+    try:
+        waiting = client.vp(0).run()
+        with anyio.fail_after(TIMEOUT), pytest.raises(SidecarDriverError) as info:
+            await client.run_wait_loops()  # one error, not an exception group
+        assert str(info.value) == (
+            f"the completion fd {node.read_fd} of sidecar node 0 cannot be waited on or read:"
+            " [Errno 1] Operation not permitted"
+        )
+        with pytest.raises(SidecarDriverError, match="sidecar node 0"):
+            await waiting.wait()  # its waiter was woken with the same error
     finally:
         client.close()
