@@ -378,6 +378,12 @@ def test_offer_config_space_and_config_validation() -> None:
     for bad_size in (0, 2048, 65535, 65536 + 4096, 32 << 20, True, "65536"):
         with pytest.raises(ValueError, match="tx_buffer_size"):
             VsockConfig(tx_buffer_size=bad_size)  # type: ignore[arg-type]  # wrong types rejected at runtime
+    assert VsockConfig().connect_timeout == 2.0  # upstream's CONNECTION_TIMEOUT
+    assert VsockConfig(connect_timeout=0.25).connect_timeout == 0.25
+    for bad_timeout in (0, -1, 3601, True, "2"):
+        with pytest.raises(ValueError, match="connect_timeout must be a number of seconds"):
+            VsockConfig(connect_timeout=bad_timeout)  # type: ignore[arg-type]
+    assert VsockDevice.max_fds(VsockConfig()) == 1024 + 2  # connections, listener, epoll
 
 
 async def test_configured_tx_buffer_size_through_the_device(sock_dir: str) -> None:

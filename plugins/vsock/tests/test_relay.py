@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 
 import anyio
@@ -89,3 +91,45 @@ async def test_relay_loops_feed_the_table(sock_dir: str) -> None:
     assert woken
     manager.close_all()
     relay.close()
+
+
+class NoWatchesEpoll:
+    """An epoll instance out of watches (``fs.epoll.max_user_watches``): register fails."""
+
+    def __init__(self, real: select.epoll) -> None:
+        self.real = real
+
+    def register(self, fd: int, mask: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+async def test_a_connection_that_cannot_be_watched_is_closed_and_the_listener_goes_on(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = Relay(f"{sock_dir}/vsock", bind_listener(f"{sock_dir}/vsock"))
+    manager = relay.manager = ConnectionManager(3, relay.connect)
+    real = relay.epoll
+    relay.epoll = NoWatchesEpoll(real)  # type: ignore[assignment]
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(relay.serve_listener)
+                refused = await anyio.connect_unix(f"{sock_dir}/vsock")
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await refused.receive()  # closed by the host, nothing else lost
+                await refused.aclose()
+                assert len(manager) == 0
+                relay.epoll = real
+                kept = await anyio.connect_unix(f"{sock_dir}/vsock")
+                while len(manager) == 0:
+                    await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+            await kept.aclose()
+    finally:
+        manager.close_all()
+        relay.epoll = real
+        relay.close()
+    assert any("cannot watch a host connection" in r.getMessage() for r in caplog.records)
