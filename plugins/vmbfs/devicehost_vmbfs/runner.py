@@ -89,9 +89,7 @@ class VmbfsRunner:
         except FatalError as exc:
             logger.error("vmbfs: the guest broke the protocol, channel stopped: %s", exc)
         except (PipeError, ChannelClosed, RingError, anyio.WouldBlock) as exc:
-            self.core.fatal = FatalError(
-                FatalErrorKind.PIPE, f"{type(exc).__name__}: {exc}".rstrip(": ")
-            )
+            self.core.fatal = FatalError(FatalErrorKind.PIPE, _pipe_failure(exc))
             logger.error("vmbfs: pipe failed, channel stopped: %s", self.core.fatal)
 
     def inspect(self) -> dict[str, Any]:
@@ -102,3 +100,13 @@ class VmbfsRunner:
             "backing_errors": self.core.backing_errors,
             "last_backing_error": self.core.last_backing_error,
         }
+
+
+def _pipe_failure(exc: Exception) -> str:
+    """What went wrong with the pipe, each kind named once: a ``PipeError``'s text already starts
+    with its kind (``"PacketTooLarge: ..."``); other errors are named by their type."""
+    from devicehost.vmbus import PipeError
+
+    if isinstance(exc, PipeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")

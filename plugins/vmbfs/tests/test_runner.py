@@ -94,6 +94,11 @@ async def test_message_above_max_size_is_a_pipe_error(hive: VmbfsConfig) -> None
         await assert_stopped_without_reply(s.pipe, s.done)
         assert s.runner.core.fatal is not None
         assert s.runner.core.fatal.kind is FatalErrorKind.PIPE
+        # Each kind is named once ("Pipe: PacketTooLarge: ...", not "PacketTooLarge" twice).
+        assert str(s.runner.core.fatal) == (
+            f"Pipe: PacketTooLarge: {MAX_MESSAGE_SIZE + 12} bytes exceed the limit"
+            f" {MAX_MESSAGE_SIZE}"
+        )
 
 
 @pytest.mark.anyio
