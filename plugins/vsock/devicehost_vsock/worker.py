@@ -1,6 +1,6 @@
 """The vsock worker: moves packets between the virtqueues and the connection table.
 
-Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.ConnectionManager`
+Four concurrent loops share one synchronous :class:`~devicehost_vsock.manager.ConnectionManager`
 (they never interleave inside it: the table is only touched between awaits):
 
 - tx: pops every guest tx chain (a batch per call), hands header and payload (views straight
@@ -14,11 +14,11 @@ Three concurrent loops share one synchronous :class:`~devicehost_vsock.manager.C
   When one connection alone has rx work, the table may fill a run of further posted buffers
   with one scatter read (see ``ConnectionManager.produce_rx``); all of a pass's buffers are
   completed with at most one interrupt.
+- silent: closes host connections that sent no CONNECT line by the connect deadline, whatever
+  the rx queue holds (``ConnectionManager.drop_silent``: nothing goes to the guest).
 
-Timeouts are served by the rx loop only, so with no rx buffers posted nothing times out and no
-CONNECT line is read (facts section 9.8), except that host connections which did not send their
-CONNECT line by the connect deadline are closed by a fourth loop whatever the rx queue holds
-(``ConnectionManager.drop_silent``: nothing goes to the guest).
+Every other timeout is served by the rx loop only, so with no rx buffers posted nothing else
+times out and no CONNECT line is read (facts section 9.8).
 """
 
 from __future__ import annotations
