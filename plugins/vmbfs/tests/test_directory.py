@@ -207,10 +207,13 @@ def test_a_long_refused_guest_path_is_echoed_shortened(backing: DirectoryBacking
 def no_descriptor_left() -> Iterator[list[int]]:
     """Fill this process's descriptor table (under a lowered soft limit, restored after)."""
     import errno
+    import gc
     import resource
 
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     held: list[int] = []
+    gc.collect()  # garbage holding descriptors must not free one while the table is full
+    gc.disable()
     try:
         highest = max(int(n) for n in os.listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, limits[1]))
@@ -225,6 +228,7 @@ def no_descriptor_left() -> Iterator[list[int]]:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        gc.enable()
 
 
 def test_no_descriptor_left_answers_error_and_the_device_goes_on(backing: DirectoryBacking) -> None:
