@@ -39,7 +39,14 @@ Decisions where upstream differs or is silent:
   release the channel id. Here the server closes the channel and drops its GPADLs itself, then
   sets the offer's ``revoked`` event; the guest only frees its memory. A pending teardown of a
   dropped GPADL completes.
-- GPADL ids are unique per server (upstream: per guest connection; there is one guest here).
+- GPADL ids are unique per guest (as upstream: per guest connection). The in-process guest
+  (every :class:`devicehost.vmbus.client.VmbusClient` of this server) is one guest over the
+  server's ``memory``; each :class:`RemoteGuest` (a VMBus socket guest) is another, over its own
+  memory, passed as ``guest=`` to :meth:`VmbusServer.request`. A GPADL records the memory it was
+  created over and the guest that owns it; a channel is open for the guest whose GPADL its ring
+  is, and only that guest may close or modify it. A remote guest sees no hidden offer and may not
+  use one. :meth:`VmbusServer.disconnect` closes a remote guest's channels and drops its GPADLs.
+- A remote guest's GPADLs and opens are not saved: its memory does not survive the host.
 - Modify has no device hook: :class:`ChannelDevice.modify` answers it (the transport accepts it,
   since in-process signalling has no virtual processor to retarget).
 - A teardown whose requester stops waiting still completes when the ring is closed.
@@ -96,6 +103,7 @@ __all__ = [
     "ChannelHandle",
     "ChannelRequestError",
     "OfferError",
+    "RemoteGuest",
     "SavedChannel",
     "SavedGpadl",
     "SavedOpen",
@@ -140,6 +148,24 @@ class ChannelDevice(Protocol):
 # -- bookkeeping ----------------------------------------------------------------------------------
 
 
+class RemoteGuest:
+    """A guest of the server in another process (a VMBus socket guest): its memory and name.
+
+    Identity is the object: each connection is a new guest, whose GPADL ids start afresh.
+    """
+
+    def __init__(self, memory: GuestMemory, name: str) -> None:
+        self.memory = memory
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<RemoteGuest {self.name}>"
+
+
+#: Who made a request: a remote guest, or None for the in-process guest.
+_Owner = RemoteGuest | None
+
+
 class _OpenState(enum.Enum):
     CLOSED = "closed"
     OPENING = "opening"
@@ -150,13 +176,21 @@ class _OpenState(enum.Enum):
 class _Gpadl:
     """A GPADL: its request, its parsed ranges, and how many rings map it."""
 
-    def __init__(self, request: GpadlRequest, ranges: MultiPagedRange, channel_id: int) -> None:
+    def __init__(self, request: GpadlRequest, ranges: MultiPagedRange, channel_id: int,
+                 memory: GuestMemory, owner: _Owner) -> None:
         self.request = request
         self.ranges = ranges
         self.channel_id = channel_id
+        #: The memory the GPADL's pages are in, and the guest that created it.
+        self.memory = memory
+        self.owner = owner
         self.map_count = 0
         self.teardown_requested = False
         self.unmapped: anyio.Event | None = None
+
+    @property
+    def key(self) -> tuple[_Owner, int]:
+        return (self.owner, self.request.id)
 
     def unmap(self) -> None:
         self.map_count -= 1
@@ -177,6 +211,8 @@ class ChannelHandle:
         self.open_request: OpenRequest | None = None
         self.channel: RawChannel | None = None
         self.gpadl_id: int | None = None
+        #: The ring GPADL the open channel maps (it says whose memory and which guest).
+        self._ring: _Gpadl | None = None
         #: The guest's end of the channel's signal while open (the client picks it up).
         self.guest_signal: Signal | None = None
         self._host_signal: Signal | None = None
@@ -200,9 +236,9 @@ class ChannelHandle:
     @property
     def open_resources(self) -> OpenResources | None:
         """The resources of the open channel (None while closed)."""
-        if self.channel is None or self.open_request is None:
+        if self.channel is None or self.open_request is None or self._ring is None:
             return None
-        return OpenResources(self.channel, self.server.memory, self.open_request)
+        return OpenResources(self.channel, self._ring.memory, self.open_request)
 
     def incoming_offer(self) -> IncomingOffer:
         return IncomingOffer(self.offer, self.params.interface_name, self.revoked_event)
@@ -227,14 +263,14 @@ class ChannelHandle:
     def rebuild_channel(self) -> OpenResources:
         """Build a fresh host channel over the open channel's ring (same pages, same guest
         signal), for a device whose runner is being rebuilt by ``restore_open``."""
-        if self.state is not _OpenState.OPEN or self.open_request is None:
+        if self.state is not _OpenState.OPEN or self.open_request is None or self._ring is None:
             raise ChannelRequestError(f"channel {self.channel_id} is not open")
-        gpadl = self.server._gpadls[self.open_request.open_data.ring_gpadl_id]
+        gpadl = self._ring
         assert self._host_signal is not None
         self.channel = self.server._ring_channel(
             gpadl, self.open_request.open_data.ring_offset, self._host_signal
         )
-        return OpenResources(self.channel, self.server.memory, self.open_request)
+        return OpenResources(self.channel, gpadl.memory, self.open_request)
 
     def __repr__(self) -> str:
         return f"<ChannelHandle {self.key} id={self.channel_id} {self.state.value}>"
@@ -247,7 +283,7 @@ class VmbusServer:
         self.memory = memory
         self._channels: dict[int, ChannelHandle] = {}
         self._by_key: dict[OfferKey, ChannelHandle] = {}
-        self._gpadls: dict[int, _Gpadl] = {}
+        self._gpadls: dict[tuple[_Owner, int], _Gpadl] = {}
         self._next_channel_id = 1
         self._saved: dict[OfferKey, SavedChannel] = {}
         self._subscribers: list[MemoryObjectSendStream[IncomingOffer]] = []
@@ -336,9 +372,9 @@ class VmbusServer:
         handle.revoked = True
         if handle.state in (_OpenState.OPEN, _OpenState.CLOSING):
             await self._close(handle)
-        for gpadl_id, gpadl in list(self._gpadls.items()):
+        for key, gpadl in list(self._gpadls.items()):
             if gpadl.channel_id == handle.channel_id:
-                del self._gpadls[gpadl_id]
+                del self._gpadls[key]
                 if gpadl.unmapped is not None:
                     gpadl.unmapped.set()
         del self._channels[handle.channel_id]
@@ -375,40 +411,72 @@ class VmbusServer:
                  ) -> bool:
         return handle.key.instance_id not in self._hidden or stream in self._sees_hidden
 
-    async def request(self, channel_id: int, request: ChannelRequest) -> Signal | None:
+    async def request(self, channel_id: int, request: ChannelRequest, *,
+                      guest: RemoteGuest | None = None, signal: Signal | None = None
+                      ) -> Signal | None:
         """Carry out a guest's request on channel ``channel_id``.
 
-        Returns the guest's end of the channel signal for an open, else None. Raises
+        ``guest``: the remote guest making it (None: the in-process guest); an open of a remote
+        guest needs ``signal``, the host's end of the channel signal, which the server owns from
+        then on (it closes it when the open fails or the channel closes).
+        Returns the in-process guest's end of the channel signal for its open, else None. Raises
         :class:`ChannelRequestError` (and only that) when the request is refused.
         """
         handle = self._channels.get(channel_id) if isinstance(channel_id, int) else None
-        if handle is None or handle.revoked:
+        if handle is None or handle.revoked or (
+            guest is not None and handle.key.instance_id in self._hidden
+        ):
+            if signal is not None:
+                signal.close()
             raise ChannelRequestError(f"channel {channel_id!r} is not offered")
         try:
-            return await self._dispatch(handle, request)
+            return await self._dispatch(handle, request, guest, signal)
         except (TypeError, ValueError, AttributeError, OverflowError) as exc:
             # A request whose fields are not even of the right types: refused like any other.
             raise ChannelRequestError(f"malformed {type(request).__name__}: {exc}") from exc
 
-    async def _dispatch(self, handle: ChannelHandle, request: ChannelRequest) -> Signal | None:
+    async def _dispatch(self, handle: ChannelHandle, request: ChannelRequest, guest: _Owner,
+                        signal: Signal | None) -> Signal | None:
         channel_id = handle.channel_id
+        if isinstance(request, OpenChannelRequest):
+            return await self._open(handle, request.request, guest, signal)
+        if signal is not None:
+            signal.close()
         if isinstance(request, GpadlChannelRequest):
-            self._create_gpadl(handle, request.request)
+            self._create_gpadl(handle, request.request, guest)
         elif isinstance(request, TeardownGpadlRequest):
-            await self._teardown_gpadl(handle, request.id)
-        elif isinstance(request, OpenChannelRequest):
-            return await self._open(handle, request.request)
+            await self._teardown_gpadl(handle, request.id, guest)
         elif isinstance(request, CloseRequest):
             if handle.state is not _OpenState.OPEN:
                 raise ChannelRequestError(
                     f"channel {channel_id} cannot close while {handle.state.value}"
                 )
+            self._check_opener(handle, guest)
             await self._close(handle)
         elif isinstance(request, ModifyChannelRequest):
+            if handle.state is _OpenState.OPEN:
+                self._check_opener(handle, guest)
             await self._modify(handle, request.request)
         else:
             raise ChannelRequestError(f"unknown channel request {type(request).__name__}")
         return None
+
+    def _check_opener(self, handle: ChannelHandle, guest: _Owner) -> None:
+        if handle._ring is not None and handle._ring.owner is not guest:
+            raise ChannelRequestError(f"channel {handle.channel_id} was opened by another guest")
+
+    async def disconnect(self, guest: RemoteGuest) -> None:
+        """A remote guest is gone: close the channels it opened (subchannels first) and drop
+        its GPADLs (pending teardowns complete). Nothing of it remains afterwards."""
+        for handle in sorted(self._channels.values(), key=lambda h: -h.key.subchannel_index):
+            ring = handle._ring
+            if ring is not None and ring.owner is guest and handle.state is _OpenState.OPEN:
+                await self._close(handle)
+        for key, gpadl in list(self._gpadls.items()):
+            if gpadl.owner is guest:
+                del self._gpadls[key]
+                if gpadl.unmapped is not None:
+                    gpadl.unmapped.set()
 
     def guest_signal(self, channel_id: int) -> Signal:
         """The guest's end of open channel ``channel_id``'s signal (e.g. after a restore)."""
@@ -419,10 +487,11 @@ class VmbusServer:
 
     # -- GPADLs ------------------------------------------------------------------------------------
 
-    def _parse_gpadl(self, request: GpadlRequest) -> MultiPagedRange:
+    def _parse_gpadl(self, request: GpadlRequest, memory: GuestMemory, owner: _Owner
+                     ) -> MultiPagedRange:
         if not 0 <= request.id <= _U32:
             raise ChannelRequestError(f"GPADL id {request.id!r} is not a u32")
-        if request.id in self._gpadls:
+        if (owner, request.id) in self._gpadls:
             raise ChannelRequestError(f"GPADL id {request.id:#x} is already in use")
         if not 1 <= request.count <= _U16:
             raise ChannelRequestError(f"GPADL range count {request.count!r} is not 1..65535")
@@ -437,27 +506,31 @@ class VmbusServer:
         for paged in ranges.ranges:
             for gpa, length in paged.segments():
                 try:
-                    self.memory.view(gpa, length)
+                    memory.view(gpa, length)
                 except GuestMemoryError as exc:
                     raise ChannelRequestError(
                         f"GPADL {request.id:#x} names memory outside the guest: {exc}"
                     ) from exc
         return ranges
 
-    def _create_gpadl(self, handle: ChannelHandle, request: GpadlRequest) -> None:
-        ranges = self._parse_gpadl(request)
-        self._gpadls[request.id] = _Gpadl(request, ranges, handle.channel_id)
+    def _create_gpadl(self, handle: ChannelHandle, request: GpadlRequest, owner: _Owner = None
+                      ) -> None:
+        memory = self.memory if owner is None else owner.memory
+        ranges = self._parse_gpadl(request, memory, owner)
+        self._gpadls[(owner, request.id)] = _Gpadl(request, ranges, handle.channel_id, memory,
+                                                   owner)
 
-    def _channel_gpadl(self, handle: ChannelHandle, gpadl_id: int) -> _Gpadl:
-        gpadl = self._gpadls.get(gpadl_id)
+    def _channel_gpadl(self, handle: ChannelHandle, gpadl_id: int, owner: _Owner = None
+                       ) -> _Gpadl:
+        gpadl = self._gpadls.get((owner, gpadl_id)) if isinstance(gpadl_id, int) else None
         if gpadl is None or gpadl.channel_id != handle.channel_id:
             raise ChannelRequestError(
                 f"GPADL {gpadl_id!r} does not exist on channel {handle.channel_id}"
             )
         return gpadl
 
-    async def _teardown_gpadl(self, handle: ChannelHandle, gpadl_id: int) -> None:
-        gpadl = self._channel_gpadl(handle, gpadl_id)
+    async def _teardown_gpadl(self, handle: ChannelHandle, gpadl_id: int, owner: _Owner) -> None:
+        gpadl = self._channel_gpadl(handle, gpadl_id, owner)
         if gpadl.teardown_requested:
             raise ChannelRequestError(f"GPADL {gpadl_id:#x} is already being torn down")
         gpadl.teardown_requested = True
@@ -465,8 +538,8 @@ class VmbusServer:
             # Deferred: completes when the ring that maps it is closed.
             gpadl.unmapped = anyio.Event()
             await gpadl.unmapped.wait()
-        if self._gpadls.get(gpadl_id) is gpadl:
-            del self._gpadls[gpadl_id]
+        if self._gpadls.get(gpadl.key) is gpadl:
+            del self._gpadls[gpadl.key]
 
     # -- open / close / modify ---------------------------------------------------------------------
 
@@ -486,8 +559,8 @@ class VmbusServer:
                 f"ring offset {ring_offset} is outside the GPADL's {len(pfns)} pages"
             )
         try:
-            incoming = RingMemory.from_pages(self.memory, pfns[:ring_offset])
-            outgoing = RingMemory.from_pages(self.memory, pfns[ring_offset:])
+            incoming = RingMemory.from_pages(gpadl.memory, pfns[:ring_offset])
+            outgoing = RingMemory.from_pages(gpadl.memory, pfns[ring_offset:])
             return raw_channel_from_rings(incoming, outgoing, signal)
         except RingError as exc:
             raise ChannelRequestError(f"ring GPADL {gpadl.request.id:#x}: {exc}") from exc
@@ -512,24 +585,38 @@ class VmbusServer:
             and OfferFlags.REQUIRE_PINNED_EXTERNAL_MEMORY in flags,
         )
 
-    async def _open(self, handle: ChannelHandle, request: OpenRequest) -> Signal:
-        if handle.state is not _OpenState.CLOSED:
-            raise ChannelRequestError(
-                f"channel {handle.channel_id} cannot open while {handle.state.value}"
-            )
-        data = request.open_data
-        self._check_open_data(data)
-        gpadl = self._channel_gpadl(handle, data.ring_gpadl_id)
-        if gpadl.teardown_requested:
-            raise ChannelRequestError(f"GPADL {data.ring_gpadl_id:#x} is being torn down")
-        host_signal, guest_signal = connected_signals()
-        channel = self._ring_channel(gpadl, data.ring_offset, host_signal)
+    async def _open(self, handle: ChannelHandle, request: OpenRequest, guest: _Owner,
+                    signal: Signal | None) -> Signal | None:
+        try:
+            if handle.state is not _OpenState.CLOSED:
+                raise ChannelRequestError(
+                    f"channel {handle.channel_id} cannot open while {handle.state.value}"
+                )
+            data = request.open_data
+            self._check_open_data(data)
+            gpadl = self._channel_gpadl(handle, data.ring_gpadl_id, guest)
+            if gpadl.teardown_requested:
+                raise ChannelRequestError(f"GPADL {data.ring_gpadl_id:#x} is being torn down")
+            host_signal: Signal
+            guest_signal: Signal | None
+            if guest is None:
+                host_signal, guest_signal = connected_signals()
+            elif signal is None:
+                raise ChannelRequestError("a remote guest's open needs the host's signal end")
+            else:
+                host_signal, guest_signal = signal, None
+            channel = self._ring_channel(gpadl, data.ring_offset, host_signal)
+        except BaseException:
+            if signal is not None:
+                signal.close()
+            raise
         request = self._negotiate(handle, request)
         gpadl.map_count += 1
         handle.state = _OpenState.OPENING
         handle.open_request, handle.channel, handle.gpadl_id = request, channel, gpadl.request.id
+        handle._ring = gpadl
         try:
-            await handle.device.open(OpenResources(channel, self.memory, request))
+            await handle.device.open(OpenResources(channel, gpadl.memory, request))
         except Exception as exc:
             log.warning("device of %s failed to open: %s", handle.key, exc)
             self._drop_open(handle)
@@ -548,16 +635,16 @@ class VmbusServer:
         return guest_signal
 
     def _drop_open(self, handle: ChannelHandle) -> None:
-        gpadl = None if handle.gpadl_id is None else self._gpadls.get(handle.gpadl_id)
-        if gpadl is not None:
+        gpadl = handle._ring
+        if gpadl is not None and self._gpadls.get(gpadl.key) is gpadl:
             gpadl.unmap()
             if gpadl.map_count == 0 and gpadl.teardown_requested:
                 # The deferred teardown completes now, even if its requester stopped waiting.
-                del self._gpadls[gpadl.request.id]
+                del self._gpadls[gpadl.key]
         if handle.channel is not None:
             handle.channel.close()
         handle.state = _OpenState.CLOSED
-        handle.open_request = handle.channel = handle.gpadl_id = None
+        handle.open_request = handle.channel = handle.gpadl_id = handle._ring = None
         handle.guest_signal = handle._host_signal = None
 
     async def _close(self, handle: ChannelHandle) -> None:
@@ -595,10 +682,12 @@ class VmbusServer:
             gpadls = tuple(
                 SavedGpadl(g.request.id, g.request.count, g.request.buf)
                 for g in self._gpadls.values()
-                if g.channel_id == handle.channel_id
+                if g.channel_id == handle.channel_id and g.owner is None
             )
             saved_open = None
-            if handle.state is _OpenState.OPEN and handle.open_request is not None:
+            ring = handle._ring
+            if (handle.state is _OpenState.OPEN and handle.open_request is not None
+                    and ring is not None and ring.owner is None):
                 d = handle.open_request.open_data
                 saved_open = SavedOpen(d.ring_gpadl_id, d.ring_offset, d.target_vp,
                                        d.event_flag, d.connection_id, d.user_data)
@@ -660,6 +749,7 @@ class VmbusServer:
         handle.state = _OpenState.OPEN
         handle.open_request, handle.channel = open_request, channel
         handle.gpadl_id = o.ring_gpadl_id
+        handle._ring = gpadl
         handle._host_signal, handle.guest_signal = host_signal, guest_signal
         return RestoreResult(open_request, tuple(restored))
 
@@ -675,14 +765,27 @@ class VmbusServer:
         self._sees_hidden.clear()
 
     def inspect(self) -> dict[str, Any]:
+        """Every offer and every GPADL, keyed ``"<id>"`` for the in-process guest and
+        ``"<guest>/<id>"`` (with a ``"guest"`` entry, as on channels a remote guest opened) for a
+        remote guest."""
         return {
             "channels": [
                 {"key": str(h.key), "channel_id": h.channel_id, "state": h.state.value,
-                 "name": h.params.interface_name}
+                 "name": h.params.interface_name, **_opener(h._ring)}
                 for h in self.handles()
             ],
             "gpadls": {
-                f"{gid:#x}": {"channel_id": g.channel_id, "mapped": g.map_count}
-                for gid, g in self._gpadls.items()
+                _gpadl_name(owner, gid): {"channel_id": g.channel_id, "mapped": g.map_count,
+                                          **({} if owner is None else {"guest": owner.name})}
+                for (owner, gid), g in self._gpadls.items()
             },
         }
+
+
+def _opener(ring: _Gpadl | None) -> dict[str, str]:
+    """``{"guest": name}`` for a channel a remote guest opened, else nothing."""
+    return {} if ring is None or ring.owner is None else {"guest": ring.owner.name}
+
+
+def _gpadl_name(owner: _Owner, gpadl_id: int) -> str:
+    return f"{gpadl_id:#x}" if owner is None else f"{owner.name}/{gpadl_id:#x}"
