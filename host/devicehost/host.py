@@ -326,11 +326,26 @@ class Host:
             log.exception("removing device %r failed", name)
 
     async def inspect(self) -> dict[str, Any]:
-        """A JSON-able view of every device."""
-        return {
+        """A JSON-able view of every device (and of the VMBus server, when VMBus is served)."""
+        tree = {
             "devices": [await d.inspect() for d in self.devices.values()],
             "failures": dict(self.failures),
         }
+        vmbus = self._vmbus_transport()
+        if vmbus is not None:
+            tree["vmbus"] = vmbus.inspect()
+        return tree
+
+    async def _serve_vmbus_socket(self) -> None:
+        """Serve the VMBus server on ``[host] vmbus_socket`` (docs/vmbus-socket.md); it stops
+        when the VMBus transport closes."""
+        from devicehost.vmbus.transport import VmbusTransport
+
+        path = self.settings.vmbus_socket
+        assert path is not None
+        await self.transport(VmbusTransport).serve_socket(
+            path, allow_unsealed_memory=self.settings.allow_unsealed_memory)
+        log.info("serving VMBus to a guest process on %s", path)
 
     # -- save / restore ---------------------------------------------------------------------------
 
@@ -510,6 +525,8 @@ async def open_host(
                     # Raised once the task group is gone, so that it is not an ExceptionGroup.
                     refused = SavedStateError(f"{saved_source}: {exc}; the host does not start")
                     refused.__cause__ = exc
+            if refused is None and host.settings.vmbus_socket is not None:
+                await host._serve_vmbus_socket()
             if refused is None:
                 yield host
         finally:

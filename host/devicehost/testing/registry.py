@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 
+from devicehost.config import HostSettings
 from devicehost.host import Host, open_host
 from devicehost.lifecycle import new_device_manager
 
@@ -49,6 +50,7 @@ class DeviceSpec:
 @attrs.frozen
 class _Config:
     devices: tuple[DeviceSpec, ...]
+    host: HostSettings | None = None
 
 
 @asynccontextmanager
@@ -58,15 +60,17 @@ async def host_with(
     *,
     cross_cutting: Sequence[object] = (),
     guest_memory_size: int = 16 * 1024 * 1024,
+    settings: HostSettings | None = None,
 ) -> AsyncIterator[Host]:
     """Run a host serving ``devices`` (default: one device per class, named after its plugin,
-    with the default config) built from ``device_classes``."""
+    with the default config) built from ``device_classes``; ``settings`` is its ``[host]``
+    table (e.g. ``HostSettings(vmbus_socket=path)``)."""
     registry = StaticRegistry(device_classes, cross_cutting)
     if devices is None:
         devices = [
             DeviceSpec(name, name, registry.default_config(name)) for name in device_classes
         ]
     async with open_host(
-        registry, _Config(tuple(devices)), guest_memory_size=guest_memory_size
+        registry, _Config(tuple(devices), settings), guest_memory_size=guest_memory_size
     ) as host:
         yield host

@@ -12,18 +12,30 @@ Two entry points:
 
 - :func:`guest_open_channel` opens a device served by a running :class:`devicehost.host.Host`
   (what :func:`devicehost.testing.guest.guest_session` uses for VMBus devices).
+- :func:`socket_guest_session` runs a host with chosen device classes whose VMBus server is
+  served on a VMBus socket (``docs/vmbus-socket.md``) and connects a
+  :class:`~devicehost.vmbus.socketclient.SocketVmbusClient` to it over the real socket (the
+  ``devicehost_vmbus_socket_guest`` fixture returns it)::
+
+      async with socket_guest_session({"vmbfs": VmbfsDevice}) as session:
+          offer = await session.client.wait_offer(lambda o: True)
+          async with session.client.opened(offer) as channel:
+              ...
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
+from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
 from devicehost.memory import GuestMemory
@@ -31,14 +43,17 @@ from devicehost.vmbus.client import DEFAULT_RING_PAGES, ClientChannel, VmbusClie
 from devicehost.vmbus.pipe import MessagePipe
 from devicehost.vmbus.protocol import IncomingOffer, OfferParams
 from devicehost.vmbus.server import VmbusServer
+from devicehost.vmbus.socketclient import SocketVmbusClient
 from devicehost.vmbus.transport import VmbusTransport
 
 __all__ = [
     "DEFAULT_GUEST_MEMORY",
     "STEP_TIMEOUT",
+    "SocketGuestSession",
     "VmbusGuest",
     "check_vmbus_device",
     "guest_open_channel",
+    "socket_guest_session",
     "vmbus_guest",
 ]
 
@@ -218,3 +233,41 @@ async def check_vmbus_device(device_class: type[Any], config: Any = None) -> Non
             assert offer.revoked is not None and offer.revoked.is_set(), "removal must revoke"
             assert _state(device) is DeviceState.REVOKED
             assert guest.server.inspect()["gpadls"] == {}, "a revoke must drop every GPADL"
+
+
+class SocketGuestSession:
+    """A host serving its VMBus on a socket, and a socket guest connected to it."""
+
+    def __init__(self, host: Any, client: SocketVmbusClient, path: Path) -> None:
+        self.host = host
+        self.client = client
+        self.path = path
+
+    @property
+    def transport(self) -> VmbusTransport:
+        transport: VmbusTransport = self.host.transport(VmbusTransport)
+        return transport
+
+
+@asynccontextmanager
+async def socket_guest_session(
+    device_classes: Mapping[str, type[Any]],
+    devices: Sequence[Any] | None = None,
+    *,
+    socket_path: str | Path | None = None,
+    memory_size: int = DEFAULT_GUEST_MEMORY,
+    allow_unsealed_memory: bool = False,
+) -> AsyncIterator[SocketGuestSession]:
+    """Serve ``devices`` (as :func:`devicehost.testing.host_with`) with ``[host] vmbus_socket``
+    at ``socket_path`` (default: in a fresh temporary directory) and connect a socket guest
+    with ``memory_size`` bytes of sealed memory. Everything is closed when the block exits."""
+    from devicehost.testing.registry import host_with
+
+    with tempfile.TemporaryDirectory(prefix="devicehost-vmbus-") as tmp:
+        path = Path(socket_path) if socket_path is not None else Path(tmp) / "vmbus.sock"
+        settings = HostSettings(vmbus_socket=path, allow_unsealed_memory=allow_unsealed_memory)
+        async with (
+            host_with(device_classes, devices, settings=settings) as host,
+            SocketVmbusClient.connect(path, memory_size=memory_size) as client,
+        ):
+            yield SocketGuestSession(host, client, path)

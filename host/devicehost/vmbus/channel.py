@@ -16,6 +16,7 @@ Two kinds of signal:
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 from typing import Final, Protocol
@@ -34,6 +35,7 @@ __all__ = [
     "Signal",
     "connected_channel_pair",
     "connected_signals",
+    "drain_eventfd",
     "raw_channel_from_rings",
 ]
 
@@ -125,6 +127,31 @@ def connected_signals() -> tuple[InProcessSignal, InProcessSignal]:
     return InProcessSignal(a, b), InProcessSignal(b, a)
 
 
+_NOWAIT_READ = [hasattr(os, "RWF_NOWAIT")]
+
+
+def drain_eventfd(fd: int) -> None:
+    """Reset eventfd ``fd``'s counter if it is non-zero; never blocks.
+
+    The read is ``preadv2(RWF_NOWAIT)``, which does not block whatever the fd's O_NONBLOCK flag
+    says: a peer holding the same eventfd (a VMBus socket guest) can clear that flag on the
+    shared open file description, and a plain read of a zero counter would then block the host.
+    (Kernels whose eventfd refuses RWF_NOWAIT fall back to a plain non-blocking read.)
+    """
+    if _NOWAIT_READ[0]:
+        try:
+            os.preadv(fd, [bytearray(8)], -1, os.RWF_NOWAIT)
+            return
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _NOWAIT_READ[0] = False
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
+
+
 class EventfdSignal:
     """A signal over two eventfds: this end waits on ``wait_fd`` and writes ``notify_fd``.
 
@@ -184,8 +211,7 @@ class EventfdSignal:
             try:
                 with anyio.move_on_after(EVENTFD_BACKSTOP):
                     await anyio.wait_readable(self.wait_fd)
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self.wait_fd)
+                drain_eventfd(self.wait_fd)
             except (anyio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed("the channel is closed") from exc
             finally:

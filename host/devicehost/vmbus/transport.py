@@ -31,6 +31,7 @@ anew (its guest sees a rescind and a new offer).
 from __future__ import annotations
 
 import logging
+import os
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from devicehost.vmbus.server import ChannelHandle, ServerSavedState, VmbusServer
 
 if TYPE_CHECKING:
     from devicehost.lifecycle import Device
+    from devicehost.vmbus.socketserver import VmbusSocketServer
 
 __all__ = ["VmbusSavedState", "VmbusTransport"]
 
@@ -123,6 +125,8 @@ class VmbusTransport:
         self._restoring: dict[str, Any] = {}
         #: The host's guest gate (a host built without one, as some tests do, gets its own).
         self.gate: GuestGate = getattr(host, "gate", None) or GuestGate()
+        #: The VMBus socket serving this server to a guest in another process (if configured).
+        self.socket: VmbusSocketServer | None = None
 
     @property
     def allocator(self) -> DmaAllocator:
@@ -172,7 +176,24 @@ class VmbusTransport:
                 await handle.revoke()
             await device.revoke()
 
+    async def serve_socket(self, path: str | os.PathLike[str], *,
+                           allow_unsealed_memory: bool = False) -> VmbusSocketServer:
+        """Serve this transport's server on the VMBus socket ``path`` (``docs/vmbus-socket.md``)
+        until the transport closes. ConfigError if the path cannot be listened on."""
+        from devicehost.vmbus.socketserver import VmbusSocketServer
+
+        if self.socket is not None:
+            raise ConfigError(f"the VMBus socket is served already at {self.socket.path!r}")
+        socket_server = VmbusSocketServer(self.server, path,
+                                          allow_unsealed_memory=allow_unsealed_memory)
+        await self.host.task_group.start(socket_server.serve)
+        self.socket = socket_server
+        return socket_server
+
     async def aclose(self) -> None:
+        if self.socket is not None:
+            await self.socket.aclose()
+            self.socket = None
         with self.gate.bypass():
             for client in self._clients:
                 await client.aclose()
@@ -232,4 +253,7 @@ class VmbusTransport:
         return self.handle_of(device).rebuild_channel()
 
     def inspect(self) -> dict[str, Any]:
-        return self.server.inspect()
+        tree = self.server.inspect()
+        if self.socket is not None:
+            tree["socket"] = self.socket.inspect()
+        return tree

@@ -1,0 +1,622 @@
+"""The VMBus socket: the host's VMBus server, served to one guest in another process.
+
+A :class:`VmbusSocketServer` listens on a Unix ``SOCK_SEQPACKET`` socket and answers one guest
+connection at a time through the host's :class:`~devicehost.vmbus.server.VmbusServer` — the same
+server, offers and devices the in-process guest uses. Each socket message is one VMBus control
+message (:mod:`devicehost.vmbus.messages`); guest memory arrives as memfds with a MEMORY_TABLE,
+each channel's interrupts as two eventfds with OPEN_CHANNEL. The full protocol, fd rules and
+limits are in ``docs/vmbus-socket.md``; in short:
+
+- Contact: MEMORY_TABLE (once, with one memory fd per region), then INITIATE_CONTACT; a version
+  of facts §2.2 is accepted (VERSION_RESPONSE), any other is refused and may be retried.
+- REQUEST_OFFERS sends every visible offer and ALL_OFFERS_DELIVERED, then each new offer as it is
+  made and RESCIND_CHANNEL_OFFER for each revoked one.
+- GPADL_HEADER/GPADL_BODY are assembled and created over the guest's memory (GPADL_CREATED with
+  the server's status); GPADL_TEARDOWN completes with GPADL_TORNDOWN once no ring maps it.
+- OPEN_CHANNEL with fds ``[guest-to-host eventfd, host-to-guest eventfd]`` opens the channel
+  (OPEN_CHANNEL_RESULT); CLOSE_CHANNEL closes it; MODIFY_CHANNEL is answered from Iron on; UNLOAD
+  drops everything of the guest and answers UNLOAD_COMPLETE.
+
+Containment: everything from the guest is untrusted. A refused *request* (a GPADL outside its
+memory, an open the device fails) is answered with a failure status; a *protocol fault* (a
+malformed message, a wrong or missing fd, memory that could shrink, a message out of order, more
+than the limits allow) costs the guest its connection, never the host. When the connection ends
+for any reason (fault, close, the guest process dying) the guest's channels are closed, its GPADLs
+dropped and its memory unmapped; the next guest starts clean. The receive loop yields to the event
+loop after every message; the accept loop survives fd exhaustion (EMFILE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from devicehost.errors import ConfigError
+from devicehost.fds import FdKindError, require_eventfd, require_unshrinkable_memory
+from devicehost.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from devicehost.vmbus.channel import EventfdSignal
+from devicehost.vmbus.controlsocket import ControlSocket, ControlSocketError, close_fds
+from devicehost.vmbus.messages import (
+    SUPPORTED_VERSIONS,
+    AllOffersDelivered,
+    CloseChannel,
+    GpadlBody,
+    GpadlCreated,
+    GpadlHeader,
+    GpadlTeardown,
+    GpadlTorndown,
+    InitiateContact,
+    MemoryTable,
+    Message,
+    ModifyChannel,
+    ModifyChannelResponse,
+    OfferChannelMessage,
+    OpenChannel,
+    OpenResult,
+    RelIdReleased,
+    RequestOffers,
+    RescindChannelOffer,
+    Unload,
+    UnloadComplete,
+    Version,
+    VersionResponse,
+    decode_message_untrusted,
+    encode_message,
+)
+from devicehost.vmbus.protocol import (
+    STATUS_SUCCESS,
+    VP_INDEX_DISABLE_INTERRUPT,
+    GpadlChannelRequest,
+    GpadlRequest,
+    IncomingOffer,
+    ModifyChannelRequest,
+    ModifyRequest,
+    OfferFlags,
+    OpenChannelRequest,
+    OpenData,
+    OpenRequest,
+    TeardownGpadlRequest,
+    VmbusProtocolError,
+)
+from devicehost.vmbus.protocol import CloseRequest as CloseChannelRequest
+from devicehost.vmbus.server import ChannelRequestError, RemoteGuest, VmbusServer
+
+__all__ = [
+    "MAX_GPADL_WORDS_PER_GUEST",
+    "MAX_GUEST_MEMORY",
+    "MAX_PENDING_GPADLS",
+    "GuestFault",
+    "VmbusSocketServer",
+]
+
+log = logging.getLogger("devicehost.vmbus.socket")
+
+#: Most bytes of guest memory one guest may map (all regions together).
+MAX_GUEST_MEMORY: Final = 1 << 40
+#: GPADLs a guest may have half-sent (GPADL_HEADER without all its GPADL_BODY messages).
+MAX_PENDING_GPADLS: Final = 64
+#: Range words a guest's GPADLs may hold in all (pending and created): 2**18 words describe
+#: 1 GiB of 4 KiB pages.
+MAX_GPADL_WORDS_PER_GUEST: Final = 1 << 18
+#: Seconds the accept loop waits before retrying after running out of fds.
+ACCEPT_BACKOFF: Final = 0.1
+_ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class GuestFault(Exception):
+    """Raised when a socket guest breaks the protocol; the guest is to blame and loses its
+    connection."""
+
+
+class _GuestGone(Exception):
+    """The guest's end of the socket is closed (not a fault: the guest left or died)."""
+
+
+class _PendingGpadl:
+    def __init__(self, header: GpadlHeader) -> None:
+        self.header = header
+        self.data = bytearray()
+
+
+def _words(data: bytes) -> tuple[int, ...]:
+    mv = memoryview(data).cast("Q")
+    return tuple(mv)
+
+
+class _GuestConnection:
+    """One guest's connection: its memory, negotiated version, offers sent and GPADL assembly."""
+
+    def __init__(self, owner: VmbusSocketServer, sock: ControlSocket, name: str) -> None:
+        self.owner = owner
+        self.server = owner.server
+        self.sock = sock
+        self.name = name
+        self.memory: GuestMemory | None = None
+        self.guest: RemoteGuest | None = None
+        self.version: int | None = None
+        self.state = "contact"
+        self.offers_requested = False
+        self.sent: dict[int, IncomingOffer] = {}
+        self.rescinded: set[int] = set()
+        self.pending: dict[int, _PendingGpadl] = {}
+        self.gpadl_words: dict[int, int] = {}
+        self.messages = 0
+        self._offers: MemoryObjectReceiveStream[IncomingOffer] | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Serve the guest until it leaves or faults; returns why the connection ended."""
+        reason = "the guest closed the connection"
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                try:
+                    reason = await self._receive_loop()
+                except GuestFault as exc:
+                    reason = f"guest fault: {exc}"
+                    log.warning("VMBus socket guest %s: %s; disconnecting it", self.name, exc)
+                except _GuestGone as exc:
+                    reason = str(exc)
+                tg.cancel_scope.cancel()
+        except Exception as exc:
+            # A defect here must cost this guest its connection, never the host.
+            reason = f"internal error: {exc!r}"
+            log.exception("VMBus socket guest %s: internal error; disconnecting it", self.name)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+        return reason
+
+    async def _receive_loop(self) -> str:
+        while True:
+            try:
+                data, fds = await self.sock.receive()
+            except ControlSocketError as exc:
+                raise GuestFault(str(exc)) from None
+            except OSError as exc:
+                return f"socket error: {exc}"
+            if not data:
+                return "the guest closed the connection"
+            try:
+                await self._handle(data, fds)
+            finally:
+                close_fds(fds)  # every fd not taken over by the handler
+            self.messages += 1
+            # Bounded work per message, then let every other task of the host run.
+            await anyio.lowlevel.checkpoint()
+
+    async def _send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        try:
+            await self.sock.send(encode_message(message), fds)
+        except OSError as exc:
+            raise _GuestGone(f"the guest is gone ({exc})") from None
+
+    async def _cleanup(self) -> None:
+        if self._offers is not None:
+            self._offers.close()
+        if self.guest is not None:
+            await self.server.disconnect(self.guest)
+        self.sock.close()
+        if self.memory is not None:
+            self.memory.close()
+        self.pending.clear()
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def _handle(self, data: bytes, fds: list[int]) -> None:
+        try:
+            message = decode_message_untrusted(data, self.version)
+        except VmbusProtocolError as exc:
+            raise GuestFault(str(exc)) from None
+        if fds and not isinstance(message, (MemoryTable, OpenChannel)):
+            raise GuestFault(f"{type(message).__name__} carries {len(fds)} fds; it takes none")
+        if isinstance(message, MemoryTable):
+            self._memory_table(message, fds)
+        elif isinstance(message, InitiateContact):
+            await self._initiate_contact(message)
+        elif self.state != "connected":
+            raise GuestFault(f"{type(message).__name__} before INITIATE_CONTACT was accepted")
+        elif isinstance(message, RequestOffers):
+            await self._request_offers()
+        elif isinstance(message, GpadlHeader):
+            await self._gpadl_header(message)
+        elif isinstance(message, GpadlBody):
+            await self._gpadl_body(message)
+        elif isinstance(message, GpadlTeardown):
+            self._gpadl_teardown(message)
+        elif isinstance(message, OpenChannel):
+            await self._open(message, fds)
+        elif isinstance(message, CloseChannel):
+            await self._close(message)
+        elif isinstance(message, RelIdReleased):
+            self.rescinded.discard(message.channel_id)
+        elif isinstance(message, ModifyChannel):
+            await self._modify(message)
+        elif isinstance(message, Unload):
+            await self._unload()
+        else:
+            raise GuestFault(f"{type(message).__name__} is a message the host sends, not the guest")
+
+    # -- contact ---------------------------------------------------------------------------------
+
+    def _memory_table(self, message: MemoryTable, fds: list[int]) -> None:
+        if self.memory is not None:
+            raise GuestFault("MEMORY_TABLE was already sent")
+        if not message.regions or len(fds) != len(message.regions):
+            raise GuestFault(f"MEMORY_TABLE lists {len(message.regions)} regions but carries "
+                             f"{len(fds)} fds (one per region, at least one)")
+        memory = GuestMemory()
+        total = 0
+        try:
+            for index, (entry, fd) in enumerate(zip(message.regions, fds, strict=True)):
+                what = f"guest memory region {index}"
+                require_unshrinkable_memory(fd, what,
+                                            allow_unsealed=self.owner.allow_unsealed_memory)
+                if (entry.size <= 0 or entry.gpa % PAGE_SIZE or entry.size % PAGE_SIZE
+                        or entry.offset % PAGE_SIZE):
+                    raise GuestFault(f"{what}: gpa, size and offset must be whole pages, size > 0")
+                total += entry.size
+                if total > MAX_GUEST_MEMORY or entry.gpa + entry.size > 1 << 64:
+                    raise GuestFault(f"guest memory exceeds {MAX_GUEST_MEMORY} bytes or 2**64")
+                if os.fstat(fd).st_size < entry.offset + entry.size:
+                    raise GuestFault(f"{what}: the fd is smaller than offset + size")
+                region = MemoryRegion(entry.gpa, entry.size, fd=fd, offset=entry.offset,
+                                      owns_fd=True)
+                fds[index] = -1  # the region owns it now
+                memory.add_region(region)
+        except (FdKindError, ValueError, OSError) as exc:
+            memory.close()
+            raise GuestFault(str(exc)) from None
+        except BaseException:
+            memory.close()
+            raise
+        fds[:] = [fd for fd in fds if fd >= 0]
+        self.memory = memory
+
+    async def _initiate_contact(self, message: InitiateContact) -> None:
+        if self.state != "contact":
+            raise GuestFault("INITIATE_CONTACT while already connected")
+        if self.memory is None:
+            raise GuestFault("INITIATE_CONTACT before MEMORY_TABLE")
+        version = message.version_requested
+        if version not in SUPPORTED_VERSIONS:
+            log.info("VMBus socket guest %s asked for version %#010x: refused", self.name, version)
+            await self._send(VersionResponse(False, 0, 0))
+            return
+        self.version = version
+        self.state = "connected"
+        self.guest = RemoteGuest(self.memory, self.name)
+        # No feature of §2.4 is offered; from Copper on the response says so (VersionResponse2).
+        features = 0 if version >= Version.COPPER else None
+        await self._send(VersionResponse(True, 0, 0, supported_features=features))
+
+    async def _request_offers(self) -> None:
+        if self.offers_requested:
+            raise GuestFault("REQUEST_OFFERS was already sent")
+        self.offers_requested = True
+        self._offers = offers = self.server.subscribe()
+        while True:
+            try:
+                offer = offers.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            await self._offer(offer)
+        await self._send(AllOffersDelivered())
+        assert self._tg is not None
+        self._tg.start_soon(self._forward_offers, offers)
+
+    async def _offer(self, incoming: IncomingOffer) -> None:
+        offer = incoming.offer
+        # The guest negotiated no confidential channels: the flag is cleared (facts §2.6).
+        flags = offer.flags & ~OfferFlags.CONFIDENTIAL_RING_BUFFER
+        self.sent[offer.channel_id] = incoming
+        await self._send(OfferChannelMessage(attrs.evolve(offer, flags=flags)))
+        assert self._tg is not None
+        self._tg.start_soon(self._watch_revoke, incoming)
+
+    async def _forward_offers(self, offers: MemoryObjectReceiveStream[IncomingOffer]) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+            async for incoming in offers:
+                await self._guarded(self._offer(incoming))
+
+    async def _watch_revoke(self, incoming: IncomingOffer) -> None:
+        if incoming.revoked is None:
+            return
+        await incoming.revoked.wait()
+        channel_id = incoming.channel_id
+        if self.sent.get(channel_id) is incoming:
+            del self.sent[channel_id]
+            self.rescinded.add(channel_id)
+            await self._guarded(self._send(RescindChannelOffer(channel_id)))
+
+    async def _guarded(self, step: Any) -> None:
+        """Run a background step; a guest fault in it ends the connection."""
+        try:
+            await step
+        except GuestFault as exc:
+            log.warning("VMBus socket guest %s: %s; disconnecting it", self.name, exc)
+            self.sock.close()  # the receive loop sees end of stream and cleans up
+        except _GuestGone:
+            self.sock.close()
+
+    # -- GPADLs ----------------------------------------------------------------------------------
+
+    async def _gpadl_header(self, message: GpadlHeader) -> None:
+        if message.gpadl_id in self.pending:
+            raise GuestFault(f"GPADL {message.gpadl_id:#x} is already being sent")
+        if len(self.pending) >= MAX_PENDING_GPADLS:
+            raise GuestFault(f"more than {MAX_PENDING_GPADLS} GPADLs half-sent")
+        if message.range_buflen % 8:
+            raise GuestFault(f"GPADL {message.gpadl_id:#x}: range length "
+                             f"{message.range_buflen} is not whole u64 words")
+        words = message.range_buflen // 8
+        if sum(self.gpadl_words.values()) + words > MAX_GPADL_WORDS_PER_GUEST:
+            raise GuestFault(f"the guest's GPADLs exceed {MAX_GPADL_WORDS_PER_GUEST} range words")
+        pending = _PendingGpadl(message)
+        self.pending[message.gpadl_id] = pending
+        await self._gpadl_data(pending, message.data)
+
+    async def _gpadl_body(self, message: GpadlBody) -> None:
+        pending = self.pending.get(message.gpadl_id)
+        if pending is None:
+            raise GuestFault(f"GPADL_BODY for GPADL {message.gpadl_id:#x}, which has no header")
+        await self._gpadl_data(pending, message.data)
+
+    async def _gpadl_data(self, pending: _PendingGpadl, data: bytes) -> None:
+        header = pending.header
+        if len(data) % 8 or len(pending.data) + len(data) > header.range_buflen:
+            raise GuestFault(f"GPADL {header.gpadl_id:#x}: range data is not whole words or "
+                             f"exceeds the {header.range_buflen} bytes its header announced")
+        pending.data += data
+        if len(pending.data) < header.range_buflen:
+            return
+        del self.pending[header.gpadl_id]
+        request = GpadlRequest(header.gpadl_id, header.range_count, _words(bytes(pending.data)))
+        status = STATUS_SUCCESS
+        try:
+            await self.server.request(header.channel_id, GpadlChannelRequest(request),
+                                      guest=self.guest)
+        except ChannelRequestError as exc:
+            log.info("VMBus socket guest %s: GPADL %#x refused: %s", self.name,
+                     header.gpadl_id, exc)
+            status = exc.status
+        else:
+            self.gpadl_words[header.gpadl_id] = len(request.buf)
+        await self._send(GpadlCreated(header.channel_id, header.gpadl_id, status))
+
+    def _gpadl_teardown(self, message: GpadlTeardown) -> None:
+        # A teardown of a mapped GPADL waits for the channel's close, which is a later message:
+        # it completes in its own task (at most one per GPADL: a second is refused).
+        assert self._tg is not None
+        self._tg.start_soon(self._guarded, self._teardown(message))
+
+    async def _teardown(self, message: GpadlTeardown) -> None:
+        try:
+            await self.server.request(message.channel_id, TeardownGpadlRequest(message.gpadl_id),
+                                      guest=self.guest)
+        except ChannelRequestError as exc:
+            if message.channel_id not in self.rescinded:
+                raise GuestFault(f"GPADL_TEARDOWN refused: {exc}") from None
+            # Rescinded: the server dropped the channel's GPADLs already.
+        self.gpadl_words.pop(message.gpadl_id, None)
+        await self._send(GpadlTorndown(message.gpadl_id))
+
+    # -- channels --------------------------------------------------------------------------------
+
+    async def _open(self, message: OpenChannel, fds: list[int]) -> None:
+        if len(fds) != 2:
+            raise GuestFault(f"OPEN_CHANNEL carries {len(fds)} fds, it needs 2 eventfds "
+                             "(guest-to-host, host-to-guest)")
+        try:
+            require_eventfd(fds[0], "OPEN_CHANNEL guest-to-host interrupt")
+            require_eventfd(fds[1], "OPEN_CHANNEL host-to-guest interrupt")
+        except FdKindError as exc:
+            raise GuestFault(str(exc)) from None
+        for fd in fds:
+            os.set_blocking(fd, False)
+        signal = EventfdSignal(fds[0], fds[1], owns_fds=True)
+        fds.clear()  # the signal owns them; the server closes it when the open fails or ends
+        target_vp = None if message.target_vp == VP_INDEX_DISABLE_INTERRUPT else message.target_vp
+        data = OpenData(
+            ring_offset=message.downstream_ring_buffer_page_offset,
+            ring_gpadl_id=message.ring_buffer_gpadl_id, target_vp=target_vp,
+            event_flag=message.event_flag, connection_id=message.connection_id or 0,
+            user_data=message.user_data)
+        status = STATUS_SUCCESS
+        try:
+            await self.server.request(message.channel_id, OpenChannelRequest(OpenRequest(data)),
+                                      guest=self.guest, signal=signal)
+        except ChannelRequestError as exc:
+            log.info("VMBus socket guest %s: open of channel %d refused: %s", self.name,
+                     message.channel_id, exc)
+            status = exc.status
+        await self._send(OpenResult(message.channel_id, message.open_id, status))
+
+    async def _close(self, message: CloseChannel) -> None:
+        try:
+            await self.server.request(message.channel_id, CloseChannelRequest(), guest=self.guest)
+        except ChannelRequestError as exc:
+            # No reply exists to carry a refusal; a close of a rescinded channel is normal.
+            log.info("VMBus socket guest %s: close of channel %d refused: %s", self.name,
+                     message.channel_id, exc)
+
+    async def _modify(self, message: ModifyChannel) -> None:
+        status = STATUS_SUCCESS
+        try:
+            await self.server.request(message.channel_id,
+                                      ModifyChannelRequest(ModifyRequest(message.target_vp)),
+                                      guest=self.guest)
+        except ChannelRequestError as exc:
+            status = exc.status
+        if self.version is not None and self.version >= Version.IRON:
+            await self._send(ModifyChannelResponse(message.channel_id, status))
+
+    async def _unload(self) -> None:
+        if self._offers is not None:
+            self._offers.close()
+            self._offers = None
+        assert self.guest is not None
+        await self.server.disconnect(self.guest)
+        self.sent.clear()
+        self.rescinded.clear()
+        self.pending.clear()
+        self.gpadl_words.clear()
+        self.state = "contact"
+        self.offers_requested = False
+        self.guest = None
+        version, self.version = self.version, None
+        if version is not None and version >= Version.WIN7:
+            await self._send(UnloadComplete())
+
+    def inspect(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "version": None if self.version is None else f"{self.version:#010x}",
+            "memory_bytes": 0 if self.memory is None else self.memory.size,
+            "offers_sent": sorted(self.sent),
+            "gpadls_pending": len(self.pending),
+            "messages": self.messages,
+        }
+
+
+class VmbusSocketServer:
+    """Serves ``server`` to one guest at a time on the Unix SOCK_SEQPACKET socket ``path``."""
+
+    def __init__(self, server: VmbusServer, path: str | os.PathLike[str], *,
+                 allow_unsealed_memory: bool = False) -> None:
+        self.server = server
+        self.path = os.fspath(path)
+        self.allow_unsealed_memory = allow_unsealed_memory
+        self.connections = 0
+        self.refused = 0
+        self.last_disconnect: str | None = None
+        self._guest: _GuestConnection | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @property
+    def guest(self) -> dict[str, Any] | None:
+        """The connected guest's inspect view (None when no guest is connected)."""
+        return None if self._guest is None else self._guest.inspect()
+
+    async def wait_idle(self) -> None:
+        """Return once no guest is connected (its channels closed, its GPADLs dropped)."""
+        await self._idle.wait()
+
+    def _listen(self) -> socket.socket:
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            sock.listen(4)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on the VMBus socket {self.path!r}: {exc}") from None
+        return sock
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Listen and serve until cancelled (or :meth:`aclose`). ConfigError before starting if
+        the path cannot be listened on (a live server answers there, or it is not usable)."""
+        listener = self._listen()
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    task_status.started()
+                    while True:
+                        conn = await self._accept(listener)
+                        if self._guest is not None:
+                            # One guest at a time: a second connection is closed at once.
+                            self.refused += 1
+                            log.warning("VMBus socket %s: a guest is connected already; "
+                                        "refusing another", self.path)
+                            conn.close()
+                            continue
+                        self.connections += 1
+                        guest = _GuestConnection(self, ControlSocket(conn),
+                                                 f"socket-guest-{self.connections}")
+                        self._guest = guest
+                        self._idle = anyio.Event()
+                        tg.start_soon(self._serve_guest, guest)
+                tg.cancel_scope.cancel()
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def _accept(self, listener: socket.socket) -> socket.socket:
+        while True:
+            await anyio.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_EXHAUSTED:
+                    raise
+                # Out of fds or memory: the connection waits in the backlog; try again later
+                # instead of spinning on a listener that stays readable.
+                log.warning("VMBus socket %s: cannot accept (%s); retrying", self.path, exc)
+                await anyio.sleep(ACCEPT_BACKOFF)
+                continue
+            conn.set_inheritable(False)
+            return conn
+
+    async def _serve_guest(self, guest: _GuestConnection) -> None:
+        log.info("VMBus socket %s: guest %s connected", self.path, guest.name)
+        try:
+            reason = await guest.run()
+        finally:
+            self._guest = None
+            self._idle.set()
+        self.last_disconnect = reason
+        log.info("VMBus socket %s: guest %s disconnected (%s)", self.path, guest.name, reason)
+
+    async def aclose(self) -> None:
+        """Stop listening and disconnect the guest (its channels closed, GPADLs dropped)."""
+        if self._scope is not None:
+            self._scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._idle.wait()
+
+    def inspect(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "guest": self.guest,
+            "connections": self.connections,
+            "refused": self.refused,
+            "last_disconnect": self.last_disconnect,
+        }
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return  # not a socket: bind fails with a precise error
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a stale socket of an earlier run
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"the VMBus socket {path!r} is in use by another running host")
