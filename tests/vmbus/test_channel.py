@@ -204,3 +204,26 @@ async def test_cancelled_waits_leave_no_waiter_behind_and_a_later_ring_still_wak
         guest.signal_remote()  # one ring wakes every current waiter
         with anyio.fail_after(5):
             await woken.wait()
+
+
+def test_drain_eventfd_never_blocks_even_if_a_peer_cleared_o_nonblock() -> None:
+    # A socket guest shares the eventfd's open file description and can make it blocking; a
+    # plain read of a zero counter would then block the host's event loop for good.
+    import threading
+
+    from devicehost.vmbus.channel import drain_eventfd
+
+    fd = os.eventfd(0)
+    try:
+        os.set_blocking(fd, True)
+        results: list[bool] = []
+        thread = threading.Thread(target=lambda: results.append(drain_eventfd(fd)), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "drain_eventfd blocked on a blocking eventfd"
+        assert results == [False]
+        os.eventfd_write(fd, 3)
+        assert drain_eventfd(fd) is True
+        assert drain_eventfd(fd) is False
+    finally:
+        os.close(fd)

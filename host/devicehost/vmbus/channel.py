@@ -130,8 +130,8 @@ def connected_signals() -> tuple[InProcessSignal, InProcessSignal]:
 _NOWAIT_READ = [hasattr(os, "RWF_NOWAIT")]
 
 
-def drain_eventfd(fd: int) -> None:
-    """Reset eventfd ``fd``'s counter if it is non-zero; never blocks.
+def drain_eventfd(fd: int) -> bool:
+    """Reset eventfd ``fd``'s counter; whether it was non-zero. Never blocks.
 
     The read is ``preadv2(RWF_NOWAIT)``, which does not block whatever the fd's O_NONBLOCK flag
     says: a peer holding the same eventfd (a VMBus socket guest) can clear that flag on the
@@ -141,15 +141,18 @@ def drain_eventfd(fd: int) -> None:
     if _NOWAIT_READ[0]:
         try:
             os.preadv(fd, [bytearray(8)], -1, os.RWF_NOWAIT)
-            return
+            return True
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             _NOWAIT_READ[0] = False
-    with contextlib.suppress(BlockingIOError):
+    try:
         os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class EventfdSignal:
@@ -209,9 +212,13 @@ class EventfdSignal:
         else:
             self._polling = True
             try:
-                with anyio.move_on_after(EVENTFD_BACKSTOP):
-                    await anyio.wait_readable(self.wait_fd)
-                drain_eventfd(self.wait_fd)
+                if drain_eventfd(self.wait_fd):
+                    # Signalled already: no poller registration, no timer.
+                    await anyio.lowlevel.checkpoint()
+                else:
+                    with anyio.move_on_after(EVENTFD_BACKSTOP):
+                        await anyio.wait_readable(self.wait_fd)
+                    drain_eventfd(self.wait_fd)
             except (anyio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed("the channel is closed") from exc
             finally:
