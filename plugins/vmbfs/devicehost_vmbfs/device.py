@@ -7,6 +7,9 @@ Configuration (``[devices.<name>]`` table, plugin ``vmbfs``):
 - neither: serve a fresh, empty temporary directory (so ``devicehost run`` with no config works;
   the guest sees an empty root). Both at once is a :class:`devicehost.ConfigError`.
 - ``name`` (default ``imc.hiv``): the file name the single-file backing answers to.
+- ``instance_id`` (default: the IMC instance, facts §8.1): the VMBus instance id offered, so that
+  one VMBus can carry several vmbfs devices (e.g. ``c63c9bdf-5fa5-4208-b03f-6b458b365592``, the
+  boot instance). A malformed GUID is a :class:`devicehost.ConfigError`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import attrs
 
 from devicehost import ConfigError, DeviceContext, hookimpl
 from devicehost.savedstate import saved_state
+from devicehost.vmbus import Guid
 from devicehost_vmbfs.backing import Backing
 from devicehost_vmbfs.core import ProtocolState, VmbfsCore
 from devicehost_vmbfs.directory import DirectoryBacking
@@ -37,6 +41,7 @@ class VmbfsConfig:
     file: str = ""
     root: str = ""
     name: str = "imc.hiv"
+    instance_id: str = ""
 
 
 @saved_state("vmbfs.SavedState", 1)
@@ -72,6 +77,15 @@ def _backing_for(config: VmbfsConfig) -> tuple[Backing, tempfile.TemporaryDirect
     return DirectoryBacking.open(scratch.name), scratch
 
 
+def _instance_id(text: str) -> Guid:
+    if not text:
+        return IMC_INSTANCE_ID
+    try:
+        return Guid.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"vmbfs: 'instance_id' {text!r} is not a GUID: {exc}") from None
+
+
 class VmbfsDevice:
     """Offers the IMC instance of vmbfs and serves its backing over a message pipe."""
 
@@ -79,6 +93,7 @@ class VmbfsDevice:
 
     def __init__(self, config: VmbfsConfig | None = None) -> None:
         self.config = config if config is not None else VmbfsConfig()
+        self.instance_id = _instance_id(self.config.instance_id)
         self.backing, self._scratch = _backing_for(self.config)
         closer = getattr(self.backing, "close", None)
         if closer is not None:
@@ -95,7 +110,7 @@ class VmbfsDevice:
 
         return OfferParams(
             interface_name=INTERFACE_NAME,
-            instance_id=IMC_INSTANCE_ID,
+            instance_id=self.instance_id,
             interface_id=INTERFACE_ID,
             channel_type=DeviceChannel(pipe_packets=True),
         )

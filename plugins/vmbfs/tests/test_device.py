@@ -25,6 +25,7 @@ from devicehost.vmbus.protocol import DeviceChannel, OfferParams
 from devicehost_vmbfs.core import ProtocolState
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice, VmbfsSavedState
 from devicehost_vmbfs.protocol import (
+    BOOT_INSTANCE_ID,
     IMC_INSTANCE_ID,
     INTERFACE_ID,
     MAX_MESSAGE_SIZE,
@@ -63,6 +64,14 @@ def test_offer() -> None:
         channel_type=DeviceChannel(pipe_packets=True),
     )
     assert offer.mmio_megabytes == 0 and offer.subchannel_index == 0
+
+
+def test_instance_id_config_changes_only_the_offered_instance() -> None:
+    device = VmbfsDevice(VmbfsConfig(instance_id=str(BOOT_INSTANCE_ID)))
+    offer = device.offer(context(device.config))
+    assert offer.instance_id == BOOT_INSTANCE_ID and offer.interface_id == INTERFACE_ID
+    with pytest.raises(ConfigError, match="'instance_id' 'nope' is not a GUID"):
+        VmbfsDevice(VmbfsConfig(instance_id="nope"))
 
 
 def test_default_config_serves_an_empty_directory() -> None:
