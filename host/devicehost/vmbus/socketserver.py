@@ -153,6 +153,8 @@ class _GuestConnection:
         self.messages = 0
         self._offers: MemoryObjectReceiveStream[IncomingOffer] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Why a background step ended the connection (a fault found outside the receive loop).
+        self._fault: str | None = None
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -170,6 +172,8 @@ class _GuestConnection:
                 except _GuestGone as exc:
                     reason = str(exc)
                 tg.cancel_scope.cancel()
+            if self._fault is not None:
+                reason = self._fault
         except Exception as exc:
             # A defect here must cost this guest its connection, never the host.
             reason = f"internal error: {exc!r}"
@@ -347,6 +351,7 @@ class _GuestConnection:
             await step
         except GuestFault as exc:
             log.warning("VMBus socket guest %s: %s; disconnecting it", self.name, exc)
+            self._fault = f"guest fault: {exc}"
             self.sock.close()  # the receive loop sees end of stream and cleans up
         except _GuestGone:
             self.sock.close()
