@@ -227,3 +227,34 @@ def test_drain_eventfd_never_blocks_even_if_a_peer_cleared_o_nonblock() -> None:
         assert drain_eventfd(fd) is False
     finally:
         os.close(fd)
+
+
+async def test_eventfd_signal_on_asyncio_keeps_its_fd_registered_and_loses_no_signal() -> None:
+    # The asyncio fast path: the registered callback drains the counter; a signal that arrives
+    # while nobody waits is kept for the next wait, and close() unregisters before closing.
+    a, b = EventfdSignal.pair()
+    with anyio.fail_after(30):
+        b.notify_remote()
+        await a.wait()  # consumed by the direct drain
+        waiter_done = anyio.Event()
+
+        async def waiter() -> None:
+            await a.wait()
+            waiter_done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            b.notify_remote()
+            await waiter_done.wait()
+        # Now registered: a signal with no waiter is drained by the callback and kept pending.
+        b.notify_remote()
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        registered = a._loop is not None  # asyncio only; trio waits with wait_readable
+        assert a._pending == registered
+        await a.wait()
+        assert not a._pending
+    a.close()
+    b.close()
+    assert a.closed

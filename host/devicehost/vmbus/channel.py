@@ -15,6 +15,7 @@ Two kinds of signal:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import math
@@ -161,6 +162,11 @@ class EventfdSignal:
     The peer (usually another process) holds the same two eventfds the other way round. With
     ``owns_fds`` the signal closes both fds on :meth:`close`. Several tasks may wait at once: one
     of them polls the fd and wakes the others.
+
+    On asyncio the wait fd stays registered with the event loop from the first wait to
+    :meth:`close` (its callback drains the counter, so the level-triggered poll does not spin):
+    a wait then costs one future and one backstop timer, not a poller registration and removal
+    and a cancel scope. Other backends wait with ``anyio.wait_readable``.
     """
 
     def __init__(self, wait_fd: int, notify_fd: int, *, owns_fds: bool = False) -> None:
@@ -170,6 +176,11 @@ class EventfdSignal:
         self._closed = False
         self._polling = False
         self._wake: anyio.Event | None = None
+        # asyncio fast path: the loop the wait fd is registered with, the waiting future, and
+        # whether the registered callback consumed a signal nobody was waiting for yet.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._future: asyncio.Future[None] | None = None
+        self._pending = False
 
     @staticmethod
     def new_fds() -> tuple[int, int]:
@@ -212,9 +223,12 @@ class EventfdSignal:
         else:
             self._polling = True
             try:
-                if drain_eventfd(self.wait_fd):
+                if self._pending or drain_eventfd(self.wait_fd):
                     # Signalled already: no poller registration, no timer.
+                    self._pending = False
                     await anyio.lowlevel.checkpoint()
+                elif (loop := _asyncio_loop()) is not None:
+                    await self._asyncio_wait(loop)
                 else:
                     with anyio.move_on_after(EVENTFD_BACKSTOP):
                         await anyio.wait_readable(self.wait_fd)
@@ -229,6 +243,37 @@ class EventfdSignal:
         if self._closed:
             raise ChannelClosed("the channel is closed")
 
+    async def _asyncio_wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:
+            loop.add_reader(self.wait_fd, self._readable)
+            self._loop = loop
+        future: asyncio.Future[None] = loop.create_future()
+        self._future = future
+        timer = loop.call_later(EVENTFD_BACKSTOP, _resolve, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._future = None
+        self._pending = False
+
+    def _readable(self) -> None:
+        """The loop's callback while the wait fd is registered: consume and wake the waiter."""
+        try:
+            drain_eventfd(self.wait_fd)
+        except OSError:
+            self._unregister()
+        future = self._future
+        if future is None:
+            self._pending = True
+        else:
+            _resolve(future)
+
+    def _unregister(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.wait_fd)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -236,12 +281,28 @@ class EventfdSignal:
         wake, self._wake = self._wake, None
         if wake is not None:
             wake.set()
+        self._unregister()
+        if self._future is not None:
+            _resolve(self._future)
         if self._owns:
             for fd in (self.wait_fd, self.notify_fd):
                 # RuntimeError: no event loop is running, so nobody can be waiting.
                 with contextlib.suppress(RuntimeError):
                     anyio.notify_closing(fd)
                 os.close(fd)
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None on another backend (trio runs no asyncio loop)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class RawChannel:
