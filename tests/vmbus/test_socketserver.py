@@ -353,3 +353,33 @@ async def test_unsealed_memory_is_accepted_when_the_operator_allows_it(path: Pat
                 assert (await guest.contact(fd=fd))[8] == 1
             finally:
                 os.close(fd)
+
+
+async def test_the_accept_loop_survives_running_out_of_fds(
+        path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import socket
+
+    from devicehost.vmbus.socketserver import VmbusSocketServer
+
+    class Exhausted(socket.socket):
+        failures = 2
+
+        def accept(self) -> tuple[socket.socket, object]:
+            if Exhausted.failures:
+                Exhausted.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    listen = VmbusSocketServer._listen
+
+    def exhausted_listen(self: VmbusSocketServer) -> socket.socket:
+        sock = listen(self)
+        return Exhausted(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+    monkeypatch.setattr(VmbusSocketServer, "_listen", exhausted_listen)
+    async with socket_bus(path) as bus, raw_guest(path) as guest:
+        with anyio.fail_after(30):
+            await connected(guest)  # accepted once fds are available again
+            assert Exhausted.failures == 0 and bus.socket.inspect()["connections"] == 1
+    assert caplog.text.count("cannot accept") == 2

@@ -217,3 +217,19 @@ def test_devicehost_run_serves_a_guest_process_over_the_vmbus_socket(tmp_path: P
         # The host's own account after cleaning up: nothing of the guest remains.
         assert line.endswith("it left no GPADL and no open channel"), line
         assert "guest fault" not in line
+
+
+@pytest.mark.anyio
+async def test_the_test_kit_fixture_serves_a_socket_guest(
+        devicehost_vmbus_socket_guest: Callable[..., Any], tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"hello over the socket")
+    spec = DeviceSpec("fs", "vmbfs", VmbfsConfig(root=str(tmp_path)))
+    async with devicehost_vmbus_socket_guest({"vmbfs": VmbfsDevice}, [spec]) as session:
+        with anyio.fail_after(STEP):
+            assert session.path.exists()
+            offer = await session.client.wait_offer(lambda o: True)
+            async with session.client.opened(offer) as channel:
+                client = VmbfsClient(channel.message_pipe())
+                await client.negotiate()
+                assert await client.read_file("/a.txt") == b"hello over the socket"
+            assert session.transport.socket is not None
