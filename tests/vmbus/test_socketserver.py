@@ -54,6 +54,12 @@ pytestmark = pytest.mark.anyio
 FIRST_PFN = GUEST_GPA // PAGE_SIZE
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The socket's both ends run on both backends (overrides the asyncio-only default)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "vmbus.sock"

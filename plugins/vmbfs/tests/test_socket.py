@@ -27,6 +27,12 @@ from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
 from devicehost_vmbfs.protocol import BOOT_INSTANCE_ID, IMC_INSTANCE_ID, INTERFACE_ID
 
 STEP = 60.0
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The socket's both ends run on both backends (overrides the asyncio-only default)."""
+    return str(request.param)
 BIG = 64 << 20
 
 
