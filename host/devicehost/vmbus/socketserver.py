@@ -111,6 +111,8 @@ MAX_GPADL_WORDS_PER_GUEST: Final = 1 << 18
 #: Seconds the accept loop waits before retrying after running out of fds.
 ACCEPT_BACKOFF: Final = 0.1
 _ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept errors that mean the listener itself is unusable (everything else is one connection's).
+_ACCEPT_FATAL: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP})
 
 
 class GuestFault(Exception):
@@ -208,13 +210,21 @@ class _GuestConnection:
             raise _GuestGone(f"the guest is gone ({exc})") from None
 
     async def _cleanup(self) -> None:
+        """Drop everything of the guest; each step runs even if one before it failed (a defect
+        here is logged, never raised into the host)."""
         if self._offers is not None:
             self._offers.close()
-        if self.guest is not None:
-            await self.server.disconnect(self.guest)
+        try:
+            if self.guest is not None:
+                await self.server.disconnect(self.guest)
+        except Exception:
+            log.exception("VMBus socket guest %s: closing its channels failed", self.name)
         self.sock.close()
-        if self.memory is not None:
-            self.memory.close()
+        try:
+            if self.memory is not None:
+                self.memory.close()
+        except Exception:
+            log.exception("VMBus socket guest %s: unmapping its memory failed", self.name)
         self.pending.clear()
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -573,12 +583,15 @@ class VmbusSocketServer:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                if exc.errno not in _ACCEPT_EXHAUSTED:
+                if exc.errno in _ACCEPT_FATAL:
                     raise
-                # Out of fds or memory: the connection waits in the backlog; try again later
-                # instead of spinning on a listener that stays readable.
-                log.warning("VMBus socket %s: cannot accept (%s); retrying", self.path, exc)
-                await anyio.sleep(ACCEPT_BACKOFF)
+                if exc.errno in _ACCEPT_EXHAUSTED:
+                    # Out of fds or memory: the connection waits in the backlog; try again later
+                    # instead of spinning on a listener that stays readable.
+                    log.warning("VMBus socket %s: cannot accept (%s); retrying", self.path, exc)
+                    await anyio.sleep(ACCEPT_BACKOFF)
+                else:  # e.g. ECONNABORTED: that one connection is gone
+                    log.info("VMBus socket %s: accept failed (%s)", self.path, exc)
                 continue
             conn.set_inheritable(False)
             return conn
