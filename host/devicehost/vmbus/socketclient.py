@@ -115,6 +115,13 @@ def sealed_memory(size: int, gpa: int = 0, *, seal: bool = True) -> GuestMemory:
         raise
 
 
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class _Reply:
     """One awaited reply from the host."""
 
@@ -211,15 +218,18 @@ class SocketVmbusClient:
                 async with anyio.create_task_group() as tg:
                     client = cls(sock, guest_memory, tg)
                     tg.start_soon(client._read_loop)
-                    await client._contact(versions)
-                    if request_offers:
-                        await client.request_offers()
                     try:
+                        await client._contact(versions)
+                        if request_offers:
+                            await client.request_offers()
                         yield client
                     finally:
                         with anyio.CancelScope(shield=True):
                             await client.aclose()
                         tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The one exception, not a group of one: callers match on what was raised.
+                raise _single(group) from None
             finally:
                 sock.close()
         finally:
@@ -296,6 +306,8 @@ class SocketVmbusClient:
 
     def _fail_all(self, reason: str) -> None:
         self.closed_reason = reason
+        for channel in self.channels.values():
+            channel.channel.close()  # its waiters see ChannelClosed (a pipe: ConnectionReset)
         for reply in self._replies.values():
             reply.error = SocketClientError(f"the connection is closed: {reason}")
             reply.event.set()
@@ -332,8 +344,12 @@ class SocketVmbusClient:
             offer.revoked.set()
         self._offers_changed.set()
         self._offers_changed = anyio.Event()
-        if channel_id not in self.channels:
+        channel = self.channels.get(channel_id)
+        if channel is None:
             self._tg.start_soon(self._release_id, channel_id)
+        else:
+            # The host closed it: waiters see ChannelClosed; close() frees the memory.
+            channel.channel.close()
 
     async def _release_id(self, channel_id: int) -> None:
         with contextlib.suppress(SocketClientError):
