@@ -5,7 +5,9 @@ Device authors import from here: the offer model (:class:`OfferParams`, the chan
 the pipes that frame messages over a channel (:class:`MessagePipe`, :class:`BytePipe`) and their
 errors, and for tests :func:`connected_channel_pair`. The in-process bus itself
 (:class:`VmbusServer`, :class:`VmbusClient`, :class:`VmbusTransport`) is here for hosts, the
-intercept plugin and the test kit. Submodules are imported on first use (PEP 562).
+intercept plugin and the test kit; :class:`SocketVmbusClient` drives a host's VMBus devices from
+another process over the VMBus socket (``docs/vmbus-socket.md``). Submodules are imported on
+first use (PEP 562).
 """
 
 from __future__ import annotations
@@ -72,10 +74,14 @@ __all__ = [
     "RingMemory",
     "ServerRequest",
     "ServerSavedState",
+    "SocketChannel",
+    "SocketClientError",
+    "SocketVmbusClient",
     "VmbusClient",
     "VmbusProtocolError",
     "VmbusSavedState",
     "VmbusServer",
+    "VmbusSocketServer",
     "VmbusTransport",
     "connected_channel_pair",
     "connected_signals",
@@ -159,6 +165,10 @@ _LAZY: Final = {
     "VmbusClient": "devicehost.vmbus.client",
     "VmbusSavedState": "devicehost.vmbus.transport",
     "VmbusTransport": "devicehost.vmbus.transport",
+    "SocketChannel": "devicehost.vmbus.socketclient",
+    "SocketClientError": "devicehost.vmbus.socketclient",
+    "SocketVmbusClient": "devicehost.vmbus.socketclient",
+    "VmbusSocketServer": "devicehost.vmbus.socketserver",
 }
 
 if TYPE_CHECKING:
@@ -233,6 +243,10 @@ if TYPE_CHECKING:
     from devicehost.vmbus.server import OfferError as OfferError
     from devicehost.vmbus.server import ServerSavedState as ServerSavedState
     from devicehost.vmbus.server import VmbusServer as VmbusServer
+    from devicehost.vmbus.socketclient import SocketChannel as SocketChannel
+    from devicehost.vmbus.socketclient import SocketClientError as SocketClientError
+    from devicehost.vmbus.socketclient import SocketVmbusClient as SocketVmbusClient
+    from devicehost.vmbus.socketserver import VmbusSocketServer as VmbusSocketServer
     from devicehost.vmbus.transport import VmbusSavedState as VmbusSavedState
     from devicehost.vmbus.transport import VmbusTransport as VmbusTransport
 
