@@ -290,7 +290,7 @@ class _GuestConnection:
                                       owns_fd=True)
                 fds[index] = -1  # the region owns it now
                 memory.add_region(region)
-        except (FdKindError, ValueError, OSError) as exc:
+        except (FdKindError, ValueError, OverflowError, OSError) as exc:
             memory.close()
             raise GuestFault(str(exc)) from None
         except BaseException:
