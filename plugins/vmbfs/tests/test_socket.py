@@ -239,3 +239,29 @@ async def test_the_test_kit_fixture_serves_a_socket_guest(
                 await client.negotiate()
                 assert await client.read_file("/a.txt") == b"hello over the socket"
             assert session.transport.socket is not None
+
+
+@pytest.mark.anyio
+async def test_a_socket_guests_open_waits_at_the_gate_of_a_saved_host(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"after the resume")
+    spec = DeviceSpec("fs", "vmbfs", VmbfsConfig(root=str(tmp_path)))
+    async with socket_guest_session({"vmbfs": VmbfsDevice}, [spec]) as session:
+        with anyio.fail_after(STEP):
+            host, bus = session.host, session.client
+            offer = await bus.wait_offer(lambda o: True)
+            await host.save()  # quiesced: nothing a guest asks for runs a device now
+            opened = anyio.Event()
+
+            async def open_and_read() -> None:
+                async with bus.opened(offer) as channel:
+                    opened.set()
+                    client = VmbfsClient(channel.message_pipe())
+                    await client.negotiate()
+                    assert await client.read_file("/a.txt") == b"after the resume"
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(open_and_read)
+                await host.gate.until_waiting(1)  # the socket guest's open, held at the gate
+                assert not opened.is_set() and host.devices["fs"].runner is None
+                await host.resume()
+            assert opened.is_set()
