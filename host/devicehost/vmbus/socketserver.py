@@ -414,13 +414,15 @@ class _GuestConnection:
     def _gpadl_teardown(self, message: GpadlTeardown) -> None:
         # A teardown of a mapped GPADL waits for the channel's close, which is a later message:
         # it completes in its own task (at most one per GPADL: a second is refused).
-        assert self._tg is not None
-        self._tg.start_soon(self._guarded, self._teardown(message))
+        # The guest is bound now: an UNLOAD handled before the task runs must not make it act
+        # for anyone else.
+        assert self._tg is not None and self.guest is not None
+        self._tg.start_soon(self._guarded, self._teardown(message, self.guest))
 
-    async def _teardown(self, message: GpadlTeardown) -> None:
+    async def _teardown(self, message: GpadlTeardown, guest: RemoteGuest) -> None:
         try:
             await self.server.request(message.channel_id, TeardownGpadlRequest(message.gpadl_id),
-                                      guest=self.guest)
+                                      guest=guest)
         except ChannelRequestError as exc:
             if message.channel_id not in self.rescinded:
                 raise GuestFault(f"GPADL_TEARDOWN refused: {exc}") from None
