@@ -114,6 +114,11 @@ class RawGuest:
         data = await self.recv_raw()
         return decode_message_untrusted(data, self.version) if data else None
 
+    async def recv_fds(self) -> tuple[Message | None, list[int]]:
+        """The next message and the fds that came with it (the caller closes them)."""
+        data, fds = await self.sock.receive()
+        return (decode_message_untrusted(data, self.version) if data else None), fds
+
     async def contact(self, version: int = Version.COPPER, *, fd: int | None = None) -> bytes:
         """MEMORY_TABLE (GUEST_PAGES at GUEST_GPA) + INITIATE_CONTACT; the raw response."""
         own = fd is None

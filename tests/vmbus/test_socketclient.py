@@ -86,8 +86,11 @@ async def test_a_rescind_resets_a_waiting_pipe(path: Path) -> None:
                     await handle.revoke()
 
                 tg.start_soon(revoke)
+                # The host's close of its pipe end (or the rescind) resets the waiting pipe.
                 with pytest.raises(ConnectionReset):
                     await pipe.recv()
+            assert offer.revoked is not None
+            await offer.revoked.wait()  # the RESCIND_CHANNEL_OFFER arrives
             assert channel.revoked
             await channel.close()  # frees the memory, releases the id
             assert bus.remote_state() == ({}, [])

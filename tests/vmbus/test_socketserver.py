@@ -10,6 +10,7 @@ import anyio
 import attrs
 import pytest
 
+from devicehost.fds import fd_kind
 from devicehost.memory import PAGE_SIZE
 from devicehost.vmbus.messages import (
     AllOffersDelivered,
@@ -92,13 +93,17 @@ async def create_gpadl(guest: RawGuest, channel_id: int, gpadl_id: int, first_pf
 
 
 async def open_channel(guest: RawGuest, channel_id: int, gpadl_id: int, ring_offset: int
-                       ) -> tuple[int, tuple[int, int]]:
-    to_host, to_guest = eventfd(), eventfd()
-    await guest.send(OpenChannel(channel_id, 77, gpadl_id, 0, ring_offset), [to_host, to_guest])
-    result = await guest.recv()
+                       ) -> tuple[int, tuple[int, ...]]:
+    """OPEN_CHANNEL with a guest-to-host eventfd: the status and the fds to close — the eventfd
+    and, when the open succeeded, the host-to-guest pipe's read end the result carries."""
+    to_host = eventfd()
+    await guest.send(OpenChannel(channel_id, 77, gpadl_id, 0, ring_offset), [to_host])
+    result, fds = await guest.recv_fds()
     assert isinstance(result, OpenResult) and (result.channel_id, result.open_id) == (
         channel_id, 77)
-    return result.status, (to_host, to_guest)
+    assert len(fds) == (1 if result.status == 0 else 0)
+    assert all(fd_kind(fd) == "fifo" for fd in fds)
+    return result.status, (to_host, *fds)
 
 
 # -- negotiation -----------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ async def test_gpadl_open_signal_close_teardown(path: Path) -> None:
             host_channel.outgoing.write_inband(b"from host")
             host_channel.signal_remote()
             await anyio.wait_readable(to_guest)
-            assert os.eventfd_read(to_guest) >= 1
+            assert len(os.read(to_guest, 64)) >= 1
             incoming = IncomingRing(RingMemory.from_pages(
                 guest_memory, range(FIRST_PFN + 20, FIRST_PFN + 40)))
             assert bytes(incoming.read().payload).rstrip(b"\0") == b"from host"
@@ -197,6 +202,37 @@ async def test_gpadl_open_signal_close_teardown(path: Path) -> None:
             assert await guest.recv() == GpadlTorndown(0x10)
             assert device.log == ["open dev0", "close dev0"]
             assert bus.remote_state() == ({}, [])
+            os.close(to_host)
+            os.close(to_guest)
+
+
+async def test_no_guest_can_make_the_hosts_notify_block(path: Path) -> None:
+    # The host-to-guest interrupt is a pipe whose write end only the host holds: a guest that
+    # makes its read end blocking and never reads only fills the pipe; the host's notifies go on.
+    import threading
+
+    async with socket_bus(path) as bus, raw_guest(path) as guest:
+        with anyio.fail_after(30):
+            offers = await connected(guest)
+            assert await create_gpadl(guest, offers[0].channel_id, 1, FIRST_PFN, 4) == 0
+            status, (to_host, to_guest) = await open_channel(guest, offers[0].channel_id, 1, 2)
+            assert status == 0
+            os.set_blocking(to_guest, True)
+            device = bus.devices[0]
+            assert device.resources is not None
+            channel = device.resources.channel
+            done = threading.Event()
+
+            def notify_many() -> None:
+                for _ in range(100_000):  # far more than a pipe holds
+                    channel.signal_remote()
+                done.set()
+
+            thread = threading.Thread(target=notify_many, daemon=True)
+            thread.start()
+            thread.join(20)
+            assert done.is_set(), "the host's notify blocked"
+            assert len(os.read(to_guest, 1 << 20)) > 0
             os.close(to_host)
             os.close(to_guest)
 
@@ -299,9 +335,9 @@ FAULTS = {
     "host message from the guest": (True, encode_message(VersionResponse(True)), None),
     "fds on a message that takes none": (True, encode_message(CloseChannel(1)), "eventfd"),
     "open without fds": (True, encode_message(OpenChannel(1, 1, 1, 0, 1)), None),
-    "open with a memfd for eventfds": (True, encode_message(OpenChannel(1, 1, 1, 0, 1)),
-                                       "memfd2"),
-    "open with one eventfd": (True, encode_message(OpenChannel(1, 1, 1, 0, 1)), "eventfd"),
+    "open with a memfd for the eventfd": (True, encode_message(OpenChannel(1, 1, 1, 0, 1)),
+                                          "memfd"),
+    "open with two eventfds": (True, encode_message(OpenChannel(1, 1, 1, 0, 1)), "eventfd2"),
     "gpadl body without header": (True, encode_message(GpadlBody(5, bytes(8))), None),
     "gpadl data past its length": (True, encode_message(GpadlHeader(1, 5, 8, 1, bytes(16))),
                                    None),
@@ -325,8 +361,8 @@ def _fds(kind: str | None) -> list[int]:
         return [eventfd()]
     if kind == "memfd":
         return [memfd()]
-    if kind == "memfd2":
-        return [memfd(), memfd()]
+    if kind == "eventfd2":
+        return [eventfd(), eventfd()]
     assert kind == "unsealed"
     return [memfd(seal=False)]
 

@@ -159,7 +159,8 @@ def drain_eventfd(fd: int) -> bool:
 class EventfdSignal:
     """A signal over two eventfds: this end waits on ``wait_fd`` and writes ``notify_fd``.
 
-    The peer (usually another process) holds the same two eventfds the other way round. With
+    The peer (usually another process) holds the same two eventfds the other way round (the
+    VMBus socket's guest end waits on a pipe instead: ``socketclient.PipeWaitSignal``). With
     ``owns_fds`` the signal closes both fds on :meth:`close`. Several tasks may wait at once: one
     of them polls the fd and wakes the others.
 
@@ -181,6 +182,10 @@ class EventfdSignal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._future: asyncio.Future[None] | None = None
         self._pending = False
+
+    def _drain(self) -> bool:
+        """Consume the notifications pending on ``wait_fd``; whether there were any."""
+        return drain_eventfd(self.wait_fd)
 
     @staticmethod
     def new_fds() -> tuple[int, int]:
@@ -223,7 +228,7 @@ class EventfdSignal:
         else:
             self._polling = True
             try:
-                if self._pending or drain_eventfd(self.wait_fd):
+                if self._pending or self._drain():
                     # Signalled already: no poller registration, no timer.
                     self._pending = False
                     await anyio.lowlevel.checkpoint()
@@ -232,7 +237,7 @@ class EventfdSignal:
                 else:
                     with anyio.move_on_after(EVENTFD_BACKSTOP):
                         await anyio.wait_readable(self.wait_fd)
-                    drain_eventfd(self.wait_fd)
+                    self._drain()
             except (anyio.ClosedResourceError, OSError) as exc:
                 raise ChannelClosed("the channel is closed") from exc
             finally:
@@ -260,7 +265,7 @@ class EventfdSignal:
     def _readable(self) -> None:
         """The loop's callback while the wait fd is registered: consume and wake the waiter."""
         try:
-            drain_eventfd(self.wait_fd)
+            self._drain()
         except OSError:
             self._unregister()
         future = self._future

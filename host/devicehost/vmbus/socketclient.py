@@ -5,7 +5,7 @@ memory (a memfd sealed against shrinking, handed to the host with MEMORY_TABLE),
 version (highest first, as a guest's VMBus driver does), and asks for the offers. Then, as
 :class:`devicehost.vmbus.client.VmbusClient` does in process, it allocates ring pages, describes
 them as a GPADL, opens a channel and gives a :class:`SocketChannel` whose :class:`RawChannel`
-reads and writes the shared rings; only interrupts (two eventfds per channel) and control
+reads and writes the shared rings; only interrupts (an eventfd and a pipe per channel) and control
 messages cross the socket. Anything that takes a message pipe (``VmbfsClient``) works over it::
 
     async with SocketVmbusClient.connect("/run/devicehost/vmbus.sock") as bus:
@@ -33,6 +33,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from devicehost.fds import fd_kind
 from devicehost.memory import PAGE_SIZE, DmaAllocator, DmaBlock, GuestMemory, MemoryRegion
 from devicehost.vmbus.channel import EventfdSignal, RawChannel
 from devicehost.vmbus.controlsocket import ControlSocket, ControlSocketError, close_fds
@@ -78,6 +79,7 @@ from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory
 
 __all__ = [
     "DEFAULT_MEMORY_SIZE",
+    "PipeWaitSignal",
     "SocketChannel",
     "SocketClientError",
     "SocketVmbusClient",
@@ -115,6 +117,11 @@ def sealed_memory(size: int, gpa: int = 0, *, seal: bool = True) -> GuestMemory:
         raise
 
 
+def _takes_fd(message: Message) -> bool:
+    """Only a successful OPEN_CHANNEL_RESULT carries an fd (the host-to-guest pipe)."""
+    return isinstance(message, OpenResult) and message.status == STATUS_SUCCESS
+
+
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -122,16 +129,48 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
+class PipeWaitSignal(EventfdSignal):
+    """The guest's end of a channel signal: it waits on the read end of the host's pipe and
+    writes the guest-to-host eventfd (docs/vmbus-socket.md, "File descriptors")."""
+
+    def _drain(self) -> bool:
+        got = False
+        while True:
+            try:
+                chunk = os.read(self.wait_fd, 4096)
+            except BlockingIOError:
+                return got
+            if not chunk:
+                # The host closed its end (the channel is gone): a pipe at end of file stays
+                # readable, so stop waiting on it for good; waiters see ChannelClosed.
+                self.close()
+                return True
+            got = True
+            if len(chunk) < 4096:
+                return got
+
+
+def _pipe_read_end(fds: list[int]) -> int:
+    """The host-to-guest pipe of an OPEN_CHANNEL_RESULT (SocketClientError if it is not one)."""
+    if len(fds) != 1 or fd_kind(fds[0]) != "fifo":
+        raise SocketClientError("the host's OPEN_CHANNEL_RESULT lacks its interrupt pipe")
+    fd = fds.pop()
+    os.set_blocking(fd, False)
+    return fd
+
+
 class _Reply:
-    """One awaited reply from the host."""
+    """One awaited reply from the host (with the fds that came with it)."""
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.message: Message | None = None
+        self.fds: list[int] = []
         self.error: SocketClientError | None = None
 
-    def set(self, message: Message) -> None:
+    def set(self, message: Message, fds: list[int]) -> None:
         self.message = message
+        self.fds = fds
         self.event.set()
 
     async def wait(self) -> Message:
@@ -292,15 +331,19 @@ class SocketVmbusClient:
                 except ControlSocketError as exc:
                     reason = f"the host broke the framing: {exc}"
                     break
-                close_fds(fds)  # the host sends no fds
                 if not data:
                     break
                 try:
                     message = decode_message_untrusted(data, self.version)
                 except VmbusProtocolError as exc:
+                    close_fds(fds)
                     reason = f"the host sent a bad message: {exc}"
                     break
-                self._dispatch(message)
+                if fds and not _takes_fd(message):
+                    close_fds(fds)
+                    reason = f"the host sent fds with {type(message).__name__}"
+                    break
+                self._dispatch(message, fds)
         finally:
             self._fail_all(reason)
 
@@ -314,14 +357,16 @@ class SocketVmbusClient:
         self._replies.clear()
         self._offers_changed.set()
 
-    def _answer(self, kind: type[Message], key: int, message: Message) -> None:
+    def _answer(self, kind: type[Message], key: int, message: Message,
+                fds: list[int] | None = None) -> None:
         reply = self._replies.pop((kind, key), None)
         if reply is None:
             log.warning("unexpected %s from the host", type(message).__name__)
+            close_fds(fds or [])
             return
-        reply.set(message)
+        reply.set(message, fds or [])
 
-    def _dispatch(self, message: Message) -> None:
+    def _dispatch(self, message: Message, fds: list[int]) -> None:
         if isinstance(message, OfferChannelMessage):
             offer = IncomingOffer(message.offer, revoked=anyio.Event())
             self.known[offer.channel_id] = offer
@@ -333,7 +378,9 @@ class SocketVmbusClient:
             self._answer(type(message), 0, message)
         elif isinstance(message, GpadlCreated | GpadlTorndown):
             self._answer(type(message), message.gpadl_id, message)
-        elif isinstance(message, OpenResult | ModifyChannelResponse):
+        elif isinstance(message, OpenResult):
+            self._answer(OpenResult, message.channel_id, message, fds)
+        elif isinstance(message, ModifyChannelResponse):
             self._answer(type(message), message.channel_id, message)
         else:
             log.warning("the host sent %s, which a host never sends", type(message).__name__)
@@ -415,20 +462,22 @@ class SocketVmbusClient:
             raise
         outgoing = OutgoingRing(RingMemory.from_pages(self.memory, block.pfns[:ring_offset]))
         incoming = IncomingRing(RingMemory.from_pages(self.memory, block.pfns[ring_offset:]))
-        to_host, to_guest = EventfdSignal.new_fds()
-        signal = EventfdSignal(to_guest, to_host, owns_fds=True)
+        to_host = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         vp = VP_INDEX_DISABLE_INTERRUPT if target_vp is None else target_vp
+        reply = self._expect(OpenResult, channel_id)
         try:
-            reply = self._expect(OpenResult, channel_id)
             await self.send(OpenChannel(channel_id, channel_id, gpadl_id, vp, ring_offset,
-                                        user_data), [to_host, to_guest])
+                                        user_data), [to_host])
             result = await reply.wait()
             assert isinstance(result, OpenResult)
             if result.status != STATUS_SUCCESS:
                 raise SocketClientError(f"the host refused to open channel {channel_id}",
                                         result.status)
+            to_guest = _pipe_read_end(reply.fds)
+            signal = PipeWaitSignal(to_guest, to_host, owns_fds=True)
         except BaseException:
-            signal.close()
+            os.close(to_host)
+            close_fds(reply.fds)
             with anyio.CancelScope(shield=True):
                 await self._release(channel_id, gpadl_id, block)
             raise

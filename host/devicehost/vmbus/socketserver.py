@@ -4,8 +4,8 @@ A :class:`VmbusSocketServer` listens on a Unix ``SOCK_SEQPACKET`` socket and ans
 connection at a time through the host's :class:`~devicehost.vmbus.server.VmbusServer` — the same
 server, offers and devices the in-process guest uses. Each socket message is one VMBus control
 message (:mod:`devicehost.vmbus.messages`); guest memory arrives as memfds with a MEMORY_TABLE,
-each channel's interrupts as two eventfds with OPEN_CHANNEL. The full protocol, fd rules and
-limits are in ``docs/vmbus-socket.md``; in short:
+each channel's interrupts as an eventfd with OPEN_CHANNEL and a pipe with OPEN_CHANNEL_RESULT.
+The full protocol, fd rules and limits are in ``docs/vmbus-socket.md``; in short:
 
 - Contact: MEMORY_TABLE (once, with one memory fd per region), then INITIATE_CONTACT; a version
   of facts §2.2 is accepted (VERSION_RESPONSE), any other is refused and may be retried.
@@ -13,9 +13,10 @@ limits are in ``docs/vmbus-socket.md``; in short:
   made and RESCIND_CHANNEL_OFFER for each revoked one.
 - GPADL_HEADER/GPADL_BODY are assembled and created over the guest's memory (GPADL_CREATED with
   the server's status); GPADL_TEARDOWN completes with GPADL_TORNDOWN once no ring maps it.
-- OPEN_CHANNEL with fds ``[guest-to-host eventfd, host-to-guest eventfd]`` opens the channel
-  (OPEN_CHANNEL_RESULT); CLOSE_CHANNEL closes it; MODIFY_CHANNEL is answered from Iron on; UNLOAD
-  drops everything of the guest and answers UNLOAD_COMPLETE.
+- OPEN_CHANNEL with the guest-to-host interrupt eventfd opens the channel; OPEN_CHANNEL_RESULT
+  carries the read end of the host-to-guest interrupt pipe; CLOSE_CHANNEL closes it;
+  MODIFY_CHANNEL is answered from Iron on; UNLOAD drops everything of the guest and answers
+  UNLOAD_COMPLETE.
 
 Containment: everything from the guest is untrusted. A refused *request* (a GPADL outside its
 memory, an open the device fails) is answered with a failure status; a *protocol fault* (a
@@ -433,17 +434,17 @@ class _GuestConnection:
     # -- channels --------------------------------------------------------------------------------
 
     async def _open(self, message: OpenChannel, fds: list[int]) -> None:
-        if len(fds) != 2:
-            raise GuestFault(f"OPEN_CHANNEL carries {len(fds)} fds, it needs 2 eventfds "
-                             "(guest-to-host, host-to-guest)")
+        if len(fds) != 1:
+            raise GuestFault(f"OPEN_CHANNEL carries {len(fds)} fds, it needs 1: the guest-to-host "
+                             "interrupt eventfd")
         try:
             require_eventfd(fds[0], "OPEN_CHANNEL guest-to-host interrupt")
-            require_eventfd(fds[1], "OPEN_CHANNEL host-to-guest interrupt")
         except FdKindError as exc:
             raise GuestFault(str(exc)) from None
-        for fd in fds:
-            os.set_blocking(fd, False)
-        signal = EventfdSignal(fds[0], fds[1], owns_fds=True)
+        # Host-to-guest interrupts: a pipe whose write end only the host holds, so no guest can
+        # make the host's notify block (docs/vmbus-socket.md, "File descriptors").
+        to_guest_r, to_guest_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal = EventfdSignal(fds[0], to_guest_w, owns_fds=True)
         fds.clear()  # the signal owns them; the server closes it when the open fails or ends
         target_vp = None if message.target_vp == VP_INDEX_DISABLE_INTERRUPT else message.target_vp
         data = OpenData(
@@ -453,13 +454,18 @@ class _GuestConnection:
             user_data=message.user_data)
         status = STATUS_SUCCESS
         try:
-            await self.server.request(message.channel_id, OpenChannelRequest(OpenRequest(data)),
-                                      guest=self.guest, signal=signal)
-        except ChannelRequestError as exc:
-            log.info("VMBus socket guest %s: open of channel %d refused: %s", self.name,
-                     message.channel_id, exc)
-            status = exc.status
-        await self._send(OpenResult(message.channel_id, message.open_id, status))
+            try:
+                await self.server.request(message.channel_id,
+                                          OpenChannelRequest(OpenRequest(data)),
+                                          guest=self.guest, signal=signal)
+            except ChannelRequestError as exc:
+                log.info("VMBus socket guest %s: open of channel %d refused: %s", self.name,
+                         message.channel_id, exc)
+                status = exc.status
+            result = OpenResult(message.channel_id, message.open_id, status)
+            await self._send(result, [to_guest_r] if status == STATUS_SUCCESS else [])
+        finally:
+            os.close(to_guest_r)  # the guest has its copy (or the open failed)
 
     async def _close(self, message: CloseChannel) -> None:
         try:
