@@ -56,11 +56,10 @@ Decisions where upstream differs or is silent:
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -69,9 +68,17 @@ from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from devicehost.vmbus.channel import RawChannel, Signal, connected_signals, raw_channel_from_rings
 from devicehost.vmbus.gpadl import GpaRangeError, MultiPagedRange, decode_gpa_ranges_untrusted
 from devicehost.vmbus.guid import Guid
+from devicehost.vmbus.handle import (
+    ChannelDevice,
+    ChannelHandle,
+    ChannelRequestError,
+    OpenState,
+    Owner,
+    RemoteGuest,
+    ServerGpadl,
+)
 from devicehost.vmbus.protocol import (
     STATUS_SUCCESS,
-    STATUS_UNSUCCESSFUL,
     USER_DEFINED_SIZE,
     ChannelRequest,
     CloseRequest,
@@ -80,7 +87,6 @@ from devicehost.vmbus.protocol import (
     IncomingOffer,
     ModifyChannelRequest,
     ModifyRequest,
-    OfferChannel,
     OfferFlags,
     OfferKey,
     OfferParams,
@@ -89,10 +95,7 @@ from devicehost.vmbus.protocol import (
     OpenRequest,
     OpenResources,
     RestoredGpadl,
-    RestoreRequest,
     RestoreResult,
-    RevokeRequest,
-    ServerRequest,
     TeardownGpadlRequest,
 )
 from devicehost.vmbus.ring import RingError, RingMemory
@@ -119,161 +122,8 @@ _U32: Final = 0xFFFFFFFF
 MAX_GPADL_WORDS: Final = _U16 // 8
 
 
-class ChannelRequestError(Exception):
-    """Raised when the server refuses a guest's request; the guest (or the device, for a failed
-    open) is to blame. ``status`` is what the guest sees on the wire."""
-
-    def __init__(self, message: str, status: int = STATUS_UNSUCCESSFUL) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class OfferError(Exception):
     """Raised when the device side makes an invalid offer (duplicate key, missing primary)."""
-
-
-class ChannelDevice(Protocol):
-    """What the server calls on the device side of one offer."""
-
-    async def open(self, resources: OpenResources) -> None:
-        """The guest opened the channel; raise to fail the open."""
-
-    async def close(self) -> None:
-        """The channel closes (guest close, or revoke); the host's channel closes after."""
-
-    async def modify(self, request: ModifyRequest) -> int:
-        """The guest retargets the interrupt; return a status (0 = success)."""
-
-
-# -- bookkeeping ----------------------------------------------------------------------------------
-
-
-class RemoteGuest:
-    """A guest of the server in another process (a VMBus socket guest): its memory and name.
-
-    Identity is the object: each connection is a new guest, whose GPADL ids start afresh.
-    """
-
-    def __init__(self, memory: GuestMemory, name: str) -> None:
-        self.memory = memory
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<RemoteGuest {self.name}>"
-
-
-#: Who made a request: a remote guest, or None for the in-process guest.
-_Owner = RemoteGuest | None
-
-
-class _OpenState(enum.Enum):
-    CLOSED = "closed"
-    OPENING = "opening"
-    OPEN = "open"
-    CLOSING = "closing"
-
-
-class _Gpadl:
-    """A GPADL: its request, its parsed ranges, and how many rings map it."""
-
-    def __init__(self, request: GpadlRequest, ranges: MultiPagedRange, channel_id: int,
-                 memory: GuestMemory, owner: _Owner) -> None:
-        self.request = request
-        self.ranges = ranges
-        self.channel_id = channel_id
-        #: The memory the GPADL's pages are in, and the guest that created it.
-        self.memory = memory
-        self.owner = owner
-        self.map_count = 0
-        self.teardown_requested = False
-        self.unmapped: anyio.Event | None = None
-
-    @property
-    def key(self) -> tuple[_Owner, int]:
-        return (self.owner, self.request.id)
-
-    def unmap(self) -> None:
-        self.map_count -= 1
-        if self.map_count == 0 and self.unmapped is not None:
-            self.unmapped.set()
-
-
-class ChannelHandle:
-    """The device side's handle on one offer."""
-
-    def __init__(self, server: VmbusServer, params: OfferParams, device: ChannelDevice,
-                 channel_id: int) -> None:
-        self.server = server
-        self.params = params
-        self.device = device
-        self._assign(channel_id)
-        self.state = _OpenState.CLOSED
-        self.open_request: OpenRequest | None = None
-        self.channel: RawChannel | None = None
-        self.gpadl_id: int | None = None
-        #: The ring GPADL the open channel maps (it says whose memory and which guest).
-        self._ring: _Gpadl | None = None
-        #: The guest's end of the channel's signal while open (the client picks it up).
-        self.guest_signal: Signal | None = None
-        self._host_signal: Signal | None = None
-        self._saved: SavedChannel | None = None
-
-    def _assign(self, channel_id: int) -> None:
-        """(Re)offer under ``channel_id``: a fresh offer with a fresh revoke notification."""
-        self.channel_id = channel_id
-        self.offer = OfferChannel.for_params(self.params, channel_id)
-        self.revoked = False
-        self.revoked_event = anyio.Event()
-
-    @property
-    def key(self) -> OfferKey:
-        return self.params.key
-
-    @property
-    def is_open(self) -> bool:
-        return self.state is _OpenState.OPEN
-
-    @property
-    def open_resources(self) -> OpenResources | None:
-        """The resources of the open channel (None while closed)."""
-        if self.channel is None or self.open_request is None or self._ring is None:
-            return None
-        return OpenResources(self.channel, self._ring.memory, self.open_request)
-
-    def incoming_offer(self) -> IncomingOffer:
-        return IncomingOffer(self.offer, self.params.interface_name, self.revoked_event)
-
-    async def request(self, request: ServerRequest) -> RestoreResult | None:
-        """Dispatch a :class:`ServerRequest` (Restore or Revoke)."""
-        if isinstance(request, RestoreRequest):
-            return await self.restore(request.was_open)
-        if isinstance(request, RevokeRequest):
-            await self.revoke()
-            return None
-        raise TypeError(f"not a server request: {request!r}")
-
-    async def revoke(self) -> None:
-        """Revoke the offer: subchannels first, open channels closed, GPADLs dropped."""
-        await self.server._revoke(self)
-
-    async def restore(self, was_open: bool) -> RestoreResult:
-        """Restore this offer's saved server state; see the module docstring."""
-        return await self.server._restore_channel(self, was_open)
-
-    def rebuild_channel(self) -> OpenResources:
-        """Build a fresh host channel over the open channel's ring (same pages, same guest
-        signal), for a device whose runner is being rebuilt by ``restore_open``."""
-        if self.state is not _OpenState.OPEN or self.open_request is None or self._ring is None:
-            raise ChannelRequestError(f"channel {self.channel_id} is not open")
-        gpadl = self._ring
-        assert self._host_signal is not None
-        self.channel = self.server._ring_channel(
-            gpadl, self.open_request.open_data.ring_offset, self._host_signal
-        )
-        return OpenResources(self.channel, gpadl.memory, self.open_request)
-
-    def __repr__(self) -> str:
-        return f"<ChannelHandle {self.key} id={self.channel_id} {self.state.value}>"
 
 
 class VmbusServer:
@@ -283,7 +133,7 @@ class VmbusServer:
         self.memory = memory
         self._channels: dict[int, ChannelHandle] = {}
         self._by_key: dict[OfferKey, ChannelHandle] = {}
-        self._gpadls: dict[tuple[_Owner, int], _Gpadl] = {}
+        self._gpadls: dict[tuple[Owner, int], ServerGpadl] = {}
         self._next_channel_id = 1
         self._saved: dict[OfferKey, SavedChannel] = {}
         self._subscribers: list[MemoryObjectSendStream[IncomingOffer]] = []
@@ -370,7 +220,7 @@ class VmbusServer:
         for sub in self._subchannels(handle):
             await self._revoke(sub)
         handle.revoked = True
-        if handle.state in (_OpenState.OPEN, _OpenState.CLOSING):
+        if handle.state in (OpenState.OPEN, OpenState.CLOSING):
             await self._close(handle)
         for key, gpadl in list(self._gpadls.items()):
             if gpadl.channel_id == handle.channel_id:
@@ -435,7 +285,7 @@ class VmbusServer:
             # A request whose fields are not even of the right types: refused like any other.
             raise ChannelRequestError(f"malformed {type(request).__name__}: {exc}") from exc
 
-    async def _dispatch(self, handle: ChannelHandle, request: ChannelRequest, guest: _Owner,
+    async def _dispatch(self, handle: ChannelHandle, request: ChannelRequest, guest: Owner,
                         signal: Signal | None) -> Signal | None:
         channel_id = handle.channel_id
         if isinstance(request, OpenChannelRequest):
@@ -447,21 +297,21 @@ class VmbusServer:
         elif isinstance(request, TeardownGpadlRequest):
             await self._teardown_gpadl(handle, request.id, guest)
         elif isinstance(request, CloseRequest):
-            if handle.state is not _OpenState.OPEN:
+            if handle.state is not OpenState.OPEN:
                 raise ChannelRequestError(
                     f"channel {channel_id} cannot close while {handle.state.value}"
                 )
             self._check_opener(handle, guest)
             await self._close(handle)
         elif isinstance(request, ModifyChannelRequest):
-            if handle.state is _OpenState.OPEN:
+            if handle.state is OpenState.OPEN:
                 self._check_opener(handle, guest)
             await self._modify(handle, request.request)
         else:
             raise ChannelRequestError(f"unknown channel request {type(request).__name__}")
         return None
 
-    def _check_opener(self, handle: ChannelHandle, guest: _Owner) -> None:
+    def _check_opener(self, handle: ChannelHandle, guest: Owner) -> None:
         if handle._ring is not None and handle._ring.owner is not guest:
             raise ChannelRequestError(f"channel {handle.channel_id} was opened by another guest")
 
@@ -470,7 +320,7 @@ class VmbusServer:
         its GPADLs (pending teardowns complete). Nothing of it remains afterwards."""
         for handle in sorted(self._channels.values(), key=lambda h: -h.key.subchannel_index):
             ring = handle._ring
-            if ring is not None and ring.owner is guest and handle.state is _OpenState.OPEN:
+            if ring is not None and ring.owner is guest and handle.state is OpenState.OPEN:
                 await self._close(handle)
         for key, gpadl in list(self._gpadls.items()):
             if gpadl.owner is guest:
@@ -487,7 +337,7 @@ class VmbusServer:
 
     # -- GPADLs ------------------------------------------------------------------------------------
 
-    def _parse_gpadl(self, request: GpadlRequest, memory: GuestMemory, owner: _Owner
+    def _parse_gpadl(self, request: GpadlRequest, memory: GuestMemory, owner: Owner
                      ) -> MultiPagedRange:
         if not 0 <= request.id <= _U32:
             raise ChannelRequestError(f"GPADL id {request.id!r} is not a u32")
@@ -513,15 +363,15 @@ class VmbusServer:
                     ) from exc
         return ranges
 
-    def _create_gpadl(self, handle: ChannelHandle, request: GpadlRequest, owner: _Owner = None
+    def _create_gpadl(self, handle: ChannelHandle, request: GpadlRequest, owner: Owner = None
                       ) -> None:
         memory = self.memory if owner is None else owner.memory
         ranges = self._parse_gpadl(request, memory, owner)
-        self._gpadls[(owner, request.id)] = _Gpadl(request, ranges, handle.channel_id, memory,
+        self._gpadls[(owner, request.id)] = ServerGpadl(request, ranges, handle.channel_id, memory,
                                                    owner)
 
-    def _channel_gpadl(self, handle: ChannelHandle, gpadl_id: int, owner: _Owner = None
-                       ) -> _Gpadl:
+    def _channel_gpadl(self, handle: ChannelHandle, gpadl_id: int, owner: Owner = None
+                       ) -> ServerGpadl:
         gpadl = self._gpadls.get((owner, gpadl_id)) if isinstance(gpadl_id, int) else None
         if gpadl is None or gpadl.channel_id != handle.channel_id:
             raise ChannelRequestError(
@@ -529,7 +379,7 @@ class VmbusServer:
             )
         return gpadl
 
-    async def _teardown_gpadl(self, handle: ChannelHandle, gpadl_id: int, owner: _Owner) -> None:
+    async def _teardown_gpadl(self, handle: ChannelHandle, gpadl_id: int, owner: Owner) -> None:
         gpadl = self._channel_gpadl(handle, gpadl_id, owner)
         if gpadl.teardown_requested:
             raise ChannelRequestError(f"GPADL {gpadl_id:#x} is already being torn down")
@@ -543,7 +393,7 @@ class VmbusServer:
 
     # -- open / close / modify ---------------------------------------------------------------------
 
-    def _ring_channel(self, gpadl: _Gpadl, ring_offset: int, signal: Signal) -> RawChannel:
+    def _ring_channel(self, gpadl: ServerGpadl, ring_offset: int, signal: Signal) -> RawChannel:
         """The host's channel over a ring GPADL split at ``ring_offset`` (ChannelRequestError)."""
         ranges = gpadl.ranges.ranges
         if len(ranges) != 1:
@@ -585,10 +435,10 @@ class VmbusServer:
             and OfferFlags.REQUIRE_PINNED_EXTERNAL_MEMORY in flags,
         )
 
-    async def _open(self, handle: ChannelHandle, request: OpenRequest, guest: _Owner,
+    async def _open(self, handle: ChannelHandle, request: OpenRequest, guest: Owner,
                     signal: Signal | None) -> Signal | None:
         try:
-            if handle.state is not _OpenState.CLOSED:
+            if handle.state is not OpenState.CLOSED:
                 raise ChannelRequestError(
                     f"channel {handle.channel_id} cannot open while {handle.state.value}"
                 )
@@ -612,7 +462,7 @@ class VmbusServer:
             raise
         request = self._negotiate(handle, request)
         gpadl.map_count += 1
-        handle.state = _OpenState.OPENING
+        handle.state = OpenState.OPENING
         handle.open_request, handle.channel, handle.gpadl_id = request, channel, gpadl.request.id
         handle._ring = gpadl
         try:
@@ -630,7 +480,7 @@ class VmbusServer:
             # Revoked while the device was opening: undo the open.
             await self._close(handle)
             raise ChannelRequestError(f"channel {handle.channel_id} was revoked while opening")
-        handle.state = _OpenState.OPEN
+        handle.state = OpenState.OPEN
         handle._host_signal, handle.guest_signal = host_signal, guest_signal
         return guest_signal
 
@@ -643,16 +493,16 @@ class VmbusServer:
                 del self._gpadls[gpadl.key]
         if handle.channel is not None:
             handle.channel.close()
-        handle.state = _OpenState.CLOSED
+        handle.state = OpenState.CLOSED
         handle.open_request = handle.channel = handle.gpadl_id = handle._ring = None
         handle.guest_signal = handle._host_signal = None
 
     async def _close(self, handle: ChannelHandle) -> None:
         if not handle.key.subchannel_index:
             for sub in self._subchannels(handle):
-                if sub.state is _OpenState.OPEN:
+                if sub.state is OpenState.OPEN:
                     await self._close(sub)
-        handle.state = _OpenState.CLOSING
+        handle.state = OpenState.CLOSING
         try:
             with anyio.CancelScope(shield=True):
                 await handle.device.close()
@@ -662,7 +512,7 @@ class VmbusServer:
             self._drop_open(handle)
 
     async def _modify(self, handle: ChannelHandle, request: ModifyRequest) -> None:
-        if handle.state is not _OpenState.OPEN:
+        if handle.state is not OpenState.OPEN:
             raise ChannelRequestError(f"channel {handle.channel_id} is not open")
         if not 0 <= request.target_vp <= _U32:
             raise ChannelRequestError(f"target_vp {request.target_vp!r} is not a u32")
@@ -686,7 +536,7 @@ class VmbusServer:
             )
             saved_open = None
             ring = handle._ring
-            if (handle.state is _OpenState.OPEN and handle.open_request is not None
+            if (handle.state is OpenState.OPEN and handle.open_request is not None
                     and ring is not None and ring.owner is None):
                 d = handle.open_request.open_data
                 saved_open = SavedOpen(d.ring_gpadl_id, d.ring_offset, d.target_vp,
@@ -746,7 +596,7 @@ class VmbusServer:
             await self._reoffer(handle)
             return RestoreResult(None, ())
         gpadl.map_count += 1
-        handle.state = _OpenState.OPEN
+        handle.state = OpenState.OPEN
         handle.open_request, handle.channel = open_request, channel
         handle.gpadl_id = o.ring_gpadl_id
         handle._ring = gpadl
@@ -782,10 +632,10 @@ class VmbusServer:
         }
 
 
-def _opener(ring: _Gpadl | None) -> dict[str, str]:
+def _opener(ring: ServerGpadl | None) -> dict[str, str]:
     """``{"guest": name}`` for a channel a remote guest opened, else nothing."""
     return {} if ring is None or ring.owner is None else {"guest": ring.owner.name}
 
 
-def _gpadl_name(owner: _Owner, gpadl_id: int) -> str:
+def _gpadl_name(owner: Owner, gpadl_id: int) -> str:
     return f"{gpadl_id:#x}" if owner is None else f"{owner.name}/{gpadl_id:#x}"
