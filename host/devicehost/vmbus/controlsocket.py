@@ -81,9 +81,10 @@ class ControlSocket:
                 fds.extend(values)
             else:
                 unexpected = True
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or unexpected or len(fds) > MAX_FDS:
+        too_long = flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE_SIZE
+        if too_long or flags & socket.MSG_CTRUNC or unexpected or len(fds) > MAX_FDS:
             close_fds(fds)
-            if flags & socket.MSG_TRUNC:
+            if too_long:
                 raise ControlSocketError(f"a message is longer than {MAX_MESSAGE_SIZE} bytes")
             raise ControlSocketError(
                 f"a message carries more than {MAX_FDS} fds or unexpected ancillary data")
