@@ -506,9 +506,11 @@ async def open_host(
     :class:`SavedStateError`, whose message starts with ``saved_source``, if it cannot be used —
     raised before any device is served. ``guest_memory``: guest memory that survived the saving
     host (the host uses it and does not close it); VMBus channels are restored only into it.
+    With ``[host] vmbus_socket`` the VMBus socket is served once the devices are added;
+    :class:`ConfigError` if it cannot be (a live host answers there): the host does not start.
     """
     plan = None if saved is None else _plan(saved, config.devices, saved_source)
-    refused: SavedStateError | None = None
+    refused: SavedStateError | ConfigError | None = None
     async with anyio.create_task_group() as tg:
         host = Host(registry, tg, guest_memory_size=guest_memory_size,
                     cross_cutting=cross_cutting, guest_memory=guest_memory,
@@ -526,7 +528,10 @@ async def open_host(
                     refused = SavedStateError(f"{saved_source}: {exc}; the host does not start")
                     refused.__cause__ = exc
             if refused is None and host.settings.vmbus_socket is not None:
-                await host._serve_vmbus_socket()
+                try:
+                    await host._serve_vmbus_socket()
+                except ConfigError as exc:
+                    refused = exc  # e.g. the socket is in use: the host does not start
             if refused is None:
                 yield host
         finally:

@@ -39,6 +39,7 @@ from devicehost.vmbus.messages import (
 )
 from devicehost.vmbus.protocol import STATUS_UNSUCCESSFUL, OfferChannel, OfferFlags
 from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory
+from devicehost.vmbus.transport import VmbusTransport
 from tests.vmbus.socketharness import (
     GUEST_GPA,
     GUEST_PAGES,
@@ -428,3 +429,36 @@ async def test_the_accept_loop_survives_running_out_of_fds(
             assert Exhausted.failures == [] and bus.socket.inspect()["connections"] == 1
     assert caplog.text.count("cannot accept") == 2
     assert caplog.text.count("accept failed") == 1
+
+
+async def test_a_second_host_on_the_same_socket_does_not_start(path: Path) -> None:
+    from devicehost.config import HostSettings
+    from devicehost.errors import ConfigError
+    from devicehost.testing.registry import host_with
+
+    settings = HostSettings(vmbus_socket=path)
+    async with host_with({}, [], settings=settings) as host:
+        assert host.transport(VmbusTransport).socket is not None
+        with pytest.raises(ConfigError, match="in use by another running host"):
+            async with host_with({}, [], settings=settings):
+                pass
+    assert not path.exists()  # the first host removed its socket when it stopped
+    path.write_text("")  # a stale socket file is replaced, anything else is refused
+    with pytest.raises(ConfigError, match="cannot listen on the VMBus socket"):
+        async with host_with({}, [], settings=settings):
+            pass
+
+
+async def test_a_stale_socket_of_an_earlier_run_is_replaced(tmp_path: Path) -> None:
+    import socket
+
+    from devicehost.config import HostSettings
+    from devicehost.testing.registry import host_with
+
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(path))
+    stale.close()  # the file stays; nobody listens
+    async with host_with({}, [], settings=HostSettings(vmbus_socket=path)), raw_guest(path) as g:
+        with anyio.fail_after(30):
+            assert (await g.contact())[8] == 1
