@@ -154,12 +154,16 @@ class Connection:
 
     @property
     def peer_credit(self) -> int:
-        """Bytes the guest can still receive: buf_alloc - (tx_cnt - fwd_cnt), u32 arithmetic.
+        """Bytes the guest can still receive: buf_alloc - (tx_cnt - fwd_cnt), never below 0.
 
-        A guest that reports more consumed bytes than it was sent gets a wrapped, huge value; reads
-        are still bounded by the size of each rx buffer, so only its own connection suffers.
+        As Linux's ``virtio_transport_get_credit``/``virtio_transport_has_space``: the bytes in
+        flight are a u32 difference (the counters wrap), the credit is that subtracted from
+        buf_alloc *without* wrapping and clamped at 0. A guest that shrinks its window below what
+        is already in flight (or reports a fwd_cnt ahead of what it was sent, which reads as a
+        huge in-flight count) has no credit until its updates make the difference positive again.
         """
-        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
+        credit = self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)
+        return credit if credit > 0 else 0
 
     def set_peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
         self.peer_buf_alloc = buf_alloc

@@ -199,7 +199,8 @@ class GuestConnection:
 
     @property
     def credit(self) -> int:
-        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
+        # Clamped at 0 as Linux does (the device's own arithmetic, see Connection.peer_credit).
+        return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32))
 
     def _notify(self) -> None:
         event = self._changed

@@ -29,8 +29,12 @@ Decisions on the items the facts mark:
 - **[AMBIGUOUS]** A tx chain shorter than 44 bytes is read as if zero-filled (so it usually fails
   validation and gets RST), as upstream does.
 - **[AMBIGUOUS]** An rx buffer with no room after the header is never used to read host data (a
-  0-byte read would look like end of stream); control packets still use it, and when only host
-  data is waiting it is completed with length 0 so that it does not block the buffers behind it.
+  0-byte read would look like end of stream); control packets still use it, and a buffer is
+  otherwise used only when a packet is written into it (facts 9.8) -- with one exception: when
+  host data is known to be waiting (peeked, not guessed) and nothing else is, it is completed
+  with length 0 so that it does not block the buffers behind it. End of stream (a SHUTDOWN) fits.
+- Peer credit is clamped at 0 as Linux computes it (``Connection.peer_credit``): a guest that
+  shrinks its window below what is in flight gets no RW until its credit is positive again.
 - **[AMBIGUOUS]** Host reads are capped by the guest's credit whatever the rx buffer shape.
 - **[AMBIGUOUS]** After guest SHUTDOWN(RECEIVE) the host socket's read side is shut; once its
   queued bytes are relayed the device sees end of stream and sends SHUTDOWN(SEND), as upstream.

@@ -68,6 +68,7 @@ class RxProducer:
     _log: logging.Logger
     _is_live: Callable[[Connection], bool]
     _remove: Callable[..., None]
+    _data_waiting: bool = False
 
     def produce_rx(
         self, packet: memoryview, now: float, more: MoreBuffers | None = None
@@ -85,6 +86,8 @@ class RxProducer:
         lent buffers past those are unused.
         """
         self.extra_sizes = []
+        #: Set when a connection has host data queued that this (header-only) buffer cannot take.
+        self._data_waiting = False
         if self._deadlines.due(now):
             self._expire(now)
         if len(packet) < HEADER_SIZE:
@@ -141,9 +144,10 @@ class RxProducer:
                     local, peer = self._rsts.popleft()
                     self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
                     return HEADER_SIZE
-            if idle and len(packet) == HEADER_SIZE:
-                # Only host data is waiting and this buffer has no room for any: hand it back
-                # empty rather than holding it forever in front of usable buffers.
+            if self._data_waiting:
+                # Only host data is waiting (seen, not guessed) and this buffer has no room for
+                # any: hand it back empty rather than holding it forever in front of usable
+                # buffers. Otherwise the buffer stays unused, there for the next control packet.
                 return 0
             return None
         finally:
@@ -189,7 +193,22 @@ class RxProducer:
             return self._control(packet, conn, Op.CREDIT_REQUEST)
         space = len(packet) - HEADER_SIZE
         if space <= 0:
-            return None
+            # A header-only buffer: used for data only in the documented case (data truly waits,
+            # see produce_rx), so look without reading. End of stream fits it (SHUTDOWN).
+            try:
+                peeked = conn.stream.peek(1)
+            except OSError as exc:
+                self._log.info("vsock: host socket read failed on %s: %s", key, exc)
+                self._remove(conn, rst=True)
+                return None
+            if peeked is None:
+                conn.readable = False
+                conn.stream.want_read()
+                return None
+            if peeked:
+                self._data_waiting = True
+                return None
+            return self._host_eof(conn, packet, now)
         first = min(credit, space)
         extras: list[memoryview] = []
         try:
@@ -217,15 +236,7 @@ class RxProducer:
             conn.stream.want_read()
             return None
         if n == 0:
-            conn.host_eof = True
-            conn.shutdown_sent = True
-            conn.host_closed = conn.host_closed or conn.stream.is_closed()
-            flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
-            if conn.host_closed:
-                self._deadlines.set(conn, now + self._graceful_timeout)
-            else:
-                conn.stream.want_close()
-            return self._control(packet, conn, Op.SHUTDOWN, flags)
+            return self._host_eof(conn, packet, now)
         buf_alloc = self.tx_buffer_size
         if n <= first:
             conn.add_tx(n)
@@ -250,6 +261,18 @@ class RxProducer:
             sizes.append(HEADER_SIZE + k)
             rest -= k
         return size
+
+    def _host_eof(self, conn: Connection, packet: memoryview, now: float) -> int:
+        """The host socket reached end of stream: SHUTDOWN(SEND, RECEIVE if fully closed)."""
+        conn.host_eof = True
+        conn.shutdown_sent = True
+        conn.host_closed = conn.host_closed or conn.stream.is_closed()
+        flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
+        if conn.host_closed:
+            self._deadlines.set(conn, now + self._graceful_timeout)
+        else:
+            conn.stream.want_close()
+        return self._control(packet, conn, Op.SHUTDOWN, flags)
 
     def _read_connect_line(self, conn: Connection, packet: memoryview) -> int | None:
         progress = read_connect_line(conn.stream, conn.connect_line)

@@ -446,3 +446,19 @@ async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await stream.receive()
             assert not os.path.exists(f"{sock_dir}/vsock")
+
+
+async def test_header_only_rx_buffer_waits_for_a_control_packet(guest: HostedGuest) -> None:
+    """Issue 14 (13): with a connection established and no host data, a 44-byte rx buffer is
+    not completed empty; it carries the next control packet."""
+    listener = await listen(base(guest), 5050)
+    await guest_connect(guest, 1024, 5050)
+    with anyio.fail_after(5):
+        host = await listener.accept()
+    guest.post_rx(1, size=HEADER_SIZE)
+    await guest.expect_silence(0.3)
+    guest.send(Op.CREDIT_REQUEST, 1024, 5050)
+    packet = await guest.recv()
+    assert (packet.header.op, packet.written) == (Op.CREDIT_UPDATE, HEADER_SIZE)
+    await host.aclose()
+    await listener.aclose()
