@@ -7,6 +7,7 @@ Config (TOML table of the device, every key optional)::
     vhost_user_socket = ""   # serve to a VMM over vhost-user at this path ("" = in process)
     tx_buffer_size = 65536   # buf_alloc advertised to the guest (power of two, 4 KiB..16 MiB)
     connect_timeout = 2.0    # seconds a host connection has to send CONNECT and be answered
+    seqpacket = true         # offer VIRTIO_VSOCK_F_SEQPACKET (SOCK_SEQPACKET relayed to Unix ones)
 
 ``connect_timeout`` (upstream's fixed 2 s, facts section 9.9) bounds how long a host connection to
 ``base_path`` may take to send its CONNECT line and get the guest's answer; one that has sent no
@@ -22,19 +23,22 @@ packets in flight instead of waiting a credit round trip per 64 KiB. It must be 
 from 4096 to 16 MiB: the guest's credit arithmetic is u32 and the buffer is per connection, so
 the upper bound keeps 1024 back-pressured connections within 16 GiB.
 
-Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, queues
-rx, tx and event (the event queue is never used). Over vhost-user the VMM keeps the event queue
-itself (QEMU's ``vhost-user-vsock-pci`` hands over two vrings), so the device then offers two
+Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, plus
+SEQPACKET unless ``seqpacket = false`` (a devicehost extension: OpenVMM only negotiates it),
+queues rx, tx and event (the event queue is never used). Over vhost-user the VMM keeps the
+event queue itself (QEMU's ``vhost-user-vsock-pci`` hands over two vrings), so the device then offers two
 queues; ``open`` accepts two or three.
 
-Opening fails (the guest is to blame) if the driver negotiated NO_IMPLIED_STREAM without STREAM:
-it cannot use stream sockets, the only kind this device has. No features at all means stream.
+Socket types: STREAM unless the driver negotiated NO_IMPLIED_STREAM without STREAM, SEQPACKET
+when it negotiated that feature; packets of another type get RST. Opening fails (the guest is to
+blame) when that leaves no type at all. No features at all means stream.
 
 Config space: ``le64 guest_cid``; reads beyond its 8 bytes return zeros (a read straddling the end
 returns zeros too, as upstream's 32-bit rule gives); writes are ignored with a warning.
 
-Opening binds the device's Unix listener at ``base_path`` (removing a stale socket file) and
-builds a fresh connection table; closing (any queue stopped, the driver reset) drops every
+Opening binds the device's Unix listener at ``base_path`` (removing a stale socket file), and
+with SEQPACKET offered the ``SOCK_SEQPACKET`` listener at ``<base_path>_seqpacket``, and builds a
+fresh connection table; closing (any queue stopped, the driver reset) drops every
 connection and removes the listener socket. Save/restore is not supported: ``save_open`` returns
 None, so on restore the host revokes the device and offers it anew (connections are lost).
 """
@@ -45,6 +49,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from typing import Any
@@ -53,11 +58,13 @@ import attrs
 
 from devicehost import DeviceContext, DeviceError, hookimpl
 from devicehost.virtio import DeviceTraits, QueueResources
+from devicehost_vsock.hybrid import seqpacket_listener_path
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import (
     CONNECTION_TIMEOUT,
     DEVICE_ID,
     FEATURE_NO_IMPLIED_STREAM,
+    FEATURE_SEQPACKET,
     FEATURE_STREAM,
     MAX_ACTIVE_CONNECTIONS,
     MAX_TX_BUF_SIZE,
@@ -112,6 +119,8 @@ class VsockConfig:
     tx_buffer_size: int = attrs.field(default=TX_BUF_SIZE, validator=_check_tx_buffer_size)
     #: Seconds from accepting a host connection to its CONNECT line and the guest's answer.
     connect_timeout: float = attrs.field(default=CONNECTION_TIMEOUT, validator=_check_timeout)
+    #: Offer VIRTIO_VSOCK_F_SEQPACKET: guest SOCK_SEQPACKET sockets relayed to host ones.
+    seqpacket: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 @attrs.define
@@ -128,8 +137,9 @@ class VsockRunner:
     def close(self) -> None:
         self.worker.manager.close_all()
         self.worker.relay.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.base_path)
+        for path in (self.base_path, seqpacket_listener_path(self.base_path)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -151,7 +161,8 @@ class VsockDevice:
     def traits(self) -> DeviceTraits:
         return DeviceTraits(
             device_id=DEVICE_ID,
-            device_features=FEATURE_STREAM | FEATURE_NO_IMPLIED_STREAM,
+            device_features=FEATURE_STREAM | FEATURE_NO_IMPLIED_STREAM
+            | (FEATURE_SEQPACKET if self.config.seqpacket else 0),
             queue_count=2 if self.config.vhost_user_socket else 3,
             config=struct.pack("<Q", self.config.guest_cid),
         )
@@ -179,10 +190,12 @@ class VsockDevice:
     @hookimpl
     def open(self, ctx: DeviceContext, resources: QueueResources) -> VsockRunner:
         features = resources.features & 0xFF_FFFF
-        if features & FEATURE_NO_IMPLIED_STREAM and not features & FEATURE_STREAM:
+        stream = bool(features & FEATURE_STREAM or not features & FEATURE_NO_IMPLIED_STREAM)
+        seqpacket = bool(features & FEATURE_SEQPACKET) and self.config.seqpacket
+        if not stream and not seqpacket:
             raise DeviceError(
                 f"device {ctx.name!r}: the guest does not support stream sockets"
-                " (NO_IMPLIED_STREAM without STREAM)"
+                " (NO_IMPLIED_STREAM without STREAM) and did not negotiate SEQPACKET"
             )
         if len(resources.queues) not in (2, 3):
             raise DeviceError(
@@ -194,18 +207,28 @@ class VsockDevice:
         if not base_path:
             temp_dir = tempfile.mkdtemp(prefix="devicehost-vsock-")
             base_path = os.path.join(temp_dir, "vsock")
+        seq_listener = None
         try:
             listener = bind_listener(base_path)
+            if self.config.seqpacket:
+                try:
+                    seq_listener = bind_listener(
+                        seqpacket_listener_path(base_path), socket.SOCK_SEQPACKET
+                    )
+                except BaseException:
+                    listener.close()
+                    raise
         except OSError as exc:
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
             raise DeviceError(
                 f"device {ctx.name!r}: cannot listen at base_path {base_path!r}: {exc}"
             ) from exc
-        relay = Relay(base_path, listener)
+        relay = Relay(base_path, listener, seqpacket_listener=seq_listener)
         manager = ConnectionManager(
             self.config.guest_cid, relay.connect, tx_buffer_size=self.config.tx_buffer_size,
-            connection_timeout=self.config.connect_timeout, logger=ctx.logger,
+            connection_timeout=self.config.connect_timeout, logger=ctx.logger, stream=stream,
+            seqpacket=seqpacket,
         )
         relay.manager = manager
         worker = VsockWorker(
@@ -232,6 +255,7 @@ class VsockDevice:
         info: dict[str, Any] = {
             "guest_cid": self.config.guest_cid,
             "tx_buffer_size": self.config.tx_buffer_size,
+            "seqpacket": self.config.seqpacket,
             "vhost_user_socket": self.config.vhost_user_socket,
             "open": runner is not None,
         }

@@ -71,9 +71,11 @@ from devicehost_vsock.protocol import (
     HEADER,
     HEADER_SIZE,
     MAX_ACTIVE_CONNECTIONS,
+    SEQ_EOM,
     SHUTDOWN_RECEIVE,
     SHUTDOWN_SEND,
     TX_BUF_SIZE,
+    TYPE_SEQPACKET,
     TYPE_STREAM,
     Op,
 )
@@ -82,8 +84,9 @@ from devicehost_vsock.txbuffer import TxBuffer
 
 __all__ = ["ConnectionManager", "Connector", "MoreBuffers"]
 
-#: Opens the host socket for a guest connection to port P; raises OSError when it cannot.
-Connector = Callable[[int], HostStream]
+#: Opens the host socket for a guest connection to port P of a socket type (TYPE_STREAM or
+#: TYPE_SEQPACKET, the host socket's kind must match); raises OSError when it cannot.
+Connector = Callable[[int, int], HostStream]
 
 Buffer = bytes | bytearray | memoryview
 Key = tuple[int, int]
@@ -117,8 +120,15 @@ class ConnectionManager(RxProducer):
         max_connections: int = MAX_ACTIVE_CONNECTIONS,
         tx_buffer_size: int = TX_BUF_SIZE,
         logger: logging.Logger | None = None,
+        stream: bool = True,
+        seqpacket: bool = False,
     ) -> None:
         self.guest_cid = guest_cid
+        #: The socket types the driver negotiated (STREAM unless NO_IMPLIED_STREAM without
+        #: STREAM; SEQPACKET with its feature): packets of any other type get RST.
+        self.types = frozenset(
+            t for t, ok in ((TYPE_STREAM, stream), (TYPE_SEQPACKET, seqpacket)) if ok
+        )
         #: The buf_alloc advertised to the guest, each connection's host-bound buffer capacity
         #: and the longest RW accepted from the guest (upstream: always 65536).
         self.tx_buffer_size = tx_buffer_size
@@ -134,8 +144,9 @@ class ConnectionManager(RxProducer):
         self._ports = PortAllocator()
         #: Connections that may have rx work, in service order (lazily pruned).
         self._work: dict[Connection, None] = {}
-        #: RSTs owed to the guest for keys that have no connection (any more).
-        self._rsts: deque[Key] = deque()
+        #: RSTs owed to the guest for keys that have no connection (any more): (local port, peer
+        #: port, socket type of the packet or connection they answer).
+        self._rsts: deque[tuple[int, int, int]] = deque()
         self._deadlines = Deadlines(self._is_live)
         #: The same connect deadlines of host connections whose CONNECT line was not read yet
         #: (the guest has not heard of them), served without rx buffers (:meth:`drop_silent`).
@@ -215,15 +226,20 @@ class ConnectionManager(RxProducer):
 
     # ----------------------------------------------------------------- host events
 
-    def accept_host(self, stream: HostStream, now: float) -> bool:
-        """A host process connected to the device's listener. Returns False (and closes the
-        stream) when the connection limit is reached."""
+    def accept_host(self, stream: HostStream, now: float, sock_type: int = TYPE_STREAM) -> bool:
+        """A host process connected to the device's listener for ``sock_type`` connections.
+        Returns False (and closes the stream) when the connection limit is reached or the driver
+        did not negotiate that type."""
+        if sock_type not in self.types:
+            self._log.info("vsock: the guest driver has no type %d sockets, closing", sock_type)
+            stream.close()
+            return False
         if len(self) >= self._max_connections:
             self._log.info("vsock: connection limit reached, closing accepted host connection")
             stream.close()
             return False
         conn = Connection(
-            stream, host_initiated=True, tx_buffer_size=self.tx_buffer_size
+            stream, host_initiated=True, tx_buffer_size=self.tx_buffer_size, sock_type=sock_type
         )
         self._pending.add(conn)
         self._by_stream[id(stream)] = conn
@@ -305,6 +321,7 @@ class ConnectionManager(RxProducer):
                 and src_cid == self.guest_cid
                 and dst_cid == CID_HOST
                 and (conn := self._table.get(key)) is not None
+                and conn.sock_type == TYPE_STREAM
             ):
                 # Data for an existing connection (the common case): what the op dispatch
                 # below does for it, without the dispatch.
@@ -312,12 +329,12 @@ class ConnectionManager(RxProducer):
                 if not (coalesce and self._writer.gather(conn, parts, length)):
                     self._writer.guest_rw(conn, parts, length)
                 return
-        if type_ != TYPE_STREAM or src_cid != self.guest_cid or dst_cid != CID_HOST:
+        if type_ not in self.types or src_cid != self.guest_cid or dst_cid != CID_HOST:
             self._log.info("vsock: guest packet with bad type/cid for %s, sending RST", key)
-            self._reset(key)
+            self._reset(key, type_)
             return
         if op == Op.REQUEST:
-            self._guest_request(key, buf_alloc, fwd_cnt)
+            self._guest_request(key, buf_alloc, fwd_cnt, type_)
             return
         conn = self._table.get(key)
         if op == Op.RST:
@@ -325,7 +342,18 @@ class ConnectionManager(RxProducer):
                 self._remove(conn, rst=False)
             return
         if conn is None:
-            self._rsts.append(key)
+            self._rsts.append((key[0], key[1], type_))
+            return
+        if conn.sock_type != type_:
+            self._log.info("vsock: guest packet of type %d on a type %d connection %s, sending"
+                           " RST", type_, conn.sock_type, key)  # fmt: skip
+            self._remove(conn, rst=True)
+            return
+        if op == Op.RW and type_ == TYPE_SEQPACKET:
+            self._writer.guest_message_rw(
+                conn, payload if available == length else _prefix(payload, length), length,
+                bool(flags & SEQ_EOM),
+            )  # fmt: skip
             return
         if op == Op.RESPONSE:
             self._guest_response(conn, buf_alloc, fwd_cnt)
@@ -359,16 +387,17 @@ class ConnectionManager(RxProducer):
         """Write the gathered run of RW packets (see ``handle_tx(..., coalesce=True)``)."""
         self._writer.flush_run()
 
-    def _guest_request(self, key: Key, buf_alloc: int, fwd_cnt: int) -> None:
+    def _guest_request(self, key: Key, buf_alloc: int, fwd_cnt: int, sock_type: int) -> None:
         if len(self) >= self._max_connections:
             self._log.info("vsock: connection limit reached, refusing guest connect to %d", key[0])
-            self._rsts.append(key)
+            self._rsts.append((key[0], key[1], sock_type))
             return
         try:
-            stream = self._connect(key[0])
+            stream = self._connect(key[0], sock_type)
         except OSError as exc:
+            # EPROTOTYPE: the host listener is of the other kind (stream vs SEQPACKET).
             self._log.info("vsock: guest connect to port %d failed: %s", key[0], exc)
-            self._rsts.append(key)
+            self._rsts.append((key[0], key[1], sock_type))
             return
         old = self._table.get(key)
         if old is not None:
@@ -377,7 +406,7 @@ class ConnectionManager(RxProducer):
             self._remove(old, rst=True)
             return
         conn = Connection(
-            stream, host_initiated=False, tx_buffer_size=self.tx_buffer_size
+            stream, host_initiated=False, tx_buffer_size=self.tx_buffer_size, sock_type=sock_type
         )
         conn.key = key
         conn.state = ConnectionState.GUEST_CONNECTING
@@ -439,11 +468,15 @@ class ConnectionManager(RxProducer):
             return conn in self._pending
         return self._table.get(conn.key) is conn
 
-    def _reset(self, key: Key) -> None:
+    def _reset(self, key: Key, sock_type: int) -> None:
         conn = self._table.get(key)
         if conn is not None:
+            # The RST goes out with the connection's type, or the guest would not match it.
+            sock_type = conn.sock_type
             self._remove(conn, rst=False)
-        self._rsts.append(key)
+        elif sock_type not in (TYPE_STREAM, TYPE_SEQPACKET):
+            sock_type = TYPE_STREAM
+        self._rsts.append((key[0], key[1], sock_type))
 
     def _remove(self, conn: Connection, *, rst: bool) -> None:
         if conn.key is None:
@@ -451,7 +484,7 @@ class ConnectionManager(RxProducer):
         elif self._table.get(conn.key) is conn:
             del self._table[conn.key]
             if rst:
-                self._rsts.append(conn.key)
+                self._rsts.append((conn.key[0], conn.key[1], conn.sock_type))
         if conn.host_initiated and conn.key is not None:
             self._ports.free(conn.key[0])
         self._by_stream.pop(id(conn.stream), None)

@@ -32,7 +32,7 @@ import anyio
 
 from devicehost.virtio import DescriptorChain, QueueError, VirtQueue
 from devicehost_vsock.manager import ConnectionManager
-from devicehost_vsock.protocol import HEADER_SIZE
+from devicehost_vsock.protocol import HEADER_SIZE, TYPE_SEQPACKET
 from devicehost_vsock.relay import Relay
 
 __all__ = ["VsockWorker"]
@@ -100,6 +100,10 @@ class VsockWorker:
         self.relay.clock = self._clock
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.relay.serve_listener)
+            if self.relay.seqpacket_listener is not None:
+                tg.start_soon(
+                    self.relay.serve_listener, self.relay.seqpacket_listener, TYPE_SEQPACKET
+                )
             tg.start_soon(self.relay.serve_epoll)
             tg.start_soon(self._tx_loop)
             tg.start_soon(self._silent_loop)

@@ -360,7 +360,12 @@ def test_offer_config_space_and_config_validation() -> None:
 
     device = VsockDevice(VsockConfig(guest_cid=0x0102_0304))
     traits = device.traits()
-    assert (traits.device_id, traits.device_features, traits.queue_count) == (19, 0x5, 3)
+    # STREAM | SEQPACKET | NO_IMPLIED_STREAM; without SEQPACKET when configured off.
+    assert (traits.device_id, traits.device_features, traits.queue_count) == (19, 0x7, 3)
+    off = VsockDevice(VsockConfig(seqpacket=False)).traits()
+    assert off.device_features == 0x5
+    with pytest.raises(TypeError, match="seqpacket"):
+        VsockConfig(seqpacket="yes")  # type: ignore[arg-type]  # wrong types rejected at runtime
     assert traits.config == struct.pack("<Q", 0x0102_0304)
     assert device.virtio_config_read(0, 4) == b"\x04\x03\x02\x01"
     assert device.virtio_config_read(4, 4) == b"\0\0\0\0"

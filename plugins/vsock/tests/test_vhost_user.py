@@ -35,7 +35,7 @@ async def test_vsock_over_vhost_user(sock_dir: str) -> None:
                 frontend = await VhostUserFrontend.connect(f"{sock_dir}/vu.sock", memory)
                 features, cid = await frontend.realize()
                 assert frontend.queue_count == 2 and struct.unpack("<Q", cid) == (7,)
-                assert features & 0x7 == 0x5  # STREAM | NO_IMPLIED_STREAM
+                assert features & 0x7 == 0x7  # STREAM | SEQPACKET | NO_IMPLIED_STREAM
                 await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES | 0x1)
                 guest = GuestStack(frontend, cid=7)
                 listener = await anyio.create_unix_listener(f"{base}_5000")
