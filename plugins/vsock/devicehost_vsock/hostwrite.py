@@ -167,9 +167,15 @@ class HostWriter:
             self._log.info("vsock: RW on %s in the wrong state, sending RST", conn.key)
             self._remove(conn, True)
             return
+        size = conn.msg_partial + total
+        if size > conn.txbuf.capacity:
+            # Longer than the window the device advertises: the guest overran its credit.
+            self._log.info("vsock: guest message of %d+ bytes overran its credit on %s, sending"
+                           " RST", size, conn.key)  # fmt: skip
+            self._remove(conn, True)
+            return
         if eom and not conn.msg_lens and not conn.ok_pending:
             # Nothing waits before this message: try to hand it over now (the common case).
-            size = conn.msg_partial + total
             views = [*conn.txbuf.views(conn.msg_partial), *payload] if conn.msg_partial else payload
             try:
                 sent = conn.stream.send_message(views)
