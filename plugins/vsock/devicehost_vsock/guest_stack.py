@@ -76,6 +76,7 @@ class GuestStack:
         self.buf_alloc = buf_alloc
         self.rxq = driver.queue(0)
         self.txq = driver.queue(1)
+        self._tx_room = anyio.Lock()
 
     def post_rx(self, count: int = 1, size: int = HEADER_SIZE + 4096, *,
                 fragment: int | None = None) -> None:
@@ -91,6 +92,14 @@ class GuestStack:
             self.cid if src_cid is None else src_cid, dst_cid, src_port, dst_port, length, type_,
             op, flags, self.buf_alloc if buf_alloc is None else buf_alloc, fwd_cnt,
         )  # fmt: skip
+
+    async def wait_tx_room(self) -> None:
+        """Wait until tx descriptors are free again (one task waits on the doorbell at a time;
+        the others find room reaped by it)."""
+        async with self._tx_room:
+            if not self.txq.reap():
+                await self.txq.wait_used()
+                self.txq.reap()
 
     def reap_tx(self) -> int:
         """Collect completed tx chains; returns how many."""
@@ -112,7 +121,7 @@ class GuestStack:
                 self.send_raw(parts)
                 return
             except QueueFull:
-                await self.txq.wait_used()
+                await self.wait_tx_room()
 
     def send_rw_batch(self, conn: GuestConnection, data: memoryview, chunk: int) -> int:
         """Post RW packets of ``conn`` carrying a prefix of ``data`` (at most ``chunk`` bytes
@@ -269,7 +278,7 @@ class GuestConnection:
                 continue
             sent = stack.send_rw_batch(self, view, chunk)
             if sent == 0:  # no free tx descriptors: wait for the device to complete some
-                await stack.txq.call_doorbell.wait()
+                await stack.wait_tx_room()
                 continue
             view = view[sent:]
 
@@ -319,8 +328,7 @@ class GuestConnection:
                     if posted:
                         txq.kick()
                         posted = False
-                    await txq.wait_used()
-                    txq.reap()
+                    await stack.wait_tx_room()
                     continue
                 posted = True
                 self.tx_cnt = (self.tx_cnt + n) & _U32

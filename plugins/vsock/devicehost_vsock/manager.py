@@ -228,12 +228,9 @@ class ConnectionManager(RxProducer):
 
     def accept_host(self, stream: HostStream, now: float, sock_type: int = TYPE_STREAM) -> bool:
         """A host process connected to the device's listener for ``sock_type`` connections.
-        Returns False (and closes the stream) when the connection limit is reached or the driver
-        did not negotiate that type."""
-        if sock_type not in self.types:
-            self._log.info("vsock: the guest driver has no type %d sockets, closing", sock_type)
-            stream.close()
-            return False
+        Returns False (and closes the stream) when the connection limit is reached. (If the
+        driver did not negotiate that type, the connection is closed once its CONNECT line is
+        read, as when no guest listens.)"""
         if len(self) >= self._max_connections:
             self._log.info("vsock: connection limit reached, closing accepted host connection")
             stream.close()

@@ -128,8 +128,10 @@ class UnixStream:
         return size if ancillary else -1
 
     def recv_message_into(self, bufs: Sequence[memoryview]) -> int:
-        if len(bufs) == 1:
+        if len(bufs) == 1 and len(bufs[0]):
             return self.sock.recv_into(bufs[0])
+        # recvmsg: Python's recv_into makes no system call for an empty buffer, so an empty
+        # message would stay queued.
         return self.sock.recvmsg_into(bufs)[0]
 
     def send_message(self, buffers: Sequence[Buffer]) -> bool:

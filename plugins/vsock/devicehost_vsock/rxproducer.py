@@ -57,6 +57,7 @@ class RxProducer:
     # The table's state and primitives, set up and defined by ConnectionManager.
     guest_cid: int
     tx_buffer_size: int
+    types: frozenset[int]
     #: Packet lengths written into the buffers ``more`` handed to the last ``produce_rx``,
     #: in order (the buffers after these were not used).
     extra_sizes: list[int]
@@ -381,6 +382,12 @@ class RxProducer:
             return None
         if request.port is None:
             self._log.info("vsock: host CONNECT names a GUID without a vsock port; closing")
+            self._remove(conn, rst=False)
+            return None
+        if conn.sock_type not in self.types:
+            # Refused as when no guest listens: the line is read, the socket closed without OK.
+            self._log.info("vsock: the guest driver has no type %d sockets; closing host"
+                           " connection to port %d", conn.sock_type, request.port)  # fmt: skip
             self._remove(conn, rst=False)
             return None
         local = self._ports.allocate()

@@ -69,10 +69,13 @@ def test_a_type_not_negotiated_gets_rst() -> None:
     only_seq.listening.add(5000)
     only_seq.tx(Op.REQUEST, 1024, 5000)
     assert [(p.op, p.type) for p, _ in only_seq.rx_all()] == [(Op.RST, TYPE_STREAM)]
-    # A host SEQPACKET connection is refused when the driver did not negotiate SEQPACKET.
+    # A host SEQPACKET connection is refused when the driver did not negotiate SEQPACKET: its
+    # CONNECT message is read, then the socket closed without OK (as when no guest listens).
     stream = FakeStream()
     stream.messages_in.append(b"CONNECT 5\n")
-    assert not h.manager.accept_host(stream, 0.0, SEQ) and stream.closed
+    assert h.manager.accept_host(stream, 0.0, SEQ)
+    assert h.rx_all() == [] and stream.closed and stream.messages_in == []
+    assert stream.messages_out == [] and len(h.manager) == 0
 
 
 def test_a_packet_of_the_other_type_resets_the_connection_with_its_own_type() -> None:
