@@ -36,29 +36,27 @@ blame) when that leaves no type at all. No features at all means stream.
 Config space: ``le64 guest_cid``; reads beyond its 8 bytes return zeros (a read straddling the end
 returns zeros too, as upstream's 32-bit rule gives); writes are ignored with a warning.
 
-Opening binds the device's Unix listener at ``base_path`` (removing a stale socket file), and
-with SEQPACKET offered the ``SOCK_SEQPACKET`` listener at ``<base_path>_seqpacket``, and builds a
-fresh connection table; closing (any queue stopped, the driver reset) drops every
-connection and removes the listener socket. Save/restore is not supported: ``save_open`` returns
-None, so on restore the host revokes the device and offers it anew (connections are lost).
+The device's Unix listener at ``base_path`` (a stale socket file is replaced) and, with SEQPACKET
+offered, the ``SOCK_SEQPACKET`` listener at ``<base_path>_seqpacket`` are bound when the device
+is offered and stay while it is served: with no guest driver attached a host connection is
+refused as when no guest listens (:mod:`devicehost_vsock.listeners`). Opening builds a fresh
+connection table over them; closing (any queue stopped, the driver reset) drops every
+connection and hands the listeners back to refusing. Save/restore is not supported:
+``save_open`` returns None, so on restore the host revokes the device and offers it anew
+(connections are lost).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
-import socket
 import struct
-import tempfile
 from typing import Any
 
 import attrs
 
 from devicehost import DeviceContext, DeviceError, hookimpl
 from devicehost.virtio import DeviceTraits, QueueResources
-from devicehost_vsock.hybrid import seqpacket_listener_path
+from devicehost_vsock.listeners import HostListeners
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import (
     CONNECTION_TIMEOUT,
@@ -73,7 +71,7 @@ from devicehost_vsock.protocol import (
     QUEUE_TX,
     TX_BUF_SIZE,
 )
-from devicehost_vsock.relay import Relay, bind_listener
+from devicehost_vsock.relay import Relay
 from devicehost_vsock.worker import VsockWorker
 
 __all__ = ["VsockConfig", "VsockDevice", "VsockRunner"]
@@ -125,11 +123,16 @@ class VsockConfig:
 
 @attrs.define
 class VsockRunner:
-    """The per-open state: the worker, and what to clean up on close."""
+    """The per-open state: the worker, and the listeners it borrows (or owns, when the device
+    is driven without a host and was never offered in one)."""
 
     worker: VsockWorker
-    base_path: str
-    temp_dir: str | None = None
+    listeners: HostListeners
+    owns_listeners: bool = False
+
+    @property
+    def base_path(self) -> str:
+        return self.listeners.base_path
 
     async def run(self) -> None:
         await self.worker.run()
@@ -137,11 +140,10 @@ class VsockRunner:
     def close(self) -> None:
         self.worker.manager.close_all()
         self.worker.relay.close()
-        for path in (self.base_path, seqpacket_listener_path(self.base_path)):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.owns_listeners:
+            self.listeners.close()
+        else:
+            self.listeners.detach()
 
 
 class VsockDevice:
@@ -151,6 +153,19 @@ class VsockDevice:
 
     def __init__(self, config: VsockConfig | None = None) -> None:
         self.config = config if config is not None else VsockConfig()
+        #: Bound at the first offer in a host, kept until the host stops (see listeners.py).
+        self._listeners: HostListeners | None = None
+
+    def _bind(self, ctx: DeviceContext) -> HostListeners:
+        try:
+            return HostListeners.bind(
+                self.config.base_path, seqpacket=self.config.seqpacket, logger=ctx.logger
+            )
+        except OSError as exc:
+            raise DeviceError(
+                f"device {ctx.name!r}: cannot listen at base_path {self.config.base_path!r}:"
+                f" {exc}"
+            ) from exc
 
     @staticmethod
     def max_fds(config: VsockConfig) -> int:
@@ -185,6 +200,11 @@ class VsockDevice:
 
     @hookimpl
     def offer(self, ctx: DeviceContext) -> DeviceTraits:
+        if self._listeners is None and ctx.host is not None:
+            # The CONNECT listeners exist while the device is served, guest driver or not.
+            self._listeners = listeners = self._bind(ctx)
+            ctx.host.task_group.start_soon(listeners.serve)
+            ctx.logger.info("vsock: host sockets at %s", listeners.base_path)
         return self.traits()
 
     @hookimpl
@@ -202,29 +222,18 @@ class VsockDevice:
                 f"device {ctx.name!r}: vsock needs 2 or 3 queues, the transport started"
                 f" {len(resources.queues)}"
             )
-        temp_dir = None
-        base_path = self.config.base_path
-        if not base_path:
-            temp_dir = tempfile.mkdtemp(prefix="devicehost-vsock-")
-            base_path = os.path.join(temp_dir, "vsock")
-        seq_listener = None
-        try:
-            listener = bind_listener(base_path)
-            if self.config.seqpacket:
-                try:
-                    seq_listener = bind_listener(
-                        seqpacket_listener_path(base_path), socket.SOCK_SEQPACKET
-                    )
-                except BaseException:
-                    listener.close()
-                    raise
-        except OSError as exc:
-            if temp_dir is not None:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-            raise DeviceError(
-                f"device {ctx.name!r}: cannot listen at base_path {base_path!r}: {exc}"
-            ) from exc
-        relay = Relay(base_path, listener, seqpacket_listener=seq_listener)
+        listeners = self._listeners
+        owns = listeners is None
+        if listeners is None:  # driven without a host: the listeners live as long as this open
+            listeners = self._bind(ctx)
+        base_path = listeners.base_path
+        if owns:
+            # The worker's relay accepts on listeners that live as long as this open.
+            relay = Relay(base_path, listeners.stream, seqpacket_listener=listeners.seqpacket)
+        else:
+            # The device's accept loops hand connections over from now on.
+            relay = Relay(base_path, None)
+            listeners.attach(relay.take)
         manager = ConnectionManager(
             self.config.guest_cid, relay.connect, tx_buffer_size=self.config.tx_buffer_size,
             connection_timeout=self.config.connect_timeout, logger=ctx.logger, stream=stream,
@@ -236,7 +245,7 @@ class VsockDevice:
         )
         relay.wake = worker.wake
         ctx.logger.info("vsock: guest CID %d, host sockets at %s", self.config.guest_cid, base_path)
-        return VsockRunner(worker, base_path, temp_dir)
+        return VsockRunner(worker, listeners, owns)
 
     @hookimpl
     def run(self, ctx: DeviceContext, runner: VsockRunner) -> Any:

@@ -203,10 +203,12 @@ class Relay:
     """
 
     def __init__(
-        self, base_path: str, listener: socket.socket, wake: Callable[[], None] = lambda: None,
-        seqpacket_listener: socket.socket | None = None,
+        self, base_path: str, listener: socket.socket | None,
+        wake: Callable[[], None] = lambda: None, seqpacket_listener: socket.socket | None = None,
     ) -> None:
         self.base_path = base_path
+        #: The listener the worker accepts on (``serve_listener``), or None when the device's
+        #: own accept loops hand connections over (``take``).
         self.listener = listener
         #: The SOCK_SEQPACKET listener at ``<base_path>_seqpacket`` (host -> guest SEQPACKET
         #: connections), or None when the device does not offer SEQPACKET.
@@ -234,6 +236,15 @@ class Relay:
             raise
         return UnixStream(sock, self)
 
+    def take(self, sock: socket.socket, seqpacket: bool) -> None:
+        """A host connection accepted by the device's listeners (they speak CONNECT next)."""
+        manager = self.manager
+        assert manager is not None
+        manager.accept_host(
+            UnixStream(sock, self), self.clock(), TYPE_SEQPACKET if seqpacket else TYPE_STREAM
+        )
+        self.wake()
+
     async def serve_listener(
         self, listener: socket.socket | None = None, sock_type: int = TYPE_STREAM
     ) -> None:
@@ -244,6 +255,7 @@ class Relay:
         manager = self.manager
         assert manager is not None
         listener = self.listener if listener is None else listener
+        assert listener is not None
         backoff = AcceptBackoff(f"vsock listener {listener.getsockname()}", manager.logger)
         while True:
             sock = await accept_socket(listener, backoff)
@@ -282,8 +294,6 @@ class Relay:
                 self.wake()
 
     def close(self) -> None:
-        """Close the listeners and the epoll instance (the table closes its own streams)."""
-        self.listener.close()
-        if self.seqpacket_listener is not None:
-            self.seqpacket_listener.close()
+        """Close the epoll instance (the table closes its own streams; the listeners belong to
+        the device, which keeps them while it is served)."""
         self.epoll.close()

@@ -99,7 +99,8 @@ class VsockWorker:
             self._clock = anyio.current_time
         self.relay.clock = self._clock
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self.relay.serve_listener)
+            if self.relay.listener is not None:
+                tg.start_soon(self.relay.serve_listener)
             if self.relay.seqpacket_listener is not None:
                 tg.start_soon(
                     self.relay.serve_listener, self.relay.seqpacket_listener, TYPE_SEQPACKET

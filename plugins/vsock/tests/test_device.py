@@ -424,6 +424,15 @@ async def test_configured_tx_buffer_size_through_the_device(sock_dir: str) -> No
         await driver.reset()
 
 
+async def refused_promptly(path: str, line: bytes) -> None:
+    """A CONNECT through ``path`` is read and closed without OK within a second."""
+    with anyio.fail_after(1):
+        stream = await anyio.connect_unix(path)
+        await stream.send(line)
+        assert await read_to_eof(stream) == b""
+        await stream.aclose()
+
+
 async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
     from devicehost import DeviceError, DeviceState
     from devicehost.testing import host_with
@@ -434,8 +443,12 @@ async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
     config = VsockConfig(base_path=f"{sock_dir}/vsock")
     async with host_with({"vsock": VsockDevice}, [DeviceSpec("vsock", "vsock", config)]) as host:
         transport = host.transport(VirtioTransport)
+        # The listener exists as soon as the device is served; with no driver a CONNECT is
+        # refused promptly, as when no guest listens (issue 17 item 4).
+        await refused_promptly(f"{sock_dir}/vsock", b"CONNECT 1\n")
         with pytest.raises(DeviceError, match="does not support stream sockets"):
             await transport.connect_driver("vsock", features=1 << VERSION_1 | 0x4)
+        await refused_promptly(f"{sock_dir}/vsock", b"CONNECT 1\n")
         device = host.devices["vsock"]
         for _ in range(2):  # each start gets a fresh table: port allocation starts over
             driver = await transport.connect_driver("vsock", features=1 << VERSION_1)
@@ -450,7 +463,9 @@ async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
             assert device.state is DeviceState.CLOSED
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await stream.receive()
-            assert not os.path.exists(f"{sock_dir}/vsock")
+            # The listener stays, refusing again until the next driver starts the device.
+            await refused_promptly(f"{sock_dir}/vsock", b"CONNECT 1\n")
+    assert not os.path.exists(f"{sock_dir}/vsock")  # removed when the host stopped
 
 
 async def test_header_only_rx_buffer_waits_for_a_control_packet(guest: HostedGuest) -> None:
