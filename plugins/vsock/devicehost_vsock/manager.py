@@ -9,11 +9,16 @@ sockets are :class:`~devicehost_vsock.connection.HostStream` values, so tests dr
 
 Rules (facts sections 9.4-9.8, 9.10, 9.13):
 
-- Device packets carry src_cid 2, dst_cid = guest CID, type STREAM, buf_alloc = ``tx_buffer_size``
-  (65536 as upstream unless configured) and the current fwd_cnt; RST carries buf_alloc 0 and
-  fwd_cnt 0.
-- Guest packets with type != STREAM, a foreign src_cid or dst_cid != 2 get RST (and drop any
-  connection with that key). An RW longer than ``tx_buffer_size`` or with fewer payload bytes
+- Device packets carry src_cid 2, dst_cid = guest CID, the connection's type (STREAM, or
+  SEQPACKET when negotiated), buf_alloc = ``tx_buffer_size`` (65536 as upstream unless
+  configured) and the current fwd_cnt; RST carries buf_alloc 0 and fwd_cnt 0.
+- Guest packets of a type not negotiated, a foreign src_cid or dst_cid != 2 get RST (and drop any
+  connection with that key); a packet of the other type on a connection resets it. A guest
+  REQUEST connects a host socket of its type (``EPROTOTYPE`` from a listener of the other kind:
+  RST).
+- SEQPACKET: a guest message (RW packets up to the one with EOM) goes to the host socket as one
+  message, and one host message to the guest as RW packets with EOM on the last; see
+  ``hostwrite.py`` and ``RxProducer._produce_message``. An RW longer than ``tx_buffer_size`` or with fewer payload bytes
   than its len is dropped without RST. Unknown ops get RST and drop the connection. RST is
   never answered.
 - Peer credit is taken only from REQUEST, RESPONSE and CREDIT_UPDATE.
@@ -49,6 +54,13 @@ Decisions on the items the facts mark:
 - An rx buffer too small for a header is completed with length 0 before any packet is built for
   it, so nothing is lost and no connection is harmed (upstream builds the packet first, fails to
   write it and drops the connection it was meant for).
+- **[DECISION]** SEQPACKET limits: the longest message either way is ``tx_buffer_size`` (host ->
+  guest also the guest's buf_alloc). Linux refuses a longer send with EMSGSIZE; a host message
+  has already been sent when the device sees it, so the connection is reset instead (RST, the host
+  socket closed with the message unread); a guest that sends a longer one overran its credit
+  (RST). ``EOR`` has no Unix counterpart: never set, and dropped from guest packets.
+- A host connection to the SEQPACKET listener when the driver did not negotiate SEQPACKET is
+  read (its CONNECT message) and closed without OK, as when no guest listens.
 """
 
 from __future__ import annotations
