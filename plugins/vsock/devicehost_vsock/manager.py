@@ -15,12 +15,11 @@ Rules (facts sections 9.4-9.8, 9.10, 9.13):
 - Guest packets of a type not negotiated, a foreign src_cid or dst_cid != 2 get RST (and drop any
   connection with that key); a packet of the other type on a connection resets it. A guest
   REQUEST connects a host socket of its type (``EPROTOTYPE`` from a listener of the other kind:
-  RST).
+  RST). An RW longer than ``tx_buffer_size`` or with fewer payload bytes than its len is
+  dropped without RST. Unknown ops get RST and drop the connection. RST is never answered.
 - SEQPACKET: a guest message (RW packets up to the one with EOM) goes to the host socket as one
   message, and one host message to the guest as RW packets with EOM on the last; see
-  ``hostwrite.py`` and ``RxProducer._produce_message``. An RW longer than ``tx_buffer_size`` or with fewer payload bytes
-  than its len is dropped without RST. Unknown ops get RST and drop the connection. RST is
-  never answered.
+  ``hostwrite.py`` and ``RxProducer._produce_message``.
 - Peer credit is taken only from REQUEST, RESPONSE and CREDIT_UPDATE.
 - One rx buffer gets, per connection, in order: an expired timeout (remove + RST), a pending
   REQUEST or RESPONSE, a CREDIT_UPDATE (fwd_cnt changed or requested), a CREDIT_REQUEST, host data
