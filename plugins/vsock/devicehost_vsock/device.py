@@ -268,6 +268,8 @@ class VsockDevice:
             "vhost_user_socket": self.config.vhost_user_socket,
             "open": runner is not None,
         }
+        if self._listeners is not None:
+            info["base_path"] = self._listeners.base_path
         if runner is not None:
             worker = runner.worker
             info.update(

@@ -447,6 +447,11 @@ class ConnectionManager(RxProducer):
             self._log.info("vsock: SHUTDOWN on unconnected %s, sending RST", conn.key)
             self._remove(conn, rst=True)
             return
+        if flags & SHUTDOWN_SEND and conn.msg_partial:
+            # A SEQPACKET message the guest will never finish: not delivered (a host message
+            # cannot be sent in part), so that the host socket's write side can be shut.
+            conn.txbuf.drop_tail(conn.msg_partial)
+            conn.msg_partial = 0
         try:
             if flags & SHUTDOWN_SEND:
                 conn.peer_shut_send = True

@@ -113,6 +113,12 @@ class TxBuffer:
         if self._len == 0:
             self._head = 0
 
+    def drop_tail(self, n: int) -> None:
+        """Forget the newest ``n`` bytes (at most ``len(self)``)."""
+        self._len -= min(n, self._len)
+        if self._len == 0:
+            self._head = 0
+
     def read(self, max_len: int) -> bytes:
         """Remove and return up to ``max_len`` of the oldest bytes."""
         out = bytearray()

@@ -4,6 +4,8 @@ message, and hypothesis runs of interleaved messages and of hostile packets."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from devicehost_vsock.protocol import (
     HEADER_SIZE,
     SEQ_EOM,
     SEQ_EOR,
+    SHUTDOWN_SEND,
     TYPE_SEQPACKET,
     TYPE_STREAM,
     Header,
@@ -134,6 +137,16 @@ def test_guest_messages_wait_in_order_while_the_host_socket_is_full() -> None:
     assert upd.fwd_cnt == 6  # "thr" is not forwarded until its message is complete
     rw(h, b"ee", SEQ_EOM)
     assert stream.messages_out == [b"one", b"two", b"three"]
+
+
+def test_a_message_left_unfinished_by_shutdown_is_not_delivered() -> None:
+    h = seq_harness()
+    stream = seq_connect(h)
+    rw(h, b"whole", SEQ_EOM)
+    rw(h, b"half of a mess", 0)
+    h.tx(Op.SHUTDOWN, 1024, 5000, type_=SEQ, flags=SHUTDOWN_SEND)
+    assert stream.messages_out == [b"whole"]
+    assert stream.shut == [socket.SHUT_WR]  # the host sees the end, not half a message
 
 
 def test_a_guest_message_beyond_its_credit_is_reset() -> None:
