@@ -403,3 +403,22 @@ def test_hostile_packets_on_seqpacket_connections_never_crash(
         assert n is None or n == 0 or n >= HEADER_SIZE
         h.now += 0.5
     assert len(h.manager) <= 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=3), st.booleans())
+def test_arbitrary_connect_messages_never_crash(messages: list[bytes], eof: bool) -> None:
+    h = seq_harness()
+    stream = FakeStream()
+    stream.messages_in += messages
+    stream.host_eof = eof
+    h.manager.accept_host(stream, 0.0, SEQ)
+    packets = h.rx_all()
+    assert ops(packets) in ([], [Op.REQUEST])
+    # A REQUEST only for a first message that is exactly a valid CONNECT line.
+    valid = bool(messages) and messages[0].endswith(b"\n") and len(messages[0]) <= 45
+    if packets:
+        assert valid and packets[0][0].type == SEQ
+        assert stream.messages_in == messages[1:]  # nothing after the first message was read
+    elif messages or eof:
+        assert stream.closed
