@@ -56,7 +56,7 @@ import attrs
 
 from devicehost import DeviceContext, DeviceError, hookimpl
 from devicehost.virtio import DeviceTraits, QueueResources
-from devicehost_vsock.listeners import HostListeners
+from devicehost_vsock.listeners import MAX_REFUSING, HostListeners
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import (
     CONNECTION_TIMEOUT,
@@ -159,7 +159,8 @@ class VsockDevice:
     def _bind(self, ctx: DeviceContext) -> HostListeners:
         try:
             return HostListeners.bind(
-                self.config.base_path, seqpacket=self.config.seqpacket, logger=ctx.logger
+                self.config.base_path, seqpacket=self.config.seqpacket, logger=ctx.logger,
+                connect_timeout=self.config.connect_timeout,
             )
         except OSError as exc:
             raise DeviceError(
@@ -170,8 +171,9 @@ class VsockDevice:
     @staticmethod
     def max_fds(config: VsockConfig) -> int:
         """Descriptors one device holds at most besides its transport's (read by ``devicehost
-        doctor``): one per connection, the listener and the epoll instance."""
-        return MAX_ACTIVE_CONNECTIONS + 2
+        doctor``): one per connection, the listeners (two with SEQPACKET), the epoll instance,
+        and the host connections being refused while no driver has the device open."""
+        return MAX_ACTIVE_CONNECTIONS + (3 if config.seqpacket else 2) + MAX_REFUSING
 
     def traits(self) -> DeviceTraits:
         return DeviceTraits(

@@ -8,8 +8,9 @@ therefore bound when the device is offered, not when it is opened, and stay unti
 One accept loop per listener runs all that time. While a guest driver has the device open
 (:meth:`attach`, from ``open``, synchronously: no connection falls between the two), accepted
 sockets go to the open device's connection table; otherwise each is refused as when no guest
-listens: its CONNECT line (or message) is read, within the 2 s connect deadline, and the socket is
-closed without ``OK``.
+listens: its CONNECT line (or message) is read, within the connect timeout (2 s), and the socket
+is closed without ``OK``. Accepting waits out a shortage of descriptors as every accept loop does
+(:mod:`devicehost.accepting`).
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from typing import Final
 
 import anyio
 
+from devicehost.accepting import AcceptBackoff, accept_socket
 from devicehost_vsock.hybrid import CONNECT_LINE_MAX, seqpacket_listener_path
-from devicehost_vsock.protocol import CONNECTION_TIMEOUT, MAX_ACTIVE_CONNECTIONS
+from devicehost_vsock.protocol import CONNECTION_TIMEOUT
 from devicehost_vsock.relay import bind_listener
 
-__all__ = ["HostListeners"]
+__all__ = ["MAX_REFUSING", "HostListeners"]
 
-#: Seconds to wait before accepting again after accept() failed (e.g. EMFILE).
-_ACCEPT_BACKOFF: Final = 0.05
+#: Host connections being refused at once (each holds a descriptor for up to the connect
+#: timeout); more are closed at once, unread.
+MAX_REFUSING: Final = 64
 
 
 class HostListeners:
@@ -45,12 +48,14 @@ class HostListeners:
         seqpacket: socket.socket | None,
         temp_dir: str | None,
         logger: logging.Logger,
+        connect_timeout: float = CONNECTION_TIMEOUT,
     ) -> None:
         self.base_path = base_path
         self.stream = stream
         self.seqpacket = seqpacket
         self._temp_dir = temp_dir
         self._log = logger
+        self._connect_timeout = connect_timeout
         #: Takes accepted sockets (and whether they are SEQPACKET ones) while a guest driver has
         #: the device open; None: refuse them.
         self._accept: Callable[[socket.socket, bool], None] | None = None
@@ -59,7 +64,8 @@ class HostListeners:
 
     @classmethod
     def bind(
-        cls, base_path: str, *, seqpacket: bool, logger: logging.Logger
+        cls, base_path: str, *, seqpacket: bool, logger: logging.Logger,
+        connect_timeout: float = CONNECTION_TIMEOUT,
     ) -> HostListeners:
         """Bind the listeners (``base_path`` "": a fresh temporary directory's ``vsock``);
         OSError (FileExistsError for a non-socket file in the way) if they cannot be bound."""
@@ -84,7 +90,7 @@ class HostListeners:
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
             raise
-        return cls(base_path, stream, seq_sock, temp_dir, logger)
+        return cls(base_path, stream, seq_sock, temp_dir, logger, connect_timeout)
 
     def sockets(self) -> Iterator[tuple[socket.socket, bool]]:
         """Each listener and whether it is the SEQPACKET one."""
@@ -115,30 +121,23 @@ class HostListeners:
     async def _accept_on(
         self, listener: socket.socket, seq: bool, tg: anyio.abc.TaskGroup
     ) -> None:
+        backoff = AcceptBackoff(f"vsock listener {listener.getsockname()}", self._log)
         while True:
-            await anyio.wait_readable(listener)
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    await anyio.sleep(_ACCEPT_BACKOFF)  # e.g. EMFILE
-                    break
-                accept = self._accept
-                if accept is not None:
-                    accept(sock, seq)
-                elif self._refusing >= MAX_ACTIVE_CONNECTIONS:
-                    sock.close()
-                else:
-                    self._refusing += 1
-                    tg.start_soon(self._refuse, sock, seq)
+            sock = await accept_socket(listener, backoff)
+            accept = self._accept
+            if accept is not None:
+                accept(sock, seq)
+            elif self._refusing >= MAX_REFUSING:
+                sock.close()
+            else:
+                self._refusing += 1
+                tg.start_soon(self._refuse, sock, seq)
 
     async def _refuse(self, sock: socket.socket, seq: bool) -> None:
         """Read the CONNECT line (message), then close without OK: as when no guest listens."""
         try:
             sock.setblocking(False)
-            with anyio.move_on_after(CONNECTION_TIMEOUT):
+            with anyio.move_on_after(self._connect_timeout):
                 line = b""
                 while not line.endswith(b"\n") and len(line) < CONNECT_LINE_MAX:
                     await anyio.wait_readable(sock)

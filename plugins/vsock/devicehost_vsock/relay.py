@@ -240,9 +240,15 @@ class Relay:
         """A host connection accepted by the device's listeners (they speak CONNECT next)."""
         manager = self.manager
         assert manager is not None
-        manager.accept_host(
-            UnixStream(sock, self), self.clock(), TYPE_SEQPACKET if seqpacket else TYPE_STREAM
-        )
+        try:
+            stream = UnixStream(sock, self)
+        except OSError as exc:
+            sock.close()
+            manager.logger.warning(
+                "vsock: cannot watch a host connection on %s, closed it: %s", self.base_path, exc
+            )
+            return
+        manager.accept_host(stream, self.clock(), TYPE_SEQPACKET if seqpacket else TYPE_STREAM)
         self.wake()
 
     async def serve_listener(
