@@ -206,7 +206,7 @@ class VsockDevice:
             # The CONNECT listeners exist while the device is served, guest driver or not.
             self._listeners = listeners = self._bind(ctx)
             ctx.host.task_group.start_soon(listeners.serve)
-            ctx.logger.info("vsock: host sockets at %s", listeners.base_path)
+            ctx.logger.info("vsock: CONNECT listener at %s", listeners.base_path)
         return self.traits()
 
     @hookimpl
