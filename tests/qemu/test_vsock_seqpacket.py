@@ -148,3 +148,10 @@ def test_stream_alongside_stays_intact(seq_run: dict[str, object]) -> None:
 def test_guest_powers_off_cleanly(seq_run: dict[str, object]) -> None:
     _check(seq_run)
     assert seq_run["exit"] == 0, seq_run["console"]
+
+
+def test_guest_kernel_has_seqpacket_and_msg_eor(guest_image: GuestImage) -> None:
+    """SOCK_SEQPACKET vsock needs Linux 5.14, MSG_EOR 5.16; Debian's cloud kernel is newer."""
+    match = re.match(r"(\d+)\.(\d+)", guest_image.kernel_release)
+    assert match is not None, guest_image.kernel_release
+    assert (int(match.group(1)), int(match.group(2))) >= (5, 16), guest_image.kernel_release
