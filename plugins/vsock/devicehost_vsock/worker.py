@@ -7,7 +7,9 @@ Four concurrent loops share one synchronous :class:`~devicehost_vsock.manager.Co
   into guest memory, never copied unless the host socket back-pressures) to the table, lets it
   write consecutive RW payloads of one connection with one ``sendmsg``, then completes the
   chains with length 0; waits for the next kick.
-- relay: accepts host connections and reports socket readiness (:mod:`devicehost_vsock.relay`).
+- relay: reports socket readiness (:mod:`devicehost_vsock.relay`); host connections are accepted
+  by the device's listeners, which live as long as the device is served and hand them over
+  (:mod:`devicehost_vsock.listeners`), or, for a device driven without a host, by the relay.
 - rx: only while the table has rx work *and* the guest has an rx buffer posted, fills that buffer
   (reading host data straight into guest memory when the buffer is one range, else through a
   bounce buffer) and completes it. A popped buffer that got no packet is kept for the next one.
