@@ -6,10 +6,13 @@ table (``want_read``/``want_write``/``want_close``) and disarmed once reported (
 request), with HUP/ERR always reported and final (facts section 9.11: IN/ERR/RDHUP mean "has
 data", HUP/ERR mean "closed"; after a half-close only HUP/ERR matter).
 
-The device's own listener is bound at ``base_path`` (a stale socket file is removed first); host
-processes connect there and speak the CONNECT line protocol. With SEQPACKET offered a second,
-``SOCK_SEQPACKET``, listener at ``<base_path>_seqpacket`` takes host-initiated SEQPACKET
-connections (the CONNECT line is their first message). Guest connections to port P are relayed to
+The device's own listener is bound at ``base_path`` (a stale socket file is removed first, see
+:func:`bind_listener`); host processes connect there and speak the CONNECT line protocol. With
+SEQPACKET offered a second, ``SOCK_SEQPACKET``, listener at ``<base_path>_seqpacket`` takes
+host-initiated SEQPACKET connections (the CONNECT line is their first message). The listeners
+belong to the device (:mod:`devicehost_vsock.listeners`), which hands accepted connections to
+:meth:`Relay.take`; :meth:`Relay.serve_listener` accepts itself only for a device driven
+without a host. Guest connections to port P are relayed to
 ``<base_path>_<P>`` or ``<base_path>_<guid>`` with a socket of the guest connection's kind.
 """
 
