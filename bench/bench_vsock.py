@@ -30,6 +30,15 @@ Rows:
   (256 KiB in every row), so it is shown only for comparison.
 - ``vsock_host_to_guest_1k_packets_64k_writes``: the same 1 KiB rx buffers (so 1 KiB packets),
   but the host writes 64 KiB at a time, so one readiness report fills many rx buffers.
+- ``vsock_seqpacket_guest_to_host_{64b,4k}``, ``vsock_seqpacket_host_to_guest_{64b,4k}``:
+  SEQPACKET messages of that size, messages/s. Guest -> host: the guest sends them (as many as
+  credit and descriptors allow per kick) to a host ``SOCK_SEQPACKET`` listener at ``<base>_5100``
+  in a separate process, which receives each one; timed from the guest's first message to the host
+  holding the last. Host -> guest: a host process connects to ``<base>_seqpacket``, sends
+  ``CONNECT 1235`` and then the messages; the guest (rx buffers of 4 KiB + header, as Linux) counts
+  whole messages; timed from the host's first send to the guest holding the last. Baseline: a
+  ``SOCK_SEQPACKET`` ``socketpair`` moving the same messages (a thread sends, the main thread
+  receives each).
 - ``vsock_1024_echo_connections``: 1024 host connections at once (``CONNECT``, ``OK``, 1 KiB
   echoed by the guest, held open together); value = connections whose echo came back intact.
 - ``vsock_device_bytes_per_connection``: tracemalloc growth of memory allocated by the device
@@ -62,7 +71,7 @@ from devicehost.testing.registry import DeviceSpec
 from devicehost.virtio import VirtioTransport
 from devicehost_vsock import VsockConfig, VsockDevice
 from devicehost_vsock.guest_stack import GuestSockets, GuestStack
-from devicehost_vsock.protocol import HEADER_SIZE
+from devicehost_vsock.protocol import HEADER_SIZE, TYPE_SEQPACKET
 
 __all__ = ["run"]
 
@@ -246,6 +255,138 @@ async def _throughput(rows: list[dict[str, Any]], base: str, driver_factory: Any
                              "Gbit/s", f"socketpair_{label}", gbit / pair))
 
 
+def _seqpacket_pair_seconds(count: int, size: int) -> float:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    message = os.urandom(size)
+    buf = memoryview(bytearray(size + 1))
+
+    def writer() -> None:
+        for _ in range(count):
+            a.send(message)
+
+    thread = threading.Thread(target=writer)
+    start = time.perf_counter()
+    thread.start()
+    for _ in range(count):
+        b.recv_into(buf)
+    thread.join()
+    seconds = time.perf_counter() - start
+    a.close()
+    b.close()
+    return seconds
+
+
+#: The host application of the SEQPACKET guest -> host rows (a separate process): listens at the
+#: path given, prints ``ready``, receives ``count`` messages of ``size`` bytes, prints the count
+#: and the ``time.perf_counter()`` of the last one, and stays until its stdin closes.
+_SEQ_READER = """
+import os, socket, sys, time
+path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if os.path.exists(path):
+    os.unlink(path)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(path)
+listener.listen(1)
+print("ready", flush=True)
+sock, _ = listener.accept()
+buf = memoryview(bytearray(size + 1))
+good = 0
+for _ in range(count):
+    good += sock.recv_into(buf) == size
+print(good, repr(time.perf_counter()), flush=True)
+sys.stdin.read()
+"""
+
+#: The host application of the SEQPACKET host -> guest rows (a separate process): connects to
+#: ``<base>_seqpacket``, sends ``CONNECT 1235`` as its first message, reads the OK message, prints
+#: the ``time.perf_counter()`` at which it starts, sends ``count`` messages of ``size`` bytes and
+#: stays until its stdin closes.
+_SEQ_WRITER = """
+import os, socket, sys, time
+path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.connect(path)
+sock.send(b"CONNECT 1235\\n")
+if not sock.recv(64).startswith(b"OK "):
+    sys.exit("no OK from the device")
+message = os.urandom(size)
+print(repr(time.perf_counter()), flush=True)
+for _ in range(count):
+    sock.send(message)
+sys.stdin.read()
+"""
+
+
+async def _seqpacket(rows: list[dict[str, Any]], base: str, driver_factory: Any) -> None:
+    for label, size, count in (("64b", 64, 50_000), ("4k", 4096, 20_000)):
+        driver = await driver_factory()
+        stack = GuestStack(driver, cid=3, buf_alloc=_GUEST_BUF)
+        sockets = GuestSockets(stack, rx_buffers=128, rx_size=HEADER_SIZE + 4096)
+        sockets.listen(1235, sock_type=TYPE_SEQPACKET)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sockets.pump)
+            # Guest -> host.
+            process = await anyio.open_process(
+                [sys.executable, "-c", _SEQ_READER, f"{base}_5100", str(count), str(size)])
+            async with process:
+                try:
+                    assert process.stdout is not None and process.stdin is not None
+                    out = bytearray()
+                    with anyio.fail_after(120):
+                        await _lines(process.stdout, out, 1)
+                        conn = await sockets.connect(5100, 41000, TYPE_SEQPACKET)
+                        message = os.urandom(size)
+                        start = time.perf_counter()
+                        await conn.send_messages([message] * count)
+                        await _lines(process.stdout, out, 2)
+                        await process.stdin.aclose()
+                        await process.wait()
+                finally:
+                    if process.returncode is None:
+                        process.kill()
+            good, end = out.split(b"\n")[1].split()
+            if int(good) != count:
+                raise RuntimeError(f"host received {int(good)} of {count} whole messages")
+            up = float(end) - start
+            # Host -> guest.
+            accepted = len(sockets.accepted)
+            process = await anyio.open_process(
+                [sys.executable, "-c", _SEQ_WRITER, f"{base}_seqpacket", str(count), str(size)])
+            async with process:
+                try:
+                    with anyio.fail_after(120):
+                        # Connection setup is not timed: poll for the guest's accept.
+                        while len(sockets.accepted) == accepted and process.returncode is None:
+                            await anyio.sleep(0.001)
+                        if len(sockets.accepted) == accepted:
+                            raise RuntimeError("the host writer exited before connecting")
+                        conn = sockets.accepted[-1]
+                        got = 0
+                        while got < count:
+                            got += sum(len(m) == size for m in conn.messages)
+                            conn.messages.clear()
+                            if got < count:
+                                await conn.wait_changed()
+                        end_down = time.perf_counter()
+                        assert process.stdout is not None and process.stdin is not None
+                        text = b""
+                        while not text.endswith(b"\n"):
+                            text += await process.stdout.receive()
+                        await process.stdin.aclose()
+                        await process.wait()
+                finally:
+                    if process.returncode is None:
+                        process.kill()
+            down = end_down - float(text)
+            tg.cancel_scope.cancel()
+        await driver.reset()
+        pair = count / _seqpacket_pair_seconds(count, size)
+        rows.append(_row(f"vsock_seqpacket_guest_to_host_{label}", count / up, "messages/s",
+                         f"socketpair_seqpacket_{label}", pair))
+        rows.append(_row(f"vsock_seqpacket_host_to_guest_{label}", count / down, "messages/s",
+                         f"socketpair_seqpacket_{label}", pair))
+
+
 async def _connections(rows: list[dict[str, Any]], base: str, driver_factory: Any) -> None:
     driver = await driver_factory()
     stack = GuestStack(driver, cid=3, buf_alloc=65536)
@@ -330,6 +471,7 @@ async def _main() -> list[dict[str, Any]]:
                               (("64k", 65536, 64 << 20), ("1k", 1024, 4 << 20)))
             await _throughput(rows, wide_base, wide_driver_factory, (("64k", 65536, 64 << 20),),
                               suffix=f"_window{_WIDE_WINDOW // 1024}k")
+            await _seqpacket(rows, base, driver_factory)
             await _connections(rows, base, driver_factory)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

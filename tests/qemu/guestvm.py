@@ -7,7 +7,8 @@ run a Debian kernel), ``-no-reboot`` and ``panic=-1`` (a guest panic exits QEMU)
 ``-pidfile``) and to the ``timeout`` wrapper's process group, and is safe to call again.
 
 Guest RAM is a shared memfd (``memory-backend-memfd,share=on``) because a vhost-user backend maps
-it; the vsock device is ``vhost-user-vsock-pci`` on a chardev that connects to the backend's socket.
+it; the vsock device is ``vhost-user-vsock-pci`` on a chardev that connects to the backend's socket
+(``vsock_options`` appends properties, e.g. ``,seqpacket=on``).
 
 The serial console (QEMU's stdout) is read line by line on a thread; :meth:`GuestVm.expect` waits
 for the next line matching a pattern and raises :class:`GuestFailure`, carrying the whole console
@@ -47,6 +48,7 @@ def qemu_command(
     steps: Sequence[str],
     pidfile: Path,
     memory_mib: int = 256,
+    vsock_options: str = "",
 ) -> list[str]:
     """The QEMU command line (without the ``timeout`` wrapper) of one guest run."""
     for step in steps:
@@ -71,7 +73,7 @@ def qemu_command(
     if vhost_user_socket is not None:
         argv += [
             "-chardev", f"socket,id=vsock0,path={vhost_user_socket}",
-            "-device", "vhost-user-vsock-pci,chardev=vsock0",
+            "-device", f"vhost-user-vsock-pci,chardev=vsock0{vsock_options}",
         ]  # fmt: skip
     return argv
 
@@ -87,6 +89,7 @@ class GuestVm:
         vhost_user_socket: Path | None,
         steps: Sequence[str],
         timeout_s: float = 120.0,
+        vsock_options: str = "",
     ) -> None:
         self._pidfile = work_dir / f"qemu-{os.getpid()}-{id(self):x}.pid"
         self.argv = [
@@ -94,7 +97,8 @@ class GuestVm:
             "--kill-after=5",
             f"{timeout_s:.0f}",
             *qemu_command(
-                image, vhost_user_socket=vhost_user_socket, steps=steps, pidfile=self._pidfile
+                image, vhost_user_socket=vhost_user_socket, steps=steps, pidfile=self._pidfile,
+                vsock_options=vsock_options,
             ),
         ]
         self._lines: list[str] = []

@@ -1,8 +1,11 @@
 """One relayed vsock connection: its state, its host stream and its credit accounting.
 
-A connection pairs a guest stream socket with one host Unix socket. The connection table
+A connection pairs a guest socket with one host Unix socket of the same kind. The connection table
 (:mod:`devicehost_vsock.manager`) drives the transitions; this module holds the per-connection
 data, the arithmetic of the credit flow and the interface of the host socket the table talks to.
+
+A SEQPACKET connection (virtio feature SEQPACKET) pairs a guest SEQPACKET socket with a host
+``SOCK_SEQPACKET`` Unix socket: one host message is one guest message (EOM on its last packet).
 
 States (facts section 9.5)::
 
@@ -18,11 +21,12 @@ last advertised receive buffer and its consumed count.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
 from devicehost_vsock.hybrid import ConnectRequest
-from devicehost_vsock.protocol import TX_BUF_SIZE
+from devicehost_vsock.protocol import TX_BUF_SIZE, TYPE_STREAM
 from devicehost_vsock.txbuffer import TxBuffer
 
 __all__ = ["Connection", "ConnectionState", "HostStream"]
@@ -67,6 +71,18 @@ class HostStream(Protocol):
     def is_closed(self) -> bool:
         """True when the socket is fully closed (both directions shut: POLLHUP)."""
 
+    def message_size(self) -> int | None:
+        """SEQPACKET sockets: the length of the next queued message (0 for an empty one), -1 at
+        end of stream, ``None`` if nothing is queued yet."""
+
+    def recv_message_into(self, bufs: Sequence[memoryview]) -> int:
+        """SEQPACKET sockets: read the next message into ``bufs`` in order (what does not fit is
+        discarded); its byte count."""
+
+    def send_message(self, buffers: Sequence[Buffer]) -> bool:
+        """SEQPACKET sockets: send the concatenation of ``buffers`` as one message; False (nothing
+        sent) if it would block."""
+
     def want_read(self) -> None:
         """Ask for one ``on_readable`` report when data or end of stream is queued."""
 
@@ -99,6 +115,8 @@ class Connection:
         "host_initiated",
         "key",
         "last_told_fwd_cnt",
+        "msg_lens",
+        "msg_partial",
         "ok_pending",
         "peer_buf_alloc",
         "peer_fwd_cnt",
@@ -107,7 +125,10 @@ class Connection:
         "readable",
         "request_pending",
         "response_pending",
+        "rx_message",
+        "rx_offset",
         "shutdown_sent",
+        "sock_type",
         "state",
         "stream",
         "tx_cnt",
@@ -117,10 +138,21 @@ class Connection:
     )
 
     def __init__(
-        self, stream: HostStream, *, host_initiated: bool, tx_buffer_size: int = TX_BUF_SIZE
+        self, stream: HostStream, *, host_initiated: bool, tx_buffer_size: int = TX_BUF_SIZE,
+        sock_type: int = TYPE_STREAM,
     ) -> None:
         self.stream = stream
         self.host_initiated = host_initiated
+        #: TYPE_STREAM or TYPE_SEQPACKET: the header type of every packet of this connection.
+        self.sock_type = sock_type
+        # SEQPACKET only. Guest -> host: the lengths of the complete messages in ``txbuf`` that the
+        # host socket has not taken yet (made on first use), and the bytes of the message being
+        # received (at the tail of ``txbuf``, sent once its EOM packet arrives). Host -> guest:
+        # the host message being relayed in pieces, and how much of it went out.
+        self.msg_lens: deque[int] | None = None
+        self.msg_partial = 0
+        self.rx_message: bytearray | None = None
+        self.rx_offset = 0
         #: (local_port, peer_port); None while a host connection has not sent its CONNECT line.
         self.key: tuple[int, int] | None = None
         self.state = ConnectionState.PENDING_CONNECT
@@ -154,12 +186,16 @@ class Connection:
 
     @property
     def peer_credit(self) -> int:
-        """Bytes the guest can still receive: buf_alloc - (tx_cnt - fwd_cnt), u32 arithmetic.
+        """Bytes the guest can still receive: buf_alloc - (tx_cnt - fwd_cnt), never below 0.
 
-        A guest that reports more consumed bytes than it was sent gets a wrapped, huge value; reads
-        are still bounded by the size of each rx buffer, so only its own connection suffers.
+        As Linux's ``virtio_transport_get_credit``/``virtio_transport_has_space``: the bytes in
+        flight are a u32 difference (the counters wrap), the credit is that subtracted from
+        buf_alloc *without* wrapping and clamped at 0. A guest that shrinks its window below what
+        is already in flight (or reports a fwd_cnt ahead of what it was sent, which reads as a
+        huge in-flight count) has no credit until its updates make the difference positive again.
         """
-        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
+        credit = self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)
+        return credit if credit > 0 else 0
 
     def set_peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
         self.peer_buf_alloc = buf_alloc

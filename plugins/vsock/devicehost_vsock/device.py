@@ -7,6 +7,7 @@ Config (TOML table of the device, every key optional)::
     vhost_user_socket = ""   # serve to a VMM over vhost-user at this path ("" = in process)
     tx_buffer_size = 65536   # buf_alloc advertised to the guest (power of two, 4 KiB..16 MiB)
     connect_timeout = 2.0    # seconds a host connection has to send CONNECT and be answered
+    seqpacket = true         # offer VIRTIO_VSOCK_F_SEQPACKET (SOCK_SEQPACKET relayed to Unix ones)
 
 ``connect_timeout`` (upstream's fixed 2 s, facts section 9.9) bounds how long a host connection to
 ``base_path`` may take to send its CONNECT line and get the guest's answer; one that has sent no
@@ -22,42 +23,46 @@ packets in flight instead of waiting a credit round trip per 64 KiB. It must be 
 from 4096 to 16 MiB: the guest's credit arithmetic is u32 and the buffer is per connection, so
 the upper bound keeps 1024 back-pressured connections within 16 GiB.
 
-Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, queues
-rx, tx and event (the event queue is never used). Over vhost-user the VMM keeps the event queue
-itself (QEMU's ``vhost-user-vsock-pci`` hands over two vrings), so the device then offers two
-queues; ``open`` accepts two or three.
+Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, plus
+SEQPACKET unless ``seqpacket = false`` (a devicehost extension: OpenVMM only negotiates it),
+queues rx, tx and event (the event queue is never used). Over vhost-user the VMM keeps the
+event queue itself (QEMU's ``vhost-user-vsock-pci`` hands over two vrings), so the device then
+offers two queues; ``open`` accepts two or three.
 
-Opening fails (the guest is to blame) if the driver negotiated NO_IMPLIED_STREAM without STREAM:
-it cannot use stream sockets, the only kind this device has. No features at all means stream.
+Socket types: STREAM unless the driver negotiated NO_IMPLIED_STREAM without STREAM, SEQPACKET
+when it negotiated that feature; packets of another type get RST. Opening fails (the guest is to
+blame) when that leaves no type at all. No features at all means stream.
 
 Config space: ``le64 guest_cid``; reads beyond its 8 bytes return zeros (a read straddling the end
 returns zeros too, as upstream's 32-bit rule gives); writes are ignored with a warning.
 
-Opening binds the device's Unix listener at ``base_path`` (removing a stale socket file) and
-builds a fresh connection table; closing (any queue stopped, the driver reset) drops every
-connection and removes the listener socket. Save/restore is not supported: ``save_open`` returns
-None, so on restore the host revokes the device and offers it anew (connections are lost).
+The device's Unix listener at ``base_path`` (a stale socket file is replaced) and, with SEQPACKET
+offered, the ``SOCK_SEQPACKET`` listener at ``<base_path>_seqpacket`` are bound when the device
+is offered and stay while it is served: with no guest driver attached a host connection is
+refused as when no guest listens (:mod:`devicehost_vsock.listeners`). Opening builds a fresh
+connection table over them; closing (any queue stopped, the driver reset) drops every
+connection and hands the listeners back to refusing. Save/restore is not supported:
+``save_open`` returns None, so on restore the host revokes the device and offers it anew
+(connections are lost).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
 import struct
-import tempfile
 from typing import Any
 
 import attrs
 
 from devicehost import DeviceContext, DeviceError, hookimpl
 from devicehost.virtio import DeviceTraits, QueueResources
+from devicehost_vsock.listeners import MAX_REFUSING, HostListeners
 from devicehost_vsock.manager import ConnectionManager
 from devicehost_vsock.protocol import (
     CONNECTION_TIMEOUT,
     DEVICE_ID,
     FEATURE_NO_IMPLIED_STREAM,
+    FEATURE_SEQPACKET,
     FEATURE_STREAM,
     MAX_ACTIVE_CONNECTIONS,
     MAX_TX_BUF_SIZE,
@@ -66,7 +71,7 @@ from devicehost_vsock.protocol import (
     QUEUE_TX,
     TX_BUF_SIZE,
 )
-from devicehost_vsock.relay import Relay, bind_listener
+from devicehost_vsock.relay import Relay
 from devicehost_vsock.worker import VsockWorker
 
 __all__ = ["VsockConfig", "VsockDevice", "VsockRunner"]
@@ -112,15 +117,22 @@ class VsockConfig:
     tx_buffer_size: int = attrs.field(default=TX_BUF_SIZE, validator=_check_tx_buffer_size)
     #: Seconds from accepting a host connection to its CONNECT line and the guest's answer.
     connect_timeout: float = attrs.field(default=CONNECTION_TIMEOUT, validator=_check_timeout)
+    #: Offer VIRTIO_VSOCK_F_SEQPACKET: guest SOCK_SEQPACKET sockets relayed to host ones.
+    seqpacket: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 @attrs.define
 class VsockRunner:
-    """The per-open state: the worker, and what to clean up on close."""
+    """The per-open state: the worker, and the listeners it borrows (or owns, when the device
+    is driven without a host and was never offered in one)."""
 
     worker: VsockWorker
-    base_path: str
-    temp_dir: str | None = None
+    listeners: HostListeners
+    owns_listeners: bool = False
+
+    @property
+    def base_path(self) -> str:
+        return self.listeners.base_path
 
     async def run(self) -> None:
         await self.worker.run()
@@ -128,10 +140,10 @@ class VsockRunner:
     def close(self) -> None:
         self.worker.manager.close_all()
         self.worker.relay.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.base_path)
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.owns_listeners:
+            self.listeners.close()
+        else:
+            self.listeners.detach()
 
 
 class VsockDevice:
@@ -141,17 +153,33 @@ class VsockDevice:
 
     def __init__(self, config: VsockConfig | None = None) -> None:
         self.config = config if config is not None else VsockConfig()
+        #: Bound at the first offer in a host, kept until the host stops (see listeners.py).
+        self._listeners: HostListeners | None = None
+
+    def _bind(self, ctx: DeviceContext) -> HostListeners:
+        try:
+            return HostListeners.bind(
+                self.config.base_path, seqpacket=self.config.seqpacket, logger=ctx.logger,
+                connect_timeout=self.config.connect_timeout,
+            )
+        except OSError as exc:
+            raise DeviceError(
+                f"device {ctx.name!r}: cannot listen at base_path {self.config.base_path!r}:"
+                f" {exc}"
+            ) from exc
 
     @staticmethod
     def max_fds(config: VsockConfig) -> int:
         """Descriptors one device holds at most besides its transport's (read by ``devicehost
-        doctor``): one per connection, the listener and the epoll instance."""
-        return MAX_ACTIVE_CONNECTIONS + 2
+        doctor``): one per connection, the listeners (two with SEQPACKET), the epoll instance,
+        and the host connections being refused while no driver has the device open."""
+        return MAX_ACTIVE_CONNECTIONS + (3 if config.seqpacket else 2) + MAX_REFUSING
 
     def traits(self) -> DeviceTraits:
         return DeviceTraits(
             device_id=DEVICE_ID,
-            device_features=FEATURE_STREAM | FEATURE_NO_IMPLIED_STREAM,
+            device_features=FEATURE_STREAM | FEATURE_NO_IMPLIED_STREAM
+            | (FEATURE_SEQPACKET if self.config.seqpacket else 0),
             queue_count=2 if self.config.vhost_user_socket else 3,
             config=struct.pack("<Q", self.config.guest_cid),
         )
@@ -174,38 +202,44 @@ class VsockDevice:
 
     @hookimpl
     def offer(self, ctx: DeviceContext) -> DeviceTraits:
+        if self._listeners is None and ctx.host is not None:
+            # The CONNECT listeners exist while the device is served, guest driver or not.
+            self._listeners = listeners = self._bind(ctx)
+            ctx.host.task_group.start_soon(listeners.serve)
+            ctx.logger.info("vsock: CONNECT listener at %s", listeners.base_path)
         return self.traits()
 
     @hookimpl
     def open(self, ctx: DeviceContext, resources: QueueResources) -> VsockRunner:
         features = resources.features & 0xFF_FFFF
-        if features & FEATURE_NO_IMPLIED_STREAM and not features & FEATURE_STREAM:
+        stream = bool(features & FEATURE_STREAM or not features & FEATURE_NO_IMPLIED_STREAM)
+        seqpacket = bool(features & FEATURE_SEQPACKET) and self.config.seqpacket
+        if not stream and not seqpacket:
             raise DeviceError(
                 f"device {ctx.name!r}: the guest does not support stream sockets"
-                " (NO_IMPLIED_STREAM without STREAM)"
+                " (NO_IMPLIED_STREAM without STREAM) and did not negotiate SEQPACKET"
             )
         if len(resources.queues) not in (2, 3):
             raise DeviceError(
                 f"device {ctx.name!r}: vsock needs 2 or 3 queues, the transport started"
                 f" {len(resources.queues)}"
             )
-        temp_dir = None
-        base_path = self.config.base_path
-        if not base_path:
-            temp_dir = tempfile.mkdtemp(prefix="devicehost-vsock-")
-            base_path = os.path.join(temp_dir, "vsock")
-        try:
-            listener = bind_listener(base_path)
-        except OSError as exc:
-            if temp_dir is not None:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-            raise DeviceError(
-                f"device {ctx.name!r}: cannot listen at base_path {base_path!r}: {exc}"
-            ) from exc
-        relay = Relay(base_path, listener)
+        listeners = self._listeners
+        owns = listeners is None
+        if listeners is None:  # driven without a host: the listeners live as long as this open
+            listeners = self._bind(ctx)
+        base_path = listeners.base_path
+        if owns:
+            # The worker's relay accepts on listeners that live as long as this open.
+            relay = Relay(base_path, listeners.stream, seqpacket_listener=listeners.seqpacket)
+        else:
+            # The device's accept loops hand connections over from now on.
+            relay = Relay(base_path, None)
+            listeners.attach(relay.take)
         manager = ConnectionManager(
             self.config.guest_cid, relay.connect, tx_buffer_size=self.config.tx_buffer_size,
-            connection_timeout=self.config.connect_timeout, logger=ctx.logger,
+            connection_timeout=self.config.connect_timeout, logger=ctx.logger, stream=stream,
+            seqpacket=seqpacket,
         )
         relay.manager = manager
         worker = VsockWorker(
@@ -213,7 +247,7 @@ class VsockDevice:
         )
         relay.wake = worker.wake
         ctx.logger.info("vsock: guest CID %d, host sockets at %s", self.config.guest_cid, base_path)
-        return VsockRunner(worker, base_path, temp_dir)
+        return VsockRunner(worker, listeners, owns)
 
     @hookimpl
     def run(self, ctx: DeviceContext, runner: VsockRunner) -> Any:
@@ -232,9 +266,12 @@ class VsockDevice:
         info: dict[str, Any] = {
             "guest_cid": self.config.guest_cid,
             "tx_buffer_size": self.config.tx_buffer_size,
+            "seqpacket": self.config.seqpacket,
             "vhost_user_socket": self.config.vhost_user_socket,
             "open": runner is not None,
         }
+        if self._listeners is not None:
+            info["base_path"] = self._listeners.base_path
         if runner is not None:
             worker = runner.worker
             info.update(

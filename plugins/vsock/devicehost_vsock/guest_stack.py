@@ -5,15 +5,18 @@ Two levels:
 - :class:`GuestStack`: raw packets. ``post_rx`` posts rx buffers, ``send`` builds a tx chain from
   header fields (src_cid = the guest CID, dst_cid = 2, type STREAM unless overridden) and payload,
   ``recv`` returns the next packet the device completed. Nothing happens behind the test's back.
-- :class:`GuestSockets`: stream sockets on top, with the guest's half of the credit protocol
-  (advertises ``buf_alloc``, tells its fwd_cnt in CREDIT_UPDATE once half of it was consumed or
-  when asked, never sends more than the device's credit). ``pump`` (run it in a task) keeps rx
-  buffers posted and dispatches packets; ``connect`` opens a connection to a host port;
-  ``listen`` accepts host-initiated connections, optionally echoing them.
+- :class:`GuestSockets`: stream and SEQPACKET sockets on top, with the guest's half of the credit
+  protocol (advertises ``buf_alloc``, tells its fwd_cnt in CREDIT_UPDATE once half of it was
+  consumed or when asked, never sends more than the device's credit). ``pump`` (run it in a task)
+  keeps rx buffers posted and dispatches packets; ``connect`` opens a connection to a host port;
+  ``listen`` accepts host-initiated connections, optionally echoing them. A SEQPACKET connection
+  sends messages as Linux does (pieces within the credit, EOM on the last; EMSGSIZE for a message
+  longer than the peer's buf_alloc) and collects whole received messages in ``messages``.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 from collections.abc import Sequence
 from typing import Protocol
@@ -26,8 +29,10 @@ from devicehost_vsock.protocol import (
     CID_HOST,
     HEADER,
     HEADER_SIZE,
+    SEQ_EOM,
     SHUTDOWN_RECEIVE,
     SHUTDOWN_SEND,
+    TYPE_SEQPACKET,
     TYPE_STREAM,
     Header,
     Op,
@@ -71,6 +76,7 @@ class GuestStack:
         self.buf_alloc = buf_alloc
         self.rxq = driver.queue(0)
         self.txq = driver.queue(1)
+        self._tx_room = anyio.Lock()
 
     def post_rx(self, count: int = 1, size: int = HEADER_SIZE + 4096, *,
                 fragment: int | None = None) -> None:
@@ -86,6 +92,14 @@ class GuestStack:
             self.cid if src_cid is None else src_cid, dst_cid, src_port, dst_port, length, type_,
             op, flags, self.buf_alloc if buf_alloc is None else buf_alloc, fwd_cnt,
         )  # fmt: skip
+
+    async def wait_tx_room(self) -> None:
+        """Wait until tx descriptors are free again (one task waits on the doorbell at a time;
+        the others find room reaped by it)."""
+        async with self._tx_room:
+            if not self.txq.reap():
+                await self.txq.wait_used()
+                self.txq.reap()
 
     def reap_tx(self) -> int:
         """Collect completed tx chains; returns how many."""
@@ -107,7 +121,7 @@ class GuestStack:
                 self.send_raw(parts)
                 return
             except QueueFull:
-                await self.txq.wait_used()
+                await self.wait_tx_room()
 
     def send_rw_batch(self, conn: GuestConnection, data: memoryview, chunk: int) -> int:
         """Post RW packets of ``conn`` carrying a prefix of ``data`` (at most ``chunk`` bytes
@@ -189,6 +203,11 @@ class GuestConnection:
     peer_fwd_cnt: int = 0
     echo: bool = False
     pending: bytearray = attrs.field(factory=bytearray)
+    #: TYPE_STREAM or TYPE_SEQPACKET (then ``messages`` collects what arrived, message by message).
+    sock_type: int = TYPE_STREAM
+    messages: list[bytes] = attrs.field(factory=list)
+    #: The message being received (its packets so far), SEQPACKET only.
+    partial: bytearray = attrs.field(factory=bytearray)
     #: The event of the tasks waiting in :meth:`wait_changed` (made by the first of them).
     _changed: anyio.Event | None = attrs.field(default=None, init=False)
     #: What a :meth:`send_all` waiting for credit has left to send (the pump posts it as
@@ -199,7 +218,8 @@ class GuestConnection:
 
     @property
     def credit(self) -> int:
-        return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32)) & _U32
+        # Clamped at 0 as Linux does (the device's own arithmetic, see Connection.peer_credit).
+        return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & _U32))
 
     def _notify(self) -> None:
         event = self._changed
@@ -258,9 +278,73 @@ class GuestConnection:
                 continue
             sent = stack.send_rw_batch(self, view, chunk)
             if sent == 0:  # no free tx descriptors: wait for the device to complete some
-                await stack.txq.call_doorbell.wait()
+                await stack.wait_tx_room()
                 continue
             view = view[sent:]
+
+    def _received(self, data: bytes | memoryview, flags: int) -> None:
+        if self.sock_type == TYPE_STREAM:
+            self.received += data
+            return
+        self.partial += data
+        if flags & SEQ_EOM:
+            self.messages.append(bytes(self.partial))
+            self.partial.clear()
+
+    async def send_messages(
+        self, messages: Sequence[bytes | memoryview], chunk: int = 65536
+    ) -> None:
+        """SEQPACKET: send each message as RW packets of at most ``chunk`` bytes within the
+        credit, EOM on its last (an empty message is one empty RW with EOM), as many as the credit
+        and descriptors allow per kick; raises ``OSError(EMSGSIZE)`` for a message longer than
+        the peer's buf_alloc, as Linux does."""
+        stack = self.sockets.stack
+        txq = stack.txq
+        txq.reap()
+        posted = False
+        for message in messages:
+            view = memoryview(message).cast("B")
+            if len(view) > self.peer_buf_alloc:
+                raise OSError(errno.EMSGSIZE, f"message of {len(view)} bytes exceeds the peer's"
+                              f" buffer of {self.peer_buf_alloc}")  # fmt: skip
+            while True:
+                if self.reset:
+                    raise ConnectionResetError(f"guest connection {self.local_port} was reset")
+                n = min(len(view), self.credit, chunk)
+                if n == 0 and len(view):
+                    if posted:
+                        txq.kick()
+                        posted = False
+                    await self.wait_changed()
+                    continue
+                last = n == len(view)
+                header = HEADER.pack(
+                    stack.cid, CID_HOST, self.local_port, self.peer_port, n, TYPE_SEQPACKET, _RW,
+                    SEQ_EOM if last else 0, stack.buf_alloc, self.rx_cnt,
+                )  # fmt: skip
+                try:
+                    txq.add_readable(header, view[:n] if n else None)
+                except QueueFull:
+                    if posted:
+                        txq.kick()
+                        posted = False
+                    await stack.wait_tx_room()
+                    continue
+                posted = True
+                self.tx_cnt = (self.tx_cnt + n) & _U32
+                view = view[n:]
+                if last:
+                    break
+        if posted:
+            txq.kick()
+
+    async def recv_message(self) -> bytes:
+        """SEQPACKET: wait for the next whole message and return it."""
+        while not self.messages:
+            if self.reset or self.peer_shutdown:
+                raise ConnectionResetError(f"guest connection {self.local_port} ended early")
+            await self.wait_changed()
+        return self.messages.pop(0)
 
     async def recv_exactly(self, n: int) -> bytes:
         """Wait until ``n`` bytes arrived and return them."""
@@ -286,13 +370,18 @@ class GuestSockets:
         self.rx_size = rx_size
         self.connections: dict[tuple[int, int], GuestConnection] = {}
         self.listening: dict[int, bool] = {}
+        #: The socket type of each listening port (a REQUEST of another type gets RST).
+        self.listening_type: dict[int, int] = {}
         self.accepted: list[GuestConnection] = []
 
-    def listen(self, port: int, *, echo: bool = False) -> None:
+    def listen(self, port: int, *, echo: bool = False, sock_type: int = TYPE_STREAM) -> None:
         self.listening[port] = echo
+        self.listening_type[port] = sock_type
 
-    async def connect(self, host_port: int, local_port: int) -> GuestConnection:
-        conn = GuestConnection(self, local_port, host_port)
+    async def connect(
+        self, host_port: int, local_port: int, sock_type: int = TYPE_STREAM
+    ) -> GuestConnection:
+        conn = GuestConnection(self, local_port, host_port, sock_type=sock_type)
         self.connections[(local_port, host_port)] = conn
         await self.send_control(conn, Op.REQUEST)
         while not conn.established.is_set():
@@ -304,7 +393,8 @@ class GuestSockets:
     async def send_control(self, conn: GuestConnection, op: int, flags: int = 0) -> None:
         conn.told_fwd_cnt = conn.rx_cnt
         await self.stack.send_raw_wait([self.stack.header(
-            op, conn.local_port, conn.peer_port, flags=flags, fwd_cnt=conn.rx_cnt)])
+            op, conn.local_port, conn.peer_port, flags=flags, fwd_cnt=conn.rx_cnt,
+            type_=conn.sock_type)])
 
     async def send_rw(self, conn: GuestConnection, data: memoryview | bytes) -> None:
         conn.tx_cnt = (conn.tx_cnt + len(data)) & _U32
@@ -340,7 +430,9 @@ class GuestSockets:
             # Views of the buffers themselves (copied out below, before any buffer is reposted).
             for written, data in used:
                 if written >= HEADER_SIZE:
-                    _, _, src_port, dst_port, length, _, op, _, buf_alloc, fwd_cnt = unpack(data)
+                    _, _, src_port, dst_port, length, _, op, flags, buf_alloc, fwd_cnt = unpack(
+                        data
+                    )
                     conn = connections.get((dst_port, src_port)) if op in _FAST_OPS else None
                     if conn is not None and not conn.echo:
                         # RW, CREDIT_UPDATE or CREDIT_REQUEST on an established, non-echoing
@@ -350,7 +442,7 @@ class GuestSockets:
                         if op == _RW:
                             payload = data[HEADER_SIZE : HEADER_SIZE + length]
                             conn.rx_cnt = (conn.rx_cnt + len(payload)) & _U32
-                            conn.received += payload
+                            conn._received(payload, flags)
                         elif op == _CREDIT_REQUEST:
                             asked.add(conn)
                     else:
@@ -370,11 +462,16 @@ class GuestSockets:
         key = (h.dst_port, h.src_port)
         conn = self.connections.get(key)
         if h.op == Op.REQUEST:
-            if h.dst_port not in self.listening or conn is not None:
+            if (
+                h.dst_port not in self.listening
+                or conn is not None
+                or self.listening_type[h.dst_port] != h.type
+            ):
                 await self.stack.send_raw_wait([self.stack.header(
-                    Op.RST, h.dst_port, h.src_port, buf_alloc=0)])
+                    Op.RST, h.dst_port, h.src_port, buf_alloc=0, type_=h.type)])
                 return
-            conn = GuestConnection(self, h.dst_port, h.src_port, echo=self.listening[h.dst_port])
+            conn = GuestConnection(self, h.dst_port, h.src_port, echo=self.listening[h.dst_port],
+                                   sock_type=h.type)
             conn.peer_buf_alloc, conn.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
             self.connections[key] = conn
             self.accepted.append(conn)
@@ -385,7 +482,7 @@ class GuestSockets:
         if conn is None:
             if h.op != Op.RST:
                 await self.stack.send_raw_wait([self.stack.header(
-                    Op.RST, h.dst_port, h.src_port, buf_alloc=0)])
+                    Op.RST, h.dst_port, h.src_port, buf_alloc=0, type_=h.type)])
             return
         if h.op != Op.RST:
             conn.peer_buf_alloc, conn.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
@@ -399,7 +496,7 @@ class GuestSockets:
             if conn.echo:
                 conn.pending += data
             else:
-                conn.received += data
+                conn._received(data, h.flags)
             if (conn.rx_cnt - conn.told_fwd_cnt) & _U32 >= self.stack.buf_alloc // 2:
                 await self.send_control(conn, Op.CREDIT_UPDATE)
         elif h.op == Op.CREDIT_REQUEST:
@@ -408,7 +505,7 @@ class GuestSockets:
             conn.peer_shutdown = True
             if conn.echo:
                 await self.stack.send_raw_wait([self.stack.header(
-                    Op.RST, conn.local_port, conn.peer_port, buf_alloc=0)])
+                    Op.RST, conn.local_port, conn.peer_port, buf_alloc=0, type_=conn.sock_type)])
                 conn.reset = True
                 del self.connections[key]
         if conn.echo and conn.pending and not conn.reset:

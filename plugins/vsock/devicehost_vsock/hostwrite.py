@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from devicehost_vsock.connection import Connection, ConnectionState
+from devicehost_vsock.protocol import TYPE_STREAM
 
 __all__ = ["HostWriter"]
 
@@ -37,7 +38,7 @@ class HostWriter:
     def __init__(
         self,
         table: dict[Key, Connection],
-        rsts: deque[Key],
+        rsts: deque[tuple[int, int, int]],
         schedule: Callable[[Connection], None],
         remove: Callable[[Connection, bool], None],
         log: logging.Logger,
@@ -69,7 +70,7 @@ class HostWriter:
             assert key is not None
             if self._table.get(key) is not conn:
                 # The write failed: packet by packet, this one would have found no connection.
-                self._rsts.append(key)
+                self._rsts.append((key[0], key[1], TYPE_STREAM))
                 return True
         if (
             conn.state is not ConnectionState.CONNECTED
@@ -115,7 +116,7 @@ class HostWriter:
             self._log.info("vsock: host socket write failed on %s: %s", key, exc)
             self._remove(conn, True)
             # Packet by packet, each later RW of the run would have found no connection.
-            self._rsts.extend([key] * (packets - 1))
+            self._rsts.extend([(key[0], key[1], TYPE_STREAM)] * (packets - 1))
             return
         if written:
             conn.add_fwd(written)
@@ -155,23 +156,90 @@ class HostWriter:
             conn.txbuf.write(payload, written)
             conn.stream.want_write()
 
+    def guest_message_rw(
+        self, conn: Connection, payload: Sequence[memoryview], total: int, eom: bool
+    ) -> None:
+        """An RW packet of a SEQPACKET connection: its bytes join the message being received;
+        with EOM the whole message goes to the host socket as one message (or waits in the tx
+        buffer, after the messages before it, until the socket takes it). fwd_cnt counts a
+        message's bytes when the host socket took it."""
+        if conn.state is not ConnectionState.CONNECTED or conn.peer_shut_send:
+            self._log.info("vsock: RW on %s in the wrong state, sending RST", conn.key)
+            self._remove(conn, True)
+            return
+        size = conn.msg_partial + total
+        if size > conn.txbuf.capacity:
+            # Longer than the window the device advertises: the guest overran its credit.
+            self._log.info("vsock: guest message of %d+ bytes overran its credit on %s, sending"
+                           " RST", size, conn.key)  # fmt: skip
+            self._remove(conn, True)
+            return
+        if eom and not conn.msg_lens and not conn.ok_pending:
+            # Nothing waits before this message: try to hand it over now (the common case).
+            views = [*conn.txbuf.views(conn.msg_partial), *payload] if conn.msg_partial else payload
+            try:
+                sent = conn.stream.send_message(views)
+            except OSError as exc:
+                self._log.info("vsock: host socket write failed on %s: %s", conn.key, exc)
+                self._remove(conn, True)
+                return
+            if sent:
+                conn.txbuf.consume(conn.msg_partial)
+                conn.msg_partial = 0
+                conn.txbuf.release()
+                conn.add_fwd(size)
+                self._schedule(conn)
+                return
+        if total > conn.txbuf.available:
+            self._log.info("vsock: guest overran its credit on %s, sending RST", conn.key)
+            self._remove(conn, True)
+            return
+        conn.txbuf.write(payload)
+        conn.msg_partial += total
+        if eom:
+            if conn.msg_lens is None:
+                conn.msg_lens = deque()
+            conn.msg_lens.append(conn.msg_partial)
+            conn.msg_partial = 0
+            conn.stream.want_write()
+
+    def _flush_messages(self, conn: Connection) -> None:
+        """Hand complete guest messages to the host socket, oldest first, while it takes them."""
+        lens = conn.msg_lens
+        while lens:
+            size = lens[0]
+            if not conn.stream.send_message(conn.txbuf.views(size)):
+                return
+            lens.popleft()
+            conn.txbuf.consume(size)
+            conn.add_fwd(size)
+
     def flush(self, conn: Connection) -> bool:
         """Write buffered host-bound bytes. Returns False if the connection was removed."""
         before = conn.fwd_cnt
         try:
-            while conn.ok_pending:
-                n = conn.stream.send((conn.ok_pending,))
-                if n <= 0:
-                    break
-                conn.ok_pending = conn.ok_pending[n:]
-            if not conn.ok_pending and len(conn.txbuf):
-                conn.add_fwd(conn.txbuf.drain(lambda view: conn.stream.send((view,))))
+            if conn.sock_type != TYPE_STREAM:
+                # SEQPACKET: the OK line is a message of its own, then whole guest messages.
+                if conn.ok_pending and conn.stream.send_message((conn.ok_pending,)):
+                    conn.ok_pending = b""
+                if not conn.ok_pending:
+                    self._flush_messages(conn)
+            else:
+                while conn.ok_pending:
+                    n = conn.stream.send((conn.ok_pending,))
+                    if n <= 0:
+                        break
+                    conn.ok_pending = conn.ok_pending[n:]
+                if not conn.ok_pending and len(conn.txbuf):
+                    conn.add_fwd(conn.txbuf.drain(lambda view: conn.stream.send((view,))))
         except OSError as exc:
             self._log.info("vsock: flushing to the host socket failed on %s: %s", conn.key, exc)
             self._remove(conn, True)
             return False
-        if conn.buffered:
+        if conn.ok_pending or conn.msg_lens or (len(conn.txbuf) and not conn.msg_partial):
             conn.stream.want_write()
+        elif conn.buffered:
+            pass  # only the start of a guest message, which waits for its EOM packet
         else:
             conn.txbuf.release()
             if conn.peer_shut_send and not conn.write_shut:

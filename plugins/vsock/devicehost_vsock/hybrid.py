@@ -4,6 +4,10 @@ A host process reaches a guest port by connecting to the device's Unix listener 
 line, ``CONNECT <port>\\n`` or ``CONNECT <guid>\\n``; once the guest accepts, the device answers
 ``OK <local port>\\n`` in the form the request used (facts section 9.9). A guest reaching host port
 P is relayed to the Unix socket ``<base_path>_<P>``, falling back to ``<base_path>_<guid of P>``.
+SEQPACKET connections use the same names with ``SOCK_SEQPACKET`` sockets: a guest SEQPACKET
+connection needs a SEQPACKET listener there, and a host reaches a guest SEQPACKET port through the
+device's SEQPACKET listener at ``<base_path>_seqpacket``, sending the CONNECT line as its first
+message and getting ``OK`` as the first message back.
 
 Port <-> GUID: the vsock template GUID ``00000000-facb-11e6-bd58-64006a7986d3`` with data1 = port.
 
@@ -38,6 +42,7 @@ __all__ = [
     "guid_for_port",
     "host_listener_path",
     "listener_candidates",
+    "seqpacket_listener_path",
 ]
 
 #: Length of ``"CONNECT 00000000-facb-11e6-bd58-64006a7986d3\n"``: the longest accepted line.
@@ -108,6 +113,13 @@ def encode_ok(local_port: int, request: ConnectRequest) -> bytes:
 def listener_candidates(base_path: str, port: int) -> tuple[str, str]:
     """The two host paths a guest connection to ``port`` may reach, in the order tried."""
     return f"{base_path}_{port}", f"{base_path}_{guid_for_port(port)}"
+
+
+def seqpacket_listener_path(base_path: str) -> str:
+    """The device's ``SOCK_SEQPACKET`` listener for host-initiated SEQPACKET connections (a Unix
+    listener has one socket kind, so the stream listener at ``base_path`` cannot take them);
+    the name cannot clash with ``<base_path>_<port>`` or ``<base_path>_<guid>``."""
+    return f"{base_path}_seqpacket"
 
 
 def host_listener_path(base_path: str, port: int) -> str:

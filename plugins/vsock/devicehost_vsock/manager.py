@@ -9,13 +9,17 @@ sockets are :class:`~devicehost_vsock.connection.HostStream` values, so tests dr
 
 Rules (facts sections 9.4-9.8, 9.10, 9.13):
 
-- Device packets carry src_cid 2, dst_cid = guest CID, type STREAM, buf_alloc = ``tx_buffer_size``
-  (65536 as upstream unless configured) and the current fwd_cnt; RST carries buf_alloc 0 and
-  fwd_cnt 0.
-- Guest packets with type != STREAM, a foreign src_cid or dst_cid != 2 get RST (and drop any
-  connection with that key). An RW longer than ``tx_buffer_size`` or with fewer payload bytes
-  than its len is dropped without RST. Unknown ops get RST and drop the connection. RST is
-  never answered.
+- Device packets carry src_cid 2, dst_cid = guest CID, the connection's type (STREAM, or
+  SEQPACKET when negotiated), buf_alloc = ``tx_buffer_size`` (65536 as upstream unless
+  configured) and the current fwd_cnt; RST carries buf_alloc 0 and fwd_cnt 0.
+- Guest packets of a type not negotiated, a foreign src_cid or dst_cid != 2 get RST (and drop any
+  connection with that key); a packet of the other type on a connection resets it. A guest
+  REQUEST connects a host socket of its type (``EPROTOTYPE`` from a listener of the other kind:
+  RST). An RW longer than ``tx_buffer_size`` or with fewer payload bytes than its len is
+  dropped without RST. Unknown ops get RST and drop the connection. RST is never answered.
+- SEQPACKET: a guest message (RW packets up to the one with EOM) goes to the host socket as one
+  message, and one host message to the guest as RW packets with EOM on the last; see
+  ``hostwrite.py`` and ``RxProducer._produce_message``.
 - Peer credit is taken only from REQUEST, RESPONSE and CREDIT_UPDATE.
 - One rx buffer gets, per connection, in order: an expired timeout (remove + RST), a pending
   REQUEST or RESPONSE, a CREDIT_UPDATE (fwd_cnt changed or requested), a CREDIT_REQUEST, host data
@@ -29,8 +33,12 @@ Decisions on the items the facts mark:
 - **[AMBIGUOUS]** A tx chain shorter than 44 bytes is read as if zero-filled (so it usually fails
   validation and gets RST), as upstream does.
 - **[AMBIGUOUS]** An rx buffer with no room after the header is never used to read host data (a
-  0-byte read would look like end of stream); control packets still use it, and when only host
-  data is waiting it is completed with length 0 so that it does not block the buffers behind it.
+  0-byte read would look like end of stream); control packets still use it, and a buffer is
+  otherwise used only when a packet is written into it (facts 9.8) -- with one exception: when
+  host data is known to be waiting (peeked, not guessed) and nothing else is, it is completed
+  with length 0 so that it does not block the buffers behind it. End of stream (a SHUTDOWN) fits.
+- Peer credit is clamped at 0 as Linux computes it (``Connection.peer_credit``): a guest that
+  shrinks its window below what is in flight gets no RW until its credit is positive again.
 - **[AMBIGUOUS]** Host reads are capped by the guest's credit whatever the rx buffer shape.
 - **[AMBIGUOUS]** After guest SHUTDOWN(RECEIVE) the host socket's read side is shut; once its
   queued bytes are relayed the device sees end of stream and sends SHUTDOWN(SEND), as upstream.
@@ -45,6 +53,13 @@ Decisions on the items the facts mark:
 - An rx buffer too small for a header is completed with length 0 before any packet is built for
   it, so nothing is lost and no connection is harmed (upstream builds the packet first, fails to
   write it and drops the connection it was meant for).
+- **[DECISION]** SEQPACKET limits: the longest message either way is ``tx_buffer_size`` (host ->
+  guest also the guest's buf_alloc). Linux refuses a longer send with EMSGSIZE; a host message
+  has already been sent when the device sees it, so the connection is reset instead (RST, the host
+  socket closed with the message unread); a guest that sends a longer one overran its credit
+  (RST). ``EOR`` has no Unix counterpart: never set, and dropped from guest packets.
+- A host connection to the SEQPACKET listener when the driver did not negotiate SEQPACKET is
+  read (its CONNECT message) and closed without OK, as when no guest listens.
 """
 
 from __future__ import annotations
@@ -67,9 +82,11 @@ from devicehost_vsock.protocol import (
     HEADER,
     HEADER_SIZE,
     MAX_ACTIVE_CONNECTIONS,
+    SEQ_EOM,
     SHUTDOWN_RECEIVE,
     SHUTDOWN_SEND,
     TX_BUF_SIZE,
+    TYPE_SEQPACKET,
     TYPE_STREAM,
     Op,
 )
@@ -78,8 +95,9 @@ from devicehost_vsock.txbuffer import TxBuffer
 
 __all__ = ["ConnectionManager", "Connector", "MoreBuffers"]
 
-#: Opens the host socket for a guest connection to port P; raises OSError when it cannot.
-Connector = Callable[[int], HostStream]
+#: Opens the host socket for a guest connection to port P of a socket type (TYPE_STREAM or
+#: TYPE_SEQPACKET, the host socket's kind must match); raises OSError when it cannot.
+Connector = Callable[[int, int], HostStream]
 
 Buffer = bytes | bytearray | memoryview
 Key = tuple[int, int]
@@ -113,8 +131,15 @@ class ConnectionManager(RxProducer):
         max_connections: int = MAX_ACTIVE_CONNECTIONS,
         tx_buffer_size: int = TX_BUF_SIZE,
         logger: logging.Logger | None = None,
+        stream: bool = True,
+        seqpacket: bool = False,
     ) -> None:
         self.guest_cid = guest_cid
+        #: The socket types the driver negotiated (STREAM unless NO_IMPLIED_STREAM without
+        #: STREAM; SEQPACKET with its feature): packets of any other type get RST.
+        self.types = frozenset(
+            t for t, ok in ((TYPE_STREAM, stream), (TYPE_SEQPACKET, seqpacket)) if ok
+        )
         #: The buf_alloc advertised to the guest, each connection's host-bound buffer capacity
         #: and the longest RW accepted from the guest (upstream: always 65536).
         self.tx_buffer_size = tx_buffer_size
@@ -130,8 +155,9 @@ class ConnectionManager(RxProducer):
         self._ports = PortAllocator()
         #: Connections that may have rx work, in service order (lazily pruned).
         self._work: dict[Connection, None] = {}
-        #: RSTs owed to the guest for keys that have no connection (any more).
-        self._rsts: deque[Key] = deque()
+        #: RSTs owed to the guest for keys that have no connection (any more): (local port, peer
+        #: port, socket type of the packet or connection they answer).
+        self._rsts: deque[tuple[int, int, int]] = deque()
         self._deadlines = Deadlines(self._is_live)
         #: The same connect deadlines of host connections whose CONNECT line was not read yet
         #: (the guest has not heard of them), served without rx buffers (:meth:`drop_silent`).
@@ -211,15 +237,17 @@ class ConnectionManager(RxProducer):
 
     # ----------------------------------------------------------------- host events
 
-    def accept_host(self, stream: HostStream, now: float) -> bool:
-        """A host process connected to the device's listener. Returns False (and closes the
-        stream) when the connection limit is reached."""
+    def accept_host(self, stream: HostStream, now: float, sock_type: int = TYPE_STREAM) -> bool:
+        """A host process connected to the device's listener for ``sock_type`` connections.
+        Returns False (and closes the stream) when the connection limit is reached. (If the
+        driver did not negotiate that type, the connection is closed once its CONNECT line is
+        read, as when no guest listens.)"""
         if len(self) >= self._max_connections:
             self._log.info("vsock: connection limit reached, closing accepted host connection")
             stream.close()
             return False
         conn = Connection(
-            stream, host_initiated=True, tx_buffer_size=self.tx_buffer_size
+            stream, host_initiated=True, tx_buffer_size=self.tx_buffer_size, sock_type=sock_type
         )
         self._pending.add(conn)
         self._by_stream[id(stream)] = conn
@@ -301,6 +329,7 @@ class ConnectionManager(RxProducer):
                 and src_cid == self.guest_cid
                 and dst_cid == CID_HOST
                 and (conn := self._table.get(key)) is not None
+                and conn.sock_type == TYPE_STREAM
             ):
                 # Data for an existing connection (the common case): what the op dispatch
                 # below does for it, without the dispatch.
@@ -308,12 +337,12 @@ class ConnectionManager(RxProducer):
                 if not (coalesce and self._writer.gather(conn, parts, length)):
                     self._writer.guest_rw(conn, parts, length)
                 return
-        if type_ != TYPE_STREAM or src_cid != self.guest_cid or dst_cid != CID_HOST:
+        if type_ not in self.types or src_cid != self.guest_cid or dst_cid != CID_HOST:
             self._log.info("vsock: guest packet with bad type/cid for %s, sending RST", key)
-            self._reset(key)
+            self._reset(key, type_)
             return
         if op == Op.REQUEST:
-            self._guest_request(key, buf_alloc, fwd_cnt)
+            self._guest_request(key, buf_alloc, fwd_cnt, type_)
             return
         conn = self._table.get(key)
         if op == Op.RST:
@@ -321,7 +350,18 @@ class ConnectionManager(RxProducer):
                 self._remove(conn, rst=False)
             return
         if conn is None:
-            self._rsts.append(key)
+            self._rsts.append((key[0], key[1], type_))
+            return
+        if conn.sock_type != type_:
+            self._log.info("vsock: guest packet of type %d on a type %d connection %s, sending"
+                           " RST", type_, conn.sock_type, key)  # fmt: skip
+            self._remove(conn, rst=True)
+            return
+        if op == Op.RW and type_ == TYPE_SEQPACKET:
+            self._writer.guest_message_rw(
+                conn, payload if available == length else _prefix(payload, length), length,
+                bool(flags & SEQ_EOM),
+            )  # fmt: skip
             return
         if op == Op.RESPONSE:
             self._guest_response(conn, buf_alloc, fwd_cnt)
@@ -355,16 +395,17 @@ class ConnectionManager(RxProducer):
         """Write the gathered run of RW packets (see ``handle_tx(..., coalesce=True)``)."""
         self._writer.flush_run()
 
-    def _guest_request(self, key: Key, buf_alloc: int, fwd_cnt: int) -> None:
+    def _guest_request(self, key: Key, buf_alloc: int, fwd_cnt: int, sock_type: int) -> None:
         if len(self) >= self._max_connections:
             self._log.info("vsock: connection limit reached, refusing guest connect to %d", key[0])
-            self._rsts.append(key)
+            self._rsts.append((key[0], key[1], sock_type))
             return
         try:
-            stream = self._connect(key[0])
+            stream = self._connect(key[0], sock_type)
         except OSError as exc:
+            # EPROTOTYPE: the host listener is of the other kind (stream vs SEQPACKET).
             self._log.info("vsock: guest connect to port %d failed: %s", key[0], exc)
-            self._rsts.append(key)
+            self._rsts.append((key[0], key[1], sock_type))
             return
         old = self._table.get(key)
         if old is not None:
@@ -373,7 +414,7 @@ class ConnectionManager(RxProducer):
             self._remove(old, rst=True)
             return
         conn = Connection(
-            stream, host_initiated=False, tx_buffer_size=self.tx_buffer_size
+            stream, host_initiated=False, tx_buffer_size=self.tx_buffer_size, sock_type=sock_type
         )
         conn.key = key
         conn.state = ConnectionState.GUEST_CONNECTING
@@ -406,6 +447,11 @@ class ConnectionManager(RxProducer):
             self._log.info("vsock: SHUTDOWN on unconnected %s, sending RST", conn.key)
             self._remove(conn, rst=True)
             return
+        if flags & SHUTDOWN_SEND and conn.msg_partial:
+            # A SEQPACKET message the guest will never finish: not delivered (a host message
+            # cannot be sent in part), so that the host socket's write side can be shut.
+            conn.txbuf.drop_tail(conn.msg_partial)
+            conn.msg_partial = 0
         try:
             if flags & SHUTDOWN_SEND:
                 conn.peer_shut_send = True
@@ -435,11 +481,15 @@ class ConnectionManager(RxProducer):
             return conn in self._pending
         return self._table.get(conn.key) is conn
 
-    def _reset(self, key: Key) -> None:
+    def _reset(self, key: Key, sock_type: int) -> None:
         conn = self._table.get(key)
         if conn is not None:
+            # The RST goes out with the connection's type, or the guest would not match it.
+            sock_type = conn.sock_type
             self._remove(conn, rst=False)
-        self._rsts.append(key)
+        elif sock_type not in (TYPE_STREAM, TYPE_SEQPACKET):
+            sock_type = TYPE_STREAM
+        self._rsts.append((key[0], key[1], sock_type))
 
     def _remove(self, conn: Connection, *, rst: bool) -> None:
         if conn.key is None:
@@ -447,7 +497,7 @@ class ConnectionManager(RxProducer):
         elif self._table.get(conn.key) is conn:
             del self._table[conn.key]
             if rst:
-                self._rsts.append(conn.key)
+                self._rsts.append((conn.key[0], conn.key[1], conn.sock_type))
         if conn.host_initiated and conn.key is not None:
             self._ports.free(conn.key[0])
         self._by_stream.pop(id(conn.stream), None)

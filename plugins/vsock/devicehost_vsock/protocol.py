@@ -30,9 +30,12 @@ __all__ = [
     "QUEUE_EVENT",
     "QUEUE_RX",
     "QUEUE_TX",
+    "SEQ_EOM",
+    "SEQ_EOR",
     "SHUTDOWN_RECEIVE",
     "SHUTDOWN_SEND",
     "TX_BUF_SIZE",
+    "TYPE_SEQPACKET",
     "TYPE_STREAM",
     "Header",
     "Op",
@@ -56,8 +59,14 @@ QUEUE_EVENT: Final = 2
 CID_HYPERVISOR: Final = 0
 CID_HOST: Final = 2
 
-#: The only socket type supported.
+#: Socket types of the header's ``type`` field (SEQPACKET only with ``FEATURE_SEQPACKET``).
 TYPE_STREAM: Final = 1
+TYPE_SEQPACKET: Final = 2
+
+#: RW flag bits of a SEQPACKET connection: the last packet of a message (EOM), and of a record
+#: (EOR, the sender's ``MSG_EOR``; Linux guests since 5.16).
+SEQ_EOM: Final = 1 << 0
+SEQ_EOR: Final = 1 << 1
 
 #: SHUTDOWN flag bits.
 SHUTDOWN_RECEIVE: Final = 1 << 0

@@ -6,9 +6,14 @@ table (``want_read``/``want_write``/``want_close``) and disarmed once reported (
 request), with HUP/ERR always reported and final (facts section 9.11: IN/ERR/RDHUP mean "has
 data", HUP/ERR mean "closed"; after a half-close only HUP/ERR matter).
 
-The device's own listener is bound at ``base_path`` (a stale socket file is removed first); host
-processes connect there and speak the CONNECT line protocol. Guest connections to port P are
-relayed to ``<base_path>_<P>`` or ``<base_path>_<guid>``.
+The device's own listener is bound at ``base_path`` (a stale socket file is removed first, see
+:func:`bind_listener`); host processes connect there and speak the CONNECT line protocol. With
+SEQPACKET offered a second, ``SOCK_SEQPACKET``, listener at ``<base_path>_seqpacket`` takes
+host-initiated SEQPACKET connections (the CONNECT line is their first message). The listeners
+belong to the device (:mod:`devicehost_vsock.listeners`), which hands accepted connections to
+:meth:`Relay.take`; :meth:`Relay.serve_listener` accepts itself only for a device driven
+without a host. Guest connections to port P are relayed to
+``<base_path>_<P>`` or ``<base_path>_<guid>`` with a socket of the guest connection's kind.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import anyio
 from devicehost.accepting import AcceptBackoff, accept_socket
 from devicehost_vsock.hybrid import host_listener_path
 from devicehost_vsock.manager import ConnectionManager
+from devicehost_vsock.protocol import TYPE_SEQPACKET, TYPE_STREAM
 
 __all__ = ["Relay", "UnixStream", "bind_listener"]
 
@@ -38,10 +44,16 @@ _OUT: Final = select.EPOLLOUT
 _GONE: Final = select.EPOLLHUP | select.EPOLLERR
 #: The argument of the FIONREAD ioctl (a C int, filled in by the kernel in the returned copy).
 _INT_ZERO: Final = bytes(4)
+#: Room for one SCM_CREDENTIALS message (struct ucred: pid, uid, gid).
+_CRED_SPACE: Final = socket.CMSG_SPACE(12)
+_PEEK_LENGTH: Final = socket.MSG_PEEK | socket.MSG_TRUNC
+#: The host socket kind of each vsock socket type.
+_SOCKET_KIND: Final = {TYPE_STREAM: socket.SOCK_STREAM, TYPE_SEQPACKET: socket.SOCK_SEQPACKET}
 
 
-def bind_listener(path: str) -> socket.socket:
-    """A non-blocking Unix listener at ``path``, replacing a stale socket file there.
+def bind_listener(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking Unix listener of ``kind`` (``SOCK_STREAM`` or ``SOCK_SEQPACKET``) at
+    ``path``, replacing a stale socket file there.
 
     Raises :class:`FileExistsError` if ``path`` exists and is not a socket (never deleted).
     """
@@ -49,7 +61,7 @@ def bind_listener(path: str) -> socket.socket:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(f"{path} exists and is not a socket; choose another base_path")
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         sock.bind(path)
         sock.listen(128)
@@ -67,6 +79,10 @@ class UnixStream:
 
     def __init__(self, sock: socket.socket, relay: Relay) -> None:
         sock.setblocking(False)
+        if sock.type == socket.SOCK_SEQPACKET:
+            # Every received message then carries credentials: a peek tells an empty message
+            # (credentials, no bytes) from end of stream (neither), see message_size.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock = sock
         self.fd = sock.fileno()
         self._relay = relay
@@ -103,6 +119,30 @@ class UnixStream:
             return self.sock.sendmsg(buffers)
         except BlockingIOError:
             return 0
+
+    def message_size(self) -> int | None:
+        # A peek with MSG_TRUNC returns the whole length of the next message (SIOCINQ would
+        # count every queued message); only a message comes with credentials (SO_PASSCRED), so
+        # an empty message is told from end of stream.
+        try:
+            size, ancillary, _, _ = self.sock.recvmsg_into((), _CRED_SPACE, _PEEK_LENGTH)
+        except BlockingIOError:
+            return None
+        return size if ancillary else -1
+
+    def recv_message_into(self, bufs: Sequence[memoryview]) -> int:
+        if len(bufs) == 1 and len(bufs[0]):
+            return self.sock.recv_into(bufs[0])
+        # recvmsg: Python's recv_into makes no system call for an empty buffer, so an empty
+        # message would stay queued.
+        return self.sock.recvmsg_into(bufs)[0]
+
+    def send_message(self, buffers: Sequence[Buffer]) -> bool:
+        try:
+            self.sock.sendmsg(buffers)
+        except BlockingIOError:
+            return False
+        return True
 
     def shutdown(self, how: int) -> None:
         self.sock.shutdown(how)
@@ -166,10 +206,16 @@ class Relay:
     """
 
     def __init__(
-        self, base_path: str, listener: socket.socket, wake: Callable[[], None] = lambda: None
+        self, base_path: str, listener: socket.socket | None,
+        wake: Callable[[], None] = lambda: None, seqpacket_listener: socket.socket | None = None,
     ) -> None:
         self.base_path = base_path
+        #: The listener the worker accepts on (``serve_listener``), or None when the device's
+        #: own accept loops hand connections over (``take``).
         self.listener = listener
+        #: The SOCK_SEQPACKET listener at ``<base_path>_seqpacket`` (host -> guest SEQPACKET
+        #: connections), or None when the device does not offer SEQPACKET.
+        self.seqpacket_listener = seqpacket_listener
         self.epoll = select.epoll()
         self.streams: dict[int, UnixStream] = {}
         #: Called after events changed the table (the worker sets it to its own ``wake``).
@@ -179,10 +225,12 @@ class Relay:
         #: The table fed by the serve loops (set before they start).
         self.manager: ConnectionManager | None = None
 
-    def connect(self, port: int) -> UnixStream:
-        """Connect to the host listener of ``port`` (the table's connector); OSError on failure."""
+    def connect(self, port: int, sock_type: int = TYPE_STREAM) -> UnixStream:
+        """Connect to the host listener of ``port`` with a socket of ``sock_type``'s kind (the
+        table's connector); OSError on failure, EPROTOTYPE when the listener is of the other
+        kind."""
         path = host_listener_path(self.base_path, port)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, _SOCKET_KIND[sock_type])
         try:
             sock.setblocking(False)
             sock.connect(path)
@@ -191,15 +239,35 @@ class Relay:
             raise
         return UnixStream(sock, self)
 
-    async def serve_listener(self) -> None:
-        """Accept host connections forever (they speak CONNECT next). A shortage of descriptors
-        or kernel memory is waited out (:mod:`devicehost.accepting`); a connection that cannot
-        be watched (epoll out of memory or watches) is closed, and only it is lost."""
+    def take(self, sock: socket.socket, seqpacket: bool) -> None:
+        """A host connection accepted by the device's listeners (they speak CONNECT next)."""
         manager = self.manager
         assert manager is not None
-        backoff = AcceptBackoff(f"vsock listener {self.base_path}", manager.logger)
+        try:
+            stream = UnixStream(sock, self)
+        except OSError as exc:
+            sock.close()
+            manager.logger.warning(
+                "vsock: cannot watch a host connection on %s, closed it: %s", self.base_path, exc
+            )
+            return
+        manager.accept_host(stream, self.clock(), TYPE_SEQPACKET if seqpacket else TYPE_STREAM)
+        self.wake()
+
+    async def serve_listener(
+        self, listener: socket.socket | None = None, sock_type: int = TYPE_STREAM
+    ) -> None:
+        """Accept host connections forever (they speak CONNECT next); ``listener`` (default: the
+        stream listener at ``base_path``) gives connections of ``sock_type``. A shortage of
+        descriptors or kernel memory is waited out (:mod:`devicehost.accepting`); a connection
+        that cannot be watched (epoll out of memory or watches) is closed, and only it is lost."""
+        manager = self.manager
+        assert manager is not None
+        listener = self.listener if listener is None else listener
+        assert listener is not None
+        backoff = AcceptBackoff(f"vsock listener {listener.getsockname()}", manager.logger)
         while True:
-            sock = await accept_socket(self.listener, backoff)
+            sock = await accept_socket(listener, backoff)
             try:
                 stream = UnixStream(sock, self)
             except OSError as exc:
@@ -209,7 +277,7 @@ class Relay:
                     self.base_path, exc,
                 )
                 continue
-            manager.accept_host(stream, self.clock())
+            manager.accept_host(stream, self.clock(), sock_type)
             self.wake()
 
     async def serve_epoll(self) -> None:
@@ -235,6 +303,6 @@ class Relay:
                 self.wake()
 
     def close(self) -> None:
-        """Close the listener and the epoll instance (the table closes its own streams)."""
-        self.listener.close()
+        """Close the epoll instance (the table closes its own streams; the listeners belong to
+        the device, which keeps them while it is served)."""
         self.epoll.close()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Final
 
 from devicehost_vsock.connection import Connection, ConnectionState
-from devicehost_vsock.connectline import read_connect_line
+from devicehost_vsock.connectline import read_connect_line, read_connect_message
 from devicehost_vsock.deadlines import Deadlines
 from devicehost_vsock.hybrid import ConnectLineError, decode_connect_untrusted
 from devicehost_vsock.ports import PortAllocator
@@ -29,8 +29,10 @@ from devicehost_vsock.protocol import (
     CID_HOST,
     HEADER,
     HEADER_SIZE,
+    SEQ_EOM,
     SHUTDOWN_RECEIVE,
     SHUTDOWN_SEND,
+    TYPE_SEQPACKET,
     TYPE_STREAM,
     Op,
 )
@@ -55,19 +57,21 @@ class RxProducer:
     # The table's state and primitives, set up and defined by ConnectionManager.
     guest_cid: int
     tx_buffer_size: int
+    types: frozenset[int]
     #: Packet lengths written into the buffers ``more`` handed to the last ``produce_rx``,
     #: in order (the buffers after these were not used).
     extra_sizes: list[int]
     _table: dict[Key, Connection]
     _pending: set[Connection]
     _work: dict[Connection, None]
-    _rsts: deque[Key]
+    _rsts: deque[tuple[int, int, int]]
     _deadlines: Deadlines
     _ports: PortAllocator
     _graceful_timeout: float
     _log: logging.Logger
     _is_live: Callable[[Connection], bool]
     _remove: Callable[..., None]
+    _data_waiting: bool = False
 
     def produce_rx(
         self, packet: memoryview, now: float, more: MoreBuffers | None = None
@@ -85,13 +89,15 @@ class RxProducer:
         lent buffers past those are unused.
         """
         self.extra_sizes = []
+        #: Set when a connection has host data queued that this (header-only) buffer cannot take.
+        self._data_waiting = False
         if self._deadlines.due(now):
             self._expire(now)
         if len(packet) < HEADER_SIZE:
             return 0
         if self._rsts:
-            local, peer = self._rsts.popleft()
-            self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
+            local, peer, sock_type = self._rsts.popleft()
+            self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0, sock_type)
             return HEADER_SIZE
         work = self._work
         if work:
@@ -112,7 +118,7 @@ class RxProducer:
                 key = conn.key
                 assert key is not None
                 HEADER.pack_into(
-                    packet, 0, CID_HOST, self.guest_cid, key[0], key[1], 0, TYPE_STREAM,
+                    packet, 0, CID_HOST, self.guest_cid, key[0], key[1], 0, conn.sock_type,
                     _CREDIT_UPDATE, 0, self.tx_buffer_size, fwd_cnt,
                 )  # fmt: skip
                 if self._may_have_work(conn):
@@ -138,12 +144,13 @@ class RxProducer:
                 if self._is_live(conn) and self._may_have_work(conn):
                     idle.append(conn)
                 if self._rsts:
-                    local, peer = self._rsts.popleft()
-                    self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0)
+                    local, peer, sock_type = self._rsts.popleft()
+                    self._emit(packet, local, peer, Op.RST, 0, 0, 0, 0, sock_type)
                     return HEADER_SIZE
-            if idle and len(packet) == HEADER_SIZE:
-                # Only host data is waiting and this buffer has no room for any: hand it back
-                # empty rather than holding it forever in front of usable buffers.
+            if self._data_waiting:
+                # Only host data is waiting (seen, not guessed) and this buffer has no room for
+                # any: hand it back empty rather than holding it forever in front of usable
+                # buffers. Otherwise the buffer stays unused, there for the next control packet.
                 return 0
             return None
         finally:
@@ -164,7 +171,9 @@ class RxProducer:
         assert key is not None
         if conn.request_pending:
             conn.request_pending = False
-            return self._emit(packet, key[0], key[1], Op.REQUEST, 0, 0, self.tx_buffer_size, 0)
+            return self._emit(
+                packet, key[0], key[1], Op.REQUEST, 0, 0, self.tx_buffer_size, 0, conn.sock_type
+            )
         if conn.response_pending:
             conn.response_pending = False
             conn.state = ConnectionState.CONNECTED
@@ -179,6 +188,8 @@ class RxProducer:
         if conn.credit_request_pending:
             conn.credit_request_pending = False
             return self._control(packet, conn, Op.CREDIT_REQUEST)
+        if conn.sock_type != TYPE_STREAM:
+            return self._produce_message(conn, packet, now)
         if conn.host_eof or not conn.readable:
             return None
         credit = conn.peer_credit
@@ -189,7 +200,22 @@ class RxProducer:
             return self._control(packet, conn, Op.CREDIT_REQUEST)
         space = len(packet) - HEADER_SIZE
         if space <= 0:
-            return None
+            # A header-only buffer: used for data only in the documented case (data truly waits,
+            # see produce_rx), so look without reading. End of stream fits it (SHUTDOWN).
+            try:
+                peeked = conn.stream.peek(1)
+            except OSError as exc:
+                self._log.info("vsock: host socket read failed on %s: %s", key, exc)
+                self._remove(conn, rst=True)
+                return None
+            if peeked is None:
+                conn.readable = False
+                conn.stream.want_read()
+                return None
+            if peeked:
+                self._data_waiting = True
+                return None
+            return self._host_eof(conn, packet, now)
         first = min(credit, space)
         extras: list[memoryview] = []
         try:
@@ -217,15 +243,7 @@ class RxProducer:
             conn.stream.want_read()
             return None
         if n == 0:
-            conn.host_eof = True
-            conn.shutdown_sent = True
-            conn.host_closed = conn.host_closed or conn.stream.is_closed()
-            flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
-            if conn.host_closed:
-                self._deadlines.set(conn, now + self._graceful_timeout)
-            else:
-                conn.stream.want_close()
-            return self._control(packet, conn, Op.SHUTDOWN, flags)
+            return self._host_eof(conn, packet, now)
         buf_alloc = self.tx_buffer_size
         if n <= first:
             conn.add_tx(n)
@@ -251,8 +269,103 @@ class RxProducer:
             rest -= k
         return size
 
+    def _produce_message(self, conn: Connection, packet: memoryview, now: float) -> int | None:
+        """Host data of a SEQPACKET connection: the next host message, whole in this buffer
+        when it fits (and the credit covers it), else staged and sent in pieces as buffers and
+        credit allow, EOM on its last piece. A message longer than the guest could ever hold
+        (its buf_alloc) or than ``tx_buffer_size`` resets the connection (see the decisions in
+        the manager's docstring)."""
+        key = conn.key
+        assert key is not None
+        staged = conn.rx_message
+        space = len(packet) - HEADER_SIZE
+        credit = conn.peer_credit
+        if staged is None:
+            if conn.host_eof or not conn.readable:
+                return None
+            try:
+                size = conn.stream.message_size()
+            except OSError as exc:
+                self._log.info("vsock: host socket read failed on %s: %s", key, exc)
+                self._remove(conn, rst=True)
+                return None
+            if size is None:
+                conn.readable = False
+                conn.stream.want_read()
+                return None
+            if size < 0:
+                return self._host_eof(conn, packet, now)
+            limit = min(conn.peer_buf_alloc, self.tx_buffer_size)
+            if size > limit:
+                self._log.warning(
+                    "vsock: host message of %d bytes on %s exceeds the %d the guest can take"
+                    " (Linux would refuse it with EMSGSIZE); resetting the connection",
+                    size, key, limit,
+                )  # fmt: skip
+                self._remove(conn, rst=True)
+                return None
+            if size and not credit:
+                return self._want_credit(packet, conn)
+            if size and space <= 0:
+                self._data_waiting = True
+                return None
+            try:
+                if size <= credit and size <= space:
+                    # The whole message in this buffer (the common case), EOM on it.
+                    n = conn.stream.recv_message_into([packet[HEADER_SIZE : HEADER_SIZE + size]])
+                    conn.add_tx(n)
+                    return self._emit(
+                        packet, key[0], key[1], Op.RW, n, SEQ_EOM, self.tx_buffer_size,
+                        conn.fwd_cnt, TYPE_SEQPACKET,
+                    )  # fmt: skip
+                staged = bytearray(size)
+                conn.stream.recv_message_into([memoryview(staged)])
+            except OSError as exc:
+                self._log.info("vsock: host socket read failed on %s: %s", key, exc)
+                self._remove(conn, rst=True)
+                return None
+            conn.rx_message, conn.rx_offset = staged, 0
+        if not credit:
+            return self._want_credit(packet, conn)
+        if space <= 0:
+            self._data_waiting = True
+            return None
+        start = conn.rx_offset
+        k = min(len(staged) - start, credit, space)
+        packet[HEADER_SIZE : HEADER_SIZE + k] = staged[start : start + k]
+        conn.rx_offset = start + k
+        conn.add_tx(k)
+        flags = 0
+        if conn.rx_offset == len(staged):
+            conn.rx_message = None
+            flags = SEQ_EOM
+        return self._emit(
+            packet, key[0], key[1], Op.RW, k, flags, self.tx_buffer_size, conn.fwd_cnt,
+            TYPE_SEQPACKET,
+        )  # fmt: skip
+
+    def _want_credit(self, packet: memoryview, conn: Connection) -> int | None:
+        """No credit for waiting host data: one CREDIT_REQUEST, then wait for an update."""
+        if conn.waiting_for_credit:
+            return None
+        conn.waiting_for_credit = True
+        return self._control(packet, conn, Op.CREDIT_REQUEST)
+
+    def _host_eof(self, conn: Connection, packet: memoryview, now: float) -> int:
+        """The host socket reached end of stream: SHUTDOWN(SEND, RECEIVE if fully closed)."""
+        conn.host_eof = True
+        conn.shutdown_sent = True
+        conn.host_closed = conn.host_closed or conn.stream.is_closed()
+        flags = SHUTDOWN_SEND | (SHUTDOWN_RECEIVE if conn.host_closed else 0)
+        if conn.host_closed:
+            self._deadlines.set(conn, now + self._graceful_timeout)
+        else:
+            conn.stream.want_close()
+        return self._control(packet, conn, Op.SHUTDOWN, flags)
+
     def _read_connect_line(self, conn: Connection, packet: memoryview) -> int | None:
-        progress = read_connect_line(conn.stream, conn.connect_line)
+        read = read_connect_line if conn.sock_type == TYPE_STREAM else read_connect_message
+        progress = read(conn.stream, conn.connect_line)
         if progress.failure is not None:
             self._log.info("vsock: %s, closing", progress.failure)
             self._remove(conn, rst=False)
@@ -271,6 +384,12 @@ class RxProducer:
             self._log.info("vsock: host CONNECT names a GUID without a vsock port; closing")
             self._remove(conn, rst=False)
             return None
+        if conn.sock_type not in self.types:
+            # Refused as when no guest listens: the line is read, the socket closed without OK.
+            self._log.info("vsock: the guest driver has no type %d sockets; closing host"
+                           " connection to port %d", conn.sock_type, request.port)  # fmt: skip
+            self._remove(conn, rst=False)
+            return None
         local = self._ports.allocate()
         while (local, request.port) in self._table:
             local = self._ports.allocate()
@@ -280,12 +399,17 @@ class RxProducer:
         conn.connect_request = request
         conn.state = ConnectionState.HOST_CONNECTING
         self._table[key] = conn
-        return self._emit(packet, local, request.port, Op.REQUEST, 0, 0, self.tx_buffer_size, 0)
+        return self._emit(
+            packet, local, request.port, Op.REQUEST, 0, 0, self.tx_buffer_size, 0, conn.sock_type
+        )
 
     def _control(self, packet: memoryview, conn: Connection, op: Op, flags: int = 0) -> int:
         key = conn.key
         assert key is not None
-        return self._emit(packet, key[0], key[1], op, 0, flags, self.tx_buffer_size, conn.fwd_cnt)
+        return self._emit(
+            packet, key[0], key[1], op, 0, flags, self.tx_buffer_size, conn.fwd_cnt,
+            conn.sock_type,
+        )  # fmt: skip
 
     def _emit(
         self,
@@ -297,9 +421,10 @@ class RxProducer:
         flags: int,
         buf_alloc: int,
         fwd_cnt: int,
+        sock_type: int = TYPE_STREAM,
     ) -> int:
         HEADER.pack_into(
-            packet, 0, CID_HOST, self.guest_cid, local, peer, length, TYPE_STREAM, op, flags,
+            packet, 0, CID_HOST, self.guest_cid, local, peer, length, sock_type, op, flags,
             buf_alloc, fwd_cnt,
         )  # fmt: skip
         return HEADER_SIZE + length
@@ -313,6 +438,8 @@ class RxProducer:
             return False
         if conn.credit_update_due or conn.credit_request_pending:
             return True
+        if conn.rx_message is not None:
+            return conn.peer_credit > 0 or not conn.waiting_for_credit
         if conn.host_eof or not conn.readable:
             return False
         return conn.peer_credit > 0 or not conn.waiting_for_credit

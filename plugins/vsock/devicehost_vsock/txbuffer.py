@@ -93,6 +93,32 @@ class TxBuffer:
             self._head = 0
         return taken
 
+    def views(self, n: int) -> list[memoryview]:
+        """The oldest ``n`` bytes (at most ``len(self)``) as one or two views, left in place."""
+        n = min(n, self._len)
+        if n == 0 or self._buf is None:
+            return []
+        first = min(n, self._capacity - self._head)
+        view = memoryview(self._buf)
+        out = [view[self._head : self._head + first]]
+        if n > first:
+            out.append(view[: n - first])
+        return out
+
+    def consume(self, n: int) -> None:
+        """Remove the oldest ``n`` bytes (at most ``len(self)``)."""
+        n = min(n, self._len)
+        self._head = (self._head + n) % self._capacity if self._capacity else 0
+        self._len -= n
+        if self._len == 0:
+            self._head = 0
+
+    def drop_tail(self, n: int) -> None:
+        """Forget the newest ``n`` bytes (at most ``len(self)``)."""
+        self._len -= min(n, self._len)
+        if self._len == 0:
+            self._head = 0
+
     def read(self, max_len: int) -> bytes:
         """Remove and return up to ``max_len`` of the oldest bytes."""
         out = bytearray()

@@ -7,7 +7,9 @@ Four concurrent loops share one synchronous :class:`~devicehost_vsock.manager.Co
   into guest memory, never copied unless the host socket back-pressures) to the table, lets it
   write consecutive RW payloads of one connection with one ``sendmsg``, then completes the
   chains with length 0; waits for the next kick.
-- relay: accepts host connections and reports socket readiness (:mod:`devicehost_vsock.relay`).
+- relay: reports socket readiness (:mod:`devicehost_vsock.relay`); host connections are accepted
+  by the device's listeners, which live as long as the device is served and hand them over
+  (:mod:`devicehost_vsock.listeners`), or, for a device driven without a host, by the relay.
 - rx: only while the table has rx work *and* the guest has an rx buffer posted, fills that buffer
   (reading host data straight into guest memory when the buffer is one range, else through a
   bounce buffer) and completes it. A popped buffer that got no packet is kept for the next one.
@@ -32,7 +34,7 @@ import anyio
 
 from devicehost.virtio import DescriptorChain, QueueError, VirtQueue
 from devicehost_vsock.manager import ConnectionManager
-from devicehost_vsock.protocol import HEADER_SIZE
+from devicehost_vsock.protocol import HEADER_SIZE, TYPE_SEQPACKET
 from devicehost_vsock.relay import Relay
 
 __all__ = ["VsockWorker"]
@@ -99,7 +101,12 @@ class VsockWorker:
             self._clock = anyio.current_time
         self.relay.clock = self._clock
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self.relay.serve_listener)
+            if self.relay.listener is not None:
+                tg.start_soon(self.relay.serve_listener)
+            if self.relay.seqpacket_listener is not None:
+                tg.start_soon(
+                    self.relay.serve_listener, self.relay.seqpacket_listener, TYPE_SEQPACKET
+                )
             tg.start_soon(self.relay.serve_epoll)
             tg.start_soon(self._tx_loop)
             tg.start_soon(self._silent_loop)

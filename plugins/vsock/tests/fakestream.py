@@ -10,7 +10,8 @@ __all__ = ["FakeStream"]
 
 class FakeStream:
     """Host socket double: ``inbound`` is what the host wrote (the device reads it), ``outbound``
-    what the device wrote; ``capacity`` bounds unread outbound bytes (back-pressure)."""
+    what the device wrote; ``capacity`` bounds unread outbound bytes (back-pressure). As a
+    SEQPACKET socket it uses ``messages_in``/``messages_out`` instead."""
 
     def __init__(self, inbound: bytes = b"", capacity: int = 1 << 30) -> None:
         self.inbound = bytearray(inbound)
@@ -24,6 +25,11 @@ class FakeStream:
         self.fail_shutdown = False
         self.wants: set[str] = set()
         self.scatter_reads = 0
+        # SEQPACKET: messages the host wrote (the device reads them), messages the device wrote,
+        # and how many unread ones the host takes before it would block.
+        self.messages_in: list[bytes] = []
+        self.messages_out: list[bytes] = []
+        self.message_capacity = 1 << 30
 
     def recv_into(self, buf: memoryview) -> int | None:
         if self.closed:
@@ -56,6 +62,30 @@ class FakeStream:
         if not self.inbound:
             return b"" if self.host_eof else None
         return bytes(self.inbound[:max_len])
+
+    def message_size(self) -> int | None:
+        if self.closed:
+            raise OSError("peek on a closed fake stream")
+        if self.messages_in:
+            return len(self.messages_in[0])
+        return -1 if self.host_eof or socket.SHUT_RD in self.shut else None
+
+    def recv_message_into(self, bufs: Sequence[memoryview]) -> int:
+        message = self.messages_in.pop(0)
+        offset = 0
+        for buf in bufs:
+            n = min(len(buf), len(message) - offset)
+            buf[:n] = message[offset : offset + n]
+            offset += n
+        return offset
+
+    def send_message(self, buffers: Sequence[bytes | bytearray | memoryview]) -> bool:
+        if self.fail_send or self.fully_closed:
+            raise BrokenPipeError("fake host socket is gone")
+        if len(self.messages_out) >= self.message_capacity:
+            return False
+        self.messages_out.append(b"".join(bytes(b) for b in buffers))
+        return True
 
     def send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
         if self.fail_send or self.fully_closed:

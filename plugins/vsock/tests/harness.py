@@ -33,18 +33,24 @@ class Harness:
         graceful_timeout: float = GRACEFUL_SHUTDOWN_TIMEOUT,
         max_connections: int = MAX_ACTIVE_CONNECTIONS,
         tx_buffer_size: int = TX_BUF_SIZE,
+        stream: bool = True,
+        seqpacket: bool = False,
     ) -> None:
         self.listening: set[int] = set()
+        #: The socket type of each listening port that is not a stream one (SEQPACKET = 2).
+        self.listening_type: dict[int, int] = {}
         self.streams: dict[int, list[FakeStream]] = {}
         self.now = 0.0
         self.manager = ConnectionManager(
             CID, self._connect, connection_timeout=connection_timeout,
             graceful_timeout=graceful_timeout, max_connections=max_connections,
-            tx_buffer_size=tx_buffer_size)
+            tx_buffer_size=tx_buffer_size, stream=stream, seqpacket=seqpacket)
 
-    def _connect(self, port: int) -> FakeStream:
+    def _connect(self, port: int, sock_type: int = 1) -> FakeStream:
         if port not in self.listening:
             raise FileNotFoundError(f"no listener for {port}")
+        if self.listening_type.get(port, 1) != sock_type:
+            raise OSError(91, "Protocol wrong type for socket")  # EPROTOTYPE
         stream = FakeStream()
         self.streams.setdefault(port, []).append(stream)
         return stream
@@ -63,7 +69,7 @@ class Harness:
             return None
         assert n >= HEADER_SIZE
         h = decode_header_untrusted(buf)
-        assert (h.src_cid, h.dst_cid, h.type) == (2, CID, 1)
+        assert (h.src_cid, h.dst_cid) == (2, CID) and h.type in (1, 2)
         assert n == HEADER_SIZE + h.len
         return h, bytes(buf[HEADER_SIZE:n])
 

@@ -360,7 +360,12 @@ def test_offer_config_space_and_config_validation() -> None:
 
     device = VsockDevice(VsockConfig(guest_cid=0x0102_0304))
     traits = device.traits()
-    assert (traits.device_id, traits.device_features, traits.queue_count) == (19, 0x5, 3)
+    # STREAM | SEQPACKET | NO_IMPLIED_STREAM; without SEQPACKET when configured off.
+    assert (traits.device_id, traits.device_features, traits.queue_count) == (19, 0x7, 3)
+    off = VsockDevice(VsockConfig(seqpacket=False)).traits()
+    assert off.device_features == 0x5
+    with pytest.raises(TypeError, match="seqpacket"):
+        VsockConfig(seqpacket="yes")  # type: ignore[arg-type]  # wrong types rejected at runtime
     assert traits.config == struct.pack("<Q", 0x0102_0304)
     assert device.virtio_config_read(0, 4) == b"\x04\x03\x02\x01"
     assert device.virtio_config_read(4, 4) == b"\0\0\0\0"
@@ -383,7 +388,9 @@ def test_offer_config_space_and_config_validation() -> None:
     for bad_timeout in (0, -1, 3601, True, "2"):
         with pytest.raises(ValueError, match="connect_timeout must be a number of seconds"):
             VsockConfig(connect_timeout=bad_timeout)  # type: ignore[arg-type]
-    assert VsockDevice.max_fds(VsockConfig()) == 1024 + 2  # connections, listener, epoll
+    # Connections, two listeners, epoll, connections being refused while no driver is there.
+    assert VsockDevice.max_fds(VsockConfig()) == 1024 + 3 + 64
+    assert VsockDevice.max_fds(VsockConfig(seqpacket=False)) == 1024 + 2 + 64
 
 
 async def test_configured_tx_buffer_size_through_the_device(sock_dir: str) -> None:
@@ -419,6 +426,16 @@ async def test_configured_tx_buffer_size_through_the_device(sock_dir: str) -> No
         await driver.reset()
 
 
+async def refused_promptly(path: str, line: bytes) -> None:
+    """A CONNECT through ``path`` is read and closed without OK well before the 2 s connect
+    timeout would have closed it."""
+    with anyio.fail_after(1.5):
+        stream = await anyio.connect_unix(path)
+        await stream.send(line)
+        assert await read_to_eof(stream) == b""
+        await stream.aclose()
+
+
 async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
     from devicehost import DeviceError, DeviceState
     from devicehost.testing import host_with
@@ -429,8 +446,12 @@ async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
     config = VsockConfig(base_path=f"{sock_dir}/vsock")
     async with host_with({"vsock": VsockDevice}, [DeviceSpec("vsock", "vsock", config)]) as host:
         transport = host.transport(VirtioTransport)
+        # The listener exists as soon as the device is served; with no driver a CONNECT is
+        # refused promptly, as when no guest listens (issue 17 item 4).
+        await refused_promptly(f"{sock_dir}/vsock", b"CONNECT 1\n")
         with pytest.raises(DeviceError, match="does not support stream sockets"):
             await transport.connect_driver("vsock", features=1 << VERSION_1 | 0x4)
+        await refused_promptly(f"{sock_dir}/vsock", b"CONNECT 1\n")
         device = host.devices["vsock"]
         for _ in range(2):  # each start gets a fresh table: port allocation starts over
             driver = await transport.connect_driver("vsock", features=1 << VERSION_1)
@@ -445,4 +466,22 @@ async def test_stream_feature_rule_and_restart(sock_dir: str) -> None:
             assert device.state is DeviceState.CLOSED
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await stream.receive()
-            assert not os.path.exists(f"{sock_dir}/vsock")
+            # The listener stays, refusing again until the next driver starts the device.
+            await refused_promptly(f"{sock_dir}/vsock", b"CONNECT 1\n")
+    assert not os.path.exists(f"{sock_dir}/vsock")  # removed when the host stopped
+
+
+async def test_header_only_rx_buffer_waits_for_a_control_packet(guest: HostedGuest) -> None:
+    """Issue 14 (13): with a connection established and no host data, a 44-byte rx buffer is
+    not completed empty; it carries the next control packet."""
+    listener = await listen(base(guest), 5050)
+    await guest_connect(guest, 1024, 5050)
+    with anyio.fail_after(5):
+        host = await listener.accept()
+    guest.post_rx(1, size=HEADER_SIZE)
+    await guest.expect_silence(0.3)
+    guest.send(Op.CREDIT_REQUEST, 1024, 5050)
+    packet = await guest.recv()
+    assert (packet.header.op, packet.written) == (Op.CREDIT_UPDATE, HEADER_SIZE)
+    await host.aclose()
+    await listener.aclose()

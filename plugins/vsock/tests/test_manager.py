@@ -507,3 +507,82 @@ def test_interleaved_traffic_delivers_every_byte_in_order(
         assert bytes(host_got[c.local]) == c.to_host
         assert bytes(c.received) == c.to_guest
     assert len(h.manager) == len(conns)
+
+
+# ----------------------------------------------------------------------- credit never wraps
+
+
+def test_a_window_shrunk_below_what_is_in_flight_gives_no_data_until_credit_returns() -> None:
+    h = Harness()
+    stream = h.connect()
+    stream.inbound += b"a" * 8192
+    h.manager.on_readable(stream)
+    assert sum(len(d) for p, d in h.rx_all() if p.op == Op.RW) == 8192
+    # The guest shrinks its window to 4096 with nothing consumed: 8192 in flight, no credit
+    # (modulo 2**32 it would be 2**32 - 4096).
+    h.tx(Op.CREDIT_UPDATE, 1024, 5000, buf_alloc=4096, fwd_cnt=0)
+    stream.inbound += b"b" * 65536
+    h.manager.on_readable(stream)
+    assert [p.op for p, _ in h.rx_all()] == [Op.CREDIT_REQUEST]
+    h.tx(Op.CREDIT_UPDATE, 1024, 5000, buf_alloc=4096, fwd_cnt=4096)  # still 4096 in flight
+    assert [p.op for p, _ in h.rx_all() if p.op == Op.RW] == []
+    h.tx(Op.CREDIT_UPDATE, 1024, 5000, buf_alloc=4096, fwd_cnt=7000)  # 1192 in flight
+    packets = h.rx_all()
+    assert [(p.op, len(d)) for p, d in packets] == [(Op.RW, 2904), (Op.CREDIT_REQUEST, 0)]
+
+
+_U32 = 0xFFFF_FFFF
+
+credit_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("host"), st.integers(1, 20000)),
+        st.tuples(st.just("rx"), st.integers(HEADER_SIZE, HEADER_SIZE + 9000)),
+        # The guest reports its window and how much of what it was sent it consumed...
+        st.tuples(st.just("update"), st.integers(0, _U32), st.integers(0, 1 << 20)),
+        # ... or a fwd_cnt of its own choosing (hostile: ahead of what it was sent).
+        st.tuples(st.just("hostile"), st.integers(0, _U32), st.integers(0, _U32)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(credit_steps)
+def test_data_to_the_guest_never_exceeds_its_credit(steps: list[tuple[int | str, ...]]) -> None:
+    """Over any sequence of credit updates, host data and rx buffers, the RW bytes sent since the
+    guest's last update never exceed max(0, buf_alloc - (sent - fwd_cnt)) at that update, with
+    the in-flight count taken modulo 2**32 and the difference *not* wrapped (as Linux)."""
+    h = Harness()
+    stream = h.connect()
+    sent = 0  # RW bytes the guest got (u32 counter, as the device's tx_cnt)
+    allowed = 65536  # the credit at the guest's last update (REQUEST: buf_alloc 65536, fwd 0)
+    since = 0  # RW bytes since that update
+    for step in steps:
+        if step[0] == "host":
+            stream.inbound += b"h" * int(step[1])
+            h.manager.on_readable(stream)
+        elif step[0] == "rx":
+            size = int(step[1])
+            # A header-only buffer may be handed back empty (data waits for a bigger one).
+            packet = h.rx(size) if size > HEADER_SIZE or not stream.inbound else None
+            if packet is not None and packet[0].op == Op.RW:
+                since += len(packet[1])
+                sent = (sent + len(packet[1])) & _U32
+                assert since <= allowed, (since, allowed)
+        else:
+            buf_alloc = int(step[1])
+            # "update": fwd_cnt at most what it got (step[2] bytes of it still unread).
+            unread = min(int(step[2]), sent)
+            fwd = (sent - unread) & _U32 if step[0] == "update" else int(step[2])
+            h.tx(Op.CREDIT_UPDATE, 1024, 5000, buf_alloc=buf_alloc, fwd_cnt=fwd)
+            allowed = max(0, buf_alloc - ((sent - fwd) & _U32))
+            since = 0
+    # Liveness: with credit left and data queued, the next buffers carry data.
+    stream.inbound += b"z"
+    h.manager.on_readable(stream)
+    got = [p for p in (h.rx(HEADER_SIZE + 4096) for _ in range(4)) if p is not None]
+    rw = sum(len(d) for p, d in got if p.op == Op.RW)
+    if allowed - since > 0:
+        assert rw > 0
+    else:
+        assert rw == 0

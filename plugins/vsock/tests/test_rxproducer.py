@@ -83,3 +83,31 @@ def test_a_buffer_too_small_for_a_header_gets_no_credit_update() -> None:
     h.tx(Op.RW, 1024, 5000, b"abc")
     assert h.manager.produce_rx(memoryview(bytearray(HEADER_SIZE - 1)), 0.0) == 0
     assert _fields(h.rx_all()) == [(Op.CREDIT_UPDATE, 5000, 1024, 3, 65536)]
+
+
+def test_a_header_only_buffer_is_not_used_when_no_host_data_waits() -> None:
+    h = Harness()
+    stream = h.connect()
+    # Established, nothing from the host: the buffer is not used (None), not completed empty.
+    assert h.manager.produce_rx(memoryview(bytearray(HEADER_SIZE)), 0.0) is None
+    assert "read" in stream.wants and not stream.closed
+    # ...so it is there for the next control packet.
+    h.tx(Op.CREDIT_REQUEST, 1024, 5000)
+    buf = memoryview(bytearray(HEADER_SIZE))
+    assert h.manager.produce_rx(buf, 0.0) == HEADER_SIZE
+    # End of stream fits a header-only buffer: SHUTDOWN goes out in it.
+    stream.host_eof = True
+    h.manager.on_readable(stream)
+    buf = memoryview(bytearray(HEADER_SIZE))
+    assert h.manager.produce_rx(buf, 0.0) == HEADER_SIZE
+    assert buf[30] == Op.SHUTDOWN
+
+
+def test_a_header_only_buffer_is_handed_back_empty_only_when_data_waits() -> None:
+    h = Harness()
+    stream = h.connect()
+    stream.inbound += b"data"
+    h.manager.on_readable(stream)
+    assert h.manager.produce_rx(memoryview(bytearray(HEADER_SIZE)), 0.0) == 0
+    assert [(p.op, d) for p, d in h.rx_all()] == [(Op.RW, b"data")]
+    assert h.manager.produce_rx(memoryview(bytearray(HEADER_SIZE)), 0.0) is None

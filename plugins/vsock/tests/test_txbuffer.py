@@ -84,3 +84,19 @@ def test_fifo_order(ops: list[tuple[bytes, int]]) -> None:
         assert got == bytes(model[: len(got)])
         del model[: len(got)]
         assert len(buf) == len(model)
+
+
+def test_views_consume_and_drop_tail_across_the_wrap() -> None:
+    buf = TxBuffer(8)
+    assert buf.views(4) == []
+    buf.write([b"abcdef"])
+    buf.consume(4)  # head at 4: "ef"
+    buf.write([b"ghijk"])  # wraps: "efghijk"
+    assert [bytes(v) for v in buf.views(7)] == [b"efgh", b"ijk"]
+    assert [bytes(v) for v in buf.views(3)] == [b"efg"] and len(buf) == 7
+    buf.drop_tail(2)  # forget "jk"
+    assert [bytes(v) for v in buf.views(99)] == [b"efgh", b"i"]
+    buf.consume(5)
+    assert len(buf) == 0 and buf.views(1) == []
+    buf.write([b"xy"])
+    assert [bytes(v) for v in buf.views(2)] == [b"xy"]

@@ -21,6 +21,8 @@ from devicehost_vsock import VsockConfig, VsockDevice
 from devicehost_vsock.guest_stack import GuestStack
 from devicehost_vsock.protocol import Op
 
+from .hostside import seq_connect, seq_recv, seq_send
+
 pytestmark = pytest.mark.anyio
 
 
@@ -31,11 +33,24 @@ async def test_vsock_over_vhost_user(sock_dir: str) -> None:
     try:
         spec = DeviceSpec("vsock", "vsock", config)
         async with host_with({"vsock": VsockDevice}, [spec]) as host:
+            # Served, no VMM yet: both listeners exist and refuse a CONNECT promptly (issue 17
+            # item 4), as when no guest listens: the line is read, the socket closed, no OK (well
+            # before the 2 s connect timeout would close it).
+            with anyio.fail_after(1.5):
+                early = await anyio.connect_unix(base)
+                await early.send(b"CONNECT 5\n")
+                with pytest.raises(anyio.EndOfStream):
+                    await early.receive()
+                await early.aclose()
+                seq = await seq_connect(f"{base}_seqpacket")
+                await seq_send(seq, b"CONNECT 5\n")
+                assert await seq_recv(seq) is None
+                seq.close()
             with anyio.fail_after(10):
                 frontend = await VhostUserFrontend.connect(f"{sock_dir}/vu.sock", memory)
                 features, cid = await frontend.realize()
                 assert frontend.queue_count == 2 and struct.unpack("<Q", cid) == (7,)
-                assert features & 0x7 == 0x5  # STREAM | NO_IMPLIED_STREAM
+                assert features & 0x7 == 0x7  # STREAM | SEQPACKET | NO_IMPLIED_STREAM
                 await frontend.start(1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES | 0x1)
                 guest = GuestStack(frontend, cid=7)
                 listener = await anyio.create_unix_listener(f"{base}_5000")
@@ -57,7 +72,15 @@ async def test_vsock_over_vhost_user(sock_dir: str) -> None:
                 backend = host.transport(VirtioTransport).vhost_user_backend("vsock")
                 await backend.wait_finished(1)
                 assert host.devices["vsock"].state is DeviceState.CLOSED
-                assert not os.path.exists(base)
+                # The listener outlives the VMM: a CONNECT is refused (read, closed, no OK).
+                with anyio.fail_after(1.5):
+                    late = await anyio.connect_unix(base)
+                    await late.send(b"CONNECT 5\n")
+                    with pytest.raises(anyio.EndOfStream):
+                        await late.receive()
+                    await late.aclose()
                 await frontend.aclose()
+            before = os.path.exists(base)
+        assert before and not os.path.exists(base)  # removed when the host stopped
     finally:
         memory.close()

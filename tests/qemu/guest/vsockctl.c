@@ -23,6 +23,22 @@
  *   vsockctl cpu N                        no socket at all: generate and checksum N pattern bytes,
  *                                         prints DH CPU bytes= crc= ms=  (the guest CPU's speed;
  *                                         the benchmark also runs this one natively on the host)
+ *   vsockctl seqtest OUT IN N SEED SPORT SLEN
+ *                                         SOCK_SEQPACKET both ways with a stream alongside, three
+ *                                         processes at once: (1) connect SEQPACKET to host port OUT
+ *                                         and send N messages; (2) listen SEQPACKET on IN (prints
+ *                                         DH LISTENING port=IN), accept one connection and receive
+ *                                         N messages, checking each; (3) "send SPORT SLEN SEED 4"
+ *                                         on a stream socket (pattern SEED; the host replies with
+ *                                         4 bytes).
+ *                                         Message k (k = 0..N-1) of a direction is, by the
+ *                                         xorshift64* generator below seeded with SEED (OUT) or
+ *                                         SEED+1 (IN), 1 + next % 65536 bytes taken from offset
+ *                                         next % 131072 of a 196608-byte block drawn from the same
+ *                                         generator first (tests/qemu/seqmessages.py computes the
+ *                                         same). Prints DH SEQSEND port= n= bytes= crc= ms= and
+ *                                         DH SEQRECV port= n= good= bytes= crc= first_bad= ms=,
+ *                                         where crc chains the CRC-32 of every message in order.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -34,6 +50,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/wait.h>
 #include <linux/vm_sockets.h>
 
 #define CHUNK 65536
@@ -312,6 +329,161 @@ static int cmd_cpu(uint64_t n)
 	return 0;
 }
 
+/* The message generator shared with tests/qemu/seqmessages.py: xorshift64* (Vigna). */
+#define SEQ_BLOCK 196608
+#define SEQ_MAX 65536
+
+struct seqgen {
+	uint64_t state;
+	unsigned char block[SEQ_BLOCK];
+};
+
+static uint64_t seq_next(struct seqgen *g)
+{
+	uint64_t x = g->state;
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	g->state = x;
+	return x * 0x2545F4914F6CDD1Dull;
+}
+
+static void seq_init(struct seqgen *g, uint64_t seed)
+{
+	g->state = seed * 2 + 1; /* never 0 */
+	for (size_t i = 0; i < SEQ_BLOCK; i += 8) {
+		uint64_t w = seq_next(g);
+		memcpy(g->block + i, &w, 8);
+	}
+}
+
+/* The next message: its length, and a pointer into the block. */
+static size_t seq_message(struct seqgen *g, const unsigned char **data)
+{
+	size_t len = 1 + (size_t)(seq_next(g) % SEQ_MAX);
+	*data = g->block + seq_next(g) % (SEQ_BLOCK - SEQ_MAX);
+	return len;
+}
+
+static int cmd_seqsend(unsigned int port, uint64_t n, uint64_t seed)
+{
+	static struct seqgen g;
+	seq_init(&g, seed);
+	double t0 = now_ms();
+	int fd = socket(AF_VSOCK, SOCK_SEQPACKET, 0);
+	if (fd < 0)
+		return fail("seqpacket socket");
+	struct sockaddr_vm addr;
+	memset(&addr, 0, sizeof addr);
+	addr.svm_family = AF_VSOCK;
+	addr.svm_cid = VMADDR_CID_HOST;
+	addr.svm_port = port;
+	if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)
+		return fail("seqpacket connect");
+	uint64_t bytes = 0;
+	uint32_t crc = 0;
+	for (uint64_t k = 0; k < n; k++) {
+		const unsigned char *data;
+		size_t len = seq_message(&g, &data);
+		ssize_t w;
+		do
+			w = send(fd, data, len, 0);
+		while (w < 0 && errno == EINTR);
+		if (w < 0)
+			return fail("seqpacket send");
+		if ((size_t)w != len) {
+			printf("DH ERROR seqpacket send of %zu bytes took %zd\n", len, w);
+			return 1;
+		}
+		crc = crc_update(crc, data, len);
+		bytes += len;
+	}
+	/* Wait for the host's end of stream, so that nothing is lost when the socket closes. */
+	char end;
+	while (recv(fd, &end, 1, 0) > 0)
+		;
+	close(fd);
+	printf("DH SEQSEND port=%u n=%llu bytes=%llu crc=%08x ms=%.1f\n", port,
+	       (unsigned long long)n, (unsigned long long)bytes, crc, now_ms() - t0);
+	return 0;
+}
+
+static int cmd_seqrecv(unsigned int port, uint64_t n, uint64_t seed)
+{
+	static struct seqgen g;
+	static unsigned char buf[SEQ_MAX + 1];
+	seq_init(&g, seed);
+	int lfd = socket(AF_VSOCK, SOCK_SEQPACKET, 0);
+	if (lfd < 0)
+		return fail("seqpacket socket");
+	struct sockaddr_vm addr;
+	memset(&addr, 0, sizeof addr);
+	addr.svm_family = AF_VSOCK;
+	addr.svm_cid = VMADDR_CID_ANY;
+	addr.svm_port = port;
+	if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(lfd, 1) < 0)
+		return fail("seqpacket listen");
+	printf("DH LISTENING port=%u\n", port);
+	fflush(stdout);
+	int fd = accept(lfd, NULL, NULL);
+	if (fd < 0)
+		return fail("seqpacket accept");
+	close(lfd);
+	double t0 = now_ms();
+	uint64_t good = 0, bytes = 0, k;
+	long long first_bad = -1;
+	uint32_t crc = 0;
+	for (k = 0; k < n; k++) {
+		const unsigned char *data;
+		size_t len = seq_message(&g, &data);
+		ssize_t r;
+		do
+			r = recv(fd, buf, sizeof buf, 0);
+		while (r < 0 && errno == EINTR);
+		if (r < 0)
+			return fail("seqpacket recv");
+		if (r == 0 && len != 0)
+			break; /* end of stream: the messages left are missing */
+		if ((size_t)r == len && !memcmp(buf, data, len))
+			good++;
+		else if (first_bad < 0)
+			first_bad = (long long)k;
+		crc = crc_update(crc, buf, (size_t)r);
+		bytes += (uint64_t)r;
+	}
+	close(fd);
+	printf("DH SEQRECV port=%u n=%llu good=%llu bytes=%llu crc=%08x first_bad=%lld ms=%.1f\n",
+	       port, (unsigned long long)k, (unsigned long long)good, (unsigned long long)bytes, crc,
+	       first_bad, now_ms() - t0);
+	return 0;
+}
+
+/* Run the three parts of seqtest at once, each in its own process; fails if any failed. */
+static int cmd_seqtest(unsigned int out, unsigned int in, uint64_t n, uint64_t seed,
+		       unsigned int sport, uint64_t slen)
+{
+	pid_t pids[3];
+	for (int i = 0; i < 3; i++) {
+		pids[i] = fork();
+		if (pids[i] < 0)
+			return fail("fork");
+		if (pids[i] == 0) {
+			int rc = i == 0 ? cmd_seqrecv(in, n, seed + 1)
+			       : i == 1 ? cmd_seqsend(out, n, seed)
+				        : cmd_send(sport, slen, seed, 4);
+			fflush(stdout);
+			_exit(rc);
+		}
+	}
+	int failed = 0;
+	for (int i = 0; i < 3; i++) {
+		int status;
+		if (waitpid(pids[i], &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
+			failed = 1;
+	}
+	return failed;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -329,6 +501,10 @@ int main(int argc, char **argv)
 		return cmd_cpu(parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "sink"))
 		return cmd_sink((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
-	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N | cpu N\n");
+	if (argc == 8 && !strcmp(argv[1], "seqtest"))
+		return cmd_seqtest((unsigned int)parse_u64(argv[2]), (unsigned int)parse_u64(argv[3]),
+				   parse_u64(argv[4]), parse_u64(argv[5]),
+				   (unsigned int)parse_u64(argv[6]), parse_u64(argv[7]));
+	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N | cpu N | seqtest OUT IN N SEED SPORT SLEN\n");
 	return 2;
 }
