@@ -35,14 +35,15 @@ def test_listing_reads_metadata_only(fake_site: Any) -> None:
     assert not [m for m in sys.modules if m.startswith("dh_")]
     good = one(infos, "good")
     assert (good.distribution, good.version, good.status, good.error) == (
-        "dh-good", "1.2.0", "loaded", None
+        "dh-good", "1.2.0", "available", None
     )
     assert good.to_json() == {
-        "name": "good", "distribution": "dh-good", "version": "1.2.0", "status": "loaded",
+        "name": "good", "distribution": "dh-good", "version": "1.2.0", "status": "available",
         "error": None,
     }
-    # Import problems are invisible to metadata: listing cannot see them.
-    assert one(infos, "broken").status == "loaded"
+    # Import problems are invisible to metadata: listing cannot see them, and does not claim
+    # more than it knows ("available", not "loaded").
+    assert one(infos, "broken").status == "available"
     future = one(infos, "future")
     assert future.status == "error"
     assert future.error is not None and "needs host API 2" in future.error
@@ -158,11 +159,28 @@ def test_requested_plugin_that_is_not_installed(
     registry = load_plugins(["spectre"])
     assert registry.missing == ["ghost", "spectre"]
     assert registry.problems() == [
-        "ghost: requested, but no installed plugin has this name",
-        "spectre: requested, but no installed plugin has this name",
+        "spectre: requested with -p, but no installed plugin has this name",
+        "ghost: named in DEVICEHOST_LOAD_PLUGINS, but no installed plugin has this name",
     ]
     with pytest.raises(PluginError, match="ghost"):
         load_plugins(strict=True)
+
+
+def test_a_typo_in_a_block_or_a_request_is_reported_with_the_closest_name(
+    fake_site: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_site.install_catalog("good", "counter")
+    registry = load_plugins(["no:countr", "goood"])
+    assert registry.unknown == [
+        "goood: requested with -p, but no installed plugin has this name (did you mean 'good'?)",
+        "no:countr: blocks nothing, no installed plugin has this name (did you mean 'counter'?)",
+    ]
+    assert registry.problems() == registry.unknown
+    assert registry.missing == ["goood"]  # a block that matches nothing is not "missing"
+    with pytest.raises(PluginError, match="no:countr"):
+        load_plugins(["no:countr"], strict=True)
+    # Names that match (entry-point or distribution, normalised) are not reported.
+    assert load_plugins(["no:dh_counter", "good"]).unknown == []
 
 
 @pytest.mark.parametrize(
@@ -341,13 +359,13 @@ def test_venv_list_sees_every_installed_plugin_and_imports_none(plugin_venv: Any
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [(r["name"], r["distribution"], r["version"], r["status"]) for r in rows] == [
-        ("badhook", "dh-badhook", "1.0", "loaded"),
-        ("broken", "dh-broken", "1.0", "loaded"),
+        ("badhook", "dh-badhook", "1.0", "available"),
+        ("broken", "dh-broken", "1.0", "available"),
         ("clash", "dh-clash-a", "1.0", "error"),
         ("clash", "dh-clash-b", "2.0", "error"),
-        ("counter", "dh-counter", "1.0", "loaded"),
+        ("counter", "dh-counter", "1.0", "available"),
         ("future", "dh-future", "1.0", "error"),
-        ("good", "dh-good", "1.2.0", "loaded"),
+        ("good", "dh-good", "1.2.0", "available"),
     ]
     # The shipped plugins are not in this environment; nothing of the throwaway ones was imported
     # (dh_future and dh_broken raise when imported).
@@ -397,7 +415,7 @@ def test_venv_each_broken_plugin_alone_fails_doctor(
     assert "loaded   good (dh-good 1.2.0)" in proc.stdout
     healed = venv_cli(plugin_venv, "-p", block, "doctor", DEVICEHOST_LOAD_PLUGINS=allow)
     assert healed.returncode == 0, healed.stdout
-    assert "all 2 loaded plugins are healthy" in healed.stdout.splitlines()
+    assert "2 loaded plugins: all healthy" in healed.stdout.splitlines()
 
 
 @pytest.mark.slow

@@ -312,7 +312,8 @@ class _Structurer:
 def _why(exc: BaseException) -> str:
     """What a plugin's validator said (shortened: it may quote the whole refused value)."""
     text = bounded_message(str(exc))
-    return text if isinstance(exc, TypeError | ValueError) else f"{type(exc).__name__}: {text}"
+    plain = isinstance(exc, TypeError | ValueError | ConfigError)
+    return text if plain else f"{type(exc).__name__}: {text}"
 
 
 def structure(config_class: type, table: Mapping[str, Any], where: str) -> Any:

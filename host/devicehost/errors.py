@@ -9,6 +9,7 @@ __all__ = [
     "LifecycleError",
     "PluginError",
     "SavedStateError",
+    "StartupError",
     "ends_the_host",
 ]
 
@@ -23,11 +24,39 @@ class PluginError(DeviceHostError):
 
 
 class ConfigError(DeviceHostError):
-    """Raised when a config file is invalid; the message names the file, the device and the key."""
+    """Raised when a config file is invalid; the message names the file, the device and the key.
+
+    A device's constructor raises it with ``key`` (and the offending ``value``) when a configured
+    value cannot be used, e.g. ``ConfigError("cannot be served: no such file", key="file",
+    value=config.file)``; the host then names the config file and the device before it
+    (:meth:`located`): ``host.toml: device 'imc': key 'file' = '/x': cannot be served: ...``.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+    def keyed(self) -> str:
+        """The message after the key and value it blames (just the message without a key)."""
+        if self.key is None:
+            return str(self)
+        value = "" if self.value is None else f" = {self.value!r}"
+        return f"key {self.key!r}{value}: {self}"
+
+    def located(self, where: str) -> str:
+        """The one-line error prefixed with ``where`` (``host.toml: device 'imc'``)."""
+        return f"{where}: {self.keyed()}"
 
 
 class SavedStateError(DeviceHostError):
     """Raised when a saved-state file or value cannot be decoded: it is hostile until proven not."""
+
+
+class StartupError(DeviceHostError):
+    """Raised when the host refuses to start serving: strict mode (``--strict``, ``[host]
+    strict``) and a device could not be built or offered; the devices already started are
+    stopped and nothing is reported ready."""
 
 
 class LifecycleError(DeviceHostError):

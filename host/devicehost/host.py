@@ -84,7 +84,13 @@ import attrs
 
 from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
-from devicehost.errors import ConfigError, DeviceHostError, SavedStateError, ends_the_host
+from devicehost.errors import (
+    ConfigError,
+    DeviceHostError,
+    SavedStateError,
+    StartupError,
+    ends_the_host,
+)
 from devicehost.excerpt import excerpt
 from devicehost.files import FileRefusedError, read_regular_file
 from devicehost.gate import GuestGate
@@ -102,6 +108,7 @@ from devicehost.transport import LocalTransport, transport_class_for
 
 if TYPE_CHECKING:
     from devicehost.memory import GuestMemory
+    from devicehost.notify import Notifier
     from devicehost.vmbus.server import ServerSavedState
 
 __all__ = [
@@ -240,6 +247,8 @@ class Host:
         #: Guest requests wait here while the host is saved (:meth:`save`, :meth:`resume`).
         self.gate = GuestGate()
         self._stopped_by_save: list[Device] = []
+        #: Where the devices' config came from (a file name), named in device-build errors.
+        self.config_source = "<config>"
 
     @property
     def guest_memory(self) -> GuestMemory:
@@ -261,6 +270,24 @@ class Host:
         """The transport serving device ``name``."""
         return self._device_transport[name]
 
+    @property
+    def transports(self) -> list[Any]:
+        """The transports in use, in the order they were made."""
+        return list(self._transports.values())
+
+    async def add_devices(self, configs: Iterable[Any], *, strict: bool = False) -> None:
+        """Build every device of ``configs`` first, then offer and attach each in order: a device
+        that cannot be built (a config value its constructor refuses) is found before anything
+        is served. ``strict``: StartupError, before anything is offered, if any cannot be built.
+        """
+        built = [self._build(c.name, c.plugin, c.config) for c in configs]
+        if strict and self.failures:
+            raise StartupError(f"{len(self.failures)} device(s) cannot be built (strict mode);"
+                               " nothing was served")
+        for device in built:
+            if device is not None:
+                await self._offer_and_attach(device, hold_local=False)
+
     async def add_device(self, name: str, plugin: str, config: Any) -> Device | None:
         """Build, offer and attach one device. Returns None (and records why) on failure."""
         device = self._build(name, plugin, config)
@@ -276,6 +303,11 @@ class Host:
             pm = new_device_manager(
                 instance, name, [*self.registry.cross_cutting, *self._cross_cutting]
             )
+        except ConfigError as exc:
+            # A configured value the device refuses: one line naming file, device, key, value.
+            self.failures[name] = exc.keyed()
+            log.error("%s", exc.located(f"{self.config_source}: device {name!r}"))
+            return None
         except BaseException as exc:  # a constructor's sys.exit() too: only this device fails
             if ends_the_host(exc):
                 raise
@@ -302,9 +334,14 @@ class Host:
             if not (hold_local and isinstance(transport, LocalTransport)):
                 await transport.add(device, offer)
         except Exception as exc:
-            device.failure = device.failure or str(exc)
+            why = exc.keyed() if isinstance(exc, ConfigError) else str(exc)
+            device.failure = device.failure or why
             device.state = DeviceState.FAILED
-            self._record_failure(device.name, str(exc))
+            if isinstance(exc, ConfigError) and exc.key is not None:
+                self.failures[device.name] = why
+                log.error("%s", exc.located(f"{self.config_source}: device {device.name!r}"))
+            else:
+                self._record_failure(device.name, why)
             return False
         self._device_transport[device.name] = transport
         return True
@@ -499,6 +536,7 @@ async def open_host(
     saved: bytes | None = None,
     saved_source: str = "saved state",
     guest_memory: GuestMemory | None = None,
+    strict: bool = False,
 ) -> AsyncIterator[Host]:
     """Run a host with the devices of ``config`` (a HostConfig) until the block exits.
 
@@ -508,18 +546,23 @@ async def open_host(
     host (the host uses it and does not close it); VMBus channels are restored only into it.
     With ``[host] vmbus_socket`` the VMBus socket is served once the devices are added;
     :class:`ConfigError` if it cannot be (a live host answers there): the host does not start.
+    ``strict``: :class:`StartupError` if any device cannot be built (then nothing is offered) or
+    offered; the devices already started are stopped first, and the block never runs.
     """
     plan = None if saved is None else _plan(saved, config.devices, saved_source)
-    refused: SavedStateError | ConfigError | None = None
+    cross_cutting = _with_tracing(registry, cross_cutting)
+    refused: SavedStateError | ConfigError | StartupError | None = None
     async with anyio.create_task_group() as tg:
         host = Host(registry, tg, guest_memory_size=guest_memory_size,
                     cross_cutting=cross_cutting, guest_memory=guest_memory,
                     settings=getattr(config, "host", None))
+        host.config_source = getattr(config, "source", host.config_source)
         try:
             if plan is None:
-                for device_config in config.devices:
-                    await host.add_device(device_config.name, device_config.plugin,
-                                          device_config.config)
+                try:
+                    await host.add_devices(config.devices, strict=strict)
+                except StartupError as exc:
+                    refused = exc
             else:
                 try:
                     await host._restore(plan, config.devices)
@@ -527,6 +570,10 @@ async def open_host(
                     # Raised once the task group is gone, so that it is not an ExceptionGroup.
                     refused = SavedStateError(f"{saved_source}: {exc}; the host does not start")
                     refused.__cause__ = exc
+            if refused is None and strict and host.failures:
+                refused = StartupError(
+                    f"{len(host.failures)} of {len(config.devices)} device(s) failed at start"
+                    " (strict mode); the started ones were stopped")
             if refused is None and host.settings.vmbus_socket is not None:
                 try:
                     await host._serve_vmbus_socket()
@@ -539,6 +586,18 @@ async def open_host(
             tg.cancel_scope.cancel()
     if refused is not None:
         raise refused
+
+
+def _with_tracing(registry: Any, cross_cutting: Iterable[object]) -> list[object]:
+    """``cross_cutting`` plus the tracing plugin when ``DEVICEHOST_TRACE`` asks for it and
+    nobody registered one (so that every host traces: ``run``, ``demo``, the test kit)."""
+    from devicehost.tracing import TracePlugin, tracing_plugins
+
+    plugins = list(cross_cutting)
+    if not any(isinstance(p, TracePlugin)
+               for p in [*plugins, *getattr(registry, "cross_cutting", [])]):
+        plugins += tracing_plugins()
+    return plugins
 
 
 def read_state_file(path: str | os.PathLike[str]) -> bytes | None:
@@ -631,17 +690,36 @@ async def run_host(
     ready: Callable[[Host], None] | None = None,
     cross_cutting: Iterable[object] = (),
     state_file: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    notifier: Notifier | None = None,
 ) -> int:
     """Serve ``config``'s devices until SIGINT or SIGTERM, then stop them gracefully.
+
+    Before serving: the state file's directory and the control socket (``[host]
+    control_socket``) are checked (:class:`ConfigError`), every device is built (a value its
+    constructor refuses is one error line naming file, device, key and value). Once started: one
+    ``ready:`` line per served device saying where it is reached, a summary (``serving 3 of 5
+    devices; failed: ...``), ``ready``, and sd_notify ``READY=1`` when ``NOTIFY_SOCKET`` is set
+    (``STOPPING=1`` at the stop). ``strict`` (or ``[host] strict``): any device that cannot be
+    built or offered stops the host before it reports ready.
 
     With ``state_file``: restore from it at start if it exists (:class:`SavedStateError`, naming
     the file, if it cannot be used: nothing is served), and save to it atomically on the stop.
     Temporaries that an interrupted save of it left are removed at start.
 
-    Returns the process exit status: 0 after a graceful stop, 1 if no device could be served or
-    the state could not be written. :class:`ConfigError` if the state file's directory is not
-    writable.
+    Returns an exit code of :mod:`devicehost.exitcodes`: ``OK`` after a graceful stop with every
+    device served, ``FAILED`` if a device failed (at start or since) or the state could not be
+    written, ``NOT_STARTED`` if no device could be served or strict mode refused to start.
     """
+    from devicehost import exitcodes
+    from devicehost.control import ControlServer
+    from devicehost.notify import Notifier
+    from devicehost.readiness import announce, failed_devices, summary
+
+    settings = getattr(config, "host", None) or HostSettings()
+    strict = strict or settings.strict
+    notifier = notifier if notifier is not None else Notifier()
+    names = [d.name for d in config.devices]
     if state_file is not None:
         parent = Path(state_file).parent
         if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
@@ -649,32 +727,67 @@ async def run_host(
             raise ConfigError(f"{os.fspath(state_file)}: the state file's directory {parent} is"
                               " not a writable directory")
         remove_stale_temporaries(state_file)
-    saved = None if state_file is None else read_state_file(state_file)
-    if state_file is not None and saved is None:
-        log.info("no saved state at %s: starting fresh", os.fspath(state_file))
-    source = "saved state" if state_file is None else os.fspath(state_file)
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
-                             saved_source=source) as host:
-            for name, outcome in host.restore_report.items():
-                log.info("restore of %s: %s", name, outcome)
-            for name, device in host.devices.items():
-                log.info("serving %s (%s): %s", name, device.ctx.plugin, device.state.value)
-            if config.devices and not any(
-                d.state is not DeviceState.FAILED for d in host.devices.values()
-            ):
-                log.error("no device could be served")
-                return 1
-            if ready is not None:
-                ready(host)
-            async for signum in signals:
-                log.info("received %s, stopping devices", signal.Signals(signum).name)
-                break
-            if state_file is not None:
-                try:
-                    write_state_file(state_file, await host.save())
-                except (OSError, DeviceHostError) as exc:
-                    log.error("cannot write the saved state to %s: %s", source, exc)
-                    return 1
-                log.info("saved state written to %s", source)
-    return 0
+    control = None
+    if settings.control_socket is not None:
+        control = ControlServer(settings.control_socket)
+        try:
+            control.bind()
+        except ConfigError as exc:
+            where = f"{getattr(config, 'source', '<config>')}: [host]"
+            raise ConfigError(exc.located(where)) from exc
+    try:
+        saved = None if state_file is None else read_state_file(state_file)
+        if state_file is not None and saved is None:
+            log.info("no saved state at %s: starting fresh", os.fspath(state_file))
+        source = "saved state" if state_file is None else os.fspath(state_file)
+        if not names:
+            log.warning("nothing to serve: %s has no devices (write [[device]] tables, or"
+                        " install device plugins; see devicehost list)",
+                        getattr(config, "source", "the config"))
+        failed: dict[str, str] = {}
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
+                                 saved_source=source, strict=strict) as host, \
+                    anyio.create_task_group() as services:
+                for name, outcome in host.restore_report.items():
+                    log.info("restore of %s: %s", name, outcome)
+                served = await announce(host, names, log)
+                status = summary(host, names)
+                if names and served == 0:
+                    log.error("%s; no device could be served", status)
+                    notifier.status(f"not started: {status}")
+                    return exitcodes.NOT_STARTED
+                if control is not None:
+                    await services.start(control.serve, host)
+                    log.info("control socket at %s", control.path)
+                log.log(logging.WARNING if served < len(names) else logging.INFO, "%s", status)
+                log.info("ready")
+                notifier.ready(status)
+                if ready is not None:
+                    ready(host)
+                async for signum in signals:
+                    log.info("received %s, stopping devices", signal.Signals(signum).name)
+                    break
+                failed = failed_devices(host, names)
+                notifier.stopping("stopping")
+                services.cancel_scope.cancel()
+                if state_file is not None:
+                    try:
+                        write_state_file(state_file, await host.save())
+                    except (OSError, DeviceHostError) as exc:
+                        log.error("cannot write the saved state to %s: %s", source, exc)
+                        return exitcodes.FAILED
+                    log.info("saved state written to %s", source)
+    except StartupError as exc:
+        log.error("not started: %s", exc)
+        notifier.status(f"not started: {exc}")
+        return exitcodes.NOT_STARTED
+    finally:
+        if control is not None:
+            control.close()
+    if failed:
+        log.error("stopped; %d of %d device(s) failed: %s", len(failed), len(names),
+                  ", ".join(failed))
+        return exitcodes.FAILED
+    log.info("stopped")
+    return exitcodes.OK

@@ -15,10 +15,10 @@ Two operations, with different costs:
 
 - :func:`list_plugins` reads metadata only. It imports no plugin code at all, which keeps
   ``devicehost list`` fast. Its verdict is what metadata can prove: a plugin is ``blocked`` (not
-  selected), ``error`` (no or another host API, two distributions claiming its name) or ``loaded``,
-  which *there* means "selected, and its metadata is sound"; whether its code imports and its hooks
+  selected), ``error`` (no or another host API, two distributions claiming its name) or
+  ``available`` (selected, and its metadata is sound). Whether its code imports and its hooks
   match the specs is only known after :func:`load_plugins` (``devicehost doctor``,
-  ``devicehost list --load``).
+  ``devicehost list --load``), whose verdicts are ``loaded`` or ``error``.
 - :func:`load_plugins` imports each selected plugin on its own. An import error, hook
   implementations that do not match the specs, or a host-API mismatch is recorded against that
   plugin (:class:`PluginInfo` with status ``error``), and every other plugin keeps working. With
@@ -37,8 +37,9 @@ distribution names compare normalised, ``devicehost_foo`` == ``DeviceHost-Foo``)
    allow-list.
 5. Otherwise every installed plugin is selected.
 
-A name requested by ``-p NAME`` or the allow-list that no installed plugin has is reported in
-:attr:`Registry.missing` (``devicehost doctor`` fails on it, strict mode raises).
+A name given to ``-p NAME``, ``-p no:NAME`` or the allow-list that no installed plugin has (a
+typo) is reported by :meth:`Selection.unknown` and in :attr:`Registry.missing`, with the closest
+installed name; ``devicehost`` warns about it, ``doctor`` and strict mode fail on it.
 
 Two distributions that declare the same device (entry-point) name: both get status ``error``
 naming both distributions, and neither is loaded; blocking one of them by distribution name
@@ -55,7 +56,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from devicehost import HOST_API_VERSION, __version__
-from devicehost.errors import PluginError, ends_the_host
+from devicehost.errors import ConfigError, PluginError, ends_the_host
 
 if TYPE_CHECKING:
     import logging
@@ -70,6 +71,7 @@ __all__ = [
     "Registry",
     "Selection",
     "list_plugins",
+    "list_selection",
     "load_plugins",
 ]
 
@@ -84,7 +86,7 @@ SUPPORTED_API_VERSIONS: Final = frozenset({HOST_API_VERSION})
 _API_VALUE: Final = re.compile(r"\s*devicehost\s*:\s*HOST_API_V(\d+)\s*")
 _FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})
 
-PluginStatus = Literal["loaded", "blocked", "error"]
+PluginStatus = Literal["available", "loaded", "blocked", "error"]
 
 
 def _log() -> logging.Logger:
@@ -99,7 +101,8 @@ class PluginInfo(NamedTuple):
     ``name`` is the entry-point name (the device name for a device type); ``distribution`` and
     ``version`` come from the installed distribution's metadata. ``error`` says why the plugin is
     not loaded: the failure for status ``error``, the reason for status ``blocked``; it is ``None``
-    for a loaded plugin. ``kind`` is ``"device"`` or ``"cross-cutting"`` once the plugin was
+    for a plugin that is ``available`` (metadata sound, not imported) or ``loaded`` (imported and
+    validated). ``kind`` is ``"device"`` or ``"cross-cutting"`` once the plugin was
     imported, else ``None``. ``value`` is the entry point's ``module:attr``.
     """
 
@@ -189,12 +192,33 @@ class Selection(NamedTuple):
 
     def missing(self, infos: Iterable[PluginInfo]) -> list[str]:
         """Requested or allow-listed names that no installed plugin has."""
-        wanted = set(self.requested) | set(self.allow or ())
         infos = list(infos)
-        return sorted(
-            n for n in wanted
-            if not any(self._matches(frozenset({n}), i.name, i.distribution) for i in infos)
-        )
+        return sorted(problem.split(":", 1)[0] for problem in self.unknown(infos)
+                      if not problem.startswith("no:"))
+
+    def unknown(self, infos: Iterable[PluginInfo]) -> list[str]:
+        """One line per name in the selection that no installed plugin has: ``NAME: why``,
+        ``no:NAME: why`` for a block (with the closest installed name, if any)."""
+        import difflib
+
+        infos = list(infos)
+        known = sorted({i.name for i in infos} | {i.distribution for i in infos})
+
+        def absent(name: str) -> bool:
+            return not any(self._matches(frozenset({name}), i.name, i.distribution) for i in infos)
+
+        def hint(name: str) -> str:
+            close = difflib.get_close_matches(name, known, n=1)
+            return f" (did you mean {close[0]!r}?)" if close else ""
+
+        lines = [f"{n}: requested with -p, but no installed plugin has this name{hint(n)}"
+                 for n in sorted(self.requested) if absent(n)]
+        lines += [f"{n}: named in DEVICEHOST_LOAD_PLUGINS, but no installed plugin has this"
+                  f" name{hint(n)}" for n in sorted(self.allow or ()) if absent(n)
+                  and n not in self.requested]
+        lines += [f"no:{n}: blocks nothing, no installed plugin has this name{hint(n)}"
+                  for n in sorted(self.blocked) if absent(n)]
+        return lines
 
 
 class _Candidate:
@@ -270,20 +294,20 @@ def _api_error(name: str, declaration: str | None) -> str | None:
     return None
 
 
-def _examine(selection: Selection) -> tuple[list[_Candidate], list[str]]:
+def _examine(selection: Selection) -> tuple[list[_Candidate], list[str], list[str]]:
     """Metadata-only verdicts for every installed plugin, in a stable order."""
     plugins, declarations = _read_metadata()
     candidates: list[_Candidate] = []
     for ep, dist, version in plugins:
         reason = selection.blocked_reason(ep.name, dist)
-        status: PluginStatus = "loaded" if reason is None else "blocked"
+        status: PluginStatus = "available" if reason is None else "blocked"
         info = PluginInfo(ep.name, dist, version, status, reason, value=ep.value)
         candidates.append(_Candidate(ep, info))
     candidates.sort(key=lambda c: (c.info.name, _normalise_dist(c.info.distribution)))
 
     claims: dict[str, list[_Candidate]] = {}
     for cand in candidates:
-        if cand.info.status == "loaded":
+        if cand.info.status == "available":
             claims.setdefault(cand.info.name, []).append(cand)
     for name, claimants in claims.items():
         if len(claimants) > 1:
@@ -298,21 +322,31 @@ def _examine(selection: Selection) -> tuple[list[_Candidate], list[str]]:
                 cand.info = cand.info._replace(status="error", error=message)
 
     for cand in candidates:
-        if cand.info.status != "loaded":
+        if cand.info.status != "available":
             continue
         key = (_normalise_dist(cand.info.distribution), cand.info.name)
         problem = _api_error(cand.info.name, declarations.get(key))
         if problem is not None:
             cand.info = cand.info._replace(status="error", error=problem)
-    return candidates, selection.missing(c.info for c in candidates)
+    infos = [c.info for c in candidates]
+    return candidates, selection.missing(infos), selection.unknown(infos)
 
 
 def list_plugins(
     plugin_args: Sequence[str] = (), environ: Mapping[str, str] | None = None
 ) -> list[PluginInfo]:
     """Every installed plugin with its metadata-only verdict; imports no plugin code."""
-    candidates, _ = _examine(Selection.from_args(plugin_args, environ))
+    candidates, _, _ = _examine(Selection.from_args(plugin_args, environ))
     return [c.info for c in candidates]
+
+
+def list_selection(
+    plugin_args: Sequence[str] = (), environ: Mapping[str, str] | None = None
+) -> tuple[list[PluginInfo], list[str]]:
+    """:func:`list_plugins` and the selection names that match no installed plugin (see
+    :meth:`Selection.unknown`); reads metadata only."""
+    candidates, _, unknown = _examine(Selection.from_args(plugin_args, environ))
+    return [c.info for c in candidates], unknown
 
 
 class Registry:
@@ -324,11 +358,14 @@ class Registry:
         cross_cutting: list[object],
         infos: list[PluginInfo],
         missing: list[str] | None = None,
+        unknown: list[str] | None = None,
     ) -> None:
         self.device_classes = device_classes
         self.cross_cutting = cross_cutting
         self.infos = infos
         self.missing = list(missing or [])
+        #: Every selection name that matches no installed plugin (``Selection.unknown``).
+        self.unknown = list(unknown or [])
 
     def __repr__(self) -> str:
         return (
@@ -346,9 +383,11 @@ class Registry:
         return next((i for i in self.infos if i.name == name), None)
 
     def problems(self) -> list[str]:
-        """One line per broken plugin and per requested plugin that is not installed."""
+        """One line per broken plugin and per selection name that matches no installed plugin
+        (requested, allow-listed or blocked)."""
         lines = [f"{i.name} ({i.distribution} {i.version}): {i.error}" for i in self.errors]
-        lines += [f"{n}: requested, but no installed plugin has this name" for n in self.missing]
+        lines += self.unknown or [
+            f"{n}: requested, but no installed plugin has this name" for n in self.missing]
         return lines
 
     def _record(self, name: str, error: str) -> None:
@@ -362,7 +401,9 @@ class Registry:
 
         A constructor exception (``SystemExit`` too) is recorded against the plugin (status
         ``error``) and raised as :class:`PluginError`. The class stays registered: another
-        config may construct fine.
+        config may construct fine. A :class:`~devicehost.errors.ConfigError` (a configured value
+        the device refuses) is the config's fault, not the plugin's: it is raised as it is, and
+        nothing is recorded.
         """
         cls = self.device_classes.get(plugin_name)
         if cls is None:
@@ -371,6 +412,8 @@ class Registry:
             raise PluginError(f"device plugin {plugin_name!r} is not loaded{why}")
         try:
             return cls(config)
+        except ConfigError:
+            raise
         except BaseException as exc:
             # A constructor calling sys.exit() fails its device, not the host (see ends_the_host).
             if ends_the_host(exc):
@@ -444,7 +487,7 @@ def _load(cand: _Candidate) -> tuple[object | None, PluginInfo]:
     except Exception as exc:
         error = f"validation failed: {type(exc).__name__}: {exc}"
     else:
-        return obj, cand.info._replace(kind=kind)
+        return obj, cand.info._replace(status="loaded", kind=kind)
     return None, cand.info._replace(status="error", error=" ".join(error.split()))
 
 
@@ -455,22 +498,22 @@ def load_plugins(
     strict: bool = False,
 ) -> Registry:
     """Import and validate each selected plugin in isolation; see the module docstring."""
-    candidates, missing = _examine(Selection.from_args(plugin_args, environ))
+    candidates, missing, unknown = _examine(Selection.from_args(plugin_args, environ))
     device_classes: dict[str, type] = {}
     cross_cutting: list[object] = []
     infos: list[PluginInfo] = []
     for cand in candidates:
         info = cand.info
-        if info.status == "loaded":
+        if info.status == "available":
             obj, info = _load(cand)
             if isinstance(obj, type):
                 device_classes[info.name] = obj
             elif obj is not None:
                 cross_cutting.append(obj)
         if info.status == "error":
-            _log().warning("plugin %r (%s) is broken: %s", info.name, info.distribution, info.error)
+            _log().debug("plugin %r (%s) is broken: %s", info.name, info.distribution, info.error)
         infos.append(info)
-    registry = Registry(device_classes, cross_cutting, infos, missing)
-    if strict and (registry.errors or registry.missing):
+    registry = Registry(device_classes, cross_cutting, infos, missing, unknown)
+    if strict and (registry.errors or registry.unknown):
         raise PluginError("plugin errors (strict mode):\n  " + "\n  ".join(registry.problems()))
     return registry

@@ -146,10 +146,8 @@ class VhostUserBackend:
         try:
             listener = await anyio.create_unix_listener(self.path)
         except OSError as exc:
-            raise ConfigError(
-                f"device {self.device.name!r}: cannot listen on vhost-user socket {self.path!r}:"
-                f" {exc}"
-            ) from None
+            raise ConfigError(f"cannot listen on vhost-user socket: {exc.strerror or exc}",
+                              key="vhost_user_socket", value=self.path) from None
         try:
             with anyio.CancelScope() as scope:
                 task_status.started(scope)
@@ -177,10 +175,8 @@ class VhostUserBackend:
             return
         finally:
             probe.close()
-        raise ConfigError(
-            f"device {self.device.name!r}: vhost-user socket {self.path!r} is in use by another"
-            " running server"
-        )
+        raise ConfigError("the vhost-user socket is in use by another running server",
+                          key="vhost_user_socket", value=self.path)
 
     def _setting(self, name: str, default: Any) -> Any:
         """A ``[host]`` setting of the host serving the device (``default`` without a host)."""

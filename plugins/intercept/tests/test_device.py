@@ -41,7 +41,7 @@ SPECS = [DeviceSpec("relay", "intercept", InterceptConfig()),
 def test_the_host_discovers_the_plugin() -> None:
     (info,) = [i for i in list_plugins(environ={}) if i.name == "intercept"]
     assert info.distribution == "devicehost-intercept"
-    assert info.status == "loaded"
+    assert info.status == "available"
     registry = load_plugins(["intercept"], environ={"DEVICEHOST_LOAD_PLUGINS": "intercept"})
     assert registry.device_classes["intercept"] is InterceptRelay
 

@@ -1,8 +1,11 @@
 """The sidecar as a devicehost device: config -> driver -> client (the runner).
 
+- construction: a kernel driver on a machine without a sidecar (no ``<device_prefix>0``) is a
+  :class:`devicehost.ConfigError` naming key ``driver``: the operator asked for a sidecar that is
+  not there, and the host says so before serving anything.
 - ``offer``: probes the driver and returns a :class:`devicehost.LocalOffer` describing the nodes
-  and CPUs found. A kernel driver on a machine without a sidecar fails the device with
-  :class:`SidecarUnavailableError` (the operator asked for a sidecar that is not there).
+  and CPUs found. A sidecar that is gone by then fails the device with
+  :class:`SidecarUnavailableError`.
 - ``open``: opens and maps every node; the runner is the :class:`SidecarClient`. Other code reaches
   it through the host: ``host.devices[name].runner``.
 - ``run``: the wait loops, one per node. Cancel-safe: stopping cancels them, starting runs new ones.
@@ -14,12 +17,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable
 from typing import Any, Literal
 
 import attrs
 
-from devicehost import DeviceContext, LocalOffer, hookimpl
+from devicehost import ConfigError, DeviceContext, LocalOffer, hookimpl
 from devicehost_sidecar.client import SidecarClient
 from devicehost_sidecar.driver import SidecarDriver
 from devicehost_sidecar.errors import SidecarUnavailableError
@@ -72,6 +76,12 @@ class SidecarDevice:
         self.config = config if config is not None else SidecarConfig()
         self.driver: SidecarDriver
         if self.config.driver == "kernel":
+            if not os.path.exists(f"{self.config.device_prefix}0"):
+                # Found when the device is built, before anything is served.
+                raise ConfigError(
+                    f"no sidecar on this machine: {self.config.device_prefix}0 does not exist"
+                    ' (configure driver = "simulator" to use the simulated sidecar)',
+                    key="driver", value="kernel")
             self.driver = KernelDriver(self.config.device_prefix)
         else:
             self.driver = SimulatedSidecar(

@@ -12,7 +12,7 @@ import anyio
 import attrs
 import pytest
 
-from devicehost import DeviceContext, DeviceError, DeviceState, LocalOffer
+from devicehost import ConfigError, DeviceContext, DeviceError, DeviceState, LocalOffer
 from devicehost.lifecycle import Device, new_device_manager
 from devicehost.testing import DeviceConformance, host_with
 from devicehost.testing.registry import DeviceSpec
@@ -91,10 +91,26 @@ async def test_offer_open_run_close_through_the_lifecycle() -> None:
         assert statuses == [CpuStatus.REMOVED] * 6
 
 
+def test_kernel_driver_without_a_sidecar_is_a_config_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    prefix = str(tmp_path / "mshv_vtl_sidecar")
+    with pytest.raises(ConfigError) as info:
+        SidecarDevice(SidecarConfig(driver="kernel", device_prefix=prefix))
+    assert info.value.keyed() == (
+        f"key 'driver' = 'kernel': no sidecar on this machine: {prefix}0 does not exist"
+        ' (configure driver = "simulator" to use the simulated sidecar)')
+
+
 @pytest.mark.anyio
-async def test_kernel_driver_without_a_sidecar_fails_only_this_device(tmp_path: Path) -> None:
+async def test_kernel_driver_whose_sidecar_is_gone_at_offer_fails_only_this_device(
+    tmp_path: Path,
+) -> None:
+    node = tmp_path / "mshv_vtl_sidecar0"
+    node.write_bytes(b"")
     config = SidecarConfig(driver="kernel", device_prefix=str(tmp_path / "mshv_vtl_sidecar"))
     async with lifecycle(config) as (_device, managed):
+        node.unlink()
         with pytest.raises(DeviceError, match=r"no sidecar on this machine: .*sidecar0"):
             await managed.offer()
         assert managed.state is DeviceState.FAILED

@@ -13,7 +13,7 @@ def test_installed_host_lists_and_loads_the_sidecar_plugin() -> None:
     from devicehost.plugins import list_plugins, load_plugins
 
     (info,) = [i for i in list_plugins(environ={}) if i.name == "sidecar"]
-    assert (info.distribution, info.status) == ("devicehost-sidecar", "loaded")
+    assert (info.distribution, info.status) == ("devicehost-sidecar", "available")
     registry = load_plugins(environ={"DEVICEHOST_LOAD_PLUGINS": "sidecar"})
     assert registry.device_classes == {"sidecar": SidecarDevice}
     assert registry.info("sidecar") is not None and registry.errors == []

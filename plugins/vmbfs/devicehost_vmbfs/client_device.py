@@ -10,8 +10,9 @@ Configuration (``[devices.<name>]``, plugin ``vmbfs-client``):
 
 - ``paths`` (default ``["/imc.hiv"]``): the files to read, in order;
 - ``chunk`` (default 12276 = MAX_READ_SIZE): bytes per READ_FILE, 1..12276;
-- ``max_bytes`` (default 2 MiB): the most bytes kept (and saved) over all files; a larger file
-  fails the device with a clear error.
+- ``max_bytes`` (default 2 MiB = 2097152, at most 8 MiB): the most bytes kept (and saved) over
+  all files; a file that does not fit fails the device with one error line naming the file, its
+  size and ``max_bytes`` (``devicehost run`` then exits non-zero at the stop).
 
 Save/restore (the wrapper closes the channel on every stop; facts §10.4): ``save_open`` saves
 the progress — the files read so far, the index of the file being read, the bytes of it read so
@@ -69,6 +70,8 @@ __all__ = [
 #: host-to-guest ring of at least 16 KiB to send its largest reply (facts §8.6 (a)).
 RING_PAGES: Final = 4
 _DEFAULT_MAX_BYTES: Final = 2 << 20
+#: The largest ``max_bytes`` a config may set (everything read is kept in memory and saved).
+MAX_KEPT_BYTES: Final = 8 << 20
 
 
 def _check_chunk(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
@@ -90,8 +93,8 @@ def _check_paths(_inst: object, _attr: attrs.Attribute[tuple[str, ...]],
 
 
 def _check_max_bytes(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= 8 << 20:
-        raise ConfigError(f"vmbfs-client: 'max_bytes' must be 0..{8 << 20}, not {value}")
+    if not 0 <= value <= MAX_KEPT_BYTES:
+        raise ConfigError(f"vmbfs-client: 'max_bytes' must be 0..{MAX_KEPT_BYTES}, not {value}")
 
 
 @attrs.frozen
@@ -203,8 +206,9 @@ class VmbfsReader:
             budget = self.config.max_bytes - sum(len(f.data) for f in self.done)
             if info.file_size > budget:
                 raise VmbfsClientError(
-                    f"{self.path!r} has {info.file_size} bytes, more than the {budget} left of "
-                    f"max_bytes ({self.config.max_bytes})")
+                    f"{self.path!r} has {info.file_size} bytes, more than the {budget} left of"
+                    f" max_bytes = {self.config.max_bytes}; raise max_bytes in the device's"
+                    f" config (at most {MAX_KEPT_BYTES})")
             self.size = info.file_size
             self.phase = ReadPhase.READ
             self._file_complete()

@@ -59,20 +59,24 @@ class VmbfsSavedState:
 
 
 def _backing_for(config: VmbfsConfig) -> tuple[Backing, tempfile.TemporaryDirectory[str] | None]:
+    """The backing ``config`` asks for; a :class:`ConfigError` naming the key and value that
+    cannot be served (the host adds the config file and the device)."""
     if config.file and config.root:
-        raise ConfigError("vmbfs: set either 'file' or 'root', not both")
+        raise ConfigError("set either 'file' or 'root', not both", key="root", value=config.root)
     if config.file:
         try:
             return SingleFileBacking.open(config.name, config.file), None
         except InvalidFileName as exc:
-            raise ConfigError(f"vmbfs: 'name': {exc}") from exc
+            raise ConfigError(str(exc), key="name", value=config.name) from exc
         except OSError as exc:
-            raise ConfigError(f"vmbfs: 'file' {config.file!r} cannot be served: {exc}") from exc
+            raise ConfigError(f"cannot be served: {exc.strerror or exc}", key="file",
+                              value=config.file) from exc
     if config.root:
         try:
             return DirectoryBacking.open(config.root), None
         except OSError as exc:
-            raise ConfigError(f"vmbfs: 'root' {config.root!r} cannot be served: {exc}") from exc
+            raise ConfigError(f"cannot be served: {exc.strerror or exc}", key="root",
+                              value=config.root) from exc
     scratch = tempfile.TemporaryDirectory(prefix="devicehost-vmbfs-")
     return DirectoryBacking.open(scratch.name), scratch
 

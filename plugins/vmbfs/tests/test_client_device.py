@@ -152,7 +152,7 @@ def test_config_is_validated() -> None:
 
 def test_the_host_discovers_the_client_device() -> None:
     (info,) = [i for i in list_plugins(environ={}) if i.name == "vmbfs-client"]
-    assert info.distribution == "devicehost-vmbfs" and info.status == "loaded"
+    assert info.distribution == "devicehost-vmbfs" and info.status == "available"
     registry = load_plugins(["vmbfs-client"],
                             environ={"DEVICEHOST_LOAD_PLUGINS": "vmbfs-client"})
     assert registry.device_classes["vmbfs-client"] is VmbfsClientDevice

@@ -10,7 +10,7 @@ from devicehost_vsock import VsockDevice
 def test_the_host_discovers_the_plugin() -> None:
     (info,) = [i for i in list_plugins(environ={}) if i.name == "vsock"]
     assert info.distribution == "devicehost-vsock"
-    assert info.status == "loaded"
+    assert info.status == "available"
     registry = load_plugins(["vsock"], environ={"DEVICEHOST_LOAD_PLUGINS": "vsock"})
     assert registry.device_classes["vsock"] is VsockDevice
 
