@@ -3,6 +3,10 @@ passes; devices that break it are caught."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,6 +15,8 @@ import pytest
 
 from devicehost import DeviceContext, LocalOffer, hookimpl, saved_state
 from devicehost.testing import DeviceConformance, host_with
+from devicehost.host import Host
+from devicehost.lifecycle import Device
 from devicehost.testing.registry import DeviceSpec
 
 
@@ -130,3 +136,158 @@ async def test_host_with_named_devices_are_independent() -> None:
         await anyio.sleep(0.02)
         assert b.runner["ticks"] > ticks
         assert a.runner is not b.runner
+
+
+# -- a device that forgets what it saved ---------------------------------------------------------
+
+
+@saved_state("tests.TokenState", 1)
+@attrs.frozen
+class TokenState:
+    token: str
+
+
+class Tokened:
+    """A local device whose runner holds a random token (saved) and a count (not saved)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> LocalOffer:
+        return LocalOffer({"token": True})
+
+    @hookimpl
+    def open(self, ctx: DeviceContext, resources: Any) -> dict[str, Any]:
+        return {"token": os.urandom(8).hex(), "count": 0}
+
+    @hookimpl
+    def run(self, ctx: DeviceContext, runner: dict[str, Any]) -> Any:
+        return anyio.sleep_forever()
+
+    @hookimpl
+    def save_open(self, ctx: DeviceContext, runner: dict[str, Any]) -> TokenState:
+        return TokenState(runner["token"])
+
+    @hookimpl
+    def restore_open(self, ctx: DeviceContext, state: TokenState, resources: Any
+                     ) -> dict[str, Any]:
+        return {"token": state.token, "count": 0}
+
+
+class Forgetful(Tokened):
+    """Breaks the contract: its restore_open ignores the saved state and starts afresh."""
+
+    @hookimpl
+    def restore_open(self, ctx: DeviceContext, state: TokenState, resources: Any
+                     ) -> dict[str, Any]:
+        return {"token": os.urandom(8).hex(), "count": 0}
+
+
+class TestTokenedConformance(DeviceConformance):
+    device_class = Tokened
+
+
+def test_save_restore_check_catches_a_restore_that_ignores_its_state() -> None:
+    class Check(DeviceConformance):
+        device_class = Forgetful
+
+    with pytest.raises(AssertionError, match="does restore_open ignore its state"):
+        Check().test_save_restore_round_trip("asyncio")
+
+
+def test_save_restore_check_compares_what_the_author_says_must_survive() -> None:
+    class Check(DeviceConformance):
+        device_class = Tokened  # saves its token, but not its count
+
+        async def exercise(self, host: Host, device: Device, guest: Any) -> None:
+            device.runner["count"] = 5
+
+        async def observe_state(self, host: Host, device: Device) -> Any:
+            return (device.runner["token"], device.runner["count"])
+
+    with pytest.raises(AssertionError, match="observe_state differs after the restore"):
+        Check().test_save_restore_round_trip("trio")
+
+
+# -- a device that cannot be stopped: the suite fails, naming the step, and does not hang ----------
+
+SWALLOWER = '''
+import anyio
+import devicehost.testing.conformance as conformance
+from devicehost import DeviceContext, LocalOffer, hookimpl
+from devicehost.testing import DeviceConformance
+
+conformance.STEP_TIMEOUT = 1.0
+conformance._WATCHDOG_GRACE = 1.0
+
+
+class Swallower:
+    """Its run swallows every cancellation: it can never be stopped."""
+
+    def __init__(self, config):
+        pass
+
+    @hookimpl
+    def offer(self, ctx):
+        return LocalOffer({})
+
+    @hookimpl
+    def open(self, ctx, resources):
+        return {}
+
+    @hookimpl
+    def run(self, ctx, runner):
+        async def forever():
+            while True:
+                try:
+                    await anyio.sleep(1)
+                except anyio.get_cancelled_exc_class():
+                    pass
+
+        return forever()
+
+
+class TestSwallower(DeviceConformance):
+    device_class = Swallower
+'''
+
+
+def test_the_suite_fails_naming_the_step_on_a_run_that_swallows_cancellation(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "test_swallower.py").write_text(SWALLOWER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+         "open_run_stop_start_close", str(tmp_path / "test_swallower.py")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    for backend in ("asyncio", "trio"):
+        assert f"test_open_run_stop_start_close[{backend}]" in proc.stdout
+    assert proc.stdout.count(
+        "step 'stop' did not finish within 1.0 s; then step 'teardown: stop and close every"
+        " device' did not finish within 1.0 s and cannot be stopped") == 2, proc.stdout[-3000:]
+    assert "2 failed" in proc.stdout
+
+
+def test_trio_cases_are_skipped_with_the_reason_when_trio_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "test_no_trio.py").write_text(
+        "import sys\nsys.modules['trio'] = None  # as if trio were not installed\n"
+        "from devicehost.testing import DeviceConformance\n"
+        "from tests_ticker import Ticker\n\n"
+        "class TestTicker(DeviceConformance):\n    device_class = Ticker\n")
+    (tmp_path / "tests_ticker.py").write_text(
+        "import anyio\nfrom devicehost import LocalOffer, hookimpl\n\n"
+        "class Ticker:\n    def __init__(self, config):\n        pass\n\n"
+        "    @hookimpl\n    def offer(self, ctx):\n        return LocalOffer({})\n\n"
+        "    @hookimpl\n    def open(self, ctx, resources):\n        return {}\n\n"
+        "    @hookimpl\n    def run(self, ctx, runner):\n        return anyio.sleep_forever()\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_no_trio.py"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "trio is not installed: the conformance suite's trio cases need it" in proc.stdout
+    assert "pip install \"devicehost[testing]\"" in proc.stdout
+    assert "failed" not in proc.stdout

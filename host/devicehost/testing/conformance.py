@@ -9,13 +9,29 @@ Subclass :class:`DeviceConformance` in a test module of your plugin::
         device_class = MyDevice
 
 pytest then runs every ``test_*`` method below against a real host serving one instance of the
-device, opened the way its guest would open it, on asyncio and on trio.
+device, opened the way its guest would open it, on asyncio and on trio (trio cases are skipped,
+saying why, when trio is not installed: ``pip install "devicehost[testing]"``).
+
+Every step (open, stop, start, close, save, restore, the host's teardown) has
+:data:`STEP_TIMEOUT` seconds. A step that overruns fails the test naming the step, also when the
+device cannot be stopped at all (a ``run`` that swallows cancellation): each check runs its event
+loop in a worker thread watched by the test, which gives up on a loop that overruns and fails
+instead of hanging (the abandoned thread ends with the test process).
+
+Save/restore: the suite saves the stopped device, restores it from the decoded state and checks
+that the restored device saves the *same* state again, so a ``restore_open`` that ignores its
+state is caught. Say what else must survive by overriding :meth:`DeviceConformance.observe_state`
+(compared before the save and after the restore), and give the device some state worth saving by
+overriding :meth:`DeviceConformance.exercise`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-from collections.abc import AsyncIterator, Mapping
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -29,10 +45,39 @@ from devicehost.testing.guest import guest_session
 from devicehost.testing.registry import DeviceSpec, host_with
 from devicehost.transport import transport_class_for
 
-__all__ = ["DeviceConformance"]
+__all__ = ["STEP_TIMEOUT", "DeviceConformance"]
 
 #: Seconds any single lifecycle step may take before the suite calls it a hang.
 STEP_TIMEOUT = 10.0
+#: Extra seconds the watchdog gives a step beyond :data:`STEP_TIMEOUT` before abandoning its loop
+#: (the step's own timeout normally reports first, from inside the loop).
+_WATCHDOG_GRACE = 5.0
+_TRIO_MISSING = ("trio is not installed: the conformance suite's trio cases need it"
+                 ' (pip install "devicehost[testing]")')
+
+
+class _Steps:
+    """The step a check is in and since when; shared by the check's thread and the watchdog."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.name = "start the host"
+        self.started = time.monotonic()
+        self.done = False
+        self.error: BaseException | None = None
+        self.first_failure: str | None = None
+
+    def enter(self, name: str) -> None:
+        with self.cond:
+            self.name = name
+            self.started = time.monotonic()
+            self.cond.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.cond:
+            self.error = error
+            self.done = True
+            self.cond.notify_all()
 
 
 @pytest.mark.anyio
@@ -47,8 +92,12 @@ class DeviceConformance:
     #: A VMBus client device needs the server device whose offer it intercepts.
     peers: ClassVar[Mapping[str, tuple[type[Any], Any]]] = {}
 
+    _steps: _Steps | None = None
+
     @pytest.fixture(params=["asyncio", "trio"])
     def anyio_backend(self, request: pytest.FixtureRequest) -> str:
+        if request.param == "trio" and importlib.util.find_spec("trio") is None:
+            pytest.skip(_TRIO_MISSING)
         return str(request.param)
 
     def make_config(self) -> Any:
@@ -57,6 +106,68 @@ class DeviceConformance:
         config_class = getattr(self.device_class, "config_class", None)
         return None if config_class is None else config_class()
 
+    # -- hooks for device authors --------------------------------------------------------------
+
+    async def exercise(self, host: Host, device: Device, guest: Any) -> None:
+        """Drive the open, running device so it has state worth saving (default: nothing).
+
+        ``guest`` is what :func:`devicehost.testing.guest.guest_session` yields for the device's
+        transport (None for a local device)."""
+
+    async def observe_state(self, host: Host, device: Device) -> Any:
+        """What of the stopped device must survive a save/restore (default: None, nothing
+        beyond the saved state itself). Called before the save and after the restore; the two
+        values must be equal. Read it from ``device.runner`` or ``await device.inspect()``."""
+        return None
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def step(self, name: str) -> AsyncIterator[None]:
+        """Run a block as the step ``name``: it fails the test, naming the step, if it takes
+        longer than :data:`STEP_TIMEOUT`."""
+        if self._steps is not None:
+            self._steps.enter(name)
+        try:
+            with anyio.fail_after(STEP_TIMEOUT):
+                yield
+        except TimeoutError:
+            message = f"step {name!r} did not finish within {STEP_TIMEOUT} s"
+            if self._steps is not None and self._steps.first_failure is None:
+                self._steps.first_failure = message
+            pytest.fail(message, pytrace=False)
+
+    def run_check(self, backend: str, check: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``check`` on ``backend`` in a worker thread, failing (never hanging) when a step
+        overruns :data:`STEP_TIMEOUT` even if its event loop cannot be stopped."""
+        steps = self._steps = _Steps()
+        result: list[Any] = []
+
+        def body() -> None:
+            try:
+                result.append(anyio.run(check, backend=backend))
+            except BaseException as exc:
+                steps.finish(exc)
+            else:
+                steps.finish(None)
+
+        thread = threading.Thread(target=body, name=f"conformance {type(self).__name__}",
+                                  daemon=True)
+        thread.start()
+        with steps.cond:
+            while not steps.done:
+                left = steps.started + STEP_TIMEOUT + _WATCHDOG_GRACE - time.monotonic()
+                if left <= 0:
+                    where = (f"step {steps.name!r} did not finish within {STEP_TIMEOUT} s and"
+                             " cannot be stopped (does the device's run swallow cancellation?)")
+                    first = steps.first_failure
+                    pytest.fail(f"{first}; then {where}" if first else where, pytrace=False)
+                steps.cond.wait(left)
+        self._steps = None
+        if steps.error is not None:
+            raise _leaf(steps.error)
+        return result[0]
+
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[tuple[Host, Device, Any]]:
         """A host serving the device, opened by its guest; yields (host, device, guest)."""
@@ -64,55 +175,79 @@ class DeviceConformance:
         specs.append(DeviceSpec("dut", self.plugin_name, self.make_config()))
         classes = {name: cls for name, (cls, _config) in self.peers.items()}
         classes[self.plugin_name] = self.device_class
-        async with host_with(classes, specs) as host:
-            assert "dut" not in host.failures, f"the device was not served: {host.failures}"
-            device = host.devices["dut"]
-            with anyio.fail_after(STEP_TIMEOUT):
-                async with guest_session(host, device) as guest:
+        try:
+            async with host_with(classes, specs) as host:
+                assert "dut" not in host.failures, f"the device was not served: {host.failures}"
+                device = host.devices["dut"]
+                async with self.step("open: the guest opens the device"):
+                    session = guest_session(host, device)
+                    guest = await session.__aenter__()
                     await _wait_for(lambda: _state(device) is DeviceState.RUNNING)
+                try:
                     yield host, device, guest
+                finally:
+                    async with self.step("teardown: the guest closes the device"):
+                        await session.__aexit__(None, None, None)
+                    if self._steps is not None:
+                        self._steps.enter("teardown: stop and close every device")
+        finally:
+            if self._steps is not None:
+                self._steps.enter("finish")
 
     # -- the checks --------------------------------------------------------------------------------
 
     def test_hookimpls_match_specs(self) -> None:
         new_device_manager(self.device_class, self.plugin_name).check_pending()
 
-    async def test_offer_is_valid_and_stable(self) -> None:
+    def test_offer_is_valid_and_stable(self, anyio_backend: str) -> None:
+        self.run_check(anyio_backend, self._offer_is_valid_and_stable)
+
+    async def _offer_is_valid_and_stable(self) -> None:
         async with self.opened() as (_host, device, _guest):
             first = device.offer_value
             transport_class_for(first)  # raises if no transport serves it
-            again = device.pm.hook.offer(ctx=device.ctx, incoming=None)
+            async with self.step("offer again"):
+                again = device.pm.hook.offer(ctx=device.ctx, incoming=None)
             assert again == first, "offer must describe the same thing every time it is called"
 
-    async def test_open_run_stop_start_close(self) -> None:
+    def test_open_run_stop_start_close(self, anyio_backend: str) -> None:
+        self.run_check(anyio_backend, self._open_run_stop_start_close)
+
+    async def _open_run_stop_start_close(self) -> None:
         async with self.opened() as (_host, device, _guest):
             runner = device.runner
             assert runner is not None
             assert device.run_count == 1
-            with anyio.fail_after(STEP_TIMEOUT):
+            async with self.step("stop"):
                 assert await device.stop(), "stop of a running device must report it was running"
             assert _state(device) is DeviceState.OPEN
             assert device.runner is runner, "stop must keep the runner"
-            with anyio.fail_after(STEP_TIMEOUT):
+            async with self.step("start"):
                 assert await device.start()
             assert _state(device) is DeviceState.RUNNING
             assert device.run_count == 2 and device.runner is runner
-            with anyio.fail_after(STEP_TIMEOUT):
+            async with self.step("close"):
                 await device.close()
             assert _state(device) is DeviceState.CLOSED and device.runner is None
 
-    async def test_stop_cancels_run_promptly(self) -> None:
+    def test_stop_cancels_run_promptly(self, anyio_backend: str) -> None:
+        self.run_check(anyio_backend, self._stop_cancels_run_promptly)
+
+    async def _stop_cancels_run_promptly(self) -> None:
         async with self.opened() as (_host, device, _guest):
-            for _ in range(5):
+            for attempt in range(1, 6):
                 await anyio.sleep(0)
-                with anyio.fail_after(STEP_TIMEOUT):
+                async with self.step(f"stop #{attempt}"):
                     await device.stop()
                 assert _state(device) is DeviceState.OPEN, device.failure
-                with anyio.fail_after(STEP_TIMEOUT):
+                async with self.step(f"start #{attempt}"):
                     await device.start()
             assert device.failure is None
 
-    async def test_transport_close_and_reopen(self) -> None:
+    def test_transport_close_and_reopen(self, anyio_backend: str) -> None:
+        self.run_check(anyio_backend, self._transport_close_and_reopen)
+
+    async def _transport_close_and_reopen(self) -> None:
         """The transport's own contract: the guest closes the device and opens it again."""
         instance = self.device_class(self.make_config())
         pm = new_device_manager(instance, self.plugin_name)
@@ -121,40 +256,48 @@ class DeviceConformance:
         if kind == "OfferParams":
             from devicehost.testing.vmbus import check_vmbus_device
 
-            await check_vmbus_device(self.device_class, self.make_config())
+            async with self.step("VMBus close and reopen"):
+                await check_vmbus_device(self.device_class, self.make_config())
             return
         async with self.opened() as (host, device, guest):
             if kind == "DeviceTraits":
                 from devicehost.virtio.transport import VirtioTransport
 
-                with anyio.fail_after(STEP_TIMEOUT):
+                async with self.step("guest reset"):
                     await guest.reset()
                 assert _state(device) is DeviceState.CLOSED and device.runner is None
-                with anyio.fail_after(STEP_TIMEOUT):
+                async with self.step("reopen by a new driver, then reset"):
                     driver = await host.transport(VirtioTransport).connect_driver(device.name)
                     await _wait_for(lambda: _state(device) is DeviceState.RUNNING)
                     await driver.reset()
                 assert _state(device) is DeviceState.CLOSED
             else:
-                with anyio.fail_after(STEP_TIMEOUT):
+                async with self.step("revoke"):
                     await host.remove_device(device.name)
                 assert _state(device) is DeviceState.REVOKED and device.runner is None
 
-    async def test_save_restore_round_trip(self) -> None:
-        supported = True
-        async with self.opened() as (host, device, _guest):
-            with anyio.fail_after(STEP_TIMEOUT):
-                await device.stop()
-            state = await device.save()
-            if state is not None:
-                await self._check_round_trip(host, device, state)
-            else:
-                supported = False
+    def test_save_restore_round_trip(self, anyio_backend: str) -> None:
+        supported = self.run_check(anyio_backend, self._save_restore_round_trip)
         if not supported:
-            # Skipped outside the host's task group, so the skip is not wrapped in a group.
             pytest.skip("the device does not support save/restore (save_open returned None)")
 
-    async def _check_round_trip(self, host: Host, device: Device, state: Any) -> None:
+    async def _save_restore_round_trip(self) -> bool:
+        async with self.opened() as (host, device, guest):
+            async with self.step("exercise"):
+                await self.exercise(host, device, guest)
+            async with self.step("stop"):
+                await device.stop()
+            async with self.step("observe the state before saving"):
+                before = await self.observe_state(host, device)
+            async with self.step("save"):
+                state = await device.save()
+            if state is None:
+                return False
+            await self._check_round_trip(host, device, state, before)
+        return True
+
+    async def _check_round_trip(self, host: Host, device: Device, state: Any,
+                                before: Any) -> None:
         from devicehost.savedstate import (
             decode_envelope_untrusted,
             decode_state_untrusted,
@@ -171,10 +314,27 @@ class DeviceConformance:
             return
         resources = reopen(device)
         device.forget_runner()
-        with anyio.fail_after(STEP_TIMEOUT):
+        async with self.step("restore"):
             await device.restore(restored, resources)
+        async with self.step("observe the state after restoring"):
+            after = await self.observe_state(host, device)
+        assert after == before, (
+            f"observe_state differs after the restore: {before!r} was saved, {after!r} came back")
+        async with self.step("save the restored device"):
+            again = await device.save()
+        assert again == state, (
+            f"the restored device saves {again!r}, not the {state!r} it was restored from:"
+            " does restore_open ignore its state?")
+        async with self.step("start the restored device"):
             assert await device.start()
         assert _state(device) is DeviceState.RUNNING
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one, so that pytest reports it plainly."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def _bare_ctx(name: str, config: Any) -> DeviceContext:
