@@ -14,9 +14,9 @@ import attrs
 import pytest
 
 from devicehost import DeviceContext, LocalOffer, hookimpl, saved_state
-from devicehost.testing import DeviceConformance, host_with
 from devicehost.host import Host
 from devicehost.lifecycle import Device
+from devicehost.testing import DeviceConformance, host_with
 from devicehost.testing.registry import DeviceSpec
 
 
