@@ -747,8 +747,7 @@ async def run_host(
         failed: dict[str, str] = {}
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
-                                 saved_source=source, strict=strict) as host, \
-                    anyio.create_task_group() as services:
+                                 saved_source=source, strict=strict) as host:
                 for name, outcome in host.restore_report.items():
                     log.info("restore of %s: %s", name, outcome)
                 served = await announce(host, names, log)
@@ -757,20 +756,22 @@ async def run_host(
                     log.error("%s; no device could be served", status)
                     notifier.status(f"not started: {status}")
                     return exitcodes.NOT_STARTED
-                if control is not None:
-                    await services.start(control.serve, host)
-                    log.info("control socket at %s", control.path)
-                log.log(logging.WARNING if served < len(names) else logging.INFO, "%s", status)
-                log.info("ready")
-                notifier.ready(status)
-                if ready is not None:
-                    ready(host)
-                async for signum in signals:
-                    log.info("received %s, stopping devices", signal.Signals(signum).name)
-                    break
-                failed = failed_devices(host, names)
-                notifier.stopping("stopping")
-                services.cancel_scope.cancel()
+                async with anyio.create_task_group() as services:
+                    if control is not None:
+                        await services.start(control.serve, host)
+                        log.info("control socket at %s", control.path)
+                    log.log(logging.WARNING if served < len(names) else logging.INFO, "%s",
+                            status)
+                    log.info("ready")
+                    notifier.ready(status)
+                    if ready is not None:
+                        ready(host)
+                    async for signum in signals:
+                        log.info("received %s, stopping devices", signal.Signals(signum).name)
+                        break
+                    failed = failed_devices(host, names)
+                    notifier.stopping("stopping")
+                    services.cancel_scope.cancel()
                 if state_file is not None:
                     try:
                         write_state_file(state_file, await host.save())

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["announce", "failed_devices", "summary"]
 
 #: The longest reason shown for one failed device in the summary line.
-_MAX_WHY: Final = 160
+_MAX_WHY: Final = 400
 
 
 def failed_devices(host: Host, names: Sequence[str]) -> dict[str, str]:
