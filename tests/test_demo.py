@@ -69,3 +69,49 @@ def test_the_demos_import_no_test_tools() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", "a demo must run where only the runtime is installed"
+
+
+def test_a_loaded_device_without_a_demo_is_listed_as_no_demo() -> None:
+    from devicehost.demo import _demo_functions
+
+    demos = _demo_functions({"vmbfs", "homegrown"})
+    assert demos["homegrown"] == "no demo (the plugin has no 'devicehost.demo' entry point)"
+    assert callable(demos["vmbfs"])
+    assert demos["sidecar"] == "plugin not loaded"
+
+
+@pytest.mark.parametrize(("term", "tty", "redraw"),
+                         [("xterm", True, True), ("dumb", True, False), ("xterm", False, False)])
+def test_the_progress_line_respects_term_dumb(term: str, tty: bool, redraw: bool) -> None:
+    from devicehost.demo import _can_redraw
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    assert _can_redraw(Stream(), {"TERM": term}) is redraw
+
+
+@pytest.mark.anyio
+async def test_devicehost_trace_traces_the_hosts_a_demo_builds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from typing import Any
+
+    from devicehost import DeviceContext, LocalOffer, hookimpl
+    from devicehost.testing import host_with
+
+    class Quiet:
+        def __init__(self, config: Any) -> None:
+            pass
+
+        @hookimpl
+        def offer(self, ctx: DeviceContext) -> LocalOffer:
+            return LocalOffer({})
+
+    monkeypatch.setenv("DEVICEHOST_TRACE", "1")
+    with caplog.at_level("INFO", logger="devicehost.trace"):
+        async with host_with({"quiet": Quiet}):
+            pass
+    assert any(r.name == "devicehost.trace" and "device 'quiet': offer returned" in r.getMessage()
+               for r in caplog.records)

@@ -2,8 +2,9 @@
 
 1. The README's first command: make a venv, ``pip install -r requirements.txt``, run
    ``devicehost demo`` — it must exit 0 with every shipped device reporting PASS.
-2. The device-writing guide: install ``examples/devicehost-entropy`` into that venv, see it in
-   ``devicehost list --json`` as loaded, and run its own tests (the conformance suite) there.
+2. The device-writing guide: install ``examples/devicehost-entropy`` and ``devicehost[testing]``
+   into that venv with the guide's command, see it in ``devicehost list --load --json`` as loaded,
+   and run its own tests (the conformance suite) there.
 
 This installs from the package index like a newcomer would (dependencies, the build backend),
 so it takes a minute; it is marked slow and runs in CI.
@@ -83,13 +84,18 @@ def test_the_guide_example_installs_is_listed_and_passes_its_tests(
 ) -> None:
     assert demo_run.returncode == 0, "the venv from the README command is needed"
     bin_dir = checkout / ".venv" / "bin"
-    install = _run(
-        [str(bin_dir / "pip"), "install", "-q", "./examples/devicehost-entropy",
-         "pytest", "trio", "hypothesis"],
-        checkout,
-    )
+    guide = (checkout / "docs" / "writing-a-device.md").read_text()
+    (install_line,) = [line for line in guide.splitlines() if line.startswith("pip install ./")]
+    (list_line,) = [line for line in guide.splitlines() if line.startswith("devicehost list ")]
+    # The guide's commands, with the example's path in this checkout.
+    install_args = shlex.split(install_line.replace("./devicehost-entropy",
+                                                    "./examples/devicehost-entropy"))
+    assert install_args[2:] == ["./examples/devicehost-entropy", "devicehost[testing]"]
+    install = _run([str(bin_dir / "pip"), "install", "-q", *install_args[2:]], checkout)
     assert install.returncode == 0, install.stderr[-4000:]
-    listed = _run([str(bin_dir / "devicehost"), "list", "--json"], checkout)
+    list_args = shlex.split(list_line.split("#")[0])
+    assert list_args == ["devicehost", "list", "--load", "--json"]
+    listed = _run([str(bin_dir / "devicehost"), *list_args[1:]], checkout)
     assert listed.returncode == 0, listed.stderr
     plugins = {p["name"]: p for p in json.loads(listed.stdout)}
     assert plugins["entropy"]["status"] == "loaded"

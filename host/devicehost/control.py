@@ -1,6 +1,6 @@
 """The running host's control socket: ``[host] control_socket = PATH`` and ``devicehost inspect``.
 
-Protocol (version 1), over an ``AF_UNIX`` stream socket; see ``docs/control-socket.md``::
+Protocol (version 1), over an ``AF_UNIX`` stream socket; see ``docs/service.md``::
 
     frame    = length:u32 big-endian, then `length` bytes of UTF-8 JSON holding one object
     request  = {"version": 1, "command": NAME, "args": {...}}      ("args" optional)

@@ -1,14 +1,20 @@
-"""``devicehost demo``: exercise every installed device for real and print a report.
+"""``devicehost demo``: exercise every loaded device that ships a demo and print a report.
 
 Each device plugin contributes its part through an entry point of group ``devicehost.demo``
 naming an async function ``run_demo() -> result``; the result has ``ok`` (bool), ``lines``
 (human-readable lines), ``bytes_moved`` (int) and ``seconds`` (float) — see :class:`DemoResult`.
-A shipped device whose plugin is not installed (or not loaded) is listed as skipped, not failed.
-The command exits 0 only if every demo that ran reported success.
+A demo runs the host with a guest simulated in the same process (real shared-memory rings, Unix
+sockets and files; the guest side is Python). A shipped device whose plugin is not installed (or
+not loaded) is listed as skipped, not failed; a loaded device plugin without a demo entry point
+is listed as "no demo". The command exits 0 only if every demo that ran reported success.
+
+The report goes to ``out`` (stdout); the progress line goes to stderr, only when it is a
+terminal that can redraw a line (not ``TERM=dumb``); log records go to stderr.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,7 +43,8 @@ class DemoResult:
 
 
 def _demo_functions(loaded: set[str]) -> dict[str, Callable[[], Awaitable[Any]] | str]:
-    """Plugin name -> its demo function, or the reason it is skipped."""
+    """Plugin name -> its demo function, or the reason it is skipped; every loaded device
+    plugin is named (``no demo`` when it has none)."""
     import importlib_metadata
 
     found: dict[str, Callable[[], Awaitable[Any]] | str] = {}
@@ -51,7 +58,10 @@ def _demo_functions(loaded: set[str]) -> dict[str, Callable[[], Awaitable[Any]] 
             # An installed plugin whose demo cannot load is broken, not skipped: it fails.
             found[ep.name] = _failing(f"cannot load its demo: {type(exc).__name__}: {exc}")
     for name in SHIPPED_DEVICES:
-        found.setdefault(name, f"not installed (pip install ./plugins/{name})")
+        if name not in loaded:
+            found.setdefault(name, f"not installed (pip install ./plugins/{name})")
+    for name in sorted(loaded):
+        found.setdefault(name, "no demo (the plugin has no 'devicehost.demo' entry point)")
     return found
 
 
@@ -126,11 +136,16 @@ async def run_demos(
     return 1 if failed or ran == 0 else 0
 
 
+def _can_redraw(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """True if ``stream`` is a terminal that can redraw a line (``\r``): not ``TERM=dumb``."""
+    return stream.isatty() and environ.get("TERM", "") not in ("dumb", "")
+
+
 def main(registry: Any, out: TextIO | None = None) -> int:
     """Run the demo of every device plugin loaded in ``registry``."""
     out = out or sys.stdout
     loaded = set(getattr(registry, "device_classes", {}))
     demos = _demo_functions(loaded)
-    progress = sys.stderr if sys.stderr.isatty() else None
+    progress = sys.stderr if _can_redraw(sys.stderr, os.environ) else None
     status: int = anyio.run(lambda: run_demos(demos, out, progress=progress))
     return status

@@ -272,6 +272,10 @@ class VsockDevice:
         }
         if self._listeners is not None:
             info["base_path"] = self._listeners.base_path
+        # Where host programs reach the device (``devicehost run``'s ready line).
+        base_path = info.get("base_path") or (runner.base_path if runner is not None else "")
+        info["endpoints"] = {"guest_cid": self.config.guest_cid,
+                             **({"connect": base_path} if base_path else {})}
         if runner is not None:
             worker = runner.worker
             info.update(
