@@ -510,8 +510,9 @@ def readme_config(missing: Path) -> str:
     """The README's example config, with its directories moved under ``missing`` (absent)."""
     import re
 
-    (block,) = re.findall(r"```toml\n# devicehost.toml\n(.*?)```", README_PATH.read_text(),
-                          re.DOTALL)
+    blocks: list[str] = re.findall(r"```toml\n# devicehost.toml\n(.*?)```",
+                                   README_PATH.read_text(), re.DOTALL)
+    (block,) = blocks
     return block.replace('"/var/lib/vm', f'"{missing}/var/lib/vm').replace(
         '"/run/vm', f'"{missing}/run/vm')
 
