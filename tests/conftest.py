@@ -44,6 +44,24 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+#: The fixtures that provide QEMU, installing it on a fresh machine (tests/qemu/conftest.py).
+QEMU_FIXTURES = frozenset({"qemu_binary", "guest_image"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked ``qemu`` must get QEMU from a fixture that installs it: a ``skipif`` on the
+    binary is evaluated at collection, before anything installs QEMU, and would skip the test on
+    every fresh CI machine."""
+    for item in items:
+        if item.get_closest_marker("qemu") is None:
+            continue
+        names = set(getattr(item, "fixturenames", ()))
+        if not names & QEMU_FIXTURES or item.get_closest_marker("skipif") is not None:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked qemu: request the qemu_binary or guest_image fixture"
+                " (tests/qemu) instead of skipping when QEMU is not installed yet")
+
+
 def _implementations(name: str, module: str, attr: str, what: str) -> Any:
     """A module-scoped fixture ``name`` that runs a test module twice: on the C accelerator
     ``module.attr`` (skipped when it is not built or turned off) and on pure Python (the

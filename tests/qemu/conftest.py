@@ -1,5 +1,9 @@
 # SPDX-License-Identifier: MIT
-"""Fixtures of the QEMU tests: the cached guest image and a short temporary directory.
+"""Fixtures of the QEMU tests: QEMU itself, the cached guest image and a short temporary directory.
+
+Every test marked ``qemu`` must get QEMU from ``qemu_binary`` or ``guest_image`` (which install
+it on a fresh machine), never from a ``skipif`` evaluated at collection: ``tests/conftest.py``
+refuses such a test at collection.
 
 The support modules beside this file (guestimage, guestvm, devicehostrun, hostpeer) are shared
 with ``bench/bench_qemu.py``. They are imported relatively: under ``--import-mode=importlib``
@@ -21,8 +25,20 @@ from .guestimage import (
     GuestImage,
     GuestSetupError,
     GuestSetupUnavailable,
+    ensure_qemu,
     prepare_guest_image,
 )
+
+
+@pytest.fixture(scope="session")
+def qemu_binary() -> Path:
+    """``qemu-system-x86_64``, installed with apt if missing (skips where that is impossible)."""
+    try:
+        return ensure_qemu()
+    except GuestSetupUnavailable as exc:
+        pytest.skip(f"QEMU unavailable on this machine: {exc}")
+    except GuestSetupError as exc:
+        pytest.fail(f"installing QEMU failed:\n{exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
