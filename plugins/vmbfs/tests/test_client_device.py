@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -25,7 +25,7 @@ from devicehost.plugins import list_plugins, load_plugins
 from devicehost.testing import DeviceConformance
 from devicehost.testing.registry import DeviceSpec, host_with
 from devicehost.vmbus import VmbusTransport
-from devicehost_vmbfs import VmbfsConfig, VmbfsDevice
+from devicehost_vmbfs import VmbfsConfig, VmbfsDevice, client_device
 from devicehost_vmbfs.client import VmbfsClientError
 from devicehost_vmbfs.client_device import (
     ReadFile,
@@ -221,22 +221,36 @@ async def test_reads_the_imc_file_through_an_intercepted_channel(tmp_path: Path)
 
 @pytest.mark.anyio
 async def test_stop_with_a_read_in_flight_then_start_resumes_via_restore_open(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     content = os.urandom(150_000)
     (tmp_path / "hive").write_bytes(content)
     chunk = 4096
+    # The client's 8th receive is the reply to its 6th READ_FILE (after the version and the
+    # file-info replies and five reads): park it there, once, so that the stop comes with a
+    # read in flight whatever the scheduling (the request is in the ring, its reply unread).
+    parked = anyio.Event()
+    receives = 0
+    real_receive = client_device.receive_message
+
+    async def receive_parking_once(pipe: Any, limit: int) -> bytes:
+        nonlocal receives
+        receives += 1
+        if receives == 8:
+            parked.set()
+            await anyio.sleep_forever()  # cancelled by the stop, as a real wait would be
+        return await real_receive(pipe, limit)
+
+    monkeypatch.setattr(client_device, "receive_message", receive_parking_once)
     async with _served(tmp_path / "hive", VmbfsClientConfig(chunk=chunk)) as host:
         reader, server = host.devices["reader"], host.devices["imc"]
         wrapper = _wrapper(host)
-        await _until(lambda: reader.runner is not None
-                     and len(reader.runner.reader.received) >= 5 * chunk)
-        # Hold the server back so the client's next READ_FILE stays unanswered.
-        assert await server.stop()
+        with anyio.fail_after(STEP):
+            await parked.wait()
         first = reader.runner
-        await _until(lambda: first.reader.awaiting)
+        assert first is not None and first.reader.awaiting
         in_flight_at = len(first.reader.received)
-        assert 0 < in_flight_at < len(content)
+        assert in_flight_at == 5 * chunk
         with anyio.fail_after(STEP):
             await wrapper.stop()
         assert wrapper.channel is None and _reader_runner(reader) is None
@@ -247,7 +261,8 @@ async def test_stop_with_a_read_in_flight_then_start_resumes_via_restore_open(
             await wrapper.start()
         resumed = _reader_runner(reader)
         assert resumed is not None and resumed is not first
-        await _until(lambda: resumed.finished.is_set())
+        with anyio.fail_after(STEP):
+            await resumed.finished.wait()
         (read,) = resumed.files
         assert read.data == content
         # The fresh server saw: VERSION_REQUEST, GET_FILE_INFO, then only the missing reads.
