@@ -231,7 +231,7 @@ async def test_stop_with_a_read_in_flight_then_start_resumes_via_restore_open(
     # read in flight whatever the scheduling (the request is in the ring, its reply unread).
     parked = anyio.Event()
     receives = 0
-    real_receive = client_device.receive_message
+    from devicehost_vmbfs.receive import receive_message as real_receive
 
     async def receive_parking_once(pipe: Any, limit: int) -> bytes:
         nonlocal receives
