@@ -162,9 +162,12 @@ def inspect(ctx: DeviceContext, runner: Any | None) -> dict[str, Any] | None:
 
     :param ctx: The device being inspected.
     :param runner: The runner, or ``None`` while the device is not open.
-    :returns: A JSON-able mapping.
+    :returns: A JSON-able mapping. An ``"endpoints"`` entry (a mapping of label to where host
+        programs reach the device, e.g. ``{"guest_cid": 3, "connect": "/run/vm/vsock"}``) is
+        added to the device's ``ready:`` line in ``devicehost run``'s log.
 
     Stops at first non-None result.
 
-    Called by ``devicehost run`` on demand and by the test kit.
+    Called by ``devicehost run`` when the device is ready, by ``devicehost inspect`` (over the
+    host's control socket) and by the test kit.
     """
