@@ -273,11 +273,10 @@ class ControlServer:
         """Serve ``host`` until cancelled (binding first if :meth:`bind` was not called)."""
         self.bind()
         assert self._listener is not None
-        self.host = host
         try:
             task_status.started()
             async with anyio.create_task_group() as tg:
-                await self._accept_loop(self._listener, tg)
+                await self._accept_loop(host, self._listener, tg)
         finally:
             self.close()
 
@@ -288,7 +287,8 @@ class ControlServer:
         except OSError:
             pass
 
-    async def _accept_loop(self, listener: socket.socket, tg: anyio.abc.TaskGroup) -> None:
+    async def _accept_loop(self, host: Host, listener: socket.socket,
+                           tg: anyio.abc.TaskGroup) -> None:
         exhausted = False
         while True:
             await anyio.wait_readable(listener)
@@ -310,7 +310,7 @@ class ControlServer:
                 conn.close()
                 continue
             self.connections += 1
-            tg.start_soon(self._serve_connection, conn)
+            tg.start_soon(self._serve_connection, host, conn)
 
     def _admit(self, conn: socket.socket) -> bool:
         if self.connections >= MAX_CONNECTIONS:
@@ -326,7 +326,7 @@ class ControlServer:
             return False
         return True
 
-    async def _serve_connection(self, conn: socket.socket) -> None:
+    async def _serve_connection(self, host: Host, conn: socket.socket) -> None:
         try:
             while True:
                 with anyio.move_on_after(IDLE_TIMEOUT) as scope:
@@ -341,7 +341,7 @@ class ControlServer:
                 try:
                     frame = encode_frame({"version": PROTOCOL_VERSION, "ok": True,
                                           "result": await COMMANDS[req.command](
-                                              self.host, req, conn)})
+                                              host, req, conn)})
                 except Exception as exc:  # the host's own failure: reported, never raised
                     log.warning("control socket: %s failed: %s", req.command, exc)
                     frame = _error_frame(f"{req.command} failed: {type(exc).__name__}: {exc}")
