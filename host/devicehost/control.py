@@ -26,7 +26,6 @@ connection; running out of file descriptors while accepting pauses the accept lo
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from devicehost.accepting import AcceptBackoff, accept_socket
 from devicehost.errors import ConfigError, DeviceHostError
 
 if TYPE_CHECKING:
@@ -81,7 +81,6 @@ _MAX_SUN_PATH: Final = 107
 _HEADER: Final = struct.Struct(">I")
 # struct ucred (SO_PEERCRED): pid, uid, gid as C ints.
 _UCRED: Final = struct.Struct("3i")
-_ACCEPT_PAUSE: Final = 0.1
 
 
 class ControlError(DeviceHostError):
@@ -289,22 +288,10 @@ class ControlServer:
 
     async def _accept_loop(self, host: Host, listener: socket.socket,
                            tg: anyio.abc.TaskGroup) -> None:
-        exhausted = False
+        # Running out of descriptors pauses accepting (devicehost.accepting), never the host.
+        backoff = AcceptBackoff("control socket", log)
         while True:
-            await anyio.wait_readable(listener)
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                if not exhausted:
-                    log.warning("control socket: cannot accept (%s); retrying", exc.strerror)
-                exhausted = True
-                await anyio.sleep(_ACCEPT_PAUSE)
-                continue
-            exhausted = False
+            conn = await accept_socket(listener, backoff)
             conn.setblocking(False)
             if not self._admit(conn):
                 conn.close()
