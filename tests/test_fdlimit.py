@@ -235,7 +235,7 @@ async def test_run_survives_running_out_of_descriptors(short_dir: str) -> None:
     peers: list[socket.socket] = []
     try:
         with anyio.fail_after(120):
-            await err.wait_for("serving calm")
+            await err.wait_for(r"ready: calm \(vsock, ")
             assert f"file descriptor limit raised from {SOFT} to {HARD}" in err.text
             # The busy device's VMM starts it (its listener is bound) and keeps rx buffers posted.
             vmm_a = await VhostUserFrontend.connect(f"{d}/busy.vu", memories[0])
