@@ -207,6 +207,7 @@ async def _raw(path: Path, data: bytes) -> bytes:
             received = b""
             try:
                 sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)  # the peer says no more: a cut frame ends at once
                 while chunk := sock.recv(65536):
                     received += chunk
             except (ConnectionResetError, BrokenPipeError):
@@ -269,4 +270,22 @@ async def test_the_accept_loop_survives_running_out_of_descriptors(
     monkeypatch.setattr(control, "bind_owner_only", flaky)
     async with serving(tmp_path) as (_host, server):
         with anyio.fail_after(30):
+            assert (await ask(server.path))["failures"] == {}
+
+
+@pytest.mark.anyio
+async def test_a_silent_peer_is_closed_after_the_idle_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.2)
+
+    def silent(path: Path) -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(path))
+            return sock.recv(1)  # b"" once the host gives up on it
+
+    async with serving(tmp_path) as (_host, server):
+        with anyio.fail_after(30):
+            assert await anyio.to_thread.run_sync(silent, server.path) == b""
             assert (await ask(server.path))["failures"] == {}
