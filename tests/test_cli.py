@@ -545,10 +545,9 @@ def test_the_readme_example_without_its_directories_serves_the_rest_then_exits_1
         assert proc.stderr is not None
         proc.stderr.close()
     hive = f"{missing}/var/lib/vm/imc.hiv"
-    vu = f"{missing}/run/vm/vsock.vu"
     imc_error = f"key 'file' = '{hive}': cannot be served: No such file or directory"
-    vsock_error = (f"key 'vhost_user_socket' = '{vu}': cannot listen on vhost-user socket: No such"
-                   " file or directory")
+    vsock_error = f"key 'base_path' = '{missing}/run/vm/vsock': cannot listen: No such file or" \
+        " directory"
     assert f"ERROR devicehost.host: {config}: device 'imc': {imc_error}\n" in output
     assert f"ERROR devicehost.host: {config}: device 'vsock0': {vsock_error}\n" in output
     assert (f"WARNING devicehost.host: serving 3 of 5 devices; failed: imc ({imc_error}), vsock0"

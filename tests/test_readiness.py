@@ -138,3 +138,25 @@ def test_a_validator_raising_config_error_is_prefixed_with_file_device_and_key()
         parse_config('[[device]]\nplugin = "c"\ncount = 0\n', registry, "host.toml")
     assert str(info.value) == (
         "host.toml: device 'c': key 'count': invalid value: must be at least 1, not 0")
+
+
+class RefusesAtOffer(Picky):
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> LocalOffer:
+        raise ConfigError("cannot listen: No such file or directory", key="path",
+                          value=self.config.path)
+
+
+@pytest.mark.anyio
+async def test_a_hook_refusing_a_configured_value_is_one_line_naming_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = StaticRegistry({"picky": RefusesAtOffer})
+    specs = (DeviceSpec("sock", "picky", PathConfig("/run/x")),)
+    with caplog.at_level(logging.DEBUG):
+        async with open_host(registry, _Config(specs)) as host:
+            assert host.failures == {
+                "sock": "key 'path' = '/run/x': cannot listen: No such file or directory"}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "host.toml: device 'sock': key 'path' = '/run/x': cannot listen: No such file or directory"]

@@ -334,14 +334,19 @@ class Host:
             if not (hold_local and isinstance(transport, LocalTransport)):
                 await transport.add(device, offer)
         except Exception as exc:
-            why = exc.keyed() if isinstance(exc, ConfigError) else str(exc)
+            # A configured value refused (by the transport, or by a hook: then it is the cause of
+            # the hook's DeviceError) is one line naming the config file, device, key and value.
+            keyed = exc if isinstance(exc, ConfigError) else exc.__cause__
+            if isinstance(keyed, ConfigError) and keyed.key is not None:
+                device.failure = device.failure or keyed.keyed()
+                device.state = DeviceState.FAILED
+                self.failures[device.name] = keyed.keyed()
+                log.error("%s", keyed.located(f"{self.config_source}: device {device.name!r}"))
+                return False
+            why = str(exc)
             device.failure = device.failure or why
             device.state = DeviceState.FAILED
-            if isinstance(exc, ConfigError) and exc.key is not None:
-                self.failures[device.name] = why
-                log.error("%s", exc.located(f"{self.config_source}: device {device.name!r}"))
-            else:
-                self._record_failure(device.name, why)
+            self._record_failure(device.name, why)
             return False
         self._device_transport[device.name] = transport
         return True

@@ -36,7 +36,7 @@ import pluggy
 
 from devicehost import hookspecs
 from devicehost.context import DeviceContext
-from devicehost.errors import DeviceError, LifecycleError, ends_the_host
+from devicehost.errors import ConfigError, DeviceError, LifecycleError, ends_the_host
 
 __all__ = ["Device", "DeviceState", "new_device_manager"]
 
@@ -137,6 +137,12 @@ class Device:
     def _fail(self, hook: str, exc: BaseException) -> DeviceError:
         self.failure = f"{hook}: {_describe(exc)}"
         self.state = DeviceState.FAILED
+        if isinstance(exc, ConfigError) and exc.key is not None:
+            # A configured value the device refused: whoever called (the host) reports it as
+            # one line naming the config file, the device and the key (the DeviceError's cause).
+            self.failure = f"{hook}: {exc.keyed()}"
+            self.ctx.logger.debug("device %r failed in %s: %s", self.name, hook, exc.keyed())
+            return DeviceError(f"device {self.name!r} failed in {hook}: {exc.keyed()}")
         self.ctx.logger.error(
             "device %r failed in %s: %s", self.name, hook, exc, exc_info=exc
         )

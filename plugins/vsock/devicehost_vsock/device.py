@@ -54,7 +54,7 @@ from typing import Any
 
 import attrs
 
-from devicehost import DeviceContext, DeviceError, hookimpl
+from devicehost import ConfigError, DeviceContext, DeviceError, hookimpl
 from devicehost.virtio import DeviceTraits, QueueResources
 from devicehost_vsock.listeners import MAX_REFUSING, HostListeners
 from devicehost_vsock.manager import ConnectionManager
@@ -163,10 +163,9 @@ class VsockDevice:
                 connect_timeout=self.config.connect_timeout,
             )
         except OSError as exc:
-            raise DeviceError(
-                f"device {ctx.name!r}: cannot listen at base_path {self.config.base_path!r}:"
-                f" {exc}"
-            ) from exc
+            # The operator's value: one line naming the key (the host adds file and device).
+            raise ConfigError(f"cannot listen: {exc.strerror or exc}", key="base_path",
+                              value=self.config.base_path) from exc
 
     @staticmethod
     def max_fds(config: VsockConfig) -> int:
