@@ -74,7 +74,6 @@ __all__ = [
     "RingMemory",
     "ServerRequest",
     "ServerSavedState",
-    "SocketChannel",
     "SocketClientError",
     "SocketVmbusClient",
     "VmbusClient",
@@ -165,7 +164,6 @@ _LAZY: Final = {
     "VmbusClient": "devicehost.vmbus.client",
     "VmbusSavedState": "devicehost.vmbus.transport",
     "VmbusTransport": "devicehost.vmbus.transport",
-    "SocketChannel": "devicehost.vmbus.socketclient",
     "SocketClientError": "devicehost.vmbus.socketclient",
     "SocketVmbusClient": "devicehost.vmbus.socketclient",
     "VmbusSocketServer": "devicehost.vmbus.socketserver",
@@ -243,7 +241,6 @@ if TYPE_CHECKING:
     from devicehost.vmbus.server import OfferError as OfferError
     from devicehost.vmbus.server import ServerSavedState as ServerSavedState
     from devicehost.vmbus.server import VmbusServer as VmbusServer
-    from devicehost.vmbus.socketclient import SocketChannel as SocketChannel
     from devicehost.vmbus.socketclient import SocketClientError as SocketClientError
     from devicehost.vmbus.socketclient import SocketVmbusClient as SocketVmbusClient
     from devicehost.vmbus.socketserver import VmbusSocketServer as VmbusSocketServer

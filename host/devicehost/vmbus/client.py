@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -45,7 +46,7 @@ from devicehost.vmbus.protocol import (
 from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory
 from devicehost.vmbus.server import ChannelRequestError, VmbusServer
 
-__all__ = ["DEFAULT_RING_PAGES", "ClientChannel", "VmbusClient"]
+__all__ = ["DEFAULT_RING_PAGES", "ChannelOwner", "ClientChannel", "VmbusClient"]
 
 log = logging.getLogger("devicehost.vmbus.client")
 
@@ -53,10 +54,21 @@ log = logging.getLogger("devicehost.vmbus.client")
 DEFAULT_RING_PAGES = 4
 
 
-class ClientChannel:
-    """An open channel as the guest holds it: its offer, ring memory, GPADL and raw channel."""
+class ChannelOwner(Protocol):
+    """The guest that opened a :class:`ClientChannel` (in process or over the VMBus socket)."""
 
-    def __init__(self, client: VmbusClient, offer: IncomingOffer, block: DmaBlock,
+    async def close(self, channel: ClientChannel) -> None:
+        """Close ``channel``, tear its GPADL down and free its ring memory."""
+
+
+class ClientChannel:
+    """An open channel as the guest holds it: its offer, ring memory, GPADL and raw channel.
+
+    ``client`` is the guest that opened it: a :class:`VmbusClient` in process, or a
+    :class:`devicehost.vmbus.socketclient.SocketVmbusClient` over the VMBus socket.
+    """
+
+    def __init__(self, client: ChannelOwner, offer: IncomingOffer, block: DmaBlock,
                  gpadl_id: int, ring_offset: int, channel: RawChannel) -> None:
         self.client = client
         self.offer = offer

@@ -4,8 +4,9 @@
 memory (a memfd sealed against shrinking, handed to the host with MEMORY_TABLE), negotiates a
 version (highest first, as a guest's VMBus driver does), and asks for the offers. Then, as
 :class:`devicehost.vmbus.client.VmbusClient` does in process, it allocates ring pages, describes
-them as a GPADL, opens a channel and gives a :class:`SocketChannel` whose :class:`RawChannel`
-reads and writes the shared rings; only interrupts (an eventfd and a pipe per channel) and control
+them as a GPADL, opens a channel and gives the same
+:class:`~devicehost.vmbus.client.ClientChannel` whose :class:`RawChannel` reads and writes the
+shared rings; only interrupts (an eventfd and a pipe per channel) and control
 messages cross the socket. Anything that takes a message pipe (``VmbfsClient``) works over it::
 
     async with SocketVmbusClient.connect("/run/devicehost/vmbus.sock") as bus:
@@ -36,6 +37,7 @@ import anyio.abc
 from devicehost.fds import fd_kind
 from devicehost.memory import PAGE_SIZE, DmaAllocator, DmaBlock, GuestMemory, MemoryRegion
 from devicehost.vmbus.channel import EventfdSignal, RawChannel
+from devicehost.vmbus.client import ClientChannel
 from devicehost.vmbus.controlsocket import ControlSocket, ControlSocketError, close_fds
 from devicehost.vmbus.messages import (
     GPADL_BODY_MAX_WORDS,
@@ -67,7 +69,6 @@ from devicehost.vmbus.messages import (
     decode_message_untrusted,
     encode_message,
 )
-from devicehost.vmbus.pipe import BytePipe, MessagePipe
 from devicehost.vmbus.protocol import (
     STATUS_SUCCESS,
     USER_DEFINED_SIZE,
@@ -80,7 +81,6 @@ from devicehost.vmbus.ring import IncomingRing, OutgoingRing, RingMemory
 __all__ = [
     "DEFAULT_MEMORY_SIZE",
     "PipeWaitSignal",
-    "SocketChannel",
     "SocketClientError",
     "SocketVmbusClient",
     "sealed_memory",
@@ -181,41 +181,6 @@ class _Reply:
         return self.message
 
 
-class SocketChannel:
-    """An open channel as the socket guest holds it: offer, ring memory, GPADL, raw channel."""
-
-    def __init__(self, client: SocketVmbusClient, offer: IncomingOffer, block: DmaBlock,
-                 gpadl_id: int, ring_offset: int, channel: RawChannel) -> None:
-        self.client = client
-        self.offer = offer
-        self.block = block
-        self.gpadl_id = gpadl_id
-        self.ring_offset = ring_offset
-        self.channel = channel
-        self.is_open = True
-
-    @property
-    def channel_id(self) -> int:
-        return self.offer.channel_id
-
-    @property
-    def revoked(self) -> bool:
-        return self.offer.revoked is not None and self.offer.revoked.is_set()
-
-    def message_pipe(self, *, raw: bool = False) -> MessagePipe:
-        return MessagePipe(self.channel, raw=raw)
-
-    def byte_pipe(self) -> BytePipe:
-        return BytePipe(self.channel)
-
-    async def close(self) -> None:
-        """Close the channel, tear its GPADL down and free its ring memory (idempotent)."""
-        await self.client.close(self)
-
-    def __repr__(self) -> str:
-        return f"<SocketChannel {self.offer.offer.key} id={self.channel_id}>"
-
-
 class SocketVmbusClient:
     """A guest connected to a VMBus socket; build it with :meth:`connect`."""
 
@@ -226,7 +191,7 @@ class SocketVmbusClient:
         self.allocator = DmaAllocator(memory)
         self.version: int | None = None
         self.known: dict[int, IncomingOffer] = {}
-        self.channels: dict[int, SocketChannel] = {}
+        self.channels: dict[int, ClientChannel] = {}
         self.closed_reason: str | None = None
         self._tg = task_group
         self._replies: dict[tuple[type[Message], int], _Reply] = {}
@@ -443,7 +408,7 @@ class SocketVmbusClient:
 
     async def open(self, offer: IncomingOffer, *, ring_pages: int = DEFAULT_RING_PAGES,
                    target_vp: int | None = 0, user_data: bytes = bytes(USER_DEFINED_SIZE)
-                   ) -> SocketChannel:
+                   ) -> ClientChannel:
         """Allocate rings, create their GPADL and open ``offer``'s channel. On failure the
         GPADL is torn down and the memory freed."""
         if ring_pages < 1:
@@ -481,7 +446,7 @@ class SocketVmbusClient:
             with anyio.CancelScope(shield=True):
                 await self._release(channel_id, gpadl_id, block)
             raise
-        channel = SocketChannel(self, offer, block, gpadl_id, ring_offset,
+        channel = ClientChannel(self, offer, block, gpadl_id, ring_offset,
                                 RawChannel(incoming, outgoing, signal))
         self.channels[channel_id] = channel
         return channel
@@ -496,7 +461,7 @@ class SocketVmbusClient:
             return
         self.allocator.free(block)
 
-    async def close(self, channel: SocketChannel) -> None:
+    async def close(self, channel: ClientChannel) -> None:
         """Close ``channel``, tear its GPADL down and free its ring memory (idempotent). After
         a rescind the host has dropped both already: only the memory is freed and the channel id
         released."""
@@ -515,7 +480,7 @@ class SocketVmbusClient:
                 await self.send(CloseChannel(channel.channel_id))
             await self._release(channel.channel_id, channel.gpadl_id, channel.block)
 
-    async def modify(self, channel: SocketChannel, target_vp: int) -> int | None:
+    async def modify(self, channel: ClientChannel, target_vp: int) -> int | None:
         """Retarget the channel's interrupt; the host's status from Iron on, else None."""
         reply = None
         if self.version is not None and self.version >= Version.IRON:
@@ -529,7 +494,7 @@ class SocketVmbusClient:
 
     @asynccontextmanager
     async def opened(self, offer: IncomingOffer, *, ring_pages: int = DEFAULT_RING_PAGES
-                     ) -> AsyncIterator[SocketChannel]:
+                     ) -> AsyncIterator[ClientChannel]:
         """``open`` for the duration of a block, closed (and its memory freed) after it."""
         channel = await self.open(offer, ring_pages=ring_pages)
         try:
