@@ -11,9 +11,10 @@ also follow the command (``devicehost list -p no:vsock``, ``devicehost run -v``)
   one, else 0. Also reports the file descriptor limit against what the devices of FILE (default:
   one of each plugin) can hold (:mod:`devicehost.fdlimit`); a low limit is a warning, not a
   failure.
-- ``run [--config FILE] [--state FILE]``: serves the configured devices (default: one device of
-  each loaded device plugin) until SIGINT/SIGTERM (:func:`devicehost.host.run_host`). It first
-  raises its soft file descriptor limit to the hard one (logged).
+- ``run [--config FILE] [--state FILE] [--takeover]``: serves the configured devices (default:
+  one device of each loaded device plugin) until SIGINT/SIGTERM (:func:`devicehost.host.run_host`).
+  It first raises its soft file descriptor limit to the hard one (logged). ``--takeover`` takes
+  the devices over live from the host running with the same config (``docs/servicing.md``).
 - ``inspect --socket PATH [--json]``: the running host's device tree, over its control socket.
 - ``demo``: the host plus an embedded guest exercising every installed device.
 
@@ -120,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                        " of each installed plugin)")
     p_run.add_argument("--state", metavar="FILE", help="restore from FILE if it exists; save to"
                        " it on SIGINT/SIGTERM")
+    p_run.add_argument("--takeover", action="store_true", help="take every device over, live,"
+                       " from the host running with this config (on its [host] control_socket;"
+                       " docs/servicing.md); exit 3 naming the device if one cannot be restored"
+                       " (the running host then serves on)")
     p_inspect = command("inspect", "print the running host's device tree",
                         "Ask a running host, over its control socket ([host] control_socket),"
                         " for its device tree: state, offer, transport endpoints, connections,"
@@ -264,6 +269,8 @@ def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> 
     options: dict[str, Any] = {"cross_cutting": tracing_plugins()}
     if args.state is not None:
         options["state_file"] = args.state
+    if args.takeover:
+        options["takeover"] = True
     if strict:
         options["strict"] = True
     serve = functools.partial(run_host, **options)

@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from devicehost.handoff import FdStash
+
 __all__ = ["DeviceContext", "LocalOffer"]
 
 
@@ -17,6 +19,10 @@ class DeviceContext:
     ``name`` is unique in the host; ``plugin`` is the entry-point name of the device's plugin;
     ``config`` is the plugin's attrs config value; ``host`` is the running host (``None`` when a
     device is driven by the test kit without one) through which a device reaches host services.
+    ``fds`` is the device's :class:`~devicehost.handoff.FdStash`: in ``save_open`` a device
+    declares the file descriptors its state needs (``handle = ctx.fds.put(sock)``, the handle
+    saved in its state), in ``restore_open`` it takes them back (``ctx.fds.take(handle,
+    "socket")``), so that a new process can take the device over live (``docs/servicing.md``).
     """
 
     name: str
@@ -24,6 +30,7 @@ class DeviceContext:
     config: Any
     logger: logging.Logger
     host: Any = None
+    fds: FdStash = attrs.field(factory=FdStash, eq=False, repr=False)
 
 
 @attrs.frozen

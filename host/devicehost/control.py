@@ -54,6 +54,7 @@ __all__ = [
     "MAX_REPLY",
     "MAX_REQUEST",
     "PROTOCOL_VERSION",
+    "REPLIED",
     "ControlError",
     "ControlRequest",
     "ControlServer",
@@ -160,9 +161,20 @@ async def _inspect(host: Host, request: ControlRequest, conn: socket.socket) -> 
     return await host_tree(host)
 
 
+async def _takeover(host: Host, request: ControlRequest, conn: socket.socket) -> Any:
+    from devicehost.takeover import serve_takeover
+
+    await serve_takeover(host, request.args, conn)
+    return REPLIED
+
+
+#: A handler's result that means "the handler replied itself; close the connection".
+REPLIED: Final = object()
+
 #: Command name -> handler. A handler's return value is the reply's ``result`` (JSON-able);
 #: it may use the connection afterwards (e.g. to pass fds); exceptions become error replies.
-COMMANDS: Final[dict[str, Handler]] = {"inspect": _inspect}
+#: ``takeover``: live servicing (:mod:`devicehost.takeover`, ``docs/servicing.md``).
+COMMANDS: Final[dict[str, Handler]] = {"inspect": _inspect, "takeover": _takeover}
 
 
 # -- the socket file ------------------------------------------------------------------------------
@@ -260,6 +272,22 @@ class ControlServer:
             self._listener = bind_owner_only(self.path)
             self._inode = os.stat(self.path).st_ino
 
+    @property
+    def listener(self) -> socket.socket | None:
+        """The listening socket (None before :meth:`bind`), e.g. to hand it to a new process."""
+        return self._listener
+
+    def adopt(self, listener: socket.socket) -> None:
+        """Serve on ``listener``, a listening socket at :attr:`path` that a predecessor handed
+        over (live servicing), instead of binding one."""
+        listener.setblocking(False)
+        self._listener = listener
+        self._inode = os.stat(self.path).st_ino
+
+    def release(self) -> None:
+        """Keep the socket file when the socket closes: a successor serves on it now."""
+        self._inode = None
+
     def close(self) -> None:
         """Close the socket and remove its file (if it is still ours)."""
         if self._listener is not None:
@@ -281,7 +309,7 @@ class ControlServer:
 
     def _unlink(self) -> None:
         try:
-            if os.stat(self.path).st_ino == self._inode:
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except OSError:
             pass
@@ -326,9 +354,11 @@ class ControlServer:
                     await _send_all(conn, _error_frame(str(exc)))
                     return
                 try:
+                    result = await COMMANDS[req.command](host, req, conn)
+                    if result is REPLIED:
+                        return
                     frame = encode_frame({"version": PROTOCOL_VERSION, "ok": True,
-                                          "result": await COMMANDS[req.command](
-                                              host, req, conn)})
+                                          "result": result})
                 except Exception as exc:  # the host's own failure: reported, never raised
                     log.warning("control socket: %s failed: %s", req.command, exc)
                     frame = _error_frame(f"{req.command} failed: {type(exc).__name__}: {exc}")

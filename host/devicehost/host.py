@@ -91,9 +91,10 @@ from devicehost.errors import (
     StartupError,
     ends_the_host,
 )
-from devicehost.excerpt import excerpt
+from devicehost.excerpt import bounded_message, excerpt
 from devicehost.files import FileRefusedError, read_regular_file
 from devicehost.gate import GuestGate
+from devicehost.handoff import Handoff, HandoffError, HandoffFd
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
 from devicehost.savedstate import (
     MAX_ENVELOPE_BYTES,
@@ -247,6 +248,13 @@ class Host:
         #: Guest requests wait here while the host is saved (:meth:`save`, :meth:`resume`).
         self.gate = GuestGate()
         self._stopped_by_save: list[Device] = []
+        #: True once the devices are no longer this process's to close: handed over to a new
+        #: process (live servicing), or taken over but not committed. :meth:`aclose` then
+        #: runs no device's ``close`` (their descriptors are shared with the other process).
+        self.abandon_devices = False
+        #: The live-servicing state of a host started by ``devicehost run``
+        #: (:class:`devicehost.takeover.Servicing`); None: it cannot be taken over.
+        self.servicing: Any = None
         #: Where the devices' config came from (a file name), named in device-build errors.
         self.config_source = "<config>"
 
@@ -405,10 +413,25 @@ class Host:
         run again, the request goes on) or until the host is closed (the request fails). So
         nothing happens between the save and the restore that the returned state misses.
         """
+        return await self._save(carry_fds=False)
+
+    async def save_for_handoff(self) -> Handoff:
+        """:meth:`save`, with the descriptors every device declared (``ctx.fds``) while it saved:
+        the caller owns them (:meth:`Handoff.close`). A device that saved nothing carries none."""
+        envelope = await self._save(carry_fds=True)
+        fds: list[HandoffFd] = []
+        for name, device in self.devices.items():
+            fds += [HandoffFd(name, handle, kind, fd)
+                    for handle, kind, fd in device.ctx.fds.drain()]
+        return Handoff(envelope, tuple(fds))
+
+    async def _save(self, *, carry_fds: bool) -> bytes:
         await self.gate.quiesce()
         for device in reversed(list(self.devices.values())):
             if await device.stop():
                 self._stopped_by_save.append(device)
+        for device in self.devices.values():
+            device.ctx.fds.begin_save(carry=carry_fds)
         entries: list[SavedEntry] = []
         vmbus = self._vmbus_transport()
         if vmbus is not None:
@@ -417,6 +440,7 @@ class Host:
             transport = self._device_transport.get(name)
             if transport is None:
                 why = device.failure or "not served"
+                device.ctx.fds.discard()
                 entries.append(entry_for(name, device.ctx.plugin, NotSaved(f"failed: {why}")))
             elif transport is vmbus and not vmbus.handle_of(device).is_open:
                 entries.append(entry_for(name, device.ctx.plugin, NotSaved("channel closed")))
@@ -425,6 +449,12 @@ class Host:
             else:
                 reason = f"{type(transport).__name__} keeps no saved state"
                 entries.append(entry_for(name, device.ctx.plugin, NotSaved(reason)))
+        for entry in entries:
+            # A file carries no descriptors; a device that saved nothing needs none.
+            if entry.device in self.devices and (
+                not carry_fds or entry.type_name == "host.NotSaved"
+            ):
+                self.devices[entry.device].ctx.fds.discard()
         return encode_envelope(entries)
 
     async def resume(self) -> None:
@@ -439,7 +469,11 @@ class Host:
     async def _save_device(self, device: Device) -> SavedEntry:
         plugin = device.ctx.plugin
         try:
-            state = await device.save()
+            try:
+                state = await device.save()
+            except BaseException:
+                device.ctx.fds.discard()
+                raise
             if state is None:
                 reason = "not open" if device.runner is None else "save not supported"
                 return entry_for(device.name, plugin, NotSaved(reason))
@@ -450,8 +484,20 @@ class Host:
                       device.name, exc)
             return entry_for(device.name, plugin, NotSaved(f"save failed: {exc}"))
 
-    async def _restore(self, plan: _RestorePlan, devices: Iterable[Any]) -> None:
+    async def _restore(
+        self,
+        plan: _RestorePlan,
+        devices: Iterable[Any],
+        *,
+        handed: dict[str, dict[int, tuple[int, str]]] | None = None,
+        before_start: Callable[[], Any] | None = None,
+    ) -> None:
+        """Restore ``plan``. ``handed`` (a takeover): the descriptors per device, and every
+        device must come back as it was: the first that cannot raises :class:`HandoffError`
+        naming it (nothing is opened fresh instead), and ``before_start`` is awaited between the
+        restore and the start of the restored devices."""
         configured = list(devices)
+        strict = handed is not None
         vmbus_restored = False
         if plan.vmbus is not None:
             if self._owns_memory:
@@ -469,15 +515,26 @@ class Host:
                 vmbus_restored = True
         held: list[tuple[Device, Any]] = []
         for spec in configured:
-            device = self._build(spec.name, spec.plugin, spec.config)
+            if spec.name in self.devices:  # built ahead (a takeover builds before it asks)
+                device: Device | None = self.devices[spec.name]
+            elif spec.name in self.failures:
+                device = None
+            else:
+                device = self._build(spec.name, spec.plugin, spec.config)
             state = plan.states.get(spec.name)
             if device is None or not await self._offer_and_attach(
                 device, hold_local=state is not None
             ):
                 failure = self.failures.get(spec.name, "failed")
                 self.restore_report[spec.name] = f"failed: {failure}"
+                if strict:
+                    raise HandoffError(f"device {spec.name!r} (plugin {spec.plugin!r}):"
+                                       f" {bounded_message(failure)}")
                 continue
             transport = self._device_transport[spec.name]
+            if strict and not isinstance(transport, LocalTransport):
+                raise HandoffError(f"device {spec.name!r} is served by"
+                                   f" {type(transport).__name__}, which cannot be taken over")
             if spec.name not in plan.states:
                 self.restore_report[spec.name] = "new"
             elif state is None:
@@ -494,16 +551,35 @@ class Host:
             else:
                 self.restore_report[spec.name] = (
                     f"fresh: {type(transport).__name__} restores nothing")
+        if handed is not None:
+            # Each device's stash owns its descriptors from here (closed if not taken back).
+            for device, _ in held:
+                device.ctx.fds.load(handed.pop(device.name, {}))
+            for name in [n for n in handed if not n.startswith("@")]:
+                log.warning("descriptors for %r, which restores nothing, closed", name)
+                for fd, _kind in handed.pop(name).values():
+                    os.close(fd)
         for device, state in held:
-            await self._restore_local(device, state)
+            try:
+                await self._restore_local(device, state, strict=strict)
+            finally:
+                untaken = device.ctx.fds.discard()
+                if untaken:
+                    log.warning("device %r did not take back descriptors %s; closed them",
+                                device.name, untaken)
+        if before_start is not None:
+            await before_start()
         for device, _ in held:
             await device.start()
 
-    async def _restore_local(self, device: Device, state: Any) -> None:
+    async def _restore_local(self, device: Device, state: Any, *, strict: bool = False) -> None:
         transport: LocalTransport = self._device_transport[device.name]
         try:
             await device.restore(state, transport.resources_for_restore(device))
         except DeviceHostError as exc:
+            if strict:
+                raise HandoffError(f"device {device.name!r} (plugin {device.ctx.plugin!r})"
+                                   f" failed to restore: {bounded_message(str(exc))}") from exc
             log.warning("device %r failed to restore (%s); opening it fresh", device.name, exc)
             self.restore_report[device.name] = f"fresh: restore failed ({_short(str(exc))})"
             try:
@@ -518,6 +594,12 @@ class Host:
         waiting at the gate of a saved host fail."""
         self.gate.shut()
         with anyio.CancelScope(shield=True), self.gate.bypass():
+            if self.abandon_devices:
+                # Another process serves them now: close nothing they share with it.
+                for device in self.devices.values():
+                    device.ctx.fds.discard()
+                self.devices.clear()
+                self._transports.clear()
             for name in reversed(list(self.devices)):
                 await self.remove_device(name)
             for transport in reversed(list(self._transports.values())):
@@ -542,6 +624,7 @@ async def open_host(
     saved_source: str = "saved state",
     guest_memory: GuestMemory | None = None,
     strict: bool = False,
+    takeover: Any = None,
 ) -> AsyncIterator[Host]:
     """Run a host with the devices of ``config`` (a HostConfig) until the block exits.
 
@@ -553,17 +636,28 @@ async def open_host(
     :class:`ConfigError` if it cannot be (a live host answers there): the host does not start.
     ``strict``: :class:`StartupError` if any device cannot be built (then nothing is offered) or
     offered; the devices already started are stopped first, and the block never runs.
+    ``takeover`` (a :class:`devicehost.takeover.TakeoverClient`): take the devices over from the
+    running host instead (``docs/servicing.md``): every device is built first, then the handoff
+    is asked for and restored with its descriptors; :class:`HandoffError` naming the device if
+    any cannot be (the running host rolls back and serves on), and the block never runs.
     """
     plan = None if saved is None else _plan(saved, config.devices, saved_source)
     cross_cutting = _with_tracing(registry, cross_cutting)
-    refused: SavedStateError | ConfigError | StartupError | None = None
+    refused: SavedStateError | ConfigError | StartupError | HandoffError | None = None
     async with anyio.create_task_group() as tg:
         host = Host(registry, tg, guest_memory_size=guest_memory_size,
                     cross_cutting=cross_cutting, guest_memory=guest_memory,
                     settings=getattr(config, "host", None))
         host.config_source = getattr(config, "source", host.config_source)
         try:
-            if plan is None:
+            if takeover is not None:
+                try:
+                    await _take_over(host, takeover, config.devices)
+                except (HandoffError, SavedStateError) as exc:
+                    host.abandon_devices = True
+                    refused = HandoffError(str(exc))
+                    refused.__cause__ = exc
+            elif plan is None:
                 try:
                     await host.add_devices(config.devices, strict=strict)
                 except StartupError as exc:
@@ -593,6 +687,32 @@ async def open_host(
         raise refused
 
 
+async def _take_over(host: Host, takeover: Any, devices: Iterable[Any]) -> None:
+    configured = list(devices)
+    for spec in configured:  # imports and constructors run before the running host quiesces
+        host._build(spec.name, spec.plugin, spec.config)
+    handoff: Handoff = await takeover.request()
+    handed = handoff.by_device()
+    try:
+        try:
+            plan = _plan_untrusted(handoff.envelope, {d.name: d.plugin for d in configured})
+        except SavedStateError as exc:
+            raise HandoffError(f"the handed-over state: {exc}") from exc
+        for name in handed:
+            if name not in plan.states and not name.startswith("@"):
+                raise HandoffError(f"the running host sent descriptors for {excerpt(name)},"
+                                   " which its state does not hold")
+        await host._restore(plan, configured, handed=handed, before_start=takeover.confirm)
+    except BaseException as exc:
+        for name, fds in handed.items():  # those no device's stash took ownership of
+            if not name.startswith("@"):
+                for fd, _kind in fds.values():
+                    os.close(fd)
+        with anyio.CancelScope(shield=True):
+            await takeover.refuse(str(exc) if isinstance(exc, Exception) else repr(exc))
+        raise
+
+
 def _with_tracing(registry: Any, cross_cutting: Iterable[object]) -> list[object]:
     """``cross_cutting`` plus the tracing plugin when ``DEVICEHOST_TRACE`` asks for it and
     nobody registered one (so that every host traces: ``run``, ``demo``, the test kit)."""
@@ -603,6 +723,28 @@ def _with_tracing(registry: Any, cross_cutting: Iterable[object]) -> list[object
                for p in [*plugins, *getattr(registry, "cross_cutting", [])]):
         plugins += tracing_plugins()
     return plugins
+
+
+async def _until_stopped(host: Host, signals: Any) -> None:
+    """Wait for SIGINT/SIGTERM or for a takeover to commit; a signal that arrives during a
+    takeover waits for it to end (the stop never interrupts a handoff half-way)."""
+    servicing = host.servicing
+    async with anyio.create_task_group() as tg:
+        if servicing is not None:
+            async def handed_over() -> None:
+                await servicing.handed_over.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(handed_over)
+        async for signum in signals:
+            log.info("received %s, stopping devices", signal.Signals(signum).name)
+            break
+        tg.cancel_scope.cancel()
+    if servicing is not None and not servicing.handed_over.is_set():
+        async with servicing.lock:
+            servicing.stopping = True
+    if servicing is not None and servicing.handed_over.is_set():
+        log.info("handed over to pid %s; exiting", servicing.successor)
 
 
 def read_state_file(path: str | os.PathLike[str]) -> bytes | None:
@@ -697,6 +839,7 @@ async def run_host(
     state_file: str | os.PathLike[str] | None = None,
     strict: bool = False,
     notifier: Notifier | None = None,
+    takeover: bool = False,
 ) -> int:
     """Serve ``config``'s devices until SIGINT or SIGTERM, then stop them gracefully.
 
@@ -715,11 +858,18 @@ async def run_host(
     Returns an exit code of :mod:`devicehost.exitcodes`: ``OK`` after a graceful stop with every
     device served, ``FAILED`` if a device failed (at start or since) or the state could not be
     written, ``NOT_STARTED`` if no device could be served or strict mode refused to start.
+
+    ``takeover``: take every device over, live, from the host running with the same config
+    (reached on its ``control_socket``; :mod:`devicehost.takeover`, ``docs/servicing.md``)
+    instead of starting them (a state file is then not read); ``NOT_STARTED`` naming the device
+    if any cannot be restored (that host rolls back and serves on). A host that is taken over
+    returns ``OK`` without saving its state or closing its devices.
     """
     from devicehost import exitcodes
     from devicehost.control import ControlServer
     from devicehost.notify import Notifier
     from devicehost.readiness import announce, failed_devices, summary
+    from devicehost.takeover import Servicing, TakeoverClient
 
     settings = getattr(config, "host", None) or HostSettings()
     strict = strict or settings.strict
@@ -733,7 +883,14 @@ async def run_host(
                               " not a writable directory")
         remove_stale_temporaries(state_file)
     control = None
-    if settings.control_socket is not None:
+    client = None
+    if takeover:
+        if settings.control_socket is None:
+            raise ConfigError(f"{getattr(config, 'source', '<config>')}: --takeover needs"
+                              " [host] control_socket, where the running host listens")
+        client = TakeoverClient(settings.control_socket)
+        control = ControlServer(settings.control_socket)
+    elif settings.control_socket is not None:
         control = ControlServer(settings.control_socket)
         try:
             control.bind()
@@ -741,8 +898,8 @@ async def run_host(
             where = f"{getattr(config, 'source', '<config>')}: [host]"
             raise ConfigError(exc.located(where)) from exc
     try:
-        saved = None if state_file is None else read_state_file(state_file)
-        if state_file is not None and saved is None:
+        saved = None if state_file is None or takeover else read_state_file(state_file)
+        if state_file is not None and saved is None and not takeover:
             log.info("no saved state at %s: starting fresh", os.fspath(state_file))
         source = "saved state" if state_file is None else os.fspath(state_file)
         if not names:
@@ -752,7 +909,12 @@ async def run_host(
         failed: dict[str, str] = {}
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
-                                 saved_source=source, strict=strict) as host:
+                                 saved_source=source, strict=strict, takeover=client) as host:
+                if client is not None and control is not None:
+                    if client.listener is not None:
+                        control.adopt(client.listener)
+                    log.info("took over every device from pid %s", client.predecessor)
+                    notifier.send(f"MAINPID={os.getpid()}")
                 for name, outcome in host.restore_report.items():
                     log.info("restore of %s: %s", name, outcome)
                 served = await announce(host, names, log)
@@ -765,16 +927,20 @@ async def run_host(
                     if control is not None:
                         await services.start(control.serve, host)
                         log.info("control socket at %s", control.path)
+                        host.servicing = Servicing(control.listener, notifier)
                     log.log(logging.WARNING if served < len(names) else logging.INFO, "%s",
                             status)
                     log.info("ready")
                     notifier.ready(status)
                     if ready is not None:
                         ready(host)
-                    async for signum in signals:
-                        log.info("received %s, stopping devices", signal.Signals(signum).name)
-                        break
+                    await _until_stopped(host, signals)
                     failed = failed_devices(host, names)
+                    if host.abandon_devices:  # handed over: the successor serves on
+                        assert control is not None
+                        control.release()
+                        services.cancel_scope.cancel()
+                        return exitcodes.OK
                     notifier.stopping("stopping")
                     services.cancel_scope.cancel()
                 if state_file is not None:
@@ -788,7 +954,12 @@ async def run_host(
         log.error("not started: %s", exc)
         notifier.status(f"not started: {exc}")
         return exitcodes.NOT_STARTED
+    except HandoffError as exc:
+        log.error("takeover failed: %s", exc)
+        return exitcodes.NOT_STARTED
     finally:
+        if client is not None:
+            client.close()
         if control is not None:
             control.close()
     if failed:

@@ -97,6 +97,7 @@ CATALOG: dict[str, Dist] = {
         "dh-future", "dh_future", "future", "FutureDevice", api="devicehost:HOST_API_V2"
     ),
     "counter": device_dist("dh-counter", "dh_counter", "counter", ""),
+    "ticker": device_dist("dh-ticker", "dh_ticker", "ticker", "TickerDevice"),
 }
 
 
