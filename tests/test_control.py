@@ -80,7 +80,7 @@ def test_request_round_trip() -> None:
         (_payload({"version": 2, "command": "inspect"}), "protocol version 2"),
         (_payload({"version": 1}), "no command name"),
         (_payload({"version": 1, "command": "x" * 65}), "no command name"),
-        (_payload({"version": 1, "command": "takeover"}), "unknown command 'takeover'"),
+        (_payload({"version": 1, "command": "reboot"}), "unknown command 'reboot'"),
         (_payload({"version": 1, "command": "inspect", "args": []}), "'args' that is not"),
         (_payload({"version": 1, "command": "inspect", "extra": 1}), "unknown keys ['extra']"),
     ],
