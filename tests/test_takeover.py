@@ -9,15 +9,18 @@ process: no count lost or repeated, no ``bye`` (the old process must not close t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -352,3 +355,92 @@ def test_no_host_to_take_over(setup: Setup) -> None:
     assert new.wait() == 3
     assert "no host to take over answers" in new.output
 
+
+
+def _frame(value: object) -> bytes:
+    payload = json.dumps(value).encode()
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _read_frame(sock: socket.socket) -> dict[str, Any]:
+    stream = sock.makefile("rb")
+    (length,) = struct.unpack(">I", stream.read(4))
+    value: dict[str, Any] = json.loads(stream.read(length))
+    return value
+
+
+@pytest.mark.parametrize("answer", [b"\xff\xff\xff\xff", b"\0\0\0\2{}", b"", "hold-and-close"])
+def test_a_hostile_new_process_gets_a_rollback(setup: Setup, answer: bytes | str) -> None:
+    """A peer that asks for the handoff and then answers garbage, an oversized or wrong frame,
+    or nothing: the old host rolls back and counts on."""
+    peer = Peer(setup.peer_path)
+    try:
+        old = setup.start()
+        old.wait_for(READY)
+        peer.wait_for_count_from(old.proc.pid)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(str(setup.control))
+            sock.sendall(_frame({"version": 1, "command": "takeover", "args": {"handoff": 1}}))
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 8)
+            assert msg[:4] == b"DHHO" and fds == []
+            for fd in fds:
+                os.close(fd)
+            if isinstance(answer, bytes) and answer:
+                sock.sendall(answer)
+        old.wait_for("rolled back, serving on")
+        peer.wait_for_count_from(old.proc.pid, len(peer.counts()) + 20)
+        assert ask(setup.listen_path)[1] == old.proc.pid
+        old.proc.send_signal(signal.SIGTERM)
+        assert old.wait() == 0
+        peer.wait_closed()
+        assert_contiguous(peer.counts())
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize(("args", "blame"), [
+    ({"handoff": 2}, "asks for handoff version 2"),
+    ({}, "asks for handoff version None"),
+    ({"handoff": 1, "more": 1}, "asks for handoff version 1"),
+])
+def test_a_takeover_request_of_another_version_is_refused_before_anything_stops(
+    setup: Setup, args: dict[str, Any], blame: str
+) -> None:
+    peer = Peer(setup.peer_path)
+    try:
+        old = setup.start()
+        old.wait_for(READY)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(str(setup.control))
+            sock.sendall(_frame({"version": 1, "command": "takeover", "args": args}))
+            reply = _read_frame(sock)
+        assert reply["ok"] is False and blame in reply["error"]
+        assert "quiescing" not in old.output
+        peer.wait_for_count_from(old.proc.pid, len(peer.counts()) + 20)
+    finally:
+        peer.close()
+
+
+def test_systemd_is_told_the_new_main_pid(setup: Setup) -> None:
+    notify_path = setup.tmp / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(DEADLINE)
+        peer = Peer(setup.peer_path)
+        try:
+            old = setup.start(NOTIFY_SOCKET=str(notify_path))
+            old.wait_for(READY)
+            assert notify.recv(4096).decode().splitlines()[0] == "READY=1"
+            new = setup.start("--takeover", NOTIFY_SOCKET=str(notify_path))
+            new.wait_for(READY)
+            assert old.wait() == 0
+            messages = [notify.recv(4096).decode() for _ in range(3)]
+            main_pid = f"MAINPID={new.proc.pid}"
+            # The old main process names its successor; the successor says it is ready.
+            assert messages.count(main_pid) == 2, messages
+            ready = next(m for m in messages if m.startswith("READY=1"))
+            assert messages.index(ready) > messages.index(main_pid)
+        finally:
+            peer.close()
