@@ -136,7 +136,7 @@ def run() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="dh-bench-takeover-") as tmp:
         base = Path(tmp)
         site = base / "site"
-        builder.write_installed(site, builder.CATALOG["ticker"])
+        builder.write_installed(site, builder.TICKER)
         config = base / "host.toml"
         config.write_text(
             f'[host]\ncontrol_socket = "{base / "control.sock"}"\n\n'

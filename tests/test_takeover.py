@@ -179,7 +179,7 @@ class Setup:
 @pytest.fixture
 def setup(tmp_path: Path, thirdparty: ModuleType) -> Iterator[Setup]:
     site = tmp_path / "site"
-    thirdparty.write_installed(site, thirdparty.CATALOG["ticker"])
+    thirdparty.write_installed(site, thirdparty.TICKER)
     result = Setup(tmp_path, site)
     try:
         yield result
@@ -224,7 +224,8 @@ def test_three_takeovers_keep_the_device_counting_on_the_same_connection(setup: 
 
 
 @pytest.mark.parametrize(("old_env", "new_env", "reason"), [
-    ({}, {"DH_TICKER_FAIL_RESTORE": "1"}, "failed in restore_open: DH_TICKER_FAIL_RESTORE is set"),
+    ({}, {"DH_TICKER_FAIL_RESTORE": "1"},
+     "failed in restore_open: DH_TICKER_FAIL_RESTORE is set"),
     ({"DH_TICKER_STATE_VERSION": "2"}, {}, "has version 2, this plugin reads version 1"),
     ({}, {"DH_TICKER_FAIL_BUILD": "1"}, "DH_TICKER_FAIL_BUILD is set"),
 ], ids=["restore-raises", "newer-state-version", "cannot-build"])
@@ -339,6 +340,32 @@ def test_a_process_killed_between_handoff_and_commit(setup: Setup, victim: str) 
         counts = peer.counts()
         assert_contiguous(counts)
         assert {p for _, p in counts} == {old.proc.pid}, "the new process never ran the device"
+    finally:
+        peer.close()
+
+
+def test_sigterm_to_the_old_host_during_a_takeover_waits_for_it(setup: Setup) -> None:
+    """The stop never cuts a handoff: a SIGTERM that arrives mid-takeover takes effect after it
+    (here the takeover commits, so the old host exits 0 without closing the device)."""
+    gate = setup.tmp / "gate"
+    peer = Peer(setup.peer_path)
+    try:
+        old = setup.start()
+        old.wait_for(READY)
+        new = setup.start("--takeover", DH_TICKER_RESTORE_GATE=str(gate))
+        peer.wait_until("restoring", lambda lines: f"restoring {new.proc.pid}" in lines)
+        old.proc.send_signal(signal.SIGTERM)
+        old.wait_for("received SIGTERM")
+        gate.touch()
+        new.wait_for(READY)
+        assert old.wait() == 0
+        assert f"handed over to pid {new.proc.pid}" in old.output
+        peer.wait_for_count_from(new.proc.pid)
+        new.proc.send_signal(signal.SIGTERM)
+        assert new.wait() == 0
+        peer.wait_closed()
+        assert_contiguous(peer.counts())
+        assert [x for x in peer.lines if x.startswith("bye")] == [f"bye {new.proc.pid}"]
     finally:
         peer.close()
 
