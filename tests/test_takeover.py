@@ -471,3 +471,22 @@ def test_systemd_is_told_the_new_main_pid(setup: Setup) -> None:
             assert messages.index(ready) > messages.index(main_pid)
         finally:
             peer.close()
+
+
+def test_a_host_serving_the_vmbus_socket_refuses_before_anything_stops(setup: Setup) -> None:
+    """VMBus socket guests cannot be handed over yet: refused up front, the old host serves on."""
+    text = setup.config.read_text().replace(
+        "[host]\n", f'[host]\nvmbus_socket = "{setup.tmp / "vmbus.sock"}"\n')
+    setup.config.write_text(text)
+    peer = Peer(setup.peer_path)
+    try:
+        old = setup.start()
+        old.wait_for(READY)
+        new = setup.start("--takeover")
+        assert new.wait() == 3
+        assert "the running host refused" in new.output
+        assert "serves the VMBus socket" in new.output
+        assert "quiescing" not in old.output
+        peer.wait_for_count_from(old.proc.pid, len(peer.counts()) + 20)
+    finally:
+        peer.close()

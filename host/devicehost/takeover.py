@@ -165,6 +165,9 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
         raise HandoffError(f"the new process asks for handoff version {args.get('handoff')!r};"
                            f" this host speaks version {HANDOFF_VERSION}")
     pid, _uid = _peer(conn)  # the control server admitted only this uid or root
+    if host.settings.vmbus_socket is not None:
+        raise HandoffError("this host serves the VMBus socket, whose guest connection cannot be"
+                           " taken over live (restart with --state instead)")
     for name in host.devices:
         transport = host._device_transport.get(name)
         if transport is not None and not isinstance(transport, LocalTransport):
