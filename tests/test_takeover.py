@@ -490,3 +490,20 @@ def test_a_host_serving_the_vmbus_socket_refuses_before_anything_stops(setup: Se
         peer.wait_for_count_from(old.proc.pid, len(peer.counts()) + 20)
     finally:
         peer.close()
+
+
+def test_the_new_host_killed_after_the_commit_is_a_crash_of_the_new_host(setup: Setup) -> None:
+    peer = Peer(setup.peer_path)
+    try:
+        old = setup.start()
+        old.wait_for(READY)
+        new = setup.start("--takeover")
+        new.wait_for(READY)
+        assert old.wait() == 0
+        peer.wait_for_count_from(new.proc.pid)
+        new.proc.kill()
+        peer.wait_closed()  # the connection ends as on any crash; nothing is doubled
+        assert_contiguous(peer.counts())
+        assert not any(x.startswith("bye") for x in peer.lines)
+    finally:
+        peer.close()
