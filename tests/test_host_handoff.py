@@ -92,3 +92,29 @@ async def test_a_state_file_save_carries_no_descriptors() -> None:
         assert not host.devices["holder"].ctx.fds.carries_fds
         await host.resume()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_takeover_that_fails_after_the_quiesce_resumes_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails between the quiesce and the commit, the host serves on (rollback)."""
+    import socket
+
+    from devicehost import takeover
+    from devicehost.handoff import HandoffError
+    from devicehost.lifecycle import DeviceState
+
+    def broken(envelope: bytes) -> set[str]:
+        raise HandoffError("injected failure after the save")
+
+    monkeypatch.setattr(takeover, "_not_saved", broken)
+    async with host_with({"holder": Holder}) as host:
+        host.servicing = takeover.Servicing(None)
+        left, right = socket.socketpair()
+        with left, right:
+            left.setblocking(False)
+            with pytest.raises(HandoffError, match="rolled back: injected failure"):
+                await takeover.serve_takeover(host, {"handoff": 1}, left)
+        assert host.gate.is_open
+        assert host.devices["holder"].state is DeviceState.RUNNING
+        assert not host.servicing.handed_over.is_set() and not host.abandon_devices

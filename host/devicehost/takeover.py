@@ -179,14 +179,16 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
         if servicing.stopping or servicing.handed_over.is_set():
             raise HandoffError("this host is stopping")
         log.info("takeover by pid %d: quiescing", pid)
-        handoff = await host.save_for_handoff()
-        extra = () if servicing.listener is None else (
-            HandoffFd(CONTROL_ENTRY, 0, "socket", servicing.listener.fileno()),)
-        # Devices that cannot be handed over are closed here and opened fresh by the new host.
-        closed = [(name, d.ctx.plugin, d.ctx.config) for name, d in host.devices.items()
-                  if not any(f.device == name for f in handoff.fds)
-                  and name in _not_saved(handoff.envelope)]
+        handoff: Handoff | None = None
+        closed: list[tuple[str, str, Any]] = []
         try:
+            handoff = await host.save_for_handoff()
+            extra = () if servicing.listener is None else (
+                HandoffFd(CONTROL_ENTRY, 0, "socket", servicing.listener.fileno()),)
+            # Devices that cannot be handed over are closed here; the new host opens them fresh.
+            not_saved = _not_saved(handoff.envelope)
+            closed = [(name, d.ctx.plugin, d.ctx.config) for name, d in host.devices.items()
+                      if name in not_saved]
             for name, _plugin, _config in closed:
                 await host.remove_device(name)
             await send_handoff(conn, Handoff(handoff.envelope, handoff.fds + extra))
@@ -198,6 +200,7 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
             await _send(conn, _frame({"version": 1, "ok": True,
                                       "result": {"committed": True, "pid": os.getpid()}}))
         except BaseException as exc:
+            # Nothing was committed: the host serves on from its own live state.
             with anyio.CancelScope(shield=True):
                 await _roll_back(host, closed)
             why = "it timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
@@ -206,7 +209,8 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
                 raise HandoffError(f"rolled back: {why}") from exc
             raise
         finally:
-            handoff.close()
+            if handoff is not None:
+                handoff.close()
         host.abandon_devices = True
         servicing.successor = pid
         servicing.handed_over.set()
