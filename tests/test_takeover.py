@@ -286,14 +286,16 @@ def test_an_unserviceable_device_is_closed_and_opened_fresh(setup: Setup) -> Non
         first, _ = listener.accept()
         new = setup.start("--takeover")
         new.wait_for(READY)
-        assert old.wait() == 0
+        assert old.wait() == 0, old.output
         second, _ = listener.accept()  # the new process opened the device anew
         with first, second, first.makefile("rb") as a, second.makefile("rb") as b:
             lines = [x.decode().split() for x in a]
             assert lines[-1] == ["bye", str(old.proc.pid)]
             assert b.readline().split() == [b"1", str(new.proc.pid).encode()]
-        new.proc.send_signal(signal.SIGTERM)
-        assert new.wait() == 0
+            # Stopped before this side closes: a closed peer would fail the device.
+            new.proc.send_signal(signal.SIGTERM)
+            assert new.wait() == 0, new.output
+            assert [x.decode().split() for x in b][-1] == ["bye", str(new.proc.pid)]
     finally:
         listener.close()
 
