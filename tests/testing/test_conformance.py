@@ -3,6 +3,7 @@ passes; devices that break it are caught."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -291,3 +292,53 @@ def test_trio_cases_are_skipped_with_the_reason_when_trio_is_missing(tmp_path: P
     assert "trio is not installed: the conformance suite's trio cases need it" in proc.stdout
     assert "pip install \"devicehost[testing]\"" in proc.stdout
     assert "failed" not in proc.stdout
+
+
+class _Spinner:
+    """Its run swallows every cancellation in a loop, so it spins once cancelled."""
+
+    def __init__(self, config: object) -> None:
+        pass
+
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> LocalOffer:
+        return LocalOffer({})
+
+    @hookimpl
+    def open(self, ctx: DeviceContext, resources: object) -> dict[str, int]:
+        return {}
+
+    @hookimpl
+    def run(self, ctx: DeviceContext, runner: object) -> Any:
+        async def forever() -> None:
+            while True:
+                with contextlib.suppress(anyio.get_cancelled_exc_class()):
+                    await anyio.sleep(1)
+
+        return forever()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_abandoned_check_loop_is_parked(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that had to be abandoned has its event loop parked (its thread blocked), so a
+    device spinning there no longer takes the GIL from the test process."""
+    import devicehost.testing.conformance as conformance
+
+    monkeypatch.setattr(conformance, "STEP_TIMEOUT", 0.5)
+    monkeypatch.setattr(conformance, "_WATCHDOG_GRACE", 0.5)
+
+    class Check(DeviceConformance):
+        device_class = _Spinner
+
+    suite = Check()
+
+    async def stop_the_spinner() -> None:
+        async with suite.opened() as (_host, device, _guest), suite.step("stop"):
+            await device.stop()
+
+    with pytest.raises(pytest.fail.Exception, match="cannot be stopped"):
+        suite.run_check(backend, stop_the_spinner)
+    assert suite.abandoned is not None
+    assert suite.abandoned.parked.wait(30), "the abandoned loop was not parked"

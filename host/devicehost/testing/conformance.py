@@ -16,7 +16,10 @@ Every step (open, stop, start, close, save, restore, the host's teardown) has
 :data:`STEP_TIMEOUT` seconds. A step that overruns fails the test naming the step, also when the
 device cannot be stopped at all (a ``run`` that swallows cancellation): each check runs its event
 loop in a worker thread watched by the test, which gives up on a loop that overruns and fails
-instead of hanging (the abandoned thread ends with the test process).
+instead of hanging. The abandoned loop is then parked: a callback scheduled into it blocks its
+thread for good, so a device that spins there (a ``run`` swallowing cancellation in a loop) stops
+competing for the GIL and the test process exits promptly (a device that spins without ever
+yielding to its loop cannot be parked; the daemon thread ends with the process).
 
 Save/restore: the suite saves the stopped device, restores it from the decoded state and checks
 that the restored device saves the *same* state again, so a ``restore_open`` that ignores its
@@ -27,6 +30,7 @@ overriding :meth:`DeviceConformance.exercise`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import threading
@@ -66,12 +70,39 @@ class _Steps:
         self.done = False
         self.error: BaseException | None = None
         self.first_failure: str | None = None
+        self.schedule: Callable[[Callable[[], None]], Any] | None = None
+        #: Set once an abandoned check's loop thread is parked.
+        self.parked = threading.Event()
 
     def enter(self, name: str) -> None:
         with self.cond:
             self.name = name
             self.started = time.monotonic()
             self.cond.notify_all()
+
+    def loop_started(self, backend: str) -> None:
+        """Called in the check's event loop: remember how to schedule into it from outside."""
+        if backend == "trio":
+            import trio
+
+            self.schedule = trio.lowlevel.current_trio_token().run_sync_soon
+        else:
+            import asyncio
+
+            self.schedule = asyncio.get_running_loop().call_soon_threadsafe
+
+    def park(self) -> None:
+        """Block the abandoned check's loop thread for good (module docstring)."""
+        if self.schedule is None:
+            return
+
+        def block() -> None:
+            self.parked.set()
+            threading.Event().wait()
+
+        # RuntimeError (trio: RunFinishedError): the loop ended meanwhile, nothing to park.
+        with contextlib.suppress(RuntimeError):
+            self.schedule(block)
 
     def finish(self, error: BaseException | None) -> None:
         with self.cond:
@@ -93,6 +124,8 @@ class DeviceConformance:
     peers: ClassVar[Mapping[str, tuple[type[Any], Any]]] = {}
 
     _steps: _Steps | None = None
+    #: The steps of the last check that had to be abandoned (its loop parked), if any.
+    abandoned: _Steps | None = None
 
     @pytest.fixture(params=["asyncio", "trio"])
     def anyio_backend(self, request: pytest.FixtureRequest) -> str:
@@ -143,9 +176,13 @@ class DeviceConformance:
         steps = self._steps = _Steps()
         result: list[Any] = []
 
+        async def watched() -> Any:
+            steps.loop_started(backend)
+            return await check()
+
         def body() -> None:
             try:
-                result.append(anyio.run(check, backend=backend))
+                result.append(anyio.run(watched, backend=backend))
             except BaseException as exc:
                 steps.finish(exc)
             else:
@@ -161,6 +198,8 @@ class DeviceConformance:
                     where = (f"step {steps.name!r} did not finish within {STEP_TIMEOUT} s and"
                              " cannot be stopped (does the device's run swallow cancellation?)")
                     first = steps.first_failure
+                    steps.park()
+                    self.abandoned = steps
                     pytest.fail(f"{first}; then {where}" if first else where, pytrace=False)
                 steps.cond.wait(left)
         self._steps = None
