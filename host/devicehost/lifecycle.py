@@ -10,8 +10,8 @@ States and transitions (``Device.state``)::
 
 Rules (OpenVMM task_control semantics, facts §6):
 
-- ``run`` executes in a task of the host's task group; ``stop`` cancels it and waits for it to end;
-  ``start`` calls the ``run`` hook again with the same runner.
+- ``run`` executes in a detached task (:mod:`devicehost.detached`); ``stop`` cancels it and waits
+  for it to end; ``start`` calls the ``run`` hook again with the same runner.
 - A ``run`` that *returns* means the device is done: ``start`` does nothing until the device is
   closed and opened again.
 - An exception from any hook of one device is logged with the device's name and moves only that
@@ -20,6 +20,18 @@ Rules (OpenVMM task_control semantics, facts §6):
   ``BaseException`` a plugin raises, ``SystemExit`` included (a plugin calling ``sys.exit``), but
   not for the host's own cancellation, ``KeyboardInterrupt`` or ``GeneratorExit``
   (:func:`devicehost.errors.ends_the_host`), which pass through.
+
+Deadlines (:class:`~devicehost.detached.Deadlines`, ``[host] hook_deadline`` and
+``stop_deadline``): every hook call (``offer``, ``open``, ``close``, ``save_open``,
+``restore_open``, ``inspect``) runs in a detached task, and the host waits for it at most
+``hook`` seconds; a cancelled ``run`` has ``stop`` seconds to end. A device that misses a deadline
+is *abandoned*: its task is cancelled and left behind (it belongs to no task group, so it cannot
+keep the host from stopping), the device is FAILED with a failure naming the hook and the
+deadline (``open: no answer within 2 s; the device is abandoned``), logged once, and from then on
+every call on it does nothing (``open``, ``offer``, ``save``: :class:`DeviceError`). One device's
+deadline is never charged to another: each call waits for its own device only. A plugin that
+blocks the event loop itself (``time.sleep``, a busy loop) cannot be preempted here; see
+:mod:`devicehost.watchdog`.
 """
 
 from __future__ import annotations
@@ -27,14 +39,14 @@ from __future__ import annotations
 import enum
 import inspect as _inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
 import anyio.abc
 import pluggy
 
-from devicehost import hookspecs
+from devicehost import detached, hookspecs
 from devicehost.context import DeviceContext
 from devicehost.errors import ConfigError, DeviceError, LifecycleError, ends_the_host
 
@@ -90,6 +102,16 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    return isinstance(exc, anyio.get_cancelled_exc_class())
+
+
+def _ends_the_caller(exc: BaseException) -> bool:
+    """What a hook raised that the caller re-raises (KeyboardInterrupt, GeneratorExit); the
+    cancellation of the hook's own task (the end of the event loop) only fails the device."""
+    return ends_the_host(exc) and not _is_cancellation(exc)
+
+
 async def _await_maybe(value: Any) -> Any:
     if _inspect.isawaitable(value):
         return await value
@@ -99,31 +121,40 @@ async def _await_maybe(value: Any) -> Any:
 class Device:
     """One device instance and its lifecycle.
 
-    ``task_group`` is where ``run`` tasks are spawned; it belongs to the host (or to the test kit)
-    and outlives the device's opens.
+    ``task_group`` is accepted for the callers that have one; the device's tasks are detached
+    (module docstring) and belong to none. ``deadlines``: how long each hook call and each stop
+    may take (:class:`~devicehost.detached.Deadlines`; the host passes its ``[host]`` settings).
     """
 
     def __init__(
         self,
         ctx: DeviceContext,
         pm: pluggy.PluginManager,
-        task_group: anyio.abc.TaskGroup,
+        task_group: anyio.abc.TaskGroup | None = None,
+        *,
+        deadlines: detached.Deadlines | None = None,
     ) -> None:
         self.ctx = ctx
         self.pm = pm
-        self._tg = task_group
+        self.deadlines = deadlines if deadlines is not None else detached.Deadlines()
         self.state = DeviceState.NEW
         self.offer_value: Any = None
         self.runner: Any = None
         self.subchannel_index = 0
         self.failure: str | None = None
         self.run_count = 0
-        self._scope: anyio.CancelScope | None = None
-        self._finished: anyio.Event | None = None
+        #: The detached task given up on (a hook or ``run`` that missed its deadline), if any.
+        self.abandoned_task: detached.Detached | None = None
+        self._run: detached.Detached | None = None
 
     @property
     def name(self) -> str:
         return self.ctx.name
+
+    @property
+    def abandoned(self) -> bool:
+        """True once the device missed a deadline: it is FAILED for good."""
+        return self.abandoned_task is not None
 
     def __repr__(self) -> str:
         return f"<Device {self.name!r} ({self.ctx.plugin}) {self.state.value}>"
@@ -148,14 +179,52 @@ class Device:
         )
         return DeviceError(f"device {self.name!r} failed in {hook}: {exc}")
 
-    async def _call(self, hook: str, **kwargs: Any) -> Any:
-        caller = getattr(self.pm.hook, hook)
+    def _abandon(self, task: detached.Detached, hook: str, why: str) -> DeviceError:
+        """Give up on ``task`` (the device's ``hook`` that missed its deadline): FAILED for good,
+        logged once."""
+        task.abandon()
+        self.abandoned_task = task
+        self.runner = None
+        self.failure = f"{hook}: {why}; the device is abandoned"
+        self.state = DeviceState.FAILED
+        self.ctx.logger.error("device %r failed in %s: %s", self.name, hook,
+                              self.failure.partition(": ")[2])
+        return DeviceError(f"device {self.name!r} failed in {self.failure}")
+
+    def _refuse_if_abandoned(self, hook: str) -> None:
+        if self.abandoned:
+            raise DeviceError(f"device {self.name!r} was abandoned ({self.failure}); no {hook}")
+
+    async def _bounded(
+        self, hook: str, function: Callable[[], Awaitable[Any]]
+    ) -> detached.Detached:
+        """Run ``function`` (a call of ``hook``) in a detached task and wait for it to end; the
+        ended task. DeviceError if it misses the hook deadline: the device is then abandoned."""
+        self._refuse_if_abandoned(hook)
+        limit = self.deadlines.hook
+        task = detached.spawn(f"device {self.name!r} {hook}", function)
         try:
-            return await _await_maybe(caller(ctx=self.ctx, **kwargs))
-        except BaseException as exc:
-            if ends_the_host(exc):
-                raise
-            raise self._fail(hook, exc) from exc
+            ended = await task.wait(limit)
+        except BaseException:
+            # The caller is cancelled: so is the hook, which gets its deadline to unwind.
+            task.scope.cancel()
+            with anyio.CancelScope(shield=True):
+                if not await task.wait(limit):
+                    self._abandon(task, hook, f"did not end within {limit:g} s of its cancel")
+            raise
+        if not ended:
+            raise self._abandon(task, hook, f"no answer within {limit:g} s")
+        return task
+
+    async def _call(self, hook: str, **kwargs: Any) -> Any:
+        """Call ``hook`` with a deadline; its value, or DeviceError (the device is FAILED)."""
+        caller = getattr(self.pm.hook, hook)
+        task = await self._bounded(hook, lambda: _await_maybe(caller(ctx=self.ctx, **kwargs)))
+        if task.error is not None:
+            if _ends_the_caller(task.error):
+                raise task.error
+            raise self._fail(hook, task.error) from task.error
+        return task.value
 
     # -- transitions -----------------------------------------------------------------------------
 
@@ -177,6 +246,7 @@ class Device:
         """
         if self.runner is not None:
             raise LifecycleError(f"device {self.name!r} is already open")
+        self._refuse_if_abandoned("open")
         if self.state not in (DeviceState.OFFERED, DeviceState.CLOSED, DeviceState.FAILED):
             raise LifecycleError(f"device {self.name!r} cannot open while {self.state.value}")
         runner = await self._call("open", resources=resources)
@@ -193,6 +263,7 @@ class Device:
         """Call ``restore_open``; the runner is inserted stopped and runs on the next start."""
         if self.runner is not None:
             raise LifecycleError(f"device {self.name!r} is already open")
+        self._refuse_if_abandoned("restore_open")
         runner = await self._call("restore_open", state=state, resources=resources)
         if runner is None:
             raise self._fail("restore_open", LifecycleError("restore_open returned no runner"))
@@ -209,20 +280,18 @@ class Device:
         """Run the runner; True if the device is now running (also if it already was)."""
         if self.state is DeviceState.RUNNING:
             return True
-        if self.state is not DeviceState.OPEN or self.runner is None:
+        if self.state is not DeviceState.OPEN or self.runner is None or self.abandoned:
             return False
-        awaitable = await self._call_run_hook()
+        awaitable = self._call_run_hook()
         if awaitable is None:
             return False
-        finished = anyio.Event()
-        scope = anyio.CancelScope()
-        self._scope, self._finished = scope, finished
         self.state = DeviceState.RUNNING
         self.run_count += 1
-        self._tg.start_soon(self._run_task, awaitable, scope, finished, name=f"run {self.name}")
+        self._run = detached.spawn(f"device {self.name!r} run",
+                                   lambda: self._run_body(awaitable))
         return True
 
-    async def _call_run_hook(self) -> Any:
+    def _call_run_hook(self) -> Any:
         try:
             awaitable = self.pm.hook.run(ctx=self.ctx, runner=self.runner)
         except BaseException as exc:
@@ -235,48 +304,58 @@ class Device:
             return None
         return awaitable
 
-    async def _run_task(
-        self, awaitable: Any, scope: anyio.CancelScope, finished: anyio.Event
-    ) -> None:
+    async def _run_body(self, awaitable: Any) -> None:
+        """The detached run task: runs until the run returns, raises or is stopped."""
+        task = self._run
+        assert task is not None
         try:
-            with scope:
-                await awaitable
-                # A run that returns after a stop was requested (it swallowed the cancellation)
-                # was stopped, not done: it runs again on the next start.
-                if not scope.cancel_called:
-                    # The run returned by itself: the device is done until closed and reopened.
-                    self.state = DeviceState.DONE
-                    log.info("device %r finished running", self.name)
+            await awaitable
+            # A run that returns after a stop was requested (it swallowed the cancellation)
+            # was stopped, not done: it runs again on the next start.
+            if not task.scope.cancel_called:
+                # The run returned by itself: the device is done until closed and reopened.
+                self.state = DeviceState.DONE
+                log.info("device %r finished running", self.name)
         except BaseException as exc:
-            if ends_the_host(exc):
+            if _ends_the_caller(exc):
                 raise
-            self._fail("run", exc)
+            if not (task.scope.cancel_called and _is_cancellation(exc)):
+                if not task.abandoned:
+                    self._fail("run", exc)
+                raise
         finally:
-            if scope.cancel_called and self.state is DeviceState.RUNNING:
+            if task.scope.cancel_called and self.state is DeviceState.RUNNING:
                 self.state = DeviceState.OPEN
             if _inspect.iscoroutine(awaitable):
                 awaitable.close()
-            finished.set()
 
     async def stop(self) -> bool:
-        """Cancel ``run`` and wait for it to end; True iff it was running (and not done)."""
+        """Cancel ``run`` and wait for it to end; True iff it was running (and not done).
+
+        The run has the stop deadline to end; one that does not is abandoned (the device is
+        FAILED) and this returns False."""
         if self.state is not DeviceState.RUNNING:
             return False
-        assert self._scope is not None and self._finished is not None
-        self._scope.cancel()
-        # Not shielded: a caller that gives up waiting (a timeout, a cancelled host) gets its
-        # cancellation; the run task is cancelled already and finishes on its own.
-        await self._finished.wait()
-        self._scope = self._finished = None
+        task = self._run
+        assert task is not None
+        task.scope.cancel()
+        # A caller that gives up waiting (a timeout, a cancelled host) gets its cancellation;
+        # the run task is cancelled already and finishes on its own.
+        if not await task.wait(self.deadlines.stop):
+            self._abandon(task, "run", f"did not stop within {self.deadlines.stop:g} s of its"
+                          " cancel")
+            return False
+        self._run = None
         return self._state_now() is DeviceState.OPEN
 
     async def close(self) -> None:
         """Stop, call ``close`` and drop the runner. A failure in ``close`` is logged only."""
         await self.stop()
-        if self.runner is None:
+        if self.runner is None or self.abandoned:
             return
         runner, self.runner = self.runner, None
-        try:
+
+        async def call_close() -> None:
             # ``close`` is not firstresult: pluggy returns every implementation's result, and an
             # async implementation's awaitable is among them.
             results = self.pm.hook.close(
@@ -284,10 +363,15 @@ class Device:
             )
             for result in results:
                 await _await_maybe(result)
-        except BaseException as exc:
-            if ends_the_host(exc):
-                raise
-            self._fail("close", exc)
+
+        try:
+            task = await self._bounded("close", call_close)
+        except DeviceError:
+            return
+        if task.error is not None:
+            if _ends_the_caller(task.error):
+                raise task.error
+            self._fail("close", task.error)
             return
         self.state = DeviceState.CLOSED
 
@@ -326,13 +410,18 @@ class Device:
         }
         if self.failure:
             tree["failure"] = self.failure
+        if self.abandoned:
+            return tree
         try:
-            extra = await _await_maybe(self.pm.hook.inspect(ctx=self.ctx, runner=self.runner))
-        except BaseException as exc:
-            if ends_the_host(exc):
-                raise
-            tree["inspect_error"] = f"{type(exc).__name__}: {exc}"
-        else:
-            if extra:
-                tree["device"] = extra
+            task = await self._bounded("inspect", lambda: _await_maybe(
+                self.pm.hook.inspect(ctx=self.ctx, runner=self.runner)))
+        except DeviceError:
+            tree.update(state=self.state.value, failure=self.failure)
+            return tree
+        if task.error is not None:
+            if _ends_the_caller(task.error):
+                raise task.error
+            tree["inspect_error"] = f"{type(task.error).__name__}: {task.error}"
+        elif task.value:
+            tree["device"] = task.value
         return tree

@@ -1,0 +1,172 @@
+"""Detached tasks: plugin code the host waits for with a deadline and can leave behind.
+
+Every device hook call and every ``run`` executes in a :class:`Detached` task, outside every task
+group. A task group waits for all its tasks; a plugin task that swallows its cancellation (a
+shielded wait, a ``while True`` that catches ``Cancelled``, a thread that never returns) would
+keep the host's task group, and so the host, open for ever. A detached task belongs to no task
+group: the host cancels it, waits for it at most the hook's deadline (:class:`Deadlines`) and then
+*abandons* it, and its own shutdown never waits for it.
+
+How a task is detached depends on the event loop:
+
+- asyncio: a plain ``loop.create_task`` (a strong reference is kept here until it ends, since
+  asyncio holds only weak ones). At the end of ``asyncio.run`` the runner cancels what is left.
+- trio: ``trio.lowlevel.spawn_system_task``, with the caller's context variables. Trio cancels
+  system tasks when the main task ends and waits for them, so an abandoned trio task that never
+  ends keeps ``trio.run`` from returning: in a process, the watchdog (:mod:`devicehost.watchdog`)
+  ends it; in a test, the test releases the stuck plugin.
+
+Each detached task's steps are *tracked*: while one runs, :func:`running` names it (``device 'x'
+run``). That is how the watchdog names the device whose code blocks the event loop.
+:func:`abandoned` lists every task given up on in this process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Final
+
+import anyio
+import attrs
+import sniffio
+
+__all__ = [
+    "DEFAULT_HOOK_DEADLINE",
+    "DEFAULT_STOP_DEADLINE",
+    "Deadlines",
+    "Detached",
+    "abandoned",
+    "running",
+    "spawn",
+]
+
+log = logging.getLogger("devicehost.detached")
+
+#: Seconds a hook (offer, open, close, save_open, restore_open, inspect) has to return.
+DEFAULT_HOOK_DEADLINE: Final = 10.0
+#: Seconds a cancelled ``run`` has to end.
+DEFAULT_STOP_DEADLINE: Final = 5.0
+
+
+@attrs.frozen
+class Deadlines:
+    """How long the host waits for a device's plugin code: ``hook`` for a hook call, ``stop``
+    for a cancelled ``run`` to end (``[host] hook_deadline`` and ``stop_deadline``)."""
+
+    hook: float = DEFAULT_HOOK_DEADLINE
+    stop: float = DEFAULT_STOP_DEADLINE
+
+    def __attrs_post_init__(self) -> None:
+        for value in (self.hook, self.stop):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"a deadline must be a positive number of seconds, not {value}")
+
+
+_running: str | None = None
+_abandoned: list[str] = []
+_alive: set[Any] = set()  # asyncio tasks: the loop holds only weak references
+
+
+def running() -> str | None:
+    """The label of the detached task whose step runs right now (None: host code, or idle).
+
+    Read from any thread: the watchdog reads it while the event loop is blocked."""
+    return _running
+
+
+def abandoned() -> list[str]:
+    """The labels of every detached task abandoned in this process, oldest first."""
+    return list(_abandoned)
+
+
+class _Tracked:
+    """Drive a coroutine step by step (as ``await`` does), naming it in :func:`running`."""
+
+    def __init__(self, coro: Any, label: str) -> None:
+        self._coro = coro
+        self._label = label
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        global _running
+        coro = self._coro
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            outer, _running = _running, self._label
+            try:
+                if error is None:
+                    yielded = coro.send(value)
+                elif isinstance(error, GeneratorExit):
+                    coro.close()
+                    raise error
+                else:
+                    yielded = coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                _running = outer
+            try:
+                value, error = (yield yielded), None
+            except BaseException as exc:  # delivered to the coroutine on its next step
+                value, error = None, exc
+
+
+@attrs.define(eq=False)
+class Detached:
+    """One detached task: ``done`` is set when it has ended, ``scope`` cancels it; ``value`` and
+    ``error`` are what its function returned or raised (cancellation included)."""
+
+    label: str
+    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    value: Any = None
+    error: BaseException | None = None
+    abandoned: bool = False
+
+    async def wait(self, deadline: float) -> bool:
+        """Wait until the task ends, at most ``deadline`` seconds; True if it ended."""
+        with anyio.move_on_after(deadline):
+            await self.done.wait()
+        return self.done.is_set()
+
+    def abandon(self) -> None:
+        """Cancel the task and stop caring whether it ends (recorded for :func:`abandoned`)."""
+        self.scope.cancel()
+        if not self.abandoned:
+            self.abandoned = True
+            _abandoned.append(self.label)
+
+    async def _body(self, function: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            with self.scope:
+                self.value = await function()
+        except BaseException as exc:  # nobody above a detached task could take it
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+def spawn(label: str, function: Callable[[], Awaitable[Any]]) -> Detached:
+    """Run ``function()`` in a new detached task named ``label``; it starts on the next turn."""
+    task = Detached(label)
+
+    async def tracked() -> None:
+        await _Tracked(task._body(function), label)
+
+    library = sniffio.current_async_library()
+    if library == "asyncio":
+        import asyncio
+
+        handle = asyncio.get_running_loop().create_task(tracked(), name=label)
+        _alive.add(handle)
+        handle.add_done_callback(_alive.discard)
+    elif library == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(tracked, name=label, context=contextvars.copy_context())
+    else:  # pragma: no cover - anyio runs on these two only
+        raise RuntimeError(f"no detached tasks on {library}")
+    return task
