@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import pathlib
 import re
 import tomllib
@@ -90,6 +91,11 @@ class DeviceConfig:
     config: Any
 
 
+def _deadline(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise ValueError(f"{attribute.name} must be more than 0 and at most 3600 seconds, not {value}")
+
+
 @attrs.frozen
 class HostSettings:
     """The ``[host]`` table: settings of the host itself, each optional.
@@ -103,6 +109,11 @@ class HostSettings:
     peer can then kill the whole process with SIGBUS; see ``docs/security.md``.
     ``vhost_user_deadline``: seconds a vhost-user front-end has for its first message after
     connecting and for the rest of any message it began (``devicehost.virtio.vhost_user``).
+    ``hook_deadline``: seconds each device hook (offer, open, close, save_open, restore_open,
+    inspect) has to return; ``stop_deadline``: seconds a device's cancelled ``run`` has to end,
+    and how long a stopping host waits for an event loop that a plugin blocks
+    (:mod:`devicehost.lifecycle`, :mod:`devicehost.watchdog`). A device that misses one is
+    abandoned: FAILED, named in the log, and the host goes on without it.
     """
 
     strict: bool = False
@@ -110,6 +121,8 @@ class HostSettings:
     control_socket: pathlib.Path | None = None
     allow_unsealed_memory: bool = False
     vhost_user_deadline: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    hook_deadline: float = attrs.field(default=10.0, validator=_deadline)
+    stop_deadline: float = attrs.field(default=5.0, validator=_deadline)
 
 
 @attrs.frozen

@@ -84,6 +84,7 @@ import attrs
 
 from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
+from devicehost.detached import Deadlines
 from devicehost.errors import (
     ConfigError,
     DeviceHostError,
@@ -329,7 +330,8 @@ class Host:
             logger=logging.getLogger(f"devicehost.device.{name}"),
             host=self,
         )
-        device = Device(ctx, pm, self.task_group)
+        device = Device(ctx, pm, deadlines=Deadlines(self.settings.hook_deadline,
+                                                     self.settings.stop_deadline))
         self.devices[name] = device
         return device
 

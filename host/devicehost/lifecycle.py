@@ -395,10 +395,12 @@ class Device:
         self.state = DeviceState.OFFERED
 
     async def revoke(self) -> None:
-        """Stop and close the device, then forget its offer."""
+        """Stop and close the device, then forget its offer (an abandoned device stays
+        FAILED)."""
         await self.close()
         self.offer_value = None
-        self.state = DeviceState.REVOKED
+        if not self.abandoned:
+            self.state = DeviceState.REVOKED
 
     async def inspect(self) -> dict[str, Any]:
         """The device's state and whatever its ``inspect`` hook adds."""
