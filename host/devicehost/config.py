@@ -93,7 +93,8 @@ class DeviceConfig:
 
 def _deadline(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not (math.isfinite(value) and 0 < value <= 3600):
-        raise ValueError(f"{attribute.name} must be more than 0 and at most 3600 seconds, not {value}")
+        raise ValueError(
+            f"{attribute.name} must be more than 0 and at most 3600 seconds, not {value}")
 
 
 @attrs.frozen
