@@ -154,7 +154,8 @@ def test_run_structures_the_config_and_serves_it(
     fake_site.install_catalog("good", "counter")
     seen: dict[str, Any] = {}
 
-    async def fake_run_host(registry: Any, config: Any, *, cross_cutting: Any = ()) -> int:
+    async def fake_run_host(registry: Any, config: Any, *, cross_cutting: Any = (),
+                            watchdog: Any = None) -> int:
         seen.update(registry=registry, config=config, cross_cutting=list(cross_cutting))
         return 7
 

@@ -257,6 +257,7 @@ def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> 
     from devicehost.fdlimit import log_raised_soft_limit
     from devicehost.host import run_host
     from devicehost.tracing import tracing_plugins
+    from devicehost.watchdog import Watchdog
 
     log_raised_soft_limit()
     registry = _load_registry(plugin_args, strict)
@@ -273,9 +274,12 @@ def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> 
         options["takeover"] = True
     if strict:
         options["strict"] = True
-    serve = functools.partial(run_host, **options)
-    code: int = anyio.run(serve, registry, config)
-    return code
+    # The watchdog keeps the host stoppable when a plugin blocks the event loop.
+    watchdog = Watchdog(config.host.stop_deadline)
+    serve = functools.partial(run_host, watchdog=watchdog, **options)
+    with watchdog:
+        code: int = anyio.run(serve, registry, config)
+        return watchdog.finish(code)
 
 
 def _why_no_plugins(registry: Registry) -> str:

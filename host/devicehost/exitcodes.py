@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["EXIT_CODES", "FAILED", "NOT_STARTED", "OK", "USAGE"]
+__all__ = ["ABANDONED", "EXIT_CODES", "FAILED", "NOT_STARTED", "OK", "USAGE"]
 
 #: Success: the command did what it was asked; ``run`` stopped cleanly with every device served.
 OK: Final = 0
@@ -22,6 +22,10 @@ USAGE: Final = 2
 #: ``run`` did not start serving: no device could be served, or ``--strict`` and a device
 #: failed at start.
 NOT_STARTED: Final = 3
+#: ``run`` was ended by its watchdog: a device's code blocked the event loop (or an abandoned
+#: device's task kept the process alive) past the stop deadline after SIGINT/SIGTERM; the log
+#: names the device.
+ABANDONED: Final = 4
 
 #: (code, meaning) in order, for help texts and docs.
 EXIT_CODES: Final = (
@@ -32,4 +36,6 @@ EXIT_CODES: Final = (
             " errors under --strict"),
     (NOT_STARTED, "run did not start serving: no device could be served, or --strict and a"
                   " device failed at start"),
+    (ABANDONED, "run was ended by its watchdog: a device blocked the event loop past the stop"
+                " deadline; the log names it"),
 )

@@ -112,6 +112,7 @@ if TYPE_CHECKING:
     from devicehost.memory import GuestMemory
     from devicehost.notify import Notifier
     from devicehost.vmbus.server import ServerSavedState
+    from devicehost.watchdog import Watchdog
 
 __all__ = [
     "DEFAULT_GUEST_MEMORY",
@@ -256,6 +257,8 @@ class Host:
         #: The live-servicing state of a host started by ``devicehost run``
         #: (:class:`devicehost.takeover.Servicing`); None: it cannot be taken over.
         self.servicing: Any = None
+        #: The devices removed after they missed a hook's deadline, with their failure.
+        self._missed_deadlines: dict[str, str] = {}
         #: Where the devices' config came from (a file name), named in device-build errors.
         self.config_source = "<config>"
 
@@ -376,6 +379,14 @@ class Host:
                 await device.close()
         except Exception:
             log.exception("removing device %r failed", name)
+        if device.abandoned:
+            self._missed_deadlines[name] = device.failure or "abandoned"
+
+    def missed_deadlines(self) -> dict[str, str]:
+        """Every device that missed a hook's deadline and was abandoned (removed ones too), with
+        its failure."""
+        now = {n: d.failure or "abandoned" for n, d in self.devices.items() if d.abandoned}
+        return {**self._missed_deadlines, **now}
 
     async def inspect(self) -> dict[str, Any]:
         """A JSON-able view of every device (and of the VMBus server, when VMBus is served)."""
@@ -832,6 +843,17 @@ def write_state_file(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+@asynccontextmanager
+async def _stop_signals(watchdog: Watchdog | None) -> AsyncIterator[Any]:
+    """SIGINT and SIGTERM as an async iterator, watched by ``watchdog`` if there is one."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        if watchdog is None:
+            yield signals
+        else:
+            async with watchdog.watch():
+                yield signals
+
+
 async def run_host(
     registry: Any,
     config: Any,
@@ -842,6 +864,7 @@ async def run_host(
     strict: bool = False,
     notifier: Notifier | None = None,
     takeover: bool = False,
+    watchdog: Watchdog | None = None,
 ) -> int:
     """Serve ``config``'s devices until SIGINT or SIGTERM, then stop them gracefully.
 
@@ -859,7 +882,10 @@ async def run_host(
 
     Returns an exit code of :mod:`devicehost.exitcodes`: ``OK`` after a graceful stop with every
     device served, ``FAILED`` if a device failed (at start or since) or the state could not be
-    written, ``NOT_STARTED`` if no device could be served or strict mode refused to start.
+    written, ``NOT_STARTED`` if no device could be served or strict mode refused to start. A
+    device abandoned while the host stopped (its ``close`` or its ``run`` missed the deadline)
+    counts as failed. ``watchdog``: watches the event loop while the host runs
+    (:mod:`devicehost.watchdog`); ``devicehost run`` passes one.
 
     ``takeover``: take every device over, live, from the host running with the same config
     (reached on its ``control_socket``; :mod:`devicehost.takeover`, ``docs/servicing.md``)
@@ -909,7 +935,7 @@ async def run_host(
                         " install device plugins; see devicehost list)",
                         getattr(config, "source", "the config"))
         failed: dict[str, str] = {}
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with _stop_signals(watchdog) as signals:
             async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
                                  saved_source=source, strict=strict, takeover=client) as host:
                 if client is not None and control is not None:
@@ -952,6 +978,9 @@ async def run_host(
                         log.error("cannot write the saved state to %s: %s", source, exc)
                         return exitcodes.FAILED
                     log.info("saved state written to %s", source)
+            # Devices abandoned while the host stopped (a close or a run past its deadline).
+            for name, why in host.missed_deadlines().items():
+                failed.setdefault(name, why)
     except StartupError as exc:
         log.error("not started: %s", exc)
         notifier.status(f"not started: {exc}")
