@@ -143,14 +143,12 @@ class Watchdog:
         exits. Enter it inside the loop's own signal handling (``anyio.open_signal_receiver``),
         from the main thread."""
         chained = self._chain(signums)
+        # A detached task rather than a task group: what the block raises stays as it is.
+        heartbeat = detached.spawn("the watchdog's heartbeat", self._heartbeat)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat)
-                try:
-                    yield
-                finally:
-                    tg.cancel_scope.cancel()
+            yield
         finally:
+            heartbeat.scope.cancel()
             for signum, (previous, ours) in chained.items():
                 if signal.getsignal(signum) is ours:
                     signal.signal(signum, previous)
