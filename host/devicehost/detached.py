@@ -18,7 +18,7 @@ How a task is detached depends on the event loop:
 
 Each detached task's steps are *tracked*: while one runs, :func:`running` names it (``device 'x'
 run``). That is how the watchdog names the device whose code blocks the event loop.
-:func:`abandoned` lists every task given up on in this process.
+:func:`abandoned` lists the tasks given up on that still run.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Deadlines:
 
 
 _running: str | None = None
-_abandoned: list[str] = []
+_abandoned: list[Detached] = []  # a process abandons a few at most: kept for good
 _alive: set[Any] = set()  # asyncio tasks: the loop holds only weak references
 
 
@@ -77,9 +77,11 @@ def running() -> str | None:
     return _running
 
 
-def abandoned() -> list[str]:
-    """The labels of every detached task abandoned in this process, oldest first."""
-    return list(_abandoned)
+def abandoned(*, ended_too: bool = False) -> list[str]:
+    """The labels of the detached tasks abandoned in this process that have not ended (yet),
+    oldest first; ``ended_too``: also those that ended since (what they started, a thread for
+    instance, may still run)."""
+    return [task.label for task in _abandoned if ended_too or not task.done.is_set()]
 
 
 class _Tracked:
@@ -137,7 +139,7 @@ class Detached:
         self.scope.cancel()
         if not self.abandoned:
             self.abandoned = True
-            _abandoned.append(self.label)
+            _abandoned.append(self)
 
     async def _body(self, function: Callable[[], Awaitable[Any]]) -> None:
         try:

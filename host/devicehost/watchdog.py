@@ -18,7 +18,7 @@ outside:
   process cannot end because an abandoned plugin task never does (a thread blocked for ever, a
   task that swallows the event loop's final cancellation).
 - :meth:`Watchdog.finish` ends the process at once, with the host's exit code, when a device was
-  abandoned during the run (its thread would keep the interpreter from exiting).
+  abandoned during the run (a thread it started would keep the interpreter from exiting).
 
 Inline plugins share the host's fate: the watchdog makes the host stoppable and names the culprit,
 but the other devices stop with it. Isolating a device in its own process is the real fix.
@@ -175,13 +175,13 @@ class Watchdog:
 
     def finish(self, code: int) -> int:
         """After the host has stopped with exit code ``code``: end the process at once if a
-        device was abandoned (its task might never let it exit), else stop the thread and return
-        ``code``."""
-        left = detached.abandoned()
+        device was abandoned (its task, or a thread it started, might never let the process
+        exit), else stop the thread and return ``code``."""
+        left = detached.abandoned(ended_too=True)
         if left:
             self._closed.set()
-            log.error("ending the process: abandoned device tasks may never end: %s",
-                      ", ".join(left))
+            log.error("ending the process: what abandoned device tasks started may never end:"
+                      " %s", ", ".join(left))
             self._end(code)
         self.close()
         return code
