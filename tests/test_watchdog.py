@@ -280,3 +280,33 @@ def test_run_with_a_device_that_blocks_the_event_loop_still_ends_on_sigterm(
     assert (f"CRITICAL devicehost.watchdog: the host did not stop within 1 s of being asked to:"
             f" device 'stuck' {hang} blocks the event loop; ending the process\n") in log
     print(f"{hang}/{how}: ended {took:.1f} s after SIGTERM")
+
+
+def test_finish_ends_the_process_only_for_what_was_abandoned_during_the_run() -> None:
+    ended: list[int] = []
+
+    async def stuck() -> None:
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+
+    async def abandon_one() -> detached.Detached:
+        task = detached.spawn("device 'old' run", stuck)
+        task.abandon()
+        return task
+
+    async def main() -> None:
+        task = await abandon_one()
+        release.set()
+        with anyio.fail_after(60):
+            await task.done.wait()
+
+    release = anyio.Event()
+    anyio.run(main)  # abandoned before the watchdog (another run in this process)
+    with Watchdog(5, end=ended.append) as watchdog:
+        assert watchdog.finish(0) == 0
+    assert ended == []
+    with Watchdog(5, end=ended.append) as watchdog:
+        release = anyio.Event()
+        anyio.run(main)
+        assert watchdog.finish(1) == 1
+    assert ended == [1]

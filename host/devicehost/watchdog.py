@@ -77,12 +77,15 @@ class Watchdog:
         self._stop_asked: float | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._abandoned_before = 0
         #: What the watchdog said last (for tests and ``inspect``-like diagnostics).
         self.last_report: str | None = None
 
     # -- the thread ------------------------------------------------------------------------------
 
     def __enter__(self) -> Watchdog:
+        # Only what is abandoned from now on is this run's (:meth:`finish`).
+        self._abandoned_before = len(detached.abandoned(ended_too=True))
         self._thread = threading.Thread(target=self._watch, name="devicehost-watchdog",
                                         daemon=True)
         self._thread.start()
@@ -177,7 +180,7 @@ class Watchdog:
         """After the host has stopped with exit code ``code``: end the process at once if a
         device was abandoned (its task, or a thread it started, might never let the process
         exit), else stop the thread and return ``code``."""
-        left = detached.abandoned(ended_too=True)
+        left = detached.abandoned(ended_too=True)[self._abandoned_before:]
         if left:
             self._closed.set()
             log.error("ending the process: what abandoned device tasks started may never end:"
