@@ -315,3 +315,20 @@ def test_deadlines_must_be_positive_and_finite() -> None:
             Deadlines(hook=bad)
         with pytest.raises(ValueError):
             HostSettings(stop_deadline=bad)
+
+
+def test_the_readme_deadlines_are_the_defaults_and_bad_ones_are_config_errors() -> None:
+    import re
+
+    from devicehost.config import parse_config
+    from devicehost.errors import ConfigError
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"## Deadlines and the watchdog.*?```toml\n(.*?)```", readme, re.DOTALL)
+    registry = StaticRegistry({})
+    settings = parse_config(block, registry, "README.md").host
+    assert settings == HostSettings()
+    assert Deadlines(settings.hook_deadline, settings.stop_deadline) == Deadlines()
+    for bad in ("0", "-1", "inf", "nan", "3601", '"10"'):
+        with pytest.raises(ConfigError, match=r"h.toml: \[host\]: key 'stop_deadline'"):
+            parse_config(f"[host]\nstop_deadline = {bad}\n", registry, "h.toml")
