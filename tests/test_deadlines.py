@@ -325,7 +325,7 @@ def test_the_readme_deadlines_are_the_defaults_and_bad_ones_are_config_errors() 
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (block,) = re.findall(r"## Deadlines and the watchdog.*?```toml\n(.*?)```", readme, re.DOTALL)
-    registry = StaticRegistry({})
+    registry: Any = StaticRegistry({})
     settings = parse_config(block, registry, "README.md").host
     assert settings == HostSettings()
     assert Deadlines(settings.hook_deadline, settings.stop_deadline) == Deadlines()

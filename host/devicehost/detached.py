@@ -16,8 +16,9 @@ How a task is detached depends on the event loop:
   ends keeps ``trio.run`` from returning: in a process, the watchdog (:mod:`devicehost.watchdog`)
   ends it; in a test, the test releases the stuck plugin.
 
-Each detached task's steps are *tracked*: while one runs, :func:`running` names it (``device 'x'
-run``). That is how the watchdog names the device whose code blocks the event loop.
+While a detached task's step runs, :func:`running` names it (``device 'x' run``), from the
+frames of the thread's stack: that is how the watchdog names the device whose code blocks the
+event loop.
 :func:`abandoned` lists the tasks given up on that still run.
 """
 
@@ -26,12 +27,12 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
-from collections.abc import Awaitable, Callable, Generator
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
 import attrs
-import sniffio
 
 __all__ = [
     "DEFAULT_HOOK_DEADLINE",
@@ -65,16 +66,23 @@ class Deadlines:
                 raise ValueError(f"a deadline must be a positive number of seconds, not {value}")
 
 
-_running: str | None = None
 _abandoned: list[Detached] = []  # a process abandons a few at most: kept for good
 _alive: set[Any] = set()  # asyncio tasks: the loop holds only weak references
 
 
-def running() -> str | None:
-    """The label of the detached task whose step runs right now (None: host code, or idle).
+def running(thread_id: int | None = None) -> str | None:
+    """The label of the detached task whose step runs right now in thread ``thread_id`` (default:
+    this one), or None (host code runs, or the thread is idle).
 
-    Read from any thread: the watchdog reads it while the event loop is blocked."""
-    return _running
+    Read from the frames of that thread's stack, so it costs the tasks nothing: the watchdog
+    reads it from another thread while a plugin blocks the event loop's thread."""
+    frame = sys._getframe() if thread_id is None else sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code is _BODY_CODE:
+            task = frame.f_locals.get("self")
+            return task.label if isinstance(task, Detached) else None
+        frame = frame.f_back
+    return None
 
 
 def abandoned(*, ended_too: bool = False) -> list[str]:
@@ -82,38 +90,6 @@ def abandoned(*, ended_too: bool = False) -> list[str]:
     oldest first; ``ended_too``: also those that ended since (what they started, a thread for
     instance, may still run)."""
     return [task.label for task in _abandoned if ended_too or not task.done.is_set()]
-
-
-class _Tracked:
-    """Drive a coroutine step by step (as ``await`` does), naming it in :func:`running`."""
-
-    def __init__(self, coro: Any, label: str) -> None:
-        self._coro = coro
-        self._label = label
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        global _running
-        coro = self._coro
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            outer, _running = _running, self._label
-            try:
-                if error is None:
-                    yielded = coro.send(value)
-                elif isinstance(error, GeneratorExit):
-                    coro.close()
-                    raise error
-                else:
-                    yielded = coro.throw(error)
-            except StopIteration as stop:
-                return stop.value
-            finally:
-                _running = outer
-            try:
-                value, error = (yield yielded), None
-            except BaseException as exc:  # delivered to the coroutine on its next step
-                value, error = None, exc
 
 
 @attrs.define(eq=False)
@@ -151,24 +127,33 @@ class Detached:
             self.done.set()
 
 
+def _in_trio() -> bool:
+    """True inside a trio run (else anyio runs on asyncio, its only other backend)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 def spawn(label: str, function: Callable[[], Awaitable[Any]]) -> Detached:
     """Run ``function()`` in a new detached task named ``label``; it starts on the next turn."""
     task = Detached(label)
-
-    async def tracked() -> None:
-        await _Tracked(task._body(function), label)
-
-    library = sniffio.current_async_library()
-    if library == "asyncio":
+    if not _in_trio():
         import asyncio
 
-        handle = asyncio.get_running_loop().create_task(tracked(), name=label)
+        handle = asyncio.get_running_loop().create_task(task._body(function), name=label)
         _alive.add(handle)
         handle.add_done_callback(_alive.discard)
-    elif library == "trio":
+    else:
         import trio
 
-        trio.lowlevel.spawn_system_task(tracked, name=label, context=contextvars.copy_context())
-    else:  # pragma: no cover - anyio runs on these two only
-        raise RuntimeError(f"no detached tasks on {library}")
+        trio.lowlevel.spawn_system_task(task._body, function, name=label,
+                                        context=contextvars.copy_context())
     return task
+
+
+_BODY_CODE: Final = Detached._body.__code__

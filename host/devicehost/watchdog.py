@@ -78,6 +78,7 @@ class Watchdog:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._abandoned_before = 0
+        self._loop_thread: int | None = None
         #: What the watchdog said last (for tests and ``inspect``-like diagnostics).
         self.last_report: str | None = None
 
@@ -122,9 +123,8 @@ class Watchdog:
                 self._end(exitcodes.ABANDONED)
                 return
 
-    @staticmethod
-    def _culprit() -> str:
-        step = detached.running()
+    def _culprit(self) -> str:
+        step = None if self._loop_thread is None else detached.running(self._loop_thread)
         if step is not None:
             return f"{step} blocks the event loop"
         left = detached.abandoned()
@@ -145,6 +145,7 @@ class Watchdog:
         """Beat in the current event loop and chain the stop signals' handlers, until the block
         exits. Enter it inside the loop's own signal handling (``anyio.open_signal_receiver``),
         from the main thread."""
+        self._loop_thread = threading.get_ident()
         chained = self._chain(signums)
         # A detached task rather than a task group: what the block raises stays as it is.
         heartbeat = detached.spawn("the watchdog's heartbeat", self._heartbeat)
