@@ -332,3 +332,32 @@ def test_the_readme_deadlines_are_the_defaults_and_bad_ones_are_config_errors() 
     for bad in ("0", "-1", "inf", "nan", "3601", '"10"'):
         with pytest.raises(ConfigError, match=r"h.toml: \[host\]: key 'stop_deadline'"):
             parse_config(f"[host]\nstop_deadline = {bad}\n", registry, "h.toml")
+
+
+def test_a_keyboard_interrupt_in_run_still_ends_the_event_loop() -> None:
+    class Interrupting:
+        def __init__(self, config: None) -> None:
+            pass
+
+        @hookimpl
+        def offer(self, ctx: DeviceContext) -> LocalOffer:
+            return LocalOffer()
+
+        @hookimpl
+        def open(self, ctx: DeviceContext, resources: LocalOffer) -> str:
+            return "r"
+
+        @hookimpl
+        def run(self, ctx: DeviceContext, runner: str) -> Any:
+            return self._run()
+
+        async def _run(self) -> None:
+            raise KeyboardInterrupt
+
+    async def main() -> None:
+        async with host_with({"interrupting": Interrupting}):
+            with anyio.fail_after(30):
+                await anyio.sleep_forever()
+
+    with pytest.raises(KeyboardInterrupt):
+        anyio.run(main)

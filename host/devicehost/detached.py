@@ -117,12 +117,14 @@ class Detached:
             self.abandoned = True
             _abandoned.append(self)
 
-    async def _body(self, function: Callable[[], Awaitable[Any]]) -> None:
+    async def _body(self, function: Callable[[], Awaitable[Any]], interrupts: bool) -> None:
         try:
             with self.scope:
                 self.value = await function()
-        except BaseException as exc:  # nobody above a detached task could take it
+        except BaseException as exc:  # nobody above a detached task could take it...
             self.error = exc
+            if interrupts and isinstance(exc, KeyboardInterrupt):
+                raise  # ... but an interrupt ends the event loop, as it would anywhere else
         finally:
             self.done.set()
 
@@ -139,19 +141,27 @@ def _in_trio() -> bool:
     return True
 
 
-def spawn(label: str, function: Callable[[], Awaitable[Any]]) -> Detached:
-    """Run ``function()`` in a new detached task named ``label``; it starts on the next turn."""
+def spawn(
+    label: str, function: Callable[[], Awaitable[Any]], *, interrupts: bool = False
+) -> Detached:
+    """Run ``function()`` in a new detached task named ``label``; it starts on the next turn.
+
+    What it raises is kept in :attr:`Detached.error` for whoever waits for it; with
+    ``interrupts``, a ``KeyboardInterrupt`` is raised on out of the task too, for a task nobody
+    waits for (a device's ``run``): on asyncio it ends the event loop, on trio it crashes the run
+    (``TrioInternalError``)."""
     task = Detached(label)
     if not _in_trio():
         import asyncio
 
-        handle = asyncio.get_running_loop().create_task(task._body(function), name=label)
+        loop = asyncio.get_running_loop()
+        handle = loop.create_task(task._body(function, interrupts), name=label)
         _alive.add(handle)
         handle.add_done_callback(_alive.discard)
     else:
         import trio
 
-        trio.lowlevel.spawn_system_task(task._body, function, name=label,
+        trio.lowlevel.spawn_system_task(task._body, function, interrupts, name=label,
                                         context=contextvars.copy_context())
     return task
 

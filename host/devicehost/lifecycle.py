@@ -287,8 +287,10 @@ class Device:
             return False
         self.state = DeviceState.RUNNING
         self.run_count += 1
+        # A KeyboardInterrupt in ``run`` ends the host (module docstring); nobody waits for the
+        # run's task to hand it on, so the task raises it on itself.
         self._run = detached.spawn(f"device {self.name!r} run",
-                                   lambda: self._run_body(awaitable))
+                                   lambda: self._run_body(awaitable), interrupts=True)
         return True
 
     def _call_run_hook(self) -> Any:
