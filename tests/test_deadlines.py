@@ -361,3 +361,26 @@ def test_a_keyboard_interrupt_in_run_still_ends_the_event_loop() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         anyio.run(main)
+
+
+@pytest.mark.anyio
+async def test_a_device_table_can_set_its_own_deadlines(caplog: pytest.LogCaptureFixture) -> None:
+    from devicehost.config import DeviceDeadlines, parse_config
+
+    registry: Any = StaticRegistry({"stuck": stuck.StuckDevice})
+    config = parse_config(
+        '[host]\nstop_deadline = 20\n\n'
+        '[[device]]\nplugin = "stuck"\nname = "stuck"\nhang = "open"\nhow = "swallow"\n'
+        'hook_deadline = 0.5\n\n'
+        '[[device]]\nplugin = "stuck"\nname = "calm"\nhang = "nothing"\n',
+        registry, "own.toml")
+    assert config.device("stuck").deadlines == DeviceDeadlines(hook_deadline=0.5)
+    assert config.device("calm").deadlines is None
+    with anyio.fail_after(30):
+        async with open_host(registry, config) as host:
+            device = host.devices["stuck"]
+            assert device.deadlines == Deadlines(0.5, 20)
+            assert host.devices["calm"].deadlines == Deadlines(10, 20)
+            assert host.devices["calm"].state is DeviceState.RUNNING
+            assert_abandoned(device, "open", caplog)
+        await release(device)

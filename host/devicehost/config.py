@@ -6,6 +6,7 @@ Format::
     plugin = "vmbfs"          # entry-point name of a loaded device plugin (required)
     name = "files"            # unique in the file; defaults to the plugin name when the file has
                               # only one device of that plugin
+    hook_deadline = 30        # optional: this device's own deadlines (:class:`DeviceDeadlines`)
     root = "/srv/share"       # every other key is a field of the plugin's ``config_class``
 
     [device.backing]          # a nested attrs class is a sub-table
@@ -62,6 +63,7 @@ __all__ = [
     "MAX_CONFIG_DEPTH",
     "MAX_NAME_LENGTH",
     "DeviceConfig",
+    "DeviceDeadlines",
     "HostConfig",
     "HostSettings",
     "default_config",
@@ -78,7 +80,9 @@ MAX_CONFIG_DEPTH: Final = 32
 #: Longest device name: names appear in socket paths (at most 108 bytes) and log lines.
 MAX_NAME_LENGTH: Final = 64
 _NAME: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
-_RESERVED_KEYS: Final = ("plugin", "name")
+#: Keys of a [[device]] table that are the host's, not the plugin's (the deadlines: see
+#: :class:`DeviceDeadlines`).
+_RESERVED_KEYS: Final = ("plugin", "name", "hook_deadline", "stop_deadline")
 
 
 @attrs.frozen
@@ -89,12 +93,25 @@ class DeviceConfig:
     name: str
     plugin: str
     config: Any
+    deadlines: DeviceDeadlines | None = None
 
 
 def _deadline(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not (math.isfinite(value) and 0 < value <= 3600):
         raise ValueError(
             f"{attribute.name} must be more than 0 and at most 3600 seconds, not {value}")
+
+
+@attrs.frozen
+class DeviceDeadlines:
+    """A ``[[device]]`` table's own ``hook_deadline`` and ``stop_deadline`` (seconds), which
+    replace the ``[host]`` ones for that device; unset: the host's. These two keys are the
+    host's in every device table, so a plugin's config cannot use them."""
+
+    hook_deadline: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_deadline))
+    stop_deadline: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_deadline))
 
 
 @attrs.frozen
@@ -426,7 +443,12 @@ def parse_config(
         seen[name] = index
         settings = {k: v for k, v in table.items() if k not in _RESERVED_KEYS}
         where = f"{source}: device {name!r}"
-        devices.append(_device_config(registry, plugin, name, settings, where, base))
+        device = _device_config(registry, plugin, name, settings, where, base)
+        own = {k: table[k] for k in ("hook_deadline", "stop_deadline") if k in table}
+        if own:
+            deadlines = _Structurer(base).instance(DeviceDeadlines, own, where)
+            device = attrs.evolve(device, deadlines=deadlines)
+        devices.append(device)
     return HostConfig(tuple(devices), source, host_settings)
 
 

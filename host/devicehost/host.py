@@ -259,6 +259,9 @@ class Host:
         self.servicing: Any = None
         #: The devices removed after they missed a hook's deadline, with their failure.
         self._missed_deadlines: dict[str, str] = {}
+        #: Per device name, its config's own deadlines (:class:`~devicehost.config.
+        #: DeviceDeadlines`), which replace the ``[host]`` ones.
+        self.device_deadlines: dict[str, Any] = {}
         #: Where the devices' config came from (a file name), named in device-build errors.
         self.config_source = "<config>"
 
@@ -333,8 +336,12 @@ class Host:
             logger=logging.getLogger(f"devicehost.device.{name}"),
             host=self,
         )
-        device = Device(ctx, pm, deadlines=Deadlines(self.settings.hook_deadline,
-                                                     self.settings.stop_deadline))
+        own = self.device_deadlines.get(name)
+        hook = None if own is None else own.hook_deadline
+        stop = None if own is None else own.stop_deadline
+        device = Device(ctx, pm, deadlines=Deadlines(
+            self.settings.hook_deadline if hook is None else hook,
+            self.settings.stop_deadline if stop is None else stop))
         self.devices[name] = device
         return device
 
@@ -662,6 +669,8 @@ async def open_host(
                     cross_cutting=cross_cutting, guest_memory=guest_memory,
                     settings=getattr(config, "host", None))
         host.config_source = getattr(config, "source", host.config_source)
+        host.device_deadlines = {d.name: d.deadlines for d in config.devices
+                                 if getattr(d, "deadlines", None) is not None}
         try:
             if takeover is not None:
                 try:
