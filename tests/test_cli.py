@@ -16,6 +16,7 @@ import pytest
 
 import devicehost.demo
 import devicehost.host
+import devicehost.serving
 from devicehost.cli import main
 from devicehost.config import DeviceConfig
 
@@ -159,7 +160,7 @@ def test_run_structures_the_config_and_serves_it(
         seen.update(registry=registry, config=config, cross_cutting=list(cross_cutting))
         return 7
 
-    monkeypatch.setattr(devicehost.host, "run_host", fake_run_host)
+    monkeypatch.setattr(devicehost.serving, "run_host", fake_run_host)
     monkeypatch.setenv("DEVICEHOST_TRACE", "1")
     config = tmp_path / "host.toml"
     config.write_text('[[device]]\nplugin = "good"\nname = "g1"\ngreeting = "hi"\n')
@@ -495,7 +496,7 @@ def test_run_and_demo_warn_when_no_plugin_is_loaded(
         seen.append(config)
         return 0
 
-    monkeypatch.setattr(devicehost.host, "run_host", fake_run_host)
+    monkeypatch.setattr(devicehost.serving, "run_host", fake_run_host)
     code, _, err = run_cli(capsys, "run")
     assert code == 0 and seen[0].devices == ()
     assert "devicehost: warning: no device plugin is loaded (every installed plugin is blocked" in (

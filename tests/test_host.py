@@ -12,7 +12,8 @@ import attrs
 import pytest
 
 from devicehost import DeviceContext, DeviceState, LocalOffer, hookimpl
-from devicehost.host import Host, run_host
+from devicehost.host import Host
+from devicehost.serving import run_host
 from devicehost.testing import StaticRegistry, host_with
 from devicehost.testing.registry import DeviceSpec
 

@@ -24,10 +24,6 @@ from devicehost.host import (
     Host,
     NotSaved,
     open_host,
-    read_state_file,
-    remove_stale_temporaries,
-    run_host,
-    write_state_file,
 )
 from devicehost.memory import DmaAllocator, GuestMemory
 from devicehost.savedstate import (
@@ -38,6 +34,8 @@ from devicehost.savedstate import (
     entry_for,
     saved_state,
 )
+from devicehost.serving import run_host
+from devicehost.statefile import read_state_file, remove_stale_temporaries, write_state_file
 from devicehost.testing import StaticRegistry
 from devicehost.testing.registry import DeviceSpec
 from devicehost.vmbus.client import VmbusClient
@@ -423,7 +421,7 @@ def test_a_fifo_state_file_is_refused_without_being_opened(
 
 _KILLED_WRITER = """
 import os, sys
-from devicehost.host import write_state_file
+from devicehost.statefile import write_state_file
 real_fsync = os.fsync
 def fsync_then_wait(fd):
     print("written", flush=True)

@@ -12,7 +12,8 @@ also follow the command (``devicehost list -p no:vsock``, ``devicehost run -v``)
   one of each plugin) can hold (:mod:`devicehost.fdlimit`); a low limit is a warning, not a
   failure.
 - ``run [--config FILE] [--state FILE] [--takeover]``: serves the configured devices (default:
-  one device of each loaded device plugin) until SIGINT/SIGTERM (:func:`devicehost.host.run_host`).
+  one device of each loaded device plugin) until SIGINT/SIGTERM
+  (:func:`devicehost.serving.run_host`).
   It first raises its soft file descriptor limit to the hard one (logged). ``--takeover`` takes
   the devices over live from the host running with the same config (``docs/servicing.md``).
 - ``inspect --socket PATH [--json]``: the running host's device tree, over its control socket.
@@ -255,7 +256,7 @@ def _cmd_run(args: argparse.Namespace, plugin_args: list[str], strict: bool) -> 
 
     from devicehost.config import default_config, load_config
     from devicehost.fdlimit import log_raised_soft_limit
-    from devicehost.host import run_host
+    from devicehost.serving import run_host
     from devicehost.tracing import tracing_plugins
     from devicehost.watchdog import Watchdog
 

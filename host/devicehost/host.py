@@ -68,19 +68,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import secrets
-import signal
-import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import anyio.abc
-import attrs
 
 from devicehost.config import HostSettings
 from devicehost.context import DeviceContext
@@ -93,26 +87,28 @@ from devicehost.errors import (
     ends_the_host,
 )
 from devicehost.excerpt import bounded_message, excerpt
-from devicehost.files import FileRefusedError, read_regular_file
 from devicehost.gate import GuestGate
 from devicehost.handoff import Handoff, HandoffError, HandoffFd
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
+from devicehost.restoreplan import (
+    HOST_PLUGIN,
+    VMBUS_ENTRY,
+    NotSaved,
+    RestorePlan,
+    plan_for,
+    plan_untrusted,
+    short_reason,
+)
 from devicehost.savedstate import (
-    MAX_ENVELOPE_BYTES,
     SavedEntry,
-    decode_envelope_untrusted,
-    decode_state_untrusted,
     encode_envelope,
     entry_for,
-    saved_state,
 )
+from devicehost.statefile import read_state_file, remove_stale_temporaries, write_state_file
 from devicehost.transport import LocalTransport, transport_class_for
 
 if TYPE_CHECKING:
     from devicehost.memory import GuestMemory
-    from devicehost.notify import Notifier
-    from devicehost.vmbus.server import ServerSavedState
-    from devicehost.watchdog import Watchdog
 
 __all__ = [
     "DEFAULT_GUEST_MEMORY",
@@ -122,7 +118,6 @@ __all__ = [
     "open_host",
     "read_state_file",
     "remove_stale_temporaries",
-    "run_host",
     "write_state_file",
 ]
 
@@ -131,91 +126,8 @@ log = logging.getLogger("devicehost.host")
 #: Size of the in-process guest memory shared by the VMBus server and client.
 DEFAULT_GUEST_MEMORY: Final = 64 * 1024 * 1024
 #: The envelope entry (device name) that holds the VMBus server's state.
-VMBUS_ENTRY: Final = "@vmbus"
-_HOST_PLUGIN: Final = "host"
-_MAX_REASON: Final = 200
 
 T = TypeVar("T")
-
-
-@saved_state("host.NotSaved", 1)
-@attrs.frozen
-class NotSaved:
-    """The envelope entry of a device that saved nothing: it is offered fresh on restore."""
-
-    reason: str
-
-
-@attrs.frozen
-class _RestorePlan:
-    """A decoded, checked saved state: per device its state (None: offer fresh) and why not."""
-
-    states: dict[str, Any]
-    not_saved: dict[str, str]
-    vmbus: ServerSavedState | None
-
-
-def _short(text: str) -> str:
-    return excerpt(text, _MAX_REASON)
-
-
-def _plan(data: bytes, devices: Iterable[Any], source: str) -> _RestorePlan:
-    """Decode ``data`` against the configured ``devices``; SavedStateError naming ``source``."""
-    try:
-        return _plan_untrusted(data, {d.name: d.plugin for d in devices})
-    except SavedStateError as exc:
-        raise SavedStateError(f"{source}: {exc}; the host does not start") from exc
-
-
-def _plan_untrusted(data: bytes, configured: dict[str, str]) -> _RestorePlan:
-    states: dict[str, Any] = {}
-    not_saved: dict[str, str] = {}
-    vmbus: ServerSavedState | None = None
-    for entry in decode_envelope_untrusted(data):
-        if entry.device.startswith("@"):
-            vmbus = _decode_vmbus_entry(entry)
-            continue
-        plugin = configured.get(entry.device)
-        if plugin is None:
-            raise SavedStateError(
-                f"it holds device {excerpt(entry.device)} (plugin {excerpt(entry.plugin)}), which"
-                " the config does not have; add the device back, or start without this saved"
-                " state"
-            )
-        if plugin != entry.plugin:
-            raise SavedStateError(
-                f"device {entry.device!r} was saved by plugin {excerpt(entry.plugin)}, but the"
-                f" config serves it with plugin {plugin!r}"
-            )
-        if entry.type_name == "host.NotSaved":
-            not_saved[entry.device] = decode_state_untrusted(entry, NotSaved).reason
-            states[entry.device] = None
-        else:
-            states[entry.device] = decode_state_untrusted(entry)
-    return _RestorePlan(states, not_saved, vmbus)
-
-
-def _decode_vmbus_entry(entry: SavedEntry) -> ServerSavedState:
-    if entry.device != VMBUS_ENTRY or entry.plugin != _HOST_PLUGIN:
-        raise SavedStateError(
-            f"unknown host entry {excerpt(entry.device)} (plugin {excerpt(entry.plugin)})"
-        )
-    from devicehost.vmbus.server import ServerSavedState
-
-    state: ServerSavedState = decode_state_untrusted(entry, ServerSavedState)
-    keys, ids = set(), set()
-    for channel in state.channels:
-        try:
-            key = channel.key
-        except ValueError as exc:
-            raise SavedStateError(f"device '@vmbus': a channel's GUID is invalid: {exc}") from exc
-        if key in keys or channel.channel_id in ids or channel.channel_id <= 0:
-            raise SavedStateError(
-                f"device '@vmbus': channel {channel.channel_id} repeats an offer or a channel id"
-            )
-        keys.add(key)
-        ids.add(channel.channel_id)
-    return state
 
 
 class Host:
@@ -455,7 +367,7 @@ class Host:
         entries: list[SavedEntry] = []
         vmbus = self._vmbus_transport()
         if vmbus is not None:
-            entries.append(entry_for(VMBUS_ENTRY, _HOST_PLUGIN, vmbus.server.save()))
+            entries.append(entry_for(VMBUS_ENTRY, HOST_PLUGIN, vmbus.server.save()))
         for name, device in self.devices.items():
             transport = self._device_transport.get(name)
             if transport is None:
@@ -506,7 +418,7 @@ class Host:
 
     async def _restore(
         self,
-        plan: _RestorePlan,
+        plan: RestorePlan,
         devices: Iterable[Any],
         *,
         handed: dict[str, dict[int, tuple[int, str]]] | None = None,
@@ -559,7 +471,7 @@ class Host:
                 self.restore_report[spec.name] = "new"
             elif state is None:
                 why = plan.not_saved.get(spec.name, "not saved")
-                self.restore_report[spec.name] = f"fresh: not saved ({_short(why)})"
+                self.restore_report[spec.name] = f"fresh: not saved ({short_reason(why)})"
             elif isinstance(transport, LocalTransport):
                 held.append((device, state))
             elif transport is self._vmbus_transport() and vmbus_restored:
@@ -601,7 +513,7 @@ class Host:
                 raise HandoffError(f"device {device.name!r} (plugin {device.ctx.plugin!r})"
                                    f" failed to restore: {bounded_message(str(exc))}") from exc
             log.warning("device %r failed to restore (%s); opening it fresh", device.name, exc)
-            self.restore_report[device.name] = f"fresh: restore failed ({_short(str(exc))})"
+            self.restore_report[device.name] = f"fresh: restore failed ({short_reason(str(exc))})"
             try:
                 await device.open(device.offer_value, start=False)
             except DeviceHostError as open_exc:
@@ -661,7 +573,7 @@ async def open_host(
     is asked for and restored with its descriptors; :class:`HandoffError` naming the device if
     any cannot be (the running host rolls back and serves on), and the block never runs.
     """
-    plan = None if saved is None else _plan(saved, config.devices, saved_source)
+    plan = None if saved is None else plan_for(saved, config.devices, saved_source)
     cross_cutting = _with_tracing(registry, cross_cutting)
     refused: SavedStateError | ConfigError | StartupError | HandoffError | None = None
     async with anyio.create_task_group() as tg:
@@ -717,7 +629,7 @@ async def _take_over(host: Host, takeover: Any, devices: Iterable[Any]) -> None:
     handed = handoff.by_device()
     try:
         try:
-            plan = _plan_untrusted(handoff.envelope, {d.name: d.plugin for d in configured})
+            plan = plan_untrusted(handoff.envelope, {d.name: d.plugin for d in configured})
         except SavedStateError as exc:
             raise HandoffError(f"the handed-over state: {exc}") from exc
         for name in handed:
@@ -745,266 +657,3 @@ def _with_tracing(registry: Any, cross_cutting: Iterable[object]) -> list[object
                for p in [*plugins, *getattr(registry, "cross_cutting", [])]):
         plugins += tracing_plugins()
     return plugins
-
-
-async def _until_stopped(host: Host, signals: Any) -> None:
-    """Wait for SIGINT/SIGTERM or for a takeover to commit; a signal that arrives during a
-    takeover waits for it to end (the stop never interrupts a handoff half-way)."""
-    servicing = host.servicing
-    async with anyio.create_task_group() as tg:
-        if servicing is not None:
-            async def handed_over() -> None:
-                await servicing.handed_over.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(handed_over)
-        async for signum in signals:
-            log.info("received %s, stopping devices", signal.Signals(signum).name)
-            break
-        tg.cancel_scope.cancel()
-    if servicing is not None and not servicing.handed_over.is_set():
-        async with servicing.lock:
-            servicing.stopping = True
-    if servicing is not None and servicing.handed_over.is_set():
-        log.info("handed over to pid %s; exiting", servicing.successor)
-
-
-def read_state_file(path: str | os.PathLike[str]) -> bytes | None:
-    """The bytes of saved-state file ``path`` (None if there is none); SavedStateError naming
-    the file if it cannot be read, is not a regular file (a FIFO is refused without being opened
-    for reading) or is larger than :data:`~devicehost.savedstate.MAX_ENVELOPE_BYTES`."""
-    try:
-        return read_regular_file(path, MAX_ENVELOPE_BYTES)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        why = exc.strerror if isinstance(exc, FileRefusedError) else exc
-        raise SavedStateError(f"{os.fspath(path)}: cannot read the saved state: {why}") from exc
-
-
-def _temporary_pattern(target: Path) -> re.Pattern[str]:
-    # ".<name>.<pid of the writer>.<16 hex digits>.tmp": write_state_file's names, nothing else.
-    return re.compile(rf"\.{re.escape(target.name)}\.([1-9][0-9]{{0,9}})\.[0-9a-f]{{16}}\.tmp")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process, or a number no process can have: leave its file
-    return True
-
-
-def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files that interrupted saves of state file ``path`` left (a save
-    killed between creating its temporary and renaming it, e.g. by SIGKILL); returns them.
-
-    Only what is certainly such a file is removed: a regular file (not a symlink) beside ``path``,
-    owned by this user, whose name is exactly :func:`write_state_file`'s temporary name for
-    ``path``, and whose writer (the process id in the name) no longer runs. So two hosts saving
-    the same file never remove each other's temporaries, and no other file is touched.
-    """
-    target = Path(path)
-    pattern = _temporary_pattern(target)
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return []
-    removed: list[Path] = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or _process_exists(pid):
-            continue
-        stale = target.parent / name
-        try:
-            st = os.lstat(stale)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                continue
-            os.unlink(stale)
-        except OSError:
-            continue  # gone already, or not ours to remove
-        log.warning("removed %s (%d bytes), left by an interrupted save", stale, st.st_size)
-        removed.append(stale)
-    return removed
-
-
-def write_state_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, synced, then renamed
-    over it (a crash leaves the old file or the new one, never a mix). Temporaries that earlier,
-    interrupted saves left are removed first (:func:`remove_stale_temporaries`). Raises OSError."""
-    target = Path(path)
-    remove_stale_temporaries(target)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@asynccontextmanager
-async def _stop_signals(watchdog: Watchdog | None) -> AsyncIterator[Any]:
-    """SIGINT and SIGTERM as an async iterator, watched by ``watchdog`` if there is one."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        if watchdog is None:
-            yield signals
-        else:
-            async with watchdog.watch():
-                yield signals
-
-
-async def run_host(
-    registry: Any,
-    config: Any,
-    *,
-    ready: Callable[[Host], None] | None = None,
-    cross_cutting: Iterable[object] = (),
-    state_file: str | os.PathLike[str] | None = None,
-    strict: bool = False,
-    notifier: Notifier | None = None,
-    takeover: bool = False,
-    watchdog: Watchdog | None = None,
-) -> int:
-    """Serve ``config``'s devices until SIGINT or SIGTERM, then stop them gracefully.
-
-    Before serving: the state file's directory and the control socket (``[host]
-    control_socket``) are checked (:class:`ConfigError`), every device is built (a value its
-    constructor refuses is one error line naming file, device, key and value). Once started: one
-    ``ready:`` line per served device saying where it is reached, a summary (``serving 3 of 5
-    devices; failed: ...``), ``ready``, and sd_notify ``READY=1`` when ``NOTIFY_SOCKET`` is set
-    (``STOPPING=1`` at the stop). ``strict`` (or ``[host] strict``): any device that cannot be
-    built or offered stops the host before it reports ready.
-
-    With ``state_file``: restore from it at start if it exists (:class:`SavedStateError`, naming
-    the file, if it cannot be used: nothing is served), and save to it atomically on the stop.
-    Temporaries that an interrupted save of it left are removed at start.
-
-    Returns an exit code of :mod:`devicehost.exitcodes`: ``OK`` after a graceful stop with every
-    device served, ``FAILED`` if a device failed (at start or since) or the state could not be
-    written, ``NOT_STARTED`` if no device could be served or strict mode refused to start. A
-    device abandoned while the host stopped (its ``close`` or its ``run`` missed the deadline)
-    counts as failed. ``watchdog``: watches the event loop while the host runs
-    (:mod:`devicehost.watchdog`); ``devicehost run`` passes one.
-
-    ``takeover``: take every device over, live, from the host running with the same config
-    (reached on its ``control_socket``; :mod:`devicehost.takeover`, ``docs/servicing.md``)
-    instead of starting them (a state file is then not read); ``NOT_STARTED`` naming the device
-    if any cannot be restored (that host rolls back and serves on). A host that is taken over
-    returns ``OK`` without saving its state or closing its devices.
-    """
-    from devicehost import exitcodes
-    from devicehost.control import ControlServer
-    from devicehost.notify import Notifier
-    from devicehost.readiness import announce, failed_devices, summary
-    from devicehost.takeover import Servicing, TakeoverClient
-
-    settings = getattr(config, "host", None) or HostSettings()
-    strict = strict or settings.strict
-    notifier = notifier if notifier is not None else Notifier()
-    names = [d.name for d in config.devices]
-    if state_file is not None:
-        parent = Path(state_file).parent
-        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-            # Found now rather than when the state is saved at the stop.
-            raise ConfigError(f"{os.fspath(state_file)}: the state file's directory {parent} is"
-                              " not a writable directory")
-        remove_stale_temporaries(state_file)
-    control = None
-    client = None
-    if takeover:
-        if settings.control_socket is None:
-            raise ConfigError(f"{getattr(config, 'source', '<config>')}: --takeover needs"
-                              " [host] control_socket, where the running host listens")
-        client = TakeoverClient(settings.control_socket)
-        control = ControlServer(settings.control_socket)
-    elif settings.control_socket is not None:
-        control = ControlServer(settings.control_socket)
-        try:
-            control.bind()
-        except ConfigError as exc:
-            where = f"{getattr(config, 'source', '<config>')}: [host]"
-            raise ConfigError(exc.located(where)) from exc
-    try:
-        saved = None if state_file is None or takeover else read_state_file(state_file)
-        if state_file is not None and saved is None and not takeover:
-            log.info("no saved state at %s: starting fresh", os.fspath(state_file))
-        source = "saved state" if state_file is None else os.fspath(state_file)
-        if not names:
-            log.warning("nothing to serve: %s has no devices (write [[device]] tables, or"
-                        " install device plugins; see devicehost list)",
-                        getattr(config, "source", "the config"))
-        failed: dict[str, str] = {}
-        async with _stop_signals(watchdog) as signals:
-            async with open_host(registry, config, cross_cutting=cross_cutting, saved=saved,
-                                 saved_source=source, strict=strict, takeover=client) as host:
-                if client is not None and control is not None:
-                    if client.listener is not None:
-                        control.adopt(client.listener)
-                    log.info("took over every device from pid %s", client.predecessor)
-                    notifier.send(f"MAINPID={os.getpid()}")
-                for name, outcome in host.restore_report.items():
-                    log.info("restore of %s: %s", name, outcome)
-                served = await announce(host, names, log)
-                status = summary(host, names)
-                if names and served == 0:
-                    log.error("%s; no device could be served", status)
-                    notifier.status(f"not started: {status}")
-                    return exitcodes.NOT_STARTED
-                async with anyio.create_task_group() as services:
-                    if control is not None:
-                        await services.start(control.serve, host)
-                        log.info("control socket at %s", control.path)
-                        host.servicing = Servicing(control.listener, notifier)
-                    log.log(logging.WARNING if served < len(names) else logging.INFO, "%s",
-                            status)
-                    log.info("ready")
-                    notifier.ready(status)
-                    if ready is not None:
-                        ready(host)
-                    await _until_stopped(host, signals)
-                    failed = failed_devices(host, names)
-                    if host.abandon_devices:  # handed over: the successor serves on
-                        assert control is not None
-                        control.release()
-                        services.cancel_scope.cancel()
-                        return exitcodes.OK
-                    notifier.stopping("stopping")
-                    services.cancel_scope.cancel()
-                if state_file is not None:
-                    try:
-                        write_state_file(state_file, await host.save())
-                    except (OSError, DeviceHostError) as exc:
-                        log.error("cannot write the saved state to %s: %s", source, exc)
-                        return exitcodes.FAILED
-                    log.info("saved state written to %s", source)
-            # Devices abandoned while the host stopped (a close or a run past its deadline).
-            for name, why in host.missed_deadlines().items():
-                failed.setdefault(name, why)
-    except StartupError as exc:
-        log.error("not started: %s", exc)
-        notifier.status(f"not started: {exc}")
-        return exitcodes.NOT_STARTED
-    except HandoffError as exc:
-        log.error("takeover failed: %s", exc)
-        return exitcodes.NOT_STARTED
-    finally:
-        if client is not None:
-            client.close()
-        if control is not None:
-            control.close()
-    if failed:
-        log.error("stopped; %d of %d device(s) failed: %s", len(failed), len(names),
-                  ", ".join(failed))
-        return exitcodes.FAILED
-    log.info("stopped")
-    return exitcodes.OK
