@@ -5,10 +5,14 @@ Run on asyncio (futures per waiter) and trio (the shared anyio event).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+
 import anyio
 import pytest
 
-from devicehost.virtio import EventDoorbell
+from devicehost.virtio import EventDoorbell, EventfdDoorbell
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -135,3 +139,32 @@ async def test_waits_that_time_out_leave_nothing_behind() -> None:
     bell.ring()
     with anyio.fail_after(5):
         await bell.wait()
+
+
+def test_a_ring_never_blocks_on_a_peer_made_blocking_and_full_eventfd() -> None:
+    """The peer shares the eventfd's open file description: it clears O_NONBLOCK and fills the
+    counter, which would make a plain write block the host's event loop forever. The ring skips
+    the write instead (the peer has an unread notification), and rings again once it read."""
+    peer = os.eventfd(0)
+    doorbell = EventfdDoorbell(os.dup(peer))
+    try:
+        os.set_blocking(peer, True)  # the same open file description as the doorbell's fd
+        os.eventfd_write(peer, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+        finished = threading.Event()
+
+        def ring() -> None:
+            doorbell.ring()
+            finished.set()
+
+        thread = threading.Thread(target=ring, daemon=True)
+        thread.start()
+        assert finished.wait(30), "ring() blocked on a full eventfd"
+        assert os.eventfd_read(peer) == 0xFFFF_FFFF_FFFF_FFFE
+        doorbell.ring()
+        assert os.eventfd_read(peer) == 1
+    finally:
+        doorbell.close()
+        os.set_blocking(peer, False)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(peer)
+        os.close(peer)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 from typing import Protocol
 
 import anyio
@@ -89,6 +90,7 @@ class EventfdDoorbell:
         self._owns = owns_fd
         self.rings = 0
         self._fd_set: anyio.Event | None = None
+        self._poll: select.poll | None = None  # POLLOUT on fd: the counter has room
         if fd is not None:
             self.set_fd(fd, owns_fd=owns_fd)
 
@@ -99,6 +101,8 @@ class EventfdDoorbell:
         self._owns = owns_fd
         if fd is not None:
             os.set_blocking(fd, False)
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLOUT)
             if self._fd_set is not None:
                 self._fd_set.set()
 
@@ -106,14 +110,22 @@ class EventfdDoorbell:
         if self.fd is not None and self._owns:
             os.close(self.fd)
         self.fd = None
+        self._poll = None
 
     def ring(self) -> None:
         self.rings += 1
-        if self.fd is None:
+        fd = self.fd
+        if fd is None:
             return
-        # A saturated counter means the peer has an unread notification anyway.
+        # The peer shares this eventfd's open file description: it can clear O_NONBLOCK and fill
+        # the counter so that a write would block the host. Write only while the counter has
+        # room (POLLOUT); a full counter means the peer has an unread notification anyway.
+        # Left open: a peer that fills the counter between this poll and the write (the kernel
+        # has no non-blocking write flag for eventfds; docs/security.md).
+        if self._poll is None or not self._poll.poll(0):
+            return
         with contextlib.suppress(BlockingIOError):
-            os.eventfd_write(self.fd, 1)
+            os.eventfd_write(fd, 1)
 
     async def wait(self) -> None:
         while True:
