@@ -81,8 +81,13 @@ class VsockWorker:
 
         The rx loop is only woken when it has something to do: rx buffers ran out (it must wait
         for the guest's kick instead), or a deadline earlier than the one it sleeps until."""
-        if (silent := self._silent_event) is not None:
-            silent.set()  # a host connection may have been accepted: it has a deadline now
+        if (
+            (silent := self._silent_event) is not None
+            and self.manager.next_silent_deadline() is not None
+        ):
+            # A host connection was accepted: it has a connect deadline now. (Only then: this
+            # runs for every packet, and waking that loop each time costs a task switch.)
+            silent.set()
         if (
             self._rx_ready
             and self.service_rx()
