@@ -264,6 +264,7 @@ class ScriptedListener(anyio.abc.Listener[str]):
         return "conn"
 
     async def serve(self, handler: Callable[[str], Any], task_group: Any = None) -> None:
+        # Required by anyio's Listener; the loops under test call accept() themselves.
         raise NotImplementedError
 
     async def aclose(self) -> None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import socket
 import struct
@@ -68,7 +69,9 @@ class SeqResult:
     done_at: float
 
 
-class _Peer:
+class _Peer(abc.ABC):
+    """One direction's peer, run in a thread: a subclass's ``_run`` sends or receives."""
+
     def __init__(self, name: str, n: int, seed: int, timeout: float) -> None:
         self._n = n
         self._seed = seed
@@ -83,8 +86,9 @@ class _Peer:
         except BaseException as exc:  # reported by join(), which the test calls
             self.error = exc
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """Move this direction's messages and set :attr:`result`."""
 
     def join(self, timeout: float) -> SeqResult:
         self._thread.join(timeout)
