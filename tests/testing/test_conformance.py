@@ -259,7 +259,9 @@ def test_the_suite_fails_naming_the_step_on_a_run_that_swallows_cancellation(
 ) -> None:
     (tmp_path / "test_swallower.py").write_text(SWALLOWER)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+        # -rN: no short summary, whose lines repeat the messages counted below only where
+        # pytest does not shorten them (under CI=true it does not).
+        [sys.executable, "-m", "pytest", "-q", "-rN", "-p", "no:cacheprovider", "-k",
          "open_run_stop_start_close", str(tmp_path / "test_swallower.py")],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
