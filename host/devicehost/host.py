@@ -406,6 +406,10 @@ class Host:
         by the new process)."""
         try:
             state = await transport.save_for_handoff(device)
+        except DeviceHostError as exc:
+            log.error("device %r could not be saved (it will be offered fresh): %s",
+                      device.name, exc)
+            return entry_for(device.name, device.ctx.plugin, NotSaved(f"save failed: {exc}"))
         except BaseException:
             device.ctx.fds.discard()
             raise
