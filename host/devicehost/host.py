@@ -485,6 +485,8 @@ class Host:
             if device is None or not await self._offer_and_attach(
                 device, hold_local=state is not None
             ):
+                if device is not None:
+                    device.ctx.fds.discard()
                 failure = self.failures.get(spec.name, "failed")
                 self.restore_report[spec.name] = f"failed: {failure}"
                 if strict:

@@ -444,7 +444,7 @@ class VirtioTransport:
         try:
             device_state = decode_device_state_untrusted(state, device.name, device.ctx.plugin)
             await served.backend.restore_handover(state, device_state)
-        except (DeviceHostError, ValueError) as exc:
+        except (DeviceHostError, ValueError, OSError) as exc:
             raise HandoffError(f"{name} failed to restore: {bounded_message(str(exc))}"
                                ) from exc
 
