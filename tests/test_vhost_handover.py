@@ -321,3 +321,31 @@ async def test_the_old_host_serves_on_the_same_connection_when_the_new_one_fails
         memory.close()
     old.proc.send_signal(signal.SIGTERM)
     assert await old.wait() == 0, old.output
+
+
+async def test_a_device_that_saves_nothing_is_closed_and_offered_fresh_on_the_same_path(
+        setup: Setup) -> None:
+    """What docs/servicing.md promises for a device whose save_open returns None: the old
+    process closes it (the VMM's connection ends), the new one serves the same path afresh."""
+    old = setup.start(DH_VSTREAM_NO_SAVE="1")
+    await old.wait_for(READY)
+    front, memory = await _connect(setup)
+    try:
+        with anyio.fail_after(2 * DEADLINE):
+            assert (await Guest(front).config())[3] == old.proc.pid
+            new = setup.start("--takeover")
+            await new.wait_for(READY)
+            assert await old.wait() == 0, old.output
+            with pytest.raises(anyio.EndOfStream):
+                await front.stream.receive(1)
+            front2, memory2 = await _connect(setup)
+            try:
+                assert (await Guest(front2).config())[3] == new.proc.pid
+            finally:
+                await front2.aclose()
+                memory2.close()
+    finally:
+        await front.aclose()
+        memory.close()
+    new.proc.send_signal(signal.SIGTERM)
+    assert await new.wait() == 0, new.output

@@ -608,3 +608,14 @@ async def test_a_save_for_a_handoff_waits_for_a_whole_message_and_carries_it(
                 await frontend.aclose()
     finally:
         memory.close()
+
+
+@pytest.mark.anyio
+async def test_only_a_device_served_over_vhost_user_can_be_handed_over(tmp_path: Path) -> None:
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("served", "echo", EchoConfig(vhost_user_socket=sock)),
+             DeviceSpec("local", "echo", EchoConfig())]
+    async with host_with({"echo": EchoDevice}, specs) as host:
+        transport = host.transport(VirtioTransport)
+        assert transport.hands_over(host.devices["served"])
+        assert not transport.hands_over(host.devices["local"])  # its driver is in this process

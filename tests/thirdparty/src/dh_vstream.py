@@ -11,6 +11,7 @@ same runner finds it again after a stop/start, a new process's queue replays it.
 
 Environment knobs for the handover tests (read when the hook runs):
 
+- ``DH_VSTREAM_NO_SAVE=1``: ``save_open`` returns None (the device cannot be handed over).
 - ``DH_VSTREAM_FAIL_RESTORE=1``: ``restore_open`` raises.
 - ``DH_VSTREAM_RESTORE_GATE=PATH``: ``restore_open`` logs ``vstream restoring`` and waits until
   PATH exists (at most 60 s).
@@ -115,7 +116,9 @@ class VstreamDevice:
             runner.rx_held = None
 
     @hookimpl
-    def save_open(self, ctx: DeviceContext, runner: Runner) -> VstreamState:
+    def save_open(self, ctx: DeviceContext, runner: Runner) -> VstreamState | None:
+        if os.environ.get("DH_VSTREAM_NO_SAVE"):
+            return None
         return VstreamState(runner.tx_bytes, runner.tx_crc, runner.rx_bytes)
 
     @hookimpl
