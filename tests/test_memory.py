@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devicehost.fds import require_unshrinkable_memory
 from devicehost.memory import (
@@ -220,3 +222,24 @@ def test_anonymous_memory_cannot_be_shared() -> None:
             memory.share()
     finally:
         memory.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1, 1 << 64), st.integers(-1, 1 << 17),
+                          st.integers(-1, 1 << 17)), min_size=0, max_size=3))
+def test_fuzz_from_shared_maps_only_what_lies_inside_its_file(
+        regions: list[tuple[int, int, int]]) -> None:
+    fds_before = _fds()
+    fds = [_sealed(65536) for _ in regions]
+    try:
+        memory = GuestMemory.from_shared([SharedRegion(*r) for r in regions], fds)
+    except SharedMemoryError:
+        assert _fds() == fds_before  # every descriptor closed
+        return
+    try:
+        for (gpa, size, offset), region in zip(sorted(regions), memory.regions, strict=True):
+            assert offset + size <= 65536 and (region.gpa, region.size) == (gpa, size)
+            memory.write(gpa + size - 1, b"x")  # the last byte is mapped (no SIGBUS)
+    finally:
+        memory.close()
+    assert _fds() == fds_before
