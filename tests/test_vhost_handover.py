@@ -34,6 +34,7 @@ from devicehost.virtio.vhost_message import (
     ConfigPayload,
     Request,
     encode_config,
+    encode_message,
     encode_u64,
 )
 
@@ -344,6 +345,35 @@ async def test_a_device_that_saves_nothing_is_closed_and_offered_fresh_on_the_sa
             finally:
                 await front2.aclose()
                 memory2.close()
+    finally:
+        await front.aclose()
+        memory.close()
+    new.proc.send_signal(signal.SIGTERM)
+    assert await new.wait() == 0, new.output
+
+
+async def test_a_message_half_sent_when_the_takeover_starts_is_applied_once_by_the_new_host(
+        setup: Setup) -> None:
+    """The old host parks only at a safe point: with half a message read it waits for the rest
+    and holds the whole message at its gate; it travels with the state and the new process
+    applies it first, once."""
+    old = setup.start()
+    await old.wait_for(READY)
+    front, memory = await _connect(setup)
+    try:
+        with anyio.fail_after(2 * DEADLINE):
+            message = encode_message(Request.GET_CONFIG,
+                                     encode_config(ConfigPayload(0, 24, 0, bytes(24))))
+            await front.stream.send(message[:7])
+            new = setup.start("--takeover")
+            await old.wait_for("quiescing")
+            await front.stream.send(message[7:])
+            raw = await front.reply(Request.GET_CONFIG)
+            assert struct.unpack("<QIQI", raw[12:])[3] == new.proc.pid
+            assert await front.get_u64(Request.GET_QUEUE_NUM) == 2  # answered once
+            await new.wait_for(READY)
+            assert await old.wait() == 0, old.output
+            assert "a held message to apply first" in new.output, new.output
     finally:
         await front.aclose()
         memory.close()

@@ -563,6 +563,11 @@ class VhostUserBackend:
                 self.resources = resources
             self._adopted = Adopted(listener, connection, session, state.handshake, pending,
                                     running=state.device_running)
+            self.logger.info(
+                "vhost-user session on %s taken over: device %s, %d chains in flight to replay,"
+                " %s", self.path, "open" if state.device_open else "closed",
+                sum(len(v.queue.inflight) for v in state.vrings if v.queue is not None),
+                "a held message to apply first" if pending is not None else "no held message")
         except BaseException:
             listener.close()
             if connection is not None:
