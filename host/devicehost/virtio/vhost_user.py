@@ -449,7 +449,7 @@ class VhostUserBackend:
         """Park the connection loop at its next safe point (the host's gate is quiesced):
         between messages, or holding one complete message at the gate. :class:`HandoffError`
         if it does not get there in twice the message deadline (a front-end that does not read
-        its replies): the takeover then rolls back."""
+        its replies): the device is then not handed over (the host records it as not saved)."""
         self._park_requested = True
         self._parked = parked = anyio.Event()
         if self._at_gate is not None:
