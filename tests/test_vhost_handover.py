@@ -27,7 +27,6 @@ import pytest
 
 from devicehost.memory import GuestMemory
 from devicehost.testing.vhost_user import VhostUserFrontend
-from devicehost.virtio import RING_EVENT_IDX
 from devicehost.virtio.vhost_message import (
     F_NEED_REPLY,
     F_VERSION,
@@ -200,7 +199,7 @@ async def _connect(setup: Setup) -> tuple[VhostUserFrontend, GuestMemory]:
     memory = GuestMemory.memfd(4 << 20)
     front = await VhostUserFrontend.connect(str(setup.socket), memory)
     features, _config = await front.realize(24)
-    await front.start(features, queue_size=64, event_idx=bool(features >> RING_EVENT_IDX & 1))
+    await front.start(features, queue_size=64)
     return front, memory
 
 

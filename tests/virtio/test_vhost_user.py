@@ -119,6 +119,8 @@ async def test_event_idx_and_disconnect_without_stop(tmp_path: Path) -> None:
             with anyio.fail_after(10):
                 frontend = await VhostUserFrontend.connect(sock, memory)
                 features, _ = await frontend.realize()
+                with pytest.raises(ValueError, match="ack RING_EVENT_IDX"):
+                    await frontend.start(features, event_idx=False)  # would lose interrupts
                 await frontend.start(features, event_idx=True)
                 for i in range(20):
                     payload = bytes([i]) * (i + 1)

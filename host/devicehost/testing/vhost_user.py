@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 
 from devicehost.memory import DmaAllocator, GuestMemory
-from devicehost.virtio import DriverQueue, EventfdDoorbell
+from devicehost.virtio import RING_EVENT_IDX, DriverQueue, EventfdDoorbell
 from devicehost.virtio.vhost_message import (
     F_NEED_REPLY,
     F_REPLY,
@@ -184,13 +184,21 @@ class VhostUserFrontend:
         return features, cfg[12:]
 
     async def start(self, features: int, queue_size: int = 128,
-                    bases: tuple[int, ...] | None = None, *, event_idx: bool = False) -> None:
+                    bases: tuple[int, ...] | None = None, *, event_idx: bool | None = None
+                    ) -> None:
         """QEMU 7.2 at DRIVER_OK: features, memory table (need_reply), vrings, enable, call.
         Every vring of :attr:`queue_count` is started, at ``bases`` (default 0); the driver
         queues are made on the first start and kept across later ones (a restart after
-        :meth:`stop`)."""
+        :meth:`stop`). The driver queues use EVENT_IDX exactly when ``features`` acks it
+        (``event_idx`` may only say the same: a driver that disagrees with the device about it
+        loses interrupts)."""
         if self.queue_count is None:
             raise RuntimeError("realize() first: the vring count comes from GET_QUEUE_NUM")
+        acked = bool(features >> RING_EVENT_IDX & 1)
+        if event_idx is not None and event_idx != acked:
+            raise ValueError(f"event_idx={event_idx} but the features "
+                             f"{'ack' if acked else 'do not ack'} RING_EVENT_IDX")
+        event_idx = acked
         if bases is None:
             bases = (0,) * self.queue_count
         await self.send(Request.SET_FEATURES, encode_u64(features))
