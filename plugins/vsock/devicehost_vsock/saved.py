@@ -195,7 +195,7 @@ def save_connection(conn: Connection, handle: int, now: float) -> SavedConnectio
         msg_lens=tuple(conn.msg_lens or ()),
         msg_partial=conn.msg_partial,
         rx_message=None if conn.rx_message is None else bytes(conn.rx_message),
-        rx_offset=conn.rx_offset,
+        rx_offset=conn.rx_offset if conn.rx_message is not None else 0,
         host_eof=conn.host_eof,
         host_closed=conn.host_closed,
         shutdown_sent=conn.shutdown_sent,
