@@ -1,14 +1,24 @@
-"""Guest memory: sealed memfds, and a close that releases a file-backed region at once."""
+"""Guest memory: sealed memfds, a close that releases a file-backed region at once, sharing."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from devicehost.fds import require_unshrinkable_memory
-from devicehost.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from devicehost.memory import (
+    GuestMemory,
+    GuestMemoryError,
+    MemoryRegion,
+    SharedMemoryError,
+    SharedRegion,
+)
 
 
 def _memfd_mappings() -> int:
@@ -103,3 +113,110 @@ def test_a_file_region_larger_than_the_machine_maps_and_releases() -> None:
         del held
     finally:
         os.close(fd)
+
+
+# -- sharing between processes ----------------------------------------------------------------
+
+_CHILD = """
+import json, os, socket, sys
+from devicehost.memory import GuestMemory, SharedRegion
+sock = socket.socket(fileno=int(sys.argv[1]))
+msg, fds, _, _ = socket.recv_fds(sock, 65536, 16)
+regions = [SharedRegion(*r) for r in json.loads(msg)]
+memory = GuestMemory.from_shared(regions, fds)
+seen = memory.read(0x10000 + 100, 6)
+memory.write(0x40000 + 8, b"child:" + seen)
+memory.close()
+sock.sendall(b"done")
+"""
+
+
+def _sealed(size: int) -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+def test_shared_memory_is_the_same_bytes_in_another_process() -> None:
+    memory = GuestMemory([MemoryRegion.memfd(0x10000, 65536), MemoryRegion.memfd(0x40000, 8192)])
+    parent, child = socket.socketpair()
+    try:
+        regions, fds = memory.share()
+        assert [(r.gpa, r.size, r.offset) for r in regions] == [(0x10000, 65536, 0),
+                                                                 (0x40000, 8192, 0)]
+        memory.write(0x10000 + 100, b"parent")
+        socket.send_fds(parent, [json.dumps([[r.gpa, r.size, r.offset] for r in regions])
+                                 .encode()], list(fds))
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(child.fileno())],
+                              pass_fds=[child.fileno()], timeout=60, capture_output=True)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert parent.recv(4) == b"done"
+        assert memory.read(0x40000 + 8, 12) == b"child:parent"
+        # the descriptors are still the memory's own
+        assert all(os.fstat(fd) for fd in fds)
+    finally:
+        parent.close()
+        child.close()
+        memory.close()
+
+
+def test_from_shared_maps_an_offset_and_owns_its_descriptors() -> None:
+    fds_before = _fds()
+    fd = _sealed(3 * 65536)
+    os.pwrite(fd, b"at offset", 65536 + 5)
+    peer = os.dup(fd)
+    memory = GuestMemory.from_shared([SharedRegion(0x100000, 65536, 65536)], [fd])
+    assert memory.read(0x100005, 9) == b"at offset"
+    memory.write(0x100000, b"seen")
+    assert os.pread(peer, 4, 65536) == b"seen"
+    assert memory.share()[0] == (SharedRegion(0x100000, 65536, 65536),)
+    memory.close()
+    os.close(peer)
+    assert _fds() == fds_before
+
+
+def _refused(regions: list[tuple[int, int, int]], fds: list[int], match: str) -> None:
+    with pytest.raises(SharedMemoryError, match=match):
+        GuestMemory.from_shared([SharedRegion(*r) for r in regions], fds)
+    for fd in fds:  # every descriptor was closed, none leaked
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_from_shared_refuses_unsafe_memory_and_closes_every_descriptor() -> None:
+    fds_before = _fds()
+    _refused([(0, 65536, 0)], [_sealed(4096)], "beyond the end of its 4096-byte file")
+    _refused([(0, 4096, 4096)], [_sealed(4096)], "beyond the end")
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(unsealed, 4096)
+    _refused([(0, 4096, 0)], [unsealed], "without F_SEAL_SHRINK")
+    _refused([(0, 4096, 0)], [os.eventfd(0)], "is a eventfd, not a memfd")
+    a, b = socket.socketpair()
+    _refused([(0, 4096, 0)], [a.detach()], "is a socket")
+    b.close()
+    _refused([(0, 4096, 0), (2048, 4096, 0)], [_sealed(4096), _sealed(4096)], "overlap")
+    _refused([(0, 4096, 0), (8192, 4096, 0)], [_sealed(4096)], "2 regions but 1 descriptors")
+    _refused([(0, 0, 0)], [_sealed(4096)], "out of range")
+    _refused([(1 << 63, 4096, 0)], [_sealed(4096)], "out of range")
+    same = _sealed(8192)
+    _refused([(0, 4096, 0), (8192, 4096, 4096)], [same, same], "one descriptor backs two")
+    assert _fds() == fds_before
+
+
+def test_from_shared_accepts_unsealed_memory_only_when_allowed() -> None:
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)
+    memory = GuestMemory.from_shared([SharedRegion(0, 4096, 0)], [fd], allow_unsealed=True)
+    memory.write(0, b"ok")
+    assert memory.read(0, 2) == b"ok"
+    memory.close()
+
+
+def test_anonymous_memory_cannot_be_shared() -> None:
+    memory = GuestMemory([MemoryRegion.memfd(0, 4096), MemoryRegion.anonymous(8192, 4096)])
+    try:
+        with pytest.raises(SharedMemoryError, match="anonymous"):
+            memory.share()
+    finally:
+        memory.close()

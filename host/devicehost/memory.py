@@ -13,6 +13,14 @@ Memfds this module creates (:meth:`MemoryRegion.memfd`) are sealed against shrin
 maps them (a vhost-user backend, a VMBus socket host) can rely on the size, and
 :func:`devicehost.fds.require_unshrinkable_memory` accepts them.
 
+Sharing between processes: :meth:`GuestMemory.share` describes a memory's regions as
+:class:`SharedRegion` values (guest address, size, file offset) plus their memfds, to be sent to
+another process (over ``SCM_RIGHTS``, e.g. in a handoff); an anonymous region cannot be shared.
+:meth:`GuestMemory.from_shared` maps the descriptors a process received: each must pass
+:func:`devicehost.fds.require_unshrinkable_memory` and each region must lie inside its file, or
+:class:`SharedMemoryError` (the sender's fault) is raised; a write through one process's mapping
+is seen through the other's.
+
 Closing releases deterministically. A file-backed region's pages are mapped over an anonymous
 placeholder that Python's :class:`mmap.mmap` owns, so no duplicate of the fd hides inside the
 mmap object. :meth:`MemoryRegion.close` unmaps at once when no view of the region is left; when
@@ -25,6 +33,7 @@ goes when the last view does. Nothing waits for the garbage collector.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -34,6 +43,8 @@ from typing import Final
 
 import attrs
 
+from devicehost.fds import FdKindError, require_unshrinkable_memory
+
 __all__ = [
     "PAGE_SIZE",
     "DmaAllocator",
@@ -41,6 +52,8 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
+    "SharedMemoryError",
+    "SharedRegion",
 ]
 
 PAGE_SIZE: Final = 4096
@@ -80,6 +93,27 @@ def _address(mapping: mmap.mmap) -> int:
 
 class GuestMemoryError(Exception):
     """Raised when an address range is not entirely inside one region of guest memory."""
+
+
+class SharedMemoryError(ValueError):
+    """Raised when memory received from another process cannot be mapped safely: a descriptor
+    of the wrong kind or that the sender could shrink, a region outside its file, regions that
+    overlap or do not match their descriptors (the sender's fault); or when a memory that has
+    an anonymous region is asked to be shared (the caller's)."""
+
+
+#: Guest addresses, sizes and file offsets of shared regions fit 63 bits (mmap's off_t).
+_MAX_SHARED: Final = 0x7FFF_FFFF_FFFF_FFFF
+
+
+@attrs.frozen
+class SharedRegion:
+    """Where one shared region lies: ``size`` bytes at guest address ``gpa``, starting
+    ``offset`` bytes into its file (the descriptor travels beside it)."""
+
+    gpa: int
+    size: int
+    offset: int
 
 
 class MemoryRegion:
@@ -198,6 +232,69 @@ class GuestMemory:
     def regions(self) -> tuple[MemoryRegion, ...]:
         return tuple(self._regions)
 
+    def share(self) -> tuple[tuple[SharedRegion, ...], tuple[int, ...]]:
+        """The regions, in guest-address order, and their descriptors (one per region, in the
+        same order), for another process to map with :meth:`from_shared`.
+
+        The descriptors stay this memory's (closed by its :meth:`close`): send or duplicate
+        them, never close them. :class:`SharedMemoryError` if a region is anonymous (no file
+        another process could map).
+        """
+        shared = []
+        fds = []
+        for region in self._regions:
+            if region.fd is None:
+                raise SharedMemoryError(
+                    f"{region!r} is anonymous memory: only memfd- or file-backed regions can be"
+                    " shared with another process (build the memory with GuestMemory.memfd)"
+                )
+            shared.append(SharedRegion(region.gpa, region.size, region.offset))
+            fds.append(region.fd)
+        return tuple(shared), tuple(fds)
+
+    @classmethod
+    def from_shared(
+        cls,
+        regions: Iterable[SharedRegion],
+        fds: Iterable[int],
+        *,
+        allow_unsealed: bool = False,
+        what: str = "shared guest memory",
+    ) -> GuestMemory:
+        """Map memory another process shared (:meth:`share`): ``fds[i]`` backs ``regions[i]``.
+
+        The descriptors become the new memory's (closed by its :meth:`close`) and are closed
+        here if it cannot be built, so the caller never closes them. Each must be a memfd
+        sealed against shrinking (or any memfd or regular file with ``allow_unsealed``, see
+        :func:`devicehost.fds.require_unshrinkable_memory`) and each region must lie inside its
+        file; the regions must not overlap and no descriptor may back two regions (duplicate it
+        first). :class:`SharedMemoryError` names ``what`` and the region otherwise.
+        """
+        regions = list(regions)
+        pending = list(fds)  # not yet owned by a mapped region: closed on failure
+        memory = cls()
+        try:
+            if len(regions) != len(pending):
+                raise SharedMemoryError(
+                    f"{what}: {len(regions)} regions but {len(pending)} descriptors")
+            if len(set(pending)) != len(pending):
+                raise SharedMemoryError(f"{what}: one descriptor backs two regions")
+            for index, (shared, fd) in enumerate(zip(regions, list(pending), strict=True)):
+                region = _map_shared(shared, fd, allow_unsealed, f"{what} region {index}")
+                pending.remove(fd)  # the region owns it now
+                try:
+                    memory.add_region(region)
+                except ValueError as exc:
+                    region.close()
+                    raise SharedMemoryError(f"{what}: the regions overlap: {exc}") from None
+        except BaseException:
+            memory.close()
+            for fd in pending:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return memory
+
     def add_region(self, region: MemoryRegion) -> None:
         i = bisect.bisect_left(self._starts, region.gpa)
         if i > 0 and self._regions[i - 1].end > region.gpa:
@@ -256,6 +353,33 @@ class GuestMemory:
     def page_view(self, pfn: int, count: int = 1) -> memoryview:
         """A view of ``count`` whole pages starting at page number ``pfn``."""
         return self.view(pfn * PAGE_SIZE, count * PAGE_SIZE)
+
+
+def _map_shared(shared: SharedRegion, fd: int, allow_unsealed: bool, what: str) -> MemoryRegion:
+    """A region mapping ``fd`` as ``shared`` says, once the fd and the bounds are checked; owns
+    ``fd`` only once returned."""
+    gpa, size, offset = shared.gpa, shared.size, shared.offset
+    if not (0 < size <= _MAX_SHARED and 0 <= gpa <= _MAX_SHARED - size
+            and 0 <= offset <= _MAX_SHARED - size):
+        raise SharedMemoryError(
+            f"{what}: guest address {gpa:#x}, size {size:#x} or file offset {offset:#x} is out"
+            " of range")
+    # Seals first: once F_SEAL_SHRINK is seen, the size read after it can only grow.
+    try:
+        require_unshrinkable_memory(fd, what, allow_unsealed=allow_unsealed)
+        file_size = os.fstat(fd).st_size
+    except (FdKindError, OSError) as exc:
+        raise SharedMemoryError(str(exc) if isinstance(exc, FdKindError)
+                                else f"{what}: the descriptor is unusable: {exc}") from None
+    if file_size < offset + size:
+        raise SharedMemoryError(
+            f"{what} (guest address {gpa:#x}, {size:#x} bytes at file offset {offset:#x})"
+            f" reaches beyond the end of its {file_size}-byte file")
+    try:
+        region = MemoryRegion(gpa, size, fd=fd, offset=offset, owns_fd=True)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise SharedMemoryError(f"{what} cannot be mapped: {exc}") from None
+    return region
 
 
 @attrs.frozen

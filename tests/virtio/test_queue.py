@@ -449,7 +449,7 @@ def test_pop_many_returns_what_repeated_pops_return(event_idx: bool) -> None:
     assert [r[0] for r in results[1]] == [0, 1, 6, 2, 3]
     assert results[1][2] == (6, 3, 4, [(DATA + 0x800, 3), (DATA + 0x900, 4)])
     assert states[0] == states[1]
-    assert states[1][0] == QueueState(5, 0)
+    assert states[1][0] == QueueState(5, 0, (0, 1, 6, 2, 3))  # all five in flight
     if event_idx:
         assert g.u16(USED + 4 + 8 * SIZE) == 5
 
@@ -518,3 +518,69 @@ def test_pop_many_reads_the_avail_index_again_after_the_seen_entries() -> None:
     g.publish(2)
     g.publish(3)
     assert [c.head for c in q.pop_many()] == [1, 2, 3]
+
+
+# -- chains in flight: carried by the state, replayed once ----------------------------------------
+
+
+def _published(count: int) -> Guest:
+    g = Guest()
+    for i in range(count):
+        g.desc(i, DATA + 0x100 * i, 8 + i)
+        g.publish(i)
+    return g
+
+
+def test_chains_popped_and_not_pushed_are_replayed_once_before_new_ones() -> None:
+    g = _published(5)
+    q = g.queue()
+    popped = [q.pop() for _ in range(3)]
+    assert [c.head for c in popped if c is not None] == [0, 1, 2]
+    q.push(1, 0)
+    state = q.state()
+    assert state == QueueState(3, 1, (0, 2))
+    restored = g.queue(state=state)
+    assert restored.has_available()
+    replayed = [restored.pop() for _ in range(2)]
+    assert [(c.head, c.readable_len) for c in replayed if c is not None] == [(0, 8), (2, 10)]
+    assert restored.last_avail_idx == 3  # replays are not new pops
+    nxt = restored.pop()
+    assert nxt is not None and nxt.head == 3  # then the new ones, the 2 never again
+    assert restored.state() == QueueState(4, 1, (0, 2, 3))
+    restored.add_used_many([2, 0], 0)
+    restored.push(3, 0)
+    last = restored.pop()
+    assert last is not None and last.head == 4
+    assert restored.pop() is None
+    assert restored.state() == QueueState(5, 4, (4,))
+
+
+def test_pop_many_replays_first_within_its_limit() -> None:
+    g = _published(6)
+    q = g.queue()
+    assert [c.head for c in q.pop_many(4)] == [0, 1, 2, 3]
+    q.add_used_many([0, 2], 0)
+    restored = g.queue(state=q.state())
+    assert [c.head for c in restored.pop_many(1)] == [1]
+    assert restored.state() == QueueState(4, 2, (3, 1))  # 3 still to replay, first
+    assert [c.head for c in restored.pop_many()] == [3, 4, 5]
+    assert restored.pop_many() == []
+    assert restored.state() == QueueState(6, 2, (1, 3, 4, 5))
+
+
+def test_a_replayed_chain_is_validated_again() -> None:
+    g = _published(2)
+    q = g.queue()
+    q.pop()
+    state = q.state()
+    g.desc(0, MEM - 4, 16)  # the guest rewrote the table: the chain now points outside memory
+    restored = g.queue(state=state)
+    with pytest.raises(QueueError, match="outside guest memory"):
+        restored.pop()
+    assert restored.broken is not None
+
+
+@pytest.mark.parametrize("inflight", [(0, 0), (SIZE,), (-1,)])
+def test_a_state_with_bad_chains_in_flight_is_refused(inflight: tuple[int, ...]) -> None:
+    with pytest.raises(QueueError, match="not distinct heads"):
+        Guest().queue(state=QueueState(0, 0, inflight))

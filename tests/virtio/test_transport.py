@@ -122,6 +122,34 @@ async def test_save_and_restore_resume_the_queues() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_chain_the_device_held_when_saved_is_replayed_once_after_restore() -> None:
+    """The echo device pops a request, then waits for a reply buffer: saved then, the request
+    is in flight; the restored device gets it again (once) and answers it."""
+    async with host_with({"echo": EchoDevice}) as host:
+        transport = host.transport(VirtioTransport)
+        driver = await transport.connect_driver("echo", queue_size=8)
+        requests, replies = driver.queues
+        with anyio.fail_after(30):
+            assert await _round(requests, replies, b"first") == b"tsrif"
+            requests.add([b"held"])
+            requests.kick()
+            while transport._link("echo").resources.queues[0].state().last_avail_idx < 2:  # type: ignore[union-attr]
+                await anyio.wait_all_tasks_blocked()
+            saved = await transport.save("echo")
+            assert saved.queues[0].state.last_avail_idx == 2
+            assert len(saved.queues[0].state.inflight) == 1  # popped, never pushed
+            assert saved.queues[1].state.inflight == ()
+            replies.add(writable=[8])
+            replies.kick()
+            await transport.restore("echo", saved)
+            await requests.wait_used()
+            assert (await replies.wait_used()).data == b"dleh"
+            assert await _round(requests, replies, b"next") == b"txen"
+            assert struct.unpack("<II", driver.read_config(0, 8)) == (MAGIC, 3)
+            assert requests.in_flight == 0 and replies.in_flight == 0  # nothing answered twice
+
+
+@pytest.mark.anyio
 async def test_restore_without_device_state_reoffers() -> None:
     specs = [DeviceSpec("echo", "echo", EchoConfig(savable=False))]
     async with host_with({"echo": EchoDevice}, specs) as host:

@@ -30,6 +30,17 @@ Decisions (AMBIGUOUS in the spec):
   driver MUST NOT build such chains).
 - A chain whose total length exceeds 2**32 - 1 bytes is a QueueError (``used.len`` is 32 bits).
 
+Chains in flight: the queue remembers, in pop order, the heads it popped and has not had back
+(``push`` / ``add_used`` / ``add_used_many``), so that a save can carry them
+(:attr:`QueueState.inflight`, read by :meth:`SplitQueue.state`). A queue built from a state
+with chains in flight returns those chains first, each once, from ``pop`` and ``pop_many``,
+re-read from the descriptor table and validated like any chain, before any new chain; they do
+not move ``last_avail_idx`` (the driver made them available once). This is how a chain a device
+held but did not complete when it was stopped (a save, a handover to another process) is
+replayed exactly once; a chain the device pushed is not. The bookkeeping is one dict operation
+per chain popped and per chain returned. A head the guest puts on the ring again while it is in
+flight (a guest bug) is tracked once.
+
 C accelerator (optional, :mod:`devicehost.accel`): when ``devicehost.virtio._queuec`` is built
 and guest memory is one region, each queue binds a ``_queuec.Queue`` to its rings. It serves
 ``pop`` and ``pop_many``: direct chains of at most 64 descriptors inside the region, built into
@@ -143,10 +154,15 @@ class QueueLayout:
 
 @attrs.frozen
 class QueueState:
-    """The device's position in a queue: what ``GET_VRING_BASE`` and save/restore carry."""
+    """The device's position in a queue: what ``GET_VRING_BASE`` and save/restore carry.
+
+    ``inflight``: the heads popped but not yet returned, in pop order (module docstring); a
+    queue built from this state replays them first.
+    """
 
     last_avail_idx: int = 0
     used_idx: int = 0
+    inflight: tuple[int, ...] = ()
 
 
 class DescriptorChain:
@@ -300,6 +316,15 @@ class SplitQueue:
         self._signalled_used = self.used_idx
         self._notify = True
         self.broken: QueueError | None = None
+        inflight = tuple(state.inflight)
+        if len(set(inflight)) != len(inflight) or any(
+                not 0 <= h < size for h in inflight):
+            raise QueueError(f"chains in flight {inflight[:8]}... are not distinct heads of a"
+                             f" {size}-entry queue")
+        #: Heads popped and not returned, in pop order (values unused: a dict keeps the order).
+        self._inflight: dict[int, None] = {}
+        #: Heads of a saved state's chains in flight, returned by pop before any new chain.
+        self._replay: list[int] = list(reversed(inflight))
         self._fast: Any = None
         if _queuec is not None and self._flat is not None:
             region = regions[0]
@@ -313,14 +338,27 @@ class SplitQueue:
     # -- state -----------------------------------------------------------------------------------
 
     def state(self) -> QueueState:
-        return QueueState(self.last_avail_idx, self.used_idx)
+        """Where the device is, with the chains in flight (those not replayed yet first)."""
+        return QueueState(self.last_avail_idx, self.used_idx,
+                          (*reversed(self._replay), *self._inflight))
+
+    def inflight(self) -> tuple[int, ...]:
+        """The heads popped and not returned yet, in pop order (not counting replays due)."""
+        return tuple(self._inflight)
+
+    def _pop_replay(self) -> DescriptorChain:
+        head = self._replay.pop()
+        chain = self._walk(head)  # validated as any chain (a QueueError breaks the queue)
+        self._inflight[head] = None
+        return chain
 
     def _avail_idx(self) -> int:
         return U16.unpack_from(self._avail, 2)[0]  # type: ignore[no-any-return]
 
     def has_available(self) -> bool:
-        """True if the driver made buffers available that ``pop`` has not returned yet."""
-        return self._avail_idx() != self.last_avail_idx
+        """True if the driver made buffers available that ``pop`` has not returned yet (chains
+        to replay included)."""
+        return bool(self._replay) or self._avail_idx() != self.last_avail_idx
 
     # -- notifications (driver -> device) ---------------------------------------------------------
 
@@ -350,10 +388,14 @@ class SplitQueue:
         """The next available chain, or None; QueueError if the guest lied."""
         if self.broken is not None:
             raise self.broken
+        if self._replay:
+            return self._pop_replay()
         fast = self._fast
         if fast is not None and _queuec is not None:
             chain = fast.pop(self)
             if chain is not False:
+                if chain is not None:
+                    self._inflight[chain.head] = None
                 return chain  # type: ignore[no-any-return]
         last = self.last_avail_idx
         if last == self._avail_shadow:
@@ -374,6 +416,7 @@ class SplitQueue:
         self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx and self._notify:
             U16.pack_into(self._used, 4 + 8 * self.size, last)
+        self._inflight[head] = None
         return chain
 
     def pop_many(self, limit: int | None = None) -> list[DescriptorChain]:
@@ -396,6 +439,14 @@ class SplitQueue:
         else:
             limit = min(limit, size)
         chains: list[DescriptorChain] = []
+        while self._replay and len(chains) < limit:
+            try:
+                chains.append(self._pop_replay())
+            except QueueError:
+                if not chains:
+                    raise
+                return chains
+        replayed = len(chains)
         last = start = self.last_avail_idx
         avail = self._avail
         unpack = U16.unpack_from
@@ -429,6 +480,9 @@ class SplitQueue:
                 raise
         if last != start and self.event_idx and self._notify:
             U16.pack_into(self._used, 4 + 8 * size, last)
+        inflight = self._inflight
+        for chain in chains[replayed:] if replayed else chains:
+            inflight[chain.head] = None
         return chains
 
     def _buffer(self, addr: int, length: int) -> memoryview:
@@ -587,6 +641,7 @@ class SplitQueue:
         new = (old + 1) & 0xFFFF
         U16.pack_into(self._used, 2, new)
         self.used_idx = new
+        self._inflight.pop(head, None)
 
     def add_used_many(self, heads: Sequence[int], written: int | Sequence[int] = 0) -> None:
         """:meth:`add_used` for each of ``heads`` in order, publishing the used index once at
@@ -596,6 +651,9 @@ class SplitQueue:
             idx = fast.used_many(heads, written, self.used_idx)
             if idx >= 0:
                 self.used_idx = idx
+                forget = self._inflight.pop
+                for head in heads:
+                    forget(head, None)
                 return
         size = self.size
         lengths = [written] * len(heads) if isinstance(written, int) else written
@@ -613,6 +671,9 @@ class SplitQueue:
             idx = (idx + 1) & 0xFFFF
         U16.pack_into(used, 2, idx)
         self.used_idx = idx
+        forget = self._inflight.pop
+        for head in heads:
+            forget(head, None)
 
     def needs_interrupt(self) -> bool:
         """True if the used entries added since the last decision need an interrupt now (used
