@@ -7,10 +7,9 @@ the descriptors are duplicated (as ``SCM_RIGHTS`` would), and a new :class:`Vsoc
 offered with them loaded and restored over new queues on the same rings. The old instance is
 then left without ``close`` (its listeners released), as the old process exits.
 
-The transport's part is done here too: the new queues resume at the saved positions, with the
-rx buffers the old runner held (popped, not filled) returned again by ``pop`` (the in-flight
-replay of a vhost-user handover: their avail entries are the last ones popped), and the driver
-is interrupted once.
+The transport's part is done here too: the new queues resume at the saved positions
+(``QueueState``), whose chains in flight -- the rx buffers the old runner held, popped but not
+filled -- ``pop`` returns again, once each; and the driver is interrupted once.
 """
 
 from __future__ import annotations
@@ -93,10 +92,11 @@ async def save_for_handoff(served: Served) -> Handed:
     drained = stash.drain()
     envelope = encode_envelope([entry_for(served.ctx.name, "vsock", state)])
     decoded = decode_state_untrusted(decode_envelope_untrusted(envelope)[0], VsockSavedState)
-    held = len(served.runner.worker._held)
     states = [q.state() for q in served.resources.queues]
-    rx = states[0]
-    states[0] = QueueState((rx.last_avail_idx - held) & 0xFFFF, rx.used_idx)
+    # The chains in flight are exactly the rx buffers the runner held (tx chains are pushed in
+    # the step that handles them): the new queues replay those.
+    assert states[0].inflight == tuple(c.head for c in served.runner.worker._held)
+    assert states[1].inflight == ()
     # SCM_RIGHTS duplicates the descriptors into the receiver; the stash's copies are closed.
     fds = {handle: (os.dup(fd), kind) for handle, kind, fd in drained}
     for _, _, fd in drained:
