@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -63,6 +62,9 @@ class HostProcess:
                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.output = ""
         self.done = False
+        #: time.monotonic() when the process logged that it is ready (0.0 until then).
+        self.ready_at = 0.0
+        self.spawned_at = time.monotonic()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -74,8 +76,11 @@ class HostProcess:
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for raw in iter(self.proc.stderr.readline, b""):
+            line = raw.decode(errors="replace")
             with self._cond:
-                self.output += raw.decode(errors="replace")
+                if not self.ready_at and line.endswith(READY):
+                    self.ready_at = time.monotonic()
+                self.output += line
                 self._cond.notify_all()
         with self._cond:
             self.done = True
@@ -140,12 +145,13 @@ class ServedVsock:
         proc.wait_for(READY)
         return proc
 
-    def take_over(self, on_spawn: Callable[[], None] | None = None) -> HostProcess:
-        """One live handover: a ``--takeover`` process takes the device; the old one exits 0."""
+    def take_over(self) -> HostProcess:
+        """One live handover: a ``--takeover`` process takes the device; the old one exits 0.
+        The new process's ``spawned_at`` is when it was started."""
         old = self.current
+        spawned = time.monotonic()
         new = self._spawn("--takeover")
-        if on_spawn is not None:
-            on_spawn()
+        new.spawned_at = spawned
         new.wait_for(TOOK_OVER)
         new.wait_for(READY)
         code = old.wait()
