@@ -378,6 +378,8 @@ class Host:
                 entries.append(entry_for(name, device.ctx.plugin, NotSaved("channel closed")))
             elif transport is vmbus or isinstance(transport, LocalTransport):
                 entries.append(await self._save_device(device))
+            elif carry_fds and _hands_over(transport, device):
+                entries.append(await self._save_handed(transport, device))
             else:
                 reason = f"{type(transport).__name__} keeps no saved state"
                 entries.append(entry_for(name, device.ctx.plugin, NotSaved(reason)))
@@ -397,6 +399,19 @@ class Host:
             if device.name in self.devices:
                 await device.start()
         self.gate.resume()
+
+    async def _save_handed(self, transport: Any, device: Device) -> SavedEntry:
+        """A device its transport hands over live (vhost-user): the transport saves it, with the
+        device's own ``save_open``; a device that saves nothing is NotSaved (closed, re-offered
+        by the new process)."""
+        try:
+            state = await transport.save_for_handoff(device)
+        except BaseException:
+            device.ctx.fds.discard()
+            raise
+        if state is None:
+            return entry_for(device.name, device.ctx.plugin, NotSaved("save not supported"))
+        return entry_for(device.name, device.ctx.plugin, state)
 
     async def _save_device(self, device: Device) -> SavedEntry:
         plugin = device.ctx.plugin
@@ -454,6 +469,10 @@ class Host:
             else:
                 device = self._build(spec.name, spec.plugin, spec.config)
             state = plan.states.get(spec.name)
+            if device is not None and handed is not None and state is not None:
+                # Before the offer: a device that binds at offer (a listener) sees
+                # ctx.fds.carries_fds and takes its handed-over one in restore_open instead.
+                device.ctx.fds.load(handed.pop(spec.name, {}))
             if device is None or not await self._offer_and_attach(
                 device, hold_local=state is not None
             ):
@@ -464,7 +483,8 @@ class Host:
                                        f" {bounded_message(failure)}")
                 continue
             transport = self._device_transport[spec.name]
-            if strict and not isinstance(transport, LocalTransport):
+            if strict and not isinstance(transport, LocalTransport) and not _hands_over(
+                    transport, device):
                 raise HandoffError(f"device {spec.name!r} is served by"
                                    f" {type(transport).__name__}, which cannot be taken over")
             if spec.name not in plan.states:
@@ -472,7 +492,8 @@ class Host:
             elif state is None:
                 why = plan.not_saved.get(spec.name, "not saved")
                 self.restore_report[spec.name] = f"fresh: not saved ({short_reason(why)})"
-            elif isinstance(transport, LocalTransport):
+            elif isinstance(transport, LocalTransport) or (strict and _hands_over(transport,
+                                                                                   device)):
                 held.append((device, state))
             elif transport is self._vmbus_transport() and vmbus_restored:
                 restored = device.runner is not None
@@ -484,16 +505,20 @@ class Host:
                 self.restore_report[spec.name] = (
                     f"fresh: {type(transport).__name__} restores nothing")
         if handed is not None:
-            # Each device's stash owns its descriptors from here (closed if not taken back).
-            for device, _ in held:
-                device.ctx.fds.load(handed.pop(device.name, {}))
+            # Each device's stash owns its descriptors (loaded before its offer; closed if not
+            # taken back).
             for name in [n for n in handed if not n.startswith("@")]:
                 log.warning("descriptors for %r, which restores nothing, closed", name)
                 for fd, _kind in handed.pop(name).values():
                     os.close(fd)
         for device, state in held:
             try:
-                await self._restore_local(device, state, strict=strict)
+                transport = self._device_transport[device.name]
+                if isinstance(transport, LocalTransport):
+                    await self._restore_local(device, state, strict=strict)
+                else:
+                    await transport.restore_handed(device, state)
+                    self.restore_report[device.name] = "restored"
             finally:
                 untaken = device.ctx.fds.discard()
                 if untaken:
@@ -502,7 +527,11 @@ class Host:
         if before_start is not None:
             await before_start()
         for device, _ in held:
-            await device.start()
+            transport = self._device_transport[device.name]
+            if isinstance(transport, LocalTransport):
+                await device.start()
+            else:
+                await transport.start_handed(device)
 
     async def _restore_local(self, device: Device, state: Any, *, strict: bool = False) -> None:
         transport: LocalTransport = self._device_transport[device.name]
@@ -645,6 +674,12 @@ async def _take_over(host: Host, takeover: Any, devices: Iterable[Any]) -> None:
         with anyio.CancelScope(shield=True):
             await takeover.refuse(str(exc) if isinstance(exc, Exception) else repr(exc))
         raise
+
+
+def _hands_over(transport: Any, device: Device) -> bool:
+    """True if ``transport`` hands ``device`` over live itself (vhost-user virtio devices)."""
+    hands_over = getattr(transport, "hands_over", None)
+    return hands_over is not None and bool(hands_over(device))
 
 
 def _with_tracing(registry: Any, cross_cutting: Iterable[object]) -> list[object]:

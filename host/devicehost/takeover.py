@@ -170,7 +170,8 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
                            " taken over live (restart with --state instead)")
     for name in host.devices:
         transport = host._device_transport.get(name)
-        if transport is not None and not isinstance(transport, LocalTransport):
+        if transport is not None and not isinstance(transport, LocalTransport) and not (
+                getattr(transport, "hands_over", lambda _d: False)(host.devices[name])):
             raise HandoffError(f"device {name!r} is served by {type(transport).__name__}, which"
                                " cannot be taken over live (restart with --state instead)")
     if servicing.lock.locked():

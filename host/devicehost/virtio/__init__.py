@@ -39,6 +39,7 @@ from devicehost.virtio.transport import (
     VirtioTransport,
     VirtQueue,
 )
+from devicehost.virtio.vhost_handover import VhostUserHandover  # registers its saved-state type
 
 __all__ = [
     "RING_EVENT_IDX",
@@ -63,6 +64,7 @@ __all__ = [
     "SavedQueue",
     "SplitQueue",
     "UsedBuffer",
+    "VhostUserHandover",
     "VirtQueue",
     "VirtioDriver",
     "VirtioSavedState",

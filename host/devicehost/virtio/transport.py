@@ -37,8 +37,16 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import attrs
 
-from devicehost.errors import ConfigError, DeviceError, LifecycleError, ends_the_host
+from devicehost.errors import (
+    ConfigError,
+    DeviceError,
+    DeviceHostError,
+    LifecycleError,
+    ends_the_host,
+)
+from devicehost.excerpt import bounded_message
 from devicehost.gate import GuestGate
+from devicehost.handoff import HandoffError
 from devicehost.memory import DmaAllocator, GuestMemory
 from devicehost.virtio.doorbell import Doorbell
 from devicehost.virtio.driver import QueueSetup, VirtioDriver
@@ -391,8 +399,54 @@ class VirtioTransport:
             from devicehost.virtio.vhost_user import VhostUserBackend
 
             served.backend = VhostUserBackend(device, offer, str(socket_path))
-            served.scope = await self.host.task_group.start(served.backend.serve)
+            if not device.ctx.fds.carries_fds:
+                served.scope = await self.host.task_group.start(served.backend.serve)
+            # else: taken over: the listener comes from the handoff (restore_handed), and
+            # nothing is served before the commit (start_handed).
         self._served[device.name] = served
+
+    # -- live handover (devicehost.virtio.vhost_handover) -----------------------------------------
+
+    def hands_over(self, device: Device) -> bool:
+        """True if ``device`` can be handed to a new process live: it is served over
+        vhost-user. (A device of the in-process driver cannot: its driver lives in this
+        process.)"""
+        served = self._served.get(device.name)
+        return served is not None and served.backend is not None
+
+    async def save_for_handoff(self, device: Device) -> Any:
+        """The device's vhost-user session and state for a handoff (its descriptors put in its
+        ``ctx.fds``); None if the device saves nothing."""
+        backend = self._served[device.name].backend
+        return await backend.save_for_handoff()
+
+    async def restore_handed(self, device: Device, state: Any) -> None:
+        """Rebuild a handed-over session and restore the device on it (nothing runs yet);
+        :class:`HandoffError` naming the device if it cannot be."""
+        from devicehost.virtio.vhost_handover import (
+            VhostUserHandover,
+            decode_device_state_untrusted,
+        )
+
+        served = self._served.get(device.name)
+        name = f"device {device.name!r} (plugin {device.ctx.plugin!r})"
+        if served is None or served.backend is None:
+            raise HandoffError(f"{name} is not served over vhost-user here, but was handed over")
+        if not isinstance(state, VhostUserHandover):
+            raise HandoffError(f"{name}: the handed-over state is a {type(state).__name__}, not"
+                               " a vhost-user session")
+        try:
+            device_state = decode_device_state_untrusted(state, device.name, device.ctx.plugin)
+            await served.backend.restore_handover(state, device_state)
+        except (DeviceHostError, ValueError) as exc:
+            raise HandoffError(f"{name} failed to restore: {bounded_message(str(exc))}"
+                               ) from exc
+
+    async def start_handed(self, device: Device) -> None:
+        """After the commit: run the restored device and resume its connection."""
+        served = self._served[device.name]
+        await served.backend.start_adopted()
+        served.scope = await self.host.task_group.start(served.backend.serve)
 
     async def remove(self, device: Device) -> None:
         served = self._served.pop(device.name, None)

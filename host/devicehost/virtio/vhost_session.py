@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -61,7 +61,7 @@ from devicehost.virtio.vhost_message import (
     vring_file_index,
 )
 
-__all__ = ["PROTOCOL_FEATURES", "BackendSession"]
+__all__ = ["PROTOCOL_FEATURES", "BackendSession", "Vring"]
 
 log = logging.getLogger("devicehost.virtio.vhost_user")
 
@@ -75,7 +75,9 @@ _HAS_REPLY: Final = frozenset({
 })
 
 @attrs.define
-class _Vring:
+class Vring:
+    """One vring as the front-end set it up (and, while the device is open, its queue)."""
+
     num: int = 0
     desc: int | None = None
     avail: int | None = None
@@ -120,7 +122,7 @@ class BackendSession:
         self.owner = False
         self.memory: GuestMemory | None = None
         self._user_map: list[tuple[int, int, int]] = []  # (user address, size, guest address)
-        self.vrings = [_Vring() for _ in range(traits.queue_count)]
+        self.vrings = [Vring() for _ in range(traits.queue_count)]
         self.received: list[int] = []  # request codes, in order (diagnostics and tests)
 
     @property
@@ -149,8 +151,9 @@ class BackendSession:
     def all_enabled(self) -> bool:
         return all(v.enabled for v in self.vrings)
 
-    def start_queues(self) -> QueueResources:
-        """Build the device's queues from the vrings (VhostUserError if they are unusable)."""
+    def start_queues(self, restored: Sequence[QueueState] | None = None) -> QueueResources:
+        """Build the device's queues from the vrings (VhostUserError if they are unusable);
+        ``restored``: each queue's saved position (a handover) instead of the vring's base."""
         memory = self.memory
         assert memory is not None
         setups = []
@@ -165,7 +168,7 @@ class BackendSession:
                     f"vring {i} used ring is outside guest memory: {exc}"
                 ) from None
             setups.append(QueueSetup(i, layout, v.kick, v.call))
-            states.append(QueueState(v.base, used_idx))
+            states.append(QueueState(v.base, used_idx) if restored is None else restored[i])
         try:
             queues = build_queues(memory, self.virtio_features, setups, states)
         except QueueError as exc:
@@ -183,6 +186,15 @@ class BackendSession:
                 v.queue = None
 
     # -- memory ------------------------------------------------------------------------------------
+
+    @property
+    def user_map(self) -> tuple[tuple[int, int, int], ...]:
+        """(VMM virtual address, size, guest address) of each region of the memory table."""
+        return tuple(self._user_map)
+
+    def adopt_memory(self, memory: GuestMemory, user_map: list[tuple[int, int, int]]) -> None:
+        """Use ``memory`` (mapped from a handed-over memory table) and its VMM address map."""
+        self._set_memory(memory, user_map)
 
     def _set_memory(self, memory: GuestMemory | None, user_map: list[tuple[int, int, int]]) -> None:
         if self.memory is not None:
@@ -277,7 +289,7 @@ class BackendSession:
             return HEADER.pack(request, F_VERSION | F_REPLY, 8) + encode_u64(0)
         return None
 
-    def _vring(self, index: int, what: str) -> _Vring:
+    def _vring(self, index: int, what: str) -> Vring:
         if index >= len(self.vrings):
             raise VhostUserError(f"{what} names vring {index}; the device has {len(self.vrings)}")
         return self.vrings[index]
@@ -331,7 +343,7 @@ class BackendSession:
             self.features = 0
             for i, v in enumerate(self.vrings):
                 v.close()
-                self.vrings[i] = _Vring()
+                self.vrings[i] = Vring()
             return None
         if request is Request.SET_MEM_TABLE:
             regions = decode_mem_table_untrusted(payload)

@@ -64,24 +64,40 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
+import attrs
 
 from devicehost.accepting import AcceptBackoff, accept_stream
 from devicehost.errors import ConfigError, DeviceHostError
+from devicehost.fds import fd_kind
 from devicehost.gate import GateShutError
+from devicehost.handoff import HandoffError
+from devicehost.memory import GuestMemory, SharedRegion
+from devicehost.savedstate import entry_for
+from devicehost.virtio.queue import QueueState
 from devicehost.virtio.traits import DeviceTraits
 from devicehost.virtio.transport import (
     QueueResources,
     device_config_read,
     device_config_write,
+)
+from devicehost.virtio.vhost_handover import (
+    HandedQueue,
+    HandedRegion,
+    HandedVring,
+    PendingMessage,
+    VhostUserHandover,
+    check_handover_untrusted,
 )
 from devicehost.virtio.vhost_message import (
     HEADER,
@@ -91,13 +107,13 @@ from devicehost.virtio.vhost_message import (
     VhostUserError,
     decode_header_untrusted,
 )
-from devicehost.virtio.vhost_session import PROTOCOL_FEATURES, BackendSession
+from devicehost.virtio.vhost_session import PROTOCOL_FEATURES, BackendSession, Vring
 
 if TYPE_CHECKING:
     from devicehost.lifecycle import Device
 
-__all__ = ["DEFAULT_DEADLINE", "PROTOCOL_FEATURES", "BackendSession", "VhostUserBackend",
-           "VhostUserError"]
+__all__ = ["DEFAULT_DEADLINE", "PROTOCOL_FEATURES", "Adopted", "BackendSession",
+           "VhostUserBackend", "VhostUserError"]
 
 log = logging.getLogger("devicehost.virtio.vhost_user")
 
@@ -134,6 +150,22 @@ class VhostUserBackend:
         self._open = False
         self.resources: QueueResources | None = None  # while the device is open
         self.logger = getattr(device.ctx, "logger", log)
+        # -- parking for a handoff (module docstring of devicehost.virtio.vhost_handover) --
+        #: A save for a handoff asked the loop to park at its next safe point.
+        self._park_requested = False
+        self._parked: anyio.Event | None = None
+        #: The wait a park may interrupt: an accept, or the first byte of the next message.
+        self._idle_scope: anyio.CancelScope | None = None
+        #: The complete message the loop holds at the guest gate, unapplied (with its fds).
+        self._at_gate: tuple[Header, bytes, list[int]] | None = None
+        self._stream: anyio.abc.SocketStream | None = None
+        self._listener: anyio.abc.SocketListener | None = None
+        self._handshake = False
+        #: Saved for a handoff and not resumed since: if the host now closes, the session and
+        #: the socket path are the new process's and are left alone.
+        self._handed = False
+        #: A session taken over from another process, resumed by :meth:`serve`.
+        self._adopted: Adopted | None = None
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -142,24 +174,79 @@ class VhostUserBackend:
         Raises :class:`devicehost.ConfigError` (before starting) if the socket path cannot be
         listened on: a live server already answers there, or the path is not usable.
         """
-        self._remove_stale_socket()
-        try:
-            listener = await anyio.create_unix_listener(self.path)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on vhost-user socket: {exc.strerror or exc}",
-                              key="vhost_user_socket", value=self.path) from None
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None:
+            # Taken over: the listener and the connection came from the old process; nothing
+            # is bound (the path is already ours).
+            listener = await anyio.abc.SocketListener.from_socket(adopted.listener)
+        else:
+            self._remove_stale_socket()
+            try:
+                listener = await anyio.create_unix_listener(self.path)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on vhost-user socket: {exc.strerror or exc}",
+                                  key="vhost_user_socket", value=self.path) from None
+        self._listener = listener
         try:
             with anyio.CancelScope() as scope:
                 task_status.started(scope)
                 async with listener:
                     backoff = AcceptBackoff(f"vhost-user socket {self.path}", self.logger)
-                    while True:
-                        stream = await accept_stream(listener, backoff)
+                    if adopted is not None and adopted.connection is not None:
+                        resumed = await anyio.abc.UNIXSocketStream.from_socket(
+                            adopted.connection)
                         self.connections += 1
-                        await self._serve_connection(stream)
+                        await self._serve_connection(resumed, adopted)
+                    while True:
+                        stream = await self._accept(listener, backoff)
+                        if stream is not None:
+                            self.connections += 1
+                            await self._serve_connection(stream)
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            self._listener = None
+            if not self._handed:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+
+    async def _accept(self, listener: anyio.abc.SocketListener, backoff: AcceptBackoff
+                      ) -> anyio.abc.SocketStream | None:
+        """The next connection, or None after the loop parked for a save and was resumed."""
+        if self._park_requested or self._handed:
+            await self._park_idle()
+            return None
+        with anyio.CancelScope() as idle:
+            self._idle_scope = idle
+            try:
+                # Cancelling a wait for a connection loses none: it stays in the backlog.
+                return await accept_stream(listener, backoff)
+            finally:
+                self._idle_scope = None
+        return None
+
+    async def _park_idle(self) -> None:
+        """Park between messages (or connections) until the host resumes; if it closes instead
+        (after a handoff), stay here until cancelled, touching nothing."""
+        self._mark_parked()
+        try:
+            async with self._passage(None):
+                self._unpark()
+        except GateShutError:
+            await anyio.sleep_forever()
+
+    def _parking(self) -> bool:
+        """True once a save asked the loop to park (a method: it changes while the loop waits)."""
+        return self._park_requested
+
+    def _mark_parked(self) -> None:
+        if self._parked is not None:
+            self._parked.set()
+
+    def _unpark(self) -> None:
+        # The gate let the loop through: the host resumed (a rollback, or a save that was not a
+        # handoff): the session is ours again.
+        self._park_requested = False
+        self._handed = False
+        self._parked = None
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -183,17 +270,20 @@ class VhostUserBackend:
         settings = getattr(getattr(self.device.ctx, "host", None), "settings", None)
         return getattr(settings, name, default)
 
-    def _passage(self, request: int) -> contextlib.AbstractAsyncContextManager[None]:
+    def _passage(self, request: int | None) -> contextlib.AbstractAsyncContextManager[None]:
         """The host's guest gate for one front-end message: while the host is saved (quiesced)
         a complete message waits here, unapplied, so no device hook runs between a save and the
         resume; the front-end's later messages wait in the socket. No host: no gate."""
         gate = getattr(getattr(self.device.ctx, "host", None), "gate", None)
         if gate is None:
             return contextlib.nullcontext()
-        try:
-            name = Request(request).name
-        except ValueError:
-            name = f"request {request}"
+        if request is None:
+            name = "connection (parked between messages)"
+        else:
+            try:
+                name = Request(request).name
+            except ValueError:
+                name = f"request {request}"
         return gate.passage(f"vhost-user {name} for device {self.device.name!r}")  # type: ignore[no-any-return]
 
     async def _read_message(
@@ -213,6 +303,20 @@ class VhostUserBackend:
             if len(data) == target:
                 assert header is not None
                 return header, data[HEADER.size :]
+            if not data:
+                # Between messages: the one wait a park interrupts (nothing of the next
+                # message has been read yet).
+                if self._park_requested or self._handed:
+                    await self._park_idle()
+                    continue
+                with anyio.CancelScope(deadline=deadline) as idle:
+                    self._idle_scope = idle
+                    try:
+                        await anyio.wait_readable(raw_socket)
+                    finally:
+                        self._idle_scope = None
+                if idle.cancelled_caught and self._parking():
+                    continue
             with anyio.CancelScope(deadline=deadline) as scope:
                 # Wait here rather than inside receive_fds: anyio's own wait there does not
                 # survive a cancellation that coincides with the socket turning readable.
@@ -248,26 +352,46 @@ class VhostUserBackend:
                 deadline = min(deadline, anyio.current_time() + limit)
             data += chunk
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
-        session = self.session = BackendSession(
+    def new_session(self) -> BackendSession:
+        """A fresh protocol state for a connection to this backend."""
+        return BackendSession(
             self.traits, self._config_read, self._config_write,
             allow_unsealed=bool(self._setting("allow_unsealed_memory", False)),
             logger=self.logger,
         )
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream,
+                                adopted: Adopted | None = None) -> None:
+        session = self.new_session() if adopted is None else adopted.session
+        assert session is not None
+        self.session = session
         limit = float(self._setting("vhost_user_deadline", DEFAULT_DEADLINE))
         fds: list[int] = []
-        handshake = True
+        self._handshake = handshake = True if adopted is None else adopted.handshake
+        pending = None if adopted is None else adopted.pending
+        self._stream = stream
         try:
             async with stream:
                 while True:
-                    message = await self._read_message(stream, fds, limit=limit,
-                                                       handshake=handshake)
-                    handshake = False
-                    if message is None:
-                        self.logger.info("vhost-user frontend disconnected from %s", self.path)
-                        break
-                    header, payload = message
+                    if pending is not None:
+                        # The message the old process held at its gate: applied first, once.
+                        header, payload, fds[:] = pending
+                        pending = None
+                    else:
+                        message = await self._read_message(stream, fds, limit=limit,
+                                                           handshake=handshake)
+                        self._handshake = handshake = False
+                        if message is None:
+                            self.logger.info("vhost-user frontend disconnected from %s",
+                                             self.path)
+                            break
+                        header, payload = message
+                    self._at_gate = (header, payload, fds)
+                    if self._park_requested:
+                        self._mark_parked()
                     async with self._passage(header.request):
+                        self._at_gate = None
+                        self._unpark()
                         if header.request in _CLOSE_FIRST:
                             await self._close(session)
                         reply = session.handle(header, payload, fds)
@@ -280,21 +404,182 @@ class VhostUserBackend:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self.logger.info("vhost-user connection on %s lost: %s", self.path, exc)
         except GateShutError:
+            if self._handed:
+                # Handed over: the connection, the session and the device are the new
+                # process's; this one only lets go of its copies (no device hook runs).
+                self.logger.info("vhost-user connection on %s handed over", self.path)
+                self._at_gate = None
+                self._stream = None
+                await anyio.sleep_forever()
             self.logger.info("vhost-user connection on %s ends: the host is closing", self.path)
         except Exception as exc:  # a bug here must not take down the host: drop this VMM only
             self.errors.append(f"backend error: {exc!r}")
             self.logger.exception("vhost-user backend on %s failed; connection dropped", self.path)
         finally:
+            self._at_gate = None
+            self._stream = None
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            with anyio.CancelScope(shield=True):
-                await self._close(session)
+            if not self._handed:
+                with anyio.CancelScope(shield=True):
+                    await self._close(session)
             session.close()
             self.session = None
             self.finished += 1
             if self._finished_event is not None:
                 self._finished_event.set()
+
+    # -- handover (devicehost.virtio.vhost_handover) ----------------------------------------------
+
+    async def park(self) -> None:
+        """Park the connection loop at its next safe point (the host's gate is quiesced):
+        between messages, or holding one complete message at the gate. :class:`HandoffError`
+        if it does not get there in twice the message deadline (a front-end that does not read
+        its replies): the takeover then rolls back."""
+        self._park_requested = True
+        self._parked = parked = anyio.Event()
+        if self._at_gate is not None:
+            parked.set()
+        elif self._idle_scope is not None:
+            self._idle_scope.cancel()
+        limit = float(self._setting("vhost_user_deadline", DEFAULT_DEADLINE))
+        with anyio.move_on_after(2 * limit + 5):
+            await parked.wait()
+        if not parked.is_set():
+            raise HandoffError(f"the vhost-user connection of device {self.device.name!r} did"
+                               " not reach a safe point (the VMM neither completes its message"
+                               " nor reads its replies)")
+
+    async def save_for_handoff(self) -> VhostUserHandover | None:
+        """Park, save the device (stopped by the host) and describe the session, its
+        descriptors put in the device's ``ctx.fds``; None if the device is open but its
+        ``save_open`` saves nothing (it cannot be handed over)."""
+        await self.park()
+        device_type, device_version, device_payload = "", 0, b""
+        if self._open:
+            value = await self.device.save()
+            if value is None:
+                return None
+            entry = entry_for(self.device.name, self.device.ctx.plugin, value)
+            device_type, device_version = entry.type_name, entry.type_version
+            device_payload = json.dumps(entry.payload, separators=(",", ":")).encode()
+        put = self.device.ctx.fds.put
+        assert self._listener is not None
+        listener = put(self._listener.extra(anyio.abc.SocketAttribute.raw_socket))
+        session, stream = self.session, self._stream
+        if session is None or stream is None:
+            state = VhostUserHandover(
+                listener, None, False, 0, 0, False, (),
+                tuple(_handed_vring(Vring(), put) for _ in range(self.traits.queue_count)),
+                False, False, "", 0, b"", None)
+        else:
+            connection = put(stream.extra(anyio.abc.SocketAttribute.raw_socket))
+            regions: tuple[HandedRegion, ...] = ()
+            if session.memory is not None:
+                users = {gpa: user for user, _size, gpa in session.user_map}
+                shared, fds = session.memory.share()
+                regions = tuple(HandedRegion(r.gpa, r.size, users[r.gpa], r.offset, put(fd),
+                                             fd_kind(fd)) for r, fd in zip(shared, fds,
+                                                                           strict=True))
+            pending = None
+            if self._at_gate is not None:
+                header, payload, fds_in = self._at_gate
+                carried = tuple((put(fd), kind) for fd in fds_in
+                                if (kind := fd_kind(fd)) in ("eventfd", "memfd", "regular"))
+                pending = PendingMessage(header.request, header.flags, payload, carried)
+            state = VhostUserHandover(
+                listener, connection, self._handshake, session.features,
+                session.protocol_features, session.owner, regions,
+                tuple(_handed_vring(v, put) for v in session.vrings),
+                self._open, self._open and session.all_enabled(),
+                device_type, device_version, device_payload, pending)
+        self._handed = True
+        return state
+
+    async def restore_handover(self, state: VhostUserHandover, device_state: Any) -> None:
+        """Rebuild a session handed over by another process (checked first: the state is
+        untrusted) from the descriptors in ``ctx.fds``; the device is restored
+        (``restore_open``) but nothing runs and nothing is read until :meth:`start_adopted`
+        and :meth:`serve`. Raises VhostHandoverError, SharedMemoryError, HandoffError, or the
+        device's restore error."""
+        check_handover_untrusted(state, self.traits, PROTOCOL_FEATURES)
+        fds = self.device.ctx.fds
+        what = f"device {self.device.name!r}: handed-over"
+        listener = fds.take_socket(state.listener)
+        connection: socket.socket | None = None
+        session: BackendSession | None = None
+        pending_fds: list[int] = []
+        try:
+            if state.connection is None:
+                self._adopted = Adopted(listener, None, None, False, None, running=False)
+                return
+            connection = fds.take_socket(state.connection)
+            session = self.new_session()
+            session.features = state.features
+            session.protocol_features = state.protocol_features
+            session.owner = state.owner
+            if state.regions:
+                memory = GuestMemory.from_shared(
+                    [SharedRegion(r.gpa, r.size, r.mmap_offset) for r in state.regions],
+                    [fds.take(r.fd, r.kind) for r in state.regions],
+                    allow_unsealed=session.allow_unsealed, what=f"{what} guest memory")
+                session.adopt_memory(memory, [(r.user_addr, r.size, r.gpa)
+                                              for r in state.regions])
+            for v, hv in zip(session.vrings, state.vrings, strict=True):
+                v.num, v.desc, v.avail, v.used = hv.num, hv.desc, hv.avail, hv.used
+                v.base, v.enabled, v.started = hv.base, hv.enabled, hv.started
+                for bell, handle in ((v.kick, hv.kick), (v.call, hv.call), (v.err, hv.err)):
+                    if handle is not None:
+                        bell.set_fd(fds.take(handle, "eventfd"))
+            pending = None
+            if state.pending is not None:
+                p = state.pending
+                pending_fds.extend(fds.take(handle, kind) for handle, kind in p.fds)
+                pending = (Header(p.request, p.flags, len(p.payload)), p.payload, pending_fds)
+            if state.device_open:
+                restored = [QueueState(hv.queue.last_avail_idx, hv.queue.used_idx,
+                                       hv.queue.inflight)
+                            for hv in state.vrings if hv.queue is not None]
+                try:
+                    resources = session.start_queues(restored)
+                except VhostUserError as exc:
+                    raise HandoffError(f"{what} vrings: {exc}") from None
+                await self.device.restore(device_state, resources)
+                self._open = True
+                self.resources = resources
+            self._adopted = Adopted(listener, connection, session, state.handshake, pending,
+                                    running=state.device_running)
+        except BaseException:
+            listener.close()
+            if connection is not None:
+                connection.close()
+            if session is not None:
+                session.close()
+            for fd in pending_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._open = False
+            self.resources = None
+            raise
+
+    async def start_adopted(self) -> None:
+        """After the commit: run the restored device if it ran, and make every queue look at
+        its ring once (kicks that arrived during the handoff are in the eventfd counters, but
+        one the old process consumed without popping would otherwise be missed; a spurious
+        look costs nothing, a missed one stalls). :meth:`serve` then resumes the loop."""
+        adopted = self._adopted
+        if adopted is None or adopted.session is None:
+            return
+        for v in adopted.session.vrings:
+            if v.kick.fd is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_write(v.kick.fd, 1)
+        if self._open and adopted.running:
+            await self.device.start()
+        if self.resources is not None:
+            for q in self.resources.queues:
+                q.notify()  # used entries may have been published without an interrupt
 
     async def wait_finished(self, count: int) -> None:
         """Wait until ``count`` connections have been torn down."""
@@ -340,3 +625,30 @@ class VhostUserBackend:
                 await self.device.start()
             else:
                 await self.device.stop()
+
+
+@attrs.define
+class Adopted:
+    """A session taken over from another process, waiting for :meth:`VhostUserBackend.serve`:
+    the listener, the VMM connection (None: no VMM was connected), the session, whether its
+    first message is still due, the message held at the old process's gate, and whether the
+    device ran."""
+
+    listener: socket.socket
+    connection: socket.socket | None
+    session: BackendSession | None
+    handshake: bool
+    pending: tuple[Header, bytes, list[int]] | None
+    running: bool
+
+
+def _handed_vring(v: Vring, put: Callable[[int], int]) -> HandedVring:
+    def handle(fd: int | None) -> int | None:
+        return None if fd is None else put(fd)
+
+    queue = None
+    if v.queue is not None:
+        st = v.queue.state()
+        queue = HandedQueue(st.last_avail_idx, st.used_idx, st.inflight)
+    return HandedVring(v.num, v.desc, v.avail, v.used, v.base, v.enabled, v.started,
+                       handle(v.kick.fd), handle(v.call.fd), handle(v.err.fd), queue)
