@@ -240,6 +240,9 @@ class VsockDevice:
         if self._listeners is None and ctx.host is not None:
             if ctx.fds.carries_fds:
                 # A takeover: the listeners come with the handed-over state (restore_open).
+                # Binding here would replace the running host's listener before the takeover
+                # commits. A device that was not open saved nothing: it binds them anew when a
+                # driver opens it (docs/plugins/vsock.md).
                 ctx.logger.info("vsock: listeners are taken over with the device's state")
             else:
                 # The CONNECT listeners exist while the device is served, guest driver or not.

@@ -98,3 +98,34 @@ async def test_three_takeovers_under_streams_both_ways(served: ServedVsock) -> N
     finally:
         await guest.aclose()
         memory.close()
+
+
+async def test_a_device_without_a_driver_binds_its_listeners_when_next_opened(
+    served: ServedVsock,
+) -> None:
+    """Not open, the device saves nothing, so its listeners do not travel: the new process binds
+    them when a driver opens the device (not before the takeover commits)."""
+    await anyio.to_thread.run_sync(served.start)
+    await anyio.to_thread.run_sync(served.take_over)
+    with pytest.raises(ConnectionRefusedError):
+        await anyio.connect_unix(served.base_path)
+    memory = GuestMemory.memfd(64 << 20)
+    guest = await Guest.connect(served.vhost_user_socket, memory)
+    try:
+        # The backend handles messages in order: once this is answered, the vrings it was
+        # sent after are started and the device is open.
+        await guest.frontend.get_u64(Request.GET_FEATURES)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guest.sockets.pump)
+            guest.sockets.listen(6000)
+            with anyio.fail_after(60):
+                host = await anyio.connect_unix(served.base_path)
+                await host.send(b"CONNECT 6000\n")
+                assert (await read_line(host, 30)).startswith(b"OK ")
+                await host.send(b"ping")
+                assert await guest.sockets.accepted[-1].recv_exactly(4) == b"ping"
+                await host.aclose()
+            tg.cancel_scope.cancel()
+    finally:
+        await guest.aclose()
+        memory.close()
