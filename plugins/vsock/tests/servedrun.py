@@ -132,11 +132,14 @@ class ServedVsock:
     def current(self) -> HostProcess:
         return self.procs[-1]
 
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items()
+                if not k.startswith(("DEVICEHOST_", "NOTIFY_SOCKET"))}
+
     def _spawn(self, *extra: str) -> HostProcess:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("DEVICEHOST_", "NOTIFY_SOCKET"))}
         proc = HostProcess([*devicehost_command(), "run", "--config", str(self.config),
-                            "--state", str(self.state), *extra], env)
+                            "--state", str(self.state), *extra], self._env())
         self.procs.append(proc)
         return proc
 
@@ -158,6 +161,18 @@ class ServedVsock:
         if code != 0:
             raise AssertionError(f"the old process exited {code}; log:\n{old.output[-4000:]}")
         return new
+
+    def refused_takeover(self, config: Path) -> HostProcess:
+        """A ``--takeover`` process with another ``config`` that must fail: it exits non-zero
+        (returned, reaped) and the running process serves on."""
+        proc = HostProcess([*devicehost_command(), "run", "--config", str(config),
+                            "--takeover"], self._env())
+        code = proc.wait()
+        proc.stop()
+        if code == 0 or self.current.proc.poll() is not None:
+            raise AssertionError(f"the takeover did not roll back (exit {code}); log:\n"
+                                 f"{proc.output[-3000:]}")
+        return proc
 
     def restart(self) -> HostProcess:
         """A plain restart: SIGTERM, then ``devicehost run --state`` (no live peer)."""

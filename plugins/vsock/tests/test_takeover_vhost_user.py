@@ -129,3 +129,42 @@ async def test_a_device_without_a_driver_binds_its_listeners_when_next_opened(
     finally:
         await guest.aclose()
         memory.close()
+
+
+async def test_a_refused_restore_rolls_back_and_the_streams_go_on(served: ServedVsock) -> None:
+    """A new process whose config names another guest CID cannot restore the device: it exits
+    non-zero naming it, the running process resumes, and the streams carry on intact (then a
+    proper takeover still works)."""
+    await anyio.to_thread.run_sync(served.start)
+    wrong = served.work / "wrong.toml"
+    wrong.write_text(served.config.read_text().replace("guest_cid = 3", "guest_cid = 4"))
+    memory = GuestMemory.memfd(64 << 20)
+    guest = await Guest.connect(served.vhost_user_socket, memory)
+    flows = {name: Flow(name) for name in ("up", "down")}
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guest.sockets.pump)
+            with anyio.fail_after(120):
+                listener = await anyio.create_unix_listener(f"{served.base_path}_5000")
+                a = await guest.sockets.connect(5000, 1024)
+                host_a = await listener.accept()
+                async with anyio.create_task_group() as streams:
+                    streams.start_soon(guest_flow, guest.sockets, a, flows["up"], flows["down"],
+                                       stop)
+                    streams.start_soon(host_flow, host_a, flows["down"], flows["up"], stop)
+                    refused = await anyio.to_thread.run_sync(served.refused_takeover, wrong)
+                    assert "device 'vsock0'" in refused.output and "guest_cid" in refused.output
+                    before = flows["down"].received_bytes
+                    await anyio.to_thread.run_sync(served.take_over)
+                    assert flows["down"].received_bytes > before
+                    stop.set()
+                for flow in flows.values():
+                    flow.check()
+                assert not a.reset
+                await host_a.aclose()
+                await listener.aclose()
+            tg.cancel_scope.cancel()
+    finally:
+        await guest.aclose()
+        memory.close()
