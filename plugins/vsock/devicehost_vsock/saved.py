@@ -323,6 +323,9 @@ def _check_connection(c: SavedConnection, where: str, tx_buffer_size: int,
         raise _fail(where, "OK line pending that this connection cannot owe")
     if c.deadline_us is not None and not 0 <= c.deadline_us <= _MAX_DEADLINE_US:
         raise _fail(where, f"deadline {c.deadline_us} us is out of range")
+    if c.deadline_us is None and c.phase in (SavedPhase.PENDING_CONNECT,
+                                             SavedPhase.HOST_CONNECTING):
+        raise _fail(where, f"no deadline while {c.phase.value} (the connect timeout runs)")
     if len(c.txbuf) > tx_buffer_size:
         raise _fail(where, f"{len(c.txbuf)} buffered bytes exceed the window of"
                            f" {tx_buffer_size}")

@@ -313,6 +313,13 @@ def test_hostile_connection_fields_are_refused(change: dict[str, Any], blame: st
         check(attrs.evolve(state, connections=(first, *state.connections[1:])))
 
 
+def test_a_host_connection_without_its_connect_deadline_is_refused() -> None:
+    state = valid_state()
+    host = next(c for c in state.connections if c.host_initiated)
+    with pytest.raises(SavedStateError, match="no deadline while host-connecting"):
+        check(attrs.evolve(state, connections=(attrs.evolve(host, deadline_us=None),)))
+
+
 def test_two_connections_with_one_key_are_refused() -> None:
     state = valid_state()
     conn = state.connections[0]
