@@ -34,6 +34,7 @@ __all__ = [
     "API_V1",
     "CATALOG",
     "TICKER",
+    "VSTREAM",
     "Dist",
     "build_wheel",
     "install_wheels",
@@ -103,6 +104,8 @@ CATALOG: dict[str, Dist] = {
 #: The serviceable device of the live-servicing tests and benchmark (not in CATALOG, whose
 #: members the discovery tests install all together).
 TICKER: Dist = device_dist("dh-ticker", "dh_ticker", "ticker", "TickerDevice")
+#: The serviceable virtio device of the vhost-user handover tests (not in CATALOG either).
+VSTREAM: Dist = device_dist("dh-vstream", "dh_vstream", "vstream", "VstreamDevice")
 
 
 def write_installed(root: Path, dist: Dist) -> None:
