@@ -327,3 +327,30 @@ def test_an_offer_in_a_takeover_binds_no_listener(sock_dir: str) -> None:
     device.offer(ctx)
     assert not os.path.exists(path)
 
+
+
+async def test_a_handed_listener_that_is_not_the_listener_is_refused(guest: HostedGuest) -> None:
+    """The state names its listeners by handle; whatever descriptor came under that handle must
+    be a listening socket bound at base_path, or the restore is refused (and the old instance
+    serves on)."""
+    base = base_of(guest)
+    sockets = GuestSockets(guest, rx_buffers=16)
+    listener = await listen(base, 5000)
+    served = served_by_host(guest.host)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sockets.pump)
+        with anyio.fail_after(60):
+            conn = await sockets.connect(5000, 1024)
+            host = await listener.accept()
+            handed = await save_for_handoff(served)
+            lst, sock = handed.state.stream_listener, handed.state.connections[0].socket
+            handed.fds[lst], handed.fds[sock] = handed.fds[sock], handed.fds[lst]
+            with pytest.raises(SavedStateError, match="is not the listener at"):
+                restore(guest.host, served, handed)
+            await resume(served, tg)
+            await host.send(b"still here")
+            assert await conn.recv_exactly(10) == b"still here"
+            assert still_open(raw(host))
+        tg.cancel_scope.cancel()
+    await host.aclose()
+    await listener.aclose()
