@@ -29,6 +29,7 @@ from .hostside import (
     read_exactly,
     read_line,
     seq_accept,
+    seq_connect,
     seq_listen,
     seq_recv,
     seq_send,
@@ -234,6 +235,8 @@ async def test_host_connections_mid_connect_survive_a_handover(guest: HostedGues
             assert deadline is not None and 0 < deadline <= 2_000_000
             late = await anyio.connect_unix(base)  # the old instance is stopped: backlog
             await late.send(b"CONNECT 6002\n")
+            late_seq = await seq_connect(f"{base}_seqpacket")  # the SEQPACKET listener's too
+            await seq_send(late_seq, b"CONNECT 6004\n")
             new = restore(guest.host, served, handed)
             abandon(served)
             await start(new, tg)
@@ -243,18 +246,21 @@ async def test_host_connections_mid_connect_survive_a_handover(guest: HostedGues
             assert await read_line(waiting) == f"OK {request.header.src_port}\n".encode()
             await half.send(b"ECT 6003\n")
             ports = set()
-            for _ in range(2):
+            for _ in range(3):
                 req = await guest.recv_op(Op.REQUEST)
-                ports.add(req.header.dst_port)
-                guest.send(Op.RESPONSE, req.header.dst_port, req.header.src_port)
-            assert ports == {6002, 6003}
+                ports.add((req.header.dst_port, req.header.type))
+                guest.send(Op.RESPONSE, req.header.dst_port, req.header.src_port,
+                           type_=req.header.type)
+            assert ports == {(6002, 1), (6003, 1), (6004, TYPE_SEQPACKET)}
             assert (await read_line(late)).startswith(b"OK ")
             assert (await read_line(half)).startswith(b"OK ")
+            assert (await seq_recv(late_seq) or b"").startswith(b"OK ")
             guest.send(Op.RW, 6001, request.header.src_port, b"hello")
             assert await read_exactly(waiting, 5) == b"hello"
         await close(new)
     for s in (half, waiting, late):
         await s.aclose()
+    late_seq.close()
 
 
 async def test_a_failed_restore_rolls_back_and_the_old_instance_serves_on(
