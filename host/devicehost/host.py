@@ -28,7 +28,12 @@ supported), when it has no open runner (a closed VMBus channel, a failed device)
 its value fails to save (logged; the other devices are still saved), and for every device of a
 transport that keeps no state (virtio, intercepted client devices: the intercept relay device
 saves their progress itself). On restore such a device is offered fresh, as facts §5.2 asks of a
-device that cannot save. Device names cannot begin with ``@`` (config rule), so ``@vmbus`` never
+device that cannot save. Exception: in a save for a handoff, a device whose transport hands it
+over live itself (a virtio device served over vhost-user: ``transport.hands_over``) is saved by
+its transport, session included (``virtio.VhostUserHandover``), and in the takeover's restore
+its transport rebuilds it (``restore_handed``) and starts it after the commit
+(``start_handed``); every device's handed descriptors are loaded into its ``ctx.fds`` before its
+offer. Device names cannot begin with ``@`` (config rule), so ``@vmbus`` never
 collides with a device.
 
 ``open_host(..., saved=DATA)`` restores. ``DATA`` is hostile input: the envelope and every
@@ -406,6 +411,10 @@ class Host:
         by the new process)."""
         try:
             state = await transport.save_for_handoff(device)
+        except DeviceHostError as exc:
+            log.error("device %r could not be saved (it will be offered fresh): %s",
+                      device.name, exc)
+            return entry_for(device.name, device.ctx.plugin, NotSaved(f"save failed: {exc}"))
         except BaseException:
             device.ctx.fds.discard()
             raise

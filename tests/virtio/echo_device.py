@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import attrs
 
-from devicehost import DeviceContext, hookimpl
+from devicehost import DeviceContext, hookimpl, saved_state
 from devicehost.virtio import DeviceTraits, QueueResources
 
 MAGIC = 0x4F484345  # "ECHO"
@@ -25,6 +25,7 @@ class EchoConfig:
     savable: bool = True
 
 
+@saved_state("echo_test.Saved", 1)
 @attrs.frozen
 class EchoSaved:
     handled: int

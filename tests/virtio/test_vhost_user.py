@@ -548,3 +548,63 @@ async def test_a_saved_host_applies_no_frontend_message_until_resumed(tmp_path: 
                 await frontend.aclose()
     finally:
         memory.close()
+
+
+# -- the safe point of a save for a handoff -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_save_for_a_handoff_waits_for_a_whole_message_and_carries_it(
+        tmp_path: Path) -> None:
+    """Half a message read when the host saves: the save waits for the rest, and the complete
+    message travels with the state (unapplied); on a resume (a rollback) this host applies it,
+    once."""
+    from devicehost.savedstate import decode_envelope_untrusted, decode_state_untrusted
+    from devicehost.virtio.vhost_handover import VhostUserHandover
+    from devicehost.virtio.vhost_message import ConfigPayload, encode_config, encode_message
+
+    sock = str(tmp_path / "vu.sock")
+    specs = [DeviceSpec("echo", "echo", EchoConfig(vhost_user_socket=sock))]
+    memory = GuestMemory.memfd(MEMORY_SIZE)
+    try:
+        async with host_with({"echo": EchoDevice}, specs) as host:
+            with anyio.fail_after(30):
+                frontend = await VhostUserFrontend.connect(sock, memory)
+                features, _ = await frontend.realize()
+                await frontend.start(features, event_idx=True)
+                assert await _echo(frontend, b"before") == b"erofeb"
+                message = encode_message(Request.GET_CONFIG,
+                                         encode_config(ConfigPayload(0, 8, 0, bytes(8))))
+                await frontend.stream.send(message[:5])
+                await anyio.wait_all_tasks_blocked()
+                saved: list[Any] = []
+
+                async def save() -> None:
+                    saved.append(await host.save_for_handoff())
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(save)
+                    await anyio.wait_all_tasks_blocked()
+                    assert not saved, "the save did not wait for the rest of the message"
+                    await frontend.stream.send(message[5:])
+                handoff = saved[0]
+                try:
+                    (entry,) = decode_envelope_untrusted(handoff.envelope)
+                    state = decode_state_untrusted(entry, VhostUserHandover)
+                    assert state.pending is not None
+                    assert state.pending.request == Request.GET_CONFIG
+                    assert state.pending.payload == message[HEADER.size:]
+                    assert state.device_open and state.device_running
+                    assert state.connection is not None and len(state.regions) == 1
+                    kinds = sorted(f.kind for f in handoff.fds)
+                    assert kinds == ["eventfd"] * 6 + ["memfd"] + ["socket"] * 2
+                finally:
+                    handoff.close()
+                await host.resume()
+                config = await frontend.reply(Request.GET_CONFIG)
+                assert struct.unpack("<II", config[12:]) == (MAGIC, 1)
+                assert await frontend.get_u64(Request.GET_QUEUE_NUM) == 2  # answered once
+                assert await _echo(frontend, b"after") == b"retfa"
+                await frontend.aclose()
+    finally:
+        memory.close()

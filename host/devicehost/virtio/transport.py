@@ -17,6 +17,12 @@ A device whose config has a non-empty ``vhost_user_socket`` attribute is served 
 Unix socket (:mod:`devicehost.virtio.vhost_user`); every other device waits for the in-process
 driver: ``await transport.connect_driver(name)`` returns a started :class:`VirtioDriver`.
 
+Live servicing: a vhost-user device is handed to a new process with its session
+(:meth:`VirtioTransport.hands_over`, ``save_for_handoff``, ``restore_handed``,
+``start_handed``, driven by :class:`devicehost.host.Host`); a device of the in-process driver
+is not (its driver lives in the old process). Both kinds of save carry the chains in flight in
+each :class:`QueueState` (:mod:`devicehost.virtio.queue`), replayed once by the restored queues.
+
 Fairness: a guest that keeps its queue full (or kicks without pause) must not starve the other
 devices of the event loop. :meth:`VirtQueue.wait_kick` always yields once (the doorbells' waits
 do, see :mod:`devicehost.virtio.doorbell`), and :meth:`VirtQueue.pop_wait`, which returns at

@@ -59,6 +59,19 @@ Decisions:
 - GET_VRING_BASE returns the next avail index the device would pop. Chains the device popped
   but had not pushed when it was closed are not reported (no INFLIGHT_SHMFD); a device that holds
   chains across awaits loses them on a VMM stop, as it would on any reset.
+
+Live handover (``devicehost run --takeover``, :mod:`devicehost.virtio.vhost_handover` says what
+travels): :meth:`VhostUserBackend.save_for_handoff` parks the connection loop at a safe point
+(:meth:`~VhostUserBackend.park`: between messages, interrupting only a wait for an accept or for
+the first byte of the next message, or holding one complete message at the guest gate; never
+half a message), saves the device (stopped by the host) and describes the session, its
+descriptors duplicated into ``ctx.fds``. From then until the host resumes, the loop reads
+nothing; if the host closes instead (the handover committed), the loop lets go of its copies and
+neither closes the device nor unlinks the socket path (the new process owns both). A new
+process's backend is built without binding (the transport sees ``ctx.fds.carries_fds``),
+:meth:`~VhostUserBackend.restore_handover` rebuilds the session and restores the device, and
+after the commit :meth:`~VhostUserBackend.start_adopted` and :meth:`~VhostUserBackend.serve`
+resume it on the same listener and connection, the held message first.
 """
 
 from __future__ import annotations
