@@ -562,7 +562,7 @@ def test_pop_many_replays_first_within_its_limit() -> None:
     q.add_used_many([0, 2], 0)
     restored = g.queue(state=q.state())
     assert [c.head for c in restored.pop_many(1)] == [1]
-    assert restored.state() == QueueState(4, 2, (3, 1))  # 3 still to replay, first
+    assert restored.state() == QueueState(4, 2, (1, 3))  # pop order: 3 is still to replay
     assert [c.head for c in restored.pop_many()] == [3, 4, 5]
     assert restored.pop_many() == []
     assert restored.state() == QueueState(6, 2, (1, 3, 4, 5))

@@ -8,7 +8,10 @@
  * - pop / pop_many: popping direct descriptor chains whose buffers all lie in the one region of
  *   a single-region guest memory, building the DescriptorChain objects itself;
  * - used_many: writing a batch of valid used elements and publishing the used index;
- * - should_interrupt: the barrier and the look at the driver's used_event / avail.flags.
+ * - should_interrupt: the barrier and the look at the driver's used_event / avail.flags;
+ * - the in-flight table (optional, `track`: one uint32 per head, queue.py's): a chain popped
+ *   here sets its head's entry to IN_FLIGHT | the avail position it was popped at, a used
+ *   element written here clears it (queue.py does the same on its own paths).
  *
  * It DECLINES (returns "not handled" to queue.py, which takes its pure-Python path, checks
  * everything again and raises the precise QueueError / ValueError) on anything unusual: a head
@@ -59,6 +62,7 @@
 #define MAX_CHAIN_BYTES 0xFFFFFFFFull
 #define MAX_FAST_DESCRIPTORS 64
 #define DECLINED ((long long)1 << 32)
+#define IN_FLIGHT 0x10000u
 
 /* The DescriptorChain slots, in the order they are stored. */
 enum { SLOT_HEAD, SLOT_READABLE, SLOT_WRITABLE, SLOT_READABLE_LEN, SLOT_WRITABLE_LEN,
@@ -73,6 +77,7 @@ typedef struct {
     Py_buffer avail;         /* the available ring: 6 + 2 * size bytes, 2-byte aligned */
     Py_buffer used;          /* the used ring: 6 + 8 * size bytes, writable, 4-byte aligned */
     Py_buffer region;        /* the memory region, from region_copy */
+    Py_buffer track;         /* the in-flight table: size uint32, writable (optional) */
     PyObject *region_view;   /* the region's own memoryview (checked for release) */
     PyObject *region_copy;   /* a private memoryview sharing its managed buffer */
     PyTypeObject *chain_cls; /* DescriptorChain */
@@ -82,8 +87,15 @@ typedef struct {
     uint32_t size;
     unsigned long long fast_chains; /* chains built here (tests check the fast path ran) */
     unsigned long long fast_batches; /* used_many calls handled here */
-    int has_desc, has_avail, has_used, has_region;
+    int has_desc, has_avail, has_used, has_region, has_track;
 } QueueObject;
+
+static inline void
+track_set(QueueObject *self, uint32_t head, uint32_t value)
+{
+    if (self->has_track)
+        ((uint32_t *)self->track.buf)[head] = value;
+}
 
 typedef struct {
     uint64_t offset; /* in the region */
@@ -153,12 +165,12 @@ static int
 Queue_init(QueueObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"desc", "avail", "used", "region", "region_gpa", "size",
-                             "chain_cls", NULL};
-    PyObject *desc, *avail, *used, *region, *chain_cls;
+                             "chain_cls", "track", NULL};
+    PyObject *desc, *avail, *used, *region, *chain_cls, *track = Py_None;
     unsigned long long region_gpa;
     unsigned int size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOKIO", kwlist, &desc, &avail, &used,
-                                     &region, &region_gpa, &size, &chain_cls))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOKIO|O", kwlist, &desc, &avail, &used,
+                                     &region, &region_gpa, &size, &chain_cls, &track))
         return -1;
     if (self->chain_cls != NULL || self->has_desc || self->has_avail || self->has_used
         || self->has_region) {
@@ -187,6 +199,10 @@ Queue_init(QueueObject *self, PyObject *args, PyObject *kwds)
                       6 + 2 * (Py_ssize_t)size, 2, "available ring") < 0
         || get_buffer(used, &self->used, &self->has_used, PyBUF_WRITABLE,
                       6 + 8 * (Py_ssize_t)size, 4, "used ring") < 0)
+        return -1;
+    if (track != Py_None
+        && get_buffer(track, &self->track, &self->has_track, PyBUF_WRITABLE,
+                      4 * (Py_ssize_t)size, 4, "in-flight table") < 0)
         return -1;
     /* A private view on the region's managed buffer: ours to export, so the region's own view
      * can still be released (memory.close); that release is checked at every call. */
@@ -227,6 +243,8 @@ Queue_dealloc(QueueObject *self)
         PyBuffer_Release(&self->used);
     if (self->has_region)
         PyBuffer_Release(&self->region);
+    if (self->has_track)
+        PyBuffer_Release(&self->track);
     Py_CLEAR(self->region_copy);
     Py_CLEAR(self->region_view);
     Py_CLEAR(self->chain_cls);
@@ -411,6 +429,7 @@ Queue_pop_many(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(chain);
         if (rc < 0)
             return NULL;
+        track_set(self, (uint32_t)head, IN_FLIGHT | (uint32_t)last);
         last = (last + 1) & 0xFFFF;
     }
     shadow = shadow32;
@@ -494,6 +513,7 @@ Queue_pop(QueueObject *self, PyObject *queue)
             __atomic_store_n(event, (uint16_t)last, __ATOMIC_RELEASE);
         }
     }
+    track_set(self, (uint32_t)head, IN_FLIGHT | (((uint32_t)last - 1) & 0xFFFF));
     return chain;
 fail:
     Py_DECREF(chain);
@@ -567,6 +587,7 @@ Queue_used_many(QueueObject *self, PyObject *const *args, Py_ssize_t nargs)
         elem[0] = (uint32_t)small_int(head_items[i], mask);
         elem[1] = (uint32_t)(len_items ? small_int(len_items[i], MAX_CHAIN_BYTES) : same_len);
         memcpy(used + 4 + 8 * (size_t)(idx & mask), elem, sizeof elem);
+        track_set(self, elem[0], 0);
         idx = (idx + 1) & 0xFFFF;
     }
     __atomic_store_n((uint16_t *)(used + 2), (uint16_t)idx, __ATOMIC_RELEASE);

@@ -37,9 +37,12 @@ with chains in flight returns those chains first, each once, from ``pop`` and ``
 re-read from the descriptor table and validated like any chain, before any new chain; they do
 not move ``last_avail_idx`` (the driver made them available once). This is how a chain a device
 held but did not complete when it was stopped (a save, a handover to another process) is
-replayed exactly once; a chain the device pushed is not. The bookkeeping is one dict operation
-per chain popped and per chain returned. A head the guest puts on the ring again while it is in
-flight (a guest bug) is tracked once.
+replayed exactly once; a chain the device pushed is not. The bookkeeping is one store per chain
+popped and per chain returned into a table of one 32-bit word per head (``IN_FLIGHT`` | the avail
+position it was popped at; the C accelerator keeps the same table on its paths); the order of
+the chains in flight is their pop order, by age relative to ``last_avail_idx`` (so a chain held
+while more than 65535 others pass is ordered as if younger). A head the guest puts on the ring
+again while it is in flight (a guest bug) is tracked once.
 
 C accelerator (optional, :mod:`devicehost.accel`): when ``devicehost.virtio._queuec`` is built
 and guest memory is one region, each queue binds a ``_queuec.Queue`` to its rings. It serves
@@ -58,6 +61,7 @@ off.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import struct
 import threading
@@ -92,6 +96,8 @@ RING_F_NO_NOTIFY: Final = 1  # used.flags
 RING_F_NO_INTERRUPT: Final = 1  # avail.flags
 MAX_QUEUE_SIZE: Final = 32768
 MAX_INDIRECT: Final = 32768
+#: The in-flight table's mark (its low 16 bits: the avail position the chain was popped at).
+_IN_FLIGHT: Final = 0x10000
 _MAX_CHAIN_BYTES: Final = 0xFFFFFFFF
 
 # byte layout: descriptor = le64 addr, le32 len, le16 flags, le16 next
@@ -321,10 +327,13 @@ class SplitQueue:
                 not 0 <= h < size for h in inflight):
             raise QueueError(f"chains in flight {inflight[:8]}... are not distinct heads of a"
                              f" {size}-entry queue")
-        #: Heads popped and not returned, in pop order (values unused: a dict keeps the order).
-        self._inflight: dict[int, None] = {}
-        #: Heads of a saved state's chains in flight, returned by pop before any new chain.
+        #: Per head: _IN_FLIGHT | the avail position it was popped at, or 0 (module docstring).
+        self._track = array.array("I", bytes(4 * size))
+        #: Heads of a saved state's chains in flight, returned by pop before any new chain
+        #: (the last one first), and the avail position their pop order starts at.
         self._replay: list[int] = list(reversed(inflight))
+        self._replay_base = (self.last_avail_idx - len(inflight)) & 0xFFFF
+        self._replay_count = len(inflight)
         self._fast: Any = None
         if _queuec is not None and self._flat is not None:
             region = regions[0]
@@ -332,24 +341,33 @@ class SplitQueue:
             with contextlib.suppress(TypeError, ValueError):
                 self._fast = _queuec.Queue(
                     self._desc, self._avail, self._used, region.view, region.gpa, size,
-                    DescriptorChain,
+                    DescriptorChain, track=self._track,
                 )
 
     # -- state -----------------------------------------------------------------------------------
 
     def state(self) -> QueueState:
-        """Where the device is, with the chains in flight (those not replayed yet first)."""
-        return QueueState(self.last_avail_idx, self.used_idx,
-                          (*reversed(self._replay), *self._inflight))
+        """Where the device is, with the chains in flight in pop order (replays due included)."""
+        last = self.last_avail_idx
+        ages = [((last - (word & 0xFFFF)) & 0xFFFF, head)
+                for head, word in enumerate(self._track) if word & _IN_FLIGHT]
+        base = self._replay_base
+        done = self._replay_count - len(self._replay)
+        ages += [((last - base - done - i) & 0xFFFF, head)
+                 for i, head in enumerate(reversed(self._replay))]
+        ages.sort(key=lambda item: -item[0])  # oldest first; stable for equal ages
+        return QueueState(last, self.used_idx, tuple(head for _, head in ages))
 
     def inflight(self) -> tuple[int, ...]:
         """The heads popped and not returned yet, in pop order (not counting replays due)."""
-        return tuple(self._inflight)
+        replays = set(self._replay)
+        return tuple(h for h in self.state().inflight if h not in replays)
 
     def _pop_replay(self) -> DescriptorChain:
         head = self._replay.pop()
         chain = self._walk(head)  # validated as any chain (a QueueError breaks the queue)
-        self._inflight[head] = None
+        done = self._replay_count - len(self._replay) - 1
+        self._track[head] = _IN_FLIGHT | ((self._replay_base + done) & 0xFFFF)
         return chain
 
     def _avail_idx(self) -> int:
@@ -394,8 +412,6 @@ class SplitQueue:
         if fast is not None and _queuec is not None:
             chain = fast.pop(self)
             if chain is not False:
-                if chain is not None:
-                    self._inflight[chain.head] = None
                 return chain  # type: ignore[no-any-return]
         last = self.last_avail_idx
         if last == self._avail_shadow:
@@ -413,10 +429,10 @@ class SplitQueue:
             self._avail_shadow = avail_idx
         head = U16.unpack_from(self._avail, 4 + 2 * (last % self.size))[0]
         chain = self._walk(head)
+        self._track[head] = _IN_FLIGHT | last
         self.last_avail_idx = last = (last + 1) & 0xFFFF
         if self.event_idx and self._notify:
             U16.pack_into(self._used, 4 + 8 * self.size, last)
-        self._inflight[head] = None
         return chain
 
     def pop_many(self, limit: int | None = None) -> list[DescriptorChain]:
@@ -446,7 +462,7 @@ class SplitQueue:
                 if not chains:
                     raise
                 return chains
-        replayed = len(chains)
+        track = self._track
         last = start = self.last_avail_idx
         avail = self._avail
         unpack = U16.unpack_from
@@ -473,16 +489,15 @@ class SplitQueue:
                             f" device's {last}, more than the queue size {size}"
                         )
                     self._avail_shadow = avail_idx
-                chains.append(walk(unpack(avail, 4 + 2 * (last % size))[0]))
+                head = unpack(avail, 4 + 2 * (last % size))[0]
+                chains.append(walk(head))
+                track[head] = _IN_FLIGHT | last
                 self.last_avail_idx = last = (last + 1) & 0xFFFF
         except QueueError:
             if not chains:
                 raise
         if last != start and self.event_idx and self._notify:
             U16.pack_into(self._used, 4 + 8 * size, last)
-        inflight = self._inflight
-        for chain in chains[replayed:] if replayed else chains:
-            inflight[chain.head] = None
         return chains
 
     def _buffer(self, addr: int, length: int) -> memoryview:
@@ -641,7 +656,7 @@ class SplitQueue:
         new = (old + 1) & 0xFFFF
         U16.pack_into(self._used, 2, new)
         self.used_idx = new
-        self._inflight.pop(head, None)
+        self._track[head] = 0
 
     def add_used_many(self, heads: Sequence[int], written: int | Sequence[int] = 0) -> None:
         """:meth:`add_used` for each of ``heads`` in order, publishing the used index once at
@@ -650,10 +665,7 @@ class SplitQueue:
         if fast is not None and _queuec is not None:
             idx = fast.used_many(heads, written, self.used_idx)
             if idx >= 0:
-                self.used_idx = idx
-                forget = self._inflight.pop
-                for head in heads:
-                    forget(head, None)
+                self.used_idx = idx  # the C path cleared the heads' in-flight words
                 return
         size = self.size
         lengths = [written] * len(heads) if isinstance(written, int) else written
@@ -671,9 +683,9 @@ class SplitQueue:
             idx = (idx + 1) & 0xFFFF
         U16.pack_into(used, 2, idx)
         self.used_idx = idx
-        forget = self._inflight.pop
+        track = self._track
         for head in heads:
-            forget(head, None)
+            track[head] = 0
 
     def needs_interrupt(self) -> bool:
         """True if the used entries added since the last decision need an interrupt now (used
