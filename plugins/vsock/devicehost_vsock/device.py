@@ -41,15 +41,24 @@ offered, the ``SOCK_SEQPACKET`` listener at ``<base_path>_seqpacket`` are bound 
 is offered and stay while it is served: with no guest driver attached a host connection is
 refused as when no guest listens (:mod:`devicehost_vsock.listeners`). Opening builds a fresh
 connection table over them; closing (any queue stopped, the driver reset) drops every
-connection and hands the listeners back to refusing. Save/restore is not supported:
-``save_open`` returns None, so on restore the host revokes the device and offers it anew
-(connections are lost).
+connection and hands the listeners back to refusing.
+
+Save/restore (``docs/plugins/vsock.md``): in a live handoff (``devicehost run --takeover``,
+``ctx.fds.carries_fds``) ``save_open`` saves the whole connection table with every host socket and
+both listeners (:mod:`devicehost_vsock.saved`, :mod:`devicehost_vsock.servicing`) and
+``restore_open`` rebuilds it in the new process: peers and guest connections carry on. Offered in
+such a takeover (the handed descriptors are in ``ctx.fds`` already), the device binds no
+listener: they come back in ``restore_open``, and accept again once ``run`` starts (after the
+takeover committed). For a ``--state`` file ``save_open`` returns None, because a connection is a
+host socket, which cannot outlive the process: the host offers the device anew after the restart
+and guest connections see a reset, as on any restart.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -70,8 +79,12 @@ from devicehost_vsock.protocol import (
     QUEUE_RX,
     QUEUE_TX,
     TX_BUF_SIZE,
+    TYPE_SEQPACKET,
+    TYPE_STREAM,
 )
 from devicehost_vsock.relay import Relay
+from devicehost_vsock.saved import VsockSavedState
+from devicehost_vsock.servicing import check_state, restore_listeners, restore_table, save_runner
 from devicehost_vsock.worker import VsockWorker
 
 __all__ = ["VsockConfig", "VsockDevice", "VsockRunner"]
@@ -135,7 +148,15 @@ class VsockRunner:
         return self.listeners.base_path
 
     async def run(self) -> None:
-        await self.worker.run()
+        # The device's listeners hand connections over only while the worker runs: a stopped
+        # runner (being saved) takes none, they wait in the backlog.
+        if not self.owns_listeners:
+            self.listeners.resume()
+        try:
+            await self.worker.run()
+        finally:
+            if not self.owns_listeners:
+                self.listeners.pause()
 
     def close(self) -> None:
         self.worker.manager.close_all()
@@ -153,19 +174,34 @@ class VsockDevice:
 
     def __init__(self, config: VsockConfig | None = None) -> None:
         self.config = config if config is not None else VsockConfig()
-        #: Bound at the first offer in a host, kept until the host stops (see listeners.py).
+        #: Bound at the first offer in a host (or handed over in a takeover), kept until the
+        #: host stops (see listeners.py).
         self._listeners: HostListeners | None = None
+        self._serving = False
+
+    @staticmethod
+    def _handed_over(ctx: DeviceContext) -> Callable[[], bool]:
+        """Whether the host gave its devices to a successor (then the listeners' files stay)."""
+        host = ctx.host
+        return lambda: bool(getattr(host, "abandon_devices", False))
 
     def _bind(self, ctx: DeviceContext) -> HostListeners:
         try:
             return HostListeners.bind(
                 self.config.base_path, seqpacket=self.config.seqpacket, logger=ctx.logger,
-                connect_timeout=self.config.connect_timeout,
+                connect_timeout=self.config.connect_timeout, handed_over=self._handed_over(ctx),
             )
         except OSError as exc:
             # The operator's value: one line naming the key (the host adds file and device).
             raise ConfigError(f"cannot listen: {exc.strerror or exc}", key="base_path",
                               value=self.config.base_path) from exc
+
+    def _serve(self, ctx: DeviceContext, listeners: HostListeners) -> None:
+        """Run the listeners' accept loops in the host for as long as it serves the device."""
+        if not self._serving and ctx.host is not None:
+            self._serving = True
+            ctx.host.task_group.start_soon(listeners.serve)
+            ctx.logger.info("vsock: CONNECT listener at %s", listeners.base_path)
 
     @staticmethod
     def max_fds(config: VsockConfig) -> int:
@@ -202,14 +238,20 @@ class VsockDevice:
     @hookimpl
     def offer(self, ctx: DeviceContext) -> DeviceTraits:
         if self._listeners is None and ctx.host is not None:
-            # The CONNECT listeners exist while the device is served, guest driver or not.
-            self._listeners = listeners = self._bind(ctx)
-            ctx.host.task_group.start_soon(listeners.serve)
-            ctx.logger.info("vsock: CONNECT listener at %s", listeners.base_path)
+            if ctx.fds.carries_fds:
+                # A takeover: the listeners come with the handed-over state (restore_open).
+                # Binding here would replace the running host's listener before the takeover
+                # commits. A device that was not open saved nothing: it binds them anew when a
+                # driver opens it (docs/plugins/vsock.md).
+                ctx.logger.info("vsock: listeners are taken over with the device's state")
+            else:
+                # The CONNECT listeners exist while the device is served, guest driver or not.
+                self._listeners = listeners = self._bind(ctx)
+                self._serve(ctx, listeners)
         return self.traits()
 
-    @hookimpl
-    def open(self, ctx: DeviceContext, resources: QueueResources) -> VsockRunner:
+    def _socket_types(self, ctx: DeviceContext, resources: QueueResources) -> tuple[bool, bool]:
+        """(stream, seqpacket): the socket types the driver negotiated."""
         features = resources.features & 0xFF_FFFF
         stream = bool(features & FEATURE_STREAM or not features & FEATURE_NO_IMPLIED_STREAM)
         seqpacket = bool(features & FEATURE_SEQPACKET) and self.config.seqpacket
@@ -223,10 +265,24 @@ class VsockDevice:
                 f"device {ctx.name!r}: vsock needs 2 or 3 queues, the transport started"
                 f" {len(resources.queues)}"
             )
+        return stream, seqpacket
+
+    @hookimpl
+    def open(self, ctx: DeviceContext, resources: QueueResources) -> VsockRunner:
+        stream, seqpacket = self._socket_types(ctx, resources)
         listeners = self._listeners
+        if listeners is None and ctx.host is not None:
+            # Offered in a takeover that brought no listeners (the device was not open then).
+            self._listeners = listeners = self._bind(ctx)
+            self._serve(ctx, listeners)
         owns = listeners is None
         if listeners is None:  # driven without a host: the listeners live as long as this open
             listeners = self._bind(ctx)
+        return self._assemble(ctx, resources, listeners, owns, stream, seqpacket)
+
+    def _assemble(self, ctx: DeviceContext, resources: QueueResources,
+                  listeners: HostListeners, owns: bool, stream: bool,
+                  seqpacket: bool) -> VsockRunner:
         base_path = listeners.base_path
         if owns:
             # The worker's relay accepts on listeners that live as long as this open.
@@ -250,6 +306,9 @@ class VsockDevice:
 
     @hookimpl
     def run(self, ctx: DeviceContext, runner: VsockRunner) -> Any:
+        if not runner.owns_listeners:
+            # Listeners restored in a takeover serve from the first run (after the commit).
+            self._serve(ctx, runner.listeners)
         return runner.run()
 
     @hookimpl
@@ -257,8 +316,51 @@ class VsockDevice:
         runner.close()
 
     @hookimpl
-    def save_open(self, ctx: DeviceContext, runner: VsockRunner) -> None:
-        return None
+    def save_open(self, ctx: DeviceContext, runner: VsockRunner) -> VsockSavedState | None:
+        if not ctx.fds.carries_fds:
+            # A state file: every connection is a host socket, which cannot outlive this
+            # process, so there is nothing a restart could resume; the device is offered anew.
+            return None
+        return save_runner(ctx.fds, runner.worker, runner.listeners,
+                           guest_cid=self.config.guest_cid)
+
+    @hookimpl
+    def restore_open(self, ctx: DeviceContext, state: VsockSavedState,
+                     resources: QueueResources) -> VsockRunner:
+        stream, seqpacket = self._socket_types(ctx, resources)
+        types = frozenset(t for t, ok in ((TYPE_STREAM, stream), (TYPE_SEQPACKET, seqpacket))
+                          if ok)
+        config = self.config
+        state = check_state(state, guest_cid=config.guest_cid,
+                            tx_buffer_size=config.tx_buffer_size, base_path=config.base_path,
+                            seqpacket=config.seqpacket, types=types)
+        listeners = restore_listeners(ctx.fds, state, logger=ctx.logger,
+                                      connect_timeout=config.connect_timeout,
+                                      handed_over=self._handed_over(ctx))
+        owns = ctx.host is None
+        if self._listeners is not None:
+            # Bound at offer (the host offered the device before loading its descriptors):
+            # those serve; the handed ones are dropped (their backlog goes with them).
+            ctx.logger.warning("vsock: listeners were bound anew at offer; the handed-over"
+                               " ones are closed")
+            listeners.release()
+            listeners.close()
+            listeners = self._listeners
+        runner = self._assemble(ctx, resources, listeners, owns, stream, seqpacket)
+        try:
+            restore_table(ctx.fds, state, runner.worker)
+        except BaseException:
+            runner.worker.relay.close()
+            if self._listeners is listeners:
+                listeners.detach()
+            else:
+                listeners.release()
+                listeners.close()
+            raise
+        if not owns:
+            self._listeners = listeners
+        ctx.logger.info("vsock: restored %d connection(s)", len(state.connections))
+        return runner
 
     @hookimpl
     def inspect(self, ctx: DeviceContext, runner: VsockRunner | None) -> dict[str, Any]:

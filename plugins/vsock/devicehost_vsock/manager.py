@@ -235,6 +235,39 @@ class ConnectionManager(RxProducer):
         self._connect_deadlines.clear()
         self._ports = PortAllocator()
 
+    # ----------------------------------------------------------------- live handoff
+
+    def saved_view(self) -> tuple[list[Connection], list[tuple[int, int, int]], int]:
+        """What a save needs (``saved.py``): every connection (established first, then host
+        connections still owing their CONNECT line), the RSTs owed, the last host-side port.
+        Only valid between packets (no gathered run of RW packets is pending)."""
+        if self._writer.run_conn is not None:
+            raise RuntimeError("a run of guest RW packets is still being gathered")
+        return [*self._table.values(), *self._pending], list(self._rsts), self._ports.last
+
+    def adopt(self, conns: Sequence[Connection], rsts: Sequence[tuple[int, int, int]],
+              last_port: int) -> None:
+        """Fill this (new, empty) table with restored connections (checked: keys unique) and
+        the RSTs owed; every connection is scheduled, and one waiting to write re-arms."""
+        in_use = set()
+        for conn in conns:
+            if conn.key is None:
+                self._pending.add(conn)
+                if conn.deadline is not None:
+                    self._connect_deadlines.set(conn, conn.deadline)
+            else:
+                self._table[conn.key] = conn
+                if conn.host_initiated:
+                    in_use.add(conn.key[0])
+            self._by_stream[id(conn.stream)] = conn
+            if conn.deadline is not None:
+                self._deadlines.set(conn, conn.deadline)
+            if conn.buffered:
+                conn.stream.want_write()
+            self._schedule(conn)
+        self._rsts.extend(rsts)
+        self._ports = PortAllocator.resume(last_port, in_use)
+
     # ----------------------------------------------------------------- host events
 
     def accept_host(self, stream: HostStream, now: float, sock_type: int = TYPE_STREAM) -> bool:

@@ -38,6 +38,19 @@ class PortAllocator:
                 return port
         raise PortsExhausted("every host-side vsock port is in use")
 
+    @property
+    def last(self) -> int:
+        """The most recently handed-out port (one below the range before the first)."""
+        return self._last
+
+    @classmethod
+    def resume(cls, last: int, in_use: set[int]) -> PortAllocator:
+        """An allocator that continues after ``last`` with ``in_use`` taken (a restore)."""
+        ports = cls()
+        ports._last = last
+        ports._in_use = set(in_use)
+        return ports
+
     def free(self, port: int) -> None:
         self._in_use.discard(port)
 

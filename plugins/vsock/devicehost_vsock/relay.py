@@ -91,6 +91,9 @@ class UnixStream:
         relay.epoll.register(self.fd, 0)
         relay.streams[self.fd] = self
 
+    def fileno(self) -> int:
+        return self.fd
+
     def recv_into(self, buf: memoryview) -> int | None:
         try:
             return self.sock.recv_into(buf)

@@ -75,6 +75,10 @@ class VsockWorker:
         self.packets_in = 0
         self.packets_out = 0
 
+    def now(self) -> float:
+        """The time on the clock of the table's timeouts."""
+        return self._clock()
+
     def wake(self) -> None:
         """Something changed in the table: serve rx work now, as far as rx buffers allow, and
         let the rx loop take over what is left (it waits for buffers or deadlines).

@@ -39,6 +39,13 @@
  *                                         same). Prints DH SEQSEND port= n= bytes= crc= ms= and
  *                                         DH SEQRECV port= n= good= bytes= crc= first_bad= ms=,
  *                                         where crc chains the CRC-32 of every message in order.
+ *   vsockctl duplex PORT N SEED M         connect to host CID 2 port PORT; send N pattern bytes
+ *                                         (SEED) while reading M bytes, at the same time (a child
+ *                                         process writes, the parent reads, one socket); prints
+ *                                         DH DUPLEXSENT port= bytes= sha256= ms=  (the child) and
+ *                                         DH DUPLEX port= recv= sha256= ms=  (SHA-256 of the bytes
+ *                                         received); any error on the connection (a reset) is a
+ *                                         DH ERROR.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -92,6 +99,107 @@ static void pattern_fill(unsigned char *buf, uint64_t seed, uint64_t offset, siz
 		uint64_t word = seed + pos / 8;
 		buf[i] = (unsigned char)(word >> (8 * (pos % 8)));
 	}
+}
+
+/* SHA-256 (FIPS 180-4), for the duplex command's end-to-end digests. */
+struct sha256 {
+	uint32_t h[8];
+	unsigned char block[64];
+	size_t used;
+	uint64_t bytes;
+};
+
+static const uint32_t sha256_k[64] = {
+	0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+	0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+	0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+	0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+	0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+	0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+	0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+	0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+	0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+	0xc67178f2,
+};
+
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_init(struct sha256 *s)
+{
+	static const uint32_t iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+				       0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+	memcpy(s->h, iv, sizeof iv);
+	s->used = 0;
+	s->bytes = 0;
+}
+
+static void sha256_block(struct sha256 *s, const unsigned char *p)
+{
+	uint32_t w[64];
+	for (int i = 0; i < 16; i++)
+		w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+		       (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+	for (int i = 16; i < 64; i++) {
+		uint32_t s0 = ROTR(w[i - 15], 7) ^ ROTR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+		uint32_t s1 = ROTR(w[i - 2], 17) ^ ROTR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+		w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+	}
+	uint32_t a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3];
+	uint32_t e = s->h[4], f = s->h[5], g = s->h[6], h = s->h[7];
+	for (int i = 0; i < 64; i++) {
+		uint32_t t1 = h + (ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25)) + ((e & f) ^ (~e & g)) +
+			      sha256_k[i] + w[i];
+		uint32_t t2 = (ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+		h = g;
+		g = f;
+		f = e;
+		e = d + t1;
+		d = c;
+		c = b;
+		b = a;
+		a = t1 + t2;
+	}
+	s->h[0] += a;
+	s->h[1] += b;
+	s->h[2] += c;
+	s->h[3] += d;
+	s->h[4] += e;
+	s->h[5] += f;
+	s->h[6] += g;
+	s->h[7] += h;
+}
+
+static void sha256_update(struct sha256 *s, const unsigned char *p, size_t n)
+{
+	s->bytes += n;
+	while (n) {
+		size_t take = 64 - s->used < n ? 64 - s->used : n;
+		memcpy(s->block + s->used, p, take);
+		s->used += take;
+		p += take;
+		n -= take;
+		if (s->used == 64) {
+			sha256_block(s, s->block);
+			s->used = 0;
+		}
+	}
+}
+
+/* The digest as 64 lowercase hex digits (plus NUL) in `out`. */
+static void sha256_hex(struct sha256 *s, char out[65])
+{
+	uint64_t bits = s->bytes * 8;
+	unsigned char pad = 0x80;
+	sha256_update(s, &pad, 1);
+	unsigned char zero = 0;
+	while (s->used != 56)
+		sha256_update(s, &zero, 1);
+	unsigned char len[8];
+	for (int i = 0; i < 8; i++)
+		len[i] = (unsigned char)(bits >> (56 - 8 * i));
+	sha256_update(s, len, 8);
+	for (int i = 0; i < 8; i++)
+		snprintf(out + 8 * i, 9, "%08x", s->h[i]);
 }
 
 static double now_ms(void)
@@ -458,6 +566,58 @@ static int cmd_seqrecv(unsigned int port, uint64_t n, uint64_t seed)
 	return 0;
 }
 
+/* Send and receive on one host connection at once (see the usage comment at the top). */
+static int cmd_duplex(unsigned int port, uint64_t n, uint64_t seed, uint64_t m)
+{
+	static unsigned char buf[CHUNK];
+	double t0 = now_ms();
+	int fd = connect_host(port);
+	if (fd < 0)
+		return fail("connect");
+	pid_t child = fork();
+	if (child < 0)
+		return fail("fork");
+	struct sha256 sha;
+	char hex[65];
+	sha256_init(&sha);
+	if (child == 0) {
+		for (uint64_t off = 0; off < n;) {
+			size_t len = n - off < CHUNK ? (size_t)(n - off) : CHUNK;
+			pattern_fill(buf, seed, off, len);
+			sha256_update(&sha, buf, len);
+			if (write_all(fd, buf, len) < 0)
+				_exit(fail("write"));
+			off += len;
+		}
+		sha256_hex(&sha, hex);
+		printf("DH DUPLEXSENT port=%u bytes=%llu sha256=%s ms=%.1f\n", port,
+		       (unsigned long long)n, hex, now_ms() - t0);
+		fflush(stdout);
+		_exit(0);
+	}
+	uint64_t got = 0;
+	while (got < m) {
+		size_t want = m - got < CHUNK ? (size_t)(m - got) : CHUNK;
+		ssize_t r = read(fd, buf, want);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return fail("read");
+		if (r == 0)
+			break;
+		sha256_update(&sha, buf, (size_t)r);
+		got += (uint64_t)r;
+	}
+	int status;
+	if (waitpid(child, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
+		return fail("the sending process failed");
+	close(fd);
+	sha256_hex(&sha, hex);
+	printf("DH DUPLEX port=%u recv=%llu sha256=%s ms=%.1f\n", port, (unsigned long long)got, hex,
+	       now_ms() - t0);
+	return got == m ? 0 : 1;
+}
+
 /* Run the three parts of seqtest at once, each in its own process; fails if any failed. */
 static int cmd_seqtest(unsigned int out, unsigned int in, uint64_t n, uint64_t seed,
 		       unsigned int sport, uint64_t slen)
@@ -501,10 +661,13 @@ int main(int argc, char **argv)
 		return cmd_cpu(parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "sink"))
 		return cmd_sink((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
+	if (argc == 6 && !strcmp(argv[1], "duplex"))
+		return cmd_duplex((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]),
+				  parse_u64(argv[4]), parse_u64(argv[5]));
 	if (argc == 8 && !strcmp(argv[1], "seqtest"))
 		return cmd_seqtest((unsigned int)parse_u64(argv[2]), (unsigned int)parse_u64(argv[3]),
 				   parse_u64(argv[4]), parse_u64(argv[5]),
 				   (unsigned int)parse_u64(argv[6]), parse_u64(argv[7]));
-	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N | cpu N | seqtest OUT IN N SEED SPORT SLEN\n");
+	printf("DH ERROR usage: vsockctl cid | send PORT N SEED M | refuse PORT | echo PORT N | sink PORT N | cpu N | seqtest OUT IN N SEED SPORT SLEN | duplex PORT N SEED M\n");
 	return 2;
 }
