@@ -154,6 +154,21 @@ class _GuestConnection:
         self.pending: dict[int, _PendingGpadl] = {}
         self.gpadl_words: dict[int, int] = {}
         self.messages = 0
+        #: Messages sent while parked (background steps: rescinds, torndowns), sent in order
+        #: when the connection resumes here or in the process it is handed to.
+        self.outbox: list[bytes] = []
+        #: Whether the connection ended (the guest left or faulted); it then parks no more.
+        self.ended = False
+        #: GPADL teardowns to request once a handed-over connection resumes (their GPADLs
+        #: were restored without the teardown flag).
+        self.resume_teardowns: list[GpadlTeardown] = []
+        #: A handed-over connection: its REQUEST_OFFERS was answered in the other process.
+        self.resume_offers = False
+        self._park_requested = False
+        self._parked = anyio.Event()
+        self._unparked = anyio.Event()
+        self._receiving: anyio.CancelScope | None = None
+        self._flushing = False
         self._offers: MemoryObjectReceiveStream[IncomingOffer] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         #: Why a background step ended the connection (a fault found outside the receive loop).
@@ -168,6 +183,7 @@ class _GuestConnection:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 try:
+                    await self._resume_handed_over()
                     reason = await self._receive_loop()
                 except GuestFault as exc:
                     reason = f"guest fault: {exc}"
@@ -182,18 +198,97 @@ class _GuestConnection:
             reason = f"internal error: {exc!r}"
             log.exception("VMBus socket guest %s: internal error; disconnecting it", self.name)
         finally:
+            self.ended = True
+            self._parked.set()  # a park waiting for this connection returns (it ended)
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
         return reason
 
+    # -- parking (live handover, devicehost.vmbus.handover) --------------------------------------
+
+    async def park(self) -> None:
+        """Stop reading the guest between two messages and return once stopped (or once the
+        connection ended: see :attr:`ended`). A message being handled is finished first; the
+        next ones stay unread in the socket. Sends of background steps go to :attr:`outbox`."""
+        self._park_requested = True
+        self._unparked = anyio.Event()
+        if self._receiving is not None:
+            self._receiving.cancel()
+        await self._parked.wait()
+
+    def unpark(self) -> None:
+        """Read the guest again (after :meth:`park`; the outbox is sent first)."""
+        if self._park_requested:
+            self._park_requested = False
+            self._parked = anyio.Event()
+            self._unparked.set()
+
+    async def _resume_handed_over(self) -> None:
+        """A connection rebuilt from a handover (no-op otherwise): send what the old process
+        left in the outbox, follow the offers again without resending those the guest has, and
+        request the teardowns the old process had pending."""
+        await self._flush_outbox()
+        if self.resume_offers:
+            self._offers = offers = self.server.subscribe()
+            while True:
+                try:
+                    incoming = offers.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                await self._offer_or_watch(incoming)
+            assert self._tg is not None
+            self._tg.start_soon(self._forward_offers, offers)
+        teardowns, self.resume_teardowns = self.resume_teardowns, []
+        for message in teardowns:
+            self._gpadl_teardown(message)
+
+    async def _offer_or_watch(self, incoming: IncomingOffer) -> None:
+        known = self.sent.get(incoming.channel_id)
+        if known is not None and known.revoked is incoming.revoked:
+            # The guest has this very offer from the old process: only watch it.
+            assert self._tg is not None
+            self._tg.start_soon(self._watch_revoke, incoming)
+        else:
+            await self._offer(incoming)
+
+    async def _flush_outbox(self) -> None:
+        self._flushing = True
+        try:
+            while self.outbox:
+                data = self.outbox.pop(0)
+                try:
+                    await self.sock.send(data)
+                except OSError as exc:
+                    raise _GuestGone(f"the guest is gone ({exc})") from None
+        finally:
+            self._flushing = False
+
+    async def _receive(self) -> tuple[bytes, list[int]] | None:
+        """The next message, or None if a park interrupted the wait."""
+        with anyio.CancelScope() as scope:
+            self._receiving = scope
+            try:
+                return await self.sock.receive()
+            finally:
+                self._receiving = None
+        return None
+
     async def _receive_loop(self) -> str:
         while True:
+            if self._park_requested:
+                self._parked.set()
+                await self._unparked.wait()
+                await self._flush_outbox()
+                continue
             try:
-                data, fds = await self.sock.receive()
+                received = await self._receive()
             except ControlSocketError as exc:
                 raise GuestFault(str(exc)) from None
             except OSError as exc:
                 return f"socket error: {exc}"
+            if received is None:
+                continue
+            data, fds = received
             if not data:
                 return "the guest closed the connection"
             try:
@@ -205,6 +300,12 @@ class _GuestConnection:
             await anyio.lowlevel.checkpoint()
 
     async def _send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self._park_requested or self._flushing:
+            # Parked: background steps queue their messages (never with fds: only the receive
+            # loop's replies carry fds, and it is parked).
+            assert not fds
+            self.outbox.append(encode_message(message))
+            return
         try:
             await self.sock.send(encode_message(message), fds)
         except OSError as exc:
@@ -216,7 +317,7 @@ class _GuestConnection:
         if self._offers is not None:
             self._offers.close()
         try:
-            if self.guest is not None:
+            if self.guest is not None and not self.owner.abandoned:
                 await self.server.disconnect(self.guest)
         except Exception:
             log.exception("VMBus socket guest %s: closing its channels failed", self.name)
@@ -520,6 +621,10 @@ class VmbusSocketServer:
 
     def __init__(self, server: VmbusServer, path: str | os.PathLike[str], *,
                  allow_unsealed_memory: bool = False) -> None:
+        #: Set once the socket was handed to another process (live servicing): on the way out
+        #: this process closes its descriptors only (no channel closed, no unlink).
+        self.abandoned = False
+        self.listener: socket.socket | None = None
         self.server = server
         self.path = os.fspath(path)
         self.allow_unsealed_memory = allow_unsealed_memory
@@ -556,11 +661,37 @@ class VmbusSocketServer:
                     ) -> None:
         """Listen and serve until cancelled (or :meth:`aclose`). ConfigError before starting if
         the path cannot be listened on (a live server answers there, or it is not usable)."""
-        listener = self._listen()
+        await self.serve_handed_over(self._listen(), None, task_status=task_status)
+
+    def connection(self, sock: socket.socket, name: str) -> _GuestConnection:
+        """A guest connection over ``sock`` (a handover fills in its state before serving)."""
+        return _GuestConnection(self, ControlSocket(sock), name)
+
+    @property
+    def connected(self) -> _GuestConnection | None:
+        """The connected guest's connection (None when no guest is connected)."""
+        return self._guest
+
+    def abandon(self) -> None:
+        """The socket and its guest belong to another process now (module docstring)."""
+        self.abandoned = True
+
+    async def serve_handed_over(
+        self, listener: socket.socket, guest: _GuestConnection | None, *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on ``listener`` (owned from now on), starting with the connected ``guest``
+        (a connection handed over from another process), until cancelled."""
+        listener.setblocking(False)
+        self.listener = listener
         try:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as scope:
                     self._scope = scope
+                    if guest is not None:
+                        self._guest = guest
+                        self._idle = anyio.Event()
+                        tg.start_soon(self._serve_guest, guest)
                     task_status.started()
                     while True:
                         conn = await self._accept(listener)
@@ -580,8 +711,9 @@ class VmbusSocketServer:
                 tg.cancel_scope.cancel()
         finally:
             listener.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            if not self.abandoned:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
 
     async def _accept(self, listener: socket.socket) -> socket.socket:
         while True:

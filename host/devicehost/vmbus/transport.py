@@ -127,6 +127,11 @@ class VmbusTransport:
         self.gate: GuestGate = getattr(host, "gate", None) or GuestGate()
         #: The VMBus socket serving this server to a guest in another process (if configured).
         self.socket: VmbusSocketServer | None = None
+        #: A live handover (devicehost.vmbus.handover): a device that cannot continue its
+        #: channel fails its add (nothing is offered anew) and restored devices are not started
+        #: but collected in :attr:`held`, started after the old process committed.
+        self.strict_restore = False
+        self.held: list[Device] = []
 
     @property
     def allocator(self) -> DmaAllocator:
@@ -190,6 +195,13 @@ class VmbusTransport:
         self.socket = socket_server
         return socket_server
 
+    def abandon(self) -> None:
+        """Everything this transport serves belongs to another process now (a committed
+        handover): whatever still runs here on the way out closes no channel and unlinks
+        nothing."""
+        if self.socket is not None:
+            self.socket.abandon()
+
     async def aclose(self) -> None:
         if self.socket is not None:
             await self.socket.aclose()
@@ -229,6 +241,9 @@ class VmbusTransport:
         result = await handle.restore(was_open=state is not None)
         resources = handle.open_resources
         if result.open_request is None or resources is None:
+            if state is not None and self.strict_restore:
+                raise LifecycleError(f"device {device.name!r} saved an open channel that was"
+                                     " not handed over open")
             if state is not None:
                 log.warning("device %r saved an open channel the server did not restore",
                             device.name)
@@ -237,6 +252,8 @@ class VmbusTransport:
             await device.restore(state, resources,
                                  subchannel_index=handle.params.subchannel_index)
         except Exception as exc:
+            if self.strict_restore:
+                raise
             # The device cannot continue its channel: offer it anew, as if it saved nothing.
             log.warning("device %r failed to restore (%s); offering it anew", device.name, exc)
             await handle.revoke()
@@ -245,7 +262,10 @@ class VmbusTransport:
             await device.offer()
             await self.add(device, handle.params)
             return
-        await device.start()
+        if self.strict_restore:
+            self.held.append(device)
+        else:
+            await device.start()
 
     def resources_for_restore(self, device: Device) -> OpenResources:
         """Fresh resources over the device's open channel (same ring pages and guest signal),
