@@ -168,20 +168,20 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
         raise HandoffError(f"the new process asks for handoff version {args.get('handoff')!r};"
                            f" this host speaks version {HANDOFF_VERSION}")
     pid, _uid = _peer(conn)  # the control server admitted only this uid or root
-    live_vmbus = None
-    if host.settings.vmbus_socket is not None:
-        from devicehost.vmbus.handover import takeover_refusal
-
-        live_vmbus = host._vmbus_transport()  # its socket guest is handed over live
-        refusal = takeover_refusal(host)
-        if refusal is not None:
-            raise HandoffError(refusal)
+    # With the VMBus socket, VMBus devices and their socket guest are handed over live.
+    live_vmbus = None if host.settings.vmbus_socket is None else host._vmbus_transport()
     for name in host.devices:
         transport = host._device_transport.get(name)
         if transport is not None and not isinstance(transport, LocalTransport) and (
                 transport is not live_vmbus):
             raise HandoffError(f"device {name!r} is served by {type(transport).__name__}, which"
                                " cannot be taken over live (restart with --state instead)")
+    if live_vmbus is not None:
+        from devicehost.vmbus.handover import takeover_refusal
+
+        refusal = takeover_refusal(host)
+        if refusal is not None:
+            raise HandoffError(refusal)
     if servicing.lock.locked():
         raise HandoffError("another takeover is in progress")
     async with servicing.lock:

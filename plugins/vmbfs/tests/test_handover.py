@@ -19,6 +19,7 @@ from devicehost.vmbus.socketclient import SocketVmbusClient
 from devicehost_vmbfs.client import VmbfsClient
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
 from devicehost_vmbfs.protocol import INTERFACE_ID, MAX_READ_SIZE
+
 from .handover import InProcessTakeover, start_host
 
 STEP = 60.0
