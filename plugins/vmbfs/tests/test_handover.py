@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,30 @@ import pytest
 
 from devicehost import hookimpl
 from devicehost.config import HostSettings
+from devicehost.handoff import HandoffError
+from devicehost.memory import PAGE_SIZE
+from devicehost.takeover import Servicing, serve_takeover
 from devicehost.testing.registry import DeviceSpec
 from devicehost.vmbus import VmbusTransport
+from devicehost.vmbus.handover import takeover_refusal
+from devicehost.vmbus.messages import (
+    CloseChannel,
+    GpadlBody,
+    GpadlCreated,
+    GpadlHeader,
+    GpadlTeardown,
+    GpadlTorndown,
+)
 from devicehost.vmbus.socketclient import SocketVmbusClient
 from devicehost_vmbfs.client import VmbfsClient
+from devicehost_vmbfs.client_device import VmbfsClientConfig, VmbfsClientDevice
 from devicehost_vmbfs.device import VmbfsConfig, VmbfsDevice
-from devicehost_vmbfs.protocol import INTERFACE_ID, MAX_READ_SIZE
+from devicehost_vmbfs.protocol import (
+    BOOT_INSTANCE_ID,
+    IMC_INSTANCE_ID,
+    INTERFACE_ID,
+    MAX_READ_SIZE,
+)
 
 from .handover import InProcessTakeover, start_host
 
@@ -133,4 +152,149 @@ async def test_a_failed_restore_open_rolls_back_and_the_guest_reads_on(tmp_path:
                     assert data == content
                     assert bus.closed_reason is None
                     assert offer.revoked is None or not offer.revoked.is_set()
+            await old.stop()
+
+
+class NoSave(VmbfsDevice):
+    """vmbfs that cannot save its open channel."""
+
+    @hookimpl
+    def save_open(self, ctx: Any, runner: Any) -> Any:
+        return None
+
+
+def _two_devices(tmp_path: Path) -> tuple[bytes, list[DeviceSpec], HostSettings]:
+    content, specs, settings = _setup(tmp_path, 200_000)
+    specs.append(DeviceSpec("boot", "vmbfs", VmbfsConfig(
+        file=str(tmp_path / "hive"), name="boot", instance_id=str(BOOT_INSTANCE_ID))))
+    return content, specs, settings
+
+
+@pytest.mark.anyio
+async def test_half_sent_gpadls_pending_teardowns_and_closed_offers_travel(
+        tmp_path: Path) -> None:
+    """What the guest is in the middle of moves too: a GPADL whose header was sent before the
+    handover is completed by its body after it; a teardown of a mapped ring GPADL requested
+    before is answered once the channel closes after; an offer the guest has not opened is
+    opened on the new host under the same channel id, with no rescind."""
+    content, specs, settings = _two_devices(tmp_path)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(STEP):
+            old = await start_host(tg, CLASSES, specs, settings)
+            assert old.host is not None
+            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+                                                 ) as bus:
+                imc = await bus.wait_offer(lambda o: o.offer.instance_id == IMC_INSTANCE_ID)
+                boot = await bus.wait_offer(lambda o: o.offer.instance_id == BOOT_INSTANCE_ID)
+                channel = await bus.open(imc, ring_pages=4)
+                # Half a GPADL (one page of two), then a teardown of the open ring's GPADL.
+                block = bus.allocator.alloc(2)
+                gpadl_id = bus.new_gpadl_id()
+                words = (2 * PAGE_SIZE, *block.pfns)
+                data = b"".join(w.to_bytes(8, "little") for w in words)
+                created = bus._expect(GpadlCreated, gpadl_id)
+                await bus.send(GpadlHeader(imc.channel_id, gpadl_id, len(data), 1, data[:16]))
+                torndown = bus._expect(GpadlTorndown, channel.gpadl_id)
+                await bus.send(GpadlTeardown(imc.channel_id, channel.gpadl_id))
+                await _sent_and_handled(old, 2)
+
+                takeover = InProcessTakeover(old.host)
+                new = await start_host(tg, CLASSES, specs, settings, takeover)
+                assert new.error is None and takeover.committed, new.error
+                assert new.host is not None
+                assert new.host.restore_report["fs"] == "restored"
+                await old.stop()
+
+                await bus.send(GpadlBody(gpadl_id, data[16:]))
+                reply = await created.wait()
+                assert isinstance(reply, GpadlCreated) and reply.status == 0
+                tree = await new.host.inspect()
+                assert tree["vmbus"]["gpadls"][f"socket-guest-1/{gpadl_id:#x}"]["mapped"] == 0
+                await bus.send(CloseChannel(imc.channel_id))
+                assert isinstance(await torndown.wait(), GpadlTorndown)
+                channel.is_open = False
+                bus.channels.pop(imc.channel_id)
+                await bus.teardown_gpadl(imc.channel_id, gpadl_id)
+                # The offer the guest had not opened: opened on the new host.
+                async with bus.opened(boot) as opened:
+                    client = VmbfsClient(opened.message_pipe())
+                    await client.negotiate()
+                    assert await client.read_file("/boot") == content
+                assert bus.known.keys() == {imc.channel_id, boot.channel_id}
+                assert not any(o.revoked is not None and o.revoked.is_set()
+                               for o in (imc, boot))
+                assert bus.closed_reason is None
+            await new.stop()
+
+
+async def _until_relay_opened(host: Any) -> None:
+    while not host._vmbus_transport().server.in_process_opens():
+        await anyio.sleep(0.001)
+
+
+async def _sent_and_handled(running: Any, more: int) -> None:
+    """Wait until the host's socket connection has handled ``more`` messages more than now
+    (the test's raw sends have arrived before the takeover parks the connection)."""
+    socket_server = running.host.transport(VmbusTransport).socket
+    connection = socket_server.connected
+    target = connection.messages + more
+    while connection.messages < target:
+        await anyio.sleep(0.001)
+
+
+@pytest.mark.anyio
+async def test_a_device_that_cannot_save_its_open_channel_is_named_and_rolled_back(
+        tmp_path: Path) -> None:
+    content, specs, settings = _setup(tmp_path, 100_000)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(STEP):
+            old = await start_host(tg, {"vmbfs": NoSave}, specs, settings)
+            assert old.host is not None
+            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+                                                 ) as bus:
+                offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
+                async with bus.opened(offer) as channel:
+                    client = VmbfsClient(channel.message_pipe())
+                    await client.negotiate()
+                    takeover = InProcessTakeover(old.host)
+                    new = await start_host(tg, CLASSES, specs, settings, takeover)
+                    assert new.error is not None and not takeover.committed
+                    assert "device 'fs'" in str(new.error) and "saved nothing" in str(new.error)
+                    assert await client.read_file("/imc.hiv") == content
+                    assert bus.closed_reason is None
+            await old.stop()
+
+
+@pytest.mark.anyio
+async def test_a_host_with_intercepted_client_devices_refuses_naming_the_device(
+        tmp_path: Path) -> None:
+    """Decision: intercept's client devices (here vmbfs-client over the relay) and channels open
+    inside the host are not handed over; the takeover is refused before anything stops, with a
+    message naming the device, and the socket guest reads on."""
+    content, specs, settings = _two_devices(tmp_path)
+    specs.append(DeviceSpec("reader", "vmbfs-client", VmbfsClientConfig()))
+    classes = {**CLASSES, "vmbfs-client": VmbfsClientDevice}
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(STEP):
+            old = await start_host(tg, classes, specs, settings)
+            host = old.host
+            assert host is not None and not host.failures
+            host.servicing = Servicing(None)
+            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+                                                 ) as bus:
+                offer = await bus.wait_offer(lambda o: o.offer.instance_id == BOOT_INSTANCE_ID)
+                async with bus.opened(offer) as channel:
+                    client = VmbfsClient(channel.message_pipe())
+                    await client.negotiate()
+                    a, b = socket.socketpair()
+                    with a, b, pytest.raises(HandoffError) as refused:
+                        await serve_takeover(host, {"handoff": 1}, a)
+                    assert "device 'reader' is served by InterceptTransport" in str(refused.value)
+                    assert await client.read_file("/boot") == content
+                    # Behind it: the relay's own channel (host memory) is open, named too.
+                    await _until_relay_opened(host)
+                    why = takeover_refusal(host)
+                    assert why is not None and "device 'fs'" in why
+                    assert "open by a client inside this host" in why
+                    assert await client.read_file("/boot") == content
             await old.stop()
