@@ -60,6 +60,11 @@ def _setup(tmp_path: Path, size: int) -> tuple[bytes, list[DeviceSpec], HostSett
     return content, specs, HostSettings(vmbus_socket=tmp_path / "vmbus.sock")
 
 
+def _path(settings: HostSettings) -> Path:
+    assert settings.vmbus_socket is not None
+    return Path(settings.vmbus_socket)
+
+
 async def _read(client: VmbfsClient, start: int, end: int) -> bytes:
     out = bytearray()
     for offset in range(start, end, MAX_READ_SIZE):
@@ -75,7 +80,7 @@ async def test_the_socket_guest_reads_on_across_two_handovers(tmp_path: Path) ->
         with anyio.fail_after(STEP):
             old = await start_host(tg, CLASSES, specs, settings)
             assert old.host is not None
-            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20
                                                  ) as bus:
                 offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
                 async with bus.opened(offer, ring_pages=8) as channel:
@@ -92,7 +97,7 @@ async def test_the_socket_guest_reads_on_across_two_handovers(tmp_path: Path) ->
                         assert new.host is not None
                         assert new.host.restore_report == {"fs": "restored"}
                         await prior.stop()
-                        assert os.path.exists(settings.vmbus_socket)  # not unlinked
+                        assert os.path.exists(_path(settings))  # not unlinked
                         hosts.append(new)
                         data += await _read(client, part * third,
                                             len(content) if part == 2 else (part + 1) * third)
@@ -115,7 +120,7 @@ async def test_the_socket_guest_reads_on_across_two_handovers(tmp_path: Path) ->
             assert socket_server is not None
             await socket_server.wait_idle()
             # A later guest connects to the same path, served by the last host.
-            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20
                                                  ) as bus2:
                 offer = await bus2.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
                 async with bus2.opened(offer) as channel:
@@ -124,7 +129,7 @@ async def test_the_socket_guest_reads_on_across_two_handovers(tmp_path: Path) ->
                     assert await _read(client, 0, 100_000) == content[:100_000]
             assert socket_server.connections == 2
             await hosts[-1].stop()
-        assert not os.path.exists(settings.vmbus_socket)  # the last host removes it
+        assert not os.path.exists(_path(settings))  # the last host removes it
 
 
 @pytest.mark.anyio
@@ -135,7 +140,7 @@ async def test_a_failed_restore_open_rolls_back_and_the_guest_reads_on(tmp_path:
         with anyio.fail_after(STEP):
             old = await start_host(tg, CLASSES, specs, settings)
             assert old.host is not None
-            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20
                                                  ) as bus:
                 offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
                 async with bus.opened(offer, ring_pages=8) as channel:
@@ -182,7 +187,7 @@ async def test_half_sent_gpadls_pending_teardowns_and_closed_offers_travel(
         with anyio.fail_after(STEP):
             old = await start_host(tg, CLASSES, specs, settings)
             assert old.host is not None
-            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20
                                                  ) as bus:
                 imc = await bus.wait_offer(lambda o: o.offer.instance_id == IMC_INSTANCE_ID)
                 boot = await bus.wait_offer(lambda o: o.offer.instance_id == BOOT_INSTANCE_ID)
@@ -250,7 +255,7 @@ async def test_a_device_that_cannot_save_its_open_channel_is_named_and_rolled_ba
         with anyio.fail_after(STEP):
             old = await start_host(tg, {"vmbfs": NoSave}, specs, settings)
             assert old.host is not None
-            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20
                                                  ) as bus:
                 offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
                 async with bus.opened(offer) as channel:
@@ -280,7 +285,7 @@ async def test_a_host_with_intercepted_client_devices_refuses_naming_the_device(
             host = old.host
             assert host is not None and not host.failures
             host.servicing = Servicing(None)
-            async with SocketVmbusClient.connect(settings.vmbus_socket, memory_size=4 << 20
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20
                                                  ) as bus:
                 offer = await bus.wait_offer(lambda o: o.offer.instance_id == BOOT_INSTANCE_ID)
                 async with bus.opened(offer) as channel:
