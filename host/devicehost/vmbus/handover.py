@@ -550,6 +550,7 @@ def restore_socket_guest(host: Any, plan: Any, names: dict[str, Any],
     from devicehost.vmbus.transport import VmbusSavedState, VmbusTransport
 
     owned = dict(fds)
+    listener: socket.socket | None = None
     try:
         state: SocketHandoverState = plan.vmbus_socket
         check_state_untrusted(state, {h: k for h, (_fd, k) in owned.items()})
@@ -558,12 +559,12 @@ def restore_socket_guest(host: Any, plan: Any, names: dict[str, Any],
             if channel.gpadls or channel.open is not None:
                 raise VmbusHandoverError(f"channel {channel.channel_id} holds state of a client"
                                          " inside the host, which is not handed over")
-        path = host.settings.vmbus_socket
+        listener = socket.socket(fileno=owned.pop(LISTENER_HANDLE)[0])
+        path = _same_path(host.settings.vmbus_socket, listener)
         transport = host.transport(VmbusTransport)
         server = VmbusSocketServer(transport.server, path,
                                    allow_unsealed_memory=host.settings.allow_unsealed_memory)
         server.connections, server.refused = state.connections, state.refused
-        listener = socket.socket(fileno=owned.pop(LISTENER_HANDLE)[0])
         guest = state.guest
         connection = None
         remote: dict[int, RemoteChannelState] = {}
@@ -580,8 +581,24 @@ def restore_socket_guest(host: Any, plan: Any, names: dict[str, Any],
     except BaseException:
         for fd, _kind in owned.values():
             os.close(fd)
+        if listener is not None:
+            listener.close()
         raise
     return SocketResumption(transport, server, listener, guest, connection)
+
+
+def _same_path(configured: Any, listener: socket.socket) -> str:
+    """The configured VMBus socket path, which must be the one the handed listener is bound to
+    (the socket file and what this process will unlink at its end)."""
+    bound = listener.getsockname()
+    if configured is None:
+        raise VmbusHandoverError(f"the running host serves the VMBus socket {bound!r}; this"
+                                 " config has no [host] vmbus_socket")
+    path: str = os.fspath(configured)
+    if not isinstance(bound, str) or os.path.abspath(bound) != os.path.abspath(path):
+        raise VmbusHandoverError(f"the running host serves the VMBus socket at {bound!r}, this"
+                                 f" config names {path!r}")
+    return path
 
 
 def _rebuild_connection(conn: _GuestConnection, guest: HandedGuest,

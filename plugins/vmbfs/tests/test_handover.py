@@ -303,3 +303,27 @@ async def test_a_host_with_intercepted_client_devices_refuses_naming_the_device(
                     assert "open by a client inside this host" in why
                     assert await client.read_file("/boot") == content
             await old.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("other", ["other.sock", None])
+async def test_a_new_config_naming_another_vmbus_socket_is_refused(
+        tmp_path: Path, other: str | None) -> None:
+    content, specs, settings = _setup(tmp_path, 100_000)
+    mismatched = HostSettings(vmbus_socket=None if other is None else tmp_path / other)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(STEP):
+            old = await start_host(tg, CLASSES, specs, settings)
+            assert old.host is not None
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20) as bus:
+                offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
+                async with bus.opened(offer) as channel:
+                    client = VmbfsClient(channel.message_pipe())
+                    await client.negotiate()
+                    new = await start_host(tg, CLASSES, specs, mismatched,
+                                           InProcessTakeover(old.host))
+                    assert new.error is not None
+                    assert ("this config names" if other else "has no [host] vmbus_socket") in (
+                        str(new.error))
+                    assert await client.read_file("/imc.hiv") == content
+            await old.stop()
