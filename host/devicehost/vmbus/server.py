@@ -46,7 +46,11 @@ Decisions where upstream differs or is silent:
   created over and the guest that owns it; a channel is open for the guest whose GPADL its ring
   is, and only that guest may close or modify it. A remote guest sees no hidden offer and may not
   use one. :meth:`VmbusServer.disconnect` closes a remote guest's channels and drops its GPADLs.
-- A remote guest's GPADLs and opens are not saved: its memory does not survive the host.
+- A remote guest's GPADLs and opens are not saved: its memory does not survive the host. A live
+  handover (:mod:`devicehost.vmbus.handover`) moves them with the guest's memory instead:
+  :meth:`VmbusServer.remote_gpadls` and :meth:`VmbusServer.remote_opens` say what the guest has,
+  and :meth:`VmbusServer.restore_remote` gives it to the new server, whose offers' restores
+  rebuild it (anything that does not fit its channel fails the handover, never half-restores).
 - Modify has no device hook: :class:`ChannelDevice.modify` answers it (the transport accepts it,
   since in-process signalling has no virtual processor to retarget).
 - A teardown whose requester stops waiting still completes when the ring is closed.

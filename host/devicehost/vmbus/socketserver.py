@@ -25,6 +25,14 @@ than the limits allow) costs the guest its connection, never the host. When the 
 for any reason (fault, close, the guest process dying) the guest's channels are closed, its GPADLs
 dropped and its memory unmapped; the next guest starts clean. The receive loop yields to the event
 loop after every message; the accept loop survives fd exhaustion (EMFILE).
+
+Live handover (:mod:`devicehost.vmbus.handover`): a connection *parks* between two messages
+(:meth:`_GuestConnection.park`: the message being handled is finished, the next stay unread in
+the socket; background sends queue in its outbox) and *unparks* on a rollback. A new process
+rebuilds the connection from the handover and serves it with the handed listener
+(:meth:`VmbusSocketServer.serve_handed_over`); it sends the outbox first and follows the offers
+again without resending those the guest has. Once the socket is handed over, the old server is
+*abandoned*: on its way out it closes its descriptors only (no channel closed, no unlink).
 """
 
 from __future__ import annotations

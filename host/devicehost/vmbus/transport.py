@@ -25,7 +25,9 @@ state. A host restoring calls :meth:`VmbusTransport.restore` on its fresh transp
 adding the devices again; each :meth:`add` then restores its device: the channel keeps its id,
 its GPADLs and (if the device saved a state) its open ring, and the device's runner is rebuilt by
 ``restore_open`` and started. A device that was open but saved nothing is revoked and offered
-anew (its guest sees a rescind and a new offer).
+anew (its guest sees a rescind and a new offer). In a live handover (:attr:`strict_restore`,
+:mod:`devicehost.vmbus.handover`) nothing is offered anew: a device that cannot continue its
+channel fails, and restored devices are started only after the old process committed.
 """
 
 from __future__ import annotations
