@@ -20,6 +20,7 @@ from devicehost.vmbus.handover import (
     HandedGuest,
     HandedOffer,
     HandedOpen,
+    HandedOverSignal,
     HandedPendingGpadl,
     HandedRegion,
     SocketHandoverState,
@@ -213,3 +214,22 @@ async def test_a_parked_connection_reads_nothing_and_queues_background_sends(
             assert rescind == RescindChannelOffer(bus.handles[1].channel_id)
             assert await guest.recv() is None  # then the second REQUEST_OFFERS: a fault
             assert connection.outbox == []
+
+
+@pytest.mark.anyio
+async def test_a_handed_over_signal_looks_once_then_waits_for_the_guest() -> None:
+    to_host = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal = HandedOverSignal(to_host, write_end, owns_fds=True)
+    try:
+        with anyio.fail_after(30):
+            await signal.wait()  # at once, although the guest signalled nothing
+        with anyio.move_on_after(0.05) as waited:
+            await signal.wait()
+        assert waited.cancelled_caught, "the second wait must wait for the guest"
+        os.eventfd_write(to_host, 1)
+        with anyio.fail_after(30):
+            await signal.wait()
+    finally:
+        signal.close()
+        os.close(read_end)

@@ -92,6 +92,7 @@ __all__ = [
     "HandedGuest",
     "HandedOffer",
     "HandedOpen",
+    "HandedOverSignal",
     "HandedPendingGpadl",
     "HandedRegion",
     "ParkedSocket",
@@ -489,6 +490,24 @@ def _check_descriptors(fds: Mapping[int, tuple[int, str]]) -> None:
                                          f" {'listener' if handle == 0 else 'connection'}")
 
 
+class HandedOverSignal(EventfdSignal):
+    """The host's end of a handed-over channel's signal. Its first wait returns at once, so the
+    channel looks at its rings once after the handover: an interrupt the old process had taken
+    from the eventfd but not acted on yet is not lost. (Not by writing the eventfd: the guest
+    shares its file description and may have made a write block.)"""
+
+    def __init__(self, wait_fd: int, notify_fd: int, *, owns_fds: bool = False) -> None:
+        super().__init__(wait_fd, notify_fd, owns_fds=owns_fds)
+        self._look_once = True
+
+    def _drain(self) -> bool:
+        drained = super()._drain()
+        if self._look_once:
+            self._look_once = False
+            return True
+        return drained
+
+
 class SocketResumption:
     """The new process's VMBus socket, restored but not yet serving (module docstring)."""
 
@@ -524,15 +543,11 @@ class SocketResumption:
             conn.sent[offer.channel_id] = handle.incoming_offer()
 
     async def start(self) -> None:
-        """After the commit: start the restored VMBus devices (each open channel's eventfd is
-        signalled once, so it looks at its rings), then serve the socket again."""
+        """After the commit: start the restored VMBus devices (each open channel's first wait
+        returns at once: :class:`HandedOverSignal`), then serve the socket again."""
         held, self.transport.held = self.transport.held, []
         self.transport.strict_restore = False
         for device in held:
-            handle = self.transport.handle_of(device)
-            signal = handle._host_signal
-            if isinstance(signal, EventfdSignal):
-                os.eventfd_write(signal.wait_fd, 1)
             await device.start()
         await self.transport.host.task_group.start(
             self.server.serve_handed_over, self.listener, self.connection)
@@ -639,7 +654,7 @@ def _rebuild_connection(conn: _GuestConnection, guest: HandedGuest,
     opens: dict[int, RemoteOpen] = {}
     for o in guest.opens:
         to_host, to_guest = owned.pop(o.to_host)[0], owned.pop(o.to_guest)[0]
-        signal = EventfdSignal(to_host, to_guest, owns_fds=True)
+        signal = HandedOverSignal(to_host, to_guest, owns_fds=True)
         data = OpenData(ring_offset=o.ring_offset, ring_gpadl_id=o.ring_gpadl_id,
                         target_vp=o.target_vp, event_flag=o.event_flag,
                         connection_id=o.connection_id, user_data=o.user_data)
