@@ -659,6 +659,8 @@ async def _take_over(host: Host, takeover: Any, devices: Iterable[Any]) -> None:
     configured = list(devices)
     for spec in configured:  # imports and constructors run before the running host quiesces
         host._build(spec.name, spec.plugin, spec.config)
+    if host.settings.vmbus_socket is not None:
+        import devicehost.vmbus.handover  # noqa: F401  (not inside the handoff window)
     handoff: Handoff = await takeover.request()
     handed = handoff.by_device()
     try:
