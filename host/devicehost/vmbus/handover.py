@@ -377,6 +377,7 @@ async def park(host: Any) -> ParkedSocket | None:
     transport = _transport(host)
     if transport is None or transport.socket is None:
         return None
+    transport.socket.park_accepting()
     connection = transport.socket.connected
     if connection is not None:
         await connection.park()
@@ -394,9 +395,11 @@ class ParkedSocket:
         self.connection = connection
 
     def resume(self) -> None:
-        """Rollback: the connection reads the guest again (its outbox first)."""
+        """Rollback: the connection reads the guest again (its outbox first), and new guests
+        are accepted again."""
         if self.connection is not None:
             self.connection.unpark()
+        self.server.unpark_accepting()
 
     def capture(self, envelope: bytes) -> tuple[bytes, list[HandoffFd]]:
         """``envelope`` with the :data:`SOCKET_ENTRY` added, and the descriptors (duplicates,

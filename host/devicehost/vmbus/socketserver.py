@@ -643,6 +643,10 @@ class VmbusSocketServer:
         self._scope: anyio.CancelScope | None = None
         self._idle = anyio.Event()
         self._idle.set()
+        #: Cleared while parked for a handover: new guests wait in the listener's backlog
+        #: (which travels with the listener) instead of being accepted here.
+        self._accepting = anyio.Event()
+        self._accepting.set()
 
     @property
     def guest(self) -> dict[str, Any] | None:
@@ -679,6 +683,13 @@ class VmbusSocketServer:
     def connected(self) -> _GuestConnection | None:
         """The connected guest's connection (None when no guest is connected)."""
         return self._guest
+
+    def park_accepting(self) -> None:
+        """Accept no guest until :meth:`unpark_accepting` (connections wait in the backlog)."""
+        self._accepting = anyio.Event()
+
+    def unpark_accepting(self) -> None:
+        self._accepting.set()
 
     def abandon(self) -> None:
         """The socket and its guest belong to another process now (module docstring)."""
@@ -725,7 +736,10 @@ class VmbusSocketServer:
 
     async def _accept(self, listener: socket.socket) -> socket.socket:
         while True:
+            await self._accepting.wait()
             await anyio.wait_readable(listener)
+            if not self._accepting.is_set():
+                continue  # parked meanwhile: the connection stays in the backlog
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,35 @@ async def test_a_new_config_naming_another_vmbus_socket_is_refused(
                         str(new.error))
                     assert await client.read_file("/imc.hiv") == content
             await old.stop()
+
+
+@pytest.mark.anyio
+async def test_a_guest_connecting_during_the_handover_is_served_by_the_new_host(
+        tmp_path: Path) -> None:
+    """While parked, the old host accepts no guest: one that connects meanwhile waits in the
+    listener's backlog, which moves with the listener, and the new host serves it."""
+    _content, specs, settings = _setup(tmp_path, 100_000)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as late:
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(STEP):
+                old = await start_host(tg, CLASSES, specs, settings)
+                assert old.host is not None
+                takeover = InProcessTakeover(
+                    old.host, before_confirm=lambda: late.connect(str(_path(settings))))
+                new = await start_host(tg, CLASSES, specs, settings, takeover)
+                assert new.error is None and new.host is not None
+                old_socket = old.host.transport(VmbusTransport).socket
+                assert old_socket is not None and old_socket.connections == 0
+                await old.stop()
+                new_socket = new.host.transport(VmbusTransport).socket
+                assert new_socket is not None
+                await _until(lambda: new_socket.connections == 1)
+                late.shutdown(socket.SHUT_RDWR)
+                await new_socket.wait_idle()
+                assert new_socket.last_disconnect == "the guest closed the connection"
+                await new.stop()
+
+
+async def _until(predicate: Callable[[], object]) -> None:
+    while not predicate():
+        await anyio.sleep(0.001)
