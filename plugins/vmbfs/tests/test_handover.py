@@ -11,16 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from devicehost import hookimpl
 from devicehost.config import HostSettings
-from devicehost.handoff import HandoffError
+from devicehost.handoff import Handoff, HandoffError
 from devicehost.memory import PAGE_SIZE
+from devicehost.savedstate import (
+    decode_envelope_untrusted,
+    decode_state_untrusted,
+    encode_envelope,
+    entry_for,
+)
 from devicehost.takeover import Servicing, serve_takeover
 from devicehost.testing.registry import DeviceSpec
 from devicehost.vmbus import VmbusTransport
-from devicehost.vmbus.handover import takeover_refusal
+from devicehost.vmbus.handover import HandedGuest, SocketHandoverState, takeover_refusal
 from devicehost.vmbus.messages import (
     CloseChannel,
     GpadlBody,
@@ -360,3 +367,67 @@ async def test_a_guest_connecting_during_the_handover_is_served_by_the_new_host(
 async def _until(predicate: Callable[[], object]) -> None:
     while not predicate():
         await anyio.sleep(0.001)
+
+
+class TamperingTakeover(InProcessTakeover):
+    """Hands the new host a VMBus socket state changed by ``change`` (a hostile old host)."""
+
+    def __init__(self, old: Any, change: Callable[[HandedGuest], HandedGuest]) -> None:
+        super().__init__(old)
+        self.change = change
+
+    async def request(self) -> Handoff:
+        handoff = await super().request()
+        entries = decode_envelope_untrusted(handoff.envelope)
+        for index, entry in enumerate(entries):
+            if entry.device == "@vmbus-socket":
+                state = decode_state_untrusted(entry, SocketHandoverState)
+                assert state.guest is not None
+                state = attrs.evolve(state, guest=self.change(state.guest))
+                entries[index] = entry_for("@vmbus-socket", "host", state)
+        return Handoff(encode_envelope(entries), handoff.fds)
+
+
+def _ring_outside_memory(guest: HandedGuest) -> HandedGuest:
+    (gpadl,) = guest.gpadls
+    pfns = (1 << 40,) * (len(gpadl.buf) - 1)  # pages far outside the guest's memory
+    return attrs.evolve(guest, gpadls=(attrs.evolve(gpadl, buf=(gpadl.buf[0], *pfns)),))
+
+
+def _open_swapped_signals(guest: HandedGuest) -> HandedGuest:
+    (opened,) = guest.opens
+    return attrs.evolve(guest, opens=(attrs.evolve(
+        opened, to_host=opened.to_guest, to_guest=opened.to_host),))
+
+
+def _offer_of_another_device(guest: HandedGuest) -> HandedGuest:
+    (offer,) = guest.sent
+    return attrs.evolve(guest, sent=(attrs.evolve(
+        offer, instance_id="00000000-0000-0000-0000-000000000001"),))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("change", "blame"), [
+    (_ring_outside_memory, "device 'fs'"),
+    (_open_swapped_signals, "guest-to-host signal"),
+    (_offer_of_another_device, "which no configured device offers"),
+])
+async def test_a_hostile_handed_over_state_is_refused_and_the_old_host_serves_on(
+        tmp_path: Path, change: Callable[[HandedGuest], HandedGuest], blame: str) -> None:
+    content, specs, settings = _setup(tmp_path, 100_000)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(STEP):
+            old = await start_host(tg, CLASSES, specs, settings)
+            assert old.host is not None
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20) as bus:
+                offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
+                async with bus.opened(offer) as channel:
+                    client = VmbfsClient(channel.message_pipe())
+                    await client.negotiate()
+                    takeover = TamperingTakeover(old.host, change)
+                    new = await start_host(tg, CLASSES, specs, settings, takeover)
+                    assert new.error is not None and not takeover.committed
+                    assert blame in str(new.error)
+                    assert await client.read_file("/imc.hiv") == content
+                    assert bus.closed_reason is None
+            await old.stop()
