@@ -52,6 +52,7 @@ from devicehost.fds import fd_kind, require_eventfd
 from devicehost.handoff import HandoffError, HandoffFd
 from devicehost.restoreplan import HOST_PLUGIN, VMBUS_SOCKET_ENTRY
 from devicehost.savedstate import decode_envelope_untrusted, encode_envelope, entry_for, saved_state
+from devicehost.takeover import VMBUS_FDS
 from devicehost.vmbus.channel import EventfdSignal
 from devicehost.vmbus.messages import (
     MAX_MESSAGE_SIZE,
@@ -107,8 +108,6 @@ __all__ = [
 
 log = logging.getLogger("devicehost.vmbus.handover")
 
-#: The handoff entry under which the VMBus socket's descriptors travel.
-VMBUS_FDS: Final = "@vmbus"
 #: The envelope entry holding :class:`SocketHandoverState`.
 SOCKET_ENTRY: Final = VMBUS_SOCKET_ENTRY
 LISTENER_HANDLE: Final = 0
