@@ -96,14 +96,17 @@ async def test_the_socket_guest_reads_on_across_two_handovers(tmp_path: Path) ->
                     await client.negotiate()
                     data = await _read(client, 0, third)
                     hosts = [old]
+                    handled: list[int] = []  # requests each host's vmbfs handled
                     for part in (1, 2):
                         prior = hosts[-1]
                         assert prior.host is not None
+                        runner = prior.host.devices["fs"].runner
                         takeover = InProcessTakeover(prior.host)
                         new = await start_host(tg, CLASSES, specs, settings, takeover)
                         assert new.error is None and takeover.committed
                         assert new.host is not None
                         assert new.host.restore_report == {"fs": "restored"}
+                        handled.append(runner.core.messages)
                         await prior.stop()
                         assert os.path.exists(_path(settings))  # not unlinked
                         hosts.append(new)
@@ -115,6 +118,16 @@ async def test_the_socket_guest_reads_on_across_two_handovers(tmp_path: Path) ->
                         (opened,) = [c for c in tree["vmbus"]["channels"] if "guest" in c]
                         assert opened["channel_id"] == offer.channel_id
                     assert hashlib.sha256(data).digest() == hashlib.sha256(content).digest()
+                    # No request lost or answered twice: the hosts handled, together, exactly
+                    # the guest's requests (the version request and one per read), and no reply
+                    # is left over in the guest's ring.
+                    assert new.host is not None
+                    handled.append(new.host.devices["fs"].runner.core.messages)
+                    reads = sum(-(-(end - start) // MAX_READ_SIZE) for start, end in (
+                        (0, third), (third, 2 * third), (2 * third, len(content))))
+                    assert sum(handled) == 1 + reads and all(handled[1:])
+                    with pytest.raises(anyio.WouldBlock):
+                        channel.message_pipe().try_recv()
                     # The guest saw no rescind and no close.
                     assert offer.revoked is None or not offer.revoked.is_set()
                     assert bus.closed_reason is None
