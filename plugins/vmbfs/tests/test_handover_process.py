@@ -36,9 +36,12 @@ def _restore_open(self, ctx, state, resources):
     if _mode == "raise":
         raise RuntimeError("VMBFS_TEST_RESTORE is set")
     print(f"restoring {os.getpid()}", file=sys.stderr, flush=True)
-    while True:
-        time.sleep(1)
+    gate = os.environ.get("VMBFS_TEST_GATE", "")
+    while not (gate and os.path.exists(gate)):
+        time.sleep(0.01)
+    return _original(self, ctx, state, resources)
 
+_original = _device.VmbfsDevice.restore_open
 if _mode:
     _restore_open.__qualname__ = "VmbfsDevice.restore_open"  # a method: pluggy drops self
     _device.VmbfsDevice.restore_open = _restore_open
@@ -140,6 +143,7 @@ class Setup:
                if not k.startswith(("DEVICEHOST_", "NOTIFY_SOCKET", "VMBFS_TEST_"))}
         if restore is not None:
             env["VMBFS_TEST_RESTORE"] = restore
+            env["VMBFS_TEST_GATE"] = str(self.tmp / "gate")
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(self.site), *filter(None, [env.get("PYTHONPATH")])])
         return env
@@ -238,3 +242,24 @@ def test_the_old_host_serves_on_when_the_new_one_fails(setup: Setup, failure: st
     assert report["rescinded"] is False and report["closed"] is None
     good.proc.send_signal(signal.SIGTERM)
     assert good.wait() == 0, good.output
+
+
+def test_the_old_host_killed_between_handoff_and_commit_is_a_crash(setup: Setup) -> None:
+    """The old process SIGKILLed after it sent the handoff, before it committed: the new one
+    starts nothing and exits 3; the guest sees its connection end, as on any crash of the host,
+    and never a wrong byte."""
+    old = setup.host()
+    old.wait_for(READY)
+    guest = setup.guest()
+    guest.wait_passes(1)
+    new = setup.host("--takeover", restore="gate")
+    new.wait_for("restoring")
+    old.proc.kill()
+    assert old.wait() == -signal.SIGKILL
+    (setup.tmp / "gate").touch()
+    assert new.wait() == 3, new.output
+    assert "did not commit" in new.output
+    assert guest.wait() == 1  # the connection ended under a read: no final report
+    assert guest.lines[-1].startswith('{"pass"')
+    passes = guest.passes()
+    assert passes and all(p["sha256"] == setup.sha for p in passes)
