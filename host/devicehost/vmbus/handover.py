@@ -74,12 +74,12 @@ from devicehost.vmbus.messages import (
 )
 from devicehost.vmbus.protocol import USER_DEFINED_SIZE, GpadlRequest, OpenData, VmbusProtocolError
 from devicehost.vmbus.server import RemoteChannelState, RemoteGuest, RemoteOpen
-from devicehost.vmbus.socketserver import (
+from devicehost.vmbus.socketconnection import (
     MAX_GPADL_WORDS_PER_GUEST,
     MAX_PENDING_GPADLS,
+    GuestConnection,
     GuestFault,
-    _GuestConnection,
-    _PendingGpadl,
+    PendingGpadl,
 )
 
 if TYPE_CHECKING:
@@ -388,7 +388,7 @@ class ParkedSocket:
     a rollback."""
 
     def __init__(self, transport: VmbusTransport, server: VmbusSocketServer,
-                 connection: _GuestConnection | None) -> None:
+                 connection: GuestConnection | None) -> None:
         self.transport = transport
         self.server = server
         self.connection = connection
@@ -432,7 +432,7 @@ class ParkedSocket:
         entries.append(entry_for(SOCKET_ENTRY, HOST_PLUGIN, state))
         return encode_envelope(entries), fds
 
-    def _guest(self, conn: _GuestConnection, put: Any, not_saved: set[str],
+    def _guest(self, conn: GuestConnection, put: Any, not_saved: set[str],
                by_handle: dict[int, str]) -> HandedGuest:
         server = self.transport.server
         regions: tuple[HandedRegion, ...] = ()
@@ -515,7 +515,7 @@ class SocketResumption:
 
     def __init__(self, transport: VmbusTransport, server: VmbusSocketServer,
                  listener: socket.socket, guest: HandedGuest | None,
-                 connection: _GuestConnection | None) -> None:
+                 connection: GuestConnection | None) -> None:
         self.transport = transport
         self.server = server
         self.listener = listener
@@ -618,7 +618,7 @@ def _same_path(configured: Any, listener: socket.socket) -> str:
     return path
 
 
-def _rebuild_connection(conn: _GuestConnection, guest: HandedGuest,
+def _rebuild_connection(conn: GuestConnection, guest: HandedGuest,
                         owned: dict[int, tuple[int, str]]) -> dict[int, RemoteChannelState]:
     """Fill ``conn`` from ``guest``; the remote channel state for the server. Takes the memory
     and signal descriptors out of ``owned``."""
@@ -639,7 +639,7 @@ def _rebuild_connection(conn: _GuestConnection, guest: HandedGuest,
     conn.gpadl_words = dict(guest.gpadl_words)
     conn.outbox = list(guest.outbox)
     for item in guest.pending:
-        pending = _PendingGpadl(GpadlHeader(item.channel_id, item.gpadl_id, item.range_buflen,
+        pending = PendingGpadl(GpadlHeader(item.channel_id, item.gpadl_id, item.range_buflen,
                                             item.range_count))
         pending.data += item.data
         conn.pending[item.gpadl_id] = pending
