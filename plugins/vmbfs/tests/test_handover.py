@@ -27,7 +27,12 @@ from devicehost.savedstate import (
 from devicehost.takeover import Servicing, serve_takeover
 from devicehost.testing.registry import DeviceSpec
 from devicehost.vmbus import VmbusTransport
-from devicehost.vmbus.handover import HandedGuest, SocketHandoverState, takeover_refusal
+from devicehost.vmbus.handover import (
+    HandedGuest,
+    ParkedSocket,
+    SocketHandoverState,
+    takeover_refusal,
+)
 from devicehost.vmbus.messages import (
     CloseChannel,
     GpadlBody,
@@ -35,6 +40,7 @@ from devicehost.vmbus.messages import (
     GpadlHeader,
     GpadlTeardown,
     GpadlTorndown,
+    encode_message,
 )
 from devicehost.vmbus.socketclient import SocketVmbusClient
 from devicehost_vmbfs.client import VmbfsClient
@@ -444,3 +450,42 @@ async def test_a_hostile_handed_over_state_is_refused_and_the_old_host_serves_on
                     assert await client.read_file("/imc.hiv") == content
                     assert bus.closed_reason is None
             await old.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("commit", [True, False])
+async def test_replies_queued_while_parked_are_sent_once_by_whoever_serves_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        commit: bool) -> None:
+    """A reply a background step makes while the connection is parked (here: a GPADL_TORNDOWN,
+    queued just before the capture) reaches the guest once: from the new host after a commit,
+    from the old one after a rollback."""
+    content, specs, settings = _setup(tmp_path, 100_000)
+    original = ParkedSocket.capture
+
+    def capture(self: ParkedSocket, envelope: bytes) -> Any:
+        assert self.connection is not None
+        self.connection.outbox.append(encode_message(GpadlTorndown(0x77)))
+        return original(self, envelope)
+
+    monkeypatch.setattr(ParkedSocket, "capture", capture)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(STEP):
+            old = await start_host(tg, CLASSES, specs, settings)
+            assert old.host is not None
+            async with SocketVmbusClient.connect(_path(settings), memory_size=4 << 20) as bus:
+                offer = await bus.wait_offer(lambda o: o.offer.interface_id == INTERFACE_ID)
+                async with bus.opened(offer) as channel:
+                    client = VmbfsClient(channel.message_pipe())
+                    await client.negotiate()
+                    torndown = bus._expect(GpadlTorndown, 0x77)
+                    classes = CLASSES if commit else {"vmbfs": FailingRestore}
+                    takeover = InProcessTakeover(old.host)
+                    new = await start_host(tg, classes, specs, settings, takeover)
+                    assert takeover.committed is commit
+                    if commit:
+                        await old.stop()
+                    assert await torndown.wait() == GpadlTorndown(0x77)
+                    assert await client.read_file("/imc.hiv") == content
+            await (new if commit else old).stop()
+    assert "unexpected GpadlTorndown" not in caplog.text
