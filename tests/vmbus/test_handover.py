@@ -87,6 +87,8 @@ def test_a_good_state_passes_and_survives_the_envelope() -> None:
     ({"pending": (HandedPendingGpadl(1, 7, 16, 1, b"\0" * 16),)}, GOOD_KINDS, "is malformed"),
     ({"gpadl_words": ((1, 5), (1, 5))}, GOOD_KINDS, "repeated or too large"),
     ({"gpadl_words": tuple((i, 8191) for i in range(40))}, GOOD_KINDS, "exceed"),
+    ({"gpadls": tuple(HandedGpadl(1, i, 1, (0,) * 8191) for i in range(40))}, GOOD_KINDS,
+     "exceed"),
     ({"sent": (HandedOffer(1, "a", "b", 0), HandedOffer(1, "a", "b", 0))}, GOOD_KINDS,
      "listed twice"),
     ({"outbox": (encode_message(RequestOffers()),)}, GOOD_KINDS, "is not the host's"),

@@ -318,6 +318,8 @@ def check_state_untrusted(state: SocketHandoverState, kinds: Mapping[int, str]) 
                 _U16 // 8) or any(not 0 <= w < 1 << 64 for w in gpadl.buf):
             raise VmbusHandoverError(f"GPADL {gpadl.gpadl_id:#x} is repeated or malformed")
         gpadls.add(gpadl.gpadl_id)
+    if sum(len(g.buf) for g in guest.gpadls) > MAX_GPADL_WORDS_PER_GUEST:
+        raise VmbusHandoverError(f"the guest's GPADLs exceed {MAX_GPADL_WORDS_PER_GUEST} words")
     opened: set[int] = set()
     for item in guest.opens:
         _u32(item.channel_id, "channel id")
