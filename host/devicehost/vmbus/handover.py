@@ -44,7 +44,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 
@@ -82,9 +82,10 @@ from devicehost.vmbus.socketconnection import (
     PendingGpadl,
 )
 
-if TYPE_CHECKING:
-    from devicehost.vmbus.socketserver import VmbusSocketServer
-    from devicehost.vmbus.transport import VmbusTransport
+# Imported here, not in the function that uses them: the new process imports this module before
+# it asks for the handoff, so no import runs in the guest-visible window.
+from devicehost.vmbus.socketserver import VmbusSocketServer
+from devicehost.vmbus.transport import VmbusSavedState, VmbusTransport
 
 __all__ = [
     "SOCKET_ENTRY",
@@ -565,9 +566,6 @@ def restore_socket_guest(host: Any, plan: Any, names: dict[str, Any],
     """Rebuild the VMBus socket from a handover (module docstring), before any device is
     offered. The descriptors ``fds`` (handle -> (fd, kind)) are owned from here on (closed on
     failure). VmbusHandoverError for anything malformed."""
-    from devicehost.vmbus.socketserver import VmbusSocketServer
-    from devicehost.vmbus.transport import VmbusSavedState, VmbusTransport
-
     owned = dict(fds)
     listener: socket.socket | None = None
     try:
