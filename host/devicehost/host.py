@@ -182,6 +182,8 @@ class Host:
         self.device_deadlines: dict[str, Any] = {}
         #: Where the devices' config came from (a file name), named in device-build errors.
         self.config_source = "<config>"
+        #: The VMBus socket parked for a handoff (devicehost.vmbus.handover), until resumed.
+        self._parked_vmbus: Any = None
 
     @property
     def guest_memory(self) -> GuestMemory:
@@ -331,6 +333,8 @@ class Host:
 
         path = self.settings.vmbus_socket
         assert path is not None
+        if self.transport(VmbusTransport).socket is not None:
+            return  # handed over from the process this one took over (serving already)
         await self.transport(VmbusTransport).serve_socket(
             path, allow_unsealed_memory=self.settings.allow_unsealed_memory)
         log.info("serving VMBus to a guest process on %s", path)
@@ -355,12 +359,24 @@ class Host:
 
     async def save_for_handoff(self) -> Handoff:
         """:meth:`save`, with the descriptors every device declared (``ctx.fds``) while it saved:
-        the caller owns them (:meth:`Handoff.close`). A device that saved nothing carries none."""
+        the caller owns them (:meth:`Handoff.close`). A device that saved nothing carries none.
+        A VMBus socket guest is parked first and travels too (devicehost.vmbus.handover)."""
+        if self._vmbus_transport() is not None:
+            from devicehost.vmbus.handover import park
+
+            self._parked_vmbus = await park(self)
         envelope = await self._save(carry_fds=True)
         fds: list[HandoffFd] = []
         for name, device in self.devices.items():
             fds += [HandoffFd(name, handle, kind, fd)
                     for handle, kind, fd in device.ctx.fds.drain()]
+        if self._parked_vmbus is not None:
+            try:
+                envelope, extra = self._parked_vmbus.capture(envelope)
+            except BaseException:
+                Handoff(envelope, tuple(fds)).close()
+                raise
+            fds += extra
         return Handoff(envelope, tuple(fds))
 
     async def _save(self, *, carry_fds: bool) -> bytes:
@@ -405,6 +421,9 @@ class Host:
             if device.name in self.devices:
                 await device.start()
         self.gate.resume()
+        parked, self._parked_vmbus = self._parked_vmbus, None
+        if parked is not None:
+            parked.resume()
 
     async def _save_handed(self, transport: Any, device: Device) -> SavedEntry:
         """A device its transport hands over live (vhost-user): the transport saves it, with the
@@ -456,8 +475,16 @@ class Host:
         configured = list(devices)
         strict = handed is not None
         vmbus_restored = False
+        resumption = None  # a VMBus socket guest handed over (devicehost.vmbus.handover)
         if plan.vmbus is not None:
-            if self._owns_memory:
+            if handed is not None and plan.vmbus_socket is not None:
+                from devicehost.vmbus.handover import VMBUS_FDS, restore_socket_guest
+
+                resumption = restore_socket_guest(
+                    self, plan, {d.name: plan.states.get(d.name) for d in configured},
+                    handed.pop(VMBUS_FDS, {}))
+                vmbus_restored = True
+            elif self._owns_memory:
                 log.warning("VMBus channels are not restored: they lived in guest memory that "
                             "did not survive; VMBus devices are offered fresh")
             else:
@@ -496,7 +523,8 @@ class Host:
                 continue
             transport = self._device_transport[spec.name]
             if strict and not isinstance(transport, LocalTransport) and not _hands_over(
-                    transport, device):
+                    transport, device) and not (
+                    resumption is not None and transport is resumption.transport):
                 raise HandoffError(f"device {spec.name!r} is served by"
                                    f" {type(transport).__name__}, which cannot be taken over")
             if spec.name not in plan.states:
@@ -536,6 +564,8 @@ class Host:
                 if untaken:
                     log.warning("device %r did not take back descriptors %s; closed them",
                                 device.name, untaken)
+        if resumption is not None:
+            resumption.finish_restore()
         if before_start is not None:
             await before_start()
         for device, _ in held:
@@ -544,6 +574,8 @@ class Host:
                 await device.start()
             else:
                 await transport.start_handed(device)
+        if resumption is not None:
+            await resumption.start()
 
     async def _restore_local(self, device: Device, state: Any, *, strict: bool = False) -> None:
         transport: LocalTransport = self._device_transport[device.name]
@@ -571,6 +603,8 @@ class Host:
                 # Another process serves them now: close nothing they share with it.
                 for device in self.devices.values():
                     device.ctx.fds.discard()
+                for transport in self._transports.values():
+                    getattr(transport, "abandon", lambda: None)()
                 self.devices.clear()
                 self._transports.clear()
             for name in reversed(list(self.devices)):
@@ -667,6 +701,8 @@ async def _take_over(host: Host, takeover: Any, devices: Iterable[Any]) -> None:
     for spec in configured:  # imports and constructors run before the running host quiesces
         host._build(spec.name, spec.plugin, spec.config)
     _import_restore_paths()
+    if host.settings.vmbus_socket is not None:
+        import devicehost.vmbus.handover  # noqa: F401  (not inside the handoff window)
     handoff: Handoff = await takeover.request()
     handed = handoff.by_device()
     try:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOST_PLUGIN",
     "VMBUS_ENTRY",
+    "VMBUS_SOCKET_ENTRY",
     "NotSaved",
     "RestorePlan",
     "plan_for",
@@ -39,6 +40,8 @@ __all__ = [
 
 #: The envelope entry (device name) that holds the VMBus server's state.
 VMBUS_ENTRY: Final = "@vmbus"
+#: The envelope entry of the VMBus socket's guest in a live handover.
+VMBUS_SOCKET_ENTRY: Final = "@vmbus-socket"
 #: The plugin name of the host's own envelope entries.
 HOST_PLUGIN: Final = "host"
 _MAX_REASON: Final = 200
@@ -59,6 +62,8 @@ class RestorePlan:
     states: dict[str, Any]
     not_saved: dict[str, str]
     vmbus: ServerSavedState | None
+    #: The VMBus socket's guest (a live handover only: devicehost.vmbus.handover).
+    vmbus_socket: Any = None
 
 
 def short_reason(text: str) -> str:
@@ -79,7 +84,13 @@ def plan_untrusted(data: bytes, configured: dict[str, str]) -> RestorePlan:
     states: dict[str, Any] = {}
     not_saved: dict[str, str] = {}
     vmbus: ServerSavedState | None = None
+    vmbus_socket = None
     for entry in decode_envelope_untrusted(data):
+        if entry.device == VMBUS_SOCKET_ENTRY and entry.plugin == HOST_PLUGIN:
+            from devicehost.vmbus.handover import SocketHandoverState
+
+            vmbus_socket = decode_state_untrusted(entry, SocketHandoverState)
+            continue
         if entry.device.startswith("@"):
             vmbus = _decode_vmbus_entry(entry)
             continue
@@ -100,7 +111,9 @@ def plan_untrusted(data: bytes, configured: dict[str, str]) -> RestorePlan:
             states[entry.device] = None
         else:
             states[entry.device] = decode_state_untrusted(entry)
-    return RestorePlan(states, not_saved, vmbus)
+    if vmbus_socket is not None and vmbus is None:
+        raise SavedStateError(f"it holds {VMBUS_SOCKET_ENTRY!r} without '@vmbus'")
+    return RestorePlan(states, not_saved, vmbus, vmbus_socket)
 
 
 def _decode_vmbus_entry(entry: SavedEntry) -> ServerSavedState:

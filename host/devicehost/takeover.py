@@ -57,6 +57,9 @@ from devicehost.handoff import (
 )
 from devicehost.transport import LocalTransport
 
+#: The handoff entry of the VMBus socket's descriptors (devicehost.vmbus.handover).
+VMBUS_FDS: Final = "@vmbus"
+
 if TYPE_CHECKING:
     from devicehost.host import Host
     from devicehost.notify import Notifier
@@ -165,15 +168,21 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
         raise HandoffError(f"the new process asks for handoff version {args.get('handoff')!r};"
                            f" this host speaks version {HANDOFF_VERSION}")
     pid, _uid = _peer(conn)  # the control server admitted only this uid or root
-    if host.settings.vmbus_socket is not None:
-        raise HandoffError("this host serves the VMBus socket, whose guest connection cannot be"
-                           " taken over live (restart with --state instead)")
+    # With the VMBus socket, VMBus devices and their socket guest are handed over live.
+    live_vmbus = None if host.settings.vmbus_socket is None else host._vmbus_transport()
     for name in host.devices:
         transport = host._device_transport.get(name)
-        if transport is not None and not isinstance(transport, LocalTransport) and not (
+        if transport is not None and not isinstance(transport, LocalTransport) and (
+                transport is not live_vmbus) and not (
                 getattr(transport, "hands_over", lambda _d: False)(host.devices[name])):
             raise HandoffError(f"device {name!r} is served by {type(transport).__name__}, which"
                                " cannot be taken over live (restart with --state instead)")
+    if live_vmbus is not None:
+        from devicehost.vmbus.handover import takeover_refusal
+
+        refusal = takeover_refusal(host)
+        if refusal is not None:
+            raise HandoffError(refusal)
     if servicing.lock.locked():
         raise HandoffError("another takeover is in progress")
     async with servicing.lock:
@@ -223,8 +232,10 @@ async def serve_takeover(host: Host, args: Mapping[str, Any], conn: socket.socke
 def _not_saved(envelope: bytes) -> set[str]:
     from devicehost.savedstate import decode_envelope_untrusted
 
+    # A VMBus device whose channel is closed stays offered: the new host offers it again under
+    # the same channel id, so a VMBus socket guest sees no rescind.
     return {e.device for e in decode_envelope_untrusted(envelope)
-            if e.type_name == "host.NotSaved"}
+            if e.type_name == "host.NotSaved" and e.payload.get("reason") != "channel closed"}
 
 
 async def _roll_back(host: Host, closed: list[tuple[str, str, Any]]) -> None:
@@ -282,7 +293,7 @@ class TakeoverClient:
         for item in handoff.fds:
             if item.device == "@control" and item.handle == 0:
                 self._listener_fd = item.fd
-            elif item.device.startswith("@"):
+            elif item.device.startswith("@") and item.device != VMBUS_FDS:
                 handoff.close()
                 raise HandoffError(f"{who} sent descriptors for {item.device[:64]!r}")
         log.info("took the handoff (%d descriptors)", len(handoff.fds))

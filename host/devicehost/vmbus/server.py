@@ -46,7 +46,11 @@ Decisions where upstream differs or is silent:
   created over and the guest that owns it; a channel is open for the guest whose GPADL its ring
   is, and only that guest may close or modify it. A remote guest sees no hidden offer and may not
   use one. :meth:`VmbusServer.disconnect` closes a remote guest's channels and drops its GPADLs.
-- A remote guest's GPADLs and opens are not saved: its memory does not survive the host.
+- A remote guest's GPADLs and opens are not saved: its memory does not survive the host. A live
+  handover (:mod:`devicehost.vmbus.handover`) moves them with the guest's memory instead:
+  :meth:`VmbusServer.remote_gpadls` and :meth:`VmbusServer.remote_opens` say what the guest has,
+  and :meth:`VmbusServer.restore_remote` gives it to the new server, whose offers' restores
+  rebuild it (anything that does not fit its channel fails the handover, never half-restores).
 - Modify has no device hook: :class:`ChannelDevice.modify` answers it (the transport accepts it,
   since in-process signalling has no virtual processor to retarget).
 - A teardown whose requester stops waiting still completes when the ring is closed.
@@ -62,6 +66,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 import anyio
+import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from devicehost.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
@@ -106,7 +111,9 @@ __all__ = [
     "ChannelHandle",
     "ChannelRequestError",
     "OfferError",
+    "RemoteChannelState",
     "RemoteGuest",
+    "RemoteOpen",
     "SavedChannel",
     "SavedGpadl",
     "SavedOpen",
@@ -120,6 +127,23 @@ _U16: Final = 0xFFFF
 _U32: Final = 0xFFFFFFFF
 #: Most u64 words a range buffer may hold (GpadlHeader.len is a u16 byte count).
 MAX_GPADL_WORDS: Final = _U16 // 8
+
+
+@attrs.frozen
+class RemoteOpen:
+    """A remote guest's open channel, handed over: its open data and the host's signal end."""
+
+    data: OpenData
+    signal: Signal
+
+
+@attrs.frozen
+class RemoteChannelState:
+    """What a handed-over remote guest has on one channel: its GPADLs and, if open, the open."""
+
+    guest: RemoteGuest
+    gpadls: tuple[GpadlRequest, ...]
+    open: RemoteOpen | None
 
 
 class OfferError(Exception):
@@ -141,6 +165,9 @@ class VmbusServer:
         # intercepting relay); every stream listed in _sees_hidden is also in _subscribers.
         self._hidden: set[Guid] = set()
         self._sees_hidden: set[MemoryObjectSendStream[IncomingOffer]] = set()
+        #: A handed-over remote guest's GPADLs and opens per channel id, restored with the
+        #: channel's offer (:meth:`restore_remote`).
+        self._remote_saved: dict[int, RemoteChannelState] = {}
 
     # -- device side -------------------------------------------------------------------------------
 
@@ -562,10 +589,92 @@ class VmbusServer:
         self._saved = saved
         self._next_channel_id = max(state.next_channel_id, max(ids, default=0) + 1)
 
+    # -- a remote guest handed over from another process (devicehost.vmbus.handover) ------------
+
+    def remote_gpadls(self, guest: RemoteGuest) -> list[ServerGpadl]:
+        """Every GPADL of remote guest ``guest`` (by channel id, then GPADL id)."""
+        return sorted((g for g in self._gpadls.values() if g.owner is guest),
+                      key=lambda g: (g.channel_id, g.request.id))
+
+    def remote_opens(self, guest: RemoteGuest) -> list[tuple[ChannelHandle, Signal]]:
+        """Every channel remote guest ``guest`` has open, with the host's end of its signal."""
+        return [(h, h._host_signal) for h in self.handles()
+                if h._ring is not None and h._ring.owner is guest and h.state is OpenState.OPEN
+                and h._host_signal is not None]
+
+    def in_process_opens(self) -> list[ChannelHandle]:
+        """Every channel the in-process guest (or a client inside the host) has open."""
+        return [h for h in self.handles() if h._ring is not None and h._ring.owner is None
+                and h.state is not OpenState.CLOSED]
+
+    def restore_remote(self, states: dict[int, RemoteChannelState]) -> None:
+        """Take a handed-over remote guest's GPADLs and opens per channel id, after
+        :meth:`restore` and before the offers are added again: each offer's restore rebuilds
+        them (ChannelRequestError if they do not fit its channel). The server owns the signals
+        from now on."""
+        if self._channels:
+            raise ValueError("restore a server before offering channels")
+        self._remote_saved = dict(states)
+
+    def unclaimed_remote(self) -> list[int]:
+        """Channel ids of handed-over remote state that no restored offer took (their signals
+        are closed)."""
+        left, self._remote_saved = self._remote_saved, {}
+        for state in left.values():
+            if state.open is not None:
+                state.open.signal.close()
+        return sorted(left)
+
+    def _restore_remote_channel(self, handle: ChannelHandle, remote: RemoteChannelState,
+                                was_open: bool) -> tuple[OpenRequest | None, list[RestoredGpadl]]:
+        """Rebuild a remote guest's GPADLs and open on ``handle``; ChannelRequestError (nothing
+        is done by halves that matters: the handover fails as a whole)."""
+        guest = remote.guest
+        if remote.open is not None and not was_open:
+            remote.open.signal.close()
+            raise ChannelRequestError(
+                f"channel {handle.channel_id} is open by {guest.name}, but its device saved no"
+                " state for it")
+        restored = []
+        try:
+            for request in remote.gpadls:
+                self._create_gpadl(handle, request, guest)
+                restored.append(RestoredGpadl(request, accepted=True))
+            if remote.open is None:
+                return None, restored
+            if handle.state is not OpenState.CLOSED:
+                raise ChannelRequestError(f"channel {handle.channel_id} is open twice")
+            data = remote.open.data
+            self._check_open_data(data)
+            gpadl = self._channel_gpadl(handle, data.ring_gpadl_id, guest)
+            channel = self._ring_channel(gpadl, data.ring_offset, remote.open.signal)
+        except BaseException:
+            if remote.open is not None:
+                remote.open.signal.close()
+            raise
+        open_request = self._negotiate(handle, OpenRequest(data))
+        gpadl.map_count += 1
+        handle.state = OpenState.OPEN
+        handle.open_request, handle.channel = open_request, channel
+        handle.gpadl_id = data.ring_gpadl_id
+        handle._ring = gpadl
+        handle._host_signal, handle.guest_signal = remote.open.signal, None
+        return open_request, restored
+
     async def _restore_channel(self, handle: ChannelHandle, was_open: bool) -> RestoreResult:
         saved, handle._saved = handle._saved, None
         if saved is None:
             return RestoreResult(None, ())
+        remote = self._remote_saved.pop(handle.channel_id, None)
+        if remote is not None:
+            if saved.gpadls or saved.open is not None:
+                # The in-process guest's memory does not travel with a remote guest's.
+                if remote.open is not None:
+                    remote.open.signal.close()
+                raise ChannelRequestError(f"channel {handle.channel_id} has state of both the"
+                                          " in-process guest and a remote one")
+            open_request, restored = self._restore_remote_channel(handle, remote, was_open)
+            return RestoreResult(open_request, tuple(restored))
         if saved.open is not None and not was_open:
             # The device could not keep its open channel: revoke it and offer it anew.
             await self._reoffer(handle)

@@ -25,6 +25,16 @@ than the limits allow) costs the guest its connection, never the host. When the 
 for any reason (fault, close, the guest process dying) the guest's channels are closed, its GPADLs
 dropped and its memory unmapped; the next guest starts clean. The receive loop yields to the event
 loop after every message; the accept loop survives fd exhaustion (EMFILE).
+
+Live handover (:mod:`devicehost.vmbus.handover`): a connection
+(:class:`~devicehost.vmbus.socketconnection.GuestConnection`) *parks* between two messages (the
+message being handled is finished, the next stay unread in the socket; background sends queue
+in its outbox) and *unparks* on a rollback; parked, the server accepts no new guest (it waits in
+the listener's backlog). A new process rebuilds the connection from the handover and serves it
+with the handed listener (:meth:`VmbusSocketServer.serve_handed_over`); it sends the outbox
+first and follows the offers again without resending those the guest has. Once the socket is
+handed over, the old server is *abandoned*: on its way out it closes its descriptors only (no
+channel closed, no unlink).
 """
 
 from __future__ import annotations
@@ -39,60 +49,20 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
-import attrs
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from devicehost.errors import ConfigError
-from devicehost.fds import FdKindError, require_eventfd, require_unshrinkable_memory
-from devicehost.memory import PAGE_SIZE, GuestMemory, MemoryRegion
-from devicehost.vmbus.channel import EventfdSignal
-from devicehost.vmbus.controlsocket import ControlSocket, ControlSocketError, close_fds
-from devicehost.vmbus.messages import (
-    SUPPORTED_VERSIONS,
-    AllOffersDelivered,
-    CloseChannel,
-    GpadlBody,
-    GpadlCreated,
-    GpadlHeader,
-    GpadlTeardown,
-    GpadlTorndown,
-    InitiateContact,
-    MemoryTable,
-    Message,
-    ModifyChannel,
-    ModifyChannelResponse,
-    OfferChannelMessage,
-    OpenChannel,
-    OpenResult,
-    RelIdReleased,
-    RequestOffers,
-    RescindChannelOffer,
-    Unload,
-    UnloadComplete,
-    Version,
-    VersionResponse,
-    decode_message_untrusted,
-    encode_message,
+from devicehost.vmbus.controlsocket import ControlSocket
+from devicehost.vmbus.server import VmbusServer
+from devicehost.vmbus.socketconnection import (
+    MAX_GPADL_WORDS_PER_GUEST,
+    MAX_GUEST_MEMORY,
+    MAX_PENDING_GPADLS,
+    GuestConnection,
+    GuestFault,
 )
-from devicehost.vmbus.protocol import (
-    STATUS_SUCCESS,
-    VP_INDEX_DISABLE_INTERRUPT,
-    GpadlChannelRequest,
-    GpadlRequest,
-    IncomingOffer,
-    ModifyChannelRequest,
-    ModifyRequest,
-    OfferFlags,
-    OpenChannelRequest,
-    OpenData,
-    OpenRequest,
-    TeardownGpadlRequest,
-    VmbusProtocolError,
-)
-from devicehost.vmbus.protocol import CloseRequest as CloseChannelRequest
-from devicehost.vmbus.server import ChannelRequestError, RemoteGuest, VmbusServer
 
 __all__ = [
+    "ACCEPT_BACKOFF",
     "MAX_GPADL_WORDS_PER_GUEST",
     "MAX_GUEST_MEMORY",
     "MAX_PENDING_GPADLS",
@@ -102,13 +72,6 @@ __all__ = [
 
 log = logging.getLogger("devicehost.vmbus.socket")
 
-#: Most bytes of guest memory one guest may map (all regions together).
-MAX_GUEST_MEMORY: Final = 1 << 40
-#: GPADLs a guest may have half-sent (GPADL_HEADER without all its GPADL_BODY messages).
-MAX_PENDING_GPADLS: Final = 64
-#: Range words a guest's GPADLs may hold in all (pending and created): 2**18 words describe
-#: 1 GiB of 4 KiB pages.
-MAX_GPADL_WORDS_PER_GUEST: Final = 1 << 18
 #: Seconds the accept loop waits before retrying after running out of fds.
 ACCEPT_BACKOFF: Final = 0.1
 _ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -116,420 +79,29 @@ _ACCEPT_EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 _ACCEPT_FATAL: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP})
 
 
-class GuestFault(Exception):
-    """Raised when a socket guest breaks the protocol; the guest is to blame and loses its
-    connection."""
-
-
-class _GuestGone(Exception):
-    """The guest's end of the socket is closed (not a fault: the guest left or died)."""
-
-
-class _PendingGpadl:
-    def __init__(self, header: GpadlHeader) -> None:
-        self.header = header
-        self.data = bytearray()
-
-
-def _words(data: bytes) -> tuple[int, ...]:
-    mv = memoryview(data).cast("Q")
-    return tuple(mv)
-
-
-class _GuestConnection:
-    """One guest's connection: its memory, negotiated version, offers sent and GPADL assembly."""
-
-    def __init__(self, owner: VmbusSocketServer, sock: ControlSocket, name: str) -> None:
-        self.owner = owner
-        self.server = owner.server
-        self.sock = sock
-        self.name = name
-        self.memory: GuestMemory | None = None
-        self.guest: RemoteGuest | None = None
-        self.version: int | None = None
-        self.state = "contact"
-        self.offers_requested = False
-        self.sent: dict[int, IncomingOffer] = {}
-        self.rescinded: set[int] = set()
-        self.pending: dict[int, _PendingGpadl] = {}
-        self.gpadl_words: dict[int, int] = {}
-        self.messages = 0
-        self._offers: MemoryObjectReceiveStream[IncomingOffer] | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
-        #: Why a background step ended the connection (a fault found outside the receive loop).
-        self._fault: str | None = None
-
-    # -- the loop --------------------------------------------------------------------------------
-
-    async def run(self) -> str:
-        """Serve the guest until it leaves or faults; returns why the connection ended."""
-        reason = "the guest closed the connection"
-        try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                try:
-                    reason = await self._receive_loop()
-                except GuestFault as exc:
-                    reason = f"guest fault: {exc}"
-                    log.warning("VMBus socket guest %s: %s; disconnecting it", self.name, exc)
-                except _GuestGone as exc:
-                    reason = str(exc)
-                tg.cancel_scope.cancel()
-            if self._fault is not None:
-                reason = self._fault
-        except Exception as exc:
-            # A defect here must cost this guest its connection, never the host.
-            reason = f"internal error: {exc!r}"
-            log.exception("VMBus socket guest %s: internal error; disconnecting it", self.name)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._cleanup()
-        return reason
-
-    async def _receive_loop(self) -> str:
-        while True:
-            try:
-                data, fds = await self.sock.receive()
-            except ControlSocketError as exc:
-                raise GuestFault(str(exc)) from None
-            except OSError as exc:
-                return f"socket error: {exc}"
-            if not data:
-                return "the guest closed the connection"
-            try:
-                await self._handle(data, fds)
-            finally:
-                close_fds(fds)  # every fd not taken over by the handler
-            self.messages += 1
-            # Bounded work per message, then let every other task of the host run.
-            await anyio.lowlevel.checkpoint()
-
-    async def _send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        try:
-            await self.sock.send(encode_message(message), fds)
-        except OSError as exc:
-            raise _GuestGone(f"the guest is gone ({exc})") from None
-
-    async def _cleanup(self) -> None:
-        """Drop everything of the guest; each step runs even if one before it failed (a defect
-        here is logged, never raised into the host)."""
-        if self._offers is not None:
-            self._offers.close()
-        try:
-            if self.guest is not None:
-                await self.server.disconnect(self.guest)
-        except Exception:
-            log.exception("VMBus socket guest %s: closing its channels failed", self.name)
-        self.sock.close()
-        try:
-            if self.memory is not None:
-                self.memory.close()
-        except Exception:
-            log.exception("VMBus socket guest %s: unmapping its memory failed", self.name)
-        self.pending.clear()
-
-    # -- dispatch --------------------------------------------------------------------------------
-
-    async def _handle(self, data: bytes, fds: list[int]) -> None:
-        try:
-            message = decode_message_untrusted(data, self.version)
-        except VmbusProtocolError as exc:
-            raise GuestFault(str(exc)) from None
-        if fds and not isinstance(message, (MemoryTable, OpenChannel)):
-            raise GuestFault(f"{type(message).__name__} carries {len(fds)} fds; it takes none")
-        if isinstance(message, MemoryTable):
-            self._memory_table(message, fds)
-        elif isinstance(message, InitiateContact):
-            await self._initiate_contact(message)
-        elif self.state != "connected":
-            raise GuestFault(f"{type(message).__name__} before INITIATE_CONTACT was accepted")
-        elif isinstance(message, RequestOffers):
-            await self._request_offers()
-        elif isinstance(message, GpadlHeader):
-            await self._gpadl_header(message)
-        elif isinstance(message, GpadlBody):
-            await self._gpadl_body(message)
-        elif isinstance(message, GpadlTeardown):
-            self._gpadl_teardown(message)
-        elif isinstance(message, OpenChannel):
-            await self._open(message, fds)
-        elif isinstance(message, CloseChannel):
-            await self._close(message)
-        elif isinstance(message, RelIdReleased):
-            self.rescinded.discard(message.channel_id)
-        elif isinstance(message, ModifyChannel):
-            await self._modify(message)
-        elif isinstance(message, Unload):
-            await self._unload()
-        else:
-            raise GuestFault(f"{type(message).__name__} is a message the host sends, not the guest")
-
-    # -- contact ---------------------------------------------------------------------------------
-
-    def _memory_table(self, message: MemoryTable, fds: list[int]) -> None:
-        if self.memory is not None:
-            raise GuestFault("MEMORY_TABLE was already sent")
-        if not message.regions or len(fds) != len(message.regions):
-            raise GuestFault(f"MEMORY_TABLE lists {len(message.regions)} regions but carries "
-                             f"{len(fds)} fds (one per region, at least one)")
-        memory = GuestMemory()
-        total = 0
-        try:
-            for index, (entry, fd) in enumerate(zip(message.regions, fds, strict=True)):
-                what = f"guest memory region {index}"
-                require_unshrinkable_memory(fd, what,
-                                            allow_unsealed=self.owner.allow_unsealed_memory)
-                if (entry.size <= 0 or entry.gpa % PAGE_SIZE or entry.size % PAGE_SIZE
-                        or entry.offset % PAGE_SIZE):
-                    raise GuestFault(f"{what}: gpa, size and offset must be whole pages, size > 0")
-                total += entry.size
-                if total > MAX_GUEST_MEMORY or entry.gpa + entry.size > 1 << 64:
-                    raise GuestFault(f"guest memory exceeds {MAX_GUEST_MEMORY} bytes or 2**64")
-                if os.fstat(fd).st_size < entry.offset + entry.size:
-                    raise GuestFault(f"{what}: the fd is smaller than offset + size")
-                region = MemoryRegion(entry.gpa, entry.size, fd=fd, offset=entry.offset,
-                                      owns_fd=True)
-                fds[index] = -1  # the region owns it now
-                memory.add_region(region)
-        except (FdKindError, ValueError, OverflowError, OSError) as exc:
-            memory.close()
-            raise GuestFault(str(exc)) from None
-        except BaseException:
-            memory.close()
-            raise
-        fds[:] = [fd for fd in fds if fd >= 0]
-        self.memory = memory
-
-    async def _initiate_contact(self, message: InitiateContact) -> None:
-        if self.state != "contact":
-            raise GuestFault("INITIATE_CONTACT while already connected")
-        if self.memory is None:
-            raise GuestFault("INITIATE_CONTACT before MEMORY_TABLE")
-        version = message.version_requested
-        if version not in SUPPORTED_VERSIONS:
-            log.info("VMBus socket guest %s asked for version %#010x: refused", self.name, version)
-            await self._send(VersionResponse(False, 0, 0))
-            return
-        self.version = version
-        self.state = "connected"
-        self.guest = RemoteGuest(self.memory, self.name)
-        # No feature of §2.4 is offered; from Copper on the response says so (VersionResponse2).
-        features = 0 if version >= Version.COPPER else None
-        await self._send(VersionResponse(True, 0, 0, supported_features=features))
-
-    async def _request_offers(self) -> None:
-        if self.offers_requested:
-            raise GuestFault("REQUEST_OFFERS was already sent")
-        self.offers_requested = True
-        self._offers = offers = self.server.subscribe()
-        while True:
-            try:
-                offer = offers.receive_nowait()
-            except anyio.WouldBlock:
-                break
-            await self._offer(offer)
-        await self._send(AllOffersDelivered())
-        assert self._tg is not None
-        self._tg.start_soon(self._forward_offers, offers)
-
-    async def _offer(self, incoming: IncomingOffer) -> None:
-        offer = incoming.offer
-        # The guest negotiated no confidential channels: the flag is cleared (facts §2.6).
-        flags = offer.flags & ~OfferFlags.CONFIDENTIAL_RING_BUFFER
-        self.sent[offer.channel_id] = incoming
-        await self._send(OfferChannelMessage(attrs.evolve(offer, flags=flags)))
-        assert self._tg is not None
-        self._tg.start_soon(self._watch_revoke, incoming)
-
-    async def _forward_offers(self, offers: MemoryObjectReceiveStream[IncomingOffer]) -> None:
-        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
-            async for incoming in offers:
-                await self._guarded(self._offer(incoming))
-
-    async def _watch_revoke(self, incoming: IncomingOffer) -> None:
-        if incoming.revoked is None:
-            return
-        await incoming.revoked.wait()
-        channel_id = incoming.channel_id
-        if self.sent.get(channel_id) is incoming:
-            del self.sent[channel_id]
-            self.rescinded.add(channel_id)
-            await self._guarded(self._send(RescindChannelOffer(channel_id)))
-
-    async def _guarded(self, step: Any) -> None:
-        """Run a background step; a guest fault in it ends the connection."""
-        try:
-            await step
-        except GuestFault as exc:
-            log.warning("VMBus socket guest %s: %s; disconnecting it", self.name, exc)
-            self._fault = f"guest fault: {exc}"
-            self.sock.close()  # the receive loop sees end of stream and cleans up
-        except _GuestGone:
-            self.sock.close()
-
-    # -- GPADLs ----------------------------------------------------------------------------------
-
-    async def _gpadl_header(self, message: GpadlHeader) -> None:
-        if message.gpadl_id in self.pending:
-            raise GuestFault(f"GPADL {message.gpadl_id:#x} is already being sent")
-        if len(self.pending) >= MAX_PENDING_GPADLS:
-            raise GuestFault(f"more than {MAX_PENDING_GPADLS} GPADLs half-sent")
-        if message.range_buflen % 8:
-            raise GuestFault(f"GPADL {message.gpadl_id:#x}: range length "
-                             f"{message.range_buflen} is not whole u64 words")
-        words = message.range_buflen // 8
-        if sum(self.gpadl_words.values()) + words > MAX_GPADL_WORDS_PER_GUEST:
-            raise GuestFault(f"the guest's GPADLs exceed {MAX_GPADL_WORDS_PER_GUEST} range words")
-        pending = _PendingGpadl(message)
-        self.pending[message.gpadl_id] = pending
-        await self._gpadl_data(pending, message.data)
-
-    async def _gpadl_body(self, message: GpadlBody) -> None:
-        pending = self.pending.get(message.gpadl_id)
-        if pending is None:
-            raise GuestFault(f"GPADL_BODY for GPADL {message.gpadl_id:#x}, which has no header")
-        await self._gpadl_data(pending, message.data)
-
-    async def _gpadl_data(self, pending: _PendingGpadl, data: bytes) -> None:
-        header = pending.header
-        if len(data) % 8 or len(pending.data) + len(data) > header.range_buflen:
-            raise GuestFault(f"GPADL {header.gpadl_id:#x}: range data is not whole words or "
-                             f"exceeds the {header.range_buflen} bytes its header announced")
-        pending.data += data
-        if len(pending.data) < header.range_buflen:
-            return
-        del self.pending[header.gpadl_id]
-        request = GpadlRequest(header.gpadl_id, header.range_count, _words(bytes(pending.data)))
-        status = STATUS_SUCCESS
-        try:
-            await self.server.request(header.channel_id, GpadlChannelRequest(request),
-                                      guest=self.guest)
-        except ChannelRequestError as exc:
-            log.info("VMBus socket guest %s: GPADL %#x refused: %s", self.name,
-                     header.gpadl_id, exc)
-            status = exc.status
-        else:
-            self.gpadl_words[header.gpadl_id] = len(request.buf)
-        await self._send(GpadlCreated(header.channel_id, header.gpadl_id, status))
-
-    def _gpadl_teardown(self, message: GpadlTeardown) -> None:
-        # A teardown of a mapped GPADL waits for the channel's close, which is a later message:
-        # it completes in its own task (at most one per GPADL: a second is refused).
-        # The guest is bound now: an UNLOAD handled before the task runs must not make it act
-        # for anyone else.
-        assert self._tg is not None and self.guest is not None
-        self._tg.start_soon(self._guarded, self._teardown(message, self.guest))
-
-    async def _teardown(self, message: GpadlTeardown, guest: RemoteGuest) -> None:
-        try:
-            await self.server.request(message.channel_id, TeardownGpadlRequest(message.gpadl_id),
-                                      guest=guest)
-        except ChannelRequestError as exc:
-            if message.channel_id not in self.rescinded:
-                raise GuestFault(f"GPADL_TEARDOWN refused: {exc}") from None
-            # Rescinded: the server dropped the channel's GPADLs already.
-        self.gpadl_words.pop(message.gpadl_id, None)
-        await self._send(GpadlTorndown(message.gpadl_id))
-
-    # -- channels --------------------------------------------------------------------------------
-
-    async def _open(self, message: OpenChannel, fds: list[int]) -> None:
-        if len(fds) != 1:
-            raise GuestFault(f"OPEN_CHANNEL carries {len(fds)} fds, it needs 1: the guest-to-host "
-                             "interrupt eventfd")
-        try:
-            require_eventfd(fds[0], "OPEN_CHANNEL guest-to-host interrupt")
-        except FdKindError as exc:
-            raise GuestFault(str(exc)) from None
-        # Host-to-guest interrupts: a pipe whose write end only the host holds, so no guest can
-        # make the host's notify block (docs/vmbus-socket.md, "File descriptors").
-        to_guest_r, to_guest_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal = EventfdSignal(fds[0], to_guest_w, owns_fds=True)
-        fds.clear()  # the signal owns them; the server closes it when the open fails or ends
-        target_vp = None if message.target_vp == VP_INDEX_DISABLE_INTERRUPT else message.target_vp
-        data = OpenData(
-            ring_offset=message.downstream_ring_buffer_page_offset,
-            ring_gpadl_id=message.ring_buffer_gpadl_id, target_vp=target_vp,
-            event_flag=message.event_flag, connection_id=message.connection_id or 0,
-            user_data=message.user_data)
-        status = STATUS_SUCCESS
-        try:
-            try:
-                await self.server.request(message.channel_id,
-                                          OpenChannelRequest(OpenRequest(data)),
-                                          guest=self.guest, signal=signal)
-            except ChannelRequestError as exc:
-                log.info("VMBus socket guest %s: open of channel %d refused: %s", self.name,
-                         message.channel_id, exc)
-                status = exc.status
-            result = OpenResult(message.channel_id, message.open_id, status)
-            await self._send(result, [to_guest_r] if status == STATUS_SUCCESS else [])
-        finally:
-            os.close(to_guest_r)  # the guest has its copy (or the open failed)
-
-    async def _close(self, message: CloseChannel) -> None:
-        try:
-            await self.server.request(message.channel_id, CloseChannelRequest(), guest=self.guest)
-        except ChannelRequestError as exc:
-            # No reply exists to carry a refusal; a close of a rescinded channel is normal.
-            log.info("VMBus socket guest %s: close of channel %d refused: %s", self.name,
-                     message.channel_id, exc)
-
-    async def _modify(self, message: ModifyChannel) -> None:
-        status = STATUS_SUCCESS
-        try:
-            await self.server.request(message.channel_id,
-                                      ModifyChannelRequest(ModifyRequest(message.target_vp)),
-                                      guest=self.guest)
-        except ChannelRequestError as exc:
-            status = exc.status
-        if self.version is not None and self.version >= Version.IRON:
-            await self._send(ModifyChannelResponse(message.channel_id, status))
-
-    async def _unload(self) -> None:
-        if self._offers is not None:
-            self._offers.close()
-            self._offers = None
-        assert self.guest is not None
-        await self.server.disconnect(self.guest)
-        self.sent.clear()
-        self.rescinded.clear()
-        self.pending.clear()
-        self.gpadl_words.clear()
-        self.state = "contact"
-        self.offers_requested = False
-        self.guest = None
-        version, self.version = self.version, None
-        if version is not None and version >= Version.WIN7:
-            await self._send(UnloadComplete())
-
-    def inspect(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "state": self.state,
-            "version": None if self.version is None else f"{self.version:#010x}",
-            "memory_bytes": 0 if self.memory is None else self.memory.size,
-            "offers_sent": sorted(self.sent),
-            "gpadls_pending": len(self.pending),
-            "messages": self.messages,
-        }
-
-
 class VmbusSocketServer:
     """Serves ``server`` to one guest at a time on the Unix SOCK_SEQPACKET socket ``path``."""
 
     def __init__(self, server: VmbusServer, path: str | os.PathLike[str], *,
                  allow_unsealed_memory: bool = False) -> None:
+        #: Set once the socket was handed to another process (live servicing): on the way out
+        #: this process closes its descriptors only (no channel closed, no unlink).
+        self.abandoned = False
+        self.listener: socket.socket | None = None
         self.server = server
         self.path = os.fspath(path)
         self.allow_unsealed_memory = allow_unsealed_memory
         self.connections = 0
         self.refused = 0
         self.last_disconnect: str | None = None
-        self._guest: _GuestConnection | None = None
+        self._guest: GuestConnection | None = None
         self._scope: anyio.CancelScope | None = None
         self._idle = anyio.Event()
         self._idle.set()
+        #: Cleared while parked for a handover: new guests wait in the listener's backlog
+        #: (which travels with the listener) instead of being accepted here.
+        self._accepting = anyio.Event()
+        self._accepting.set()
 
     @property
     def guest(self) -> dict[str, Any] | None:
@@ -556,11 +128,44 @@ class VmbusSocketServer:
                     ) -> None:
         """Listen and serve until cancelled (or :meth:`aclose`). ConfigError before starting if
         the path cannot be listened on (a live server answers there, or it is not usable)."""
-        listener = self._listen()
+        await self.serve_handed_over(self._listen(), None, task_status=task_status)
+
+    def connection(self, sock: socket.socket, name: str) -> GuestConnection:
+        """A guest connection over ``sock`` (a handover fills in its state before serving)."""
+        return GuestConnection(self, ControlSocket(sock), name)
+
+    @property
+    def connected(self) -> GuestConnection | None:
+        """The connected guest's connection (None when no guest is connected)."""
+        return self._guest
+
+    def park_accepting(self) -> None:
+        """Accept no guest until :meth:`unpark_accepting` (connections wait in the backlog)."""
+        self._accepting = anyio.Event()
+
+    def unpark_accepting(self) -> None:
+        self._accepting.set()
+
+    def abandon(self) -> None:
+        """The socket and its guest belong to another process now (module docstring)."""
+        self.abandoned = True
+
+    async def serve_handed_over(
+        self, listener: socket.socket, guest: GuestConnection | None, *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on ``listener`` (owned from now on), starting with the connected ``guest``
+        (a connection handed over from another process), until cancelled."""
+        listener.setblocking(False)
+        self.listener = listener
         try:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as scope:
                     self._scope = scope
+                    if guest is not None:
+                        self._guest = guest
+                        self._idle = anyio.Event()
+                        tg.start_soon(self._serve_guest, guest)
                     task_status.started()
                     while True:
                         conn = await self._accept(listener)
@@ -572,7 +177,7 @@ class VmbusSocketServer:
                             conn.close()
                             continue
                         self.connections += 1
-                        guest = _GuestConnection(self, ControlSocket(conn),
+                        guest = GuestConnection(self, ControlSocket(conn),
                                                  f"socket-guest-{self.connections}")
                         self._guest = guest
                         self._idle = anyio.Event()
@@ -580,12 +185,16 @@ class VmbusSocketServer:
                 tg.cancel_scope.cancel()
         finally:
             listener.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            if not self.abandoned:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
 
     async def _accept(self, listener: socket.socket) -> socket.socket:
         while True:
+            await self._accepting.wait()
             await anyio.wait_readable(listener)
+            if not self._accepting.is_set():
+                continue  # parked meanwhile: the connection stays in the backlog
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -604,7 +213,7 @@ class VmbusSocketServer:
             conn.set_inheritable(False)
             return conn
 
-    async def _serve_guest(self, guest: _GuestConnection) -> None:
+    async def _serve_guest(self, guest: GuestConnection) -> None:
         log.info("VMBus socket %s: guest %s connected", self.path, guest.name)
         try:
             reason = await guest.run()

@@ -25,7 +25,9 @@ state. A host restoring calls :meth:`VmbusTransport.restore` on its fresh transp
 adding the devices again; each :meth:`add` then restores its device: the channel keeps its id,
 its GPADLs and (if the device saved a state) its open ring, and the device's runner is rebuilt by
 ``restore_open`` and started. A device that was open but saved nothing is revoked and offered
-anew (its guest sees a rescind and a new offer).
+anew (its guest sees a rescind and a new offer). In a live handover (:attr:`strict_restore`,
+:mod:`devicehost.vmbus.handover`) nothing is offered anew: a device that cannot continue its
+channel fails, and restored devices are started only after the old process committed.
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ class VmbusTransport:
         self.gate: GuestGate = getattr(host, "gate", None) or GuestGate()
         #: The VMBus socket serving this server to a guest in another process (if configured).
         self.socket: VmbusSocketServer | None = None
+        #: A live handover (devicehost.vmbus.handover): a device that cannot continue its
+        #: channel fails its add (nothing is offered anew) and restored devices are not started
+        #: but collected in :attr:`held`, started after the old process committed.
+        self.strict_restore = False
+        self.held: list[Device] = []
 
     @property
     def allocator(self) -> DmaAllocator:
@@ -190,6 +197,13 @@ class VmbusTransport:
         self.socket = socket_server
         return socket_server
 
+    def abandon(self) -> None:
+        """Everything this transport serves belongs to another process now (a committed
+        handover): whatever still runs here on the way out closes no channel and unlinks
+        nothing."""
+        if self.socket is not None:
+            self.socket.abandon()
+
     async def aclose(self) -> None:
         if self.socket is not None:
             await self.socket.aclose()
@@ -229,6 +243,9 @@ class VmbusTransport:
         result = await handle.restore(was_open=state is not None)
         resources = handle.open_resources
         if result.open_request is None or resources is None:
+            if state is not None and self.strict_restore:
+                raise LifecycleError(f"device {device.name!r} saved an open channel that was"
+                                     " not handed over open")
             if state is not None:
                 log.warning("device %r saved an open channel the server did not restore",
                             device.name)
@@ -237,6 +254,8 @@ class VmbusTransport:
             await device.restore(state, resources,
                                  subchannel_index=handle.params.subchannel_index)
         except Exception as exc:
+            if self.strict_restore:
+                raise
             # The device cannot continue its channel: offer it anew, as if it saved nothing.
             log.warning("device %r failed to restore (%s); offering it anew", device.name, exc)
             await handle.revoke()
@@ -245,7 +264,10 @@ class VmbusTransport:
             await device.offer()
             await self.add(device, handle.params)
             return
-        await device.start()
+        if self.strict_restore:
+            self.held.append(device)
+        else:
+            await device.start()
 
     def resources_for_restore(self, device: Device) -> OpenResources:
         """Fresh resources over the device's open channel (same ring pages and guest signal),
