@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -63,6 +64,7 @@ async def test_only_saved_devices_carry_their_descriptors(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(Holder, "mode", mode)
+    gc.collect()  # descriptors earlier tests left to the collector must not close mid-count
     before = len(os.listdir("/proc/self/fd"))
     async with host_with({"holder": Holder}) as host:
         handoff = await host.save_for_handoff()
