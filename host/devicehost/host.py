@@ -182,6 +182,10 @@ class Host:
         self.device_deadlines: dict[str, Any] = {}
         #: Where the devices' config came from (a file name), named in device-build errors.
         self.config_source = "<config>"
+        #: Per device name, its worker settings (``isolation``, ``restart``...), if it has any.
+        self.worker_settings: dict[str, Any] = {}
+        #: The supervisor of the devices that run in worker processes, once there is one.
+        self.workers: Any = None
 
     @property
     def guest_memory(self) -> GuestMemory:
@@ -231,8 +235,15 @@ class Host:
     def _build(self, name: str, plugin: str, config: Any) -> Device | None:
         if name in self.devices or name in self.failures:
             raise DeviceHostError(f"a device named {name!r} already exists")
+        own = self.device_deadlines.get(name)
+        hook = None if own is None else own.hook_deadline
+        stop = None if own is None else own.stop_deadline
+        deadlines = Deadlines(self.settings.hook_deadline if hook is None else hook,
+                              self.settings.stop_deadline if stop is None else stop)
         try:
-            instance = self.registry.create_device(plugin, config)
+            instance = self._isolated(name, plugin, config, deadlines)
+            if instance is None:
+                instance = self.registry.create_device(plugin, config)
             pm = new_device_manager(
                 instance, name, [*self.registry.cross_cutting, *self._cross_cutting]
             )
@@ -254,14 +265,24 @@ class Host:
             logger=logging.getLogger(f"devicehost.device.{name}"),
             host=self,
         )
-        own = self.device_deadlines.get(name)
-        hook = None if own is None else own.hook_deadline
-        stop = None if own is None else own.stop_deadline
-        device = Device(ctx, pm, deadlines=Deadlines(
-            self.settings.hook_deadline if hook is None else hook,
-            self.settings.stop_deadline if stop is None else stop))
+        device = Device(ctx, pm, deadlines=deadlines)
         self.devices[name] = device
         return device
+
+    def _isolated(self, name: str, plugin: str, config: Any, deadlines: Deadlines) -> Any:
+        """The proxy of device ``name`` if it runs in a worker (``docs/workers.md``), else
+        None."""
+        from devicehost.worker.settings import WorkerSettings
+
+        own = self.worker_settings.get(name) or WorkerSettings()
+        if (own.isolation or self.settings.isolation) != "process":
+            return None
+        if self.workers is None:
+            from devicehost.worker.supervisor import Supervisor
+
+            self.workers = Supervisor(self.task_group)
+        return self.workers.proxy(self.registry, name, plugin, config, own, self.settings,
+                                  deadlines)
 
     async def _offer_and_attach(self, device: Device, *, hold_local: bool) -> bool:
         """Offer ``device`` and hand it to its transport; a local device is left offered (not
@@ -581,6 +602,8 @@ class Host:
                 except Exception:
                     log.exception("closing transport %s failed", type(transport).__name__)
             self._transports.clear()
+            if self.workers is not None:
+                await self.workers.aclose()
             if self._guest_memory is not None and self._owns_memory:
                 self._guest_memory.close()
             self._guest_memory = None
@@ -624,6 +647,8 @@ async def open_host(
         host.config_source = getattr(config, "source", host.config_source)
         host.device_deadlines = {d.name: d.deadlines for d in config.devices
                                  if getattr(d, "deadlines", None) is not None}
+        host.worker_settings = {d.name: d.worker for d in config.devices
+                                if getattr(d, "worker", None) is not None}
         try:
             if takeover is not None:
                 try:
