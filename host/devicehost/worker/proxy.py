@@ -153,7 +153,8 @@ class WorkerProxy:
         self.reports: dict[str, Any] = {}
         #: Why the last worker failed, if one did.
         self.last_failure: str | None = None
-        self._workers_started = 0
+        #: The pid of every worker started for this device, in order.
+        self.pids: list[int] = []
         self._closed = False
         try:
             table = config_table(config)
@@ -188,7 +189,7 @@ class WorkerProxy:
             self.task_group, self.name, init, memory_limit=self.settings.memory_limit,
             deadline=self.deadlines.hook * KILL_MARGIN, unresponsive_after=self.deadlines.hook,
             on_report=self._report)
-        self._workers_started += 1
+        self.pids.append(self.worker.pid)
         log.debug("device %r: worker pid %d started in %.3f s", self.name, self.worker.pid,
                   time.monotonic() - started)
         return self.worker
@@ -351,6 +352,7 @@ class WorkerProxy:
             "pid": None if worker is None else worker.pid,
             "alive": worker is not None and not worker.dead.is_set(),
             "restarts": self.policy.restarts,
+            "started": len(self.pids),
             "restart": self.settings.restart,
             "memory_limit": self.settings.memory_limit,
         }

@@ -102,6 +102,8 @@ class CrashDevice:
         report = getattr(ctx.host, "report", None)
         if report is not None:
             report("started", {"pid": os.getpid(), "runs": self.runs})
+            # A report is sent by the worker's event loop: give it a moment before failing.
+            await anyio.sleep(0.2)
         await self._maybe_fail(ctx, "run")
         await anyio.sleep_forever()
 
