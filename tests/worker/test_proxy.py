@@ -8,11 +8,13 @@ The failing device is tests/thirdparty/src/dh_crash.py (a third-party-style plug
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -29,8 +31,21 @@ from devicehost.testing.registry import DeviceSpec
 from devicehost.worker import WorkerSettings
 from devicehost.worker.limits import no_new_privs
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "thirdparty" / "src"))
-import dh_crash  # noqa: E402
+
+def _load_crash() -> ModuleType:
+    # Loaded by path, under a name no import could find: the worker loads it by path too.
+    name = "devicehost_tests_crash"
+    if name not in sys.modules:
+        path = Path(__file__).parents[1] / "thirdparty" / "src" / "dh_crash.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+dh_crash = _load_crash()
 
 pytestmark = pytest.mark.anyio
 BOUND = 60.0
@@ -96,7 +111,7 @@ def assert_reaped(pids: list[int]) -> None:
 
 
 @asynccontextmanager
-async def crash_host(pair: Pair, crash: dh_crash.CrashConfig, worker: WorkerSettings,
+async def crash_host(pair: Pair, crash: Any, worker: WorkerSettings,
                      settings: HostSettings | None = None) -> AsyncIterator[Host]:
     specs = [DeviceSpec("echo", "echo", pair.config),
              DeviceSpec("crash", "crash", crash, attrs.evolve(worker, isolation="process"))]
