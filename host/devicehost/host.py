@@ -318,6 +318,7 @@ class Host:
         """Revoke and forget device ``name``; a failure is logged, never raised."""
         device = self.devices.pop(name)
         transport = self._device_transport.pop(name, None)
+        before = device.failure
         try:
             if transport is not None:
                 await transport.remove(device)
@@ -325,12 +326,13 @@ class Host:
                 await device.close()
         except Exception:
             log.exception("removing device %r failed", name)
-        if device.abandoned:
+        if device.abandoned or (device.failure is not None and device.failure != before):
             self._missed_deadlines[name] = device.failure or "abandoned"
 
     def missed_deadlines(self) -> dict[str, str]:
-        """Every device that missed a hook's deadline and was abandoned (removed ones too), with
-        its failure."""
+        """Every device that missed a hook's deadline and was abandoned (removed ones too), or
+        failed while it was removed (a worker killed when its run would not stop), with its
+        failure."""
         now = {n: d.failure or "abandoned" for n, d in self.devices.items() if d.abandoned}
         return {**self._missed_deadlines, **now}
 

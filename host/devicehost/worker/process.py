@@ -209,6 +209,11 @@ class Worker:
 
     # -- the end --------------------------------------------------------------------------------
 
+    @property
+    def gone(self) -> bool:
+        """True once the worker has exited or was killed (it may not be reaped yet)."""
+        return self._exited.is_set() or self._kill_reason is not None
+
     def kill(self, reason: str) -> None:
         """SIGKILL the worker, with ``reason`` as the cause (the first reason given is kept)."""
         if self._exited.is_set():

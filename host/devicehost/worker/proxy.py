@@ -76,6 +76,8 @@ _REMOTE: dict[str, type[WorkerHookError]] = {}
 
 
 def _remote_error(type_name: str, message: str, key: str | None = None) -> DeviceHostError:
+    # The log line of a failure shows the message only: an empty one (MemoryError) says what.
+    message = message or f"{excerpt(type_name)} without a message"
     if type_name == "ConfigError" and key is not None:
         return ConfigError(message, key=key)
     cls = _REMOTE.get(type_name)
@@ -198,11 +200,11 @@ class WorkerProxy:
         """The worker for a call that needs no runner: the current one, a first one, or (after
         a failure while idle) a restarted one if the policy allows."""
         worker = self.worker
-        if worker is not None and not worker.dead.is_set():
+        if worker is not None and not worker.gone:
             return worker
         if worker is None:
             return await self._start(None)
-        cause = worker.cause or "the worker has ended"
+        cause = (await worker.died()).cause
         self.last_failure = cause
         delay = self.policy.next_delay(time.monotonic())
         if delay is None:
@@ -305,15 +307,19 @@ class WorkerProxy:
     async def close(self, ctx: DeviceContext, runner: WorkerRunner | None,
                     subchannel_index: int) -> None:
         self.resources = None
-        if runner is None or runner.worker.dead.is_set():
+        if runner is None or runner.worker.gone:
             return  # the runner ended with its worker
-        await self._call(runner.worker, "close",
-                         {"runner": runner.id, "subchannel_index": subchannel_index})
+        try:
+            await self._call(runner.worker, "close",
+                             {"runner": runner.id, "subchannel_index": subchannel_index})
+        except WorkerDied as exc:
+            # Closing is what its end did anyway; the worker's failure is the news.
+            log.warning("device %r: its worker ended while closing it: %s", self.name, exc.cause)
 
     @hookimpl
     async def save_open(self, ctx: DeviceContext, runner: WorkerRunner) -> Any:
         worker = runner.worker
-        if worker.dead.is_set():
+        if worker.gone:
             raise WorkerDied(worker.cause or "the worker has ended")
         value, fds = await self._request(worker, "save_open", {"runner": runner.id},
                                          carry_fds=ctx.fds.carries_fds)
@@ -350,7 +356,7 @@ class WorkerProxy:
         worker = self.worker
         info: dict[str, Any] = {
             "pid": None if worker is None else worker.pid,
-            "alive": worker is not None and not worker.dead.is_set(),
+            "alive": worker is not None and not worker.gone,
             "restarts": self.policy.restarts,
             "started": len(self.pids),
             "restart": self.settings.restart,
@@ -358,8 +364,8 @@ class WorkerProxy:
         }
         if self.last_failure is not None:
             info["last_failure"] = self.last_failure
-        if worker is not None and worker.dead.is_set():
-            info["ended"] = worker.cause
+        if worker is not None and worker.gone:
+            info["ended"] = worker.cause or "killed"
         tree: dict[str, Any] = {}
         if info["alive"] and worker is not None and (runner is None or runner.worker is worker):
             try:
@@ -378,8 +384,8 @@ class WorkerProxy:
     async def _run(self, ctx: DeviceContext, runner: WorkerRunner) -> None:
         cause: str | None = None
         while True:
-            if cause is None and runner.worker.dead.is_set():
-                cause = runner.worker.cause or "the worker has ended"
+            if cause is None and runner.worker.gone:
+                cause = (await runner.worker.died()).cause
             if cause is not None:
                 await self._recover(ctx, runner, cause)
                 cause = None
