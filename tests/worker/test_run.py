@@ -54,7 +54,7 @@ FAILING: Final = {
 }
 
 
-class ServedWithWorkers(watchdog_tests.Served):  # type: ignore[misc]
+class ServedWithWorkers(watchdog_tests.Served):  # type: ignore[misc,name-defined]
     """``devicehost run`` serving vmbfs and vsock inline and every FAILING device in a worker."""
 
     def __init__(self, sockets: Path, files: Path, thirdparty: Any) -> None:
