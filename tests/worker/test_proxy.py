@@ -288,3 +288,29 @@ async def test_a_worker_has_no_new_privs_and_only_its_own_descriptors(tmp_path: 
     finally:
         os.close(fd)
     assert_reaped([pid])
+
+
+def test_a_worker_does_not_log_for_the_host_or_another_device() -> None:
+    from devicehost.worker.process import relay_logger
+
+    assert relay_logger("a", "dh_crash") == "dh_crash"
+    assert relay_logger("a", "devicehost.device.a") == "devicehost.device.a"
+    assert relay_logger("a", "devicehost.device.b") == "devicehost.worker.a.devicehost.device.b"
+    assert relay_logger("a", "devicehost.host") == "devicehost.worker.a.devicehost.host"
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_supervisor_on_trio_restarts_a_killed_worker(anyio_backend: str) -> None:
+    pair = Pair()
+    worker = WorkerSettings(restart="on-failure", restart_delay=0.01)
+    with anyio.fail_after(BOUND):
+        async with crash_host(pair, dh_crash.CrashConfig(how="sigkill", once=True),
+                              worker) as host:
+            device = host.devices["crash"]
+            proxy = host.workers.proxies["crash"]
+            await wait_until(lambda: len(proxy.pids) == 2
+                             and proxy.reports.get("started", {}).get("pid") == proxy.pids[1])
+            assert device.state is DeviceState.RUNNING
+            await pair.round_trip(1)
+            pids = pids_of(host)
+    assert_reaped(pids)

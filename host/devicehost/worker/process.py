@@ -45,7 +45,7 @@ from devicehost.worker.messages import (
     decode_from_worker_untrusted,
 )
 
-__all__ = ["TAIL_LINES", "Worker", "WorkerDied", "signal_name"]
+__all__ = ["TAIL_LINES", "Worker", "WorkerDied", "relay_logger", "signal_name"]
 
 log = logging.getLogger("devicehost.worker")
 
@@ -65,6 +65,16 @@ class WorkerDied(DeviceHostError):
     def __init__(self, cause: str) -> None:
         super().__init__(cause)
         self.cause = cause
+
+
+def relay_logger(device: str, name: str) -> str:
+    """The logger that a record of logger ``name`` from ``device``'s worker is logged under:
+    its own name, unless that is the host's (``devicehost.*``) and not the device's own: a
+    worker does not speak for the host or for another device."""
+    own = f"devicehost.device.{device}"
+    if name == own or name.startswith(own + ".") or not name.startswith("devicehost"):
+        return name
+    return f"devicehost.worker.{device}.{name}"
 
 
 def signal_name(number: int) -> str:
@@ -342,7 +352,7 @@ class Worker:
             except (ValueError, KeyError, TypeError):
                 pass
             else:
-                logging.getLogger(name).log(level, "%s", message)
+                logging.getLogger(relay_logger(self.name, name)).log(level, "%s", message)
                 self.tail.append(f"{logging.getLevelName(level)} {name}: "
                                  f"{message.splitlines()[0] if message else ''}"[:300])
                 return
