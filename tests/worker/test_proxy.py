@@ -314,3 +314,16 @@ async def test_a_supervisor_on_trio_restarts_a_killed_worker(anyio_backend: str)
             await pair.round_trip(1)
             pids = pids_of(host)
     assert_reaped(pids)
+
+
+async def test_a_device_that_cannot_be_built_in_its_worker_is_named_with_why() -> None:
+    pair = Pair()
+    with anyio.fail_after(BOUND):
+        async with crash_host(pair, dh_crash.CrashConfig(how="construct"),
+                              WorkerSettings()) as host:
+            assert "crash" not in host.devices or failed(host.devices["crash"])
+            why = host.failures["crash"]
+            assert "could not build the device: ValueError: dh_crash refuses to be built" in why
+            await pair.round_trip(1)
+            pids = pids_of(host)
+    assert_reaped(pids)

@@ -125,15 +125,20 @@ class _Worker:
         self._ids = itertools.count(1)
         self.pm: Any = None
         self.ctx: DeviceContext | None = None
+        #: Set when everything queued was sent (after ``out`` is closed) or cannot be.
+        self.sent = anyio.Event()
 
     async def sender(self) -> None:
-        async for message, fds in self._queue:
-            try:
-                await self.channel.send(message, fds)
-            except OSError:
-                return  # the supervisor is gone; the receive loop ends too
-            finally:
-                close_fds(fds)
+        try:
+            async for message, fds in self._queue:
+                try:
+                    await self.channel.send(message, fds)
+                except OSError:
+                    return  # the supervisor is gone; the receive loop ends too
+                finally:
+                    close_fds(fds)
+        finally:
+            self.sent.set()
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         self.out.send_nowait((message, fds or []))
@@ -323,8 +328,7 @@ async def serve(sock: socket.socket) -> int:
         worker.out.close()
         with anyio.move_on_after(5):
             # Let what is queued (the init's failure, the last results) reach the supervisor.
-            while worker._queue.statistics().current_buffer_used:
-                await anyio.sleep(0.01)
+            await worker.sent.wait()
         tg.cancel_scope.cancel()
     channel.close()
     return code

@@ -122,10 +122,11 @@ class Worker:
     async def start(
         cls, task_group: anyio.abc.TaskGroup, name: str, init: dict[str, Any], *,
         memory_limit: int | None, deadline: float, unresponsive_after: float,
-        on_report: Callable[[str, Any], None],
+        on_report: Callable[[str, Any], None], pids: list[int] | None = None,
     ) -> Worker:
         """Start a worker and initialise its device with ``init`` (the init message); the
-        worker once its device is built. :class:`WorkerDied` if it fails to (it is reaped)."""
+        worker once its device is built. :class:`WorkerDied` if it fails to (it is reaped).
+        ``pids``: the new worker's pid is appended to it as soon as it runs."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [sys.executable, "-m", "devicehost.worker", "--fd", str(child.fileno()),
                    "--name", name, "--parent", str(os.getpid())]
@@ -145,15 +146,25 @@ class Worker:
             child.close()
         worker = cls(name, process, Channel(parent), unresponsive_after=unresponsive_after,
                      on_report=on_report)
+        if pids is not None:
+            pids.append(worker.pid)
         task_group.start_soon(worker._read_output)
         task_group.start_soon(worker._read_messages)
         task_group.start_soon(worker._reap)
         try:
             with anyio.fail_after(deadline):
-                await worker._request(0, init, [])
+                reply, fds = await worker._request(0, init, [])
+            close_fds(fds)
+            if isinstance(reply, Failure):
+                with anyio.CancelScope(shield=True):
+                    await worker.shutdown(deadline)
+                raise WorkerDied(f"the worker (pid {worker.pid}) could not build the device:"
+                                 f" {reply.type}: {reply.message}")
         except TimeoutError:
             worker.kill(f"its device was not built within {deadline:g} s")
             raise await worker.died() from None
+        except WorkerDied:
+            raise
         except BaseException:
             with anyio.CancelScope(shield=True):
                 worker.kill("the supervisor gave up on its start")

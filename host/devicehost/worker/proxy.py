@@ -190,8 +190,7 @@ class WorkerProxy:
         self.worker = await Worker.start(
             self.task_group, self.name, init, memory_limit=self.settings.memory_limit,
             deadline=self.deadlines.hook * KILL_MARGIN, unresponsive_after=self.deadlines.hook,
-            on_report=self._report)
-        self.pids.append(self.worker.pid)
+            on_report=self._report, pids=self.pids)
         log.debug("device %r: worker pid %d started in %.3f s", self.name, self.worker.pid,
                   time.monotonic() - started)
         return self.worker

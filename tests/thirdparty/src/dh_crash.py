@@ -4,7 +4,8 @@
 (reads address 0), ``sigbus`` (touches a memfd mapping truncated under it), ``busy`` (a busy
 loop), ``sleep`` (``time.sleep(3600)``), ``ignore-term`` (ignores SIGTERM and swallows the
 cancellation of its run), ``leak`` (allocates until MemoryError) or ``raise`` (RuntimeError);
-``hook`` is where (``run``, ``open`` or ``close``); ``once``: only in the device's first worker
+``construct`` (the constructor raises ValueError); ``hook`` is where (``run``, ``open`` or
+``close``); ``once``: only in the device's first worker
 (a restarted one runs quietly). The device reports ``{"pid": PID}`` under ``"started"`` when its
 run starts and logs ``crash: <hook> fails (<how>) in pid <pid>`` on logger ``dh_crash`` just
 before it fails.
@@ -44,6 +45,8 @@ class CrashDevice:
 
     def __init__(self, config: CrashConfig | None) -> None:
         self.config = config or CrashConfig()
+        if self.config.how == "construct":
+            raise ValueError("dh_crash refuses to be built")
         self.runs = 0
 
     async def _maybe_fail(self, ctx: DeviceContext, hook: str) -> None:
