@@ -41,17 +41,19 @@ _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(value: int | str | None) -> int | None:
-    """Bytes from an int or a string with an optional K/M/G/T suffix (``"512M"``)."""
+    """``memory_limit`` in bytes, from an int or a string with an optional K/M/G/T suffix
+    (``"512M"``); ValueError naming the key."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"expected a size, got {value!r}")
+        raise ValueError(f"memory_limit: expected a size, got {value!r}")
     if isinstance(value, int):
         number = value
     else:
         match = _SIZE.fullmatch(value)
         if match is None:
-            raise ValueError(f"expected a size such as 536870912 or \"512M\", got {value!r}")
+            raise ValueError(f"memory_limit: expected a size such as 536870912 or \"512M\","
+                             f" got {value!r}")
         number = int(match.group(1)) * _UNITS[match.group(2).upper()]
     if number < MIN_MEMORY_LIMIT or number >= 1 << 62:
         raise ValueError(f"memory_limit must be at least {MIN_MEMORY_LIMIT >> 20} MiB (a worker's"
