@@ -42,7 +42,7 @@ from devicehost.errors import ConfigError, ends_the_host
 from devicehost.excerpt import bounded_message
 from devicehost.worker.channel import Channel, ChannelClosed, close_fds
 from devicehost.worker.codec import Decoder, Encoder
-from devicehost.worker.limits import apply_limits
+from devicehost.worker.limits import apply_limits, exit_with_supervisor
 from devicehost.worker.messages import decode_to_worker, encode_message
 from devicehost.worker.settings import RestartInfo
 
@@ -330,7 +330,8 @@ async def serve(sock: socket.socket) -> int:
             # Let what is queued (the init's failure, the last results) reach the supervisor.
             await worker.sent.wait()
         tg.cancel_scope.cancel()
-    channel.close()
+    # The channel stays open until the process ends: its hang-up is what the supervisor watch
+    # (limits.exit_with_supervisor) waits for.
     return code
 
 
@@ -349,4 +350,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(_JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     sock = socket.socket(fileno=args.fd)
+    exit_with_supervisor(args.fd)
     return anyio.run(serve, sock)

@@ -4,7 +4,7 @@ A :class:`Supervisor` belongs to one :class:`~devicehost.host.Host` (``host.work
 the first isolated device is built). It builds each isolated device's :class:`WorkerProxy`, whose
 worker tasks live in the host's task group, and at the host's close stops every worker: each is
 asked to exit, killed after its device's stop deadline, and reaped (no worker outlives its host;
-one whose supervisor is killed is killed by the kernel, :mod:`devicehost.worker.limits`).
+one whose supervisor is killed ends at once, :func:`devicehost.worker.limits.exit_with_supervisor`).
 """
 
 from __future__ import annotations
