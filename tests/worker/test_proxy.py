@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -325,5 +326,52 @@ async def test_a_device_that_cannot_be_built_in_its_worker_is_named_with_why() -
             why = host.failures["crash"]
             assert "could not build the device: ValueError: dh_crash refuses to be built" in why
             await pair.round_trip(1)
+            pids = pids_of(host)
+    assert_reaped(pids)
+
+
+class Blocker:
+    """An inline device whose run blocks the host's event loop once, for 3 s, when told to."""
+
+    def __init__(self, config: None) -> None:
+        self.go = anyio.Event()
+        self.blocked = anyio.Event()
+
+    @hookimpl
+    def offer(self, ctx: DeviceContext) -> LocalOffer:
+        return LocalOffer()
+
+    @hookimpl
+    def open(self, ctx: DeviceContext, resources: LocalOffer) -> str:
+        return "blocker"
+
+    @hookimpl
+    def run(self, ctx: DeviceContext, runner: str) -> Any:
+        return self._run()
+
+    async def _run(self) -> None:
+        await self.go.wait()
+        time.sleep(3)  # the host's loop, and so its reading of the worker's pongs, stalls
+        self.blocked.set()
+        await anyio.sleep_forever()
+
+
+async def test_a_host_whose_own_loop_stalls_does_not_kill_a_healthy_worker() -> None:
+    specs = [DeviceSpec("blocker", "blocker"),
+             DeviceSpec("crash", "crash", dh_crash.CrashConfig(),
+                        WorkerSettings(isolation="process"))]
+    settings = HostSettings(hook_deadline=1, stop_deadline=1)
+    with anyio.fail_after(BOUND):
+        async with host_with({"blocker": Blocker, "crash": dh_crash.CrashDevice}, specs,
+                             settings=settings) as host:
+            blocker = host.devices["blocker"].pm.get_plugin("blocker")
+            proxy = host.workers.proxies["crash"]
+            await wait_until(lambda: "started" in proxy.reports)
+            blocker.go.set()
+            await blocker.blocked.wait()
+            await anyio.sleep(1.5)  # past the worker's deadline after the stall
+            assert host.devices["crash"].state is DeviceState.RUNNING, host.devices[
+                "crash"].failure
+            assert len(proxy.pids) == 1 and proxy.worker is not None and not proxy.worker.gone
             pids = pids_of(host)
     assert_reaped(pids)

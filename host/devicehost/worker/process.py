@@ -204,6 +204,8 @@ class Worker:
     async def begin_run(self, runner: int) -> None:
         """Start ``runner``'s run (:meth:`wait_ended` waits for its end); :class:`WorkerDied` if
         the worker is gone."""
+        if self.dead.is_set():
+            raise WorkerDied(self.cause or "the worker has ended")
         self._runs[runner] = _Slot()
         try:
             await self.channel.send({"op": "run", "runner": runner})
@@ -374,10 +376,16 @@ class Worker:
     async def _ping(self) -> None:
         interval = min(1.0, self.unresponsive_after / 4)
         ident = itertools.count(1)
-        self._last_pong = time.monotonic()
+        self._last_pong = last_turn = time.monotonic()
         while not self.dead.is_set():
             await anyio.sleep(interval)
-            silent = time.monotonic() - self._last_pong
+            now = time.monotonic()
+            if now - last_turn > interval + self.unresponsive_after / 4:
+                # This process's own event loop was held up (an inline plugin blocked it): the
+                # worker's answers may wait unread. Its silence counts from now.
+                self._last_pong = now
+            last_turn = now
+            silent = now - self._last_pong
             if silent > self.unresponsive_after:
                 self.kill(f"it stopped answering (its event loop did not turn for"
                           f" {silent:.1f} s)")
