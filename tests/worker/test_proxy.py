@@ -364,7 +364,7 @@ async def test_a_host_whose_own_loop_stalls_does_not_kill_a_healthy_worker() -> 
     with anyio.fail_after(BOUND):
         async with host_with({"blocker": Blocker, "crash": dh_crash.CrashDevice}, specs,
                              settings=settings) as host:
-            blocker = host.devices["blocker"].pm.get_plugin("blocker")
+            blocker: Any = host.devices["blocker"].pm.get_plugin("blocker")
             proxy = host.workers.proxies["crash"]
             await wait_until(lambda: "started" in proxy.reports)
             blocker.go.set()
