@@ -122,3 +122,32 @@ def test_nesting_is_bounded() -> None:
         data = {"@": "list", "v": [data]}
     with pytest.raises(CodecError, match="deeper"):
         decode_value(data)
+
+
+@attrs.frozen
+class Held:
+    name: str
+
+
+released: list[str] = []
+
+
+def _release_held(value: Held) -> None:
+    if value.name == "bad":
+        raise RuntimeError("cannot release")
+    released.append(value.name)
+
+
+register_codec(Held, "tests.Held", lambda v, out: {"name": v.name},
+               lambda d, inp: Held(str(inp.fields(d, "name")["name"])), _release_held)
+
+
+def test_release_runs_the_codecs_release_and_logs_its_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from devicehost.worker.codec import release_value
+
+    release_value(Held("a"))
+    release_value(Held("bad"))
+    release_value(LocalOffer())  # a codec without release: nothing to do
+    assert released == ["a"]
+    assert "releasing a Held failed" in caplog.text

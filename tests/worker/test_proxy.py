@@ -375,3 +375,31 @@ async def test_a_host_whose_own_loop_stalls_does_not_kill_a_healthy_worker() -> 
             assert len(proxy.pids) == 1 and proxy.worker is not None and not proxy.worker.gone
             pids = pids_of(host)
     assert_reaped(pids)
+
+
+async def test_a_restart_handler_can_take_the_restart_over() -> None:
+    from devicehost.worker import proxy as proxy_module
+
+    taken: list[Any] = []
+
+    async def handler(restart: Any) -> bool:
+        taken.append(restart.info)
+        return True
+
+    pair = Pair()
+    proxy_module.register_restart_handler(LocalOffer, handler)
+    try:
+        worker = WorkerSettings(restart="on-failure", restart_delay=0.01)
+        with anyio.fail_after(BOUND):
+            async with crash_host(pair, dh_crash.CrashConfig(how="sigkill", once=True),
+                                  worker) as host:
+                device = host.devices["crash"]
+                await wait_until(lambda: device.state is DeviceState.DONE)
+                proxy = host.workers.proxies["crash"]
+                assert len(proxy.pids) == 2 and not proxy.worker.gone
+                (info,) = taken
+                assert info.count == 1 and "SIGKILL" in info.cause
+                pids = pids_of(host)
+    finally:
+        proxy_module._RESTART_HANDLERS.pop(LocalOffer)
+    assert_reaped(pids)

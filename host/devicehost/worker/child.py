@@ -110,6 +110,14 @@ def _import_class(where: dict[str, Any]) -> type[Any]:
     return value
 
 
+def _release(values: Any) -> None:
+    """Release decoded hook arguments (their codecs' ``release``: mappings, descriptors)."""
+    from devicehost.worker.codec import release_value
+
+    for value in values:
+        release_value(value)
+
+
 def _describe(exc: BaseException) -> str:
     return bounded_message(f"{type(exc).__name__}: {exc}")
 
@@ -121,6 +129,8 @@ class _Worker:
         self.out, self._queue = anyio.create_memory_object_stream[
             tuple[dict[str, Any], list[int]]](math.inf)
         self.runners: dict[int, Any] = {}
+        #: Per runner, the decoded arguments of the open that built it (released at its close).
+        self.acquired: dict[int, list[Any]] = {}
         self.runs: dict[int, anyio.CancelScope] = {}
         self._ids = itertools.count(1)
         self.pm: Any = None
@@ -184,10 +194,10 @@ class _Worker:
         ident, hook = message["id"], message["hook"]
         ctx = self.ctx
         assert ctx is not None
+        kwargs: dict[str, Any] = {}
         try:
             inp = Decoder(fds)
             try:
-                kwargs: dict[str, Any] = {}
                 for name, raw in dict(message.get("args", {})).items():
                     if name == "runner":
                         kwargs["runner"] = None if raw is None else self.runners[raw]
@@ -206,6 +216,8 @@ class _Worker:
                 raise
             if hook in ("save_open", "restore_open"):
                 ctx.fds.discard()
+            if hook in ("open", "restore_open"):
+                _release(kwargs.values())
             self.fail(ident, exc)
             return
         out = Encoder()
@@ -216,10 +228,15 @@ class _Worker:
                 if value is not None:
                     rid = next(self._ids)
                     self.runners[rid] = value
+                    self.acquired[rid] = [v for k, v in kwargs.items() if k != "runner"]
                     value = rid
+                else:
+                    _release(kwargs.values())
                 data = value
             elif hook == "close":
-                self.runners.pop(message["args"].get("runner"), None)
+                rid = message["args"].get("runner")
+                self.runners.pop(rid, None)
+                _release(self.acquired.pop(rid, ()))
                 data = None
             elif hook == "save_open":
                 drained = ctx.fds.drain()

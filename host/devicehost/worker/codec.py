@@ -63,6 +63,7 @@ __all__ = [
     "decode_value",
     "encode_value",
     "register_codec",
+    "release_value",
 ]
 
 #: Deepest nesting of tagged values accepted.
@@ -269,6 +270,9 @@ class Codec:
     tag: str
     encode: Callable[[Any, Encoder], JSON]
     decode: Callable[[JSON, Decoder], Any]
+    #: Releases what a decoded value holds (mappings, descriptors) once its user is done with it
+    #: (:func:`release_value`); None: nothing to release.
+    release: Callable[[Any], None] | None = None
 
 
 _BY_TYPE: dict[type, Codec] = {}
@@ -281,8 +285,11 @@ def register_codec(
     tag: str,
     encode: Callable[[Any, Encoder], JSON],
     decode: Callable[[JSON, Decoder], Any],
+    release: Callable[[Any], None] | None = None,
 ) -> None:
     """Register how values of exactly type ``cls`` cross the worker boundary (module docstring).
+    ``release``: what the receiver calls on a decoded value once done with it (the worker, on a
+    hook argument of ``open``/``restore_open``, after the runner's ``close`` or a failed open).
     Registering the same type again under the same tag replaces the functions (a module reloaded);
     a tag or type taken by another registration is a :class:`ValueError`."""
     if not tag or tag in _RESERVED:
@@ -294,9 +301,24 @@ def register_codec(
     by_type = _BY_TYPE.get(cls)
     if by_type is not None and by_type.tag != tag:
         raise ValueError(f"{cls.__qualname__} already has the codec {by_type.tag!r}")
-    codec = Codec(cls, tag, encode, decode)
+    codec = Codec(cls, tag, encode, decode, release)
     _BY_TYPE[cls] = codec
     _BY_TAG[tag] = codec
+
+
+def release_value(value: Any) -> None:
+    """Release a decoded ``value`` through its codec's ``release`` (if it has one); an error in
+    the release is logged, never raised."""
+    codec = _BY_TYPE.get(type(value))
+    if codec is None or codec.release is None:
+        return
+    try:
+        codec.release(value)
+    except Exception:
+        import logging
+
+        logging.getLogger("devicehost.worker").exception("releasing a %s failed",
+                                                          type(value).__qualname__)
 
 
 def codec_for(cls: type) -> Codec | None:

@@ -112,15 +112,17 @@ class Restart:
     reopen: Callable[[Any], Awaitable[None]]
 
 
-_RESTART_HANDLERS: dict[type, Callable[[Restart], Awaitable[None]]] = {}
+_RESTART_HANDLERS: dict[type, Callable[[Restart], Awaitable[bool | None]]] = {}
 
 
 def register_restart_handler(resources_type: type,
-                             handler: Callable[[Restart], Awaitable[None]]) -> None:
+                             handler: Callable[[Restart], Awaitable[bool | None]]) -> None:
     """Restart devices opened with ``resources_type`` through ``handler`` instead of the default
     reopen. ``handler`` runs in the supervisor once the new worker is up; it calls
     ``await restart.reopen(resources)`` to open the device in it (the run then goes on), or
-    returns without it (the run ends with :class:`WorkerFailed`, e.g. to revoke and re-offer)."""
+    returns True when its transport takes the restart over (the run ends, the device is done
+    until opened again: VMBus revokes and re-offers it), or returns without either (the run ends
+    with :class:`WorkerFailed`)."""
     _RESTART_HANDLERS[resources_type] = handler
 
 
@@ -386,7 +388,8 @@ class WorkerProxy:
             if cause is None and runner.worker.gone:
                 cause = (await runner.worker.died()).cause
             if cause is not None:
-                await self._recover(ctx, runner, cause)
+                if await self._recover(ctx, runner, cause):
+                    return
                 cause = None
             try:
                 ended = await self._run_once(runner)
@@ -433,8 +436,9 @@ class WorkerProxy:
             raise WorkerFailed("the restarted device's open returned no runner")
         into.append(new)
 
-    async def _recover(self, ctx: DeviceContext, runner: WorkerRunner, cause: str) -> None:
-        """Replace the failed worker of ``runner`` (module docstring) or raise WorkerFailed."""
+    async def _recover(self, ctx: DeviceContext, runner: WorkerRunner, cause: str) -> bool:
+        """Replace the failed worker of ``runner`` (module docstring) or raise WorkerFailed.
+        True if a restart handler took the restart over (the run then ends)."""
         while True:
             self.last_failure = cause
             old = runner.worker
@@ -459,8 +463,12 @@ class WorkerProxy:
                 handler = _RESTART_HANDLERS.get(type(self.resources))
                 if handler is None:
                     await reopen(self.resources)
-                else:
-                    await handler(Restart(ctx, self.resources, info, reopen))
+                elif await handler(Restart(ctx, self.resources, info, reopen)) is True:
+                    # The transport took the restart over (VMBus: revoke, re-offer, and the
+                    # guest opens again): this run ends; the new worker serves the next open.
+                    log.info("device %r: worker pid %d is up; its transport re-offers it",
+                             self.name, worker.pid)
+                    return True
                 if not reopened:
                     raise WorkerFailed(f"{cause}; its restart handler did not reopen it")
             except WorkerDied as exc:
@@ -473,4 +481,4 @@ class WorkerProxy:
                 continue
             runner.worker, runner.id = reopened[0].worker, reopened[0].id
             log.info("device %r: restarted in worker pid %d", self.name, worker.pid)
-            return
+            return False
