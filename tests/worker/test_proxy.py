@@ -267,7 +267,9 @@ async def test_a_restarted_worker_learns_why_and_what_the_dead_one_reported() ->
     assert_reaped(pids)
 
 
-async def test_a_worker_has_no_new_privs_and_only_its_own_descriptors(tmp_path: Path) -> None:
+async def test_a_worker_has_no_new_privs_and_only_its_own_descriptors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))  # the host's, not the worker's
     pair = Pair()
     marker = tmp_path / "marker"
     fd = os.open(marker, os.O_CREAT | os.O_RDWR)
@@ -279,6 +281,8 @@ async def test_a_worker_has_no_new_privs_and_only_its_own_descriptors(tmp_path: 
                 await wait_until(lambda: "started" in proxy.reports)
                 (pid,) = proxy.pids
                 assert no_new_privs(pid)
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                assert not [v for v in environ if v.startswith(b"NOTIFY_SOCKET=")]
                 links = {os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
                 assert str(marker) not in links
                 assert not any(link.startswith("/dev/pts") or link.startswith("/dev/tty")

@@ -54,6 +54,9 @@ TAIL_LINES: Final = 8
 _MAX_LINE: Final = 4096
 #: How long the reaper waits for a dead worker's last output (a grandchild may hold the pipe).
 _OUTPUT_GRACE: Final = 2.0
+#: Environment variables of the host that a worker does not get.
+_HOST_ONLY_ENV: Final = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                                   "WATCHDOG_USEC", "WATCHDOG_PID"})
 #: Output lines left out of a cause: the frames of faulthandler's and Python's tracebacks.
 _NOT_TAILED: Final = (" ", "\t", "Current thread", "Thread 0x", "Extension modules:",
                       "Traceback (most recent call last):")
@@ -130,7 +133,9 @@ class Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [sys.executable, "-m", "devicehost.worker", "--fd", str(child.fileno()),
                    "--name", name, "--parent", str(os.getpid())]
-        env = dict(os.environ)
+        # Not the service manager's sockets: a worker must not speak for the host (sd_notify) or
+        # take its socket-activated listeners.
+        env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY_ENV}
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         if memory_limit is not None:
             command += ["--memory-limit", str(memory_limit)]
