@@ -10,9 +10,14 @@ from pathlib import Path
 from types import ModuleType
 
 import anyio
+import attrs
 import pytest
 
-from devicehost.testing import host_with
+from devicehost.config import HostSettings
+from devicehost.handoff import Handoff
+from devicehost.host import open_host
+from devicehost.lifecycle import DeviceState
+from devicehost.testing import StaticRegistry, host_with
 from devicehost.testing.registry import DeviceSpec
 from devicehost.worker import WorkerSettings
 
@@ -57,3 +62,44 @@ async def test_a_saved_descriptor_crosses_to_the_supervisor_and_back() -> None:
             assert after["inode"] == before["inode"] and after["token"] == state.token
             assert device.ctx.fds.discard() == []  # the worker took it
             assert await device.start()
+
+
+@attrs.frozen
+class _Config:
+    devices: tuple[DeviceSpec, ...]
+    host: HostSettings = attrs.field(factory=HostSettings)
+
+
+class _InProcessTakeover:
+    """The takeover client's interface, over a handoff made in this process."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.handoff = handoff
+        self.confirmed = False
+
+    async def request(self) -> Handoff:
+        return self.handoff
+
+    async def confirm(self) -> None:
+        self.confirmed = True
+
+    async def refuse(self, why: str) -> None:
+        raise AssertionError(f"the takeover was refused: {why}")
+
+
+async def test_a_device_in_a_worker_is_taken_over_by_a_new_host_with_its_descriptor() -> None:
+    spec = DeviceSpec("k", "keeper", None, WorkerSettings(isolation="process"))
+    with anyio.fail_after(60):
+        async with host_with({"keeper": keeper.KeeperDevice}, [spec]) as old:
+            before = (await old.devices["k"].inspect())["device"]
+            handoff = await old.save_for_handoff()
+            takeover = _InProcessTakeover(handoff)
+            registry = StaticRegistry({"keeper": keeper.KeeperDevice})
+            async with open_host(registry, _Config((spec,)), takeover=takeover) as new:
+                device = new.devices["k"]
+                after = (await device.inspect())["device"]
+                assert takeover.confirmed and new.restore_report == {"k": "restored"}
+                assert after["pid"] not in (before["pid"], os.getpid())
+                assert after["inode"] == before["inode"] and after["token"] == before["token"]
+                assert device.state is DeviceState.RUNNING
+            old.abandon_devices = True  # handed over: the old host closes nothing

@@ -12,8 +12,13 @@ its stop deadline); a worker that does not answer in time is killed and the call
 would abandon it.
 
 Failures while running (the worker exits, is killed by a signal, stops answering pings, or its
-``run`` raises): with ``restart = "no"`` the run raises :class:`WorkerFailed` and the device is
-FAILED with the cause. With ``restart = "on-failure"`` the run goes on: after the policy's delay
+``run`` raises): with ``restart = "no"`` the run raises :class:`WorkerFailed` with the cause (or
+what the worker's ``run`` raised, named after its type) and the device is FAILED. A worker that
+ends while its device is not running is noticed by the next call: a call that needs no runner
+(``offer``, ``open``, ``restore_open``) restarts it if the policy allows, else fails with the
+cause; ``close`` of a runner whose worker ended does nothing.
+
+With ``restart = "on-failure"`` the run goes on: after the policy's delay
 (:mod:`devicehost.worker.restart`) a new worker is started with a
 :class:`~devicehost.worker.RestartInfo`, the device is offered again (the offer must be the same)
 and opened with the resources the supervisor kept (the descriptors in them are still the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -127,8 +133,6 @@ def register_restart_handler(resources_type: type,
 
 
 def _where(cls: type) -> dict[str, Any]:
-    import sys
-
     module = sys.modules.get(cls.__module__)
     path = getattr(module, "__file__", None)
     if "<locals>" in cls.__qualname__:
@@ -164,14 +168,11 @@ class WorkerProxy:
             table = config_table(config)
         except TypeError as exc:
             raise WorkerFailed(str(exc)) from exc
-        import logging as _logging
-        import sys
-
         self._init = {"op": "init", "id": 0, "device": _where(device_class), "name": name,
                       "plugin": plugin, "config": table,
                       "settings": config_table(host_settings),
                       "sys_path": [p for p in sys.path if p],
-                      "log_level": _logging.getLogger().getEffectiveLevel(), "restart": None}
+                      "log_level": logging.getLogger().getEffectiveLevel(), "restart": None}
 
     # -- workers --------------------------------------------------------------------------------
 
