@@ -240,8 +240,12 @@ class _Worker:
                 data = None
             elif hook == "save_open":
                 drained = ctx.fds.drain()
-                data = {"state": out.value(value),
-                        "handles": [[h, kind, out.fd(fd)] for h, kind, fd in drained]}
+                try:
+                    data = {"state": out.value(value),
+                            "handles": [[h, kind, out.fd(fd)] for h, kind, fd in drained]}
+                except BaseException:
+                    close_fds([fd for *_, fd in drained])
+                    raise
                 # The drained descriptors are the stash's duplicates: sent, then closed.
                 self.send({"op": "result", "id": ident, "value": data},
                           [fd for *_, fd in drained])
