@@ -326,6 +326,8 @@ class Host:
                 await device.close()
         except Exception:
             log.exception("removing device %r failed", name)
+        if self.workers is not None:
+            await self.workers.remove(name)
         if device.abandoned or (device.failure is not None and device.failure != before):
             self._missed_deadlines[name] = device.failure or "abandoned"
 

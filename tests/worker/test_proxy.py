@@ -407,3 +407,16 @@ async def test_a_restart_handler_can_take_the_restart_over() -> None:
     finally:
         proxy_module._RESTART_HANDLERS.pop(LocalOffer)
     assert_reaped(pids)
+
+
+async def test_a_removed_device_has_its_worker_stopped_at_once() -> None:
+    pair = Pair()
+    with anyio.fail_after(BOUND):
+        async with crash_host(pair, dh_crash.CrashConfig(), WorkerSettings()) as host:
+            proxy = host.workers.proxies["crash"]
+            await host.remove_device("crash")
+            assert proxy.worker is not None and proxy.worker.dead.is_set()
+            assert proxy.worker.returncode == 0  # it was asked to exit, and did
+            assert "crash" not in host.workers.proxies
+            assert_reaped(list(proxy.pids))
+            await pair.round_trip(1)

@@ -41,6 +41,14 @@ class Supervisor:
         self.proxies[name] = proxy
         return proxy
 
+    async def remove(self, name: str) -> None:
+        """Device ``name`` is gone from the host: stop its worker (asked, then killed after its
+        stop deadline; reaped). Nothing for a device that has no worker."""
+        proxy = self.proxies.pop(name, None)
+        if proxy is not None:
+            with anyio.CancelScope(shield=True):
+                await proxy.aclose()
+
     async def aclose(self) -> None:
         """Stop every worker (module docstring); returns once every one is reaped."""
         with anyio.CancelScope(shield=True):
