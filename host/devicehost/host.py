@@ -164,6 +164,10 @@ class Host:
         self._guest_memory: GuestMemory | None = guest_memory
         self._owns_memory = guest_memory is None
         self._guest_memory_size = guest_memory_size
+        #: Per device name, its worker settings (``isolation``, ``restart``...), if it has any.
+        self.worker_settings: dict[str, Any] = {}
+        #: The supervisor of the devices that run in worker processes, once there is one.
+        self.workers: Any = None
         self._cross_cutting = list(cross_cutting)
         #: Guest requests wait here while the host is saved (:meth:`save`, :meth:`resume`).
         self.gate = GuestGate()
@@ -182,10 +186,6 @@ class Host:
         self.device_deadlines: dict[str, Any] = {}
         #: Where the devices' config came from (a file name), named in device-build errors.
         self.config_source = "<config>"
-        #: Per device name, its worker settings (``isolation``, ``restart``...), if it has any.
-        self.worker_settings: dict[str, Any] = {}
-        #: The supervisor of the devices that run in worker processes, once there is one.
-        self.workers: Any = None
 
     @property
     def guest_memory(self) -> GuestMemory:
