@@ -288,6 +288,8 @@ class Host:
         """Offer ``device`` and hand it to its transport; a local device is left offered (not
         opened) if ``hold_local``, for a restore. False if the device failed."""
         try:
+            if self.workers is not None:  # its worker's start is not the offer's to wait for
+                await self.workers.start(device.name)
             offer = await device.offer()
             transport = self.transport(transport_class_for(offer))
             if not (hold_local and isinstance(transport, LocalTransport)):

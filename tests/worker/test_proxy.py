@@ -420,3 +420,15 @@ async def test_a_removed_device_has_its_worker_stopped_at_once() -> None:
             assert "crash" not in host.workers.proxies
             assert_reaped(list(proxy.pids))
             await pair.round_trip(1)
+
+
+async def test_a_worker_start_is_not_charged_to_the_first_hooks_deadline() -> None:
+    pair = Pair()
+    settings = HostSettings(hook_deadline=1, stop_deadline=1)
+    with anyio.fail_after(BOUND):
+        async with crash_host(pair, dh_crash.CrashConfig(how="slow-build"), WorkerSettings(),
+                              settings) as host:
+            device = host.devices["crash"]
+            assert device.state is DeviceState.RUNNING, device.failure
+            pids = pids_of(host)
+    assert_reaped(pids)

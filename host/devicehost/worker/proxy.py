@@ -54,6 +54,7 @@ from devicehost.worker.settings import RestartInfo, WorkerSettings, config_table
 
 __all__ = [
     "KILL_MARGIN",
+    "START_DEADLINE",
     "Restart",
     "WorkerFailed",
     "WorkerHookError",
@@ -64,6 +65,9 @@ __all__ = [
 
 log = logging.getLogger("devicehost.worker")
 
+#: Seconds a worker has to start and build its device (its interpreter, the host's and the
+#: plugin's imports, the constructor), or the device's hook deadline if that is longer.
+START_DEADLINE: Final = 30.0
 #: The share of a deadline a worker gets before the proxy kills it (the rest lets the kill and
 #: its report happen before the lifecycle's own deadline).
 KILL_MARGIN: Final = 0.9
@@ -192,11 +196,18 @@ class WorkerProxy:
         started = time.monotonic()
         self.worker = await Worker.start(
             self.task_group, self.name, init, memory_limit=self.settings.memory_limit,
-            deadline=self.deadlines.hook * KILL_MARGIN, unresponsive_after=self.deadlines.hook,
-            on_report=self._report, pids=self.pids)
+            deadline=max(START_DEADLINE, self.deadlines.hook),
+            unresponsive_after=self.deadlines.hook, on_report=self._report, pids=self.pids)
         log.debug("device %r: worker pid %d started in %.3f s", self.name, self.worker.pid,
                   time.monotonic() - started)
         return self.worker
+
+    async def start(self) -> None:
+        """Start the device's first worker (the host calls it before the first ``offer``, so
+        that an interpreter's start and the plugin's import are not charged to a hook's
+        deadline); :class:`WorkerDied` if it cannot build the device."""
+        if self.worker is None:
+            await self._start(None)
 
     async def _live_worker(self) -> Worker:
         """The worker for a call that needs no runner: the current one, a first one, or (after

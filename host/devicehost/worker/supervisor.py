@@ -41,6 +41,13 @@ class Supervisor:
         self.proxies[name] = proxy
         return proxy
 
+    async def start(self, name: str) -> None:
+        """Start device ``name``'s first worker, if it runs in one and has none yet
+        (:meth:`WorkerProxy.start`)."""
+        proxy = self.proxies.get(name)
+        if proxy is not None:
+            await proxy.start()
+
     async def remove(self, name: str) -> None:
         """Device ``name`` is gone from the host: stop its worker (asked, then killed after its
         stop deadline; reaped). Nothing for a device that has no worker."""

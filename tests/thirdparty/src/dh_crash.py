@@ -4,11 +4,11 @@
 (reads address 0), ``sigbus`` (touches a memfd mapping truncated under it), ``busy`` (a busy
 loop), ``sleep`` (``time.sleep(3600)``), ``ignore-term`` (ignores SIGTERM and swallows the
 cancellation of its run), ``leak`` (allocates until MemoryError) or ``raise`` (RuntimeError);
-``construct`` (the constructor raises ValueError); ``hook`` is where (``run``, ``open`` or
-``close``); ``once``: only in the device's first worker
-(a restarted one runs quietly). The device reports ``{"pid": PID}`` under ``"started"`` when its
-run starts and logs ``crash: <hook> fails (<how>) in pid <pid>`` on logger ``dh_crash`` just
-before it fails.
+``construct`` (the constructor raises ValueError), ``slow-build`` (the constructor takes
+1.5 s); ``hook`` is where (``run``, ``open`` or ``close``); ``once``: only in the device's
+first worker (a restarted one runs quietly). The device reports ``{"pid": PID}`` under
+``"started"`` when its run starts and logs ``crash: <hook> fails (<how>) in pid <pid>`` on logger
+``dh_crash`` just before it fails.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class CrashDevice:
         self.config = config or CrashConfig()
         if self.config.how == "construct":
             raise ValueError("dh_crash refuses to be built")
+        if self.config.how == "slow-build":
+            time.sleep(1.5)  # a heavy import or constructor: slower than a short hook deadline
         self.runs = 0
 
     async def _maybe_fail(self, ctx: DeviceContext, hook: str) -> None:
