@@ -7,6 +7,7 @@ Format::
     name = "files"            # unique in the file; defaults to the plugin name when the file has
                               # only one device of that plugin
     hook_deadline = 30        # optional: this device's own deadlines (:class:`DeviceDeadlines`)
+    isolation = "process"     # optional: run it in a worker (devicehost.worker.WorkerSettings)
     root = "/srv/share"       # every other key is a field of the plugin's ``config_class``
 
     [device.backing]          # a nested attrs class is a sub-table
@@ -54,6 +55,8 @@ import attrs
 from devicehost.errors import ConfigError, ends_the_host
 from devicehost.excerpt import bounded_message, excerpt
 from devicehost.files import FileRefusedError, read_regular_file
+from devicehost.worker.settings import KEYS as WORKER_KEYS
+from devicehost.worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from devicehost.plugins import Registry
@@ -82,7 +85,7 @@ MAX_NAME_LENGTH: Final = 64
 _NAME: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
 #: Keys of a [[device]] table that are the host's, not the plugin's (the deadlines: see
 #: :class:`DeviceDeadlines`).
-_RESERVED_KEYS: Final = ("plugin", "name", "hook_deadline", "stop_deadline")
+_RESERVED_KEYS: Final = ("plugin", "name", "hook_deadline", "stop_deadline", *WORKER_KEYS)
 
 
 @attrs.frozen
@@ -94,6 +97,8 @@ class DeviceConfig:
     plugin: str
     config: Any
     deadlines: DeviceDeadlines | None = None
+    #: Its ``isolation``/``restart*``/``memory_limit`` keys (``docs/workers.md``), if any.
+    worker: WorkerSettings | None = None
 
 
 def _deadline(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -132,6 +137,8 @@ class HostSettings:
     and how long a stopping host waits for an event loop that a plugin blocks
     (:mod:`devicehost.lifecycle`, :mod:`devicehost.watchdog`). A device that misses one is
     abandoned: FAILED, named in the log, and the host goes on without it.
+    ``isolation``: ``"process"`` runs every device in a worker process of its own unless its
+    table says otherwise (``docs/workers.md``); ``"inline"``: in the host's process.
     """
 
     strict: bool = False
@@ -141,6 +148,7 @@ class HostSettings:
     vhost_user_deadline: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     hook_deadline: float = attrs.field(default=10.0, validator=_deadline)
     stop_deadline: float = attrs.field(default=5.0, validator=_deadline)
+    isolation: typing.Literal["inline", "process"] = "inline"
 
 
 @attrs.frozen
@@ -448,6 +456,10 @@ def parse_config(
         if own:
             deadlines = _Structurer(base).instance(DeviceDeadlines, own, where)
             device = attrs.evolve(device, deadlines=deadlines)
+        worker = {k: table[k] for k in WORKER_KEYS if k in table}
+        if worker:
+            device = attrs.evolve(
+                device, worker=_Structurer(base).instance(WorkerSettings, worker, where))
         devices.append(device)
     return HostConfig(tuple(devices), source, host_settings)
 

@@ -235,6 +235,12 @@ class FdStash:
         self._carry = True
         self._in = dict(fds)
 
+    def take_all(self) -> dict[int, tuple[int, str]]:
+        """(host) Every descriptor a restore could take, as handle -> (fd, kind), now the
+        caller's: a device in a worker takes them in the worker's stash."""
+        taken, self._in = self._in, {}
+        return taken
+
     def discard(self) -> list[int]:
         """(host) Close every descriptor the stash still holds; the handles that were not taken
         on a restore."""

@@ -164,6 +164,10 @@ class Host:
         self._guest_memory: GuestMemory | None = guest_memory
         self._owns_memory = guest_memory is None
         self._guest_memory_size = guest_memory_size
+        #: Per device name, its worker settings (``isolation``, ``restart``...), if it has any.
+        self.worker_settings: dict[str, Any] = {}
+        #: The supervisor of the devices that run in worker processes, once there is one.
+        self.workers: Any = None
         self._cross_cutting = list(cross_cutting)
         #: Guest requests wait here while the host is saved (:meth:`save`, :meth:`resume`).
         self.gate = GuestGate()
@@ -233,8 +237,15 @@ class Host:
     def _build(self, name: str, plugin: str, config: Any) -> Device | None:
         if name in self.devices or name in self.failures:
             raise DeviceHostError(f"a device named {name!r} already exists")
+        own = self.device_deadlines.get(name)
+        hook = None if own is None else own.hook_deadline
+        stop = None if own is None else own.stop_deadline
+        deadlines = Deadlines(self.settings.hook_deadline if hook is None else hook,
+                              self.settings.stop_deadline if stop is None else stop)
         try:
-            instance = self.registry.create_device(plugin, config)
+            instance = self._isolated(name, plugin, config, deadlines)
+            if instance is None:
+                instance = self.registry.create_device(plugin, config)
             pm = new_device_manager(
                 instance, name, [*self.registry.cross_cutting, *self._cross_cutting]
             )
@@ -256,19 +267,31 @@ class Host:
             logger=logging.getLogger(f"devicehost.device.{name}"),
             host=self,
         )
-        own = self.device_deadlines.get(name)
-        hook = None if own is None else own.hook_deadline
-        stop = None if own is None else own.stop_deadline
-        device = Device(ctx, pm, deadlines=Deadlines(
-            self.settings.hook_deadline if hook is None else hook,
-            self.settings.stop_deadline if stop is None else stop))
+        device = Device(ctx, pm, deadlines=deadlines)
         self.devices[name] = device
         return device
+
+    def _isolated(self, name: str, plugin: str, config: Any, deadlines: Deadlines) -> Any:
+        """The proxy of device ``name`` if it runs in a worker (``docs/workers.md``), else
+        None."""
+        from devicehost.worker.settings import WorkerSettings
+
+        own = self.worker_settings.get(name) or WorkerSettings()
+        if (own.isolation or self.settings.isolation) != "process":
+            return None
+        if self.workers is None:
+            from devicehost.worker.supervisor import Supervisor
+
+            self.workers = Supervisor(self.task_group)
+        return self.workers.proxy(self.registry, name, plugin, config, own, self.settings,
+                                  deadlines)
 
     async def _offer_and_attach(self, device: Device, *, hold_local: bool) -> bool:
         """Offer ``device`` and hand it to its transport; a local device is left offered (not
         opened) if ``hold_local``, for a restore. False if the device failed."""
         try:
+            if self.workers is not None:  # its worker's start is not the offer's to wait for
+                await self.workers.start(device.name)
             offer = await device.offer()
             transport = self.transport(transport_class_for(offer))
             if not (hold_local and isinstance(transport, LocalTransport)):
@@ -299,6 +322,7 @@ class Host:
         """Revoke and forget device ``name``; a failure is logged, never raised."""
         device = self.devices.pop(name)
         transport = self._device_transport.pop(name, None)
+        before = device.failure
         try:
             if transport is not None:
                 await transport.remove(device)
@@ -306,12 +330,15 @@ class Host:
                 await device.close()
         except Exception:
             log.exception("removing device %r failed", name)
-        if device.abandoned:
+        if self.workers is not None:
+            await self.workers.remove(name)
+        if device.abandoned or (device.failure is not None and device.failure != before):
             self._missed_deadlines[name] = device.failure or "abandoned"
 
     def missed_deadlines(self) -> dict[str, str]:
-        """Every device that missed a hook's deadline and was abandoned (removed ones too), with
-        its failure."""
+        """Every device that missed a hook's deadline and was abandoned (removed ones too), or
+        failed while it was removed (a worker killed when its run would not stop), with its
+        failure."""
         now = {n: d.failure or "abandoned" for n, d in self.devices.items() if d.abandoned}
         return {**self._missed_deadlines, **now}
 
@@ -615,6 +642,8 @@ class Host:
                 except Exception:
                     log.exception("closing transport %s failed", type(transport).__name__)
             self._transports.clear()
+            if self.workers is not None:
+                await self.workers.aclose()
             if self._guest_memory is not None and self._owns_memory:
                 self._guest_memory.close()
             self._guest_memory = None
@@ -658,6 +687,8 @@ async def open_host(
         host.config_source = getattr(config, "source", host.config_source)
         host.device_deadlines = {d.name: d.deadlines for d in config.devices
                                  if getattr(d, "deadlines", None) is not None}
+        host.worker_settings = {d.name: d.worker for d in config.devices
+                                if getattr(d, "worker", None) is not None}
         try:
             if takeover is not None:
                 try:

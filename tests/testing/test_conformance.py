@@ -344,3 +344,47 @@ def test_an_abandoned_check_loop_is_parked(
         suite.run_check(backend, stop_the_spinner)
     assert suite.abandoned is not None
     assert suite.abandoned.parked.wait(30), "the abandoned loop was not parked"
+
+
+# -- the device in a worker -----------------------------------------------------------------------
+
+
+class PidTicker(SavingTicker):
+    """A saving ticker that says which process runs it."""
+
+    @hookimpl
+    def inspect(self, ctx: DeviceContext, runner: Any) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+
+def test_the_suite_runs_a_local_device_inline_then_in_a_worker() -> None:
+    seen: list[int] = []
+
+    class Check(DeviceConformance):
+        device_class = PidTicker
+
+        async def observe_state(self, host: Host, device: Device) -> Any:
+            seen.append((await device.inspect())["device"]["pid"])
+            return None
+
+    Check().test_save_restore_round_trip("asyncio")
+    # Before the save and after the restore: inline (this process), then in one worker.
+    assert seen[:2] == [os.getpid(), os.getpid()]
+    assert len(seen) == 4 and seen[2] == seen[3] != os.getpid()
+
+
+def test_a_device_that_cannot_cross_runs_inline_only() -> None:
+    seen: list[int] = []
+
+    class Local(PidTicker):  # defined in a function: a worker could not import it
+        pass
+
+    class Check(DeviceConformance):
+        device_class = Local
+
+        async def observe_state(self, host: Host, device: Device) -> Any:
+            seen.append((await device.inspect())["device"]["pid"])
+            return None
+
+    Check().test_save_restore_round_trip("asyncio")
+    assert seen == [os.getpid(), os.getpid()]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import threading
 import time
@@ -123,7 +124,17 @@ class DeviceConformance:
     #: A VMBus client device needs the server device whose offer it intercepts.
     peers: ClassVar[Mapping[str, tuple[type[Any], Any]]] = {}
 
+    #: Where the checks run the device: None (the default) runs every check inline, then again
+    #: in a worker process (``isolation = "process"``) when the device can run in one (its
+    #: class is importable, its config and its offer can cross: see ``docs/workers.md``);
+    #: ``("inline",)`` only inline (e.g. when ``exercise`` or ``observe_state`` read
+    #: ``device.runner``, which is a handle in a worker); ``("inline", "process")`` both, always.
+    isolations: ClassVar[tuple[str, ...] | None] = None
+
     _steps: _Steps | None = None
+    _isolation: str = "inline"
+    #: After an inline check: why the device cannot run in a worker (None: it can).
+    _isolatable: str | None = None
     #: The steps of the last check that had to be abandoned (its loop parked), if any.
     abandoned: _Steps | None = None
 
@@ -171,6 +182,26 @@ class DeviceConformance:
             pytest.fail(message, pytrace=False)
 
     def run_check(self, backend: str, check: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``check`` on ``backend`` with the device inline, then (see :attr:`isolations`)
+        with the device in a worker process; the inline run's value."""
+        self._isolation = "inline"
+        self._isolatable = None
+        value = self._run_check_once(backend, check)
+        wanted = self.isolations
+        if (wanted is None and self._isolatable is None) or (
+                wanted is not None and "process" in wanted):
+            self._isolation = "process"
+            try:
+                self._run_check_once(backend, check)
+            except BaseException as exc:
+                exc.add_note("(this check ran the device in a worker process:"
+                             " isolation = \"process\")")
+                raise
+            finally:
+                self._isolation = "inline"
+        return value
+
+    def _run_check_once(self, backend: str, check: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``check`` on ``backend`` in a worker thread, failing (never hanging) when a step
         overruns :data:`STEP_TIMEOUT` even if its event loop cannot be stopped."""
         steps = self._steps = _Steps()
@@ -211,13 +242,21 @@ class DeviceConformance:
     async def opened(self) -> AsyncIterator[tuple[Host, Device, Any]]:
         """A host serving the device, opened by its guest; yields (host, device, guest)."""
         specs = [DeviceSpec(name, name, config) for name, (_cls, config) in self.peers.items()]
-        specs.append(DeviceSpec("dut", self.plugin_name, self.make_config()))
+        worker = None
+        if self._isolation == "process":
+            from devicehost.worker import WorkerSettings
+
+            worker = WorkerSettings(isolation="process")
+        specs.append(DeviceSpec("dut", self.plugin_name, self.make_config(), worker))
         classes = {name: cls for name, (cls, _config) in self.peers.items()}
         classes[self.plugin_name] = self.device_class
         try:
             async with host_with(classes, specs) as host:
                 assert "dut" not in host.failures, f"the device was not served: {host.failures}"
                 device = host.devices["dut"]
+                if self._isolation == "inline":
+                    self._isolatable = _why_not_isolatable(self.device_class, self.make_config(),
+                                                           device.offer_value)
                 async with self.step("open: the guest opens the device"):
                     session = guest_session(host, device)
                     guest = await session.__aenter__()
@@ -247,6 +286,8 @@ class DeviceConformance:
             transport_class_for(first)  # raises if no transport serves it
             async with self.step("offer again"):
                 again = device.pm.hook.offer(ctx=device.ctx, incoming=None)
+                if inspect.isawaitable(again):
+                    again = await again
             assert again == first, "offer must describe the same thing every time it is called"
 
     def test_open_run_stop_start_close(self, anyio_backend: str) -> None:
@@ -367,6 +408,22 @@ class DeviceConformance:
         async with self.step("start the restored device"):
             assert await device.start()
         assert _state(device) is DeviceState.RUNNING
+
+
+def _why_not_isolatable(cls: type, config: Any, offer: Any) -> str | None:
+    """Why a device of ``cls`` with ``config`` and ``offer`` cannot run in a worker, or None."""
+    from devicehost.worker.codec import codec_for
+    from devicehost.worker.settings import config_table
+
+    if "<locals>" in cls.__qualname__:
+        return "its class is defined in a function"
+    try:
+        config_table(config)
+    except TypeError as exc:
+        return str(exc)
+    if codec_for(type(offer)) is None:
+        return f"its offer, a {type(offer).__qualname__}, has no codec"
+    return None
 
 
 def _leaf(error: BaseException) -> BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -45,6 +45,8 @@ class DeviceSpec:
     name: str
     plugin: str
     config: Any = None
+    #: Its worker settings (e.g. ``WorkerSettings(isolation="process")``); None: the host's.
+    worker: Any = None
 
 
 @attrs.frozen
@@ -61,11 +63,16 @@ async def host_with(
     cross_cutting: Sequence[object] = (),
     guest_memory_size: int = 16 * 1024 * 1024,
     settings: HostSettings | None = None,
+    isolation: Literal["inline", "process"] | None = None,
 ) -> AsyncIterator[Host]:
     """Run a host serving ``devices`` (default: one device per class, named after its plugin,
     with the default config) built from ``device_classes``; ``settings`` is its ``[host]``
-    table (e.g. ``HostSettings(vmbus_socket=path)``)."""
+    table (e.g. ``HostSettings(vmbus_socket=path)``). ``isolation="process"`` runs every device
+    in a worker process (a class must then be importable by its module and name; a
+    :class:`DeviceSpec`'s ``worker`` settings choose per device)."""
     registry = StaticRegistry(device_classes, cross_cutting)
+    if isolation is not None:
+        settings = attrs.evolve(settings or HostSettings(), isolation=isolation)
     if devices is None:
         devices = [
             DeviceSpec(name, name, registry.default_config(name)) for name in device_classes
