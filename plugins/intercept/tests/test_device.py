@@ -85,7 +85,8 @@ async def test_relay_save_and_restore_round_trip_through_the_envelope() -> None:
         await relay.restore(restored, None)
         assert wrapper.stash == stashed
         assert await relay.start()
-        await until(lambda: wrapper.channel is not None)
+        # The wrapper gets its channel before the client device it wraps is opened on it.
+        await until(lambda: host.devices["client"].runner is not None)
         assert host.devices["client"].runner.restored_from == stashed.rounds
 
 
