@@ -20,10 +20,12 @@ bytes and errors are the same either way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
 from devicehost.memory import DmaAllocator, GuestMemory
+from devicehost.virtio.doorbell import EventfdDoorbell
 from devicehost.virtio.driverqueue import (
     DriverError,
     DriverQueue,
@@ -65,6 +67,10 @@ class DeviceLink(Protocol):
     async def reset(self) -> None: ...
 
 
+def _eventfd_doorbell() -> EventfdDoorbell:
+    return EventfdDoorbell(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+
 class VirtioDriver:
     """A guest driver for one virtio device over a :class:`DeviceLink`."""
 
@@ -92,6 +98,12 @@ class VirtioDriver:
             DriverQueue(i, self.memory, self.allocator, size, event_idx=event_idx)
             for i in range(self.link.queue_count)
         ]
+        if getattr(self.link, "eventfd_doorbells", False):
+            # The device runs in another process (a worker): kicks and calls must be eventfds
+            # that can be handed to it (devicehost.virtio.remote).
+            for q in self.queues:
+                q.kick_doorbell = _eventfd_doorbell()
+                q.call_doorbell = _eventfd_doorbell()
         try:
             await self.link.start(self.features, [q.setup() for q in self.queues])
         except BaseException:
@@ -115,6 +127,9 @@ class VirtioDriver:
     def _release(self) -> None:
         for q in self.queues:
             q.release()
+            for bell in (q.kick_doorbell, q.call_doorbell):
+                if isinstance(bell, EventfdDoorbell):
+                    bell.close()
         self.queues = []
         self.features = 0
 

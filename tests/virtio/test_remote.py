@@ -1,0 +1,407 @@
+"""devicehost.virtio.remote: the virtio values that cross the process seam to a worker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devicehost.fds import fd_kind
+from devicehost.handoff import Handoff, HandoffFd, send_handoff
+from devicehost.memory import DmaAllocator, GuestMemory, MemoryRegion
+from devicehost.virtio import (
+    RING_EVENT_IDX,
+    VERSION_1,
+    DeviceTraits,
+    DriverQueue,
+    EventDoorbell,
+    EventfdDoorbell,
+    QueueResources,
+    QueueState,
+)
+from devicehost.virtio.remote import (
+    WHICH_CALL,
+    WHICH_ERROR,
+    DoorbellUpdate,
+    RemoteTraits,
+    RemoteVirtioError,
+    apply_doorbell_update,
+    apply_positions,
+    decode_doorbell_update_untrusted,
+    decode_positions_untrusted,
+    decode_queue_resources_untrusted,
+    decode_traits_untrusted,
+    encode_doorbell_update,
+    encode_positions,
+    encode_queue_resources,
+    encode_traits,
+    restart_positions,
+)
+from devicehost.virtio.transport import build_queues
+
+FEATURES = 1 << VERSION_1 | 1 << RING_EVENT_IDX
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+class Guest:
+    """Guest memory, two driver queues with eventfd doorbells, and the supervisor's
+    QueueResources over them (as a transport builds them)."""
+
+    def __init__(self, *, with_error: bool = True) -> None:
+        self.memory = GuestMemory.memfd(1 << 20)
+        self.allocator = DmaAllocator(self.memory)
+        self.queues = [DriverQueue(i, self.memory, self.allocator, 16, event_idx=True)
+                       for i in range(2)]
+        for q in self.queues:
+            q.kick_doorbell = EventfdDoorbell(_eventfd())
+            q.call_doorbell = EventfdDoorbell(_eventfd())
+        self.errors = [EventfdDoorbell(_eventfd()) if with_error else None for _ in self.queues]
+        self.resources = QueueResources(
+            build_queues(self.memory, FEATURES, [q.setup() for q in self.queues]), FEATURES,
+            self.memory)
+        for vq, err in zip(self.resources.queues, self.errors, strict=True):
+            vq.error = err
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.release()
+            for bell in (q.kick_doorbell, q.call_doorbell):
+                assert isinstance(bell, EventfdDoorbell)
+                bell.close()
+        for err in self.errors:
+            if err is not None:
+                err.close()
+        self.memory.close()
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    g = Guest()
+    yield g
+    g.close()
+
+
+def _close_resources(resources: QueueResources) -> None:
+    for q in resources.queues:
+        for bell in (q.kick, q.call, q.error):
+            if isinstance(bell, EventfdDoorbell):
+                bell.close()
+    resources.memory.close()
+
+
+# -- the offer -------------------------------------------------------------------------------------
+
+
+def test_traits_round_trip() -> None:
+    offer = RemoteTraits(DeviceTraits(19, 0b111, queue_count=3, max_queue_size=1024,
+                                      config=struct.pack("<Q", 77)), config_reads=True)
+    assert decode_traits_untrusted(encode_traits(offer)) == offer
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda b: b"XXXX" + b[4:], "bad magic"),
+    (lambda b: b[:4] + b"\x09\x00" + b[6:], "version 9"),
+    (lambda b: b[:-1], "announces 8 config bytes"),
+    (lambda b: b[:6] + b"\x04\x00" + b[8:], "unknown flags"),
+    (lambda b: b[:8] + b"\x00\x00\x00\x00" + b[12:], "invalid"),  # device id 0
+    (lambda b: b[:14] + b"\x03\x00" + b[16:], "invalid"),  # max queue size 3
+    (lambda b: b[:16] + struct.pack("<Q", 1 << 32) + b[24:], "invalid"),  # a transport bit
+    (lambda b: b[:10], "shorter than"),
+])
+def test_traits_refused(mutate: object, message: str) -> None:
+    raw = encode_traits(RemoteTraits(DeviceTraits(19, 1, config=b"12345678")))
+    with pytest.raises(RemoteVirtioError, match=message):
+        decode_traits_untrusted(mutate(raw))  # type: ignore[operator]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_traits_decoder_fuzz(data: bytes) -> None:
+    try:
+        offer = decode_traits_untrusted(data)
+    except RemoteVirtioError:
+        return
+    assert encode_traits(offer) == data
+
+
+# -- queue resources -------------------------------------------------------------------------------
+
+
+def test_resources_round_trip_in_process(guest: Guest) -> None:
+    before = _open_fds()
+    data, fds = encode_queue_resources(guest.resources,
+                                       [QueueState(5, 4), QueueState(0xFFFF, 0xFFFE)])
+    got = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+    try:
+        assert got.features == FEATURES
+        assert [q.state() for q in got.queues] == [QueueState(5, 4), QueueState(0xFFFF, 0xFFFE)]
+        assert [q.queue.layout for q in got.queues] == [q.layout for q in guest.queues]
+        assert all(q.queue.event_idx for q in got.queues)
+        assert all(isinstance(q.error, EventfdDoorbell) for q in got.queues)
+        # The same bytes: a write through one mapping is read through the other.
+        guest.memory.write(0x8000, b"shared")
+        assert got.memory.read(0x8000, 6) == b"shared"
+    finally:
+        _close_resources(got)
+    assert _open_fds() == before
+
+
+def test_resources_without_call_or_error_fd() -> None:
+    g = Guest(with_error=False)
+    try:
+        call = g.resources.queues[1].call
+        assert isinstance(call, EventfdDoorbell)
+        call.set_fd(None)
+        data, fds = encode_queue_resources(g.resources)
+        assert len(fds) == 1 + 2 + 1  # memory, queue 0 kick + call, queue 1 kick
+        got = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+        assert got.queues[0].error is None
+        q1_call = got.queues[1].call
+        assert isinstance(q1_call, EventfdDoorbell) and q1_call.fd is None
+        _close_resources(got)
+    finally:
+        g.close()
+
+
+def test_in_process_doorbells_and_anonymous_memory_cannot_be_shared(guest: Guest) -> None:
+    vq = guest.resources.queues[0]
+    saved = vq.kick
+    vq.kick = EventDoorbell()
+    with pytest.raises(RemoteVirtioError, match="not an eventfd"):
+        encode_queue_resources(guest.resources)
+    vq.kick = saved
+    anon = QueueResources(guest.resources.queues, FEATURES, GuestMemory.anonymous(1 << 20))
+    with pytest.raises(RemoteVirtioError, match="anonymous"):
+        encode_queue_resources(anon)
+    anon.memory.close()
+
+
+#: Where queue 0 and queue 1 start in the value of a one-region, two-queue device: a 20-byte
+#: header, a 24-byte region, 40 bytes per queue.
+_Q0 = 20 + 24
+_Q1 = _Q0 + 40
+
+
+def _corrupt(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value):]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d, f: (d[:-1], f), "bytes, expected"),
+    (lambda d, f: (_corrupt(d, 0, b"NOPE"), f), "bad magic"),
+    (lambda d, f: (_corrupt(d, 10, b"\x01\x00"), f), "reserved"),
+    (lambda d, f: (_corrupt(d, 8, b"\x00\x00"), f), "0 queues"),
+    (lambda d, f: (d, f[:-1]), "descriptors, the value needs"),
+    # queue 1 claims to be queue 0
+    (lambda d, f: (_corrupt(d, _Q1, b"\x00\x00"), f), "says it is queue 0"),
+    # queue 0 size 3
+    (lambda d, f: (_corrupt(d, _Q0 + 2, b"\x03\x00"), f), "not a power of two"),
+    # the first doorbell is the memfd
+    (lambda d, f: (d, [f[0], f[0], *f[2:]]), "eventfd"),
+    # memory given as an eventfd
+    (lambda d, f: (d, [f[1], *f[1:]]), "memfd"),
+    # a descriptor table outside guest memory
+    (lambda d, f: (_corrupt(d, _Q0 + 8, struct.pack("<Q", 1 << 40)), f), "unusable queue"),
+])
+def test_resources_refused_and_every_fd_closed(guest: Guest, edit: object, message: str) -> None:
+    data, fds = encode_queue_resources(guest.resources)
+    before = _open_fds()
+    bad_data, bad_fds = edit(data, fds)  # type: ignore[operator]
+    dups = [os.dup(fd) for fd in bad_fds]
+    with pytest.raises(RemoteVirtioError, match=message):
+        decode_queue_resources_untrusted(bad_data, dups)
+    assert _open_fds() == before
+
+
+def test_unsealed_memory_is_refused_unless_allowed() -> None:
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 20)
+    memory = GuestMemory([MemoryRegion(0, 1 << 20, fd=fd, owns_fd=True)])
+    g = Guest()
+    try:
+        res = QueueResources(g.resources.queues, FEATURES, memory)
+        data, fds = encode_queue_resources(res)
+        with pytest.raises(RemoteVirtioError, match="seal"):
+            decode_queue_resources_untrusted(data, [os.dup(f) for f in fds])
+        got = decode_queue_resources_untrusted(data, [os.dup(f) for f in fds],
+                                               allow_unsealed=True)
+        _close_resources(got)
+    finally:
+        g.close()
+        memory.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_resources_decoder_fuzz(data: bytes) -> None:
+    before = _open_fds()
+    fd = _eventfd()
+    try:
+        got = decode_queue_resources_untrusted(data, [fd])
+    except RemoteVirtioError:
+        pass
+    else:  # pragma: no cover - one eventfd can never back guest memory
+        _close_resources(got)
+        raise AssertionError("decoded resources from one eventfd")
+    assert _open_fds() == before
+
+
+_CHILD = """
+import socket, sys
+import anyio
+from devicehost.handoff import receive_handoff
+from devicehost.virtio.remote import decode_queue_resources_untrusted, encode_positions
+
+async def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    sock.setblocking(False)
+    handoff = await receive_handoff(sock)
+    res = decode_queue_resources_untrusted(handoff.envelope, [f.fd for f in handoff.fds])
+    q = res.queues[0]
+    with anyio.fail_after(30):
+        for _ in range(2):
+            chain = await q.pop_wait()
+            data = chain.read()
+            chain.write_at(0, data[::-1])
+            q.push(chain, len(data))
+    report = encode_positions([x.state() for x in res.queues])
+    sock.setblocking(True)
+    sock.sendall(len(report).to_bytes(2, "little") + report)
+    res.memory.close()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_child_process_serves_the_queue_over_the_same_memory(guest: Guest) -> None:
+    """Encode here, send with the handoff framing, decode in a child: the child pops the chains
+    the driver posted here, writes into guest memory, and its call reaches the driver here."""
+    parent, child = socket.socketpair()
+    parent.setblocking(False)
+    data, fds = encode_queue_resources(guest.resources)
+    handoff = Handoff(data, tuple(HandoffFd("vsock", i, fd_kind(fd), fd)
+                                  for i, fd in enumerate(fds)))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(child.fileno())],
+                            pass_fds=[child.fileno()], stderr=subprocess.PIPE)
+    child.close()
+    try:
+        with anyio.fail_after(60):
+            await send_handoff(parent, handoff)
+            dq = guest.queues[0]
+            for word in (b"first chain", b"second"):
+                dq.add([word], [len(word)])
+                dq.kick()
+                used = await dq.wait_used()
+                assert used.data == word[::-1]
+            raw = b""
+            while len(raw) < 2 or len(raw) < 2 + int.from_bytes(raw[:2], "little"):
+                await anyio.wait_readable(parent)
+                chunk = parent.recv(4096)
+                assert chunk, proc.stderr.read().decode() if proc.stderr else ""
+                raw += chunk
+            states = decode_positions_untrusted(raw[2:], 2)
+            assert states == (QueueState(2, 2), QueueState(0, 0))
+            apply_positions(guest.resources, states)
+            assert guest.resources.queues[0].state() == QueueState(2, 2)
+            assert await anyio.to_thread.run_sync(proc.wait) == 0
+    finally:
+        parent.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+# -- positions and doorbell updates ----------------------------------------------------------------
+
+
+def test_restart_positions_read_the_used_index_from_guest_memory(guest: Guest) -> None:
+    dq = guest.queues[0]
+    vq = guest.resources.queues[0]
+    for word in (b"a", b"b", b"c"):
+        dq.add([word], [1])
+    chains = [vq.pop() for _ in range(3)]
+    heads = [c.head for c in chains if c is not None]
+    assert len(heads) == 3
+    vq.push(heads[0], 0)  # completed; the other two were popped by a worker that then died
+    assert restart_positions(guest.resources) == [QueueState(1, 1), QueueState(0, 0)]
+    apply_positions(guest.resources, restart_positions(guest.resources))
+    again = vq.pop()
+    assert again is not None and again.head == heads[1]
+
+
+def test_positions_refused() -> None:
+    raw = encode_positions([QueueState(1, 2)])
+    assert decode_positions_untrusted(raw, 1) == (QueueState(1, 2),)
+    with pytest.raises(RemoteVirtioError, match="expected 2"):
+        decode_positions_untrusted(raw, 2)
+    with pytest.raises(RemoteVirtioError, match="expected 1"):
+        decode_positions_untrusted(raw + b"\0", 1)
+
+
+@pytest.mark.anyio
+async def test_doorbell_update_swaps_the_call_fd_and_rings_it(guest: Guest) -> None:
+    data, fds = encode_queue_resources(guest.resources)
+    worker = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+    try:
+        new_call = _eventfd()
+        raw, update_fds = encode_doorbell_update(DoorbellUpdate(1, WHICH_CALL, new_call))
+        update = decode_doorbell_update_untrusted(raw, [os.dup(fd) for fd in update_fds])
+        apply_doorbell_update(worker, update)
+        assert os.eventfd_read(new_call) == 1  # rung once: a lost interrupt is made good
+        worker.queues[1].notify()
+        assert os.eventfd_read(new_call) == 1
+        os.close(new_call)
+        raw, update_fds = encode_doorbell_update(DoorbellUpdate(0, WHICH_ERROR, None))
+        apply_doorbell_update(worker, decode_doorbell_update_untrusted(raw, update_fds))
+        error = worker.queues[0].error
+        assert isinstance(error, EventfdDoorbell) and error.fd is None
+    finally:
+        _close_resources(worker)
+
+
+def test_doorbell_update_refused() -> None:
+    before = _open_fds()
+    raw, _ = encode_doorbell_update(DoorbellUpdate(0, WHICH_CALL, 5))
+    mem = os.memfd_create("x", os.MFD_CLOEXEC)
+    with pytest.raises(RemoteVirtioError, match="eventfd"):
+        decode_doorbell_update_untrusted(raw, [mem])
+    with pytest.raises(RemoteVirtioError, match="expected 1"):
+        decode_doorbell_update_untrusted(raw, [])
+    bad = _corrupt(raw, 8, b"\x07\x00")
+    fd = _eventfd()
+    with pytest.raises(RemoteVirtioError, match="unknown"):
+        decode_doorbell_update_untrusted(bad, [fd])
+    assert _open_fds() == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40), st.booleans())
+def test_doorbell_update_decoder_fuzz(data: bytes, with_fd: bool) -> None:
+    before = _open_fds()
+    fds = [_eventfd()] if with_fd else []
+    try:
+        update = decode_doorbell_update_untrusted(data, fds)
+    except RemoteVirtioError:
+        assert _open_fds() == before
+        return
+    if update.fd is not None:
+        os.close(update.fd)
+    assert _open_fds() == before
