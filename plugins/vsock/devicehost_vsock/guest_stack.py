@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import math
+import struct
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from devicehost_vsock.protocol import (
     CID_HOST,
     HEADER,
     HEADER_SIZE,
+    QUEUE_EVENT,
     SEQ_EOM,
     SHUTDOWN_RECEIVE,
     SHUTDOWN_SEND,
@@ -42,6 +44,8 @@ from devicehost_vsock.protocol import (
 __all__ = ["GuestConnection", "GuestSockets", "GuestStack", "Packet", "QueueOwner"]
 
 _U32 = 0xFFFF_FFFF
+# byte layout: struct virtio_vsock_event = le32 id
+_EVENT = struct.Struct("<I")
 _RW = int(Op.RW)
 #: Where the le32 ``len`` field sits in the vsock header (facts section 9.2).
 _LEN_AT = 24
@@ -177,6 +181,24 @@ class GuestStack:
                 packet = await self.recv(math.inf)
                 if packet.header.op == op:
                     return packet
+
+    def post_events(self, count: int = 1) -> None:
+        """Post ``count`` event buffers (4 writable bytes each, as Linux posts them) on the event
+        queue (queue 2; only where the device has one) and kick."""
+        evq = self.driver.queue(QUEUE_EVENT)
+        for _ in range(count):
+            evq.add(writable=[_EVENT.size])
+        evq.kick()
+
+    async def recv_event(self, timeout: float = 5.0) -> int:
+        """The id of the next event the device sent (0 = TRANSPORT_RESET)."""
+        evq = self.driver.queue(QUEUE_EVENT)
+        with anyio.fail_after(timeout):
+            used = await evq.wait_used()
+        if used.written != _EVENT.size:
+            raise AssertionError(f"the device wrote {used.written} bytes of a 4-byte event")
+        event_id: int = _EVENT.unpack(used.data)[0]
+        return event_id
 
     async def expect_silence(self, seconds: float) -> None:
         """Assert that no packet arrives within ``seconds``."""
@@ -373,6 +395,15 @@ class GuestSockets:
         #: The socket type of each listening port (a REQUEST of another type gets RST).
         self.listening_type: dict[int, int] = {}
         self.accepted: list[GuestConnection] = []
+
+    def reset_all(self) -> None:
+        """What the guest does on VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: every connection is reset
+        (its waiters raise ConnectionResetError)."""
+        for conn in self.connections.values():
+            conn.reset = True
+            conn._advance()
+            conn._notify()
+        self.connections.clear()
 
     def listen(self, port: int, *, echo: bool = False, sock_type: int = TYPE_STREAM) -> None:
         self.listening[port] = echo

@@ -186,6 +186,25 @@ class ConnectionManager(RxProducer):
     def keys(self) -> list[Key]:
         return list(self._table)
 
+    def known_connections(self) -> list[tuple[int, int, int]]:
+        """The connections the guest knows of: (device port, guest port, socket type) each,
+        what a device in a worker reports so that a restarted worker can reset them
+        (:meth:`reset_stale`). Changes move :attr:`table_generation`."""
+        return [(key[0], key[1], conn.sock_type) for key, conn in self._table.items()]
+
+    def reset_stale(self, connections: Sequence[tuple[int, int, int]]) -> int:
+        """Queue an RST to the guest for each (device port, guest port, socket type) that has no
+        connection in this table: connections a previous incarnation of the device held (a
+        worker that died), which the guest must drop now rather than wait on forever. They go
+        out before any other packet, as soon as the guest posts rx buffers. Returns how many."""
+        count = 0
+        for local, peer, sock_type in connections:
+            if (local, peer) in self._table or sock_type not in (TYPE_STREAM, TYPE_SEQPACKET):
+                continue
+            self._rsts.append((local & 0xFFFF_FFFF, peer & 0xFFFF_FFFF, sock_type))
+            count += 1
+        return count
+
     def has_rx_work(self, now: float) -> bool:
         """Whether an rx buffer could be used now (may be a false positive: then
         :meth:`produce_rx` returns ``None`` and the work set is empty)."""
@@ -226,6 +245,8 @@ class ConnectionManager(RxProducer):
         self._writer.drop_run()
         for conn in [*self._table.values(), *self._pending]:
             conn.stream.close()
+        if self._table:
+            self.table_generation += 1
         self._table.clear()
         self._pending.clear()
         self._by_stream.clear()
@@ -454,6 +475,7 @@ class ConnectionManager(RxProducer):
         conn.response_pending = True
         conn.set_peer_credit(buf_alloc, fwd_cnt)
         self._table[key] = conn
+        self.table_generation += 1
         self._by_stream[id(stream)] = conn
         self._schedule(conn)
 
@@ -529,6 +551,7 @@ class ConnectionManager(RxProducer):
             self._pending.discard(conn)
         elif self._table.get(conn.key) is conn:
             del self._table[conn.key]
+            self.table_generation += 1
             if rst:
                 self._rsts.append((conn.key[0], conn.key[1], conn.sock_type))
         if conn.host_initiated and conn.key is not None:

@@ -18,6 +18,7 @@ __all__ = [
     "CID_HYPERVISOR",
     "CONNECTION_TIMEOUT",
     "DEVICE_ID",
+    "EVENT_TRANSPORT_RESET",
     "FEATURE_NO_IMPLIED_STREAM",
     "FEATURE_SEQPACKET",
     "FEATURE_STREAM",
@@ -50,10 +51,15 @@ DEVICE_ID: Final = 19
 FEATURE_STREAM: Final = 1 << 0
 FEATURE_SEQPACKET: Final = 1 << 1
 FEATURE_NO_IMPLIED_STREAM: Final = 1 << 2
-#: Queue indices: rx carries device->guest packets, tx guest->device, event is never used.
+#: Queue indices: rx carries device->guest packets, tx guest->device, event device->guest events
+#: (only TRANSPORT_RESET, sent after a worker restart).
 QUEUE_RX: Final = 0
 QUEUE_TX: Final = 1
 QUEUE_EVENT: Final = 2
+
+#: The one event of the event queue (``struct virtio_vsock_event { le32 id; }``): the transport
+#: was reset; the guest drops every connection and reads its CID again.
+EVENT_TRANSPORT_RESET: Final = 0
 
 #: Well-known CIDs.
 CID_HYPERVISOR: Final = 0

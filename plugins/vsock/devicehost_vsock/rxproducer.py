@@ -72,6 +72,9 @@ class RxProducer:
     _is_live: Callable[[Connection], bool]
     _remove: Callable[..., None]
     _data_waiting: bool = False
+    #: Counts changes of the set of connections the guest knows (keys entering or leaving the
+    #: table): ``ConnectionManager.known_connections`` is reported when it moves.
+    table_generation: int = 0
 
     def produce_rx(
         self, packet: memoryview, now: float, more: MoreBuffers | None = None
@@ -399,6 +402,7 @@ class RxProducer:
         conn.connect_request = request
         conn.state = ConnectionState.HOST_CONNECTING
         self._table[key] = conn
+        self.table_generation += 1
         return self._emit(
             packet, local, request.port, Op.REQUEST, 0, 0, self.tx_buffer_size, 0, conn.sock_type
         )

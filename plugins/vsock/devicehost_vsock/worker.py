@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 from collections import deque
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ import anyio
 
 from devicehost.virtio import DescriptorChain, QueueError, VirtQueue
 from devicehost_vsock.manager import ConnectionManager
-from devicehost_vsock.protocol import HEADER_SIZE, TYPE_SEQPACKET
+from devicehost_vsock.protocol import EVENT_TRANSPORT_RESET, HEADER_SIZE, TYPE_SEQPACKET
 from devicehost_vsock.relay import Relay
 
 __all__ = ["VsockWorker"]
@@ -43,6 +44,8 @@ __all__ = ["VsockWorker"]
 #: packets are bounded by the guest's rx buffers and credit, not by the device's
 #: ``tx_buffer_size`` (which bounds guest -> host data), so this does not follow that setting.
 _BOUNCE_SIZE = HEADER_SIZE + 256 * 1024
+# byte layout: struct virtio_vsock_event = le32 id
+_EVENT = struct.Struct("<I")
 
 
 class VsockWorker:
@@ -74,6 +77,14 @@ class VsockWorker:
         self._clock: Callable[[], float] = anyio.current_time
         self.packets_in = 0
         self.packets_out = 0
+        #: Told the connections the guest knows of whenever that set changed, at most once per
+        #: tx or rx pass (a device in a worker reports them to its supervisor; see
+        #: ``ConnectionManager.known_connections``).
+        self.on_connections: Callable[[list[tuple[int, int, int]]], None] | None = None
+        self._told_generation = 0
+        #: The event queue, while a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is owed to the guest
+        #: (:meth:`run` sends it; see ``VsockDevice.open``).
+        self.transport_reset: VirtQueue | None = None
 
     def now(self) -> float:
         """The time on the clock of the table's timeouts."""
@@ -119,7 +130,24 @@ class VsockWorker:
             tg.start_soon(self.relay.serve_epoll)
             tg.start_soon(self._tx_loop)
             tg.start_soon(self._silent_loop)
+            if self.transport_reset is not None:
+                tg.start_soon(self._send_transport_reset, self.transport_reset)
             await self._rx_loop()
+
+    async def _send_transport_reset(self, event: VirtQueue) -> None:
+        """Write one VIRTIO_VSOCK_EVENT_TRANSPORT_RESET into the guest's next event buffer
+        (``struct virtio_vsock_event { le32 id; }``, id 0): the guest resets every connection
+        it has (its peers see ECONNRESET) and reads the guest CID again. A buffer too small for
+        the event is completed with length 0 and the next one is tried."""
+        while True:
+            chain = await event.pop_wait()
+            if chain.writable_len < _EVENT.size:
+                event.push(chain, 0)
+                continue
+            chain.write_at(0, _EVENT.pack(EVENT_TRANSPORT_RESET))
+            event.push(chain, _EVENT.size)
+            self.transport_reset = None
+            return
 
     async def _silent_loop(self) -> None:
         """Close host connections that sent no CONNECT line by their deadline, rx buffers or
@@ -179,7 +207,14 @@ class VsockWorker:
         if count:
             self.packets_in += count
             self.wake()
+            if self.manager.table_generation != self._told_generation:
+                self._tell_connections()
         return count
+
+    def _tell_connections(self) -> None:
+        self._told_generation = self.manager.table_generation
+        if self.on_connections is not None:
+            self.on_connections(self.manager.known_connections())
 
     # ----------------------------------------------------------------- rx
 
@@ -225,6 +260,8 @@ class VsockWorker:
                 rx.queue.add_used_many(heads, sizes)
                 self.packets_out += len(heads)
             rx.signal_used()
+        if manager.table_generation != self._told_generation:
+            self._tell_connections()
         self._rx_ready = ready
         return ready
 

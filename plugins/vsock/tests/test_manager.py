@@ -586,3 +586,34 @@ def test_data_to_the_guest_never_exceeds_its_credit(steps: list[tuple[int | str,
         assert rw > 0
     else:
         assert rw == 0
+
+
+# ----------------------------------------------------------------------- after a worker restart
+
+
+def test_known_connections_follow_the_table_and_its_generation() -> None:
+    h = Harness()
+    assert h.manager.known_connections() == [] and h.manager.table_generation == 0
+    h.connect(1024, 5000)
+    h.connect(1025, 5000)
+    assert sorted(h.manager.known_connections()) == [(5000, 1024, 1), (5000, 1025, 1)]
+    moved = h.manager.table_generation
+    assert moved >= 2
+    h.tx(Op.RST, 1024, 5000)
+    assert h.manager.known_connections() == [(5000, 1025, 1)]
+    assert h.manager.table_generation > moved
+    h.manager.close_all()
+    assert h.manager.known_connections() == []
+
+
+def test_reset_stale_sends_rst_for_each_connection_first() -> None:
+    h = Harness()
+    live = h.connect(1024, 5000)
+    h.manager.on_readable(live)
+    live.inbound += b"data for the live one"
+    count = h.manager.reset_stale([(5000, 1024, 1), (2000, 6000, 1), (3000, 7000, 2), (1, 2, 9)])
+    assert count == 2  # the live connection and an unknown socket type are skipped
+    packets = h.rx_all()
+    assert [(p.op, p.src_port, p.dst_port, p.type, p.buf_alloc) for p, _ in packets[:2]] == [
+        (Op.RST, 2000, 6000, 1, 0), (Op.RST, 3000, 7000, 2, 0)]
+    assert len(h.manager) == 1 and not live.closed
