@@ -29,21 +29,16 @@ from devicehost.virtio import (
 )
 from devicehost.virtio.remote import (
     WHICH_CALL,
-    WHICH_ERROR,
     DoorbellUpdate,
     RemoteTraits,
     RemoteVirtioError,
-    apply_doorbell_update,
-    apply_positions,
     decode_doorbell_update_untrusted,
-    decode_positions_untrusted,
     decode_queue_resources_untrusted,
     decode_traits_untrusted,
     encode_doorbell_update,
-    encode_positions,
     encode_queue_resources,
     encode_traits,
-    restart_positions,
+    release_queue_resources,
 )
 from devicehost.virtio.transport import build_queues
 
@@ -96,14 +91,6 @@ def guest() -> Iterator[Guest]:
     g.close()
 
 
-def _close_resources(resources: QueueResources) -> None:
-    for q in resources.queues:
-        for bell in (q.kick, q.call, q.error):
-            if isinstance(bell, EventfdDoorbell):
-                bell.close()
-    resources.memory.close()
-
-
 # -- the offer -------------------------------------------------------------------------------------
 
 
@@ -144,8 +131,10 @@ def test_traits_decoder_fuzz(data: bytes) -> None:
 
 def test_resources_round_trip_in_process(guest: Guest) -> None:
     before = _open_fds()
-    data, fds = encode_queue_resources(guest.resources,
-                                       [QueueState(5, 4), QueueState(0xFFFF, 0xFFFE)])
+    for q, state in zip(guest.resources.queues, [QueueState(5, 4), QueueState(0xFFFF, 0xFFFE)],
+                        strict=True):
+        q.queue.last_avail_idx, q.queue.used_idx = state.last_avail_idx, state.used_idx
+    data, fds = encode_queue_resources(guest.resources)
     got = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
     try:
         assert got.features == FEATURES
@@ -157,8 +146,10 @@ def test_resources_round_trip_in_process(guest: Guest) -> None:
         guest.memory.write(0x8000, b"shared")
         assert got.memory.read(0x8000, 6) == b"shared"
     finally:
-        _close_resources(got)
-    assert _open_fds() == before
+        release_queue_resources(got)
+    # Left: the supervisor's end of the update link (socket pair and page), until its doorbells
+    # close (test_a_closed_supervisor_doorbell_ends_the_link).
+    assert len(_open_fds() - before) == 3
 
 
 def test_resources_without_call_or_error_fd() -> None:
@@ -168,12 +159,14 @@ def test_resources_without_call_or_error_fd() -> None:
         assert isinstance(call, EventfdDoorbell)
         call.set_fd(None)
         data, fds = encode_queue_resources(g.resources)
-        assert len(fds) == 1 + 2 + 1  # memory, queue 0 kick + call, queue 1 kick
+        # memory, queue 0 kick + call, queue 1 kick, the update link's socket and page
+        assert len(fds) == 1 + 2 + 1 + 2
         got = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
-        assert got.queues[0].error is None
+        q0_error = got.queues[0].error
+        assert isinstance(q0_error, EventfdDoorbell) and q0_error.fd is None
         q1_call = got.queues[1].call
         assert isinstance(q1_call, EventfdDoorbell) and q1_call.fd is None
-        _close_resources(got)
+        release_queue_resources(got)
     finally:
         g.close()
 
@@ -215,6 +208,9 @@ def _corrupt(data: bytes, offset: int, value: bytes) -> bytes:
     (lambda d, f: (d, [f[0], f[0], *f[2:]]), "eventfd"),
     # memory given as an eventfd
     (lambda d, f: (d, [f[1], *f[1:]]), "memfd"),
+    # an eventfd as the update link, the memory as its page
+    (lambda d, f: (d, [*f[:-2], f[1], f[-1]]), "not a socket"),
+    (lambda d, f: (d, [*f[:-1], f[1]]), "update page"),
     # a descriptor table outside guest memory
     (lambda d, f: (_corrupt(d, _Q0 + 8, struct.pack("<Q", 1 << 40)), f), "unusable queue"),
 ])
@@ -240,7 +236,7 @@ def test_unsealed_memory_is_refused_unless_allowed() -> None:
             decode_queue_resources_untrusted(data, [os.dup(f) for f in fds])
         got = decode_queue_resources_untrusted(data, [os.dup(f) for f in fds],
                                                allow_unsealed=True)
-        _close_resources(got)
+        release_queue_resources(got)
     finally:
         g.close()
         memory.close()
@@ -256,7 +252,7 @@ def test_resources_decoder_fuzz(data: bytes) -> None:
     except RemoteVirtioError:
         pass
     else:  # pragma: no cover - one eventfd can never back guest memory
-        _close_resources(got)
+        release_queue_resources(got)
         raise AssertionError("decoded resources from one eventfd")
     assert _open_fds() == before
 
@@ -265,7 +261,7 @@ _CHILD = """
 import socket, sys
 import anyio
 from devicehost.handoff import receive_handoff
-from devicehost.virtio.remote import decode_queue_resources_untrusted, encode_positions
+from devicehost.virtio.remote import decode_queue_resources_untrusted, release_queue_resources
 
 async def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
@@ -279,10 +275,9 @@ async def main() -> None:
             data = chain.read()
             chain.write_at(0, data[::-1])
             q.push(chain, len(data))
-    report = encode_positions([x.state() for x in res.queues])
-    sock.setblocking(True)
-    sock.sendall(len(report).to_bytes(2, "little") + report)
-    res.memory.close()
+        held = await q.pop_wait()  # popped, never completed: the worker "dies" with it
+    print(held.read().decode(), flush=True)
+    release_queue_resources(res)
 
 anyio.run(main)
 """
@@ -291,14 +286,17 @@ anyio.run(main)
 @pytest.mark.anyio
 async def test_a_child_process_serves_the_queue_over_the_same_memory(guest: Guest) -> None:
     """Encode here, send with the handoff framing, decode in a child: the child pops the chains
-    the driver posted here, writes into guest memory, and its call reaches the driver here."""
+    the driver posted here, writes into guest memory, and its call reaches the driver here.
+    The supervisor's queue then reports where a successor resumes: at the used index, so the
+    chain the child popped last but never completed is seen again."""
     parent, child = socket.socketpair()
     parent.setblocking(False)
     data, fds = encode_queue_resources(guest.resources)
     handoff = Handoff(data, tuple(HandoffFd("vsock", i, fd_kind(fd), fd)
                                   for i, fd in enumerate(fds)))
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(child.fileno())],
-                            pass_fds=[child.fileno()], stderr=subprocess.PIPE)
+                            pass_fds=[child.fileno()], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     child.close()
     try:
         with anyio.fail_after(60):
@@ -309,77 +307,92 @@ async def test_a_child_process_serves_the_queue_over_the_same_memory(guest: Gues
                 dq.kick()
                 used = await dq.wait_used()
                 assert used.data == word[::-1]
-            raw = b""
-            while len(raw) < 2 or len(raw) < 2 + int.from_bytes(raw[:2], "little"):
-                await anyio.wait_readable(parent)
-                chunk = parent.recv(4096)
-                assert chunk, proc.stderr.read().decode() if proc.stderr else ""
-                raw += chunk
-            states = decode_positions_untrusted(raw[2:], 2)
-            assert states == (QueueState(2, 2), QueueState(0, 0))
-            apply_positions(guest.resources, states)
-            assert guest.resources.queues[0].state() == QueueState(2, 2)
-            assert await anyio.to_thread.run_sync(proc.wait) == 0
+            dq.add([b"third"], [5])
+            dq.kick()
+            out, err = await anyio.to_thread.run_sync(proc.communicate)
+            assert proc.returncode == 0, err.decode()
+            assert out == b"third\n"
+        vq = guest.resources.queues[0]
+        assert vq.state() == QueueState(2, 2)  # not 3: the third chain was never completed
+        assert guest.resources.queues[1].state() == QueueState(0, 0)
+        # A successor gets that position, and pops the third chain again.
+        data, fds = encode_queue_resources(guest.resources)
+        again = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+        try:
+            assert again.queues[0].state() == QueueState(2, 2)
+            chain = again.queues[0].pop()
+            assert chain is not None and chain.read() == b"third"
+        finally:
+            release_queue_resources(again)
     finally:
         parent.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
-# -- positions and doorbell updates ----------------------------------------------------------------
-
-
-def test_restart_positions_read_the_used_index_from_guest_memory(guest: Guest) -> None:
-    dq = guest.queues[0]
-    vq = guest.resources.queues[0]
-    for word in (b"a", b"b", b"c"):
-        dq.add([word], [1])
-    chains = [vq.pop() for _ in range(3)]
-    heads = [c.head for c in chains if c is not None]
-    assert len(heads) == 3
-    vq.push(heads[0], 0)  # completed; the other two were popped by a worker that then died
-    assert restart_positions(guest.resources) == [QueueState(1, 1), QueueState(0, 0)]
-    apply_positions(guest.resources, restart_positions(guest.resources))
-    again = vq.pop()
-    assert again is not None and again.head == heads[1]
-
-
-def test_positions_refused() -> None:
-    raw = encode_positions([QueueState(1, 2)])
-    assert decode_positions_untrusted(raw, 1) == (QueueState(1, 2),)
-    with pytest.raises(RemoteVirtioError, match="expected 2"):
-        decode_positions_untrusted(raw, 2)
-    with pytest.raises(RemoteVirtioError, match="expected 1"):
-        decode_positions_untrusted(raw + b"\0", 1)
+# -- doorbell updates ------------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_doorbell_update_swaps_the_call_fd_and_rings_it(guest: Guest) -> None:
+async def test_a_call_fd_changed_in_the_supervisor_is_followed_by_the_worker(
+    guest: Guest,
+) -> None:
     data, fds = encode_queue_resources(guest.resources)
     worker = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
     try:
+        old_call = guest.queues[1].call_doorbell
+        assert isinstance(old_call, EventfdDoorbell) and old_call.fd is not None
         new_call = _eventfd()
-        raw, update_fds = encode_doorbell_update(DoorbellUpdate(1, WHICH_CALL, new_call))
-        update = decode_doorbell_update_untrusted(raw, [os.dup(fd) for fd in update_fds])
-        apply_doorbell_update(worker, update)
-        assert os.eventfd_read(new_call) == 1  # rung once: a lost interrupt is made good
+        supervisor_call = guest.resources.queues[1].call
+        assert isinstance(supervisor_call, EventfdDoorbell)
+        # What SET_VRING_CALL does in the session (owns_fd=False: the test closes new_call).
+        supervisor_call.set_fd(new_call, owns_fd=False)
+        # The worker's next ring, on any queue, takes the update first; the new call is rung
+        # once for an interrupt that may have gone to the old fd.
+        worker.queues[0].notify()
+        assert os.eventfd_read(new_call) == 1
         worker.queues[1].notify()
         assert os.eventfd_read(new_call) == 1
+        with pytest.raises(BlockingIOError):
+            os.read(old_call.fd, 8)  # the old fd is no longer rung
+        # An error fd arriving later (SET_VRING_ERR) is followed too.
+        err = guest.resources.queues[0].error
+        assert isinstance(err, EventfdDoorbell)
+        new_err = _eventfd()
+        err.set_fd(new_err, owns_fd=False)
+        worker.queues[0].notify()
+        worker_err = worker.queues[0].error
+        assert worker_err is not None
+        worker_err.ring()
+        assert os.eventfd_read(new_err) == 1
         os.close(new_call)
-        raw, update_fds = encode_doorbell_update(DoorbellUpdate(0, WHICH_ERROR, None))
-        apply_doorbell_update(worker, decode_doorbell_update_untrusted(raw, update_fds))
-        error = worker.queues[0].error
-        assert isinstance(error, EventfdDoorbell) and error.fd is None
+        os.close(new_err)
     finally:
-        _close_resources(worker)
+        release_queue_resources(worker)
 
 
-def test_doorbell_update_refused() -> None:
+def test_a_closed_supervisor_doorbell_ends_the_link(guest: Guest) -> None:
+    data, fds = encode_queue_resources(guest.resources)
+    worker = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
     before = _open_fds()
-    raw, _ = encode_doorbell_update(DoorbellUpdate(0, WHICH_CALL, 5))
+    err = guest.resources.queues[0].error
+    assert isinstance(err, EventfdDoorbell)
+    err.close()
+    guest.errors[0] = None
+    after = _open_fds()
+    # The eventfd and the link's socket pair and page are closed.
+    assert len(before - after) == 4
+    release_queue_resources(worker)
+
+
+def test_doorbell_update_round_trip_and_refusals() -> None:
+    before = _open_fds()
+    fd = _eventfd()
+    raw, fds = encode_doorbell_update(DoorbellUpdate(1, WHICH_CALL, fd))
+    assert fds == [fd]
+    assert decode_doorbell_update_untrusted(raw, fds) == DoorbellUpdate(1, WHICH_CALL, fd)
+    os.close(fd)
     mem = os.memfd_create("x", os.MFD_CLOEXEC)
     with pytest.raises(RemoteVirtioError, match="eventfd"):
         decode_doorbell_update_untrusted(raw, [mem])

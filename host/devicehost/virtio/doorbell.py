@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -82,7 +83,10 @@ class EventfdDoorbell:
 
     A ring on a doorbell without an fd (the peer has not given one yet) is dropped; a wait on it
     lasts until an fd is set and signalled. The doorbell closes the fd on ``close`` or when it is
-    replaced only if it owns it (``owns_fd``).
+    replaced only if it owns it (``owns_fd``). ``on_fd_change``, if set, is called as
+    ``on_fd_change(fd, False)`` after each :meth:`set_fd` and as ``on_fd_change(None, True)`` by
+    :meth:`close` (a device in a worker process follows its VMM's doorbells this way,
+    :mod:`devicehost.virtio.remote`).
     """
 
     def __init__(self, fd: int | None = None, *, owns_fd: bool = True) -> None:
@@ -91,12 +95,13 @@ class EventfdDoorbell:
         self.rings = 0
         self._fd_set: anyio.Event | None = None
         self._poll: select.poll | None = None  # POLLOUT on fd: the counter has room
+        self.on_fd_change: Callable[[int | None, bool], None] | None = None
         if fd is not None:
             self.set_fd(fd, owns_fd=owns_fd)
 
     def set_fd(self, fd: int | None, *, owns_fd: bool = True) -> None:
         """Use ``fd`` from now on, closing the previous one if owned."""
-        self.close()
+        self._release()
         self.fd = fd
         self._owns = owns_fd
         if fd is not None:
@@ -105,8 +110,15 @@ class EventfdDoorbell:
             self._poll.register(fd, select.POLLOUT)
             if self._fd_set is not None:
                 self._fd_set.set()
+        if self.on_fd_change is not None:
+            self.on_fd_change(fd, False)
 
     def close(self) -> None:
+        self._release()
+        if self.on_fd_change is not None:
+            self.on_fd_change(None, True)
+
+    def _release(self) -> None:
         if self.fd is not None and self._owns:
             os.close(self.fd)
         self.fd = None

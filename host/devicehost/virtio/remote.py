@@ -2,26 +2,42 @@
 
 A virtio device that runs in a worker process (``isolation = "process"``) is served by a
 transport in the supervisor (the vhost-user backend keeps the VMM connection; the in-process
-driver keeps its rings) and runs its hooks in the worker. Four values cross the seam, each a
-byte string beside a list of file descriptors (``SCM_RIGHTS``), each decoded by a
-``decode_*_untrusted`` function that raises only :class:`RemoteVirtioError` (the sending
-process is to blame) and closes every descriptor it was given when it refuses:
+driver keeps its rings) and runs its hooks in the worker. Two values cross the seam, each a byte
+string beside a list of file descriptors (``SCM_RIGHTS``), each decoded by a
+``decode_*_untrusted`` function that raises only :class:`RemoteVirtioError` (the sending process
+is to blame) and closes every descriptor it was given when it refuses:
 
 - **the offer** (worker -> supervisor): the device's :class:`DeviceTraits`, and whether the
-  device reads or writes its config space through methods (then the supervisor forwards those
-  accesses to the worker; otherwise it answers from ``traits.config``);
+  device reads or writes its config space through methods;
 - **the queue resources** (supervisor -> worker, at open and at every re-open after a restart):
   the guest memory regions as their memfds (:meth:`GuestMemory.share` /
   :meth:`GuestMemory.from_shared`), the negotiated features, and for every queue its layout,
   its position (last avail index, used index) and its kick, call and error eventfds. The worker
   builds its own :class:`VirtQueue` s over the same shared memory, so descriptors, payloads and
-  notifications go between guest and worker directly: no packet passes through the supervisor;
-- **a doorbell update** (supervisor -> worker, while open): the VMM gave a vring a new call or
-  error eventfd (vhost-user allows SET_VRING_CALL/ERR at any time; QEMU sends SET_VRING_CALL
-  again right after enabling the rings). The worker swaps the fd and rings the new call once
-  (an interrupt raised on the old fd in the meantime may be lost; a spurious one is harmless);
-- **the queue positions** (worker -> supervisor, at close): where the worker stopped in each
-  queue, so the supervisor answers GET_VRING_BASE (and saves) where the device really is.
+  notifications go between guest and worker directly: no packet passes through the supervisor.
+
+**Doorbells that change while open.** vhost-user lets the VMM replace a vring's call and error
+eventfds at any time (QEMU 7.2 sends SET_VRING_CALL again right after enabling the rings, and
+again when the guest masks an interrupt vector). The resources therefore carry an *update link*:
+one end of a datagram socketpair and a small shared page holding a generation counter. When a
+supervisor-side doorbell gets a new fd (:attr:`EventfdDoorbell.on_fd_change`), the supervisor
+sends it over the socket and then increments the counter; every ring of a call or error doorbell
+in the worker first compares the counter (a memory read, no system call) and, when it moved,
+takes the new fds before it rings. An interrupt the worker raised on the old fd in between is
+not lost: the supervisor rings the new fd after incrementing the counter (the vhost-user session
+does), and the worker's used-index store precedes its counter load (the queue's barrier before
+the interrupt decision), so either the worker rings the new fd or the guest sees its used entry
+on the supervisor's ring.
+
+**Queue positions.** While a worker owns a device's queues the supervisor never pops them; its
+queues report the position (used, used), ``used`` being the used index read from guest memory
+(:func:`restart_positions`). That is where a device that stopped (closed, or its worker died)
+can be resumed: the chains a worker had popped but not completed are popped again. GET_VRING_BASE
+and saves report it; a re-open after a worker restart starts there. This is exact for a device
+that completes the chains of a queue in the order it popped them (vsock does); a device that
+completes out of order may see a chain it already completed again, and must not be isolated.
+What the re-seen chains carry is the device's to judge (vsock: tx packets of connections the new
+worker does not know get RST; rx buffers are simply filled).
 
 Byte layouts (little endian)::
 
@@ -34,29 +50,24 @@ Byte layouts (little endian)::
     queue      = index u16 | size u16 | fd flags u16 | zero u16 | desc u64 | avail u64 | used u64
                  | last_avail_idx u16 | used_idx u16 | zero u32
                  fd flags: 1 = a call fd follows, 2 = an error fd follows (a kick fd always does)
-                 after the region fds, each queue's fds in order: kick, then call, then error
+                 fds: the region fds; each queue's kick, call, error; the update socket; the page
     update     = magic "VDBU" | version u16 | queue u16 | which u16 (1 call, 2 error) | has_fd u16
-    positions  = magic "VQPS" | version u16 | count u16 | (last_avail_idx u16, used_idx u16) * count
+                 (one datagram on the update socket, its fd attached)
+    page       = generation le64 at offset 0 (4096 bytes, a sealed memfd)
 
-Trust: the worker runs third-party device code, so the supervisor treats everything a worker
-sends as hostile (the traits are validated as any offer is; positions are 16-bit values the
-supervisor only reports back to the VMM). The worker treats the supervisor's values as untrusted
-too (bounded counts, fds checked by kind from the kernel: guest memory must be a memfd sealed
-against shrinking unless the operator allowed unsealed memory, doorbells must be eventfds).
-
-Queue positions after a worker crash (:func:`restart_positions`): the dead worker's last avail
-index is lost with it. The supervisor reopens every queue at (used, used), where ``used`` is the
-used index read from guest memory: the chains the dead worker had popped but not completed are
-popped again by the new worker. This is exact for a device that completes the chains of a queue
-in the order it popped them (vsock does); a device that completes out of order may see a chain
-it already completed again. What the re-seen chains carry is the device's to judge (vsock: tx
-packets of connections the new worker does not know get RST; rx buffers are simply filled).
+Trust: the worker runs third-party device code, so the supervisor treats what a worker sends as
+hostile (the traits are validated as any offer is). The worker treats the supervisor's values as
+untrusted too (bounded counts, fds checked by kind from the kernel: guest memory must be a memfd
+sealed against shrinking unless the operator allowed unsealed memory, doorbells must be
+eventfds, the page a sealed memfd, the link a socket).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import struct
 from collections.abc import Sequence
 from typing import Final
@@ -64,8 +75,13 @@ from typing import Final
 import attrs
 
 from devicehost.errors import DeviceHostError
-from devicehost.fds import FdKindError, require_eventfd
-from devicehost.memory import GuestMemory, GuestMemoryError, SharedMemoryError, SharedRegion
+from devicehost.fds import FdKindError, fd_kind, require_eventfd
+from devicehost.memory import (
+    GuestMemory,
+    MemoryRegion,
+    SharedMemoryError,
+    SharedRegion,
+)
 from devicehost.virtio.doorbell import EventfdDoorbell
 from devicehost.virtio.driver import QueueSetup
 from devicehost.virtio.queue import (
@@ -89,19 +105,16 @@ __all__ = [
     "DoorbellUpdate",
     "RemoteTraits",
     "RemoteVirtioError",
-    "apply_doorbell_update",
-    "apply_positions",
     "decode_doorbell_update_untrusted",
-    "decode_positions_untrusted",
     "decode_queue_resources_untrusted",
     "decode_traits_untrusted",
     "encode_doorbell_update",
-    "encode_positions",
     "encode_queue_resources",
     "encode_traits",
-    "positions",
-    "restart_positions",
+    "release_queue_resources",
 ]
+
+log = logging.getLogger("devicehost.virtio.remote")
 
 VERSION: Final = 1
 #: Guest memory regions one open may carry (vhost-user's own limit is 8).
@@ -128,14 +141,12 @@ _REGION: Final = struct.Struct("<QQQ")
 _QUEUE: Final = struct.Struct("<HHHHQQQHHI")
 # byte layout: update = magic 4s, version u16, queue u16, which u16, has_fd u16
 _UPDATE: Final = struct.Struct("<4sHHHH")
-# byte layout: positions header = magic 4s, version u16, count u16; then count * (u16, u16)
-_POSITIONS: Final = struct.Struct("<4sHH")
-_POSITION: Final = struct.Struct("<HH")
+# byte layout: the update page = generation le64 at offset 0
+_PAGE_SIZE: Final = 4096
 
 _TRAITS_MAGIC: Final = b"VTRT"
 _RESOURCES_MAGIC: Final = b"VQRS"
 _UPDATE_MAGIC: Final = b"VDBU"
-_POSITIONS_MAGIC: Final = b"VQPS"
 
 
 class RemoteVirtioError(DeviceHostError):
@@ -204,6 +215,89 @@ def decode_traits_untrusted(data: bytes) -> RemoteTraits:
 # -- the queue resources ---------------------------------------------------------------------------
 
 
+class _SupervisorLink:
+    """The supervisor's end of an update link (module docstring): follows the call and error
+    doorbells of one open device's queues and passes each new fd to the worker."""
+
+    def __init__(self) -> None:
+        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.page = MemoryRegion.memfd(0, _PAGE_SIZE, "devicehost-virtio-updates")
+        self._generation = self.page.view.cast("Q")
+        self.bells: list[EventfdDoorbell] = []
+        self.closed = False
+
+    def follow(self, queue: int, which: int, bell: EventfdDoorbell) -> None:
+        def changed(fd: int | None, closed: bool) -> None:
+            if closed:
+                self.close()
+            else:
+                self.send(DoorbellUpdate(queue, which, fd))
+
+        bell.on_fd_change = changed
+        self.bells.append(bell)
+
+    def send(self, update: DoorbellUpdate) -> None:
+        if self.closed:
+            return
+        data, fds = encode_doorbell_update(update)
+        try:
+            socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+        except OSError as exc:  # the worker is gone (its successor gets a new link) or stuck
+            log.warning("virtio doorbell update for queue %d not sent to the worker: %s",
+                        update.queue, exc)
+            return
+        # After the datagram (module docstring): a worker that sees the new generation finds it.
+        self._generation[0] = (self._generation[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for bell in self.bells:
+            bell.on_fd_change = None
+        self.bells.clear()
+        self._generation.release()
+        self.page.close()
+        self.sock.close()
+        self.peer.close()
+
+
+class _HeldQueue(SplitQueue):
+    """The supervisor's side of a queue that a worker pops: never popped here; its position is
+    (used, used), read from guest memory (module docstring), and it holds the update link."""
+
+    link: _SupervisorLink | None = None
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._used_now()
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        pass  # SplitQueue's constructor sets it; the worker's position is not known here
+
+    def _used_now(self) -> int:
+        try:
+            return U16.unpack_from(self._used, 2)[0]  # type: ignore[no-any-return]
+        except ValueError:  # the session's memory was released: where the device stopped
+            return self.used_idx
+
+    def state(self) -> QueueState:
+        used = self._used_now()
+        return QueueState(used, used)
+
+
+def _take_over(q: VirtQueue, link: _SupervisorLink) -> None:
+    old = q.queue
+    if isinstance(old, _HeldQueue) and old.link is not None:
+        old.link.close()  # a previous worker's link (re-open after a restart)
+    held = _HeldQueue(old.memory, old.layout, event_idx=old.event_idx, indirect=old.indirect,
+                      state=old.state())
+    held.link = link
+    q.queue = held
+
+
 def _doorbell_fd(bell: object) -> int | None:
     if not isinstance(bell, EventfdDoorbell):
         raise RemoteVirtioError(
@@ -212,14 +306,14 @@ def _doorbell_fd(bell: object) -> int | None:
     return bell.fd
 
 
-def encode_queue_resources(
-    resources: QueueResources, states: Sequence[QueueState] | None = None
-) -> tuple[bytes, list[int]]:
-    """The value and the descriptors (still the caller's: send them, do not close them) that
-    give a worker ``resources``; each queue at ``states[i]`` (default: its current position).
+def encode_queue_resources(resources: QueueResources) -> tuple[bytes, list[int]]:
+    """The value and the descriptors that give a worker ``resources`` (module docstring).
 
-    :class:`RemoteVirtioError` if the memory has an anonymous region or a queue's doorbells are
-    not eventfds, or a queue has no kick fd.
+    The descriptors stay the caller's (send them; they are closed with the resources' memory and
+    doorbells, or when the supervisor's queues get another worker). From now on the supervisor's
+    queues report the position a worker can be resumed at, and follow their doorbells for the
+    worker. :class:`RemoteVirtioError` if the memory has an anonymous region, a doorbell is not
+    an eventfd, or a queue has no kick fd.
     """
     try:
         regions, region_fds = resources.memory.share()
@@ -228,26 +322,79 @@ def encode_queue_resources(
     if len(regions) > MAX_REGIONS or len(resources.queues) > MAX_QUEUES:
         raise RemoteVirtioError(f"{len(regions)} memory regions and {len(resources.queues)}"
                                 f" queues exceed {MAX_REGIONS} and {MAX_QUEUES}")
-    if states is not None and len(states) != len(resources.queues):
-        raise ValueError(f"{len(states)} states for {len(resources.queues)} queues")
     parts = [_RESOURCES.pack(_RESOURCES_MAGIC, VERSION, len(regions), len(resources.queues), 0,
                              resources.features)]
     parts += [_REGION.pack(r.gpa, r.size, r.offset) for r in regions]
     fds = list(region_fds)
-    for i, q in enumerate(resources.queues):
+    for q in resources.queues:
         kick = _doorbell_fd(q.kick)
         if kick is None:
             raise RemoteVirtioError(f"queue {q.index} has no kick eventfd yet")
         call = _doorbell_fd(q.call)
         error = _doorbell_fd(q.error) if q.error is not None else None
-        state = states[i] if states is not None else q.state()
+        state = q.state()
         layout = q.queue.layout
         flags = (WHICH_CALL if call is not None else 0) | (WHICH_ERROR if error is not None else 0)
         parts.append(_QUEUE.pack(q.index, layout.size, flags, 0, layout.desc_gpa,
                                  layout.avail_gpa, layout.used_gpa, state.last_avail_idx & 0xFFFF,
                                  state.used_idx & 0xFFFF, 0))
         fds += [fd for fd in (kick, call, error) if fd is not None]
+    link = _SupervisorLink()
+    for i, q in enumerate(resources.queues):
+        _take_over(q, link)
+        for which, bell in ((WHICH_CALL, q.call), (WHICH_ERROR, q.error)):
+            if isinstance(bell, EventfdDoorbell):
+                link.follow(i, which, bell)
+    assert link.page.fd is not None
+    fds += [link.peer.fileno(), link.page.fd]
     return b"".join(parts), fds
+
+
+class _WorkerLink:
+    """The worker's end of an update link: applies the supervisor's doorbell updates before any
+    call or error doorbell of the device rings once the generation moved."""
+
+    def __init__(self, sock: socket.socket, page: GuestMemory) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.page = page
+        self._generation = page.view(0, 8).cast("Q")
+        self._seen = self._generation[0]
+        self.queues: list[VirtQueue] = []
+
+    def check(self) -> None:
+        generation = self._generation[0]
+        if generation == self._seen:
+            return
+        self._seen = generation
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.sock, 64, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise RemoteVirtioError(f"the supervisor's update link failed: {exc}") from None
+            if flags & socket.MSG_CTRUNC:
+                _close_all(fds)
+                raise RemoteVirtioError("the supervisor's doorbell update lost its descriptor")
+            _apply_update(self.queues, decode_doorbell_update_untrusted(data, fds))
+
+    def close(self) -> None:
+        self._generation.release()
+        self.page.close()
+        self.sock.close()
+
+
+class _FollowingDoorbell(EventfdDoorbell):
+    """A worker-side call or error doorbell: takes the supervisor's updates before it rings."""
+
+    def __init__(self, fd: int | None, link: _WorkerLink) -> None:
+        super().__init__(fd)
+        self.link = link
+
+    def ring(self) -> None:
+        self.link.check()
+        super().ring()
 
 
 def decode_queue_resources_untrusted(
@@ -255,8 +402,9 @@ def decode_queue_resources_untrusted(
 ) -> QueueResources:
     """The worker's :class:`QueueResources` from the supervisor's value and descriptors.
 
-    Takes ownership of ``fds``: they belong to the result (its memory's regions and its queues'
-    doorbells), or are all closed when :class:`RemoteVirtioError` is raised.
+    Takes ownership of ``fds``: they belong to the result (its memory's regions, its queues'
+    doorbells, its update link; :func:`release_queue_resources` closes them all), or are all
+    closed when :class:`RemoteVirtioError` is raised.
     """
     pending = list(fds)
     try:
@@ -284,7 +432,7 @@ def _decode_resources(data: bytes, pending: list[int], allow_unsealed: bool) -> 
     ]
     offset = _RESOURCES.size + region_count * _REGION.size
     queues = [_QUEUE.unpack_from(data, offset + i * _QUEUE.size) for i in range(queue_count)]
-    fd_count = region_count
+    fd_count = region_count + 2
     for i, (index, size, flags, zero_a, *_, zero_b) in enumerate(queues):
         if index != i:
             raise RemoteVirtioError(f"{what}: queue {i} says it is queue {index}")
@@ -295,41 +443,57 @@ def _decode_resources(data: bytes, pending: list[int], allow_unsealed: bool) -> 
         fd_count += 1 + bool(flags & WHICH_CALL) + bool(flags & WHICH_ERROR)
     if len(pending) != fd_count:
         raise RemoteVirtioError(f"{what}: {len(pending)} descriptors, the value needs {fd_count}")
-    for k, fd in enumerate(pending[region_count:]):
+    for k, fd in enumerate(pending[region_count:-2]):
         try:
             require_eventfd(fd, f"{what}: doorbell descriptor {k}")
         except FdKindError as exc:
             raise RemoteVirtioError(str(exc)) from None
-    region_fds = pending[:region_count]
+    if fd_kind(pending[-2]) != "socket":
+        raise RemoteVirtioError(f"{what}: the update link is a {fd_kind(pending[-2])}, not a"
+                                " socket")
     try:
-        memory = GuestMemory.from_shared(regions, region_fds, allow_unsealed=allow_unsealed,
-                                         what=what)
+        page = GuestMemory.from_shared([SharedRegion(0, _PAGE_SIZE, 0)], pending[-1:],
+                                       what=f"{what}: update page")
     except SharedMemoryError as exc:
-        del pending[:region_count]  # from_shared closed them
         raise RemoteVirtioError(str(exc)) from None
-    del pending[:region_count]
+    finally:
+        del pending[-1:]  # from_shared owns or closed it
+    link = _WorkerLink(socket.socket(fileno=pending.pop()), page)
     try:
-        return _build(memory, features, queues, pending, what)
+        try:
+            memory = GuestMemory.from_shared(regions, pending[:region_count],
+                                             allow_unsealed=allow_unsealed, what=what)
+        except SharedMemoryError as exc:
+            raise RemoteVirtioError(str(exc)) from None
+        finally:
+            del pending[:region_count]  # from_shared owns or closed them
+        try:
+            resources = _build(memory, features, queues, pending, link, what)
+        except BaseException:
+            memory.close()
+            raise
     except BaseException:
-        memory.close()
+        link.close()
         raise
+    link.queues = resources.queues
+    return resources
 
 
 def _build(memory: GuestMemory, features: int, queues: list[tuple[int, ...]],
-           pending: list[int], what: str) -> QueueResources:
+           pending: list[int], link: _WorkerLink, what: str) -> QueueResources:
     setups = []
     states = []
-    errors: list[EventfdDoorbell | None] = []
+    errors: list[EventfdDoorbell] = []
     bells: list[EventfdDoorbell] = []
     try:
         for index, size, flags, _, desc, avail, used, last_avail, used_idx, _ in queues:
             kick = EventfdDoorbell(pending.pop(0))
             bells.append(kick)
-            call = EventfdDoorbell(pending.pop(0) if flags & WHICH_CALL else None)
+            call = _FollowingDoorbell(pending.pop(0) if flags & WHICH_CALL else None, link)
             bells.append(call)
-            error = EventfdDoorbell(pending.pop(0)) if flags & WHICH_ERROR else None
-            if error is not None:
-                bells.append(error)
+            # An error doorbell even without an fd: the VMM may give one later (an update).
+            error = _FollowingDoorbell(pending.pop(0) if flags & WHICH_ERROR else None, link)
+            bells.append(error)
             errors.append(error)
             setups.append(QueueSetup(index, QueueLayout(size, desc, avail, used), kick, call))
             states.append(QueueState(last_avail, used_idx))
@@ -342,9 +506,24 @@ def _build(memory: GuestMemory, features: int, queues: list[tuple[int, ...]],
         for bell in bells:
             bell.close()
         raise
-    for q, error in zip(built, errors, strict=True):
-        q.error = error
+    for q, error_bell in zip(built, errors, strict=True):
+        q.error = error_bell
     return QueueResources(built, features, memory)
+
+
+def release_queue_resources(resources: QueueResources) -> None:
+    """Close what :func:`decode_queue_resources_untrusted` made (the worker side, once the device
+    that got ``resources`` is closed): every doorbell, the update link, the guest memory."""
+    link: _WorkerLink | None = None
+    for q in resources.queues:
+        for bell in (q.kick, q.call, q.error):
+            if isinstance(bell, _FollowingDoorbell):
+                link = bell.link
+            if isinstance(bell, EventfdDoorbell):
+                bell.close()
+    if link is not None:
+        link.close()
+    resources.memory.close()
 
 
 # -- doorbell updates ------------------------------------------------------------------------------
@@ -388,74 +567,18 @@ def decode_doorbell_update_untrusted(data: bytes, fds: Sequence[int]) -> Doorbel
         raise
 
 
-def apply_doorbell_update(resources: QueueResources, update: DoorbellUpdate) -> None:
+def _apply_update(queues: Sequence[VirtQueue], update: DoorbellUpdate) -> None:
     """Swap the doorbell fd in the worker's queues (owning the new fd; the old one is closed);
-    rings a new call doorbell once. :class:`RemoteVirtioError` (fd closed) if the queue does
-    not exist."""
-    if not 0 <= update.queue < len(resources.queues):
-        if update.fd is not None:
-            _close_all([update.fd])
-        raise RemoteVirtioError(f"doorbell update for queue {update.queue}; the device has"
-                                f" {len(resources.queues)}")
-    q = resources.queues[update.queue]
+    a new call fd is rung once (an interrupt on the old one may have been lost)."""
+    if not 0 <= update.queue < len(queues):
+        _close_all([] if update.fd is None else [update.fd])
+        raise RemoteVirtioError(f"the supervisor's doorbell update names queue {update.queue};"
+                                f" the device has {len(queues)}")
+    q = queues[update.queue]
+    bell = q.call if update.which == WHICH_CALL else q.error
+    if not isinstance(bell, EventfdDoorbell):  # never: the decoder made them all
+        _close_all([] if update.fd is None else [update.fd])
+        raise RemoteVirtioError(f"queue {update.queue} has no eventfd doorbell to update")
+    EventfdDoorbell.set_fd(bell, update.fd)
     if update.which == WHICH_CALL:
-        bell = q.call
-        if not isinstance(bell, EventfdDoorbell):  # never: decoded resources use eventfds
-            raise RemoteVirtioError("the queue's call doorbell is not an eventfd doorbell")
-        bell.set_fd(update.fd)
-        bell.ring()
-    elif q.error is None:
-        q.error = EventfdDoorbell(update.fd)
-    else:
-        error = q.error
-        if not isinstance(error, EventfdDoorbell):
-            raise RemoteVirtioError("the queue's error doorbell is not an eventfd doorbell")
-        error.set_fd(update.fd)
-
-
-# -- queue positions -------------------------------------------------------------------------------
-
-
-def encode_positions(states: Sequence[QueueState]) -> bytes:
-    return _POSITIONS.pack(_POSITIONS_MAGIC, VERSION, len(states)) + b"".join(
-        _POSITION.pack(s.last_avail_idx & 0xFFFF, s.used_idx & 0xFFFF) for s in states)
-
-
-def decode_positions_untrusted(data: bytes, count: int) -> tuple[QueueState, ...]:
-    """``count`` queue positions (the worker's report at close)."""
-    what = "the worker's queue positions"
-    (_, _, n) = _check_header(data, _POSITIONS, _POSITIONS_MAGIC, what)
-    if n != count or len(data) != _POSITIONS.size + n * _POSITION.size:
-        raise RemoteVirtioError(f"{what}: {n} positions in {len(data)} bytes, expected {count}")
-    return tuple(QueueState(*_POSITION.unpack_from(data, _POSITIONS.size + i * _POSITION.size))
-                 for i in range(n))
-
-
-def restart_positions(resources: QueueResources) -> list[QueueState]:
-    """Where a new worker resumes each queue after the previous one died: (used, used), the used
-    index read from guest memory (module docstring). :class:`RemoteVirtioError` if a used ring
-    is no longer in guest memory."""
-    out = []
-    for q in resources.queues:
-        try:
-            used = U16.unpack(resources.memory.read(q.queue.layout.used_gpa + 2, 2))[0]
-        except GuestMemoryError as exc:
-            raise RemoteVirtioError(f"queue {q.index}'s used ring is unreadable: {exc}") from None
-        out.append(QueueState(used, used))
-    return out
-
-
-def apply_positions(resources: QueueResources, states: Sequence[QueueState]) -> None:
-    """Move the supervisor's queues to ``states`` (the worker's report at close, or
-    :func:`restart_positions`), so that GET_VRING_BASE and saves report them."""
-    if len(states) != len(resources.queues):
-        raise ValueError(f"{len(states)} positions for {len(resources.queues)} queues")
-    for q, state in zip(resources.queues, states, strict=True):
-        old = q.queue
-        q.queue = SplitQueue(old.memory, old.layout, event_idx=old.event_idx,
-                             indirect=old.indirect, state=state)
-
-
-def positions(queues: Sequence[VirtQueue]) -> list[QueueState]:
-    """The current positions of ``queues`` (what a worker reports at close)."""
-    return [q.state() for q in queues]
+        EventfdDoorbell.ring(bell)
