@@ -36,6 +36,16 @@ blame) when that leaves no type at all. No features at all means stream.
 Config space: ``le64 guest_cid``; reads beyond its 8 bytes return zeros (a read straddling the end
 returns zeros too, as upstream's 32-bit rule gives); writes are ignored with a warning.
 
+A worker that dies (``isolation = "process"``, docs/workers.md): the device reports the
+connections the guest knows (``ctx.host.report("vsock.connections", [[device port, guest port,
+type], ...])``, once per tx or rx pass that changed them). The supervisor keeps the VMM
+connection and the rings and starts a new worker, whose ``open`` sees the dead worker's last
+report (``ctx.host.restart``): with two queues (vhost-user: QEMU keeps the event queue) it sends
+an RST for each of those connections before any other packet; with three queues (the device owns
+the event queue) it sends one VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, on which the guest drops every
+connection. The host sockets of those connections died with the worker. New connections work at
+once.
+
 The device's Unix listener at ``base_path`` (a stale socket file is replaced) and, with SEQPACKET
 offered, the ``SOCK_SEQPACKET`` listener at ``<base_path>_seqpacket`` are bound when the device
 is offered and stay while it is served: with no guest driver attached a host connection is
@@ -76,6 +86,7 @@ from devicehost_vsock.protocol import (
     MAX_ACTIVE_CONNECTIONS,
     MAX_TX_BUF_SIZE,
     MIN_TX_BUF_SIZE,
+    QUEUE_EVENT,
     QUEUE_RX,
     QUEUE_TX,
     TX_BUF_SIZE,
@@ -87,7 +98,11 @@ from devicehost_vsock.saved import VsockSavedState
 from devicehost_vsock.servicing import check_state, restore_listeners, restore_table, save_runner
 from devicehost_vsock.worker import VsockWorker
 
-__all__ = ["VsockConfig", "VsockDevice", "VsockRunner"]
+__all__ = ["CONNECTIONS_REPORT", "VsockConfig", "VsockDevice", "VsockRunner", "stale_connections"]
+
+#: The report key under which a device in a worker tells the supervisor the connections the guest
+#: knows: a list of [device port, guest port, socket type] (``ctx.host.report``).
+CONNECTIONS_REPORT = "vsock.connections"
 
 
 def _check_cid(instance: VsockConfig, attribute: attrs.Attribute[int], value: int) -> None:
@@ -165,6 +180,45 @@ class VsockRunner:
             self.listeners.close()
         else:
             self.listeners.detach()
+
+
+def _follow_worker_restarts(ctx: DeviceContext, worker: VsockWorker,
+                            resources: QueueResources) -> None:
+    """In a worker process (``isolation = "process"``): report the connections the guest knows
+    to the supervisor whenever they change, and after a restart make the guest drop those the
+    dead worker held (module docstring: "A worker that dies"). Inline this does nothing."""
+    host = ctx.host
+    if not getattr(host, "worker", False):
+        return
+    report = host.report
+    worker.on_connections = lambda known: report(CONNECTIONS_REPORT, [list(c) for c in known])
+    restart = getattr(host, "restart", None)
+    if restart is None:
+        return
+    if len(resources.queues) > QUEUE_EVENT:
+        # The device owns the event queue: one TRANSPORT_RESET drops every connection.
+        worker.transport_reset = resources.queues[QUEUE_EVENT]
+        ctx.logger.info("vsock: worker restarted (%s); sending TRANSPORT_RESET", restart.cause)
+        return
+    stale = stale_connections(restart.reports.get(CONNECTIONS_REPORT))
+    worker.manager.reset_stale(stale)
+    ctx.logger.info("vsock: worker restarted (%s); resetting the %d connection(s) the guest had",
+                    restart.cause, len(stale))
+
+
+def stale_connections(value: Any) -> list[tuple[int, int, int]]:
+    """The connections of a dead worker's last :data:`CONNECTIONS_REPORT`, checked: at most
+    :data:`MAX_ACTIVE_CONNECTIONS` entries of [device port, guest port, socket type]; anything
+    malformed is left out (a report comes from a worker that may have been corrupted)."""
+    out: list[tuple[int, int, int]] = []
+    if not isinstance(value, list):
+        return out
+    for item in value[:MAX_ACTIVE_CONNECTIONS]:
+        if (isinstance(item, list) and len(item) == 3
+                and all(type(v) is int and 0 <= v <= 0xFFFF_FFFF for v in item)
+                and item[2] in (TYPE_STREAM, TYPE_SEQPACKET)):
+            out.append((item[0], item[1], item[2]))
+    return out
 
 
 class VsockDevice:
@@ -301,6 +355,7 @@ class VsockDevice:
             resources.queues[QUEUE_RX], resources.queues[QUEUE_TX], manager, relay
         )
         relay.wake = worker.wake
+        _follow_worker_restarts(ctx, worker, resources)
         ctx.logger.info("vsock: guest CID %d, host sockets at %s", self.config.guest_cid, base_path)
         return VsockRunner(worker, listeners, owns)
 

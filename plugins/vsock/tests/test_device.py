@@ -485,3 +485,14 @@ async def test_header_only_rx_buffer_waits_for_a_control_packet(guest: HostedGue
     assert (packet.header.op, packet.written) == (Op.CREDIT_UPDATE, HEADER_SIZE)
     await host.aclose()
     await listener.aclose()
+
+
+def test_stale_connections_keep_only_well_formed_entries() -> None:
+    from devicehost_vsock.device import stale_connections
+
+    assert stale_connections(None) == []
+    assert stale_connections({"a": 1}) == []
+    good = [[5000, 1024, 1], [0x4000_0000, 7000, 2]]
+    bad = [[1, 2], [1, 2, 3], [-1, 2, 1], [1 << 32, 2, 1], ["1", 2, 1], [1, 2, True], 7]
+    assert stale_connections([*bad, *good]) == [(5000, 1024, 1), (0x4000_0000, 7000, 2)]
+    assert len(stale_connections([[1, 2, 1]] * 5000)) == 1024

@@ -20,6 +20,11 @@
  *   vsockctl sink PORT N                  listen on PORT like echo, read exactly N bytes, then write
  *                                         their CRC-32 (4 bytes, little-endian) as an end mark;
  *                                         prints DH SINK port= bytes= crc= ms=
+ *   vsockctl cut PORT SEED                connect to host CID 2 port PORT and send pattern bytes until
+ *                                         a write fails (the device dropped the connection, e.g. its
+ *                                         worker was killed); prints DH CUTSTART port= once connected,
+ *                                         then DH CUT port= sent= errno=NAME/N ms= (ms: from the last
+ *                                         write that succeeded to the failure)
  *   vsockctl cpu N                        no socket at all: generate and checksum N pattern bytes,
  *                                         prints DH CPU bytes= crc= ms=  (the guest CPU's speed;
  *                                         the benchmark also runs this one natively on the host)
@@ -309,6 +314,40 @@ static int cmd_send(unsigned int port, uint64_t n, uint64_t seed, uint64_t m)
 	close(fd);
 	printf("DH SEND port=%u sent=%llu sent_crc=%08x recv=%llu recv_crc=%08x ms=%.1f\n", port,
 	       (unsigned long long)n, sent_crc, (unsigned long long)got, recv_crc, now_ms() - t0);
+	return 0;
+}
+
+static const char *errno_name(int e)
+{
+	return e == ECONNRESET ? "ECONNRESET" : e == EPIPE ? "EPIPE" : e == ECONNREFUSED
+		? "ECONNREFUSED" : e == ETIMEDOUT ? "ETIMEDOUT" : e == ENOTCONN ? "ENOTCONN" : "OTHER";
+}
+
+static int cmd_cut(unsigned int port, uint64_t seed)
+{
+	static unsigned char buf[CHUNK];
+	int fd = connect_host(port);
+	if (fd < 0)
+		return fail("connect");
+	printf("DH CUTSTART port=%u\n", port);
+	fflush(stdout);
+	uint64_t off = 0;
+	double last = now_ms();
+	for (;;) {
+		pattern_fill(buf, seed, off, CHUNK);
+		ssize_t w = send(fd, buf, CHUNK, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0)
+			break;
+		off += (uint64_t)w;
+		last = now_ms();
+	}
+	int e = errno;
+	double ms = now_ms() - last;
+	close(fd);
+	printf("DH CUT port=%u sent=%llu errno=%s/%d ms=%.1f\n", port, (unsigned long long)off,
+	       errno_name(e), e, ms);
 	return 0;
 }
 
@@ -657,6 +696,8 @@ int main(int argc, char **argv)
 		return cmd_refuse((unsigned int)parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "echo"))
 		return cmd_echo((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
+	if (argc == 4 && !strcmp(argv[1], "cut"))
+		return cmd_cut((unsigned int)parse_u64(argv[2]), parse_u64(argv[3]));
 	if (argc == 3 && !strcmp(argv[1], "cpu"))
 		return cmd_cpu(parse_u64(argv[2]));
 	if (argc == 4 && !strcmp(argv[1], "sink"))
