@@ -30,7 +30,6 @@ from devicehost.virtio import (
 from devicehost.virtio.remote import (
     WHICH_CALL,
     DoorbellUpdate,
-    RemoteTraits,
     RemoteVirtioError,
     decode_doorbell_update_untrusted,
     decode_queue_resources_untrusted,
@@ -95,8 +94,8 @@ def guest() -> Iterator[Guest]:
 
 
 def test_traits_round_trip() -> None:
-    offer = RemoteTraits(DeviceTraits(19, 0b111, queue_count=3, max_queue_size=1024,
-                                      config=struct.pack("<Q", 77)), config_reads=True)
+    offer = DeviceTraits(19, 0b111, queue_count=3, max_queue_size=1024,
+                         config=struct.pack("<Q", 77))
     assert decode_traits_untrusted(encode_traits(offer)) == offer
 
 
@@ -104,14 +103,14 @@ def test_traits_round_trip() -> None:
     (lambda b: b"XXXX" + b[4:], "bad magic"),
     (lambda b: b[:4] + b"\x09\x00" + b[6:], "version 9"),
     (lambda b: b[:-1], "announces 8 config bytes"),
-    (lambda b: b[:6] + b"\x04\x00" + b[8:], "unknown flags"),
+    (lambda b: b[:6] + b"\x01\x00" + b[8:], "unknown flags"),
     (lambda b: b[:8] + b"\x00\x00\x00\x00" + b[12:], "invalid"),  # device id 0
     (lambda b: b[:14] + b"\x03\x00" + b[16:], "invalid"),  # max queue size 3
     (lambda b: b[:16] + struct.pack("<Q", 1 << 32) + b[24:], "invalid"),  # a transport bit
     (lambda b: b[:10], "shorter than"),
 ])
 def test_traits_refused(mutate: object, message: str) -> None:
-    raw = encode_traits(RemoteTraits(DeviceTraits(19, 1, config=b"12345678")))
+    raw = encode_traits(DeviceTraits(19, 1, config=b"12345678"))
     with pytest.raises(RemoteVirtioError, match=message):
         decode_traits_untrusted(mutate(raw))  # type: ignore[operator]
 

@@ -7,8 +7,11 @@ string beside a list of file descriptors (``SCM_RIGHTS``), each decoded by a
 ``decode_*_untrusted`` function that raises only :class:`RemoteVirtioError` (the sending process
 is to blame) and closes every descriptor it was given when it refuses:
 
-- **the offer** (worker -> supervisor): the device's :class:`DeviceTraits`, and whether the
-  device reads or writes its config space through methods;
+- **the offer** (worker -> supervisor): the device's :class:`DeviceTraits`. Its ``config`` is
+  what the supervisor's transport answers config-space reads with: a device method
+  ``virtio_config_read``/``virtio_config_write`` is not forwarded to a worker (the transports
+  call it synchronously; a worker's answer would block the supervisor's event loop), so an
+  isolated device must offer its config space as it is (vsock's is its constant guest CID);
 - **the queue resources** (supervisor -> worker, at open and at every re-open after a restart):
   the guest memory regions as their memfds (:meth:`GuestMemory.share` /
   :meth:`GuestMemory.from_shared`), the negotiated features, and for every queue its layout,
@@ -41,9 +44,8 @@ worker does not know get RST; rx buffers are simply filled).
 
 Byte layouts (little endian)::
 
-    traits     = magic "VTRT" | version u16 | flags u16 | device_id u32 | queue_count u16
+    traits     = magic "VTRT" | version u16 | zero u16 | device_id u32 | queue_count u16
                  | max_queue_size u16 | device_features u64 | config_len u16 | config bytes
-                 flags: 1 = the device reads its config through a method, 2 = writes it
     resources  = magic "VQRS" | version u16 | region_count u16 | queue_count u16 | zero u16
                  | features u64 | region * region_count | queue * queue_count
     region     = gpa u64 | size u64 | file offset u64          (fd i of the list backs region i)
@@ -96,14 +98,11 @@ from devicehost.virtio.traits import DeviceTraits
 from devicehost.virtio.transport import QueueResources, VirtQueue, build_queues
 
 __all__ = [
-    "CONFIG_READS",
-    "CONFIG_WRITES",
     "MAX_QUEUES",
     "MAX_REGIONS",
     "WHICH_CALL",
     "WHICH_ERROR",
     "DoorbellUpdate",
-    "RemoteTraits",
     "RemoteVirtioError",
     "decode_doorbell_update_untrusted",
     "decode_queue_resources_untrusted",
@@ -121,9 +120,6 @@ VERSION: Final = 1
 MAX_REGIONS: Final = 64
 #: Queues one device may have (:class:`DeviceTraits` allows 64).
 MAX_QUEUES: Final = 64
-#: Traits flags: the device implements ``virtio_config_read`` / ``virtio_config_write``.
-CONFIG_READS: Final = 1
-CONFIG_WRITES: Final = 2
 #: Doorbell update targets, and the queue fd flags of the resources layout.
 WHICH_CALL: Final = 1
 WHICH_ERROR: Final = 2
@@ -176,40 +172,28 @@ def _check_header(data: bytes, layout: struct.Struct, magic: bytes, what: str) -
 # -- the offer -------------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class RemoteTraits:
-    """A worker's virtio offer: the traits and how its config space is reached."""
-
-    traits: DeviceTraits
-    config_reads: bool = False
-    config_writes: bool = False
+def encode_traits(traits: DeviceTraits) -> bytes:
+    return _TRAITS.pack(_TRAITS_MAGIC, VERSION, 0, traits.device_id, traits.queue_count,
+                        traits.max_queue_size, traits.device_features, len(traits.config)
+                        ) + traits.config
 
 
-def encode_traits(offer: RemoteTraits) -> bytes:
-    t = offer.traits
-    flags = (CONFIG_READS if offer.config_reads else 0) | (
-        CONFIG_WRITES if offer.config_writes else 0)
-    return _TRAITS.pack(_TRAITS_MAGIC, VERSION, flags, t.device_id, t.queue_count,
-                        t.max_queue_size, t.device_features, len(t.config)) + t.config
-
-
-def decode_traits_untrusted(data: bytes) -> RemoteTraits:
+def decode_traits_untrusted(data: bytes) -> DeviceTraits:
     """The worker's offer; :class:`RemoteVirtioError` if it is not one a device may make."""
     (_, _, flags, device_id, queue_count, max_queue_size, features, config_len) = _check_header(
         data, _TRAITS, _TRAITS_MAGIC, "the worker's virtio offer")
-    if flags & ~(CONFIG_READS | CONFIG_WRITES):
+    if flags:
         raise RemoteVirtioError(f"the worker's virtio offer has unknown flags {flags:#x}")
     if len(data) != _TRAITS.size + config_len:
         raise RemoteVirtioError(
             f"the worker's virtio offer announces {config_len} config bytes but carries"
             f" {len(data) - _TRAITS.size}")
     try:
-        traits = DeviceTraits(device_id=device_id, device_features=features,
-                              queue_count=queue_count, max_queue_size=max_queue_size,
-                              config=data[_TRAITS.size:])
+        return DeviceTraits(device_id=device_id, device_features=features,
+                            queue_count=queue_count, max_queue_size=max_queue_size,
+                            config=data[_TRAITS.size:])
     except (ValueError, TypeError) as exc:
         raise RemoteVirtioError(f"the worker's virtio offer is invalid: {exc}") from None
-    return RemoteTraits(traits, bool(flags & CONFIG_READS), bool(flags & CONFIG_WRITES))
 
 
 # -- the queue resources ---------------------------------------------------------------------------
