@@ -7,6 +7,9 @@ returns a runner; its ``run`` hook pops chains from the queues and pushes them b
 
 from __future__ import annotations
 
+# Registers the codecs that carry DeviceTraits and QueueResources to and from a device worker
+# (devicehost.worker), in the supervisor and in every worker that imports a virtio device.
+from devicehost.virtio import remote as _remote  # noqa: F401  (import for its effect)
 from devicehost.virtio.doorbell import Doorbell, DoorbellError, EventDoorbell, EventfdDoorbell
 from devicehost.virtio.driver import (
     DeviceLink,

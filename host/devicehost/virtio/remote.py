@@ -72,12 +72,13 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
 from devicehost.errors import DeviceHostError
-from devicehost.fds import FdKindError, fd_kind, require_eventfd
+from devicehost.excerpt import excerpt
+from devicehost.fds import F_SEAL_SHRINK, FdKindError, fd_kind, memfd_seals, require_eventfd
 from devicehost.memory import (
     GuestMemory,
     MemoryRegion,
@@ -96,6 +97,10 @@ from devicehost.virtio.queue import (
 )
 from devicehost.virtio.traits import DeviceTraits
 from devicehost.virtio.transport import QueueResources, VirtQueue, build_queues
+from devicehost.worker.codec import CodecError, Decoder, Encoder, register_codec
+
+if TYPE_CHECKING:
+    from devicehost.lifecycle import Device
 
 __all__ = [
     "MAX_QUEUES",
@@ -111,6 +116,7 @@ __all__ = [
     "encode_queue_resources",
     "encode_traits",
     "release_queue_resources",
+    "runs_in_worker",
 ]
 
 log = logging.getLogger("devicehost.virtio.remote")
@@ -566,3 +572,69 @@ def _apply_update(queues: Sequence[VirtQueue], update: DoorbellUpdate) -> None:
     EventfdDoorbell.set_fd(bell, update.fd)
     if update.which == WHICH_CALL:
         EventfdDoorbell.ring(bell)
+
+
+# -- the worker codecs -----------------------------------------------------------------------------
+
+#: Descriptor kinds a queue resources value attaches (checked again by position when decoded).
+_RESOURCE_FD_KINDS: Final = frozenset({"memfd", "regular", "eventfd", "socket"})
+
+
+def _encode_traits_value(value: DeviceTraits, out: Encoder) -> Any:
+    return {"wire": out.value(encode_traits(value))}
+
+
+def _decode_traits_value(data: Any, inp: Decoder) -> DeviceTraits:
+    wire = inp.value(inp.fields(data, "wire")["wire"])
+    if not isinstance(wire, bytes):
+        raise CodecError("DeviceTraits: the wire form is not bytes")
+    try:
+        return decode_traits_untrusted(wire)
+    except RemoteVirtioError as exc:
+        raise CodecError(str(exc)) from None
+
+
+def _encode_resources_value(value: QueueResources, out: Encoder) -> Any:
+    wire, fds = encode_queue_resources(value)
+    _, region_fds = value.memory.share()
+    # Memory the supervisor took unsealed was accepted by its operator ([host]
+    # allow_unsealed_memory); the worker follows that decision.
+    unsealed = not all(memfd_seals(fd) & F_SEAL_SHRINK for fd in region_fds)
+    return {"wire": out.value(wire), "fds": [[out.fd(fd), fd_kind(fd)] for fd in fds],
+            "unsealed": unsealed}
+
+
+def _decode_resources_value(data: Any, inp: Decoder) -> QueueResources:
+    fields = inp.fields(data, "wire", "fds", "unsealed")
+    wire = inp.value(fields["wire"])
+    rows, unsealed = fields["fds"], fields["unsealed"]
+    if not isinstance(wire, bytes) or not isinstance(rows, list) or type(unsealed) is not bool:
+        raise CodecError("QueueResources: expected wire bytes, a list of descriptors and a flag")
+    if len(rows) > 2 * MAX_REGIONS + 3 * MAX_QUEUES + 2:
+        raise CodecError(f"QueueResources: {len(rows)} descriptors")
+    fds: list[int] = []
+    try:
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 2 and row[1] in _RESOURCE_FD_KINDS):
+                raise CodecError(f"QueueResources: a descriptor row {excerpt(row)}")
+            fds.append(inp.fd(row[0], row[1]))
+    except BaseException:
+        _close_all(fds)
+        raise
+    try:
+        return decode_queue_resources_untrusted(wire, fds, allow_unsealed=unsealed)
+    except RemoteVirtioError as exc:
+        raise CodecError(str(exc)) from None
+
+
+register_codec(DeviceTraits, "devicehost.virtio.DeviceTraits", _encode_traits_value,
+               _decode_traits_value)
+register_codec(QueueResources, "devicehost.virtio.QueueResources", _encode_resources_value,
+               _decode_resources_value)
+
+
+def runs_in_worker(device: Device) -> bool:
+    """Whether ``device``'s hooks run in a worker process (its plugin is the worker proxy)."""
+    from devicehost.worker.proxy import WorkerProxy
+
+    return isinstance(device.pm.get_plugin(device.name), WorkerProxy)

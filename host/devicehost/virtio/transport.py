@@ -294,6 +294,10 @@ class _InProcessLink:
         self.gate = gate if gate is not None else GuestGate()
         self.resources: QueueResources | None = None
         self.setups: tuple[QueueSetup, ...] = ()
+        from devicehost.virtio.remote import runs_in_worker
+
+        #: A device in a worker needs kicks and calls it can be handed (the driver reads this).
+        self.eventfd_doorbells = runs_in_worker(device)
 
     @property
     def offered_features(self) -> int:
