@@ -417,3 +417,43 @@ def test_doorbell_update_decoder_fuzz(data: bytes, with_fd: bool) -> None:
     if update.fd is not None:
         os.close(update.fd)
     assert _open_fds() == before
+
+
+# -- the worker codec registry ---------------------------------------------------------------------
+
+
+def test_the_worker_codecs_carry_traits_and_resources(guest: Guest) -> None:
+    from devicehost.worker.codec import decode_value, encode_value
+
+    traits = DeviceTraits(19, 0b101, queue_count=2, config=b"\x05" + bytes(7))
+    data, fds = encode_value(traits)
+    assert fds == [] and decode_value(data) == traits
+    data, fds = encode_value(guest.resources)
+    got = decode_value(data, [os.dup(fd) for fd in fds])
+    try:
+        assert isinstance(got, QueueResources) and got.features == FEATURES
+        guest.memory.write(0x9000, b"via the registry")
+        assert got.memory.read(0x9000, 16) == b"via the registry"
+    finally:
+        release_queue_resources(got)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda v: {**v, "unsealed": 1},
+    lambda v: {**v, "fds": [[0, "directory"]]},
+    lambda v: {**v, "fds": v["fds"][:-1]},
+    lambda v: {**v, "wire": "not bytes"},
+    lambda v: {k: x for k, x in v.items() if k != "unsealed"},
+])
+def test_the_resources_codec_refuses_malformed_values_and_closes_fds(
+    guest: Guest, edit: object
+) -> None:
+    from devicehost.worker.codec import CodecError, decode_value, encode_value
+
+    data, fds = encode_value(guest.resources)
+    before = _open_fds()
+    bad = dict(data)
+    bad["v"] = edit(data["v"])  # type: ignore[operator]
+    with pytest.raises(CodecError):
+        decode_value(bad, [os.dup(fd) for fd in fds])
+    assert _open_fds() == before
