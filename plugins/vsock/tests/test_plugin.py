@@ -17,3 +17,6 @@ def test_the_host_discovers_the_plugin() -> None:
 
 class TestVsockConformance(DeviceConformance):
     device_class = VsockDevice
+    #: Every check inline and then with the device in a worker process (always: a device that
+    #: could not cross would fail here instead of being run inline only).
+    isolations = ("inline", "process")
