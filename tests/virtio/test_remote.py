@@ -457,3 +457,23 @@ def test_the_resources_codec_refuses_malformed_values_and_closes_fds(
     with pytest.raises(CodecError):
         decode_value(bad, [os.dup(fd) for fd in fds])
     assert _open_fds() == before
+
+
+def test_opening_the_same_queues_again_ends_the_previous_link(guest: Guest) -> None:
+    data, fds = encode_queue_resources(guest.resources)
+    first = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+    release_queue_resources(first)
+    old_link = fds[-2:]  # the worker's end of the update socket, and the page
+    assert [fd_kind(fd) for fd in old_link] == ["socket", "memfd"]
+    # The device is closed and opened again over the same doorbells (a vhost-user session
+    # builds new queues over its vrings, and keeps their eventfds).
+    again = QueueResources(
+        build_queues(guest.memory, FEATURES, [q.setup() for q in guest.queues]), FEATURES,
+        guest.memory)
+    for q, err in zip(again.queues, guest.errors, strict=True):
+        q.error = err
+    data, fds = encode_queue_resources(again)
+    assert [fd_kind(fd) for fd in old_link] == ["closed", "closed"]
+    assert [fd_kind(fd) for fd in fds[-2:]] == ["socket", "memfd"]
+    second = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+    release_queue_resources(second)

@@ -71,6 +71,7 @@ import logging
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -205,6 +206,11 @@ def decode_traits_untrusted(data: bytes) -> DeviceTraits:
 # -- the queue resources ---------------------------------------------------------------------------
 
 
+#: The link that follows each supervisor-side doorbell (at most one).
+_FOLLOWING: weakref.WeakKeyDictionary[EventfdDoorbell, _SupervisorLink] = (
+    weakref.WeakKeyDictionary())
+
+
 class _SupervisorLink:
     """The supervisor's end of an update link (module docstring): follows the call and error
     doorbells of one open device's queues and passes each new fd to the worker."""
@@ -218,6 +224,11 @@ class _SupervisorLink:
         self.closed = False
 
     def follow(self, queue: int, which: int, bell: EventfdDoorbell) -> None:
+        previous = _FOLLOWING.get(bell)
+        if previous is not None and previous is not self:
+            previous.close()  # the doorbell's device was opened again: the old link is done
+        _FOLLOWING[bell] = self
+
         def changed(fd: int | None, closed: bool) -> None:
             if closed:
                 self.close()
