@@ -222,6 +222,7 @@ class _SupervisorLink:
         self._generation = self.page.view.cast("Q")
         self.bells: list[EventfdDoorbell] = []
         self.closed = False
+        self.failed = False
 
     def follow(self, queue: int, which: int, bell: EventfdDoorbell) -> None:
         previous = _FOLLOWING.get(bell)
@@ -245,8 +246,10 @@ class _SupervisorLink:
         try:
             socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
         except OSError as exc:  # the worker is gone (its successor gets a new link) or stuck
-            log.warning("virtio doorbell update for queue %d not sent to the worker: %s",
-                        update.queue, exc)
+            if not self.failed:  # once per link: a VMM may change its doorbells at any rate
+                log.warning("virtio doorbell update for queue %d not sent to the worker: %s",
+                            update.queue, exc)
+            self.failed = True
             return
         # After the datagram (module docstring): a worker that sees the new generation finds it.
         self._generation[0] = (self._generation[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
