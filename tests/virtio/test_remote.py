@@ -29,12 +29,13 @@ from devicehost.virtio import (
 )
 from devicehost.virtio.remote import (
     WHICH_CALL,
-    DoorbellUpdate,
+    WHICH_ERROR,
+    DoorbellState,
     RemoteVirtioError,
-    decode_doorbell_update_untrusted,
+    decode_doorbell_state_untrusted,
     decode_queue_resources_untrusted,
     decode_traits_untrusted,
-    encode_doorbell_update,
+    encode_doorbell_state,
     encode_queue_resources,
     encode_traits,
     release_queue_resources,
@@ -385,38 +386,64 @@ def test_a_closed_supervisor_doorbell_ends_the_link(guest: Guest) -> None:
     release_queue_resources(worker)
 
 
-def test_doorbell_update_round_trip_and_refusals() -> None:
+def test_doorbell_state_round_trip_and_refusals() -> None:
     before = _open_fds()
-    fd = _eventfd()
-    raw, fds = encode_doorbell_update(DoorbellUpdate(1, WHICH_CALL, fd))
-    assert fds == [fd]
-    assert decode_doorbell_update_untrusted(raw, fds) == DoorbellUpdate(1, WHICH_CALL, fd)
-    os.close(fd)
+    call, err = _eventfd(), _eventfd()
+    state = DoorbellState(((0, WHICH_CALL, call), (0, WHICH_ERROR, None), (1, WHICH_ERROR, err)))
+    raw, fds = encode_doorbell_state(state)
+    assert fds == [call, err]
+    assert decode_doorbell_state_untrusted(raw, fds) == state
+    _close_all_fds([call, err])
     mem = os.memfd_create("x", os.MFD_CLOEXEC)
     with pytest.raises(RemoteVirtioError, match="eventfd"):
-        decode_doorbell_update_untrusted(raw, [mem])
-    with pytest.raises(RemoteVirtioError, match="expected 1"):
-        decode_doorbell_update_untrusted(raw, [])
-    bad = _corrupt(raw, 8, b"\x07\x00")
-    fd = _eventfd()
-    with pytest.raises(RemoteVirtioError, match="unknown"):
-        decode_doorbell_update_untrusted(bad, [fd])
+        decode_doorbell_state_untrusted(raw, [mem, _eventfd()])
+    with pytest.raises(RemoteVirtioError, match="fewer descriptors"):
+        decode_doorbell_state_untrusted(raw, [_eventfd()])
+    with pytest.raises(RemoteVirtioError, match="more than entries"):
+        decode_doorbell_state_untrusted(raw, [_eventfd(), _eventfd(), _eventfd()])
+    with pytest.raises(RemoteVirtioError, match="doorbell 7"):
+        decode_doorbell_state_untrusted(_corrupt(raw, 8 + 2, b"\x07\x00"), [])
     assert _open_fds() == before
+
+
+def test_a_worker_that_does_not_read_its_updates_still_gets_the_latest(
+    guest: Guest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link's socket buffer is bounded; when it is full the supervisor discards the
+    snapshots the worker has not read and sends the latest, so the latest is never lost."""
+    data, fds = encode_queue_resources(guest.resources)
+    worker = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+    try:
+        supervisor_call = guest.resources.queues[1].call
+        assert isinstance(supervisor_call, EventfdDoorbell)
+        latest = -1
+        for _ in range(2000):  # a VMM changing its call fd again and again, the worker idle
+            latest = _eventfd()
+            supervisor_call.set_fd(latest)  # owned: the previous one is closed
+        worker.queues[1].notify()  # the worker's first ring after all that
+        assert os.eventfd_read(latest) == 2  # the update's ring and the notify
+        assert "not sent" not in caplog.text
+    finally:
+        release_queue_resources(worker)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=40), st.booleans())
-def test_doorbell_update_decoder_fuzz(data: bytes, with_fd: bool) -> None:
+@given(st.binary(max_size=60), st.integers(0, 3))
+def test_doorbell_state_decoder_fuzz(data: bytes, nfds: int) -> None:
     before = _open_fds()
-    fds = [_eventfd()] if with_fd else []
+    fds = [_eventfd() for _ in range(nfds)]
     try:
-        update = decode_doorbell_update_untrusted(data, fds)
+        state = decode_doorbell_state_untrusted(data, fds)
     except RemoteVirtioError:
         assert _open_fds() == before
         return
-    if update.fd is not None:
-        os.close(update.fd)
+    _close_all_fds([fd for _, _, fd in state.entries if fd is not None])
     assert _open_fds() == before
+
+
+def _close_all_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 # -- the worker codec registry ---------------------------------------------------------------------

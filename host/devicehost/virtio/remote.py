@@ -24,9 +24,11 @@ eventfds at any time (QEMU 7.2 sends SET_VRING_CALL again right after enabling t
 again when the guest masks an interrupt vector). The resources therefore carry an *update link*:
 one end of a datagram socketpair and a small shared page holding a generation counter. When a
 supervisor-side doorbell gets a new fd (:attr:`EventfdDoorbell.on_fd_change`), the supervisor
-sends it over the socket and then increments the counter; every ring of a call or error doorbell
-in the worker first compares the counter (a memory read, no system call) and, when it moved,
-takes the new fds before it rings. An interrupt the worker raised on the old fd in between is
+sends the current fds of every doorbell it follows (a snapshot: only the latest matters, so when
+the worker has let the socket's queue fill up the supervisor discards the unread snapshots and
+sends again) and then increments the counter; every ring of a call or error doorbell in the
+worker first compares the counter (a memory read, no system call) and, when it moved, takes the
+latest snapshot's fds before it rings. An interrupt the worker raised on the old fd in between is
 not lost: the supervisor rings the new fd after incrementing the counter (the vhost-user session
 does), and the worker's used-index store precedes its counter load (the queue's barrier before
 the interrupt decision), so either the worker rings the new fd or the guest sees its used entry
@@ -53,8 +55,9 @@ Byte layouts (little endian)::
                  | last_avail_idx u16 | used_idx u16 | zero u32
                  fd flags: 1 = a call fd follows, 2 = an error fd follows (a kick fd always does)
                  fds: the region fds; each queue's kick, call, error; the update socket; the page
-    update     = magic "VDBU" | version u16 | queue u16 | which u16 (1 call, 2 error) | has_fd u16
-                 (one datagram on the update socket, its fd attached)
+    update     = magic "VDBU" | version u16 | count u16 | entry * count       (one datagram on
+                 the update socket, the entries' fds attached in order)
+    entry      = queue u16 | which u16 (1 call, 2 error) | has_fd u16 | zero u16
     page       = generation le64 at offset 0 (4096 bytes, a sealed memfd)
 
 Trust: the worker runs third-party device code, so the supervisor treats what a worker sends as
@@ -108,12 +111,12 @@ __all__ = [
     "MAX_REGIONS",
     "WHICH_CALL",
     "WHICH_ERROR",
-    "DoorbellUpdate",
+    "DoorbellState",
     "RemoteVirtioError",
-    "decode_doorbell_update_untrusted",
+    "decode_doorbell_state_untrusted",
     "decode_queue_resources_untrusted",
     "decode_traits_untrusted",
-    "encode_doorbell_update",
+    "encode_doorbell_state",
     "encode_queue_resources",
     "encode_traits",
     "release_queue_resources",
@@ -142,8 +145,12 @@ _REGION: Final = struct.Struct("<QQQ")
 # byte layout: queue = index u16, size u16, fd flags u16, zero u16, desc u64, avail u64, used u64,
 # last_avail_idx u16, used_idx u16, zero u32
 _QUEUE: Final = struct.Struct("<HHHHQQQHHI")
-# byte layout: update = magic 4s, version u16, queue u16, which u16, has_fd u16
-_UPDATE: Final = struct.Struct("<4sHHHH")
+# byte layout: update = magic 4s, version u16, count u16; then count entries
+_UPDATE: Final = struct.Struct("<4sHH")
+# byte layout: update entry = queue u16, which u16, has_fd u16, zero u16
+_ENTRY: Final = struct.Struct("<HHHH")
+#: Descriptors one update may carry: a call and an error fd per queue.
+_MAX_UPDATE_FDS: Final = 2 * 64
 # byte layout: the update page = generation le64 at offset 0
 _PAGE_SIZE: Final = 4096
 
@@ -213,14 +220,16 @@ _FOLLOWING: weakref.WeakKeyDictionary[EventfdDoorbell, _SupervisorLink] = (
 
 class _SupervisorLink:
     """The supervisor's end of an update link (module docstring): follows the call and error
-    doorbells of one open device's queues and passes each new fd to the worker."""
+    doorbells of one open device's queues and sends the worker their current fds, all of them
+    in each datagram (a snapshot: the worker needs only the latest)."""
 
     def __init__(self) -> None:
         self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
+        self.peer.setblocking(False)
         self.page = MemoryRegion.memfd(0, _PAGE_SIZE, "devicehost-virtio-updates")
         self._generation = self.page.view.cast("Q")
-        self.bells: list[EventfdDoorbell] = []
+        self.bells: dict[tuple[int, int], EventfdDoorbell] = {}
         self.closed = False
         self.failed = False
 
@@ -234,31 +243,56 @@ class _SupervisorLink:
             if closed:
                 self.close()
             else:
-                self.send(DoorbellUpdate(queue, which, fd))
+                self.send()
 
         bell.on_fd_change = changed
-        self.bells.append(bell)
+        self.bells[queue, which] = bell
 
-    def send(self, update: DoorbellUpdate) -> None:
+    def snapshot(self) -> DoorbellState:
+        return DoorbellState(tuple((q, w, bell.fd) for (q, w), bell in self.bells.items()))
+
+    def send(self) -> None:
         if self.closed:
             return
-        data, fds = encode_doorbell_update(update)
-        try:
-            socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
-        except OSError as exc:  # the worker is gone (its successor gets a new link) or stuck
-            if not self.failed:  # once per link: a VMM may change its doorbells at any rate
-                log.warning("virtio doorbell update for queue %d not sent to the worker: %s",
-                            update.queue, exc)
-            self.failed = True
-            return
+        data, fds = encode_doorbell_state(self.snapshot())
+        for attempt in range(2):
+            try:
+                socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+                break
+            except BlockingIOError:
+                if attempt == 0:
+                    self._drop_unread()  # superseded by this snapshot; then try again
+                    continue
+                self._send_failed("the worker's queue stays full")
+                return
+            except OSError as exc:  # the worker is gone: its successor gets a new link
+                self._send_failed(str(exc))
+                return
         # After the datagram (module docstring): a worker that sees the new generation finds it.
         self._generation[0] = (self._generation[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def _drop_unread(self) -> None:
+        """Discard the snapshots the worker has not read yet (through the supervisor's copy of
+        the worker's end): the one being sent supersedes them."""
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(self.peer, 64, _MAX_UPDATE_FDS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            _close_all(fds)
+
+    def _send_failed(self, why: str) -> None:
+        if not self.failed:  # once per link: a VMM may change its doorbells at any rate
+            log.warning("virtio doorbell update not sent to the worker: %s", why)
+        self.failed = True
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for bell in self.bells:
+        for bell in self.bells.values():
             bell.on_fd_change = None
         self.bells.clear()
         self._generation.release()
@@ -371,17 +405,29 @@ class _WorkerLink:
         if generation == self._seen:
             return
         self._seen = generation
-        while True:
-            try:
-                data, fds, flags, _ = socket.recv_fds(self.sock, 64, 1)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                raise RemoteVirtioError(f"the supervisor's update link failed: {exc}") from None
-            if flags & socket.MSG_CTRUNC:
-                _close_all(fds)
-                raise RemoteVirtioError("the supervisor's doorbell update lost its descriptor")
-            _apply_update(self.queues, decode_doorbell_update_untrusted(data, fds))
+        latest: DoorbellState | None = None
+        try:
+            while True:
+                try:
+                    data, fds, flags, _ = socket.recv_fds(self.sock, 4096, _MAX_UPDATE_FDS)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    raise RemoteVirtioError(f"the supervisor's update link failed: {exc}"
+                                            ) from None
+                if flags & socket.MSG_CTRUNC:
+                    _close_all(fds)
+                    raise RemoteVirtioError("the supervisor's doorbell update lost descriptors")
+                state = decode_doorbell_state_untrusted(data, fds)
+                if latest is not None:
+                    _close_all([fd for _, _, fd in latest.entries if fd is not None])
+                latest = state
+        except BaseException:
+            if latest is not None:
+                _close_all([fd for _, _, fd in latest.entries if fd is not None])
+            raise
+        if latest is not None:
+            _apply_state(self.queues, latest)
 
     def close(self) -> None:
         self._generation.release()
@@ -534,58 +580,69 @@ def release_queue_resources(resources: QueueResources) -> None:
 
 
 @attrs.frozen
-class DoorbellUpdate:
-    """Queue ``queue``'s call (:data:`WHICH_CALL`) or error (:data:`WHICH_ERROR`) doorbell has
-    a new fd (``fd`` None: notifications in that direction are dropped from now on)."""
+class DoorbellState:
+    """The current call (:data:`WHICH_CALL`) and error (:data:`WHICH_ERROR`) doorbell fds of a
+    device's queues: ``entries`` of (queue, which, fd or None: notifications that way are
+    dropped)."""
 
-    queue: int
-    which: int
-    fd: int | None
-
-
-def encode_doorbell_update(update: DoorbellUpdate) -> tuple[bytes, list[int]]:
-    return (_UPDATE.pack(_UPDATE_MAGIC, VERSION, update.queue, update.which,
-                         int(update.fd is not None)),
-            [] if update.fd is None else [update.fd])
+    entries: tuple[tuple[int, int, int | None], ...]
 
 
-def decode_doorbell_update_untrusted(data: bytes, fds: Sequence[int]) -> DoorbellUpdate:
-    """Takes ownership of ``fds`` (the update's, or closed on :class:`RemoteVirtioError`)."""
+def encode_doorbell_state(state: DoorbellState) -> tuple[bytes, list[int]]:
+    parts = [_UPDATE.pack(_UPDATE_MAGIC, VERSION, len(state.entries))]
+    parts += [_ENTRY.pack(q, w, int(fd is not None), 0) for q, w, fd in state.entries]
+    return b"".join(parts), [fd for _, _, fd in state.entries if fd is not None]
+
+
+def decode_doorbell_state_untrusted(data: bytes, fds: Sequence[int]) -> DoorbellState:
+    """Takes ownership of ``fds`` (the state's, or closed on :class:`RemoteVirtioError`)."""
     try:
         what = "the supervisor's doorbell update"
-        (_, _, queue, which, has_fd) = _check_header(data, _UPDATE, _UPDATE_MAGIC, what)
-        if len(data) != _UPDATE.size:
-            raise RemoteVirtioError(f"{what}: {len(data)} bytes, expected {_UPDATE.size}")
-        if which not in (WHICH_CALL, WHICH_ERROR) or has_fd not in (0, 1):
-            raise RemoteVirtioError(f"{what}: doorbell {which} / fd flag {has_fd} unknown")
-        if len(fds) != has_fd:
-            raise RemoteVirtioError(f"{what}: {len(fds)} descriptors, expected {has_fd}")
-        if fds:
-            try:
-                require_eventfd(fds[0], what)
-            except FdKindError as exc:
-                raise RemoteVirtioError(str(exc)) from None
-        return DoorbellUpdate(queue, which, fds[0] if fds else None)
+        (_, _, count) = _check_header(data, _UPDATE, _UPDATE_MAGIC, what)
+        if count > 2 * MAX_QUEUES or len(data) != _UPDATE.size + count * _ENTRY.size:
+            raise RemoteVirtioError(f"{what}: {count} entries in {len(data)} bytes")
+        entries = []
+        pending = list(fds)
+        for i in range(count):
+            queue, which, has_fd, zero = _ENTRY.unpack_from(data, _UPDATE.size + i * _ENTRY.size)
+            if which not in (WHICH_CALL, WHICH_ERROR) or has_fd not in (0, 1) or zero:
+                raise RemoteVirtioError(f"{what}: entry {i} has doorbell {which}, fd flag"
+                                        f" {has_fd}")
+            fd = None
+            if has_fd:
+                if not pending:
+                    raise RemoteVirtioError(f"{what}: fewer descriptors than entries with one")
+                fd = pending.pop(0)
+                try:
+                    require_eventfd(fd, what)
+                except FdKindError as exc:
+                    raise RemoteVirtioError(str(exc)) from None
+            entries.append((queue, which, fd))
+        if pending:
+            raise RemoteVirtioError(f"{what}: {len(pending)} descriptors more than entries")
+        return DoorbellState(tuple(entries))
     except BaseException:
         _close_all(fds)
         raise
 
 
-def _apply_update(queues: Sequence[VirtQueue], update: DoorbellUpdate) -> None:
-    """Swap the doorbell fd in the worker's queues (owning the new fd; the old one is closed);
-    a new call fd is rung once (an interrupt on the old one may have been lost)."""
-    if not 0 <= update.queue < len(queues):
-        _close_all([] if update.fd is None else [update.fd])
-        raise RemoteVirtioError(f"the supervisor's doorbell update names queue {update.queue};"
-                                f" the device has {len(queues)}")
-    q = queues[update.queue]
-    bell = q.call if update.which == WHICH_CALL else q.error
-    if not isinstance(bell, EventfdDoorbell):  # never: the decoder made them all
-        _close_all([] if update.fd is None else [update.fd])
-        raise RemoteVirtioError(f"queue {update.queue} has no eventfd doorbell to update")
-    EventfdDoorbell.set_fd(bell, update.fd)
-    if update.which == WHICH_CALL:
-        EventfdDoorbell.ring(bell)
+def _apply_state(queues: Sequence[VirtQueue], state: DoorbellState) -> None:
+    """Set the worker's doorbells to ``state`` (owning its fds; the old ones are closed); every
+    call doorbell is rung once (an interrupt raised on an old fd may have been lost)."""
+    bells = []
+    for queue, which, fd in state.entries:
+        q = queues[queue] if 0 <= queue < len(queues) else None
+        bell = None if q is None else q.call if which == WHICH_CALL else q.error
+        if not isinstance(bell, EventfdDoorbell):  # a queue the device does not have
+            _close_all([fd for _, _, fd in state.entries if fd is not None])
+            raise RemoteVirtioError(f"the supervisor's doorbell update names queue {queue},"
+                                    f" which the device does not have")
+        bells.append((bell, which, fd))
+    for bell, _, fd in bells:
+        EventfdDoorbell.set_fd(bell, fd)
+    for bell, which, _ in bells:
+        if which == WHICH_CALL:
+            EventfdDoorbell.ring(bell)
 
 
 # -- the worker codecs -----------------------------------------------------------------------------
