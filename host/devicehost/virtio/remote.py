@@ -701,7 +701,7 @@ def _decode_resources_value(data: Any, inp: Decoder) -> QueueResources:
 register_codec(DeviceTraits, "devicehost.virtio.DeviceTraits", _encode_traits_value,
                _decode_traits_value)
 register_codec(QueueResources, "devicehost.virtio.QueueResources", _encode_resources_value,
-               _decode_resources_value)
+               _decode_resources_value, release=release_queue_resources)
 
 
 def runs_in_worker(device: Device) -> bool:

@@ -235,3 +235,37 @@ async def test_in_process_driver_with_a_worker_gets_transport_reset(sock_dir: st
                 await _move_both_ways(sockets, sock_dir, 5001, 1100, 1 << 20)
                 tg.cancel_scope.cancel()
             await driver.reset()
+
+
+def _worker_fds_and_maps(pid: int) -> tuple[int, int]:
+    return (len(os.listdir(f"/proc/{pid}/fd")),
+            sum(1 for line in open(f"/proc/{pid}/maps") if "memfd:" in line))
+
+
+async def test_the_worker_releases_the_queues_of_a_closed_device(
+    sock_dir: str, memory: GuestMemory
+) -> None:
+    """A VMM that stops and starts its device again and again (vhost-user GET_VRING_BASE, then
+    the rings anew) leaves the worker with no more descriptors or guest memory mappings than
+    after the first time: what each open's queues held is released at the device's close."""
+    async with host_with({"vsock": VsockDevice}, [spec(sock_dir, vhost_user=True)]) as host:
+        backend = host.transport(VirtioTransport).vhost_user_backend("vsock")
+        with anyio.fail_after(60):
+            frontend = await VhostUserFrontend.connect(f"{sock_dir}/vu.sock", memory)
+            try:
+                await frontend.realize()
+                counts: list[tuple[int, int]] = []
+                device = host.devices["vsock"]
+                for _ in range(4):
+                    await frontend.start(FEATURES, queue_size=64)
+                    await frontend.get_u64(Request.GET_FEATURES)  # every message applied
+                    assert device.state.value == "running"
+                    await frontend.stop()
+                    await frontend.get_u64(Request.GET_FEATURES)  # the close has been applied
+                    assert device.state.value == "closed"
+                    counts.append(_worker_fds_and_maps(worker_pid(host)))
+                assert counts[1:] == counts[:1] * 3, counts
+                assert counts[0][1] == 0  # no guest memory mapped in the worker while closed
+                assert backend.connections == 1
+            finally:
+                await frontend.aclose()
