@@ -26,9 +26,8 @@ the upper bound keeps 1024 back-pressured connections within 16 GiB.
 Identity (facts section 9.1): virtio device id 19, features STREAM | NO_IMPLIED_STREAM, plus
 SEQPACKET unless ``seqpacket = false`` (a devicehost extension: OpenVMM only negotiates it),
 queues rx, tx and event (the event queue carries only a TRANSPORT_RESET after a worker restart,
-below). Over vhost-user the VMM keeps the
-event queue itself (QEMU's ``vhost-user-vsock-pci`` hands over two vrings), so the device then
-offers two queues; ``open`` accepts two or three.
+below). Over vhost-user the VMM keeps the event queue itself (QEMU's ``vhost-user-vsock-pci``
+hands over two vrings), so the device then offers two queues; ``open`` accepts two or three.
 
 Socket types: STREAM unless the driver negotiated NO_IMPLIED_STREAM without STREAM, SEQPACKET
 when it negotiated that feature; packets of another type get RST. Opening fails (the guest is to
