@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -35,7 +36,7 @@ from devicehost.worker import WorkerSettings
 from devicehost.worker.proxy import WorkerProxy
 from devicehost_vsock import VsockConfig, VsockDevice
 from devicehost_vsock.guest_stack import GuestConnection, GuestSockets, GuestStack
-from devicehost_vsock.protocol import EVENT_TRANSPORT_RESET
+from devicehost_vsock.protocol import EVENT_TRANSPORT_RESET, Op
 
 pytestmark = pytest.mark.anyio
 
@@ -267,5 +268,50 @@ async def test_the_worker_releases_the_queues_of_a_closed_device(
                 assert counts[1:] == counts[:1] * 3, counts
                 assert counts[0][1] == 0  # no guest memory mapped in the worker while closed
                 assert backend.connections == 1
+            finally:
+                await frontend.aclose()
+
+
+async def test_get_vring_base_answers_where_the_worker_stopped(
+    sock_dir: str, memory: GuestMemory
+) -> None:
+    """QEMU stops the device (GET_VRING_BASE) and starts it again at the bases it got: with the
+    device in a worker those are the used indexes in guest memory (the worker's own position is
+    never taken from it), and the device resumes there: no old chain is seen again."""
+    async with host_with({"vsock": VsockDevice}, [spec(sock_dir, vhost_user=True)]) as host:
+        with anyio.fail_after(60):
+            frontend = await VhostUserFrontend.connect(f"{sock_dir}/vu.sock", memory)
+            try:
+                await frontend.realize()
+                await frontend.start(FEATURES, queue_size=64)
+                stack = GuestStack(frontend, cid=CID)
+                async with await anyio.create_unix_listener(f"{sock_dir}/vsock_5000") as listener:
+                    stack.post_rx(8)
+                    stack.send(Op.REQUEST, 1024, 5000)
+                    assert (await stack.recv()).header.op == Op.RESPONSE
+                    peer = await listener.accept()
+                    for word in (b"one", b"two", b"three"):
+                        stack.send(Op.RW, 1024, 5000, word)
+                    assert await _read_exactly(peer, 11) == b"onetwothree"
+                    await peer.aclose()
+                    bases = await frontend.stop()
+                    used = tuple(struct.unpack("<H", memory.read(q.layout.used_gpa + 2, 2))[0]
+                                 for q in frontend.queues)
+                    # rx: the RESPONSE and what followed (credit, the host's close); tx: four
+                    assert bases == used and bases[0] >= 1 and bases[1] == 4
+                    while stack.try_recv() is not None:  # what the device sent before the stop
+                        pass
+                    await frontend.start(FEATURES, queue_size=64, bases=bases)
+                    await frontend.get_u64(Request.GET_FEATURES)
+                    assert host.devices["vsock"].state.value == "running"
+                    stack.send(Op.REQUEST, 1025, 5000)
+                    # The first packet after the restart answers the new REQUEST: no old tx chain
+                    # (the first REQUEST, the RWs) was handled again.
+                    response = await stack.recv()
+                    assert (response.header.op, response.header.dst_port) == (Op.RESPONSE, 1025)
+                    peer = await listener.accept()
+                    stack.send(Op.RW, 1025, 5000, b"after the restart")
+                    assert await _read_exactly(peer, 17) == b"after the restart"
+                    await peer.aclose()
             finally:
                 await frontend.aclose()
