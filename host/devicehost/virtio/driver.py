@@ -47,7 +47,9 @@ __all__ = [
 
 
 class DeviceLink(Protocol):
-    """What the driver needs from the device side (a transport's in-process port)."""
+    """What the driver needs from the device side (a transport's in-process port). A link may
+    also have ``eventfd_doorbells = True``: the device runs in another process (a worker), so
+    the driver gives every queue eventfd kicks and calls, which can be handed to it."""
 
     @property
     def offered_features(self) -> int: ...
