@@ -45,9 +45,9 @@ CID = 5
 FEATURES = 1 << VERSION_1 | 1 << USER_F_PROTOCOL_FEATURES | 0b101
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def pattern(seed: int, size: int) -> bytes:
