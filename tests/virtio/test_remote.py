@@ -504,3 +504,41 @@ def test_opening_the_same_queues_again_ends_the_previous_link(guest: Guest) -> N
     assert [fd_kind(fd) for fd in fds[-2:]] == ["socket", "memfd"]
     second = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
     release_queue_resources(second)
+
+
+def test_chains_in_flight_cross_and_are_replayed_first(guest: Guest) -> None:
+    """A supervisor-side queue with chains popped and not returned (e.g. restored from a
+    handover) gives the worker those chains first, in pop order, then the rest."""
+    dq, vq = guest.queues[0], guest.resources.queues[0]
+    for word in (b"first", b"second", b"third"):
+        dq.add([word], [8])
+    held = [vq.pop(), vq.pop()]
+    assert all(c is not None for c in held)
+    assert vq.state().inflight == tuple(c.head for c in held if c is not None)
+    data, fds = encode_queue_resources(guest.resources)
+    worker = decode_queue_resources_untrusted(data, [os.dup(fd) for fd in fds])
+    try:
+        got = [worker.queues[0].pop() for _ in range(4)]
+        assert [c.read() if c is not None else None for c in got] == [
+            b"first", b"second", b"third", None]
+    finally:
+        release_queue_resources(worker)
+
+
+@pytest.mark.parametrize(("heads", "message"), [
+    ((3, 3), "unusable queue"),  # one head twice
+    ((40,), "unusable queue"),  # not a head of a 16-entry queue
+])
+def test_bad_chains_in_flight_are_refused(guest: Guest, heads: tuple[int, ...],
+                                          message: str) -> None:
+    data, fds = encode_queue_resources(guest.resources)
+    before = _open_fds()
+    q0 = data[_Q0:_Q0 + 40]
+    patched = q0[:36] + struct.pack("<H", len(heads)) + q0[38:]
+    bad = data[:_Q0] + patched + data[_Q0 + 40:] + struct.pack(f"<{len(heads)}H", *heads)
+    with pytest.raises(RemoteVirtioError, match=message):
+        decode_queue_resources_untrusted(bad, [os.dup(fd) for fd in fds])
+    too_many = data[:_Q0] + q0[:36] + struct.pack("<H", 17) + q0[38:] + data[_Q0 + 40:]
+    with pytest.raises(RemoteVirtioError, match="chains in flight"):
+        decode_queue_resources_untrusted(too_many + bytes(34), [os.dup(fd) for fd in fds])
+    assert _open_fds() == before

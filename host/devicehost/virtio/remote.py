@@ -34,8 +34,10 @@ does), and the worker's used-index store precedes its counter load (the queue's 
 the interrupt decision), so either the worker rings the new fd or the guest sees its used entry
 on the supervisor's ring.
 
-**Queue positions.** While a worker owns a device's queues the supervisor never pops them; its
-queues report the position (used, used), ``used`` being the used index read from guest memory
+**Queue positions.** A worker's queues start where the supervisor's were, chains in flight
+included (:attr:`QueueState.inflight`: a queue restored from a handover replays them first).
+While a worker owns a device's queues the supervisor never pops them; its queues report the
+position (used, used), ``used`` being the used index read from guest memory
 (:func:`restart_positions`). That is where a device that stopped (closed, or its worker died)
 can be resumed: the chains a worker had popped but not completed are popped again. GET_VRING_BASE
 and saves report it; a re-open after a worker restart starts there. This is exact for a device
@@ -52,8 +54,11 @@ Byte layouts (little endian)::
                  | features u64 | region * region_count | queue * queue_count
     region     = gpa u64 | size u64 | file offset u64          (fd i of the list backs region i)
     queue      = index u16 | size u16 | fd flags u16 | zero u16 | desc u64 | avail u64 | used u64
-                 | last_avail_idx u16 | used_idx u16 | zero u32
+                 | last_avail_idx u16 | used_idx u16 | inflight_count u16 | zero u16
                  fd flags: 1 = a call fd follows, 2 = an error fd follows (a kick fd always does)
+                 then, queue by queue, inflight_count u16 heads: the chains in flight (popped
+                 and not returned, in pop order: :attr:`QueueState.inflight`), which the
+                 worker's queue replays first
                  fds: the region fds; each queue's kick, call, error; the update socket; the page
     update     = magic "VDBU" | version u16 | count u16 | entry * count       (one datagram on
                  the update socket, the entries' fds attached in order)
@@ -143,8 +148,8 @@ _RESOURCES: Final = struct.Struct("<4sHHHHQ")
 # byte layout: region = gpa u64, size u64, file offset u64
 _REGION: Final = struct.Struct("<QQQ")
 # byte layout: queue = index u16, size u16, fd flags u16, zero u16, desc u64, avail u64, used u64,
-# last_avail_idx u16, used_idx u16, zero u32
-_QUEUE: Final = struct.Struct("<HHHHQQQHHI")
+# last_avail_idx u16, used_idx u16, inflight_count u16, zero u16
+_QUEUE: Final = struct.Struct("<HHHHQQQHHHH")
 # byte layout: update = magic 4s, version u16, count u16; then count entries
 _UPDATE: Final = struct.Struct("<4sHH")
 # byte layout: update entry = queue u16, which u16, has_fd u16, zero u16
@@ -364,6 +369,7 @@ def encode_queue_resources(resources: QueueResources) -> tuple[bytes, list[int]]
                              resources.features)]
     parts += [_REGION.pack(r.gpa, r.size, r.offset) for r in regions]
     fds = list(region_fds)
+    inflight: list[bytes] = []
     for q in resources.queues:
         kick = _doorbell_fd(q.kick)
         if kick is None:
@@ -375,7 +381,8 @@ def encode_queue_resources(resources: QueueResources) -> tuple[bytes, list[int]]
         flags = (WHICH_CALL if call is not None else 0) | (WHICH_ERROR if error is not None else 0)
         parts.append(_QUEUE.pack(q.index, layout.size, flags, 0, layout.desc_gpa,
                                  layout.avail_gpa, layout.used_gpa, state.last_avail_idx & 0xFFFF,
-                                 state.used_idx & 0xFFFF, 0))
+                                 state.used_idx & 0xFFFF, len(state.inflight), 0))
+        inflight.append(struct.pack(f"<{len(state.inflight)}H", *state.inflight))
         fds += [fd for fd in (kick, call, error) if fd is not None]
     link = _SupervisorLink()
     for i, q in enumerate(resources.queues):
@@ -385,7 +392,7 @@ def encode_queue_resources(resources: QueueResources) -> tuple[bytes, list[int]]
                 link.follow(i, which, bell)
     assert link.page.fd is not None
     fds += [link.peer.fileno(), link.page.fd]
-    return b"".join(parts), fds
+    return b"".join(parts + inflight), fds
 
 
 class _WorkerLink:
@@ -474,8 +481,8 @@ def _decode_resources(data: bytes, pending: list[int], allow_unsealed: bool) -> 
         raise RemoteVirtioError(f"{what}: {region_count} regions and {queue_count} queues (1..."
                                 f"{MAX_REGIONS} and 1...{MAX_QUEUES})")
     expected = _RESOURCES.size + region_count * _REGION.size + queue_count * _QUEUE.size
-    if len(data) != expected:
-        raise RemoteVirtioError(f"{what}: {len(data)} bytes, expected {expected}")
+    if len(data) < expected:
+        raise RemoteVirtioError(f"{what}: {len(data)} bytes, expected at least {expected}")
     regions = [
         SharedRegion(*_REGION.unpack_from(data, _RESOURCES.size + i * _REGION.size))
         for i in range(region_count)
@@ -483,14 +490,22 @@ def _decode_resources(data: bytes, pending: list[int], allow_unsealed: bool) -> 
     offset = _RESOURCES.size + region_count * _REGION.size
     queues = [_QUEUE.unpack_from(data, offset + i * _QUEUE.size) for i in range(queue_count)]
     fd_count = region_count + 2
-    for i, (index, size, flags, zero_a, *_, zero_b) in enumerate(queues):
+    inflight: list[tuple[int, ...]] = []
+    at = expected
+    for i, (index, size, flags, zero_a, *_, count, zero_b) in enumerate(queues):
         if index != i:
             raise RemoteVirtioError(f"{what}: queue {i} says it is queue {index}")
         if flags & ~(WHICH_CALL | WHICH_ERROR) or zero_a or zero_b:
             raise RemoteVirtioError(f"{what}: queue {i} has unknown flags or reserved bits set")
         if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise RemoteVirtioError(f"{what}: queue {i} size {size} is not a power of two")
+        if count > size or at + 2 * count > len(data):
+            raise RemoteVirtioError(f"{what}: queue {i} has {count} chains in flight")
+        inflight.append(struct.unpack_from(f"<{count}H", data, at))
+        at += 2 * count
         fd_count += 1 + bool(flags & WHICH_CALL) + bool(flags & WHICH_ERROR)
+    if at != len(data):
+        raise RemoteVirtioError(f"{what}: {len(data)} bytes, expected {at}")
     if len(pending) != fd_count:
         raise RemoteVirtioError(f"{what}: {len(pending)} descriptors, the value needs {fd_count}")
     for k, fd in enumerate(pending[region_count:-2]):
@@ -518,7 +533,7 @@ def _decode_resources(data: bytes, pending: list[int], allow_unsealed: bool) -> 
         finally:
             del pending[:region_count]  # from_shared owns or closed them
         try:
-            resources = _build(memory, features, queues, pending, link, what)
+            resources = _build(memory, features, queues, inflight, pending, link, what)
         except BaseException:
             memory.close()
             raise
@@ -530,13 +545,15 @@ def _decode_resources(data: bytes, pending: list[int], allow_unsealed: bool) -> 
 
 
 def _build(memory: GuestMemory, features: int, queues: list[tuple[int, ...]],
-           pending: list[int], link: _WorkerLink, what: str) -> QueueResources:
+           inflight: list[tuple[int, ...]], pending: list[int], link: _WorkerLink, what: str
+           ) -> QueueResources:
     setups = []
     states = []
     errors: list[EventfdDoorbell] = []
     bells: list[EventfdDoorbell] = []
     try:
-        for index, size, flags, _, desc, avail, used, last_avail, used_idx, _ in queues:
+        for (index, size, flags, _, desc, avail, used, last_avail, used_idx, _, _), heads in zip(
+                queues, inflight, strict=True):
             kick = EventfdDoorbell(pending.pop(0))
             bells.append(kick)
             call = _FollowingDoorbell(pending.pop(0) if flags & WHICH_CALL else None, link)
@@ -546,7 +563,7 @@ def _build(memory: GuestMemory, features: int, queues: list[tuple[int, ...]],
             bells.append(error)
             errors.append(error)
             setups.append(QueueSetup(index, QueueLayout(size, desc, avail, used), kick, call))
-            states.append(QueueState(last_avail, used_idx))
+            states.append(QueueState(last_avail, used_idx, heads))
         built = build_queues(memory, features, setups, states)
     except QueueError as exc:
         for bell in bells:
