@@ -62,6 +62,10 @@ class RingMemory:
         #: The data area as one view, or None when its pages are scattered.
         self.data: memoryview | None = pages[0] if len(pages) == 1 else None
         self._pages = [p.cast("B") if p.format != "B" else p for p in pages]
+        #: The guest page numbers of the ring (control page first) when it was made over guest
+        #: pages (:meth:`from_pages`), else None: what a device worker is told to map
+        #: (:mod:`devicehost.vmbus.remote`).
+        self.pfns: tuple[int, ...] | None = None
 
     @classmethod
     def from_view(cls, view: memoryview | bytearray) -> RingMemory:
@@ -90,7 +94,9 @@ class RingMemory:
             pages.append(memory.page_view(run_start, run_len))
         except GuestMemoryError as exc:
             raise RingError(RingErrorKind.INVALID_RING_MEMORY, str(exc)) from exc
-        return cls(control, pages)
+        ring = cls(control, pages)
+        ring.pfns = tuple(pfns)
+        return ring
 
     def read(self, offset: int, length: int) -> memoryview | bytes:
         """``length`` bytes at ``offset`` in the data area, wrapping around its end.

@@ -53,6 +53,7 @@ from devicehost.vmbus.server import ChannelHandle, ServerSavedState, VmbusServer
 
 if TYPE_CHECKING:
     from devicehost.lifecycle import Device
+    from devicehost.vmbus.remote import SignalBridge
     from devicehost.vmbus.socketserver import VmbusSocketServer
 
 __all__ = ["VmbusSavedState", "VmbusTransport"]
@@ -76,16 +77,25 @@ class _ChannelDevice:
     while the host is saved, the guest's request waits there instead of running the device.
     """
 
-    def __init__(self, device: Device, params: OfferParams, gate: GuestGate) -> None:
+    def __init__(self, device: Device, params: OfferParams, gate: GuestGate,
+                 transport: VmbusTransport | None = None) -> None:
         self.device = device
         self.params = params
         self.gate = gate
+        self.transport = transport
+        #: Set when the device's worker died for good: the channel is revoked without calling
+        #: the device, which stays FAILED with its cause.
+        self.failed = False
 
     async def open(self, resources: OpenResources) -> None:
         async with self.gate.passage(f"open of device {self.device.name!r}"):
+            if self.transport is not None:
+                resources = self.transport.for_device(self.device, resources)
             await self.device.open(resources, subchannel_index=self.params.subchannel_index)
 
     async def close(self) -> None:
+        if self.failed:
+            return  # the worker is gone: its runner is closed when the device is removed
         async with self.gate.passage(f"close of device {self.device.name!r}"):
             await self.device.close()
 
@@ -125,6 +135,8 @@ class VmbusTransport:
         self._devices: dict[str, Device] = {}
         self._clients: list[VmbusClient] = []
         self._restoring: dict[str, Any] = {}
+        #: Per device in a worker, the signal bridge of its in-process guest's channel.
+        self._bridges: dict[str, SignalBridge] = {}
         #: The host's guest gate (a host built without one, as some tests do, gets its own).
         self.gate: GuestGate = getattr(host, "gate", None) or GuestGate()
         #: The VMBus socket serving this server to a guest in another process (if configured).
@@ -168,7 +180,7 @@ class VmbusTransport:
                               f"not {type(offer).__name__}")
         if device.name in self._handles:
             raise ConfigError(f"device {device.name!r} is already offered on VMBus")
-        handle = self.server.add_child(offer, _ChannelDevice(device, offer, self.gate))
+        handle = self.server.add_child(offer, _ChannelDevice(device, offer, self.gate, self))
         self._handles[device.name] = handle
         self._devices[device.name] = device
         if device.name in self._restoring:
@@ -182,6 +194,69 @@ class VmbusTransport:
             if handle is not None:
                 await handle.revoke()
             await device.revoke()
+        bridge = self._bridges.pop(device.name, None)
+        if bridge is not None:
+            bridge.close()
+
+    def isolated(self, device: Device) -> bool:
+        """Whether ``device`` runs in a worker process (``docs/workers.md``)."""
+        workers = getattr(self.host, "workers", None)
+        return workers is not None and device.name in workers.proxies
+
+    def for_device(self, device: Device, resources: OpenResources) -> OpenResources:
+        """``resources`` as ``device`` gets them. Inline: unchanged. In a worker, a channel of
+        the in-process guest signals through eventfds joined to its in-process signal by a
+        bridge task that ends with the channel, or when the device gets another channel (a VMBus
+        socket guest's channel signals through eventfds already: unchanged). See
+        :mod:`devicehost.vmbus.remote`."""
+        from devicehost.vmbus.channel import EventfdSignal
+        from devicehost.vmbus.remote import bridge_signal
+
+        if not self.isolated(device) or isinstance(resources.channel.signal, EventfdSignal):
+            return resources
+        resources, bridge = bridge_signal(resources)
+        previous = self._bridges.pop(device.name, None)
+        if previous is not None:
+            previous.close()
+        self._bridges[device.name] = bridge
+        self.host.task_group.start_soon(bridge.run)
+        return resources
+
+    async def reoffer(self, name: str) -> None:
+        """Revoke device ``name``'s offer (closing its channel and dropping its GPADLs) and offer
+        it anew under a new channel id: its guest sees a rescind and a new offer. What a device
+        in a worker gets after its worker was restarted; a failure is logged, never raised."""
+        device = self._devices.get(name)
+        if device is None:
+            return
+        try:
+            await self.remove(device)
+            offer = await device.offer()
+            await self.add(device, offer)
+        except Exception as exc:
+            log.error("device %r could not be offered again after its worker restarted: %s",
+                      name, exc)
+            return
+        log.info("device %r: offered again (channel %d) after its worker restarted", name,
+                 self._handles[name].channel_id)
+
+    async def revoke_failed(self, name: str, cause: str) -> None:
+        """Revoke the offer of device ``name``, whose worker died for good while its channel was
+        open: the channel closes and its GPADLs are dropped, the guest sees a rescind; the
+        device stays FAILED (with ``cause``) and is not offered again."""
+        handle = self._handles.pop(name, None)
+        if handle is None:
+            return
+        channel_device = handle.device
+        if isinstance(channel_device, _ChannelDevice):
+            channel_device.failed = True
+        with self.gate.bypass():
+            await handle.revoke()
+        bridge = self._bridges.pop(name, None)
+        if bridge is not None:
+            bridge.close()
+        log.warning("device %r: its worker failed for good (%s); its VMBus offer is revoked",
+                    name, cause)
 
     async def serve_socket(self, path: str | os.PathLike[str], *,
                            allow_unsealed_memory: bool = False) -> VmbusSocketServer:
@@ -215,6 +290,9 @@ class VmbusTransport:
             await self.server.aclose()
         self._handles.clear()
         self._devices.clear()
+        for bridge in self._bridges.values():
+            bridge.close()
+        self._bridges.clear()
 
     # -- save / restore -----------------------------------------------------------------------
 
@@ -251,7 +329,7 @@ class VmbusTransport:
                             device.name)
             return
         try:
-            await device.restore(state, resources,
+            await device.restore(state, self.for_device(device, resources),
                                  subchannel_index=handle.params.subchannel_index)
         except Exception as exc:
             if self.strict_restore:
@@ -272,7 +350,7 @@ class VmbusTransport:
     def resources_for_restore(self, device: Device) -> OpenResources:
         """Fresh resources over the device's open channel (same ring pages and guest signal),
         for rebuilding its runner with ``restore_open`` in the same process."""
-        return self.handle_of(device).rebuild_channel()
+        return self.for_device(device, self.handle_of(device).rebuild_channel())
 
     def inspect(self) -> dict[str, Any]:
         tree = self.server.inspect()

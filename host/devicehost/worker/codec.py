@@ -358,10 +358,29 @@ def _decode_local_offer(data: JSON, inp: Decoder) -> Any:
     return LocalOffer(description)
 
 
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported at its first call (the VMBus codecs need the ring machinery,
+    which a worker of another transport never loads)."""
+
+    def call(*args: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return call
+
+
 def _register_builtin() -> None:
     from devicehost.context import LocalOffer
+    from devicehost.vmbus.protocol import OfferParams, OpenResources
 
     register_codec(LocalOffer, "devicehost.LocalOffer", _encode_local_offer, _decode_local_offer)
+    vmbus = "devicehost.vmbus.remote"
+    register_codec(OfferParams, "devicehost.vmbus.OfferParams",
+                   _lazy(vmbus, "encode_offer_value"), _lazy(vmbus, "decode_offer_value"))
+    register_codec(OpenResources, "devicehost.vmbus.OpenResources",
+                   _lazy(vmbus, "encode_open_value"), _lazy(vmbus, "decode_open_value"),
+                   _lazy(vmbus, "release_open_value"))
 
 
 _register_builtin()

@@ -60,6 +60,7 @@ __all__ = [
     "WorkerHookError",
     "WorkerProxy",
     "WorkerRunner",
+    "register_failure_handler",
     "register_restart_handler",
 ]
 
@@ -134,6 +135,18 @@ def register_restart_handler(resources_type: type,
     until opened again: VMBus revokes and re-offers it), or returns without either (the run ends
     with :class:`WorkerFailed`)."""
     _RESTART_HANDLERS[resources_type] = handler
+
+
+_FAILURE_HANDLERS: dict[type, Callable[[DeviceContext, str], None]] = {}
+
+
+def register_failure_handler(resources_type: type,
+                             handler: Callable[[DeviceContext, str], None]) -> None:
+    """Tell the transport of devices opened with ``resources_type`` when a worker died for good
+    while its device was open (no restart, or past the burst limit): ``handler(ctx, cause)``
+    runs in the supervisor just before the device's run fails (VMBus revokes the offer, so the
+    guest's channel closes instead of waiting on a device that is gone). It must not block."""
+    _FAILURE_HANDLERS[resources_type] = handler
 
 
 def _where(cls: type) -> dict[str, Any]:
@@ -458,6 +471,9 @@ class WorkerProxy:
                 await old.shutdown(self.deadlines.stop * KILL_MARGIN)
             delay = self.policy.next_delay(time.monotonic())
             if delay is None or self._closed:
+                failed = _FAILURE_HANDLERS.get(type(self.resources))
+                if failed is not None and not self._closed:
+                    failed(ctx, self._final(cause))
                 raise WorkerFailed(self._final(cause))
             log.warning("device %r: %s; restarting it in %.2g s (restart %d of at most %d within"
                         " %g s)", self.name, cause, delay, self.policy.restarts,
