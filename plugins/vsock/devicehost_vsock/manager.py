@@ -23,7 +23,8 @@ Rules (facts sections 9.4-9.8, 9.10, 9.13):
 - Peer credit is taken only from REQUEST, RESPONSE and CREDIT_UPDATE.
 - One rx buffer gets, per connection, in order: an expired timeout (remove + RST), a pending
   REQUEST or RESPONSE, a CREDIT_UPDATE (fwd_cnt changed or requested), a CREDIT_REQUEST, host data
-  or SHUTDOWN. RSTs for keys without a connection go first. Connections are served round robin.
+  or SHUTDOWN. RSTs for keys without a connection go first (at most 4096 wait for rx buffers;
+  ``owedrsts.py`` says which are dropped beyond). Connections are served round robin.
 - At most 1024 established plus pending host connections.
 
 Decisions on the items the facts mark:
@@ -66,7 +67,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -74,6 +74,7 @@ from devicehost_vsock.connection import Connection, ConnectionState, HostStream
 from devicehost_vsock.deadlines import Deadlines
 from devicehost_vsock.hostwrite import HostWriter
 from devicehost_vsock.hybrid import encode_ok
+from devicehost_vsock.owedrsts import OwedRsts
 from devicehost_vsock.ports import PortAllocator
 from devicehost_vsock.protocol import (
     CID_HOST,
@@ -157,7 +158,8 @@ class ConnectionManager(RxProducer):
         self._work: dict[Connection, None] = {}
         #: RSTs owed to the guest for keys that have no connection (any more): (local port, peer
         #: port, socket type of the packet or connection they answer).
-        self._rsts: deque[tuple[int, int, int]] = deque()
+        #: Bounded (:mod:`devicehost_vsock.owedrsts`): a guest cannot grow it by posting no rx.
+        self._rsts: OwedRsts = OwedRsts()
         self._deadlines = Deadlines(self._is_live)
         #: The same connect deadlines of host connections whose CONNECT line was not read yet
         #: (the guest has not heard of them), served without rx buffers (:meth:`drop_silent`).

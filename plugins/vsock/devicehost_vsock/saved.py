@@ -44,6 +44,7 @@ import attrs
 from devicehost import SavedStateError, saved_state
 from devicehost_vsock.connection import Connection, ConnectionState, HostStream
 from devicehost_vsock.hybrid import CONNECT_LINE_MAX, ConnectLineError, decode_connect_untrusted
+from devicehost_vsock.owedrsts import MAX_OWED_RSTS
 from devicehost_vsock.ports import FIRST_PORT, LAST_PORT
 from devicehost_vsock.protocol import MAX_ACTIVE_CONNECTIONS, TYPE_SEQPACKET, TYPE_STREAM
 
@@ -61,9 +62,8 @@ __all__ = [
 ]
 
 _U32: Final = 0xFFFF_FFFF
-#: RSTs owed to the guest that a saved state may carry (the first ones owed; any beyond are not
-#: saved, and the guest's connection attempt they answer times out instead).
-MAX_SAVED_RSTS: Final = 4096
+#: RSTs owed to the guest that a saved state may carry: as many as the device may owe at all.
+MAX_SAVED_RSTS: Final = MAX_OWED_RSTS
 #: Whole guest messages one SEQPACKET connection's saved tx buffer may hold (empty messages
 #: count too).
 MAX_SAVED_MESSAGES: Final = 65536

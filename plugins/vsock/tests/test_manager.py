@@ -617,3 +617,19 @@ def test_reset_stale_sends_rst_for_each_connection_first() -> None:
     assert [(p.op, p.src_port, p.dst_port, p.type, p.buf_alloc) for p, _ in packets[:2]] == [
         (Op.RST, 2000, 6000, 1, 0), (Op.RST, 3000, 7000, 2, 0)]
     assert len(h.manager) == 1 and not live.closed
+
+
+def test_owed_rsts_are_bounded_while_the_guest_posts_no_rx_buffers() -> None:
+    from devicehost_vsock.owedrsts import MAX_OWED_RSTS
+
+    h = Harness()
+    h.manager.reset_stale([(4000, 4001, 1)])  # owed first: survives the flood
+    for port in range(MAX_OWED_RSTS + 500):  # each packet to an unknown key owes an RST
+        h.tx(Op.RW, 10_000 + port, 7, b"x")
+    assert len(h.manager._rsts) == MAX_OWED_RSTS
+    assert h.manager._rsts.dropped == 501
+    packets = h.rx_all()
+    assert len(packets) == MAX_OWED_RSTS and all(p.op == Op.RST for p, _ in packets)
+    assert (packets[0][0].src_port, packets[0][0].dst_port) == (4000, 4001)
+    h.tx(Op.RW, 99, 7, b"x")  # room again: the next one is answered
+    assert [(p.op, p.src_port) for p, _ in h.rx_all()] == [(Op.RST, 7)]
