@@ -71,7 +71,6 @@ every channel the restored server offers again under the same channel id and rin
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -92,7 +91,7 @@ from devicehost.errors import (
     StartupError,
     ends_the_host,
 )
-from devicehost.excerpt import bounded_message, excerpt
+from devicehost.excerpt import bounded_message
 from devicehost.gate import GuestGate
 from devicehost.handoff import Handoff, HandoffError, HandoffFd
 from devicehost.lifecycle import Device, DeviceState, new_device_manager
@@ -102,7 +101,6 @@ from devicehost.restoreplan import (
     NotSaved,
     RestorePlan,
     plan_for,
-    plan_untrusted,
     short_reason,
 )
 from devicehost.savedstate import (
@@ -111,6 +109,7 @@ from devicehost.savedstate import (
     entry_for,
 )
 from devicehost.statefile import read_state_file, remove_stale_temporaries, write_state_file
+from devicehost.takeover import take_over
 from devicehost.transport import LocalTransport, transport_class_for
 
 if TYPE_CHECKING:
@@ -692,7 +691,7 @@ async def open_host(
         try:
             if takeover is not None:
                 try:
-                    await _take_over(host, takeover, config.devices)
+                    await take_over(host, takeover, config.devices)
                 except (HandoffError, SavedStateError) as exc:
                     host.abandon_devices = True
                     refused = HandoffError(str(exc))
@@ -725,51 +724,6 @@ async def open_host(
             tg.cancel_scope.cancel()
     if refused is not None:
         raise refused
-
-
-async def _take_over(host: Host, takeover: Any, devices: Iterable[Any]) -> None:
-    configured = list(devices)
-    for spec in configured:  # imports and constructors run before the running host quiesces
-        host._build(spec.name, spec.plugin, spec.config)
-    _import_restore_paths()
-    if host.settings.vmbus_socket is not None:
-        import devicehost.vmbus.handover  # noqa: F401  (not inside the handoff window)
-    handoff: Handoff = await takeover.request()
-    handed = handoff.by_device()
-    try:
-        try:
-            plan = plan_untrusted(handoff.envelope, {d.name: d.plugin for d in configured})
-        except SavedStateError as exc:
-            raise HandoffError(f"the handed-over state: {exc}") from exc
-        for name in handed:
-            if name not in plan.states and not name.startswith("@"):
-                raise HandoffError(f"the running host sent descriptors for {excerpt(name)},"
-                                   " which its state does not hold")
-        await host._restore(plan, configured, handed=handed, before_start=takeover.confirm)
-    except BaseException as exc:
-        for name, fds in handed.items():  # those no device's stash took ownership of
-            if not name.startswith("@"):
-                for fd, _kind in fds.values():
-                    os.close(fd)
-        with anyio.CancelScope(shield=True):
-            await takeover.refuse(str(exc) if isinstance(exc, Exception) else repr(exc))
-        raise
-
-
-#: Modules a takeover's restore imports lazily, per package: imported before the handoff is asked
-#: for, so that their import time (10-20 ms for vhost-user) is not part of the guests' pause.
-_RESTORE_PATHS: Final = {
-    "devicehost.virtio": ("devicehost.virtio.vhost_user", "devicehost.virtio.vhost_session",
-                          "devicehost.virtio.vhost_handover"),
-}
-
-
-def _import_restore_paths() -> None:
-    """Import the restore-path modules of every transport package the built devices use."""
-    for package, modules in _RESTORE_PATHS.items():
-        if package in sys.modules:
-            for module in modules:
-                importlib.import_module(module)
 
 
 def _hands_over(transport: Any, device: Device) -> bool:

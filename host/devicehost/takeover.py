@@ -35,16 +35,20 @@ serves on. The old killed after committing -- the new serves. The new killed aft
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
+from devicehost.errors import SavedStateError
+from devicehost.excerpt import excerpt
 from devicehost.handoff import (
     HANDOFF_MAGIC,
     HANDOFF_VERSION,
@@ -55,6 +59,7 @@ from devicehost.handoff import (
     receive_handoff,
     send_handoff,
 )
+from devicehost.restoreplan import plan_untrusted
 from devicehost.transport import LocalTransport
 
 #: The handoff entry of the VMBus socket's descriptors (devicehost.vmbus.handover).
@@ -71,6 +76,7 @@ __all__ = [
     "Servicing",
     "TakeoverClient",
     "serve_takeover",
+    "take_over",
 ]
 
 log = logging.getLogger("devicehost.takeover")
@@ -342,3 +348,51 @@ class TakeoverClient:
         if self._listener_fd is not None:
             os.close(self._listener_fd)
             self._listener_fd = None
+
+
+async def take_over(host: Host, takeover: TakeoverClient, devices: Iterable[Any]) -> None:
+    """The new process's takeover, driven by :func:`devicehost.host.open_host`: build every device
+    of ``devices`` (imports, constructors) before asking, then ask for the handoff and restore it
+    into ``host``; any failure refuses (the running host rolls back) and is raised."""
+    configured = list(devices)
+    for spec in configured:  # imports and constructors run before the running host quiesces
+        host._build(spec.name, spec.plugin, spec.config)
+    _import_restore_paths()
+    if host.settings.vmbus_socket is not None:
+        import devicehost.vmbus.handover  # noqa: F401  (not inside the handoff window)
+    handoff = await takeover.request()
+    handed = handoff.by_device()
+    try:
+        try:
+            plan = plan_untrusted(handoff.envelope, {d.name: d.plugin for d in configured})
+        except SavedStateError as exc:
+            raise HandoffError(f"the handed-over state: {exc}") from exc
+        for name in handed:
+            if name not in plan.states and not name.startswith("@"):
+                raise HandoffError(f"the running host sent descriptors for {excerpt(name)},"
+                                   " which its state does not hold")
+        await host._restore(plan, configured, handed=handed, before_start=takeover.confirm)
+    except BaseException as exc:
+        for name, fds in handed.items():  # those no device's stash took ownership of
+            if not name.startswith("@"):
+                for fd, _kind in fds.values():
+                    os.close(fd)
+        with anyio.CancelScope(shield=True):
+            await takeover.refuse(str(exc) if isinstance(exc, Exception) else repr(exc))
+        raise
+
+
+#: Modules a takeover's restore imports lazily, per package: imported before the handoff is asked
+#: for, so that their import time (10-20 ms for vhost-user) is not part of the guests' pause.
+_RESTORE_PATHS: Final = {
+    "devicehost.virtio": ("devicehost.virtio.vhost_user", "devicehost.virtio.vhost_session",
+                          "devicehost.virtio.vhost_handover"),
+}
+
+
+def _import_restore_paths() -> None:
+    """Import the restore-path modules of every transport package the built devices use."""
+    for package, modules in _RESTORE_PATHS.items():
+        if package in sys.modules:
+            for module in modules:
+                importlib.import_module(module)
