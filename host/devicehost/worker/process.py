@@ -3,8 +3,11 @@
 :meth:`Worker.start` makes a socketpair, starts ``python -m devicehost.worker`` with only the
 child's end passed (``close_fds``; stdin is ``/dev/null``, stdout and stderr one pipe that the
 supervisor reads) and sends ``init``. Four tasks in the host's task group serve it until it ends:
-the message reader, the stderr reader (each log record is logged again here under its own logger;
-the last :data:`TAIL_LINES` lines are kept for the failure's cause), the pinger (a worker whose
+the message reader, the stderr reader (each log record is logged again here under its own logger,
+within a budget of :data:`LOG_RATE` lines a second and bursts of :data:`LOG_BURST`, so that a
+worker flooding its output costs the host neither its CPU nor its log's disk: lines beyond are
+counted and one line says how many were dropped; the last :data:`TAIL_LINES` lines, dropped or
+not, are kept for the failure's cause), the pinger (a worker whose
 event loop has not answered a ping for its device's hook deadline is killed: it stopped
 answering) and the reaper, which waits for the exit, composes the cause and wakes everyone waiting
 on the worker (:class:`WorkerDied`).
@@ -45,12 +48,18 @@ from devicehost.worker.messages import (
     decode_from_worker_untrusted,
 )
 
-__all__ = ["TAIL_LINES", "Worker", "WorkerDied", "relay_logger", "signal_name"]
+__all__ = ["LOG_BURST", "LOG_RATE", "TAIL_LINES", "LogBudget", "Worker", "WorkerDied",
+           "relay_logger", "signal_name"]
 
 log = logging.getLogger("devicehost.worker")
 
 #: Lines of a worker's output kept for the cause of its failure.
 TAIL_LINES: Final = 8
+#: Log lines of one worker relayed per second on average, and at once (module docstring).
+LOG_RATE: Final = 200.0
+LOG_BURST: Final = 1000
+#: Seconds between two "lines dropped" notes of one worker.
+_DROP_NOTE_EVERY: Final = 1.0
 _MAX_LINE: Final = 4096
 #: How long the reaper waits for a dead worker's last output (a grandchild may hold the pipe).
 _OUTPUT_GRACE: Final = 2.0
@@ -61,6 +70,41 @@ _HOST_ONLY_ENV: Final = frozenset({"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", 
 _NOT_TAILED: Final = (" ", "\t", "Current thread", "Thread 0x", "Extension modules:",
                       "Traceback (most recent call last):")
 
+
+
+class LogBudget:
+    """A token bucket for one worker's relayed log lines (sans I/O: the caller gives ``now``).
+
+    :meth:`take` says whether a line may be logged; :meth:`note` how many were dropped since the
+    last note, when one is due (at most one per :data:`_DROP_NOTE_EVERY` seconds, or ``final``).
+    """
+
+    def __init__(self, now: float, *, rate: float = LOG_RATE, burst: int = LOG_BURST) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = now
+        self._noted_at = now
+        self.dropped = 0  # since the last note
+        self.total_dropped = 0
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self.dropped += 1
+        self.total_dropped += 1
+        return False
+
+    def note(self, now: float, *, final: bool = False) -> int:
+        """The lines dropped since the last note if a note is due now (then counted as noted),
+        else 0."""
+        if not self.dropped or (not final and now - self._noted_at < _DROP_NOTE_EVERY):
+            return 0
+        dropped, self.dropped, self._noted_at = self.dropped, 0, now
+        return dropped
 
 class WorkerDied(DeviceHostError):
     """Raised when a worker is gone (exited, killed, stopped answering); ``cause`` says how."""
@@ -120,6 +164,7 @@ class Worker:
         self.cause: str | None = None
         self.returncode: int | None = None
         self._logger = logging.getLogger(f"devicehost.worker.{name}")
+        self._budget = LogBudget(time.monotonic())
 
     @classmethod
     async def start(
@@ -357,7 +402,14 @@ class Worker:
         finally:
             if buffer:
                 self._relay(buffer)
+            self._note_dropped(final=True)
             self._output_done.set()
+
+    def _note_dropped(self, *, final: bool = False) -> None:
+        dropped = self._budget.note(time.monotonic(), final=final)
+        if dropped:
+            self._logger.warning("worker of device %r: %d log lines dropped (it logs more than"
+                                 " %g lines a second)", self.name, dropped, self._budget.rate)
 
     def _relay(self, raw: bytes) -> None:
         text = raw[:_MAX_LINE].decode("utf-8", errors="replace").rstrip()
@@ -370,13 +422,21 @@ class Worker:
             except (ValueError, KeyError, TypeError):
                 pass
             else:
-                logging.getLogger(relay_logger(self.name, name)).log(level, "%s", message)
+                if self._within_budget():
+                    logging.getLogger(relay_logger(self.name, name)).log(level, "%s", message)
                 self.tail.append(f"{logging.getLevelName(level)} {name}: "
                                  f"{message.splitlines()[0] if message else ''}"[:300])
                 return
-        self._logger.warning("%s", text)
+        if self._within_budget():
+            self._logger.warning("%s", text)
         if not text.startswith(_NOT_TAILED):  # a crash's stack: its first line says enough
             self.tail.append(text[:300])
+
+    def _within_budget(self) -> bool:
+        allowed = self._budget.take(time.monotonic())
+        if allowed:
+            self._note_dropped()
+        return allowed
 
     async def _ping(self) -> None:
         interval = min(1.0, self.unresponsive_after / 4)

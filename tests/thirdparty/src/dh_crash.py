@@ -86,6 +86,9 @@ class CrashDevice:
                 await anyio.sleep(0)
         elif how == "raise":
             raise RuntimeError(f"dh_crash fails in {hook}")
+        elif how == "spam":  # floods its log, then goes on working
+            for i in range(20_000):
+                log.warning("spam line %d", i)
         else:
             raise ValueError(f"unknown way to fail: {how!r}")
 
