@@ -444,6 +444,7 @@ class Worker:
         self._last_pong = last_turn = time.monotonic()
         while not self.dead.is_set():
             await anyio.sleep(interval)
+            self._note_dropped()  # a flood that stopped is said too, not only at the next line
             now = time.monotonic()
             if now - last_turn > interval + self.unresponsive_after / 4:
                 # This process's own event loop was held up (an inline plugin blocked it): the
