@@ -522,7 +522,10 @@ async def test_a_replaced_bridge_stops_though_its_channel_stays_open() -> None:
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(bridge.run)
-                await anyio.wait_all_tasks_blocked()
+                # Until its run has begun (wait_all_tasks_blocked is no use here: on asyncio it
+                # can wait forever while another test's thread keeps the loop's tasks busy).
+                while bridge._scope is None:
+                    await anyio.sleep(0)
                 bridge.close()
         # The run ended (the task group exited) with the channel still open; the bridge's own
         # eventfd end is closed (checked on the object: in a full test run another thread may
